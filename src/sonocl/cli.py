@@ -1,0 +1,57 @@
+"""The `sonocl` command line: one entry point, one sub-command per job.
+
+Each sub-command lives in its own module, which provides
+``add_arguments(parser: argparse.ArgumentParser) -> None`` and ``run(args: argparse.Namespace) -> int``.
+Modules are imported only when their command runs, so ``sonocl info`` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from sonocl import __version__
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ingest": ("sonocl.data.ingest", "decode videos, DICOM cine and images into a frame store"),
+    "info": ("sonocl.data.info", "summarise a frame store: videos, frames, labels, groups, skipped files"),
+    "pretrain": ("sonocl.train.cli", "contrastive pretraining (simclr, uscl, meta-uscl, awcl, ivpp, moco, byol)"),
+    "evaluate": ("sonocl.evaluate.cli", "grouped k-fold fine-tuning, linear probe and kNN evaluation"),
+    "segment": ("sonocl.evaluate.segment", "U-Net segmentation on a pretrained encoder, grouped k-fold"),
+    "embed": ("sonocl.report.embed", "export per-frame embeddings (Parquet or .npz)"),
+    "report": ("sonocl.report.html", "one self-contained HTML report of a run and/or an evaluation"),
+    "demo": ("sonocl.demo", "the whole pipeline on built-in synthetic data (phantom)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"usage: sonocl COMMAND [options]   (sonocl {__version__})", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "`sonocl COMMAND --help` lists the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"sonocl: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, summary = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"sonocl {name}", description=summary)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Backbones, heads and encoder files.
+
+Every encoder is a torchvision ResNet whose ``fc`` is replaced by ``nn.Identity`` (so the model returns the
+pooled feature h). Greyscale ultrasound can use a 1-channel stem (``channels=1``, a third of the stem's
+work); exported encoders always carry the 3-channel stem torchvision expects, with the 1-channel kernel
+copied into each input channel and divided by 3, which gives identical features on a grey image copied to
+three channels. So ``encoder.safetensors`` loads into a plain ``torchvision.models.resnet18()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+ARCHITECTURES: dict[str, tuple[Any, int, Any]] = {
+    "resnet18": (torchvision.models.resnet18, 512, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (torchvision.models.resnet34, 512, torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet50": (torchvision.models.resnet50, 2048, torchvision.models.ResNet50_Weights.IMAGENET1K_V2),
+}
+ENCODER_FILE = "encoder.safetensors"
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be found or do not fit; the message names the file and the fix."""
+
+
+def feature_dim(arch: str) -> int:
+    return _architecture(arch)[1]
+
+
+def _architecture(arch: str) -> tuple[Any, int, Any]:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown backbone {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch]
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """Where torchvision's weights API caches the ImageNet weights of ``arch``."""
+    url = _architecture(arch)[2].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def load_imagenet_state(arch: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights for ``arch``: from the torch hub cache, downloaded there when online."""
+    path = imagenet_weights_path(arch)
+    if not path.exists():
+        url = _architecture(arch)[2].url
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(path), progress=False)
+        except (urllib.error.URLError, OSError) as error:
+            raise WeightsError(
+                f"ImageNet weights for {arch} are not cached and cannot be downloaded ({error}); "
+                f"place the file from {url} at {path} (or set TORCH_HOME)"
+            ) from error
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or of a ``torch.save`` file (loaded with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a file that is not a safe checkpoint
+        raise WeightsError(f"{path}: not a readable weights file ({type(error).__name__}: {error})") from error
+
+
+def _fit_stem(state: Mapping[str, torch.Tensor], channels: int) -> dict[str, torch.Tensor]:
+    """Adapt ``conv1.weight`` to ``channels`` inputs: 3→1 sums the colour kernels, 1→3 spreads the grey one."""
+    state = dict(state)
+    weight = state.get("conv1.weight")
+    if weight is not None and weight.shape[1] != channels:
+        if channels == 1:
+            state["conv1.weight"] = weight.sum(dim=1, keepdim=True)
+        else:
+            state["conv1.weight"] = weight.repeat(1, channels, 1, 1) / channels
+    return state
+
+
+def build_backbone(
+    arch: str = "resnet18", channels: int = 1, state: Mapping[str, torch.Tensor] | None = None
+) -> torchvision.models.ResNet:
+    """A torchvision ResNet with ``fc = Identity`` and a ``channels``-input stem, optionally loaded from ``state``.
+
+    ``state`` uses torchvision key names (``conv1.weight``, ``layer4.1.bn2.bias``…); ``fc.*`` keys are ignored,
+    and every other backbone key must be present.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, not {channels}")
+    constructor = _architecture(arch)[0]
+    model = constructor(weights=None)
+    if channels != 3:
+        model.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    model.fc = nn.Identity()
+    if state is not None:
+        backbone_state = {k: v for k, v in _fit_stem(state, channels).items() if not k.startswith("fc.")}
+        missing, unexpected = model.load_state_dict(backbone_state, strict=False)
+        if missing or unexpected:
+            raise WeightsError(
+                f"weights do not fit {arch}: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+            )
+    return model
+
+
+def init_backbone(init: str, arch: str = "resnet18", channels: int = 1) -> torchvision.models.ResNet:
+    """``random``, ``imagenet`` or the path of a sonocl run, checkpoint or encoder file."""
+    if init == "random":
+        return build_backbone(arch, channels)
+    if init == "imagenet":
+        return build_backbone(arch, channels, load_imagenet_state(arch))
+    return load_encoder(init, channels=channels, arch=arch)
+
+
+class ProjectionHead(nn.Sequential):
+    """Linear → ReLU → Linear, the SimCLR/USCL/Meta-USCL projection g (optionally with BatchNorm, as MoCo v2/BYOL)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = False) -> None:
+        layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim)]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
+        super().__init__(*layers)
+
+
+class CMWNet(nn.Module):
+    """Meta-USCL's Contrastive Meta-Weight Network: [h_left, h_right] → Linear → ReLU → Linear → sigmoid.
+
+    One weight in (0, 1) per positive pair (Chen et al., IEEE TMI 2023, §2.5 of docs/methods.md).
+    """
+
+    def __init__(self, feature_dim: int, hidden_dim: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 * feature_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, 1))
+
+    def forward(self, h_left: torch.Tensor, h_right: torch.Tensor) -> torch.Tensor:
+        """(N, F), (N, F) → (N,) pair weights."""
+        return torch.sigmoid(self.net(torch.cat([h_left, h_right], dim=1))).flatten()
+
+
+class ContrastiveModel(nn.Module):
+    """Backbone f → pooled feature h → projection g → z; optional classifier on z (USCL) and predictor (BYOL)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        projection_hidden: int = 512,
+        projection_dim: int = 128,
+        num_classes: int = 0,
+        projection_batch_norm: bool = False,
+        predictor_hidden: int = 0,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = ProjectionHead(feature_dim, projection_hidden, projection_dim, projection_batch_norm)
+        self.classifier = nn.Linear(projection_dim, num_classes) if num_classes else None
+        self.predictor = (
+            ProjectionHead(projection_dim, predictor_hidden, projection_dim, batch_norm=True) if predictor_hidden else None
+        )
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C, H, W) → (h (N, F), z (N, D)); z is not normalised (the losses do that in fp32)."""
+        h = self.backbone(images).flatten(1)
+        return h, self.projector(h)
+
+
+def export_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's weights with torchvision key names and a 3-channel stem, ready for any torchvision ResNet."""
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+    return _fit_stem(state, 3)
+
+
+def save_encoder(backbone: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, Any]) -> None:
+    """Write ``encoder.safetensors`` atomically; ``metadata`` (arch, channels, mean, std, size, method…) goes in its header."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(export_state(backbone), str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
+    os.replace(tmp, path)
+
+
+def encoder_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    with safe_open(str(path), framework="pt") as handle:
+        raw = handle.metadata() or {}
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+def _locate_encoder(path: Path) -> Path:
+    if path.is_dir():
+        for candidate in (path / ENCODER_FILE, path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt"):
+            if candidate.exists():
+                return candidate
+        raise WeightsError(f"{path}: no {ENCODER_FILE} or checkpoints/{{best,last}}.pt; is this a sonocl run directory?")
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file or directory")
+    return path
+
+
+def checkpoint_backbone_state(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Backbone weights (torchvision names) of a sonocl training checkpoint (``{"model": ContrastiveModel state, …}``)."""
+    model_state = checkpoint.get("model", checkpoint)
+    prefix = "backbone."
+    return {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+
+
+def load_encoder(
+    path: str | os.PathLike[str], channels: int | None = None, arch: str | None = None
+) -> torchvision.models.ResNet:
+    """The torchvision ResNet (``fc = Identity``) of a sonocl run directory, training checkpoint or ``encoder.safetensors``.
+
+    ``channels`` defaults to what the encoder was trained with; ``arch`` to what the file says (else resnet18).
+    """
+    located = _locate_encoder(Path(path))
+    if located.suffix == ".safetensors":
+        metadata = encoder_metadata(located)
+        state = read_state_dict(located)
+    else:
+        checkpoint = read_state_dict(located)
+        metadata = dict(checkpoint.get("encoder_metadata", {})) if isinstance(checkpoint, dict) else {}
+        state = checkpoint_backbone_state(checkpoint)
+        if not state:
+            raise WeightsError(f"{located}: no 'backbone.*' weights; for checkpoints of other code use `sonocl evaluate --init`")
+    arch = arch or metadata.get("arch", "resnet18")
+    channels = channels or int(metadata.get("channels", state["conv1.weight"].shape[1]))
+    return build_backbone(arch, channels, state)

@@ -1,0 +1,19 @@
+# `make demo` and `make test` each set up the virtual environment they need (.venv) on first use.
+PYTHON ?= python3
+VENV ?= .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sonocl demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q

@@ -1,0 +1,33 @@
+"""Shared fixtures: phantom data built once per test session, and the real POCUS data when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sonocl.data.phantom import build_phantom_store, write_phantom_dataset
+from sonocl.data.store import FrameStore
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def phantom_store(tmp_path_factory: pytest.TempPathFactory) -> FrameStore:
+    """12 phantom videos (4 per class, 6 patients) of 24 frames at 64 px, written straight into a frame store."""
+    return build_phantom_store(tmp_path_factory.mktemp("phantom_store"), num_videos=12, frames_per_video=24, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder as a user brings it: ``videos/`` (mp4, some DICOM cine) and ``labels.csv``; 9 videos, 16 frames, 96 px."""
+    return write_phantom_dataset(tmp_path_factory.mktemp("phantom_dataset"), num_videos=9, frames_per_video=16, size=96, seed=1)
+
+
+@pytest.fixture(scope="session")
+def pocus_dir() -> Path:
+    """The real POCUS lung-ultrasound data (``../shared/data/pocus``); tests needing it skip where it is absent."""
+    path = (REPO_ROOT / ".." / "shared" / "data" / "pocus").resolve()
+    if not path.is_dir():
+        pytest.skip(f"POCUS data not found at {path}")
+    return path

@@ -1,0 +1,254 @@
+"""Batched on-device augmentation, mixing and normalisation of greyscale ultrasound frames.
+
+The reference code augments one PIL image at a time in DataLoader workers. Here a whole batch is augmented
+at once on the device of its tensors, each sample with its own random parameters drawn from one
+``torch.Generator``: a single ``grid_sample`` does every random resized crop and flip, the intensity
+transforms are element-wise. The pipeline follows torchvision's (``docs/methods.md`` §1.4, §2.4, §3.3):
+Resize(size) → RandomResizedCrop(size, scale, ratio) → HorizontalFlip → ColorJitter(brightness, contrast)
+→ [Gaussian blur] → [speckle] → Normalize, with saturation and hue left out (no effect on grey images).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop.get_params
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Per-method augmentation parameters (the presets live with the training methods)."""
+
+    size: int
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    crop_ratio: tuple[float, float] = (0.8, 1.25)
+    flip_p: float = 0.5
+    brightness: float = 0.8
+    contrast: float = 0.8
+    jitter_p: float = 1.0
+    gamma: float = 0.0
+    """AWCL's extra gamma and brightness, each U(1−g, 1+g), applied first to the samples marked ``extra``."""
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    speckle_p: float = 0.0
+    speckle_std: float = 0.1
+    """Multiplicative speckle: x · (1 + std · n), n ~ N(0, 1) per pixel."""
+    mean: float = 0.5
+    std: float = 0.25
+    channels: int = 1
+    """3: the normalised grey image is copied to three channels (ImageNet-style stems)."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "size ≥ 1": self.size >= 1,
+            "0 < crop_scale[0] ≤ crop_scale[1] ≤ 1": 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            "0 < crop_ratio[0] ≤ crop_ratio[1]": 0 < self.crop_ratio[0] <= self.crop_ratio[1],
+            "brightness, contrast, gamma ≥ 0": min(self.brightness, self.contrast, self.gamma) >= 0,
+            "gamma < 1": self.gamma < 1,
+            "probabilities in [0, 1]": all(0 <= p <= 1 for p in (self.flip_p, self.jitter_p, self.blur_p, self.speckle_p)),
+            "0 < blur_sigma[0] ≤ blur_sigma[1]": 0 < self.blur_sigma[0] <= self.blur_sigma[1],
+            "std > 0": self.std > 0,
+            "channels 1 or 3": self.channels in (1, 3),
+        }
+        failed = [name for name, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"invalid AugmentConfig ({', '.join(failed)}): {self}")
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """n draws of U(low, high) from ``generator`` (on its own device), moved to ``device``."""
+    source = generator.device if generator is not None else device
+    return (low + (high - low) * torch.rand(n, generator=generator, device=source)).to(device)
+
+
+def _bernoulli(n: int, p: float, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    return _uniform(n, 0.0, 1.0, generator, device) < p
+
+
+def resize_to(frames_u8: Tensor, size: int) -> Tensor:
+    """``(N, S, S)`` uint8 → ``(N, 1, size, size)`` float in [0, 1] (bilinear, antialiased when shrinking)."""
+    if frames_u8.dim() != 3 or frames_u8.dtype != torch.uint8:
+        raise ValueError(f"resize_to expects (N, S, S) uint8 frames, got {tuple(frames_u8.shape)} {frames_u8.dtype}")
+    return _shrink(frames_u8.unsqueeze(1).float().div_(255.0), size, always=True)
+
+
+def _shrink(images: Tensor, size: int, always: bool = False) -> Tensor:
+    """Antialiased bilinear resize of ``(N, 1, H, W)`` to ``size``; unless ``always``, only when shrinking ≥ 2×.
+
+    The crop samples the frame bilinearly in normalised coordinates, which is the reference's
+    Resize(size) → RandomResizedCrop(size) in one interpolation; a 2-tap bilinear sample only aliases once
+    the frame is at least twice the output, so only then is it first shrunk (cheaply: the output is small).
+    """
+    height, width = images.shape[-2:]
+    if (height, width) == (size, size) or not (always or max(height, width) >= 2 * size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+
+
+class BatchAugment(nn.Module):
+    """Random resized crop, flip, brightness/contrast jitter, optional blur and speckle, for a whole batch.
+
+    ``forward`` takes ``(N, 1, H, W)`` floats in [0, 1] (any H, W: the crop box is in normalised coordinates of
+    the whole frame, which implies the reference's Resize to ``size`` before the crop) and returns ``(N, 1, size, size)`` floats in [0, 1], not normalised; ``normalize``
+    does that. Random parameters are drawn per sample from ``generator`` (on the generator's device, then
+    moved to the images' device; pass a generator on the images' device to keep noise generation there).
+    """
+
+    def __init__(self, config: AugmentConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, images: Tensor, generator: torch.Generator | None = None, extra: Tensor | None = None) -> Tensor:
+        """Augment ``images`` ``(N, 1, H, W)``; ``extra`` ``(N,)`` bool marks the samples that get the gamma transform
+        (AWCL's labelled frames; all samples when None)."""
+        if images.dim() != 4 or images.shape[1] != 1 or not images.is_floating_point():
+            raise ValueError(f"BatchAugment expects (N, 1, H, W) float images, got {tuple(images.shape)} {images.dtype}")
+        cfg = self.config
+        images = _shrink(images, cfg.size)
+        n, device = images.shape[0], images.device
+        if cfg.gamma > 0:
+            images = self._gamma(images, generator, extra)
+        images = self._crop_flip(images, generator)
+        if cfg.jitter_p > 0 and (cfg.brightness > 0 or cfg.contrast > 0):
+            images = self._jitter(images, generator)
+        if cfg.blur_p > 0:
+            images = torch.where(_bernoulli(n, cfg.blur_p, generator, device)[:, None, None, None], self._blur(images, generator), images)
+        if cfg.speckle_p > 0:
+            images = self._speckle(images, generator)
+        return images
+
+    def crop_boxes(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        """``(n, 4)`` crop boxes (top, left, height, width) in pixels of the ``size`` image, torchvision semantics:
+        up to 10 attempts at area ~ U(scale) and log-ratio ~ U(log ratio), else the centred fallback."""
+        cfg, size = self.config, self.config.size
+        area = size * size * _uniform(n * _CROP_ATTEMPTS, *cfg.crop_scale, generator, device).view(n, _CROP_ATTEMPTS)
+        log_ratio = _uniform(n * _CROP_ATTEMPTS, *map(math.log, cfg.crop_ratio), generator, device).view(n, _CROP_ATTEMPTS)
+        ratio = torch.exp(log_ratio)
+        width = torch.round(torch.sqrt(area * ratio))
+        height = torch.round(torch.sqrt(area / ratio))
+        fits = (width > 0) & (width <= size) & (height > 0) & (height <= size)
+        first = fits.float().argmax(dim=1, keepdim=True)
+        width, height = width.gather(1, first).squeeze(1), height.gather(1, first).squeeze(1)
+        fallback_w, fallback_h = float(size), float(size)
+        if cfg.crop_ratio[0] > 1:
+            fallback_h = float(round(size / cfg.crop_ratio[0]))
+        elif cfg.crop_ratio[1] < 1:
+            fallback_w = float(round(size * cfg.crop_ratio[1]))
+        found = fits.any(dim=1)
+        width = torch.where(found, width, torch.full_like(width, fallback_w))
+        height = torch.where(found, height, torch.full_like(height, fallback_h))
+        top = torch.floor(_uniform(n, 0.0, 1.0, generator, device) * (size - height + 1)).clamp_(max=size - height)
+        left = torch.floor(_uniform(n, 0.0, 1.0, generator, device) * (size - width + 1)).clamp_(max=size - width)
+        return torch.stack([top, left, height, width], dim=1)
+
+    def _crop_flip(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        """One ``grid_sample`` for all crops: the output pixel centres map into each sample's crop box.
+
+        The box is in pixels of the ``size`` image, i.e. in normalised coordinates of the whole frame, so the
+        input may have any resolution. The grid is axis-aligned, so it is built from two broadcast vectors
+        (``affine_grid`` costs more than the sampling on the CPU).
+        """
+        n, size, device = images.shape[0], self.config.size, images.device
+        top, left, height, width = self.crop_boxes(n, generator, device).unbind(1)
+        flip = _bernoulli(n, self.config.flip_p, generator, device)
+        centres = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) * (2.0 / size) - 1.0
+        x = (torch.where(flip, -width, width) / size)[:, None] * centres + ((2 * left + width) / size - 1)[:, None]
+        y = (height / size)[:, None] * centres + ((2 * top + height) / size - 1)[:, None]
+        grid = torch.stack([x[:, None, :].expand(n, size, size), y[:, :, None].expand(n, size, size)], dim=-1)
+        return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+    def _jitter(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        """torchvision ColorJitter(brightness, contrast) on grey: both in a random order per sample, each
+        ``clamp(a·x + b·mean(x))`` (brightness a = f, b = 0; contrast a = f, b = 1 − f around the image's mean)."""
+        cfg, n, device = self.config, images.shape[0], images.device
+        applied = _bernoulli(n, cfg.jitter_p, generator, device)
+        f_b = _uniform(n, max(0.0, 1 - cfg.brightness), 1 + cfg.brightness, generator, device)
+        f_c = _uniform(n, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast, generator, device)
+        contrast_first = _bernoulli(n, 0.5, generator, device)
+        one, zero = torch.ones_like(f_b), torch.zeros_like(f_b)
+        f_b, f_c = torch.where(applied, f_b, one), torch.where(applied, f_c, one)
+        steps = (
+            (torch.where(contrast_first, f_c, f_b), torch.where(contrast_first, 1 - f_c, zero)),
+            (torch.where(contrast_first, f_b, f_c), torch.where(contrast_first, zero, 1 - f_c)),
+        )
+        for scale, shift in steps:
+            mean = images.mean(dim=(1, 2, 3))
+            images = torch.addcmul((shift * mean)[:, None, None, None], images, scale[:, None, None, None]).clamp_(0.0, 1.0)
+        return images
+
+    def _gamma(self, images: Tensor, generator: torch.Generator | None, extra: Tensor | None) -> Tensor:
+        g, n, device = self.config.gamma, images.shape[0], images.device
+        gamma = _uniform(n, 1 - g, 1 + g, generator, device)
+        gain = _uniform(n, 1 - g, 1 + g, generator, device)
+        if extra is not None:
+            extra = extra.to(device=device, dtype=torch.bool)
+            gamma, gain = torch.where(extra, gamma, 1.0), torch.where(extra, gain, 1.0)
+        return (images.clamp(min=0.0).pow(gamma[:, None, None, None]) * gain[:, None, None, None]).clamp_(0.0, 1.0)
+
+    def _blur(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Separable Gaussian blur, σ ~ U(blur_sigma) per sample, one grouped convolution per axis."""
+        n, size, device = images.shape[0], self.config.size, images.device
+        sigma = _uniform(n, *self.config.blur_sigma, generator, device)
+        radius = min(math.ceil(3 * self.config.blur_sigma[1]), (size - 1) // 2)
+        offsets = torch.arange(-radius, radius + 1, device=device, dtype=images.dtype)
+        kernel = torch.exp(-0.5 * (offsets[None, :] / sigma[:, None]) ** 2)
+        kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(images.dtype)
+        grouped = images.reshape(1, n, size, size)
+        grouped = F.conv2d(F.pad(grouped, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=n)
+        grouped = F.conv2d(F.pad(grouped, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None], groups=n)
+        return grouped.reshape(n, 1, size, size)
+
+    def _speckle(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        cfg, n, device = self.config, images.shape[0], images.device
+        applied = _bernoulli(n, cfg.speckle_p, generator, device)
+        source = generator.device if generator is not None else device
+        noise = torch.randn(images.shape, generator=generator, device=source, dtype=images.dtype).to(device)
+        factor = 1 + cfg.speckle_std * noise * applied[:, None, None, None]
+        return (images * factor).clamp_(0.0, 1.0)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """``(N, 1, s, s)`` in [0, 1] → ``(N, channels, s, s)`` standardised with the method's mean and std."""
+        normalised = (images - self.config.mean) / self.config.std
+        return normalised.expand(-1, 3, -1, -1).contiguous() if self.config.channels == 3 else normalised
+
+
+def make_views(
+    frames_u8: Tensor,
+    mix: Tensor,
+    augment_first: bool,
+    augment: BatchAugment,
+    generator: torch.Generator | None = None,
+    extra: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The two normalised views ``(B, C, size, size)`` of a `PairBatch` whose frames were gathered.
+
+    ``frames_u8`` ``(B, k, S, S)`` uint8 on the device; ``mix`` ``(B, 2, k)`` (tensor or array). Frames at
+    least twice ``size`` are shrunk to ``size`` first (resizing is linear, so mixing before or after it is the
+    same). With
+    ``augment_first`` each of the B·k frames is augmented once and then mixed, so a frame shared by both
+    views (USCL's f2) enters both with the same crop and jitter; otherwise the raw frames are mixed and each
+    of the 2B mixed images is augmented independently. ``extra`` ``(B,)`` marks items for the gamma transform.
+    """
+    if frames_u8.dim() != 4 or frames_u8.dtype != torch.uint8:
+        raise ValueError(f"frames_u8 must be (B, k, S, S) uint8, got {tuple(frames_u8.shape)} {frames_u8.dtype}")
+    b, k, height, width = frames_u8.shape
+    mix = torch.as_tensor(mix, dtype=torch.float32, device=frames_u8.device)
+    if mix.shape != (b, 2, k):
+        raise ValueError(f"mix must be (B, 2, k) = ({b}, 2, {k}) for these frames, got {tuple(mix.shape)}")
+    size = augment.config.size
+    frames = _shrink(frames_u8.reshape(b * k, 1, height, width).float().div_(255.0), size)
+    height, width = frames.shape[-2:]
+    if augment_first:
+        per_frame = None if extra is None else extra.to(frames.device).repeat_interleave(k)
+        frames = augment(frames, generator, per_frame).view(b, k, size, size)
+        views = torch.einsum("bvk,bkhw->bvhw", mix, frames)
+    else:
+        mixed = torch.einsum("bvk,bkhw->bvhw", mix, frames.view(b, k, height, width))
+        per_view = None if extra is None else extra.to(frames.device).repeat_interleave(2)
+        views = augment(mixed.reshape(2 * b, 1, height, width), generator, per_view).view(b, 2, size, size)
+    return augment.normalize(views[:, 0:1]), augment.normalize(views[:, 1:2])

@@ -1,0 +1,140 @@
+"""Contrastive and auxiliary losses of the pretraining methods.
+
+One `GroupInfoNCE` serves SimCLR, SupCon/AWCL, USCL, Meta-USCL and IVPP (``docs/methods.md`` §1.6, §2.6,
+§3.5, §4): positives are defined by index (solo-learn style), every anchor may carry a weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class GroupInfoNCE(nn.Module):
+    """Weighted InfoNCE over 2N views with index-defined positives (SimCLR NT-Xent, SupCon/AWCL, USCL, Meta-USCL, IVPP).
+
+    For anchor a (each of the 2N local views) with candidates C (all views, or all views of all ranks) and
+    positives P(a) = its other view plus every view whose group equals a's (a itself excluded)::
+
+        ℓ_a = −(τ/τ_b) · 1/|P(a)| · Σ_{p∈P(a)} log( exp(s_ap/τ) / Σ_{c∈C, c≠a} exp(s_ac/τ) )
+
+    with s the cosine similarity. Unique groups (or ``positive_group=None``) give SimCLR's NT-Xent (Chen et
+    al. 2020; USCL's loss, §1.6); groups give SupCon (Khosla et al. 2020) as AWCL uses it (§3.5) with the
+    mask built per sample (quirk 25). The loss is Σ_a w̃_a ℓ_a with w̃ = [w; w] / Σ[w; w] (Meta-USCL §2.6,
+    IVPP §4), or the mean over anchors without weights. ``base_temperature`` τ_b scales the loss by τ/τ_b
+    (AWCL's reference uses τ_b = 0.07, quirk 26); None means no scaling.
+    """
+
+    def __init__(self, temperature: float = 0.5, base_temperature: float | None = None) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, not {temperature}")
+        if base_temperature is not None and base_temperature <= 0:
+            raise ValueError(f"base_temperature must be > 0, not {base_temperature}")
+        self.temperature = temperature
+        self.base_temperature = base_temperature
+
+    def forward(
+        self,
+        z1: Tensor,
+        z2: Tensor,
+        positive_group: Tensor | None = None,
+        weight: Tensor | None = None,
+        gathered: tuple[Tensor, Tensor, Tensor | None] | None = None,
+        offset: int | None = None,
+        weight_sum: Tensor | float | None = None,
+    ) -> Tensor:
+        """The scalar loss of the local anchors.
+
+        Args:
+            z1, z2: ``(N, D)`` projections of the two views (any float dtype; normalised here in float32,
+                as fp16 norms underflow, lightly #1259).
+            positive_group: ``(N,)`` integer ids; equal ids are positives. None: only the own other view.
+            weight: ``(N,)`` non-negative pair weights (each used for both anchors of its pair). None: mean.
+            gathered: DDP: ``(z1_all (M, D), z2_all (M, D), group_all (M,) or None)``, every rank's
+                projections (all-gathered with gradient) in rank order; the candidates are then all 2M views.
+                ``group_all`` must be given exactly when ``positive_group`` is.
+            offset: with ``gathered``, the row of ``z1_all`` that holds ``z1[0]`` (rank × N for equal shards).
+            weight_sum: with ``gathered`` and ``weight``, Σ of the pair weights over all ranks (an all-reduce
+                of ``weight.sum()``); without it each rank normalises by its own sum (exact for one rank).
+
+        With ``gathered`` the value is this rank's share scaled so that the mean over ranks (what DDP's
+        gradient averaging optimises) equals the single-process loss of the global batch.
+        """
+        if z1.dim() != 2 or z1.shape != z2.shape:
+            raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        n = z1.shape[0]
+        if positive_group is not None and (positive_group.shape != (n,) or positive_group.is_floating_point()):
+            raise ValueError(f"positive_group must be an (N,) = ({n},) integer tensor, got {tuple(positive_group.shape)} {positive_group.dtype}")
+        if weight is not None and weight.shape != (n,):
+            raise ValueError(f"weight must be (N,) = ({n},), got {tuple(weight.shape)}")
+        anchors = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+        if gathered is None:
+            candidates, total, offset = anchors, n, 0
+            candidate_group = positive_group
+        else:
+            z1_all, z2_all, candidate_group = gathered
+            total = z1_all.shape[0]
+            if z1_all.shape != (total, z1.shape[1]) or z2_all.shape != z1_all.shape:
+                raise ValueError(f"gathered z1/z2 must be (M, {z1.shape[1]}), got {tuple(z1_all.shape)} and {tuple(z2_all.shape)}")
+            if offset is None or not 0 <= offset <= total - n:
+                raise ValueError(f"offset must place the {n} local rows inside the {total} gathered ones, got {offset}")
+            if (candidate_group is None) != (positive_group is None):
+                raise ValueError("give the gathered groups exactly when positive_group is given")
+            if candidate_group is not None and candidate_group.shape != (total,):
+                raise ValueError(f"gathered groups must be (M,) = ({total},), got {tuple(candidate_group.shape)}")
+            candidates = F.normalize(torch.cat([z1_all, z2_all]).float(), dim=1)
+
+        local = torch.arange(n, device=anchors.device) + offset
+        own = torch.cat([local, local + total])
+        other_view = torch.cat([local + total, local])
+        logits = anchors @ candidates.T / self.temperature
+        is_self = torch.zeros_like(logits, dtype=torch.bool)
+        is_self[torch.arange(2 * n, device=logits.device), own] = True
+        log_prob = logits - torch.logsumexp(logits.masked_fill(is_self, float("-inf")), dim=1, keepdim=True)
+        if positive_group is None:
+            per_anchor = -log_prob.gather(1, other_view[:, None]).squeeze(1)
+        else:
+            groups = torch.cat([positive_group, positive_group]).to(anchors.device)
+            all_groups = torch.cat([candidate_group, candidate_group]).to(anchors.device)
+            positive = (groups[:, None] == all_groups[None, :]) & ~is_self
+            per_anchor = -torch.where(positive, log_prob, 0.0).sum(1) / positive.sum(1)
+        if self.base_temperature is not None:
+            per_anchor = per_anchor * (self.temperature / self.base_temperature)
+        if weight is None:
+            return per_anchor.mean()
+        weight = weight.float().to(anchors.device)
+        if gathered is None or weight_sum is None:
+            denominator, ranks = weight.sum(), 1.0
+        else:
+            denominator, ranks = torch.as_tensor(weight_sum, dtype=torch.float32, device=anchors.device), total / n
+        return (torch.cat([weight, weight]) * per_anchor).sum() / (2 * denominator) * ranks
+
+
+def semi_supervised_ce(logits1: Tensor, logits2: Tensor, labels: Tensor) -> Tensor:
+    """USCL's supervised term CE(f(z̃₁)[lab], y) + CE(f(z̃₂)[lab], y), each a mean over the labelled items (§1.6).
+
+    ``logits*`` ``(N, C)``; ``labels`` ``(N,)`` with -1 for unlabelled items. A batch without any labelled
+    item gives exactly 0 with the graph intact (the reference returns NaN, quirk 8), without a host sync.
+    """
+    if logits1.dim() != 2 or logits1.shape != logits2.shape:
+        raise ValueError(f"logits must both be (N, C), got {tuple(logits1.shape)} and {tuple(logits2.shape)}")
+    if labels.shape != (logits1.shape[0],) or labels.is_floating_point():
+        raise ValueError(f"labels must be an (N,) = ({logits1.shape[0]},) integer tensor, got {tuple(labels.shape)} {labels.dtype}")
+    count = (labels >= 0).sum().clamp(min=1)
+    total = F.cross_entropy(logits1.float(), labels, ignore_index=-1, reduction="sum")
+    total = total + F.cross_entropy(logits2.float(), labels, ignore_index=-1, reduction="sum")
+    return total / count
+
+
+def byol_loss(p: Tensor, z: Tensor) -> Tensor:
+    """BYOL's regression loss 2 − 2·cos(p, z), mean over the batch (Grill et al. 2020).
+
+    ``p`` ``(N, D)`` online predictions; ``z`` ``(N, D)`` target projections, detached here (the target
+    network never receives this gradient). Computed in float32.
+    """
+    if p.dim() != 2 or p.shape != z.shape:
+        raise ValueError(f"p and z must both be (N, D), got {tuple(p.shape)} and {tuple(z.shape)}")
+    cosine = F.cosine_similarity(p.float(), z.detach().float(), dim=1)
+    return (2 - 2 * cosine).mean()

@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _at_least_float32(tensor: Tensor) -> Tensor:
+    """Half-precision projections are normalised in float32 (an fp16 eps underflows, lightly #1259); float64 stays."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 class GroupInfoNCE(nn.Module):
     """Weighted InfoNCE over 2N views with index-defined positives (SimCLR NT-Xent, SupCon/AWCL, USCL, Meta-USCL, IVPP).
 
@@ -69,7 +74,7 @@ class GroupInfoNCE(nn.Module):
             raise ValueError(f"positive_group must be an (N,) = ({n},) integer tensor, got {tuple(positive_group.shape)} {positive_group.dtype}")
         if weight is not None and weight.shape != (n,):
             raise ValueError(f"weight must be (N,) = ({n},), got {tuple(weight.shape)}")
-        anchors = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+        anchors = F.normalize(_at_least_float32(torch.cat([z1, z2])), dim=1)
         if gathered is None:
             candidates, total, offset = anchors, n, 0
             candidate_group = positive_group
@@ -84,7 +89,7 @@ class GroupInfoNCE(nn.Module):
                 raise ValueError("give the gathered groups exactly when positive_group is given")
             if candidate_group is not None and candidate_group.shape != (total,):
                 raise ValueError(f"gathered groups must be (M,) = ({total},), got {tuple(candidate_group.shape)}")
-            candidates = F.normalize(torch.cat([z1_all, z2_all]).float(), dim=1)
+            candidates = F.normalize(_at_least_float32(torch.cat([z1_all, z2_all])), dim=1)
 
         local = torch.arange(n, device=anchors.device) + offset
         own = torch.cat([local, local + total])
@@ -104,7 +109,7 @@ class GroupInfoNCE(nn.Module):
             per_anchor = per_anchor * (self.temperature / self.base_temperature)
         if weight is None:
             return per_anchor.mean()
-        weight = weight.float().to(anchors.device)
+        weight = weight.to(device=anchors.device, dtype=anchors.dtype)
         if gathered is None or weight_sum is None:
             denominator, ranks = weight.sum(), 1.0
         else:

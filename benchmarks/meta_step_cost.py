@@ -1,0 +1,107 @@
+"""Benchmark 2: the cost of a Meta-USCL training step relative to a plain USCL step (issue 3).
+
+A full step is the objective's forward (for Meta-USCL: the bilevel meta step on a meta batch, then the
+weighted loss), backward, the SGD step and ``after_step``, on random tensors already in memory (no data
+path). USCL, Meta-USCL with a meta step every step, and Meta-USCL with ``--meta-every K`` (K consecutive
+steps, one of them a meta step) are interleaved in each repeat so that load on the shared machine hits all
+three alike; the figures are medians over repeats. Targets: ≤ 4× per step, ≤ 1.7× with ``--meta-every 5``
+(the reference code reports 6.58 s vs 0.097 s, 68×).
+
+    .venv/bin/python benchmarks/meta_step_cost.py --sizes 64 112 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sonocl.models import ContrastiveModel, build_backbone
+from sonocl.train.objectives import BatchTensors, StepContext, make_objective
+
+
+def _setup(method: str, size: int, batch: int, meta_every: int, seed: int):
+    torch.manual_seed(seed)
+    model = ContrastiveModel(build_backbone("resnet18", 1), 512, projection_hidden=512, projection_dim=128,
+                             num_classes=12 if method == "uscl" else 0)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    objective = make_objective(method, model, meta_every=meta_every) if method == "meta-uscl" else make_objective(method, model)
+    views = [torch.randn(batch, 1, size, size) for _ in range(4)]
+    labels = torch.randint(-1, 12, (batch,))
+    tensors = BatchTensors(torch.arange(batch), torch.ones(batch), labels)
+    return {"model": model, "optimizer": optimizer, "objective": objective, "views": views, "batch": tensors, "step": 0}
+
+
+def _train_steps(state: dict, count: int) -> float:
+    """Seconds for ``count`` consecutive full training steps."""
+    model, optimizer, objective, views = state["model"], state["optimizer"], state["objective"], state["views"]
+    start = time.perf_counter()
+    for _ in range(count):
+        context = StepContext(step=state["step"], optimizer=optimizer, lr=0.1, meta_views=lambda: (views[2], views[3]))
+        loss, _ = objective(model, views[0], views[1], state["batch"], context)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        objective.after_step(model)
+        state["step"] += 1
+    return time.perf_counter() - start
+
+
+def measure(size: int, batch: int, repeats: int, meta_every: int) -> dict:
+    uscl = _setup("uscl", size, batch, 1, 0)
+    meta = _setup("meta-uscl", size, batch, 1, 0)
+    meta_k = _setup("meta-uscl", size, batch, meta_every, 0)
+    for state in (uscl, meta):  # warm-up (allocator, one-time initialisation)
+        _train_steps(state, 1)
+    _train_steps(meta_k, meta_every)
+    times: dict[str, list[float]] = {"uscl": [], "meta_uscl": [], f"meta_uscl_every_{meta_every}": []}
+    for _ in range(repeats):
+        times["uscl"].append(_train_steps(uscl, 1))
+        times["meta_uscl"].append(_train_steps(meta, 1))
+        times[f"meta_uscl_every_{meta_every}"].append(_train_steps(meta_k, meta_every) / meta_every)
+        print(f"size {size}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), flush=True)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    # Ratios per repeat (each from one interleaved round) and of the medians.
+    per_round = [m / u for m, u in zip(times["meta_uscl"], times["uscl"])]
+    per_round_k = [m / u for m, u in zip(times[f"meta_uscl_every_{meta_every}"], times["uscl"])]
+    return {
+        "size": size, "batch": batch, "repeats": repeats, "meta_every": meta_every,
+        "seconds_per_step": times, "median_seconds_per_step": medians,
+        "ratio_meta_every_1": medians["meta_uscl"] / medians["uscl"],
+        f"ratio_meta_every_{meta_every}": medians[f"meta_uscl_every_{meta_every}"] / medians["uscl"],
+        "ratio_meta_every_1_median_of_rounds": statistics.median(per_round),
+        f"ratio_meta_every_{meta_every}_median_of_rounds": statistics.median(per_round_k),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--meta-every", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "meta_step_cost.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    for size in args.sizes:
+        result = measure(size, args.batch, args.repeats, args.meta_every)
+        results.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k != "seconds_per_step"}, indent=1))
+    report = {"benchmark": "meta_step_cost", "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "machine": platform.machine(), "processor": platform.processor(), "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

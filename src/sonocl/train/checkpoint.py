@@ -1,0 +1,84 @@
+"""Checkpoints: a dict of every stateful object, written atomically, read with ``weights_only=True``.
+
+So a checkpoint holds only tensors, dicts, lists, numbers, strings and None: RNG states are converted
+(Python's tuple state to a list, NumPy's array to a tensor) and restored from that form.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace``: a kill leaves the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def link_checkpoint(source: Path, target: Path) -> None:
+    """Make ``target`` the same file as ``source`` (a hard link, atomically replacing ``target``; a copy where links
+    are not supported). ``source`` is later replaced, never rewritten in place, so ``target`` keeps this state."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from; run without --resume to start this run")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Python, NumPy, torch CPU (and every CUDA device's) RNG states, plus the given named generators."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, generator in (generators or {}).items():
+        if name in state.get("generators", {}):
+            generator.set_state(state["generators"][name])

@@ -1,0 +1,162 @@
+"""``sonocl pretrain --store STORE --method M --out RUN [--config YAML] [overrides…] [--set key=value] [--resume]``.
+
+Multi-GPU / multi-node: ``torchrun --nproc-per-node N -m sonocl pretrain …`` (``--batch-size`` is the global batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from sonocl.train.config import (
+    BACKBONES,
+    METHODS,
+    ConfigError,
+    PretrainConfig,
+    load_yaml,
+    merge,
+    parse_assignment,
+    preset,
+)
+
+# flag destination → configuration key (dotted)
+OVERRIDES: dict[str, str] = {
+    "store": "store",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "size": "size",
+    "lr": "optim.lr",
+    "backbone": "model.backbone",
+    "channels": "model.channels",
+    "init": "model.init",
+    "precision": "precision",
+    "compile": "model.compile",
+    "seed": "seed",
+    "device": "device",
+    "label_rate": "options.label_rate",
+    "semi_weight": "options.semi_weight",
+    "max_dist": "options.max_dist",
+    "meta_every": "options.meta_every",
+    "anatomy_column": "options.anatomy_column",
+    "anatomy_level": "options.anatomy_level",
+    "anatomy_ratio": "options.anatomy_ratio",
+    "delta_t": "options.delta_t",
+    "temperature": "options.temperature",
+    "val_fraction": "val_fraction",
+    "workers": "workers",
+    "clip_grad": "optim.clip_grad",
+    "deterministic": "deterministic",
+    "threads": "threads",
+    "checkpoint_every_steps": "checkpoint_every_steps",
+    "sync_bn": "model.sync_bn",
+    "progress": "progress",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Presets hold each method's original defaults (docs/methods.md); --config YAML, then the flags, then "
+        "--set key=value override them (e.g. --set optim.weight_decay=1e-5 --set augment.blur_p=0.5). "
+        "RUN/config.yaml holds the resolved configuration. Distributed: torchrun --nproc-per-node N -m sonocl pretrain …"
+    )
+    parser.add_argument("--store", help="frame store directory (sonocl ingest)")
+    parser.add_argument("--method", choices=METHODS, help="pretraining method (its preset is the base configuration)")
+    parser.add_argument("--out", required=True, type=Path, help="run directory for checkpoints, logs and the encoder")
+    parser.add_argument("--config", type=Path, help="YAML configuration (full or partial) applied over the preset")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any configuration key, dotted (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    g = parser.add_argument_group("overrides")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int, help="global batch (split over processes)")
+    g.add_argument("--size", type=int, help="image side the store's frames are resized to on the device")
+    g.add_argument("--lr", type=float, help="learning rate (× batch/256 for presets with linear scaling)")
+    g.add_argument("--backbone", choices=BACKBONES)
+    g.add_argument("--channels", type=int, choices=(1, 3))
+    g.add_argument("--init", help="random | imagenet | PATH (a sonocl run, checkpoint or encoder file)")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"))
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--label-rate", type=float, help="USCL: share of labelled videos used by the supervised term")
+    g.add_argument("--semi-weight", type=float, help="USCL: λ of the semi-supervised cross-entropy")
+    g.add_argument("--max-dist", type=int, help="Meta-USCL: most frames between the first and last of a triplet")
+    g.add_argument("--meta-every", type=int, help="Meta-USCL: run the meta step every K steps")
+    g.add_argument("--anatomy-column", help="AWCL: the store's extra label column with the anatomy")
+    g.add_argument("--anatomy-level", choices=("fine", "coarse"))
+    g.add_argument("--anatomy-ratio", type=float, help="AWCL: share of anatomy labels kept")
+    g.add_argument("--delta-t", type=float, help="IVPP: most seconds between the two frames of a pair")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--val-fraction", type=float, help="share of videos (by group) held out for validation")
+    g.add_argument("--workers", type=int, help="DataLoader workers gathering frames from the store")
+    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
+    g.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic algorithms and one CPU thread (bit-exact resume on CPU)")
+    g.add_argument("--threads", type=int, help="CPU threads for torch")
+    g.add_argument("--checkpoint-every-steps", type=int, help="also write last.pt every N steps")
+    g.add_argument("--sync-bn", action="store_true", default=None, help="synchronise BatchNorm across processes (CUDA)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+
+
+def resolve_config(args: argparse.Namespace) -> PretrainConfig:
+    """Preset (or the run's saved config with --resume) → --config → flags → --set."""
+    saved = args.out / "config.yaml"
+    if args.resume and saved.exists():
+        data = load_yaml(saved)
+        cfg = merge(preset(data.get("method", "uscl")), data)
+    else:
+        method = args.method
+        file_data = load_yaml(args.config) if args.config else {}
+        method = method or file_data.get("method")
+        if not method:
+            raise ConfigError("--method is required (or a method key in --config)")
+        cfg = merge(preset(method), file_data)
+    if args.method and args.method != cfg.method:
+        if args.resume:
+            raise ConfigError(f"{args.out} is a {cfg.method} run; it cannot be resumed as {args.method}")
+        cfg = merge(cfg, {"method": args.method})
+    updates: dict[str, Any] = {}
+    for dest, key in OVERRIDES.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            node = updates
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+    cfg = merge(cfg, updates)
+    for assignment in args.assignments:
+        cfg = merge(cfg, parse_assignment(assignment))
+    if not cfg.store:
+        raise ConfigError("--store is required")
+    cfg.validate()
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from sonocl.train.loop import NonFiniteLossError, pretrain
+
+    try:
+        cfg = resolve_config(args)
+    except ConfigError as error:
+        print(f"sonocl pretrain: {error}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    try:
+        result = pretrain(cfg, args.out, resume=args.resume)
+    except (ConfigError, FileNotFoundError, NonFiniteLossError) as error:
+        print(f"sonocl pretrain: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if os.environ.get("RANK", "0") == "0":
+        best = f", best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+        print(f"sonocl pretrain: done ({result.global_step} steps{best}); encoder: {args.out / 'encoder.safetensors'}",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,234 @@
+"""Meta-USCL's bilevel meta step (sonocl.train.meta) against a slow hand-unrolled create-graph version."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sonocl.losses import GroupInfoNCE
+from sonocl.models import CMWNet, ContrastiveModel, build_backbone
+from sonocl.train import meta
+from sonocl.train.objectives import BatchTensors, StepContext, make_objective
+
+B, IN, FEAT = 6, 12, 6
+
+
+def _tiny_model() -> ContrastiveModel:
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(IN, FEAT), nn.BatchNorm1d(FEAT), nn.ReLU())
+    return ContrastiveModel(backbone, FEAT, projection_hidden=5, projection_dim=4).double()
+
+
+def _tiny_forward(theta: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiny model written out by hand (batch-norm with batch statistics, as in training mode)."""
+    h = F.linear(x.flatten(1), theta["backbone.1.weight"], theta["backbone.1.bias"])
+    h = F.relu(F.batch_norm(h, None, None, theta["backbone.2.weight"], theta["backbone.2.bias"], training=True))
+    z = F.relu(F.linear(h, theta["projector.0.weight"], theta["projector.0.bias"]))
+    return h, F.linear(z, theta["projector.2.weight"], theta["projector.2.bias"])
+
+
+def _data(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    make = lambda: torch.randn(B, 1, 3, 4, generator=g, dtype=torch.float64)  # noqa: E731
+    return {"v1": make(), "v2": make(), "m1": make(), "m2": make(),
+            "group": torch.tensor([0, 1, 1, 2, 3, 3]), "prior": torch.rand(B, generator=g, dtype=torch.float64) + 0.5}
+
+
+def _optimizer(model: nn.Module, **sgd: float) -> torch.optim.SGD:
+    return torch.optim.SGD([{"params": model.backbone.parameters(), "lr": 0.3},
+                            {"params": model.projector.parameters(), "lr": 0.1}], **sgd)
+
+
+def _prime_momentum(model: nn.Module, optimizer: torch.optim.Optimizer, data: dict[str, torch.Tensor]) -> None:
+    """One real SGD step so the optimizer has momentum buffers (then restore nothing: θ moved, as in training)."""
+    _, z1 = model(data["m1"])
+    _, z2 = model(data["m2"])
+    GroupInfoNCE(0.5)(z1, z2).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _reference_cmw_grad(model, optimizer, cmw, loss, data, inner_lr):
+    """∂L_meta/∂α by explicit parameter copies, autograd.grad(create_graph=True) and a hand-written SGD step."""
+    theta = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
+    h1, z1 = _tiny_forward(theta, data["v1"])
+    h2, z2 = _tiny_forward(theta, data["v2"])
+    weight = cmw(h1.detach(), h2.detach()) * data["prior"]
+    weighted = loss(z1, z2, positive_group=data["group"], weight=weight)
+    grads = torch.autograd.grad(weighted, list(theta.values()), create_graph=True)
+    param_of = dict(model.named_parameters())
+    virtual = {}
+    for (name, t), g in zip(theta.items(), grads):
+        group = next(gr for gr in optimizer.param_groups if any(p is param_of[name] for p in gr["params"]))
+        lr = group["lr"] if inner_lr is None else inner_lr
+        mu, damp, wd, nesterov = group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"]
+        d = g + wd * t.detach()
+        buf = optimizer.state.get(param_of[name], {}).get("momentum_buffer")
+        if mu:
+            buf = d if buf is None else mu * buf + (1 - damp) * d
+            d = d + mu * buf if nesterov else buf
+        virtual[name] = t.detach() - lr * d
+    _, mz1 = _tiny_forward(virtual, data["m1"])
+    _, mz2 = _tiny_forward(virtual, data["m2"])
+    meta_loss = loss(mz1, mz2)
+    return torch.autograd.grad(meta_loss, list(cmw.parameters())), meta_loss
+
+
+def _meta_grad(model, optimizer, cmw, loss, data, inner_lr):
+    h1, z1 = model(data["v1"])
+    h2, z2 = model(data["v2"])
+    return meta.cmw_meta_gradient(model, cmw, loss, data["v1"], data["v2"], h1, h2, z1, z2, data["group"],
+                                  data["prior"], data["m1"], data["m2"], optimizer, inner_lr)
+
+
+@pytest.mark.parametrize(
+    ("sgd", "primed", "inner_lr"),
+    [
+        ({"momentum": 0.9, "weight_decay": 1e-2}, False, None),
+        ({"momentum": 0.9, "weight_decay": 1e-2}, True, None),
+        ({"momentum": 0.9, "weight_decay": 1e-2, "nesterov": True}, True, None),
+        ({"momentum": 0.8, "dampening": 0.3, "weight_decay": 0.0}, True, 0.05),
+        ({"momentum": 0.0, "weight_decay": 1e-3}, False, 0.2),
+    ],
+)
+def test_cmw_gradient_matches_hand_unrolled(sgd, primed, inner_lr) -> None:
+    torch.manual_seed(0)
+    model, data = _tiny_model(), _data()
+    cmw = CMWNet(FEAT, hidden_dim=10).double()
+    optimizer = _optimizer(model, **sgd)
+    if primed:
+        _prime_momentum(model, optimizer, data)
+    loss = GroupInfoNCE(0.5)
+    expected, expected_meta = _reference_cmw_grad(model, optimizer, cmw, loss, data, inner_lr)
+    result = _meta_grad(model, optimizer, cmw, loss, data, inner_lr)
+    rtol, atol = 1e-8, 1e-10  # float64 end to end
+    assert torch.allclose(result.meta_loss, expected_meta.detach(), rtol=rtol, atol=atol)
+    assert any(g.abs().max() > 0 for g in expected)
+    for got, want in zip(result.cmw_grads, expected):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol * max(1.0, float(want.abs().max())))
+
+
+def test_non_sgd_optimizer_is_refused() -> None:
+    model, data = _tiny_model(), _data()
+    optimizer = torch.optim.Adam(model.parameters())
+    with pytest.raises(TypeError, match="--optim sgd"):
+        _meta_grad(model, optimizer, CMWNet(FEAT).double(), GroupInfoNCE(0.5), data, None)
+
+
+def _batch(data: dict[str, torch.Tensor]) -> BatchTensors:
+    return BatchTensors(positive_group=data["group"], weight=data["prior"].float(), label=torch.full((B,), -1))
+
+
+def _context(step: int, optimizer, data, calls: list[int] | None = None) -> StepContext:
+    def meta_views():
+        if calls is not None:
+            calls.append(step)
+        return data["m1"], data["m2"]
+
+    return StepContext(step=step, optimizer=optimizer, lr=optimizer.param_groups[0]["lr"], meta_views=meta_views)
+
+
+def _objective(model: nn.Module, **options) -> meta.nn.Module:
+    objective = make_objective("meta-uscl", model, cmw_lr=1e-2, **options)
+    return objective.double()
+
+
+def test_meta_step_changes_no_model_state_and_real_loss_uses_updated_cmw() -> None:
+    torch.manual_seed(1)
+    model, data = _tiny_model(), _data(1)
+    optimizer = _optimizer(model, momentum=0.9, weight_decay=1e-3)
+    _prime_momentum(model, optimizer, data)
+    objective = _objective(model)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers_before = {n: b.clone() for n, b in model.named_buffers()}
+    momentum = {id(p): optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()}
+    cmw_before = copy.deepcopy(objective.cmw)
+
+    loss, parts = objective(model, data["v1"], data["v2"], _batch(data), _context(0, optimizer, data))
+
+    # Parameters, momentum buffers untouched; BN statistics moved by exactly one real forward per view.
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n])
+    for p in model.parameters():
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], momentum[id(p)])
+    reference = copy.deepcopy(model)
+    reference.load_state_dict({**params, **buffers_before})
+    h1, z1 = reference(data["v1"])
+    h2, z2 = reference(data["v2"])
+    for (n, b), (_, want) in zip(model.named_buffers(), reference.named_buffers()):
+        assert torch.equal(b, want), n
+    # The CMW-Net moved; the loss is the InfoNCE weighted by the updated CMW-Net.
+    assert any(not torch.equal(a, b) for a, b in zip(objective.cmw.parameters(), cmw_before.parameters()))
+    with torch.no_grad():
+        weight = objective.cmw(h1, h2) * data["prior"]
+    expected = GroupInfoNCE(0.5)(z1, z2, positive_group=data["group"], weight=weight)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)  # float32 prior weights in BatchTensors
+    assert set(parts) >= {"meta", "contrastive", "weight_mean"}
+    # The reused forward gives the same parameter gradients as a fresh forward.
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    expected_grads = torch.autograd.grad(expected, list(reference.parameters()))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_cmw_update_is_adam_on_the_hypergradient() -> None:
+    torch.manual_seed(2)
+    model, data = _tiny_model(), _data(2)
+    optimizer = _optimizer(model, momentum=0.9, weight_decay=1e-3)
+    objective = _objective(model)
+    shadow = copy.deepcopy(objective.cmw)
+    grads, _ = _reference_cmw_grad(model, optimizer, shadow, GroupInfoNCE(0.5), data, None)
+    adam = torch.optim.Adam(shadow.parameters(), lr=1e-2)
+    for p, g in zip(shadow.parameters(), grads):
+        p.grad = g
+    adam.step()
+    objective(model, data["v1"], data["v2"], _batch(data), _context(0, optimizer, data))
+    for got, want in zip(objective.cmw.parameters(), shadow.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_meta_every_runs_the_meta_step_every_k_steps() -> None:
+    torch.manual_seed(3)
+    model, data = _tiny_model(), _data(3)
+    optimizer = _optimizer(model, momentum=0.9)
+    objective = _objective(model, meta_every=3)
+    calls: list[int] = []
+    for step in range(5):
+        before = [p.clone() for p in objective.cmw.parameters()]
+        loss, parts = objective(model, data["v1"], data["v2"], _batch(data), _context(step, optimizer, data, calls))
+        moved = any(not torch.equal(a, b) for a, b in zip(before, objective.cmw.parameters()))
+        assert moved == (step % 3 == 0) and ("meta" in parts) == (step % 3 == 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert calls == [0, 3]
+
+
+def test_meta_uscl_refuses_distributed_and_missing_meta_views() -> None:
+    model, data = _tiny_model(), _data()
+    optimizer = _optimizer(model, momentum=0.9)
+    objective = _objective(model)
+    context = StepContext(step=0, optimizer=optimizer, lr=0.1, gather=lambda t: t)
+    with pytest.raises(NotImplementedError, match="single-process"):
+        objective(model, data["v1"], data["v2"], _batch(data), context)
+    with pytest.raises(ValueError, match="meta_views"):
+        objective(model, data["v1"], data["v2"], _batch(data), StepContext(step=0, optimizer=optimizer, lr=0.1))
+
+
+def test_meta_step_on_a_small_resnet_keeps_batchnorm_statistics() -> None:
+    torch.manual_seed(4)
+    model = ContrastiveModel(build_backbone("resnet18", 1), 512, projection_hidden=16, projection_dim=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    objective = make_objective("meta-uscl", model)
+    views = [torch.randn(4, 1, 16, 16) for _ in range(4)]
+    reference = copy.deepcopy(model)
+    reference(views[0]), reference(views[1])
+    batch = BatchTensors(torch.arange(4), torch.ones(4), torch.full((4,), -1))
+    context = StepContext(0, optimizer, 0.1, meta_views=lambda: (views[2], views[3]))
+    loss, parts = objective(model, views[0], views[1], batch, context)
+    assert torch.isfinite(loss) and parts["meta"] > 0
+    for (name, got), (_, want) in zip(model.named_buffers(), reference.named_buffers()):
+        assert torch.equal(got, want), name

@@ -133,6 +133,7 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
         cfg = merge(cfg, parse_assignment(assignment))
     if not cfg.store:
         raise ConfigError("--store is required")
+    cfg = merge(cfg, {"store": str(Path(cfg.store).resolve())})  # the run's config.yaml stays usable from anywhere
     cfg.validate()
     return cfg
 

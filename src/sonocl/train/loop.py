@@ -114,7 +114,8 @@ def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tens
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def _step_seed(seed: int, rank: int, step: int) -> int:
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of the augmentation draw at a global step (also used by the report to re-create a run's pairs)."""
     return (seed * 1_000_003 + rank * 7_919 + step * 104_729 + 12_345) % (2**63 - 1)
 
 
@@ -471,9 +472,9 @@ def _pretrain(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 momentum = float(momenta[global_step]) if momenta is not None else None
-                step_seed = _step_seed(cfg.seed, context.rank, global_step)
-                generator.manual_seed(step_seed)
-                torch.manual_seed(step_seed)
+                seed_of_step = step_seed(cfg.seed, context.rank, global_step)
+                generator.manual_seed(seed_of_step)
+                torch.manual_seed(seed_of_step)
 
                 batch = _to_device(host_batch, device)
                 extra = batch["label"] >= 0 if cfg.augment.gamma > 0 else None

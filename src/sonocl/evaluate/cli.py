@@ -1,0 +1,266 @@
+"""`sonocl evaluate`: grouped k-fold classification of a frame store for one or more encoder inits.
+
+Writes ``OUT/results.json`` (schema in docs/evaluate.md), ``OUT/results.md`` (the comparison table and pooled
+confusion matrices) and ``OUT/predictions.csv`` (one row per test frame of every fold and seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sonocl import __version__
+
+_METRIC_COLUMNS = (
+    ("video acc", "video", "accuracy"),
+    ("frame acc", "frame", "accuracy"),
+    ("video bal. acc", "video", "balanced_accuracy"),
+    ("video macro-F1", "video", "macro_f1"),
+    ("video AUC", "video", "macro_auc"),
+    ("frame bal. acc", "frame", "balanced_accuracy"),
+    ("frame macro-F1", "frame", "macro_f1"),
+    ("frame AUC", "frame", "macro_auc"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sonocl.evaluate.classify import GROUP_BY, PROTOCOLS, RECIPES, SELECTIONS
+    from sonocl.models import ARCHITECTURES
+
+    parser.add_argument("--store", required=True, help="frame store directory (from `sonocl ingest`)")
+    parser.add_argument("--init", required=True, nargs="+", action="extend", metavar="INIT",
+                        help="random | imagenet | a sonocl run directory, checkpoint or encoder.safetensors | a "
+                             "USCL/Meta-USCL/torchvision checkpoint; several give one comparison table")
+    parser.add_argument("--name", nargs="+", action="extend", metavar="NAME",
+                        help="table label of each --init (default: random, imagenet, or the run directory's name)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="last-block",
+                        help="linear: frozen encoder + new head; last-block: layer4[-1] + head (the papers'); full; "
+                             "knn: k nearest frames on frozen features (default: %(default)s)")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default="meta-uscl",
+                        help="uscl: Adam 0.01, wd 1e-4, 100 epochs, batch 32, 224 px, norm 0.5/0.25; meta-uscl: 30 "
+                             "epochs, batch 128, 64 px, norm 0.18/0.24 (default: %(default)s); options below override")
+    parser.add_argument("--folds", type=int, default=5, help="number of folds (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=1, help="repeats with seeds seed, seed+1, …: other folds, other heads")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
+    parser.add_argument("--group-by", choices=GROUP_BY, default="video",
+                        help="keep each video (default) or each group id of the store (patient/source) in one fold")
+    parser.add_argument("--classes", type=lambda text: tuple(c for c in text.split(",") if c),
+                        help="comma-separated classes to keep, in this order (videos with other labels are dropped)")
+    parser.add_argument("--label-column", default="label", help="label column of the store (default: %(default)s)")
+    parser.add_argument("--fps", type=float, default=3.0, help="frame sampling rate from the timestamps; 0 = all (default: 3)")
+    parser.add_argument("--frames-per-video", type=int, default=30, help="at most this many frames per video; 0 = all (default: 30)")
+    parser.add_argument("--selection", choices=SELECTIONS, default="last",
+                        help="reported epoch: last (default); inner-val: best balanced accuracy on a grouped validation "
+                             "split of the training videos; max-test: best test accuracy (the papers', optimistic)")
+    parser.add_argument("--inner-val-fraction", type=float, default=0.2, help="share of training videos held out by inner-val")
+    parser.add_argument("--freeze-bn", action="store_true",
+                        help="last-block: keep the frozen layers' BatchNorm statistics fixed (the papers update them)")
+    parser.add_argument("--knn-k", type=int, default=20, help="neighbours of the knn protocol (default: %(default)s)")
+    parser.add_argument("--linear-augment", action="store_true", help="linear: augment training frames (features per epoch)")
+    tuning = parser.add_argument_group("recipe overrides")
+    tuning.add_argument("--epochs", type=int)
+    tuning.add_argument("--batch-size", type=int)
+    tuning.add_argument("--lr", type=float)
+    tuning.add_argument("--weight-decay", type=float)
+    tuning.add_argument("--size", type=int, help="input size in pixels")
+    tuning.add_argument("--mean", type=float, help="normalisation mean (grey, [0, 1] scale)")
+    tuning.add_argument("--std", type=float, help="normalisation std")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=1, help="stem input channels (default: %(default)s)")
+    parser.add_argument("--backbone", choices=tuple(ARCHITECTURES), default="resnet18")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sonocl.data.store import StoreError
+    from sonocl.models import WeightsError
+
+    try:
+        return _run(args)
+    except (StoreError, WeightsError, ValueError, FloatingPointError) as error:
+        print(f"sonocl evaluate: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sonocl.data.store import FrameStore
+    from sonocl.evaluate.classify import EvalConfig, evaluate_init, load_eval_data
+    from sonocl.evaluate.inits import default_label, load_init
+
+    started = time.perf_counter()
+    config = EvalConfig.from_recipe(
+        args.recipe,
+        protocol=args.protocol, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, size=args.size, mean=args.mean, std=args.std, channels=args.channels,
+        backbone=args.backbone, folds=args.folds, seeds=args.seeds, seed=args.seed, group_by=args.group_by,
+        fps=args.fps, frames_per_video=args.frames_per_video, selection=args.selection, freeze_bn=args.freeze_bn,
+        knn_k=args.knn_k, linear_augment=args.linear_augment, inner_val_fraction=args.inner_val_fraction,
+        classes=args.classes, label_column=args.label_column, device=args.device,
+    )
+    labels = list(args.name) if args.name else [default_label(spec) for spec in args.init]
+    if len(labels) != len(args.init):
+        raise ValueError(f"{len(labels)} --name for {len(args.init)} --init")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"init labels must be unique, got {labels}; give --name")
+
+    import torch
+
+    torch.manual_seed(config.seed)  # the random init's weights
+    inits = []
+    for spec in args.init:  # resolve every init before any training: a bad path fails in seconds
+        backbone, report = load_init(spec, config.backbone, config.channels)
+        print(report, file=sys.stderr)
+        inits.append((backbone, report))
+
+    store = FrameStore.open(args.store)
+    load_started = time.perf_counter()
+    data = load_eval_data(store, config)
+    load_seconds = time.perf_counter() - load_started
+    counts = {name: int((data.video_labels == c).sum()) for c, name in enumerate(data.class_names)}
+    print(f"{store.root}: {len(data.video_ids)} videos {counts}, {len(data.frame_video)} frames at {config.size} px "
+          f"({load_seconds:.1f} s)", file=sys.stderr)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "schema": "sonocl.evaluate/1",
+        "sonocl_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "sonocl evaluate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["evaluate"] else None,
+        "store": str(store.root.resolve()),
+        "classes": data.class_names,
+        "num_videos": len(data.video_ids),
+        "num_frames": int(len(data.frame_video)),
+        "videos_per_class": counts,
+        "config": _config_dict(config),
+        "optimistic": config.selection == "max-test",
+        "inits": [],
+        "timing": {"load_seconds": round(load_seconds, 2)},
+    }
+    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        selection = _selection_text(config.selection)
+        writer.writerow(["init", "video_id", "frame_index", "fold", "seed", "label",
+                         *[f"p_{name}" for name in data.class_names], "predicted", "selection"])
+
+        def write_rows(batch: dict[str, Any]) -> None:
+            for frame, probabilities in zip(batch["frames"], batch["probabilities"]):
+                writer.writerow([
+                    batch["init"], data.video_ids[data.frame_video[frame]], int(data.frame_index[frame]), batch["fold"],
+                    batch["seed"], data.class_names[data.frame_labels[frame]], *[f"{p:.6f}" for p in probabilities],
+                    data.class_names[int(probabilities.argmax())], selection,
+                ])
+
+        for label, (backbone, report) in zip(labels, inits):
+            entry = evaluate_init(data, backbone, report, label, config, on_predictions=write_rows)
+            results["inits"].append(entry)
+            results["timing"]["total_seconds"] = round(time.perf_counter() - started, 2)
+            _write_json(out / "results.json", results)  # after each init: a long run keeps what it has done
+            print(_summary_line(entry), file=sys.stderr)
+    (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'predictions.csv'} "
+          f"({results['timing']['total_seconds']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    import dataclasses
+
+    values = dataclasses.asdict(config)
+    values["classes"] = list(config.classes) if config.classes else None
+    return values
+
+
+def _selection_text(selection: str) -> str:
+    from sonocl.evaluate.classify import OPTIMISTIC
+
+    return f"{selection}: {OPTIMISTIC}" if selection == "max-test" else selection
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from sonocl.data.store import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _percent(stats: dict[str, Any]) -> str:
+    if stats.get("mean") is None:
+        return "–"
+    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
+
+
+def _summary_line(entry: dict[str, Any]) -> str:
+    video, frame = entry["summary"]["video"], entry["summary"]["frame"]
+    note = f"  [{entry['selection_note']}]" if entry["optimistic"] else ""
+    return (f"{entry['label']}: video acc {_percent(video['accuracy'])} %, frame acc {_percent(frame['accuracy'])} %, "
+            f"pooled frame acc {100 * entry['pooled']['frame']['accuracy']:.1f} % ({entry['seconds']:.0f} s){note}")
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """results.md: settings, the init × metric table (mean ± std in %), pooled confusion matrices, init reports."""
+    from sonocl.evaluate.classify import OPTIMISTIC
+
+    config = results["config"]
+    runs = config["folds"] * config["seeds"]
+    lines = [
+        f"# sonocl evaluate: {Path(results['store']).name}",
+        "",
+        f"Protocol `{config['protocol']}`, recipe `{config['recipe']}` ({config['epochs']} epochs, batch "
+        f"{config['batch_size']}, Adam lr {config['lr']}, wd {config['weight_decay']}, cosine, {config['size']} px, "
+        f"norm {config['mean']}/{config['std']}, {config['channels']}-channel {config['backbone']}), selection "
+        f"`{config['selection']}`; {config['folds']} folds × {config['seeds']} seed(s), stratified, grouped by "
+        f"{config['group_by']}; {results['num_videos']} videos, {results['num_frames']} frames "
+        f"(≤ {config['frames_per_video'] or '∞'} per video, {str(config['fps']) + ' fps' if config['fps'] else 'every frame'}); classes "
+        f"{', '.join(results['classes'])}.",
+        "",
+    ]
+    if results["optimistic"]:
+        lines += [f"**All numbers below are {OPTIMISTIC}**: each fold reports its best epoch by test accuracy, "
+                  "as the USCL / Meta-USCL papers do. Use `--selection last` or `inner-val` for unbiased numbers.", ""]
+    header = ["init", *[name for name, _, _ in _METRIC_COLUMNS], "pooled frame acc", "pooled video acc"]
+    lines += [f"Mean ± std over {runs} fold runs, in %. Pooled = accuracy of the confusion matrix summed over folds "
+              "and seeds (the papers' \"Total acc\").", "",
+              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in results["inits"]:
+        cells = [_percent(entry["summary"][level][key]) for _, level, key in _METRIC_COLUMNS]
+        pooled = [f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in ("frame", "video")]
+        label = entry["label"] + (" (optimistic)" if entry["optimistic"] else "")
+        lines.append("| " + " | ".join([label, *cells, *pooled]) + " |")
+    lines += ["", "## Pooled confusion matrices (rows: true class, columns: predicted)", ""]
+    classes = results["classes"]
+    for entry in results["inits"]:
+        for level in ("frame", "video"):
+            pooled = entry["pooled"][level]
+            lines += [f"**{entry['label']}**, {level} level ({pooled['n']} {level}s, accuracy "
+                      f"{100 * pooled['accuracy']:.1f} %):", "",
+                      "| true \\ predicted | " + " | ".join(classes) + " | recall |", "|" + "---|" * (len(classes) + 2)]
+            for name, row in zip(classes, pooled["confusion"]):
+                lines.append(f"| {name} | " + " | ".join(str(v) for v in row) +
+                             f" | {100 * pooled['per_class'][name]['recall']:.1f} |")
+            lines.append("| precision | " + " | ".join(f"{100 * pooled['per_class'][n]['precision']:.1f}" for n in classes) + " | |")
+            lines.append("")
+    lines += ["## Inits", ""]
+    for entry in results["inits"]:
+        report = entry["init_report"]
+        ignored = f"; ignored {len(report['ignored'])} head keys" if report["ignored"] else ""
+        source = f" from `{report['source']}`" if report["source"] else ""
+        lines.append(f"- **{entry['label']}**: {report['kind']}{source}, {report['loaded']} backbone tensors loaded"
+                     f"{ignored}; {entry['seconds']:.0f} s")
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,242 @@
+"""Pairing images with their segmentation masks, and reading masks as boolean arrays.
+
+Naming rules, tried for each image ``DIR/NAME.ext`` (relative path ``REL`` under the image root):
+
+- ``NAME_mask.*`` / ``NAME_Mask.*`` (any case of ``mask``) in the image's own folder or the mask folder;
+- several lesion masks ``NAME_mask.*``, ``NAME_mask_1.*``, ``NAME_mask_2.*`` … : merged (union);
+- a parallel mask tree: ``MASKS/REL`` with the same relative name (any image extension);
+- ``…/images/NAME.*`` ↔ ``…/mask/NAME*`` or ``…/masks/NAME*`` (``class/images`` + ``class/masks`` layouts).
+
+Files that are masks themselves (``*_mask*`` names, or anything under a ``mask``/``masks`` folder, or under
+the mask root when it lies inside the image root) are never listed as images, so BUSI-style folders
+(``benign/benign (1).png`` beside ``benign/benign (1)_mask.png``) work with ``--masks`` = ``--images``.
+
+Masks are binarised as ``value > max / 2`` over the colour channels (0/1, 0/255, RGB and anti-aliased masks
+all work); an all-zero mask is a valid empty mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+MASK_DIR_NAMES = ("mask", "masks")
+IMAGE_DIR_NAMES = ("image", "images", "img", "imgs")
+_MASK_SUFFIX = re.compile(r"_mask(?:_\d+)?$", re.IGNORECASE)
+
+
+class MaskError(ValueError):
+    """An image whose mask is missing, unreadable or of another size; the message names both and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskPair:
+    """One image and the mask file(s) whose union is its ground truth."""
+
+    image: Path
+    masks: tuple[Path, ...]
+    relative: str
+    """The image's path relative to the image root, without extension, POSIX separators (``benign/benign (1)``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PairingResult:
+    pairs: list[MaskPair]
+    errors: list[tuple[str, str]]
+    """``(image path, message)`` for each image without a usable mask."""
+
+
+def is_mask_name(path: Path) -> bool:
+    return bool(_MASK_SUFFIX.search(path.stem))
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(images_root: Path, masks_root: Path | None = None) -> list[Path]:
+    """Image files under ``images_root`` (recursive, sorted), leaving out masks and mask folders."""
+    images_root = Path(images_root)
+    if not images_root.is_dir():
+        raise MaskError(f"{images_root}: not a directory of images")
+    masks_inside = None
+    if masks_root is not None:
+        masks_root = Path(masks_root).resolve()
+        root = images_root.resolve()
+        if masks_root != root and root in masks_root.parents:
+            masks_inside = masks_root
+    found = []
+    for path in sorted(images_root.rglob("*")):
+        if not _is_image_file(path) or is_mask_name(path):
+            continue
+        relative_dirs = path.relative_to(images_root).parts[:-1]
+        if any(part.lower() in MASK_DIR_NAMES for part in relative_dirs):
+            continue
+        if masks_inside is not None and masks_inside in path.resolve().parents:
+            continue
+        found.append(path)
+    return found
+
+
+class _FolderIndex:
+    """File names of each folder under a root, listed once (pairing 10⁴ images must not stat 10⁵ candidates)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[Path, dict[str, list[Path]]] = {}
+
+    def by_stem(self, folder: Path) -> dict[str, list[Path]]:
+        if folder not in self._cache:
+            stems: dict[str, list[Path]] = defaultdict(list)
+            if folder.is_dir():
+                for path in sorted(folder.iterdir()):
+                    if _is_image_file(path):
+                        stems[path.stem].append(path)
+            self._cache[folder] = stems
+        return self._cache[folder]
+
+
+def _candidate_folders(image: Path, images_root: Path, masks_root: Path) -> list[tuple[Path, bool]]:
+    """Folders that may hold the image's mask, with whether a plain same-name file there counts as its mask."""
+    relative_dir = image.parent.relative_to(images_root)
+    folders: list[tuple[Path, bool]] = []
+    same_root = masks_root.resolve() == images_root.resolve()
+    folders.append((masks_root / relative_dir, not same_root))
+    if not same_root:
+        folders.append((image.parent, False))
+    parts = relative_dir.parts
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].lower() in IMAGE_DIR_NAMES:
+            for root in dict.fromkeys((masks_root, images_root)):
+                for name in MASK_DIR_NAMES + tuple(n.capitalize() for n in MASK_DIR_NAMES):
+                    folders.append((root.joinpath(*parts[:i], name, *parts[i + 1:]), True))
+            break
+    return list(dict.fromkeys(folders))
+
+
+def _mask_sort_key(path: Path) -> tuple[int, str]:
+    match = re.search(r"_(\d+)$", path.stem)
+    return (int(match.group(1)) if match and is_mask_name(path) else -1, path.name)
+
+
+def find_mask_files(image: Path, images_root: Path, masks_root: Path, index: _FolderIndex | None = None) -> tuple[Path, ...]:
+    """The mask file(s) of ``image``: from the first candidate folder holding any; empty when none is found."""
+    index = index or _FolderIndex()
+    stem = image.stem
+    pattern = re.compile(re.escape(stem) + r"_(?i:mask)(?:_\d+)?$")
+    for folder, plain_name_counts in _candidate_folders(image, images_root, masks_root):
+        stems = index.by_stem(folder)
+        if not stems:
+            continue
+        matches = [p for s, paths in stems.items() if pattern.fullmatch(s) for p in paths]
+        if plain_name_counts:
+            matches += [p for p in stems.get(stem, []) if p.resolve() != image.resolve()]
+        if matches:
+            return tuple(sorted(dict.fromkeys(matches), key=_mask_sort_key))
+    return ()
+
+
+def expected_mask_names(image: Path, images_root: Path, masks_root: Path) -> str:
+    """Where the mask of ``image`` was looked for, for error messages."""
+    folders = _candidate_folders(image, images_root, masks_root)
+    stem = image.stem
+    lines = []
+    for folder, plain in folders[:4]:
+        names = [f"{stem}_mask.png", f"{stem}_Mask.png", f"{stem}_mask_1.png…"] + ([f"{stem}{image.suffix}"] if plain else [])
+        lines.append(f"{folder}/{{{', '.join(names)}}}")
+    return "; ".join(lines)
+
+
+def pair_images(images_root: str | Path, masks_root: str | Path | None = None, check_sizes: bool = True) -> PairingResult:
+    """Every image under ``images_root`` with its mask file(s); images without a usable mask go to ``errors``.
+
+    With ``check_sizes`` each mask's size is read from its header (no decoding) and must equal the image's.
+    """
+    images_root = Path(images_root)
+    masks_root = Path(masks_root) if masks_root is not None else images_root
+    if not masks_root.is_dir():
+        raise MaskError(f"{masks_root}: not a directory of masks")
+    index = _FolderIndex()
+    pairs: list[MaskPair] = []
+    errors: list[tuple[str, str]] = []
+    for image in list_images(images_root, masks_root):
+        masks = find_mask_files(image, images_root, masks_root, index)
+        if not masks:
+            errors.append((str(image), f"no mask found; looked for {expected_mask_names(image, images_root, masks_root)}"))
+            continue
+        if check_sizes:
+            problem = _size_problem(image, masks)
+            if problem:
+                errors.append((str(image), problem))
+                continue
+        relative = image.relative_to(images_root).with_suffix("").as_posix()
+        pairs.append(MaskPair(image=image, masks=masks, relative=relative))
+    return PairingResult(pairs=pairs, errors=errors)
+
+
+def _size_problem(image: Path, masks: tuple[Path, ...]) -> str | None:
+    try:
+        with Image.open(image) as handle:
+            size = handle.size
+    except OSError as error:
+        return f"image unreadable ({error})"
+    for mask in masks:
+        try:
+            with Image.open(mask) as handle:
+                mask_size = handle.size
+        except OSError as error:
+            return f"mask {mask} unreadable ({error})"
+        if mask_size != size:
+            return (
+                f"mask {mask} is {mask_size[0]}×{mask_size[1]} but the image is {size[0]}×{size[1]}; "
+                "a mask must have the image's size"
+            )
+    return None
+
+
+def binarize(array: np.ndarray) -> np.ndarray:
+    """A mask image (H, W) or (H, W, C) of any value range → bool (H, W): ``value > max / 2``; all-zero → empty."""
+    array = np.asarray(array)
+    if array.ndim == 3:
+        channels = array.shape[2]
+        if channels in (2, 4):  # grey/colour + alpha: the alpha channel is not the mask
+            array = array[..., : channels - 1]
+        array = array.max(axis=2)
+    if array.ndim != 2:
+        raise MaskError(f"a mask must be a 2-D image, got shape {array.shape}")
+    array = array.astype(np.float64)
+    peak = array.max() if array.size else 0.0
+    if peak <= 0:
+        return np.zeros(array.shape, dtype=bool)
+    return array > peak / 2
+
+
+def read_mask(paths: tuple[Path, ...] | list[Path] | Path) -> np.ndarray:
+    """The union of the binarised mask files, bool (H, W)."""
+    if isinstance(paths, (str, Path)):
+        paths = (Path(paths),)
+    merged: np.ndarray | None = None
+    for path in paths:
+        with Image.open(path) as handle:
+            mask = binarize(np.asarray(handle))
+        if merged is not None and merged.shape != mask.shape:
+            raise MaskError(f"{path}: {mask.shape[1]}×{mask.shape[0]}, but {paths[0]} is {merged.shape[1]}×{merged.shape[0]}")
+        merged = mask if merged is None else merged | mask
+    if merged is None:
+        raise MaskError("no mask file given")
+    return merged
+
+
+def read_grey(path: Path) -> np.ndarray:
+    """An image as uint8 greyscale (H, W) (colour images are converted with PIL's luma weights)."""
+    with Image.open(path) as handle:
+        if handle.mode in ("I;16", "I;16B", "I"):
+            array = np.asarray(handle).astype(np.float64)
+            peak = array.max() or 1.0
+            return np.clip(array / peak * 255.0, 0, 255).astype(np.uint8)
+        return np.asarray(handle.convert("L"))

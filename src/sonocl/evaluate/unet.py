@@ -1,0 +1,157 @@
+"""A U-Net-style decoder on a torchvision ResNet encoder, its loss, and joint image + mask augmentation.
+
+The encoder is the backbone of ``sonocl.models`` (any ResNet, 1- or 3-channel stem) used stage by stage:
+stem (conv1-bn1-relu, stride 2), layer1 (stride 4, after the max-pool), layer2 (8), layer3 (16), layer4 (32).
+Each decoder block upsamples ×2 to the size of the next skip, concatenates it, and applies two
+conv-BN-ReLU; a last block brings the stem's resolution to the input's, and a 1×1 conv gives one logit
+per pixel (as segmentation_models_pytorch's U-Net, decoder widths 256-128-64-32-16).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sonocl.augment import AugmentConfig, BatchAugment
+
+DECODER_CHANNELS = (256, 128, 64, 32, 16)
+
+
+def encoder_channels(backbone: nn.Module) -> tuple[int, int, int, int, int]:
+    """Channels of the stem, layer1 … layer4 outputs of a torchvision ResNet."""
+    def out_channels(layer: nn.Sequential) -> int:
+        block = layer[-1]
+        last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
+        return int(last_bn.num_features)
+
+    return (
+        int(backbone.bn1.num_features),
+        out_channels(backbone.layer1),
+        out_channels(backbone.layer2),
+        out_channels(backbone.layer3),
+        out_channels(backbone.layer4),
+    )
+
+
+class ConvBlock(nn.Sequential):
+    """2 × (3×3 conv → BatchNorm → ReLU)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """ResNet encoder + U-Net decoder: (N, C, H, W) → logits (N, 1, H, W) for any H, W ≥ 32."""
+
+    def __init__(self, backbone: nn.Module, decoder_channels: tuple[int, ...] = DECODER_CHANNELS) -> None:
+        super().__init__()
+        if len(decoder_channels) != 5:
+            raise ValueError(f"decoder_channels needs 5 widths, got {decoder_channels}")
+        self.encoder = backbone
+        stem, c1, c2, c3, c4 = encoder_channels(backbone)
+        skips = (c3, c2, c1, stem, 0)
+        blocks = []
+        in_channels = c4
+        for skip, out_channels in zip(skips, decoder_channels):
+            blocks.append(ConvBlock(in_channels + skip, out_channels))
+            in_channels = out_channels
+        self.decoder = nn.ModuleList(blocks)
+        self.head = nn.Conv2d(in_channels, 1, kernel_size=1)
+
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of the stem and the four stages, strides 2, 4, 8, 16, 32."""
+        e = self.encoder
+        stem = e.relu(e.bn1(e.conv1(images)))
+        x1 = e.layer1(e.maxpool(stem))
+        x2 = e.layer2(x1)
+        x3 = e.layer3(x2)
+        x4 = e.layer4(x3)
+        return [stem, x1, x2, x3, x4]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        stem, x1, x2, x3, x4 = self.encode(images)
+        x = x4
+        for block, skip in zip(self.decoder, (x3, x2, x1, stem, None)):
+            size = images.shape[-2:] if skip is None else skip.shape[-2:]
+            x = F.interpolate(x, size=size, mode="nearest")
+            if skip is not None:
+                x = torch.cat([x, skip], dim=1)
+            x = block(x)
+        return self.head(x)
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """BCE-with-logits + (1 − soft Dice), Dice per image with ``smooth`` (so empty masks give finite, small loss).
+
+    logits, target: (N, 1, H, W); target in {0, 1}.
+    """
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
+    logits = logits.float()
+    target = target.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    probabilities = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1)
+    intersection = (probabilities * target).sum(dim=1)
+    soft_dice = (2 * intersection + smooth) / (probabilities.sum(dim=1) + target.sum(dim=1) + smooth)
+    return bce + (1 - soft_dice).mean()
+
+
+class JointAugment:
+    """Random resized crop and horizontal flip on image and mask together, brightness/contrast jitter on the image.
+
+    Crop boxes come from `sonocl.augment.BatchAugment.crop_boxes` (torchvision's RandomResizedCrop semantics, the
+    same sampler as pretraining); the crop + flip is one axis-aligned ``grid_sample`` shared by image (bilinear) and
+    mask (bilinear, then > 0.5), so both see exactly the same geometry.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.5, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip_p: float = 0.5,
+        brightness: float = 0.1,
+        contrast: float = 0.2,
+    ) -> None:
+        self.size = size
+        self.boxes = BatchAugment(AugmentConfig(size=size, crop_scale=scale, crop_ratio=ratio, flip_p=flip_p))
+        self.flip_p = flip_p
+        self.brightness = brightness
+        self.contrast = contrast
+
+    def __call__(
+        self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (N, C, S, S) float in [0, 1], masks (N, 1, S, S) float {0, 1} → the same shapes, augmented.
+
+        Random numbers come from ``generator`` (a CPU generator gives the same augmentation on every device).
+        """
+        if images.shape[-2:] != (self.size, self.size) or masks.shape[-2:] != images.shape[-2:]:
+            raise ValueError(f"expected images and masks of {self.size}×{self.size}, got {tuple(images.shape)} and {tuple(masks.shape)}")
+        n, size, device = images.shape[0], self.size, images.device
+        top, left, height, width = self.boxes.crop_boxes(n, generator, device).unbind(1)
+        flip = self._uniform(n, generator, device) < self.flip_p
+        centres = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) * (2.0 / size) - 1.0
+        x = (torch.where(flip, -width, width) / size)[:, None] * centres + ((2 * left + width) / size - 1)[:, None]
+        y = (height / size)[:, None] * centres + ((2 * top + height) / size - 1)[:, None]
+        grid = torch.stack([x[:, None, :].expand(n, size, size), y[:, :, None].expand(n, size, size)], dim=-1)
+        images = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+        masks = F.grid_sample(masks, grid.to(masks.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+        masks = (masks > 0.5).to(masks.dtype)
+        gain = 1 + (self._uniform(n, generator, device) * 2 - 1) * self.contrast
+        offset = (self._uniform(n, generator, device) * 2 - 1) * self.brightness
+        images = (images * gain.view(n, 1, 1, 1) + offset.view(n, 1, 1, 1)).clamp(0, 1)
+        return images, masks
+
+    @staticmethod
+    def _uniform(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return torch.rand(n, generator=generator, device=generator.device).to(device)

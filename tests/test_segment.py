@@ -1,0 +1,175 @@
+"""U-Net shapes, joint augmentation, and a tiny end-to-end `sonocl segment` run on synthetic ellipse images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sonocl.cli import main
+from sonocl.evaluate.segment import image_groups, read_pixel_sizes
+from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss, encoder_channels
+from sonocl.models import build_backbone, save_encoder
+
+
+@pytest.mark.parametrize(("arch", "channels"), [("resnet18", 1), ("resnet18", 3), ("resnet50", 1), ("resnet50", 3)])
+def test_unet_output_shape(arch: str, channels: int) -> None:
+    model = UNet(build_backbone(arch, channels)).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, channels, 64, 96))
+    assert logits.shape == (1, 1, 64, 96)
+
+
+def test_unet_skip_widths_and_odd_sizes() -> None:
+    assert encoder_channels(build_backbone("resnet18", 1)) == (64, 64, 128, 256, 512)
+    assert encoder_channels(build_backbone("resnet50", 1)) == (64, 256, 512, 1024, 2048)
+    model = UNet(build_backbone("resnet18", 1)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 40, 56)).shape == (2, 1, 40, 56)
+
+
+def test_dice_bce_loss() -> None:
+    target = torch.zeros(2, 1, 8, 8)
+    target[:, :, 2:6, 2:6] = 1
+    perfect = dice_bce_loss(torch.where(target > 0, 20.0, -20.0), target)
+    wrong = dice_bce_loss(torch.where(target > 0, -20.0, 20.0), target)
+    assert perfect.item() < 1e-3 < wrong.item()
+    assert torch.isfinite(dice_bce_loss(torch.full((1, 1, 8, 8), -20.0), torch.zeros(1, 1, 8, 8)))
+
+
+def test_joint_augment_moves_image_and_mask_together() -> None:
+    """The mask is the thresholded image before augmentation; after it, it still is (geometry shared)."""
+    torch.manual_seed(0)
+    mask = torch.zeros(8, 1, 32, 32)
+    mask[:, :, 8:20, 10:26] = 1
+    images = mask.clone()
+    augment = JointAugment(32, brightness=0.0, contrast=0.0)
+    generator = torch.Generator().manual_seed(1)
+    out_images, out_masks = augment(images, mask, generator)
+    assert out_images.shape == images.shape and out_masks.shape == mask.shape
+    assert set(out_masks.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(out_masks, (out_images > 0.5).float())
+    assert not torch.equal(out_masks, mask)  # something moved
+    again, _ = JointAugment(32, brightness=0.0, contrast=0.0)(images, mask, torch.Generator().manual_seed(1))
+    assert torch.equal(again, out_images)  # seeded
+
+
+def test_group_regex() -> None:
+    assert image_groups(["010_HC", "010_2HC", "011_HC"], r"^(\d+)") == ["010", "010", "011"]
+    assert image_groups(["a", "b"], None) == ["a", "b"]
+    with pytest.raises(ValueError, match="does not match 1 image"):
+        image_groups(["010_HC", "x_HC"], r"^(\d+)")
+
+
+def test_pixel_size_csv(tmp_path: Path) -> None:
+    path = tmp_path / "px.csv"
+    path.write_text("filename,pixel size(mm),head circumference (mm)\n000_HC.png,0.069,44.3\n")
+    table = read_pixel_sizes(path)
+    assert table["000_HC.png"] == {"pixel_size_mm": 0.069, "hc_mm": 44.3}
+    assert table["000_HC"] is table["000_HC.png"]
+
+
+def _synthetic_dataset(root: Path, count: int = 16, width: int = 56, height: int = 48) -> tuple[Path, Path, Path]:
+    """``images/NN_k.png`` (bright filled ellipse with a brighter rim on speckle) and ``masks/NN_k_Mask.png``, HC18 style."""
+    rng = np.random.default_rng(0)
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    ys, xs = np.mgrid[:height, :width].astype(np.float64)
+    rows = ["filename,pixel size(mm),head circumference (mm)"]
+    for i in range(count):
+        a, b = rng.uniform(10, 20), rng.uniform(8, 14)
+        cx, cy = rng.uniform(a + 2, width - a - 2), rng.uniform(b + 2, height - b - 2)
+        r = ((xs - cx) / a) ** 2 + ((ys - cy) / b) ** 2
+        mask = r <= 1
+        image = rng.normal(60, 20, (height, width)) + 80 * mask + 80 * (np.abs(r - 1) < 0.15)
+        name = f"{i // 2:02d}_{i % 2}"
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(images / f"{name}.png")
+        Image.fromarray((np.repeat(mask[..., None], 3, axis=2) * 255).astype(np.uint8)).save(masks / f"{name}_Mask.png")
+        hc = math.pi * (3 * (a + b) - math.sqrt((3 * a + b) * (a + 3 * b))) * 0.1
+        rows.append(f"{name}.png,0.1,{hc:.3f}")
+    csv_path = root / "pixel_size_and_HC.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    return images, masks, csv_path
+
+
+def test_missing_mask_stops_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images, masks, _ = _synthetic_dataset(tmp_path, count=4)
+    (masks / "01_1_Mask.png").unlink()
+    code = main(["segment", "--images", str(images), "--masks", str(masks), "--init", "random", "--folds", "2",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "01_1.png" in err and "01_1_Mask.png" in err and "--skip-bad-masks" in err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_end_to_end_on_synthetic_ellipses(tmp_path: Path) -> None:
+    images, masks, pixel_csv = _synthetic_dataset(tmp_path / "data")
+    Image.fromarray(np.zeros((48, 56), dtype=np.uint8)).save(images / "99_orphan.png")  # no mask: skipped, exit 3
+    out = tmp_path / "out"
+    code = main([
+        "segment", "--images", str(images), "--masks", str(masks), "--init", "random", "--folds", "2",
+        "--group-regex", r"^(\d+)", "--pixel-size", str(pixel_csv), "--size", "32", "--epochs", "4",
+        "--batch-size", "4", "--lr", "3e-3", "--overlays", "2", "--skip-bad-masks", "--device", "cpu", "--out", str(out),
+    ])
+    assert code == 3  # finished, one image skipped
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "sonocl.segment/1"
+    data = results["data"]
+    assert data["num_images"] == 16 and data["num_groups"] == 8 and data["hd95_unit"] == "mm"
+    assert [s["image"].endswith("99_orphan.png") for s in data["skipped"]] == [True]
+    tests = [set(fold["test_images"]) for fold in data["folds"]]
+    assert tests[0].isdisjoint(tests[1]) and len(tests[0] | tests[1]) == 16
+    for name in tests[0]:  # grouped: an examination never on both sides
+        assert not any(other.split("_")[0] == name.split("_")[0] for other in tests[1])
+    assert data["hc_fit_on_truth_abs_error_mm"]["mean"] < 0.3  # the fit itself is accurate (HC ~ 9 mm here)
+
+    [init] = results["inits"]
+    assert init["init_report"]["kind"] == "random" and (init["mean"], init["std"]) == (0.5, 0.25)
+    assert [fold["fold"] for fold in init["folds"]] == [0, 1]
+    for metric in ("dice", "iou", "hd95_px", "hd95_mm", "hc_abs_error_mm"):
+        assert init["summary"][metric]["n"] == 2 and init["pooled"][metric]["n"] == 16
+    # learned something: well above an empty prediction (Dice 0) and an all-foreground one
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    assert len(rows) == 16
+    all_foreground = np.mean([2 * int(r["true_area_px"]) / (int(r["true_area_px"]) + 48 * 56) for r in rows])
+    assert init["pooled"]["dice"]["mean"] > max(0.5, all_foreground + 0.1)
+
+    table = (out / "results.md").read_text()
+    assert "| random |" in table and "HC abs. error (mm)" in table and "1 image(s) skipped" in table
+    overlays = sorted(p.relative_to(out).as_posix() for p in (out / "overlays").rglob("*.png"))
+    assert overlays == ["overlays/random/00_0.png", "overlays/random/00_1.png"]
+    overlay = np.asarray(Image.open(out / "overlays" / "random" / "00_0.png"))
+    assert overlay.shape == (48, 56, 3)
+    assert ((overlay == [0, 255, 0]).all(axis=2)).any()  # ground-truth contour drawn
+
+
+def test_init_from_a_saved_encoder_file(tmp_path: Path) -> None:
+    """Any file of `sonocl.models.save_encoder` works as --init: its weights, and its mean/std by default."""
+    images, masks, _ = _synthetic_dataset(tmp_path / "data", count=8)
+    run_dir = tmp_path / "run_simclr"
+    run_dir.mkdir()
+    torch.manual_seed(0)
+    save_encoder(build_backbone("resnet18", 1), run_dir / "encoder.safetensors",
+                 {"arch": "resnet18", "channels": 1, "size": 32, "mean": 0.4, "std": 0.3, "method": "simclr"})
+    out = tmp_path / "out"
+    code = main([
+        "segment", "--images", str(images), "--masks", str(masks), "--init", str(run_dir / "encoder.safetensors"),
+        str(run_dir), "--name", "file", "run", "--folds", "2", "--size", "32", "--epochs", "1", "--batch-size", "4",
+        "--overlays", "0", "--freeze-encoder", "--out", str(out),
+    ])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [init["name"] for init in results["inits"]] == ["file", "run"]
+    for init in results["inits"]:
+        assert init["init_report"]["kind"] == "sonocl" and init["init_report"]["loaded"] > 0
+        assert (init["mean"], init["std"]) == (pytest.approx(0.4), pytest.approx(0.3))
+    assert not (out / "overlays").exists()

@@ -232,3 +232,27 @@ def test_meta_step_on_a_small_resnet_keeps_batchnorm_statistics() -> None:
     assert torch.isfinite(loss) and parts["meta"] > 0
     for (name, got), (_, want) in zip(model.named_buffers(), reference.named_buffers()):
         assert torch.equal(got, want), name
+
+
+def test_lean_batch_norm_jvp_equals_torch_forward_mode() -> None:
+    """The meta step's batch-norm forward-mode rule gives torch's own JVP (4-D activations, affine and not)."""
+    from torch.func import jvp
+
+    from sonocl.train.meta import _BatchStatisticsNormJvp
+
+    torch.manual_seed(0)
+    x, x_t = torch.randn(6, 3, 5, 4, dtype=torch.float64), torch.randn(6, 3, 5, 4, dtype=torch.float64)
+    weight, weight_t, bias, bias_t = (torch.randn(3, dtype=torch.float64) for _ in range(4))
+
+    def normalise(x, weight, bias):
+        return F.batch_norm(x, None, None, weight, bias, training=True)
+
+    expected = jvp(normalise, (x, weight, bias), (x_t, weight_t, bias_t))
+    with _BatchStatisticsNormJvp():
+        lean = jvp(normalise, (x, weight, bias), (x_t, weight_t, bias_t))
+    for got, want in zip(lean, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with _BatchStatisticsNormJvp():
+        _, lean_no_affine = jvp(lambda x: F.batch_norm(x, None, None, training=True), (x,), (x_t,))
+    _, want_no_affine = jvp(lambda x: F.batch_norm(x, None, None, training=True), (x,), (x_t,))
+    torch.testing.assert_close(lean_no_affine, want_no_affine, rtol=1e-10, atol=1e-12)

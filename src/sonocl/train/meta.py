@@ -21,6 +21,14 @@ small one from the weights through the loss. Parameters are swapped in with ``to
 the virtual passes get ``None`` for every buffer, so batch-norm normalises with batch statistics (as in
 training mode) and the real model's running statistics are never touched by them.
 
+Cost (benchmarks/meta_step_cost.py): the real forward, g's backward, the meta forward and backward, the JVP and
+the real backward are all needed; what is trimmed is the number of passes over tensors, which on a shared
+CPU is what a step costs (each pass is a synchronised parallel region): batch-norm's forward-mode derivative
+uses a lean formula (`_BatchNormBatchStats`, 5 passes instead of torch's ~20) and the virtual step is 2–3
+fused passes per parameter. Measured and not taken: the literal create-graph double backward (slower, its
+batch-norm double backward is heavier than the JVP) and one backward for g and the real step (the real
+step's weights come from the CMW-Net *after* the update that needs g, so the two cannot share a pass).
+
 Choices made explicit (the reference leaves them implicit, see quirks 16–18 and 20):
 - the CMW-Net input is the *detached* backbone features of the real forward: the weights are a function of
   the pair, not a path through which θ's gradient could lower the loss by re-weighting pairs;
@@ -36,8 +44,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
+from torch.overrides import TorchFunctionMode
 
 LossFn = Callable[..., Tensor]
 """``loss(z1, z2, positive_group=None, weight=None) -> scalar`` (a `sonocl.losses.GroupInfoNCE`)."""
@@ -64,14 +74,48 @@ def _check_single_process(model: nn.Module) -> None:
         )
 
 
-def virtual_sgd_coefficients(
-    optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], inner_lr: float | None
-) -> dict[str, tuple[float, Tensor]]:
-    """Per parameter: ``(η·c, offset)`` with ``θ' = θ − offset − η·c·g`` for torch SGD's update rule.
+@dataclass(frozen=True)
+class VirtualStep:
+    """torch SGD's update of one parameter written affine in its gradient g: ``θ' = θ − lr·(c·(g + wd·θ) + r·m)``.
 
-    ``offset`` collects what does not depend on the gradient g (weight decay and the momentum buffer), so θ'
-    is affine in g. Matches ``torch.optim.SGD``: coupled weight decay d = g + wd·θ, dampening, Nesterov, and a
-    fresh buffer equal to d when the optimizer has none yet.
+    Scalars rather than precomputed tensors so that the virtual step is two or three fused passes per
+    parameter (each pass is a synchronised parallel region on a shared CPU, so their number matters).
+    """
+
+    lr: float
+    c: float
+    """Gradient coefficient: 1, 1 + μ (Nesterov, first step), 1 − τ_d (later steps), 1 + μ(1 − τ_d) (Nesterov)."""
+    weight_decay: float
+    buffer_coefficient: float
+    """r: μ (μ² with Nesterov) once the optimizer has a momentum buffer m, else 0."""
+    buffer: Tensor | None
+
+    @property
+    def gradient_scale(self) -> float:
+        """∂θ'/∂g = −lr·c (the tangent of the hypergradient is this times ∂L_meta/∂θ')."""
+        return -self.lr * self.c
+
+    def apply(self, theta: Tensor, grad: Tensor | None) -> Tensor:
+        """θ' for the detached parameter ``theta`` and its gradient ``grad`` (None: unused, g = 0)."""
+        if grad is None:
+            d = theta * self.weight_decay
+        elif self.weight_decay:
+            d = grad.add(theta, alpha=self.weight_decay)
+        else:
+            d = grad
+        value = theta.add(d, alpha=self.gradient_scale)
+        if self.buffer is not None and self.buffer_coefficient:
+            value.add_(self.buffer, alpha=-self.lr * self.buffer_coefficient)
+        return value
+
+
+def virtual_sgd_steps(
+    optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], inner_lr: float | None
+) -> dict[str, VirtualStep]:
+    """Per parameter, the `VirtualStep` that ``torch.optim.SGD`` would take from its current state.
+
+    Matches ``torch.optim.SGD``: coupled weight decay d = g + wd·θ, dampening, Nesterov, and a fresh buffer
+    equal to d when the optimizer has none yet.
     """
     if not isinstance(optimizer, torch.optim.SGD):
         raise TypeError(
@@ -79,7 +123,7 @@ def virtual_sgd_coefficients(
             f"{type(optimizer).__name__}: use --optim sgd"
         )
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    out: dict[str, tuple[float, Tensor]] = {}
+    out: dict[str, VirtualStep] = {}
     for name, p in params.items():
         group = group_of.get(id(p))
         if group is None:
@@ -88,21 +132,87 @@ def virtual_sgd_coefficients(
             raise ValueError("meta-uscl's virtual step does not support SGD(maximize=True)")
         lr = float(group["lr"] if inner_lr is None else inner_lr)
         mu, damp, wd, nesterov = group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"]
-        theta = p.detach()
-        decay = wd * theta if wd else torch.zeros_like(theta)
         buf = optimizer.state.get(p, {}).get("momentum_buffer") if mu else None
-        # d = g + wd·θ. No momentum: step = d. First momentum step: buf = d. Later: buf = μ·m + (1−τ_d)·d.
-        # Nesterov: step = d + μ·buf. So step = c·d + rest.
+        # No momentum: step = d. First momentum step: buf = d. Later: buf = μ·m + (1−τ_d)·d.
+        # Nesterov: step = d + μ·buf. So step = c·d + r·m.
         if not mu:
-            c, rest = 1.0, torch.zeros_like(theta)
+            c, r = 1.0, 0.0
         elif buf is None:
-            c, rest = (1.0 + mu if nesterov else 1.0), torch.zeros_like(theta)
+            c, r = (1.0 + mu if nesterov else 1.0), 0.0
         else:
             scale = 1.0 - damp
             c = (1.0 + mu * scale) if nesterov else scale
-            rest = (mu * mu if nesterov else mu) * buf.detach()
-        out[name] = (lr * c, lr * (rest + c * decay))
+            r = mu * mu if nesterov else mu
+        out[name] = VirtualStep(lr, c, float(wd), r, None if buf is None else buf.detach())
     return out
+
+
+class _BatchNormBatchStats(torch.autograd.Function):
+    """Batch-norm with batch statistics (training mode, no running buffers) and a lean forward-mode derivative.
+
+    torch's generic forward-AD formula for batch-norm takes ~20 passes over the activation; this one takes
+    five, from x̂ and 1/σ kept by the forward: with s = γ/σ, x̂_t = (x_t − mean(x_t) − x̂·mean(x̂·x_t))/σ, so
+    y_t = s·x_t + (γ_t − s·mean(x̂·x_t))·x̂ + (β_t − s·mean(x_t)). Only the JVP of the virtual pass uses it
+    (no backward: its primals are detached).
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        var, mean = torch.var_mean(x, dim=_channel_reduction_dims(x), correction=0, keepdim=True)
+        invstd = (var + eps).rsqrt_()
+        x_hat = (x - mean).mul_(invstd)
+        y = x_hat if weight is None else x_hat * weight.view(invstd.shape)
+        return (y if bias is None else y + bias.view(invstd.shape)), x_hat, invstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def, override]
+        _, x_hat, invstd = output
+        ctx.mark_non_differentiable(x_hat, invstd)
+        ctx.save_for_forward(x_hat, invstd, inputs[1])
+
+    @staticmethod
+    def jvp(ctx, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None, _eps_t: None) -> tuple[Tensor, None, None]:  # type: ignore[no-untyped-def, override]
+        x_hat, invstd, weight = ctx.saved_tensors
+        shape, dims = invstd.shape, _channel_reduction_dims(x_hat)
+        scale = invstd if weight is None else invstd * weight.view(shape)
+        coefficient = torch.zeros_like(invstd) if weight_t is None else weight_t.view(shape).clone()
+        shift = torch.zeros_like(invstd) if bias_t is None else bias_t.view(shape).clone()
+        if x_t is not None:
+            coefficient -= scale * (x_hat * x_t).mean(dims, keepdim=True)
+            shift -= scale * x_t.mean(dims, keepdim=True)
+        y_t = torch.addcmul(shift, x_hat, coefficient)
+        return (y_t if x_t is None else y_t.addcmul_(x_t, scale)), None, None
+
+
+def _channel_reduction_dims(x: Tensor) -> list[int]:
+    """Every dimension but the channels (dim 1): batch-norm's statistics are per channel."""
+    return [0, *range(2, x.dim())]
+
+
+class _BatchStatisticsNormJvp(TorchFunctionMode):
+    """Within the block, ``F.batch_norm`` without running buffers (the virtual passes) uses `_BatchNormBatchStats`.
+
+    The JVP's cost on a shared CPU is dominated by the number of passes over activations (each a synchronised
+    parallel region), and batch-norm's generic forward-mode formula is most of them. Any other call, or
+    batch-norm with running statistics, runs unchanged.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def, override]
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            return _batch_norm(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _batch_norm(
+    default: Callable[..., Tensor], input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False, momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.batch_norm``'s signature: batch statistics without buffers go to `_BatchNormBatchStats`."""
+    if running_mean is None and running_var is None:
+        return _BatchNormBatchStats.apply(input, weight, bias, eps)[0]
+    return default(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 def _network_z(model: nn.Module, params: dict[str, Tensor], views: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -144,28 +254,24 @@ def cmw_meta_gradient(
     weighted = loss(z1, z2, positive_group=positive_group, weight=weight)
     grads = torch.autograd.grad(weighted, list(params.values()), retain_graph=True, allow_unused=True)
 
-    # Step 3: the virtual SGD step θ' = θ − offset − η·c·g.
-    coefficients = virtual_sgd_coefficients(optimizer, params, inner_lr)
-    virtual = {}
-    for (name, p), g in zip(params.items(), grads):
-        step_size, offset = coefficients[name]
-        value = p.detach() - offset
-        if g is not None:
-            value = value - step_size * g
-        virtual[name] = value.requires_grad_()
+    # Step 3: the virtual SGD step θ' = θ − lr·(c·(g + wd·θ) + r·m).
+    steps = virtual_sgd_steps(optimizer, params, inner_lr)
+    with torch.no_grad():
+        virtual = {name: steps[name].apply(p.detach(), g).requires_grad_() for (name, p), g in zip(params.items(), grads)}
 
     # Step 4: the unweighted meta loss at θ' and its gradient v = ∂L_meta/∂θ'.
     meta_z1, meta_z2 = _network_z(model, virtual, (meta_view1, meta_view2))
     meta_loss = loss(meta_z1, meta_z2)
     meta_grads = torch.autograd.grad(meta_loss, list(virtual.values()), allow_unused=True)
 
-    # Hypergradient: tangent t = −η·c·v; ż = (∂z/∂θ)·t by forward mode; then ∂/∂α [∇_z L_w · ż].
+    # Hypergradient: tangent t = −lr·c·v; ż = (∂z/∂θ)·t by forward mode; then ∂/∂α [∇_z L_w · ż].
     primals = {name: p.detach() for name, p in params.items()}
     tangents = {
-        name: (torch.zeros_like(p) if v is None else -coefficients[name][0] * v.detach())
+        name: torch.zeros_like(p) if v is None else v.mul_(steps[name].gradient_scale)
         for (name, p), v in zip(params.items(), meta_grads)
     }
-    _, z_dot = jvp(lambda ps: _network_z(model, ps, (view1, view2)), (primals,), (tangents,))
+    with _BatchStatisticsNormJvp():
+        _, z_dot = jvp(lambda ps: _network_z(model, ps, (view1, view2)), (primals,), (tangents,))
     z_leaf = (z1.detach().requires_grad_(), z2.detach().requires_grad_())
     weighted_alpha = loss(*z_leaf, positive_group=positive_group, weight=_pair_weight(cmw, features, prior_weight))
     dz = torch.autograd.grad(weighted_alpha, z_leaf, create_graph=True)

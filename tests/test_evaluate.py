@@ -5,6 +5,7 @@ Everything runs on the phantom store at 32 px with 1–3 epochs (seconds on a CP
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -20,6 +21,7 @@ from sonocl.evaluate.classify import (
     OPTIMISTIC,
     EvalConfig,
     FineTuneModel,
+    GemmConv2d,
     check_disjoint,
     evaluate_init,
     fold_splits,
@@ -109,6 +111,49 @@ def test_last_block_trains_only_the_last_block_and_updates_frozen_bn():
     assert torch.equal(before, backbone.bn1.running_mean)
 
 
+@pytest.mark.parametrize("stride, padding, dilation, bias", [(1, 1, 1, False), (2, 1, 1, True), (1, 2, 2, False), (2, 0, 1, False)])
+def test_gemm_conv_equals_conv2d(stride, padding, dilation, bias):
+    conv = torch.nn.Conv2d(6, 5, 3, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    gemm = GemmConv2d.sharing(conv)
+    assert gemm.weight is conv.weight
+    x = torch.randn(4, 6, 5, 7, requires_grad=True)
+    expected, got = conv(x), gemm(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+    (grad_got,) = torch.autograd.grad(got.square().sum(), x)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("protocol, size", [("last-block", 64), ("last-block", 160), ("full", 64), ("linear", 32)])
+def test_cpu_optimised_model_matches_the_plain_one(protocol, size):
+    """Layout switches and GEMM convs change kernels only: same trainable set, outputs, gradients, BN statistics.
+
+    Compared in float64, where rounding cannot hide a difference (train-mode BatchNorm on a batch of 6 amplifies
+    float32 rounding of any kernel change far beyond a useful tolerance)."""
+    backbone = torchvision.models.resnet18(weights=None)
+    backbone.fc = torch.nn.Identity()
+    plain = FineTuneModel(copy.deepcopy(backbone), 3, protocol, freeze_bn=False).double()
+    tuned = FineTuneModel(copy.deepcopy(backbone), 3, protocol, freeze_bn=False).double()
+    tuned.head.load_state_dict(plain.head.state_dict())
+    tuned.optimise_for_cpu(size)
+    gemm_convs = sum(isinstance(m, GemmConv2d) for m in tuned.modules())
+    assert gemm_convs == {("last-block", 64): 2, ("last-block", 160): 0, ("full", 64): 10, ("linear", 32): 0}[(protocol, size)]
+    x = torch.rand(6, 3, size, size, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    outputs = []
+    for model in (plain, tuned):
+        logits = model.train()(x)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        outputs.append(logits)
+    torch.testing.assert_close(outputs[1], outputs[0])
+    for p, q in zip(plain.parameters(), tuned.parameters(), strict=True):
+        assert p.requires_grad == q.requires_grad and (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad)
+    for a, b in zip(plain.buffers(), tuned.buffers(), strict=True):
+        torch.testing.assert_close(b, a)
+
+
 def test_selection_modes_on_one_run(data):
     backbone, report = load_init("random", "resnet18", 1)
     max_test = evaluate_init(data, backbone, report, "random", _config(protocol="linear", epochs=3, selection="max-test"))
@@ -122,11 +167,28 @@ def test_selection_modes_on_one_run(data):
     assert not last["optimistic"] and all(run["selected_epoch"] == 3 for run in last["runs"])
     for run_last, run_max in zip(last["runs"], max_test["runs"]):  # same seeds: the same training run
         assert run_last["frame"]["accuracy"] == pytest.approx(run_max["test_accuracy_by_epoch"][-1])
-    inner = evaluate_init(data, backbone, report, "random", _config(protocol="linear", epochs=3, selection="inner-val"))
-    for run in inner["runs"]:
-        assert run["val_videos"] > 0 and run["train_videos"] + run["val_videos"] + run["test_videos"] == 12
-        val = run["val_balanced_accuracy_by_epoch"]
-        assert run["selected_epoch"] == select_epoch("inner-val", None, val) + 1
+    assert all(run["test_accuracy_by_epoch"] is None for run in last["runs"])  # tested once, after the last epoch
+    curve = evaluate_init(data, backbone, report, "random", _config(protocol="linear", epochs=3, test_every_epoch=True))
+    for run_curve, run_max in zip(curve["runs"], max_test["runs"]):
+        assert run_curve["test_accuracy_by_epoch"] == pytest.approx(run_max["test_accuracy_by_epoch"])
+        assert run_curve["selected_epoch"] == 3
+
+
+def test_inner_val_tests_the_snapshot_of_its_selected_epoch(data):
+    """inner-val predicts the test fold once, from the model saved at the selected epoch: the same predictions as
+    testing after every epoch and picking that epoch (last-block, so BatchNorm buffers are part of the snapshot)."""
+    backbone, report = load_init("random", "resnet18", 1)
+    settings = dict(protocol="last-block", epochs=3, selection="inner-val", lr=0.001)
+    once = evaluate_init(data, backbone, report, "random", _config(**settings))
+    every = evaluate_init(data, backbone, report, "random", _config(**settings, test_every_epoch=True))
+    for run_once, run_every in zip(once["runs"], every["runs"], strict=True):
+        assert run_once["val_videos"] > 0 and run_once["train_videos"] + run_once["val_videos"] + run_once["test_videos"] == 12
+        val = run_once["val_balanced_accuracy_by_epoch"]
+        assert run_once["selected_epoch"] == select_epoch("inner-val", None, val) + 1 == run_every["selected_epoch"]
+        assert run_once["test_accuracy_by_epoch"] is None and len(run_every["test_accuracy_by_epoch"]) == 3
+        assert run_once["frame"]["accuracy"] == pytest.approx(run_every["test_accuracy_by_epoch"][run_every["selected_epoch"] - 1])
+        assert run_once["frame"]["confusion"] == run_every["frame"]["confusion"]
+    assert any(run["selected_epoch"] < 3 for run in once["runs"])  # a snapshot before the last epoch was restored
 
 
 def test_knn_and_full_protocols(data):

@@ -18,7 +18,13 @@ Protocols (`PROTOCOLS`):
 Model selection (`SELECTIONS`): ``last`` epoch (default); ``inner-val``: a grouped hold-out of the training
 videos, the epoch with the best frame-level balanced accuracy on it (latest among ties) is reported;
 ``max-test``: the papers' way, the epoch with the best frame-level test accuracy of each fold — optimistic,
-and labelled so in every output (methods.md §6, quirk 1).
+and labelled so in every output (methods.md §6, quirk 1). The test fold is predicted after every epoch only for
+``max-test`` or ``test_every_epoch`` (the diagnostic curve); ``inner-val`` snapshots the model at its selected
+epoch and predicts the test fold once.
+
+On the CPU, `FineTuneModel.optimise_for_cpu` picks the memory layout per stage and computes the convs of trainable
+stages on tiny maps as GEMMs (`GemmConv2d`): same parameters and results up to float rounding, about 1.5×
+less CPU time per last-block epoch at 64 px (docs/evaluate.md, Cost).
 """
 
 from __future__ import annotations
@@ -94,6 +100,8 @@ class EvalConfig:
     frames_per_video: int = 30
     """At most this many sampled frames per video (the first ones); 0 = no limit."""
     selection: str = "last"
+    test_every_epoch: bool = False
+    """Predict the test fold after every epoch for the diagnostic curve (implied by ``selection="max-test"``)."""
     freeze_bn: bool = False
     knn_k: int = 20
     linear_augment: bool = False
@@ -280,24 +288,102 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+TINY_MAP = 4
+"""Feature maps of at most this many pixels a side run in NCHW layout and, when trained on the CPU, as GEMM convs."""
+
+
+def _stages(backbone: torchvision.models.ResNet) -> list[tuple[nn.Module, int]]:
+    """The backbone's modules in forward order, each with the stride of its output relative to the input image."""
+    return [(backbone.conv1, 2), (backbone.bn1, 2), (backbone.relu, 2), (backbone.maxpool, 4), (backbone.layer1, 4),
+            (backbone.layer2, 8), (backbone.layer3, 16), *[(block, 32) for block in backbone.layer4]]
+
+
+class GemmConv2d(nn.Conv2d):
+    """A convolution computed as one im2col matrix product, with the same parameters and result as ``nn.Conv2d``.
+
+    On the CPU, oneDNN's kernels (above all its backward) are 1.5–3× slower on the 2×2 maps of ``layer4`` at
+    64 px than MKL's GEMM on the same product (docs/evaluate.md, Cost); the unfolded input is small there.
+    """
+
+    @classmethod
+    def sharing(cls, conv: nn.Conv2d) -> GemmConv2d:
+        """A GemmConv2d using ``conv``'s own weight and bias tensors (same Parameters: optimiser and state unchanged)."""
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"GemmConv2d needs groups=1, numeric zero padding: {conv}")
+        gemm = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                   bias=conv.bias is not None, device="meta")
+        gemm.weight, gemm.bias = conv.weight, conv.bias
+        return gemm
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, height, width = images.shape
+        out_h, out_w = (
+            (side + 2 * pad - dil * (k - 1) - 1) // stride + 1
+            for side, pad, dil, k, stride in zip((height, width), self.padding, self.dilation, self.kernel_size, self.stride)
+        )
+        columns = F.unfold(images, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C·kh·kw, L)
+        out = columns.transpose(1, 2).reshape(n * out_h * out_w, -1) @ self.weight.flatten(1).T  # one (N·L, O) GEMM
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(n, out_h * out_w, -1).transpose(1, 2).reshape(n, -1, out_h, out_w)
+
+
+def _use_gemm_convs(module: nn.Module) -> None:
+    """Replace every Conv2d inside ``module`` by a `GemmConv2d` sharing its parameters."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Conv2d):
+            setattr(module, name, GemmConv2d.sharing(child))
+        else:
+            _use_gemm_convs(child)
+
+
+class _ContiguousLayout(nn.Module):
+    """Switches activations from channels-last to NCHW (where the small feature maps begin)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous()
+
+
 class FineTuneModel(nn.Module):
     """A backbone split into a frozen part (run without autograd) and a trainable part, plus a new Linear head."""
 
     def __init__(self, backbone: torchvision.models.ResNet, num_classes: int, protocol: str, freeze_bn: bool) -> None:
         super().__init__()
-        stem = [backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool, backbone.layer1, backbone.layer2, backbone.layer3]
-        if protocol == "full":
-            self.frozen = nn.Sequential()
-            self.trainable = nn.Sequential(*stem, backbone.layer4, backbone.avgpool, nn.Flatten(1))
-        elif protocol == "last-block":
-            self.frozen = nn.Sequential(*stem, *list(backbone.layer4)[:-1])
-            self.trainable = nn.Sequential(backbone.layer4[-1], backbone.avgpool, nn.Flatten(1))
-        else:  # linear, knn
-            self.frozen = nn.Sequential(*stem, backbone.layer4, backbone.avgpool, nn.Flatten(1))
-            self.trainable = nn.Sequential()
+        modules, strides = zip(*_stages(backbone))
+        split = {"full": 0, "last-block": len(modules) - 1}.get(protocol, len(modules))  # linear, knn: all frozen
+        pool = [backbone.avgpool, nn.Flatten(1)]
+        self.frozen = nn.Sequential(*modules[:split], *(pool if split == len(modules) else []))
+        self.trainable = nn.Sequential(*modules[split:], *(pool if split < len(modules) else []))
         self.frozen.requires_grad_(False)
         self.freeze_bn = freeze_bn or protocol in ("linear", "knn")
         self.head = nn.Linear(_feature_dim(backbone), num_classes)
+        self._strides = strides
+
+    def optimise_for_cpu(self, size: int) -> FineTuneModel:
+        """Channels-last layout for the large early maps, NCHW from the first stage whose output is ≤ `TINY_MAP` px a
+        side, and GEMM convs in the trainable stages on such maps.
+
+        Measured on a 2-core Xeon (AVX-512) at 64 px, last-block: channels-last is faster up to ``layer2`` but about
+        2× slower on the 4×4 and 2×2 maps of ``layer3``/``layer4``, where `GemmConv2d` also beats oneDNN's backward.
+        Only the kernels change: same parameters, same results up to float rounding.
+        """
+        self.to(memory_format=torch.channels_last)
+        first = next((i for i, stride in enumerate(self._strides) if math.ceil(size / stride) <= TINY_MAP), None)
+        if first is None:
+            return self
+        frozen, trainable = list(self.frozen), list(self.trainable)
+        for module in [*frozen, *trainable][first:]:
+            module.to(memory_format=torch.contiguous_format)
+        if first < len(frozen):
+            self.frozen = nn.Sequential(*frozen[:first], _ContiguousLayout(), *frozen[first:])
+            tiny_trainable = trainable
+        else:
+            start = first - len(frozen)
+            self.trainable = nn.Sequential(*trainable[:start], _ContiguousLayout(), *trainable[start:])
+            tiny_trainable = trainable[start:]
+        for module in tiny_trainable:
+            _use_gemm_convs(module)
+        return self
 
     def train(self, mode: bool = True) -> FineTuneModel:
         super().train(mode)
@@ -325,9 +411,11 @@ def _feature_dim(backbone: torchvision.models.ResNet) -> int:
 
 @dataclasses.dataclass
 class FoldOutcome:
-    """Predictions of one fold: test probabilities of every recorded epoch (or only the last) and val scores."""
+    """Predictions of one fold: test probabilities of the reported epoch and the per-epoch scores recorded."""
 
-    test_probabilities: list[np.ndarray]
+    test_probabilities: np.ndarray
+    selected_epoch: int
+    """1-based; 0 for knn."""
     test_accuracy: list[float] | None
     val_balanced_accuracy: list[float] | None
 
@@ -383,23 +471,26 @@ class FoldTrainer:
         votes.scatter_add_(1, labels[neighbours], similarity.clamp(min=0.0))
         total = votes.sum(dim=1, keepdim=True)
         probabilities = torch.where(total > 0, votes / total.clamp(min=1e-12), torch.full_like(votes, 1.0 / votes.shape[1]))
-        return FoldOutcome([probabilities.cpu().numpy()], None, None)
+        return FoldOutcome(probabilities.cpu().numpy(), 0, None, None)
 
     def fit(
         self, model: FineTuneModel, train: np.ndarray, test: np.ndarray, val: np.ndarray | None, progress: tqdm
     ) -> FoldOutcome:
-        """Adam + cosine schedule over ``epochs``; test predicted every epoch when the selection needs it."""
+        """Adam + cosine schedule over ``epochs``. The test fold is predicted after every epoch only for ``max-test``
+        or ``test_every_epoch``; otherwise once, with the last epoch's model or, for ``inner-val``, the snapshot
+        taken at the selected validation epoch (the same predictions, without a test pass per epoch)."""
         cfg = self.config
         parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
         labels = torch.from_numpy(self.data.frame_labels).to(self.device)
         cached = cfg.protocol == "linear" and not cfg.linear_augment
         train_features = self.embed(model, train) if cached else None
-        every_epoch = cfg.selection != "last"
+        every_epoch = cfg.selection == "max-test" or cfg.test_every_epoch
         test_probabilities: list[np.ndarray] = []
         test_accuracy: list[float] = []
         val_scores: list[float] = []
+        best_state: dict[str, torch.Tensor] | None = None
         for epoch in range(cfg.epochs):
             model.train()
             losses = []
@@ -420,17 +511,32 @@ class FoldTrainer:
                 losses.append(loss.item())
             scheduler.step()
             postfix = {"loss": f"{np.mean(losses):.3f}"}
-            if every_epoch or epoch == cfg.epochs - 1:
-                probabilities = self.predict(model, test)
-                test_probabilities.append(probabilities)
-                test_accuracy.append(float((probabilities.argmax(1) == self.data.frame_labels[test]).mean()))
+            if every_epoch:
+                test_probabilities.append(self.predict(model, test))
+                test_accuracy.append(self._accuracy(test, test_probabilities[-1]))
                 postfix["test_acc"] = f"{test_accuracy[-1]:.3f}"
             if val is not None:
                 val_scores.append(classification_metrics(self.data.frame_labels[val], self.predict(model, val))["balanced_accuracy"])
                 postfix["val_bacc"] = f"{val_scores[-1]:.3f}"
+                if not every_epoch and select_epoch("inner-val", None, val_scores) == epoch:
+                    best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
             progress.set_postfix(postfix)
             progress.update(1)
-        return FoldOutcome(test_probabilities, test_accuracy if every_epoch else None, val_scores or None)
+        if cfg.selection == "last":
+            index = cfg.epochs - 1
+        else:
+            index = select_epoch(cfg.selection, test_accuracy or None, val_scores or None)
+        if every_epoch:
+            probabilities = test_probabilities[index]
+        else:
+            if best_state is not None:
+                model.load_state_dict(best_state)
+            probabilities = self.predict(model, test)
+            progress.set_postfix(test_acc=f"{self._accuracy(test, probabilities):.3f}")
+        return FoldOutcome(probabilities, index + 1, test_accuracy or None, val_scores or None)
+
+    def _accuracy(self, frames: np.ndarray, probabilities: np.ndarray) -> float:
+        return float((probabilities.argmax(1) == self.data.frame_labels[frames]).mean())
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
@@ -468,8 +574,8 @@ def evaluate_init(
             val_videos = None
             if config.selection == "inner-val":
                 train_videos, val_videos = inner_validation(data, train_videos, config, split_seed * 1009 + fold)
-            model = FineTuneModel(copy.deepcopy(backbone), len(data.class_names), config.protocol, config.freeze_bn)
-            model = model.to(device).to(memory_format=torch.channels_last)
+            model = FineTuneModel(copy.deepcopy(backbone), len(data.class_names), config.protocol, config.freeze_bn).to(device)
+            model = model.optimise_for_cpu(config.size) if device.type == "cpu" else model.to(memory_format=torch.channels_last)
             trainer = FoldTrainer(data, config, device, generator)
             train, test = data.frames_of(train_videos), data.frames_of(test_videos)
             val = data.frames_of(val_videos) if val_videos is not None else None
@@ -479,12 +585,7 @@ def evaluate_init(
                     outcome = trainer.knn(model, train, test)
                 else:
                     outcome = trainer.fit(model, train, test, val, progress)
-            if config.selection == "last":
-                index, selected_epoch = -1, epochs
-            else:
-                index = select_epoch(config.selection, outcome.test_accuracy, outcome.val_balanced_accuracy)
-                selected_epoch = index + 1
-            probabilities = outcome.test_probabilities[index]
+            probabilities = outcome.test_probabilities
             frame, video, confusion = _fold_metrics(data, test, probabilities)
             for level in confusions:
                 confusions[level].append(confusion[level])
@@ -497,7 +598,7 @@ def evaluate_init(
                 "train_frames": int(len(train)),
                 "test_frames": int(len(test)),
                 "test_video_ids": [data.video_ids[v] for v in test_videos],
-                "selected_epoch": selected_epoch,
+                "selected_epoch": outcome.selected_epoch,
                 "test_accuracy_by_epoch": outcome.test_accuracy,
                 "val_balanced_accuracy_by_epoch": outcome.val_balanced_accuracy,
                 "frame": frame,

@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reported epoch: last (default); inner-val: best balanced accuracy on a grouped validation "
                              "split of the training videos; max-test: best test accuracy (the papers', optimistic)")
     parser.add_argument("--inner-val-fraction", type=float, default=0.2, help="share of training videos held out by inner-val")
+    parser.add_argument("--test-every-epoch", action="store_true",
+                        help="predict the test fold after every epoch for the diagnostic accuracy curve (implied by "
+                             "max-test; otherwise the test fold is predicted once per fold run)")
     parser.add_argument("--freeze-bn", action="store_true",
                         help="last-block: keep the frozen layers' BatchNorm statistics fixed (the papers update them)")
     parser.add_argument("--knn-k", type=int, default=20, help="neighbours of the knn protocol (default: %(default)s)")
@@ -99,7 +102,8 @@ def _run(args: argparse.Namespace) -> int:
         protocol=args.protocol, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, size=args.size, mean=args.mean, std=args.std, channels=args.channels,
         backbone=args.backbone, folds=args.folds, seeds=args.seeds, seed=args.seed, group_by=args.group_by,
-        fps=args.fps, frames_per_video=args.frames_per_video, selection=args.selection, freeze_bn=args.freeze_bn,
+        fps=args.fps, frames_per_video=args.frames_per_video, selection=args.selection,
+        test_every_epoch=args.test_every_epoch, freeze_bn=args.freeze_bn,
         knn_k=args.knn_k, linear_augment=args.linear_augment, inner_val_fraction=args.inner_val_fraction,
         classes=args.classes, label_column=args.label_column, device=args.device,
     )

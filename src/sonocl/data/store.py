@@ -336,17 +336,31 @@ class FrameStoreWriter:
 
         ``fields`` are the `VideoRecord` fields other than ``num_frames`` and ``frame_offset``.
         """
-        return self._commit(self._write_frames(frames), **fields)
+        try:
+            return self._commit(self._write_frames(frames), **fields)
+        except BaseException:
+            self._discard_uncommitted()
+            raise
 
     def add_video_from_file(self, frames_path: str | os.PathLike[str], **fields: Any) -> VideoRecord:
         """Append a raw file of back-to-back ``S×S`` uint8 frames (as written by an ingest worker) and commit it."""
         size = os.path.getsize(frames_path)
         if size % self._frame_bytes:
             raise StoreError(f"{frames_path}: {size} bytes is not a whole number of {self.size}px frames")
-        with open(frames_path, "rb") as source:
-            while chunk := source.read(1 << 24):
-                self._frames_handle.write(chunk)
-        return self._commit(size // self._frame_bytes, **fields)
+        try:
+            with open(frames_path, "rb") as source:
+                while chunk := source.read(1 << 24):
+                    self._frames_handle.write(chunk)
+            return self._commit(size // self._frame_bytes, **fields)
+        except BaseException:
+            self._discard_uncommitted()
+            raise
+
+    def _discard_uncommitted(self) -> None:
+        """Cut frames written for a video that was then refused (bad fields, duplicate id), so that the next
+        video's frames start where its record will say they do."""
+        self._frames_handle.flush()
+        os.truncate(self.root / FRAMES_FILE, self.num_frames * self._frame_bytes)
 
     def _write_frames(self, frames: Iterable[np.ndarray]) -> int:
         count = 0

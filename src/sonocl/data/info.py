@@ -1,0 +1,113 @@
+"""``sonocl info STORE [--json]``: what a frame store holds.
+
+Videos, frames and frame size; videos and frames per label and per value of every extra label
+column; how many groups and how many videos per group; the last ingest and the files it skipped.
+``--json`` prints the same as one JSON object with stable keys (documented in ``docs/ingest.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sonocl.data.store import FrameStore, StoreError
+
+UNLABELLED = "(unlabelled)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", type=Path, metavar="STORE", help="frame store directory")
+    parser.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+
+
+def _counts(values: list[str | None], frames: list[int]) -> dict[str, dict[str, int]]:
+    """Videos and frames per value, most videos first (unlabelled last)."""
+    videos: collections.Counter[str] = collections.Counter()
+    frame_counts: collections.Counter[str] = collections.Counter()
+    for value, count in zip(values, frames):
+        key = value if value not in (None, "") else UNLABELLED
+        videos[key] += 1
+        frame_counts[key] += count
+    order = sorted(videos, key=lambda key: (key == UNLABELLED, -videos[key], key))
+    return {key: {"videos": videos[key], "frames": frame_counts[key]} for key in order}
+
+
+def summarise(store: FrameStore) -> dict[str, Any]:
+    """The JSON summary of ``store``."""
+    frames = [video.num_frames for video in store.videos]
+    extra_columns = sorted({column for video in store.videos for column in video.extra_labels})
+    group_sizes = np.bincount(store.group_codes()) if store.num_videos else np.zeros(1, dtype=np.int64)
+    report = store.read_report() or {}
+    return {
+        "store": str(store.root.resolve()),
+        "videos": store.num_videos,
+        "frames": store.num_frames,
+        "size": store.size,
+        "frames_per_video": {
+            "min": int(min(frames, default=0)),
+            "median": float(np.median(frames)) if frames else 0.0,
+            "max": int(max(frames, default=0)),
+        },
+        "labels": _counts(store.label_column("label"), frames),
+        "extra_labels": {column: _counts(store.label_column(column), frames) for column in extra_columns},
+        "groups": {
+            "count": int(np.count_nonzero(group_sizes)),
+            "videos_per_group": {
+                "min": int(group_sizes.min()),
+                "median": float(np.median(group_sizes)),
+                "max": int(group_sizes.max()),
+            },
+        },
+        "last_ingest": {key: report[key] for key in ("finished", "sources", "options", "counts") if key in report},
+        "skipped": report.get("skipped", []),
+    }
+
+
+def _print_counts(title: str, counts: dict[str, dict[str, int]]) -> None:
+    print(title)
+    width = max((len(name) for name in counts), default=0)
+    for name, count in counts.items():
+        print(f"  {name:<{width}}  {count['videos']:>6} videos  {count['frames']:>9} frames")
+
+
+def _print_text(summary: dict[str, Any]) -> None:
+    per_video = summary["frames_per_video"]
+    print(f"{summary['store']}: {summary['videos']} videos, {summary['frames']} frames of {summary['size']}×{summary['size']}")
+    print(f"frames per video: min {per_video['min']}, median {per_video['median']:g}, max {per_video['max']}")
+    _print_counts("labels:", summary["labels"])
+    for column, counts in summary["extra_labels"].items():
+        _print_counts(f"{column}:", counts)
+    groups = summary["groups"]
+    spread = groups["videos_per_group"]
+    print(f"groups: {groups['count']} (videos per group: min {spread['min']}, median {spread['median']:g}, max {spread['max']})")
+    last = summary["last_ingest"]
+    if last:
+        counts = last.get("counts", {})
+        print(
+            f"last ingest {last.get('finished', '?')}: {counts.get('added', 0)} added, "
+            f"{counts.get('already_present', 0)} already in store, {counts.get('skipped', 0)} skipped"
+        )
+    if summary["skipped"]:
+        print(f"skipped files ({len(summary['skipped'])}):")
+        for entry in summary["skipped"]:
+            print(f"  {entry['file']}: {entry['reason']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        store = FrameStore.open(args.store)
+    except StoreError as error:
+        print(f"sonocl info: error: {error}", file=sys.stderr)
+        return 2
+    summary = summarise(store)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_text(summary)
+    return 0

@@ -1,0 +1,523 @@
+"""``sonocl ingest SOURCE... --out STORE``: decode videos, DICOM and images into a frame store.
+
+The main process finds the media files, hashes them (a known hash is already in the store and is
+skipped), and hands the rest to worker processes. A worker decodes one file, crops and resizes its
+frames and streams them into a temporary file inside the store directory; the main process appends
+that file to the store and commits the video, in order of completion. Every commit is durable on
+its own, so a killed ingest loses at most the videos in flight, and running it again finishes the
+job. A file that cannot be read is reported (stderr and ``STORE/ingest_report.json``) and the run
+goes on. Exit status: 0 all ingested, 3 some files skipped, 2 usage error.
+
+Privacy: only frame timing and pixels are taken from DICOM headers, and the patient ID only as a
+salted hash for the group id; no header value is written to the store, a log or the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import dataclasses
+import datetime
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from tqdm import tqdm
+
+from sonocl.data.decode import DecodeError, is_frame_folder, media_kind, natural_key, open_media
+from sonocl.data.labels import (
+    LabelError,
+    LabelTable,
+    NameRule,
+    hashed_group,
+    label_from_folder,
+    label_from_name,
+    parse_name_rules,
+)
+from sonocl.data.preprocess import FramePreparer, select_frames
+from sonocl.data.store import META_FILE, REPORT_FILE, FrameStoreWriter, StoreError, atomic_write_text
+
+TEMP_DIR = ".ingest-tmp"
+"""Workers' frame files, inside the store so that appending them never crosses a file system."""
+DEFAULT_SIZE = 256
+TASKS_IN_FLIGHT_PER_WORKER = 4
+EXIT_OK, EXIT_USAGE, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 2, 3, 130
+_HASH_CHUNK = 1 << 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="+", type=Path, metavar="SOURCE", help="video, DICOM or image files, or folders (searched recursively)")
+    parser.add_argument("--out", required=True, type=Path, metavar="STORE", help="frame store directory (created, or appended to)")
+    frames = parser.add_argument_group("frames")
+    frames.add_argument(
+        "--size", type=int, default=None, metavar="S", help=f"stored frames are SIZE×SIZE uint8 greyscale (default {DEFAULT_SIZE}; an existing store keeps its own)"
+    )
+    frames.add_argument("--stride", type=int, default=1, metavar="N", help="keep every Nth decoded frame (default 1: all)")
+    frames.add_argument("--fps", type=float, default=None, metavar="F", help="keep at most F frames per second of real time")
+    frames.add_argument("--max-frames", type=int, default=None, metavar="N", help="keep at most N frames per video")
+    frames.add_argument("--crop", choices=("auto", "none"), default="auto", help="auto: keep only the ultrasound region (default)")
+    frames.add_argument(
+        "--no-frame-folders", action="store_true", help="treat every image as a one-frame video, never a folder of numbered images as one clip"
+    )
+    labels = parser.add_argument_group("labels and groups (see docs/ingest.md)")
+    labels.add_argument("--labels", type=Path, metavar="CSV", help="CSV with a column naming each file and a label column")
+    labels.add_argument("--id-column", help="CSV column holding file names, stems or relative paths (default: detected)")
+    labels.add_argument("--label-column", help="CSV label column (default: label, class, diagnosis, category or target)")
+    labels.add_argument("--group-column", help="CSV patient/group column, stored hashed (default: a patient or subject column)")
+    labels.add_argument("--extra-columns", default="", metavar="A,B", help="further CSV label columns to store, e.g. anatomy,findings")
+    labels.add_argument("--label-from-name", metavar="RULES", help="file-name prefix rules, e.g. 'cov=covid,pneu=pneumonia,reg=regular'")
+    labels.add_argument("--label-from-folder", action="store_true", help="label = first sub-folder under the source folder (class/…)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), metavar="N", help="decoding processes (default: all cores)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One video to be: a media file, or a folder of numbered frame images."""
+
+    path: Path
+    relative: PurePosixPath
+    """Path relative to the source root: the folder argument, or the parent of a file argument."""
+    frame_files: tuple[Path, ...] | None = None
+
+    @property
+    def default_id(self) -> str:
+        return str(self.relative) if self.frame_files is not None else str(self.relative.with_suffix(""))
+
+    def size_on_disk(self) -> int:
+        files = self.frame_files if self.frame_files is not None else (self.path,)
+        return sum(file.stat().st_size for file in files)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTask:
+    """What a worker needs to decode one source into a frame file."""
+
+    source: Source
+    video_id: str
+    content_hash: str
+    temp_path: Path
+    size: int
+    auto_crop: bool
+    stride: int
+    max_fps: float | None
+    max_frames: int | None
+    salt: str
+    decoder_threads: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    """A source decoded into ``temp_path``: everything of its `VideoRecord` that comes from the pixels."""
+
+    num_frames: int
+    fps: float | None
+    original_size: tuple[int, int]
+    crop_box: tuple[int, int, int, int]
+    timestamps: list[float]
+    patient_group: str | None
+    """Salted hash of the DICOM patient ID, if any."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    reason: str
+
+
+def decode_to_file(task: DecodeTask) -> Decoded | Failed:
+    """Worker: decode, crop and resize one source into ``task.temp_path`` (removed again on failure).
+
+    Any exception is turned into a `Failed` for this file: one unreadable file must never stop an
+    ingest, and decoder libraries raise many exception types on malformed input.
+    """
+    preparer = FramePreparer(task.size, task.auto_crop)
+    count = 0
+    try:
+        with open_media(task.source.path, task.source.frame_files, task.decoder_threads) as media, open(task.temp_path, "wb") as out:
+            for frame in preparer.prepare(select_frames(media.frames(), task.stride, task.max_fps, task.max_frames)):
+                out.write(frame)
+                count += 1
+            fps, patient_id = media.fps, media.patient_id
+    except DecodeError as error:
+        return _failed(task, error.reason)
+    except Exception as error:  # noqa: BLE001 - see the docstring: per-file boundary
+        return _failed(task, f"unexpected {type(error).__name__} while decoding ({error})")
+    if count == 0 or preparer.original_size is None or preparer.crop_box is None:
+        return _failed(task, "no frames")
+    return Decoded(
+        num_frames=count,
+        fps=fps,
+        original_size=preparer.original_size,
+        crop_box=preparer.crop_box.as_tuple(),
+        timestamps=preparer.timestamps,
+        patient_group=hashed_group(task.salt, patient_id) if patient_id else None,
+    )
+
+
+def _failed(task: DecodeTask, reason: str) -> Failed:
+    task.temp_path.unlink(missing_ok=True)
+    return Failed(reason)
+
+
+def content_hash(source: Source) -> str:
+    """sha256 of the file bytes; for a frame folder, of each frame's name and bytes in frame order."""
+    digest = hashlib.sha256()
+    files = source.frame_files if source.frame_files is not None else (source.path,)
+    for file in files:
+        if source.frame_files is not None:
+            digest.update(file.name.encode("utf-8") + b"\0")
+        with open(file, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def discover(arguments: Sequence[Path], exclude: Path, frame_folders: bool) -> tuple[list[Source], list[tuple[Path, str]]]:
+    """Sources under the arguments, each once, and the named files that are not media (with the reason).
+
+    Hidden files and folders and the store itself (``exclude``) are not searched; files that are
+    not media inside a folder are ignored silently (READMEs, CSVs), named ones are reported.
+    """
+    sources: dict[Path, Source] = {}
+    rejected: list[tuple[Path, str]] = []
+    for argument in arguments:
+        argument = argument.resolve()
+        if argument.is_file():
+            if media_kind(argument) is None:
+                rejected.append((argument, "not a video, DICOM or image file (by its extension and content)"))
+            else:
+                sources.setdefault(argument, Source(argument, PurePosixPath(argument.name)))
+            continue
+        for folder, subfolders, files in os.walk(argument):
+            folder_path = Path(folder)
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and (folder_path / d).resolve() != exclude)
+            media = [folder_path / name for name in sorted(files) if not name.startswith(".") and media_kind(folder_path / name)]
+            if frame_folders and not subfolders and is_frame_folder(media):
+                root = argument.parent if folder_path == argument else argument
+                relative = PurePosixPath(folder_path.relative_to(root).as_posix())
+                frames = tuple(sorted(media, key=lambda path: natural_key(path.name)))
+                sources.setdefault(folder_path, Source(folder_path, relative, frames))
+                continue
+            for path in media:
+                sources.setdefault(path, Source(path, PurePosixPath(path.relative_to(argument).as_posix())))
+    return list(sources.values()), rejected
+
+
+@dataclasses.dataclass
+class Labeller:
+    """Labels, extra labels and group of a video, from the rules given on the command line."""
+
+    salt: str
+    table: LabelTable | None
+    name_rules: list[NameRule]
+    from_folder: bool
+
+    def fields(self, source: Source, video_id: str, patient_group: str | None) -> dict[str, Any]:
+        row = self.table.lookup(source.relative) if self.table is not None else None
+        label = row.label if row is not None else None
+        if label is None and self.from_folder:
+            label = label_from_folder(source.relative)
+        if label is None and self.name_rules:
+            label = label_from_name(source.relative.name, self.name_rules)
+        if row is not None and row.group is not None:
+            group = hashed_group(self.salt, row.group)
+        else:
+            group = patient_group or video_id
+        return {"label": label, "group": group, "extra_labels": dict(row.extra) if row is not None else {}}
+
+
+@dataclasses.dataclass
+class RunSummary:
+    added: int = 0
+    already_present: int = 0
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+
+
+class Ingest:
+    """One ``sonocl ingest`` run on an open, locked store."""
+
+    def __init__(
+        self, args: argparse.Namespace, writer: FrameStoreWriter, labeller: Labeller, progress: tqdm, decoder_threads: int
+    ) -> None:
+        self.args = args
+        self.decoder_threads = decoder_threads
+        self.writer = writer
+        self.labeller = labeller
+        self.progress = progress
+        self.summary = RunSummary()
+        self.temp_dir = writer.root / TEMP_DIR
+        self._sources_by_id = {video.id: video.source for video in writer.videos}
+
+    def skip(self, path: Path, reason: str) -> None:
+        self.summary.skipped.append({"file": str(path), "reason": reason})
+        self.progress.update()
+        tqdm.write(f"sonocl ingest: skipped {path}: {reason}", file=sys.stderr)
+
+    def plan(self, sources: Sequence[Source]) -> list[DecodeTask]:
+        """Tasks for the sources not yet in the store, largest first so that the workers finish together.
+
+        Sources are hashed in path order first, so that ids are given out deterministically.
+        """
+        tasks: list[tuple[int, DecodeTask]] = []
+        planned_hashes: set[str] = set()
+        for source in sources:
+            try:
+                digest = content_hash(source)
+                size = source.size_on_disk()
+            except OSError as error:
+                self.skip(source.path, f"cannot read the file ({error.strerror})")
+                continue
+            if self.writer.has_hash(digest) or digest in planned_hashes:
+                self.summary.already_present += 1
+                self.progress.update()
+                continue
+            video_id = self._video_id(source)
+            if video_id is None:
+                self.skip(
+                    source.path,
+                    f"a different file with id {source.default_id!r} is already in the store (the file changed since it was "
+                    "ingested, or another source root has the same relative path); ingest it into a new store",
+                )
+                continue
+            planned_hashes.add(digest)
+            task = DecodeTask(
+                source=source,
+                video_id=video_id,
+                content_hash=digest,
+                temp_path=self.temp_dir / f"{uuid.uuid4().hex}.u8",
+                size=self.writer.size,
+                auto_crop=self.args.crop == "auto",
+                stride=self.args.stride,
+                max_fps=self.args.fps,
+                max_frames=self.args.max_frames,
+                salt=self.writer.meta["salt"],
+                decoder_threads=self.decoder_threads,
+            )
+            tasks.append((size, task))
+        tasks.sort(key=lambda sized: sized[0], reverse=True)
+        return [task for _, task in tasks]
+
+    def _video_id(self, source: Source) -> str | None:
+        """The id of a new source: its relative path without extension, with the extension where that id is
+        taken by another file (``scan.mp4`` beside ``scan.avi``); ``None`` if even that is taken."""
+        for candidate in dict.fromkeys((source.default_id, str(source.relative))):
+            owner = self._sources_by_id.get(candidate)
+            if owner is None:
+                self._sources_by_id[candidate] = str(source.relative)
+                return candidate
+            if owner == str(source.relative):
+                return None
+        return None
+
+    def commit(self, task: DecodeTask, outcome: Decoded | Failed) -> None:
+        try:
+            if isinstance(outcome, Failed):
+                self.skip(task.source.path, outcome.reason)
+                return
+            self.writer.add_video_from_file(
+                task.temp_path,
+                id=task.video_id,
+                source=str(task.source.relative),
+                fps=outcome.fps,
+                original_size=outcome.original_size,
+                crop_box=outcome.crop_box,
+                content_hash=task.content_hash,
+                timestamps=outcome.timestamps,
+                **self.labeller.fields(task.source, task.video_id, outcome.patient_group),
+            )
+        except StoreError as error:
+            self.skip(task.source.path, str(error))
+            return
+        finally:
+            task.temp_path.unlink(missing_ok=True)
+        self.summary.added += 1
+        self.progress.update()
+
+
+def run_tasks(
+    tasks: Iterator[DecodeTask],
+    workers: int,
+    on_result: Callable[[DecodeTask, Decoded | Failed], None],
+    worker_function: Callable[[DecodeTask], Decoded | Failed] = decode_to_file,
+) -> None:
+    """Decode ``tasks`` in ``workers`` processes, calling ``on_result`` in the main process as each finishes.
+
+    At most `TASKS_IN_FLIGHT_PER_WORKER` tasks per worker are in flight: enough that workers keep
+    decoding while the main process waits for a commit's fsync, few enough to bound the temporary
+    frame files waiting to be committed. A worker that dies (a decoder crash on a malformed file) breaks the pool: the tasks
+    that were in flight are then rerun one at a time in a fresh pool, so that the file that crashes
+    it again is the culprit, and is reported as such, while the others go in.
+    """
+    if workers <= 1:
+        for task in tasks:
+            on_result(task, worker_function(task))
+        return
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+
+    def new_pool() -> concurrent.futures.ProcessPoolExecutor:
+        return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+    pool = new_pool()
+    in_flight: dict[concurrent.futures.Future[Decoded | Failed], tuple[DecodeTask, bool]] = {}
+    suspects: collections.deque[DecodeTask] = collections.deque()
+    exhausted = False
+    try:
+        while True:
+            alone = bool(suspects) or any(solo for _, solo in in_flight.values())
+            while len(in_flight) < (1 if alone else TASKS_IN_FLIGHT_PER_WORKER * workers):
+                if suspects:
+                    task, solo = suspects.popleft(), True
+                else:
+                    next_task = None if exhausted else next(tasks, None)
+                    if next_task is None:
+                        exhausted = True
+                        break
+                    task, solo = next_task, False
+                in_flight[pool.submit(worker_function, task)] = (task, solo)
+                if solo:
+                    break
+            if not in_flight:
+                return
+            done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+            broken = False
+            for future in done:
+                task, solo = in_flight.pop(future)
+                try:
+                    outcome = future.result()
+                except BrokenProcessPool:
+                    broken = True
+                    if solo:
+                        on_result(task, Failed("the decoder process crashed on this file"))
+                    else:
+                        suspects.append(task)
+                    continue
+                on_result(task, outcome)
+            if broken:
+                suspects.extend(task for task, _ in in_flight.values())
+                in_flight.clear()
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool = new_pool()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_report(root: Path, args: argparse.Namespace, summary: RunSummary, this_run: set[str], writer: FrameStoreWriter) -> None:
+    """``ingest_report.json``: this run's counts and skipped files, plus earlier runs' skipped files that
+    this run did not look at and that still exist (they are presumably still failing)."""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    skipped = [{**entry, "last_tried": now} for entry in sorted(summary.skipped, key=lambda entry: natural_key(entry["file"]))]
+    previous_path = root / REPORT_FILE
+    if previous_path.exists():
+        try:
+            previous = json.loads(previous_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            previous = {}
+        for entry in previous.get("skipped", []):
+            if entry.get("file") not in this_run and Path(entry.get("file", "")).exists():
+                skipped.append(entry)
+    report = {
+        "finished": now,
+        "sources": [str(path.resolve()) for path in args.sources],
+        "options": {"size": writer.size, "stride": args.stride, "fps": args.fps, "max_frames": args.max_frames, "crop": args.crop},
+        "counts": {"added": summary.added, "already_present": summary.already_present, "skipped": len(summary.skipped)},
+        "store": {"videos": len(writer.videos), "frames": writer.num_frames},
+        "skipped": skipped,
+    }
+    atomic_write_text(previous_path, json.dumps(report, indent=2) + "\n")
+
+
+def _usage_error(message: str) -> int:
+    print(f"sonocl ingest: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _check_options(args: argparse.Namespace) -> str | None:
+    for name in ("size", "stride", "max_frames", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be at least 1, not {value}"
+    if args.fps is not None and args.fps <= 0:
+        return f"--fps must be positive, not {args.fps}"
+    missing = [str(path) for path in args.sources if not path.exists()]
+    if missing:
+        return f"no such file or folder: {', '.join(missing)}"
+    if args.labels is not None and not args.labels.is_file():
+        return f"{args.labels}: labels CSV not found"
+    if args.out.exists() and not args.out.is_dir():
+        return f"{args.out}: --out must be a directory (a frame store)"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    problem = _check_options(args)
+    if problem is not None:
+        return _usage_error(problem)
+    try:
+        name_rules = parse_name_rules(args.label_from_name) if args.label_from_name else []
+    except LabelError as error:
+        return _usage_error(str(error))
+    store_root = args.out.resolve()
+    sources, rejected = discover(args.sources, exclude=store_root, frame_folders=not args.no_frame_folders)
+    try:
+        table = _load_table(args, sources)
+        size = args.size if args.size is not None or (store_root / META_FILE).exists() else DEFAULT_SIZE
+        writer = FrameStoreWriter(store_root, size)
+    except (LabelError, StoreError) as error:
+        return _usage_error(str(error))
+    with writer:
+        temp_dir = store_root / TEMP_DIR
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        temp_dir.mkdir()
+        labeller = Labeller(writer.meta["salt"], table, name_rules, args.label_from_folder)
+        with tqdm(total=len(sources) + len(rejected), unit="video", desc="ingest", file=sys.stderr, disable=None) as progress:
+            workers = min(args.workers, max(1, len(sources)))
+            ingest = Ingest(args, writer, labeller, progress, decoder_threads=max(1, len(os.sched_getaffinity(0)) // workers))
+            for path, reason in rejected:
+                ingest.skip(path, reason)
+            try:
+                tasks = ingest.plan(sources)
+                run_tasks(iter(tasks), min(workers, max(1, len(tasks))), ingest.commit)
+            except KeyboardInterrupt:
+                print(f"sonocl ingest: interrupted; {ingest.summary.added} videos were committed, run again to finish", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            finally:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+        looked_at = {str(source.path) for source in sources} | {str(path) for path, _ in rejected}
+        _write_report(store_root, args, ingest.summary, looked_at, writer)
+        summary = ingest.summary
+        print(
+            f"{store_root}: {summary.added} added, {summary.already_present} already in store, {len(summary.skipped)} skipped; "
+            f"the store holds {len(writer.videos)} videos, {writer.num_frames} frames"
+        )
+    if summary.skipped:
+        print(f"sonocl ingest: {len(summary.skipped)} files skipped, listed in {store_root / REPORT_FILE}", file=sys.stderr)
+        return EXIT_SKIPPED
+    return EXIT_OK
+
+
+def _load_table(args: argparse.Namespace, sources: Sequence[Source]) -> LabelTable | None:
+    if args.labels is None:
+        for option in ("id_column", "label_column", "group_column"):
+            if getattr(args, option):
+                raise LabelError(f"--{option.replace('_', '-')} needs --labels CSV")
+        if args.extra_columns:
+            raise LabelError("--extra-columns needs --labels CSV")
+        return None
+    extra = [column.strip() for column in args.extra_columns.split(",") if column.strip()]
+    return LabelTable.load(
+        args.labels,
+        [source.relative for source in sources],
+        id_column=args.id_column,
+        label_column=args.label_column,
+        group_column=args.group_column,
+        extra_columns=extra,
+    )

@@ -4,4 +4,5 @@ import sys
 
 from sonocl.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # spawned worker processes re-import this module; they must not run the command
+    sys.exit(main())

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from sonocl.augment import AugmentConfig, BatchAugment, resize_to
 from sonocl.data.store import FrameStore
 from sonocl.evaluate.inits import InitReport
-from sonocl.evaluate.metrics import classification_metrics, confusion_matrix, pooled_metrics, summarize, video_level
+from sonocl.evaluate.metrics import classification_metrics, pooled_metrics, summarize, video_level
 
 PROTOCOLS = ("linear", "last-block", "full", "knn")
 SELECTIONS = ("last", "inner-val", "max-test")

@@ -415,6 +415,7 @@ def parse_assignment(text: str) -> dict[str, Any]:
 
 
 def save_yaml(cfg: PretrainConfig, path: str | Path) -> None:
-    from sonocl.train.checkpoint import atomic_write_text
+    from sonocl.data.store import atomic_write_text
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(path), cfg.to_yaml())

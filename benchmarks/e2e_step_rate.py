@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sonocl.runtime import keep_freed_memory
+
 
 def _config(store: str, size: int, batch_size: int, epochs: int, workers: int):
     from sonocl.train.config import preset
@@ -90,6 +92,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "e2e_step_rate.json")
     args = parser.parse_args()
+    keep_freed_memory()  # as the sonocl command line does
 
     store = args.store
     scratch = None

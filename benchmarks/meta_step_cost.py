@@ -23,6 +23,7 @@ import torch
 
 from sonocl.models import ContrastiveModel, build_backbone
 from sonocl.train.objectives import BatchTensors, StepContext, make_objective
+from sonocl.runtime import keep_freed_memory
 
 
 def _setup(method: str, size: int, batch: int, meta_every: int, seed: int):
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "meta_step_cost.json")
     args = parser.parse_args()
+    keep_freed_memory()  # as the sonocl command line does
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []

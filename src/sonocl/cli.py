@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from sonocl import __version__
+from sonocl.runtime import keep_freed_memory
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("sonocl.data.ingest", "decode videos, DICOM cine and images into a frame store"),
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sonocl: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, summary = COMMANDS[name]
+    keep_freed_memory()
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"sonocl {name}", description=summary)
     module.add_arguments(parser)

@@ -4,8 +4,9 @@ Both make USCL pairs (3 frames of a video, augment, mix with λ ~ Beta(0.5, 0.5)
 frames, in the same run, interleaved round by round so that load from other jobs hits both alike.
 
 * sonocl (what ``sonocl.train.loop`` does on the CPU): a ``USCLSampler`` epoch's batches; a DataLoader with
-  one worker process gathers each batch's uint8 frames from the memory-mapped store; the main process
-  (one torch thread) runs ``make_views`` (crop, flip, jitter, mix, normalise, batched). Timed: fetching the
+  one worker process gathers each batch's uint8 frames from the memory-mapped store; the main process runs
+  ``make_views`` (crop, flip, jitter, mix, normalise, batched) with torch's threads (``--threads``, default
+  one per core, as the training loop). Timed: fetching the
   gathered batch + ``make_views``. The sampler's index maths is timed separately (``sampler_pairs_per_s``).
 * naive (``benchmarks/naive_pipeline.py``): the same frames as JPEG files in one folder per video, PIL
   decoding and per-sample torchvision transforms and mixing in ``__getitem__``, DataLoader with 2 workers.
@@ -15,15 +16,18 @@ Per round each side gets a fresh loader (the other side's workers shut down); it
 first batch's arrival on, so worker start-up is excluded and prefetching can bias a round by at most the
 prefetch depth (kept small against the batches timed).
 
-Each side uses the 2 cores once (sonocl: 1 gather worker + the main process; naive: 2 workers).
+Each side has the machine's cores (sonocl: 1 gather worker + the main process's torch threads; naive: a
+DataLoader with 2 workers, as the issue specifies for this 2-core machine).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pair_throughput.py [--store /tmp/pocus_store] [--rounds 3]
+    .venv/bin/python benchmarks/pair_throughput.py [--store runs/pocus-store] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -41,6 +45,7 @@ from naive_pipeline import dump_jpeg_folders, naive_loader  # noqa: E402
 from sonocl.augment import AugmentConfig, BatchAugment, make_views  # noqa: E402
 from sonocl.data.store import FrameStore  # noqa: E402
 from sonocl.pairs import make_sampler  # noqa: E402
+from sonocl.runtime import keep_freed_memory  # noqa: E402
 
 BATCH = 32
 OUT = Path(__file__).resolve().parent / "out" / "pair_throughput.json"
@@ -78,8 +83,8 @@ def _rate(iterator, batches: int, work=None) -> float:
     return batches * BATCH / (time.perf_counter() - start)
 
 
-def run(store_path: str | None, rounds: int, sizes: list[int]) -> dict:
-    torch.set_num_threads(1)
+def run(store_path: str | None, rounds: int, sizes: list[int], threads: int) -> dict:
+    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
         store, source = _open_store(store_path, scratch)
@@ -123,8 +128,9 @@ def run(store_path: str | None, rounds: int, sizes: list[int]) -> dict:
             print(f"{size:4d} px  sonocl {s:8.1f} pairs/s  naive {n:7.1f} pairs/s  ratio {s / n:5.2f}×", flush=True)
     return {
         "benchmark": "pair_throughput",
-        "date": "2026-11-21",
-        "machine": "2-core CPU dev box, shared with other jobs",
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{os.cpu_count()}-core CPU",
+        "torch_threads": threads,
         "platform": platform.platform(),
         "torch": torch.__version__,
         "data": f"{source}; {len(videos)} videos, {store.size} px frames",
@@ -137,11 +143,13 @@ def run(store_path: str | None, rounds: int, sizes: list[int]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", default="/tmp/pocus_store")
+    parser.add_argument("--store", default="runs/pocus-store")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the sonocl side")
     args = parser.parse_args()
-    report = run(args.store, args.rounds, args.sizes)
+    keep_freed_memory()  # as the sonocl command line does
+    report = run(args.store, args.rounds, args.sizes, args.threads)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {OUT}")

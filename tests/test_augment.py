@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import RandomResizedCrop
 
+import sonocl.augment as augment_module
 from sonocl.augment import AugmentConfig, BatchAugment, make_views, resize_to
 
 IDENTITY = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, brightness=0.0, contrast=0.0)
@@ -122,6 +124,18 @@ def test_resize_and_normalize():
     normalised = augment.normalize(resized)
     assert normalised.shape == (3, 3, 16, 16)
     torch.testing.assert_close(normalised[:, 2], (resized[:, 0] - 0.449) / 0.226)
+
+
+@pytest.mark.parametrize("height, width, size", [(64, 64, 16), (256, 256, 64), (40, 72, 16), (24, 24, 56)])
+def test_resize_matches_torch_antialiased_bilinear(height, width, size):
+    """The two-matrix-product resize gives F.interpolate's antialiased bilinear result, shrinking or enlarging."""
+    frames = torch.randint(0, 256, (5, 1, height, width), dtype=torch.uint8)
+    expected = F.interpolate(frames.float() / 255, size=(size, size), mode="bilinear", align_corners=False,
+                             antialias=True).clamp(0, 1)
+    torch.testing.assert_close(augment_module._unit_float(frames, size, always=True), expected, atol=1e-6, rtol=0)
+    in_double = augment_module._resize(frames.double(), size)
+    assert in_double.dtype == torch.float64
+    torch.testing.assert_close(in_double / 255, expected.double(), atol=1e-6, rtol=0)
 
 
 def test_make_views_mixing_arithmetic_with_identity_augmentation():

@@ -10,6 +10,7 @@ Resize(size) → RandomResizedCrop(size, scale, ratio) → HorizontalFlip → Co
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -74,20 +75,49 @@ def resize_to(frames_u8: Tensor, size: int) -> Tensor:
     """``(N, S, S)`` uint8 → ``(N, 1, size, size)`` float in [0, 1] (bilinear, antialiased when shrinking)."""
     if frames_u8.dim() != 3 or frames_u8.dtype != torch.uint8:
         raise ValueError(f"resize_to expects (N, S, S) uint8 frames, got {tuple(frames_u8.shape)} {frames_u8.dtype}")
-    return _shrink(frames_u8.unsqueeze(1).float().div_(255.0), size, always=True)
+    return _unit_float(frames_u8.unsqueeze(1), size, always=True)
 
 
-def _shrink(images: Tensor, size: int, always: bool = False) -> Tensor:
-    """Antialiased bilinear resize of ``(N, 1, H, W)`` to ``size``; unless ``always``, only when shrinking ≥ 2×.
-
-    The crop samples the frame bilinearly in normalised coordinates, which is the reference's
+def _needs_resize(height: int, width: int, size: int, always: bool) -> bool:
+    """The crop samples the frame bilinearly in normalised coordinates, which is the reference's
     Resize(size) → RandomResizedCrop(size) in one interpolation; a 2-tap bilinear sample only aliases once
-    the frame is at least twice the output, so only then is it first shrunk (cheaply: the output is small).
-    """
-    height, width = images.shape[-2:]
-    if (height, width) == (size, size) or not (always or max(height, width) >= 2 * size):
+    the frame is at least twice the output, so only then is it first shrunk (cheaply: the output is small)."""
+    return (height, width) != (size, size) and (always or max(height, width) >= 2 * size)
+
+
+def _unit_float(frames_u8: Tensor, size: int, always: bool = False) -> Tensor:
+    """``(N, 1, H, W)`` uint8 → float in [0, 1], resized to ``size`` as `_shrink` would (the 1/255 folded in)."""
+    if _needs_resize(*frames_u8.shape[-2:], size, always):
+        return _resize(frames_u8, size, scale=1.0 / 255.0).clamp_(0.0, 1.0)
+    return frames_u8.float().div_(255.0)
+
+
+def _shrink(images: Tensor, size: int) -> Tensor:
+    """Antialiased bilinear resize of float ``(N, 1, H, W)`` to ``size``, only when shrinking ≥ 2× (`_needs_resize`)."""
+    if not _needs_resize(*images.shape[-2:], size, always=False):
         return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+    return _resize(images, size).clamp_(0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=32)
+def _resize_weights(length: int, size: int, device: torch.device) -> Tensor:
+    """``(size, length)``: the weights with which ``F.interpolate(mode="bilinear", antialias=True)`` makes each of
+    ``size`` output pixels from an axis of ``length`` pixels (its response to each unit impulse)."""
+    impulses = torch.eye(length, device=device).view(length, 1, 1, length)
+    response = F.interpolate(impulses, size=(1, size), mode="bilinear", align_corners=False, antialias=True)
+    return response.view(length, size).T.contiguous()
+
+
+def _resize(images: Tensor, size: int, scale: float = 1.0) -> Tensor:
+    """``(N, 1, H, W)`` → ``(N, 1, size, size)`` times ``scale`` (float32 from integers): the same result as
+    ``F.interpolate(mode="bilinear", antialias=True)`` (to float rounding), computed as two matrix products with
+    its separable weights, which on the CPU is 1.5–2× faster than its kernel on greyscale batches."""
+    n, _, height, width = images.shape
+    values = images.reshape(n, height, width)
+    values = values if values.is_floating_point() else values.float()
+    rows = _resize_weights(height, size, images.device).to(values.dtype)
+    columns = _resize_weights(width, size, images.device).T.to(values.dtype) * scale
+    return (rows @ (values @ columns)).unsqueeze(1)
 
 
 class BatchAugment(nn.Module):
@@ -176,9 +206,9 @@ class BatchAugment(nn.Module):
             (torch.where(contrast_first, f_c, f_b), torch.where(contrast_first, 1 - f_c, zero)),
             (torch.where(contrast_first, f_b, f_c), torch.where(contrast_first, zero, 1 - f_c)),
         )
-        for scale, shift in steps:
+        for scale, shift in steps:  # in place: ``images`` is the crop's fresh output (a broadcast addcmul is 2-3× slower)
             mean = images.mean(dim=(1, 2, 3))
-            images = torch.addcmul((shift * mean)[:, None, None, None], images, scale[:, None, None, None]).clamp_(0.0, 1.0)
+            images.mul_(scale[:, None, None, None]).add_((shift * mean)[:, None, None, None]).clamp_(0.0, 1.0)
         return images
 
     def _gamma(self, images: Tensor, generator: torch.Generator | None, extra: Tensor | None) -> Tensor:
@@ -241,7 +271,7 @@ def make_views(
     if mix.shape != (b, 2, k):
         raise ValueError(f"mix must be (B, 2, k) = ({b}, 2, {k}) for these frames, got {tuple(mix.shape)}")
     size = augment.config.size
-    frames = _shrink(frames_u8.reshape(b * k, 1, height, width).float().div_(255.0), size)
+    frames = _unit_float(frames_u8.reshape(b * k, 1, height, width), size)
     height, width = frames.shape[-2:]
     if augment_first:
         per_frame = None if extra is None else extra.to(frames.device).repeat_interleave(k)

@@ -247,6 +247,26 @@ def test_end_to_end_cli_writes_all_outputs(phantom_store, tmp_path, capsys):
     assert "loaded 120 backbone tensors" in capsys.readouterr().err
 
 
+def test_parallel_jobs_give_the_same_results_as_one_process(phantom_store, tmp_path):
+    """--jobs 2 runs the fold runs in 2 spawned single-thread workers: same predictions, same order, as the
+    in-process run with one thread; results.json records the jobs."""
+    common = ["evaluate", "--store", str(phantom_store.root), "--init", "random", "random", "--name", "a", "b",
+              "--epochs", "2", "--batch-size", "16", "--size", "32", "--folds", "2", "--device", "cpu"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert main([*common, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    predictions = [(tmp_path / run / "predictions.csv").read_text() for run in ("one", "two")]
+    assert predictions[0] == predictions[1] and len(predictions[0].splitlines()) == 1 + 2 * 12 * 4
+    results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two")]
+    assert [r["timing"]["jobs"] for r in results] == [1, 2]
+    for one, two in zip(results[0]["inits"], results[1]["inits"]):
+        assert one["label"] == two["label"] and one["summary"] == two["summary"] and one["pooled"] == two["pooled"]
+
+
 def test_still_images_and_bad_init(tmp_path, capsys):
     """A store of still images (one frame per "video") evaluates the same way; a bad --init fails fast."""
     rng = np.random.default_rng(0)

@@ -550,64 +550,90 @@ def _fold_metrics(data: EvalData, test_frames: np.ndarray, probabilities: np.nda
     return frame, video, {"frame": np.asarray(frame["confusion"]), "video": np.asarray(video["confusion"])}
 
 
-def evaluate_init(
-    data: EvalData,
-    backbone: torchvision.models.ResNet,
-    report: InitReport,
-    label: str,
-    config: EvalConfig,
-    on_predictions: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """All folds × seeds of one init; returns its results.json entry. ``on_predictions`` receives per-frame rows."""
-    device = resolve_device(config.device)
-    started = time.perf_counter()
-    runs: list[dict[str, Any]] = []
-    confusions: dict[str, list[np.ndarray]] = {"frame": [], "video": []}
-    epochs = 0 if config.protocol == "knn" else config.epochs
+@dataclasses.dataclass(frozen=True)
+class FoldTask:
+    """One fold run: which init, the split seed, the fold and its (training, test) video indices."""
+
+    init: int
+    seed: int
+    fold: int
+    folds: int
+    train_videos: np.ndarray
+    test_videos: np.ndarray
+
+
+@dataclasses.dataclass
+class FoldResult:
+    """A finished fold run: its results.json ``runs`` entry, test frames and their probabilities."""
+
+    task: FoldTask
+    run: dict[str, Any]
+    test_frames: np.ndarray
+    probabilities: np.ndarray
+    confusion: dict[str, np.ndarray]
+
+
+def fold_tasks(data: EvalData, config: EvalConfig, num_inits: int) -> list[FoldTask]:
+    """Every (init, seed, fold) run, init-major; every init gets the same folds."""
+    per_seed = []
     for seed_number in range(config.seeds):
         split_seed = config.seed + seed_number
-        folds = fold_splits(data, config, split_seed)
-        for fold, (train_videos, test_videos) in enumerate(folds):
-            fold_started = time.perf_counter()
-            torch.manual_seed(1_000_003 * split_seed + fold)
-            generator = torch.Generator().manual_seed(2_000_003 * split_seed + fold)
-            val_videos = None
-            if config.selection == "inner-val":
-                train_videos, val_videos = inner_validation(data, train_videos, config, split_seed * 1009 + fold)
-            model = FineTuneModel(copy.deepcopy(backbone), len(data.class_names), config.protocol, config.freeze_bn).to(device)
-            model = model.optimise_for_cpu(config.size) if device.type == "cpu" else model.to(memory_format=torch.channels_last)
-            trainer = FoldTrainer(data, config, device, generator)
-            train, test = data.frames_of(train_videos), data.frames_of(test_videos)
-            val = data.frames_of(val_videos) if val_videos is not None else None
-            description = f"{label} seed {split_seed} fold {fold + 1}/{len(folds)}"
-            with tqdm(total=epochs, desc=description, leave=False, dynamic_ncols=True) as progress:
-                if config.protocol == "knn":
-                    outcome = trainer.knn(model, train, test)
-                else:
-                    outcome = trainer.fit(model, train, test, val, progress)
-            probabilities = outcome.test_probabilities
-            frame, video, confusion = _fold_metrics(data, test, probabilities)
-            for level in confusions:
-                confusions[level].append(confusion[level])
-            runs.append({
-                "seed": split_seed,
-                "fold": fold,
-                "train_videos": int(len(train_videos)),
-                "val_videos": int(len(val_videos)) if val_videos is not None else 0,
-                "test_videos": int(len(test_videos)),
-                "train_frames": int(len(train)),
-                "test_frames": int(len(test)),
-                "test_video_ids": [data.video_ids[v] for v in test_videos],
-                "selected_epoch": outcome.selected_epoch,
-                "test_accuracy_by_epoch": outcome.test_accuracy,
-                "val_balanced_accuracy_by_epoch": outcome.val_balanced_accuracy,
-                "frame": frame,
-                "video": video,
-                "seconds": round(time.perf_counter() - fold_started, 2),
-            })
-            if on_predictions is not None:
-                on_predictions({"init": label, "seed": split_seed, "fold": fold, "frames": test, "probabilities": probabilities})
+        per_seed.append((split_seed, fold_splits(data, config, split_seed)))
+    return [
+        FoldTask(init, split_seed, fold, len(folds), train, test)
+        for init in range(num_inits) for split_seed, folds in per_seed for fold, (train, test) in enumerate(folds)
+    ]
+
+
+def run_fold(
+    data: EvalData, backbone: torchvision.models.ResNet, label: str, config: EvalConfig, task: FoldTask,
+    bar_position: int = 0,
+) -> FoldResult:
+    """Train and predict one fold; seeded by (split seed, fold) only, so any process gives the same run."""
+    device = resolve_device(config.device)
+    started = time.perf_counter()
+    torch.manual_seed(1_000_003 * task.seed + task.fold)
+    generator = torch.Generator().manual_seed(2_000_003 * task.seed + task.fold)
+    train_videos, val_videos = task.train_videos, None
+    if config.selection == "inner-val":
+        train_videos, val_videos = inner_validation(data, train_videos, config, task.seed * 1009 + task.fold)
+    model = FineTuneModel(copy.deepcopy(backbone), len(data.class_names), config.protocol, config.freeze_bn).to(device)
+    model = model.optimise_for_cpu(config.size) if device.type == "cpu" else model.to(memory_format=torch.channels_last)
+    trainer = FoldTrainer(data, config, device, generator)
+    train, test = data.frames_of(train_videos), data.frames_of(task.test_videos)
+    val = data.frames_of(val_videos) if val_videos is not None else None
+    description = f"{label} seed {task.seed} fold {task.fold + 1}/{task.folds}"
+    epochs = 0 if config.protocol == "knn" else config.epochs
+    with tqdm(total=epochs, desc=description, leave=False, dynamic_ncols=True, position=bar_position) as progress:
+        if config.protocol == "knn":
+            outcome = trainer.knn(model, train, test)
+        else:
+            outcome = trainer.fit(model, train, test, val, progress)
+    frame, video, confusion = _fold_metrics(data, test, outcome.test_probabilities)
+    run = {
+        "seed": task.seed,
+        "fold": task.fold,
+        "train_videos": int(len(train_videos)),
+        "val_videos": int(len(val_videos)) if val_videos is not None else 0,
+        "test_videos": int(len(task.test_videos)),
+        "train_frames": int(len(train)),
+        "test_frames": int(len(test)),
+        "test_video_ids": [data.video_ids[v] for v in task.test_videos],
+        "selected_epoch": outcome.selected_epoch,
+        "test_accuracy_by_epoch": outcome.test_accuracy,
+        "val_balanced_accuracy_by_epoch": outcome.val_balanced_accuracy,
+        "frame": frame,
+        "video": video,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return FoldResult(task, run, test, outcome.test_probabilities, confusion)
+
+
+def init_entry(label: str, report: InitReport, config: EvalConfig, class_names: list[str], folds: Sequence[FoldResult]) -> dict[str, Any]:
+    """The results.json entry of one init from its fold runs (in seed, fold order); ``seconds`` sums the runs'."""
     optimistic = config.selection == "max-test"
+    confusions = {level: [result.confusion[level] for result in folds] for level in ("frame", "video")}
+    runs = [result.run for result in folds]
     return {
         "label": label,
         "init": report.spec,
@@ -619,6 +645,110 @@ def evaluate_init(
         "optimistic": optimistic,
         "runs": runs,
         "summary": {level: summarize([run[level] for run in runs]) for level in ("frame", "video")},
-        "pooled": {level: pooled_metrics(confusions[level], data.class_names) for level in ("frame", "video")},
-        "seconds": round(time.perf_counter() - started, 2),
+        "pooled": {level: pooled_metrics(confusions[level], class_names) for level in ("frame", "video")},
+        "seconds": round(sum(run["seconds"] for run in runs), 2),
     }
+
+
+InitSpec = tuple[str, torchvision.models.ResNet, InitReport]
+"""(label, backbone, load report) of one init."""
+
+
+def evaluate_inits(
+    data: EvalData,
+    inits: Sequence[InitSpec],
+    config: EvalConfig,
+    jobs: int = 1,
+    on_init: Callable[[dict[str, Any], list[FoldResult]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every fold run of every init; returns their results.json entries, in the order of ``inits``.
+
+    ``jobs > 1`` runs fold runs in that many worker processes, each with an equal share of torch's threads (on
+    a small CPU, single-threaded runs side by side use the cores better than one run on all of them). A run's
+    result does not depend on the process that ran it, up to float rounding from a different thread count.
+    ``on_init(entry, fold_results)`` is called for each init, in order, once all its runs are done.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be ≥ 1, got {jobs}")
+    tasks = fold_tasks(data, config, len(inits))
+    results: list[list[FoldResult]] = [[] for _ in inits]
+    entries: list[dict[str, Any]] = []
+
+    def finish_ready_inits() -> None:
+        per_init = len(tasks) // len(inits)
+        while len(entries) < len(inits) and len(results[len(entries)]) == per_init:
+            index = len(entries)
+            folds = sorted(results[index], key=lambda result: (result.task.seed, result.task.fold))
+            label, _, report = inits[index]
+            entries.append(init_entry(label, report, config, data.class_names, folds))
+            if on_init is not None:
+                on_init(entries[-1], folds)
+
+    if jobs == 1:
+        for task in tasks:
+            label, backbone, _ = inits[task.init]
+            results[task.init].append(run_fold(data, backbone, label, config, task))
+            finish_ready_inits()
+        return entries
+    import concurrent.futures
+    import multiprocessing
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    models = [(label, backbone) for label, backbone, _ in inits]
+    context = multiprocessing.get_context("spawn")  # fork is unsafe once OpenMP threads exist
+    slots = context.Queue()
+    for slot in range(jobs):
+        slots.put(slot)
+    with concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_start_fold_worker,
+        initargs=(data, models, config, threads, slots, context.RLock()),
+    ) as pool:
+        pending = [pool.submit(_fold_in_worker, task) for task in tasks]
+        try:
+            for future in concurrent.futures.as_completed(pending):
+                result = future.result()
+                results[result.task.init].append(result)
+                finish_ready_inits()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # runs not started are dropped; running ones finish
+            raise
+    return entries
+
+
+_WORKER: dict[str, Any] = {}
+"""A fold worker process's copy of the evaluation data, the inits' models, the config and its progress-bar row."""
+
+
+def _start_fold_worker(
+    data: EvalData, models: list[tuple[str, torchvision.models.ResNet]], config: EvalConfig, threads: int,
+    slots: Any, lock: Any,
+) -> None:
+    from sonocl.runtime import keep_freed_memory
+
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    tqdm.set_lock(lock)
+    _WORKER.update(data=data, models=models, config=config, bar_position=slots.get())
+
+
+def _fold_in_worker(task: FoldTask) -> FoldResult:
+    label, backbone = _WORKER["models"][task.init]
+    return run_fold(_WORKER["data"], backbone, label, _WORKER["config"], task, _WORKER["bar_position"])
+
+
+def evaluate_init(
+    data: EvalData,
+    backbone: torchvision.models.ResNet,
+    report: InitReport,
+    label: str,
+    config: EvalConfig,
+    on_predictions: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """All folds × seeds of one init, in this process; ``on_predictions`` receives each run's per-frame rows."""
+
+    def emit(_: dict[str, Any], folds: list[FoldResult]) -> None:
+        for result in folds:
+            on_predictions({"init": label, "seed": result.task.seed, "fold": result.task.fold,  # type: ignore[misc]
+                            "frames": result.test_frames, "probabilities": result.probabilities})
+
+    return evaluate_inits(data, [(label, backbone, report)], config, on_init=emit if on_predictions else None)[0]

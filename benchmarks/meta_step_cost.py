@@ -26,38 +26,54 @@ from sonocl.train.objectives import BatchTensors, StepContext, make_objective
 from sonocl.runtime import keep_freed_memory
 
 
-def _setup(method: str, size: int, batch: int, meta_every: int, seed: int):
+def _setup(method: str, size: int, batch: int, meta_every: int, seed: int, device: torch.device,
+           autocast: torch.dtype | None):
     torch.manual_seed(seed)
     model = ContrastiveModel(build_backbone("resnet18", 1), 512, projection_hidden=512, projection_dim=128,
-                             num_classes=12 if method == "uscl" else 0)
-    model.train()
+                             num_classes=12 if method == "uscl" else 0).to(device)
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as the training loop
+    model.to(memory_format=layout).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     objective = make_objective(method, model, meta_every=meta_every) if method == "meta-uscl" else make_objective(method, model)
-    views = [torch.randn(batch, 1, size, size) for _ in range(4)]
-    labels = torch.randint(-1, 12, (batch,))
-    tensors = BatchTensors(torch.arange(batch), torch.ones(batch), labels)
-    return {"model": model, "optimizer": optimizer, "objective": objective, "views": views, "batch": tensors, "step": 0}
+    objective.to(device)
+    views = [torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=layout) for _ in range(4)]
+    labels = torch.randint(-1, 12, (batch,), device=device)
+    tensors = BatchTensors(torch.arange(batch, device=device), torch.ones(batch, device=device), labels)
+    return {"model": model, "optimizer": optimizer, "objective": objective, "views": views, "batch": tensors, "step": 0,
+            "device": device, "autocast": autocast}
+
+
+_AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def _train_steps(state: dict, count: int) -> float:
     """Seconds for ``count`` consecutive full training steps."""
     model, optimizer, objective, views = state["model"], state["optimizer"], state["objective"], state["views"]
+    device, dtype = state["device"], state["autocast"]
+    _synchronize(device)
     start = time.perf_counter()
     for _ in range(count):
         context = StepContext(step=state["step"], optimizer=optimizer, lr=0.1, meta_views=lambda: (views[2], views[3]))
-        loss, _ = objective(model, views[0], views[1], state["batch"], context)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, _ = objective(model, views[0], views[1], state["batch"], context)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         objective.after_step(model)
         state["step"] += 1
+    _synchronize(device)
     return time.perf_counter() - start
 
 
-def measure(size: int, batch: int, repeats: int, meta_every: int) -> dict:
-    uscl = _setup("uscl", size, batch, 1, 0)
-    meta = _setup("meta-uscl", size, batch, 1, 0)
-    meta_k = _setup("meta-uscl", size, batch, meta_every, 0)
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(size: int, batch: int, repeats: int, meta_every: int, device: torch.device, autocast: torch.dtype | None) -> dict:
+    uscl = _setup("uscl", size, batch, 1, 0, device, autocast)
+    meta = _setup("meta-uscl", size, batch, 1, 0, device, autocast)
+    meta_k = _setup("meta-uscl", size, batch, meta_every, 0, device, autocast)
     for state in (uscl, meta):  # warm-up (allocator, one-time initialisation)
         _train_steps(state, 1)
     _train_steps(meta_k, meta_every)
@@ -74,6 +90,7 @@ def measure(size: int, batch: int, repeats: int, meta_every: int) -> dict:
     return {
         "size": size, "batch": batch, "repeats": repeats, "meta_every": meta_every,
         "seconds_per_step": times, "median_seconds_per_step": medians,
+        "images_per_s": {name: 2 * batch / seconds for name, seconds in medians.items()},  # two views per pair
         "ratio_meta_every_1": medians["meta_uscl"] / medians["uscl"],
         f"ratio_meta_every_{meta_every}": medians[f"meta_uscl_every_{meta_every}"] / medians["uscl"],
         "ratio_meta_every_1_median_of_rounds": statistics.median(per_round),
@@ -88,17 +105,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--meta-every", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (benchmark 4: cuda --precision bf16 --sizes 224)")
+    parser.add_argument("--precision", choices=tuple(_AUTOCAST), default="fp32")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "meta_step_cost.json")
     args = parser.parse_args()
     keep_freed_memory()  # as the sonocl command line does
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     results = []
     for size in args.sizes:
-        result = measure(size, args.batch, args.repeats, args.meta_every)
+        result = measure(size, args.batch, args.repeats, args.meta_every, device, _AUTOCAST[args.precision])
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "seconds_per_step"}, indent=1))
     report = {"benchmark": "meta_step_cost", "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "device": args.device, "precision": args.precision,
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "machine": platform.machine(), "processor": platform.processor(), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

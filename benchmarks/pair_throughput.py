@@ -74,16 +74,18 @@ def _open_store(path: str | None, scratch: Path) -> tuple[FrameStore, str]:
     return store, "phantom store (64 videos × 16 frames, 256 px; no POCUS store found)"
 
 
-def _rate(iterator, batches: int, work=None) -> float:
+def _rate(iterator, batches: int, work=None, device: torch.device = torch.device("cpu")) -> float:
     start = time.perf_counter()
     for _ in range(batches):
         item = next(iterator)
         if work is not None:
             work(item)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return batches * BATCH / (time.perf_counter() - start)
 
 
-def run(store_path: str | None, rounds: int, sizes: list[int], threads: int) -> dict:
+def run(store_path: str | None, rounds: int, sizes: list[int], threads: int, device: torch.device) -> dict:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
@@ -97,23 +99,24 @@ def run(store_path: str | None, rounds: int, sizes: list[int], threads: int) -> 
         results = []
         for size in sizes:
             augment = BatchAugment(AugmentConfig(size=size, mean=0.5, std=0.25))
-            generator = torch.Generator().manual_seed(0)
+            generator = torch.Generator(device=device).manual_seed(0)
 
             def views(item, augment=augment, generator=generator):
                 frames, mix, augment_first = item
-                make_views(frames, mix, augment_first, augment, generator)
+                make_views(frames.to(device, non_blocking=True), mix.to(device), augment_first, augment, generator)
 
             def ours():
                 return iter(torch.utils.data.DataLoader(
-                    _GatheredBatches(store, batches), batch_size=None, num_workers=1, prefetch_factor=4))
+                    _GatheredBatches(store, batches), batch_size=None, num_workers=1, prefetch_factor=4,
+                    pin_memory=device.type == "cuda"))
 
             sonocl_rates, naive_rates = [], []
             for _ in range(rounds):
                 # A fresh loader per round and side, shut down before the other side runs, so that no worker
                 # of one pipeline prefetches while the other is timed; timing starts after its first batch.
                 loader = ours()
-                _rate(loader, 1, views)
-                sonocl_rates.append(_rate(loader, 24 if size <= 64 else 12, views))
+                _rate(loader, 1, views, device)
+                sonocl_rates.append(_rate(loader, 24 if size <= 64 else 12, views, device))
                 del loader
                 loader = iter(naive_loader(jpeg_root, size, BATCH, workers=2))
                 _rate(loader, 1)
@@ -131,6 +134,8 @@ def run(store_path: str | None, rounds: int, sizes: list[int], threads: int) -> 
         "date": datetime.date.today().isoformat(),
         "machine": f"{os.cpu_count()}-core CPU",
         "torch_threads": threads,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "platform": platform.platform(),
         "torch": torch.__version__,
         "data": f"{source}; {len(videos)} videos, {store.size} px frames",
@@ -146,10 +151,11 @@ def main() -> int:
     parser.add_argument("--store", default="runs/pocus-store")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
+    parser.add_argument("--device", default="cpu", help="device of the sonocl side's augmentation (benchmark 4: cuda)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the sonocl side")
     args = parser.parse_args()
     keep_freed_memory()  # as the sonocl command line does
-    report = run(args.store, args.rounds, args.sizes, args.threads)
+    report = run(args.store, args.rounds, args.sizes, args.threads, torch.device(args.device))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {OUT}")

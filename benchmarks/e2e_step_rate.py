@@ -59,7 +59,7 @@ def end_to_end_step_times(store: str, size: int, batch_size: int, workers: int, 
 
 def model_only_step_times(size: int, batch_size: int, steps: int, device: str, precision: str) -> list[float]:
     """The same model, objective and optimiser as the loop's, on random views already on the device."""
-    from sonocl.train.loop import build_model, objective_options
+    from sonocl.train.loop import AUTOCAST_DTYPES, build_model, objective_options
     from sonocl.train.objectives import BatchTensors, StepContext, make_objective
 
     cfg = _config("", size, batch_size, 1, 0, device, precision)
@@ -72,7 +72,7 @@ def model_only_step_times(size: int, batch_size: int, steps: int, device: str, p
     view2 = torch.randn(batch_size, 1, size, size, device=target).contiguous(memory_format=layout)
     batch = BatchTensors(*(t.to(target) for t in (torch.arange(batch_size), torch.ones(batch_size),
                                                    torch.randint(0, 3, (batch_size,)))))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = AUTOCAST_DTYPES.get(precision)
     scaler = torch.amp.GradScaler(target.type, enabled=precision == "fp16")
     model.train()
     times = []

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from sonocl.models import ContrastiveModel, build_backbone
+from sonocl.train.loop import AUTOCAST_DTYPES
 from sonocl.train.objectives import BatchTensors, StepContext, make_objective
 from sonocl.runtime import keep_freed_memory
 
@@ -42,8 +43,6 @@ def _setup(method: str, size: int, batch: int, meta_every: int, seed: int, devic
     return {"model": model, "optimizer": optimizer, "objective": objective, "views": views, "batch": tensors, "step": 0,
             "device": device, "autocast": autocast}
 
-
-_AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def _train_steps(state: dict, count: int) -> float:
@@ -106,7 +105,7 @@ def main() -> None:
     parser.add_argument("--meta-every", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (benchmark 4: cuda --precision bf16 --sizes 224)")
-    parser.add_argument("--precision", choices=tuple(_AUTOCAST), default="fp32")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "meta_step_cost.json")
     args = parser.parse_args()
     keep_freed_memory()  # as the sonocl command line does
@@ -115,7 +114,7 @@ def main() -> None:
     device = torch.device(args.device)
     results = []
     for size in args.sizes:
-        result = measure(size, args.batch, args.repeats, args.meta_every, device, _AUTOCAST[args.precision])
+        result = measure(size, args.batch, args.repeats, args.meta_every, device, AUTOCAST_DTYPES.get(args.precision))
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "seconds_per_step"}, indent=1))
     report = {"benchmark": "meta_step_cost", "torch": torch.__version__, "threads": torch.get_num_threads(),

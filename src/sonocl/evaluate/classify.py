@@ -47,6 +47,7 @@ from sonocl.augment import AugmentConfig, BatchAugment, resize_to
 from sonocl.data.store import FrameStore
 from sonocl.evaluate.inits import InitReport
 from sonocl.evaluate.metrics import classification_metrics, pooled_metrics, summarize, video_level
+from sonocl.runtime import keep_freed_memory
 
 PROTOCOLS = ("linear", "last-block", "full", "knn")
 SELECTIONS = ("last", "inner-val", "max-test")
@@ -723,8 +724,6 @@ def _start_fold_worker(
     data: EvalData, models: list[tuple[str, torchvision.models.ResNet]], config: EvalConfig, threads: int,
     slots: Any, lock: Any,
 ) -> None:
-    from sonocl.runtime import keep_freed_memory
-
     keep_freed_memory()
     torch.set_num_threads(threads)
     tqdm.set_lock(lock)

@@ -159,6 +159,10 @@ def objective_options(cfg: PretrainConfig) -> dict[str, Any]:
     return options
 
 
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""The autocast dtype of each mixed precision (fp32 runs without autocast)."""
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -351,7 +355,7 @@ def _pretrain(
         raise ConfigError(f"batch_size {cfg.batch_size} does not split over {context.world_size} processes")
     batch_size = cfg.batch_size // context.world_size
     precision = resolve_precision(cfg.precision, device)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast_dtype = AUTOCAST_DTYPES.get(precision)
     channels_last = cfg.model.channels_last if cfg.model.channels_last is not None else device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 

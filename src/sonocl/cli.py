@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from sonocl import __version__
+from sonocl.errors import UserError
 from sonocl.runtime import keep_freed_memory
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"sonocl {name}", description=summary)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except UserError as error:  # bad input: one line, no traceback (a traceback is for bugs)
+        print(f"sonocl {name}: {error}", file=sys.stderr)
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import torchvision
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from sonocl.errors import UserError
+
 ARCHITECTURES: dict[str, tuple[Any, int, Any]] = {
     "resnet18": (torchvision.models.resnet18, 512, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
     "resnet34": (torchvision.models.resnet34, 512, torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
@@ -29,7 +31,7 @@ ARCHITECTURES: dict[str, tuple[Any, int, Any]] = {
 ENCODER_FILE = "encoder.safetensors"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """Weights that cannot be found or do not fit; the message names the file and the fix."""
 
 

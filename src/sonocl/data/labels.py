@@ -18,13 +18,15 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
+from sonocl.errors import UserError
+
 LABEL_COLUMN_NAMES = ("label", "class", "diagnosis", "category", "target")
 """Column names (any case) taken as the label column when ``--label-column`` is not given."""
 GROUP_COLUMN_NAMES = ("patient_id", "patient id", "patientid", "patient", "subject_id", "subject", "group")
 """Column names (any case) taken as the group column; failing those, a column mentioning ``patient``."""
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """A label rule or CSV that cannot be used as given; the message names the file or rule and the fix."""
 
 

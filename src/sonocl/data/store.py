@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from sonocl.errors import UserError
+
 FORMAT_VERSION = 1
 META_FILE = "store.json"
 FRAMES_FILE = "frames.u8"
@@ -38,7 +40,7 @@ REPORT_FILE = "ingest_report.json"
 LOCK_FILE = ".lock"
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A store that cannot be opened or written as asked; the message names the path and the fix."""
 
 

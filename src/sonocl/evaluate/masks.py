@@ -25,13 +25,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sonocl.errors import UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 MASK_DIR_NAMES = ("mask", "masks")
 IMAGE_DIR_NAMES = ("image", "images", "img", "imgs")
 _MASK_SUFFIX = re.compile(r"_mask(?:_\d+)?$", re.IGNORECASE)
 
 
-class MaskError(ValueError):
+class MaskError(UserError, ValueError):
     """An image whose mask is missing, unreadable or of another size; the message names both and the fix."""
 
 

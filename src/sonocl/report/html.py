@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from sonocl import __version__
+from sonocl.errors import UserError
 
 GALLERY_PAIRS = 6
 GRADCAM_PER_KIND = 4
@@ -44,7 +45,7 @@ MAX_MAP_POINTS = 600
 CMW_PAIRS = 256
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A PATH the report cannot use; the message names it and says what was expected."""
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from sonocl.errors import UserError
+
 METHODS = ("simclr", "uscl", "meta-uscl", "awcl", "ivpp", "moco", "byol")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKBONES = ("resnet18", "resnet34", "resnet50")
@@ -200,7 +202,7 @@ class PretrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key and the allowed values."""
 
 

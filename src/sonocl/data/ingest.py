@@ -31,8 +31,6 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tqdm import tqdm
-
 from sonocl.data.decode import DecodeError, is_frame_folder, media_kind, natural_key, open_media
 from sonocl.data.labels import (
     LabelError,
@@ -45,6 +43,7 @@ from sonocl.data.labels import (
 )
 from sonocl.data.preprocess import FramePreparer, select_frames
 from sonocl.data.store import META_FILE, REPORT_FILE, FrameStoreWriter, StoreError, atomic_write_text
+from sonocl.progress import Progress, progress_report
 
 TEMP_DIR = ".ingest-tmp"
 """Workers' frame files, inside the store so that appending them never crosses a file system."""
@@ -245,7 +244,7 @@ class Ingest:
     """One ``sonocl ingest`` run on an open, locked store."""
 
     def __init__(
-        self, args: argparse.Namespace, writer: FrameStoreWriter, labeller: Labeller, progress: tqdm, decoder_threads: int
+        self, args: argparse.Namespace, writer: FrameStoreWriter, labeller: Labeller, progress: Progress, decoder_threads: int
     ) -> None:
         self.args = args
         self.decoder_threads = decoder_threads
@@ -259,7 +258,7 @@ class Ingest:
     def skip(self, path: Path, reason: str) -> None:
         self.summary.skipped.append({"file": str(path), "reason": reason})
         self.progress.update()
-        tqdm.write(f"sonocl ingest: skipped {path}: {reason}", file=sys.stderr)
+        self.progress.write(f"sonocl ingest: skipped {path}: {reason}", file=sys.stderr)
 
     def plan(self, sources: Sequence[Source]) -> list[DecodeTask]:
         """Tasks for the sources not yet in the store, largest first so that the workers finish together.
@@ -478,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(temp_dir, ignore_errors=True)
         temp_dir.mkdir()
         labeller = Labeller(writer.meta["salt"], table, name_rules, args.label_from_folder)
-        with tqdm(total=len(sources) + len(rejected), unit="video", desc="ingest", file=sys.stderr, disable=None) as progress:
+        with progress_report(len(sources) + len(rejected), "ingest", "video") as progress:
             workers = min(args.workers, max(1, len(sources)))
             ingest = Ingest(args, writer, labeller, progress, decoder_threads=max(1, len(os.sched_getaffinity(0)) // workers))
             for path, reason in rejected:

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
-from tqdm import tqdm
 
 from sonocl.data.splits import grouped_stratified_kfold
 from sonocl.evaluate import segmentation_metrics as sm
@@ -37,6 +36,7 @@ from sonocl.evaluate.inits import default_label, load_init
 from sonocl.evaluate.masks import MaskError, MaskPair, pair_images, read_grey, read_mask
 from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss
 from sonocl.models import WeightsError
+from sonocl.progress import progress_report
 
 SCHEMA = "sonocl.segment/1"
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25
@@ -149,13 +149,15 @@ def _load_dataset(pairs: list[MaskPair], size: int) -> tuple[torch.Tensor, torch
     images = np.empty((len(pairs), 1, size, size), dtype=np.uint8)
     masks = np.empty((len(pairs), 1, size, size), dtype=np.uint8)
     shapes = []
-    for i, pair in enumerate(tqdm(pairs, desc="loading", unit="image", leave=False)):
-        grey = read_grey(pair.image)
-        mask = read_mask(pair.masks)
-        shapes.append(grey.shape)
-        images[i, 0] = np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
-        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
-        masks[i, 0] = np.asarray(resized) > 127
+    with progress_report(len(pairs), "loading", "image", leave=False) as bar:
+        for i, pair in enumerate(pairs):
+            grey = read_grey(pair.image)
+            mask = read_mask(pair.masks)
+            shapes.append(grey.shape)
+            images[i, 0] = np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
+            resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
+            masks[i, 0] = np.asarray(resized) > 127
+            bar.update(1)
     return torch.from_numpy(images), torch.from_numpy(masks), shapes
 
 
@@ -189,7 +191,7 @@ def train_fold(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
     augment = JointAugment(args.size)
     epoch_loss = float("nan")
-    with tqdm(total=total_steps, desc=description, unit="step", file=sys.stderr) as bar:
+    with progress_report(total_steps, description, "step") as bar:
         for epoch in range(args.epochs):
             model.train()
             if args.freeze_encoder:
@@ -212,8 +214,8 @@ def train_fold(
                 optimizer.step()
                 scheduler.step()
                 losses.append(loss.item())
+                bar.set_postfix(epoch=f"{epoch + 1}/{args.epochs}", loss=f"{losses[-1]:.3f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(epoch=f"{epoch + 1}/{args.epochs}", loss=f"{losses[-1]:.3f}")
             epoch_loss = float(np.mean(losses))
     return epoch_loss
 

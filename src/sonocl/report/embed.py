@@ -126,15 +126,14 @@ def frame_features(
 ) -> np.ndarray:
     """``(N, F)`` float32 features h of the store's ``frames`` (resized, normalised, encoder in eval mode)."""
     import torch
-    from tqdm import tqdm
 
     from sonocl.augment import resize_to
+    from sonocl.progress import progress_report
 
     device = torch.device(device)
     backbone = encoder.backbone.to(device).eval()
     out = []
-    with torch.no_grad(), tqdm(total=len(frames), unit="frame", desc="embed", disable=not progress,
-                               file=sys.stderr, dynamic_ncols=True) as bar:
+    with torch.no_grad(), progress_report(len(frames), "embed", "frame", enabled=progress) as bar:
         for start in range(0, len(frames), batch_size):
             chunk = frames[start : start + batch_size]
             images = (resize_to(torch.from_numpy(store.gather(chunk)).to(device), encoder.size) - encoder.mean) / encoder.std

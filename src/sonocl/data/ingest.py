@@ -31,7 +31,16 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sonocl.data.decode import DecodeError, is_frame_folder, media_kind, natural_key, open_media
+from sonocl.data.decode import (
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    VIDEO_SUFFIXES,
+    DecodeError,
+    is_frame_folder,
+    media_kind,
+    natural_key,
+    open_media,
+)
 from sonocl.data.labels import (
     LabelError,
     LabelTable,
@@ -41,6 +50,7 @@ from sonocl.data.labels import (
     label_from_name,
     parse_name_rules,
 )
+from sonocl.data.mask_names import in_mask_folder, is_mask_name
 from sonocl.data.preprocess import FramePreparer, select_frames
 from sonocl.data.store import META_FILE, REPORT_FILE, FrameStoreWriter, StoreError, atomic_write_text
 from sonocl.progress import Progress, progress_report
@@ -179,26 +189,55 @@ def content_hash(source: Source) -> str:
     return digest.hexdigest()
 
 
-def discover(arguments: Sequence[Path], exclude: Path, frame_folders: bool) -> tuple[list[Source], list[tuple[Path, str]]]:
-    """Sources under the arguments, each once, and the named files that are not media (with the reason).
+@dataclasses.dataclass
+class Discovery:
+    """What `discover` found under the source arguments."""
+
+    sources: list[Source]
+    rejected: list[tuple[Path, str]]
+    """Named files that are not media, with the reason."""
+    masks_left_out: int
+    """Mask files (`sonocl.data.mask_names`): segmentation ground truth, not images to learn from."""
+    links_not_followed: list[tuple[Path, Path]]
+    """Links to folders already searched (a link loop, or a second way into one folder) and their targets."""
+    empty_arguments: list[Path]
+    """Folder arguments under which no media file was found."""
+
+
+def discover(arguments: Sequence[Path], exclude: Path, frame_folders: bool) -> Discovery:
+    """Sources under the arguments, each once, and what was left out.
 
     Hidden files and folders and the store itself (``exclude``) are not searched; files that are
-    not media inside a folder are ignored silently (READMEs, CSVs), named ones are reported.
+    not media inside a folder are ignored silently (READMEs, CSVs), named ones are reported. Links
+    to folders are followed (data is often linked in from elsewhere), each real folder searched
+    once per argument, so that a link loop ends. Masks are left out and counted.
     """
+    found = Discovery([], [], 0, [], [])
     sources: dict[Path, Source] = {}
-    rejected: list[tuple[Path, str]] = []
     for argument in arguments:
         argument = argument.resolve()
         if argument.is_file():
             if media_kind(argument) is None:
-                rejected.append((argument, "not a video, DICOM or image file (by its extension and content)"))
+                found.rejected.append((argument, "not a video, DICOM or image file (by its extension and content)"))
+            elif is_mask_name(argument):
+                found.masks_left_out += 1
             else:
                 sources.setdefault(argument, Source(argument, PurePosixPath(argument.name)))
             continue
-        for folder, subfolders, files in os.walk(argument):
+        before = len(sources)
+        searched = {_folder_key(argument)}
+        for folder, subfolders, files in os.walk(argument, followlinks=True):
             folder_path = Path(folder)
-            subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and (folder_path / d).resolve() != exclude)
+            subfolders[:] = [
+                name for name in sorted(subfolders)
+                if not name.startswith(".") and (folder_path / name).resolve() != exclude
+                and _first_visit(folder_path / name, searched, found.links_not_followed)
+            ]
             media = [folder_path / name for name in sorted(files) if not name.startswith(".") and media_kind(folder_path / name)]
+            in_masks = in_mask_folder(folder_path.relative_to(argument).parts)
+            images = [path for path in media if not (in_masks or is_mask_name(path))]
+            found.masks_left_out += len(media) - len(images)
+            media = images
             if frame_folders and not subfolders and is_frame_folder(media):
                 root = argument.parent if folder_path == argument else argument
                 relative = PurePosixPath(folder_path.relative_to(root).as_posix())
@@ -207,7 +246,29 @@ def discover(arguments: Sequence[Path], exclude: Path, frame_folders: bool) -> t
                 continue
             for path in media:
                 sources.setdefault(path, Source(path, PurePosixPath(path.relative_to(argument).as_posix())))
-    return list(sources.values()), rejected
+        if len(sources) == before:
+            found.empty_arguments.append(argument)
+    found.sources = list(sources.values())
+    return found
+
+
+def _folder_key(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_dev, status.st_ino
+
+
+def _first_visit(folder: Path, searched: set[tuple[int, int]], not_followed: list[tuple[Path, Path]]) -> bool:
+    """Whether to search ``folder``: not if its real folder was searched already (recorded when it is a link)."""
+    try:
+        key = _folder_key(folder)
+    except OSError:
+        return False
+    if key in searched:
+        if folder.is_symlink():
+            not_followed.append((folder, folder.resolve()))
+        return False
+    searched.add(key)
+    return True
 
 
 @dataclasses.dataclass
@@ -231,6 +292,12 @@ class Labeller:
         else:
             group = patient_group or video_id
         return {"label": label, "group": group, "extra_labels": dict(row.extra) if row is not None else {}}
+
+
+def _unreadable(path: Path, error: OSError) -> str:
+    if path.is_symlink() and not path.exists():
+        return f"a link to {os.readlink(path)}, which does not exist"
+    return f"cannot read the file ({error.strerror})"
 
 
 @dataclasses.dataclass
@@ -272,7 +339,7 @@ class Ingest:
                 digest = content_hash(source)
                 size = source.size_on_disk()
             except OSError as error:
-                self.skip(source.path, f"cannot read the file ({error.strerror})")
+                self.skip(source.path, _unreadable(source.path, error))
                 continue
             if self.writer.has_hash(digest) or digest in planned_hashes:
                 self.summary.already_present += 1
@@ -409,7 +476,9 @@ def run_tasks(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_report(root: Path, args: argparse.Namespace, summary: RunSummary, this_run: set[str], writer: FrameStoreWriter) -> None:
+def _write_report(
+    root: Path, args: argparse.Namespace, summary: RunSummary, found: Discovery, this_run: set[str], writer: FrameStoreWriter
+) -> None:
     """``ingest_report.json``: this run's counts and skipped files, plus earlier runs' skipped files that
     this run did not look at and that still exist (they are presumably still failing)."""
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -428,10 +497,30 @@ def _write_report(root: Path, args: argparse.Namespace, summary: RunSummary, thi
         "sources": [str(path.resolve()) for path in args.sources],
         "options": {"size": writer.size, "stride": args.stride, "fps": args.fps, "max_frames": args.max_frames, "crop": args.crop},
         "counts": {"added": summary.added, "already_present": summary.already_present, "skipped": len(summary.skipped)},
+        "left_out": {
+            "masks": found.masks_left_out,
+            "links_not_followed": [{"link": str(link), "target": str(target)} for link, target in found.links_not_followed],
+        },
         "store": {"videos": len(writer.videos), "frames": writer.num_frames},
         "skipped": skipped,
     }
     atomic_write_text(previous_path, json.dumps(report, indent=2) + "\n")
+
+
+def _joined(paths: Sequence[Path]) -> str:
+    return ", ".join(str(path) for path in paths)
+
+
+def _nothing_found(found: Discovery) -> str:
+    """Why a folder argument gave nothing to ingest: what was looked for, and what was left out."""
+    suffixes = " ".join(sorted(VIDEO_SUFFIXES | DICOM_SUFFIXES | IMAGE_SUFFIXES))
+    left_out = [f"{found.masks_left_out} mask files"] if found.masks_left_out else []
+    left_out += [f"the link {link}, which leads to a folder searched already" for link, _ in found.links_not_followed]
+    note = f"; left out: {', '.join(left_out)}" if left_out else ""
+    return (
+        f"{_joined(found.empty_arguments)}: no video, DICOM or image file found (looked for {suffixes} and DICOM files without "
+        f"an extension, in every sub-folder and linked folder, hidden ones excepted{note}); check the path"
+    )
 
 
 def _usage_error(message: str) -> int:
@@ -465,7 +554,10 @@ def run(args: argparse.Namespace) -> int:
     except LabelError as error:
         return _usage_error(str(error))
     store_root = args.out.resolve()
-    sources, rejected = discover(args.sources, exclude=store_root, frame_folders=not args.no_frame_folders)
+    found = discover(args.sources, exclude=store_root, frame_folders=not args.no_frame_folders)
+    sources, rejected = found.sources, found.rejected
+    if found.empty_arguments:
+        return _usage_error(_nothing_found(found))
     try:
         table = _load_table(args, sources)
         size = args.size if args.size is not None or (store_root / META_FILE).exists() else DEFAULT_SIZE
@@ -480,6 +572,8 @@ def run(args: argparse.Namespace) -> int:
         with progress_report(len(sources) + len(rejected), "ingest", "video") as progress:
             workers = min(args.workers, max(1, len(sources)))
             ingest = Ingest(args, writer, labeller, progress, decoder_threads=max(1, len(os.sched_getaffinity(0)) // workers))
+            for link, target in found.links_not_followed:
+                progress.write(f"sonocl ingest: not following {link}: it leads to {target}, which is searched already", file=sys.stderr)
             for path, reason in rejected:
                 ingest.skip(path, reason)
             try:
@@ -491,12 +585,15 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 shutil.rmtree(temp_dir, ignore_errors=True)
         looked_at = {str(source.path) for source in sources} | {str(path) for path, _ in rejected}
-        _write_report(store_root, args, ingest.summary, looked_at, writer)
+        _write_report(store_root, args, ingest.summary, found, looked_at, writer)
         summary = ingest.summary
+        masks = f", {found.masks_left_out} mask files left out" if found.masks_left_out else ""
         print(
-            f"{store_root}: {summary.added} added, {summary.already_present} already in store, {len(summary.skipped)} skipped; "
-            f"the store holds {len(writer.videos)} videos, {writer.num_frames} frames"
+            f"{store_root}: {summary.added} added, {summary.already_present} already in store, {len(summary.skipped)} skipped"
+            f"{masks}; the store holds {len(writer.videos)} videos, {writer.num_frames} frames"
         )
+        if not writer.videos:
+            print(f"sonocl ingest: no file under {_joined(args.sources)} could be read; the store is empty", file=sys.stderr)
     if summary.skipped:
         print(f"sonocl ingest: {len(summary.skipped)} files skipped, listed in {store_root / REPORT_FILE}", file=sys.stderr)
         return EXIT_SKIPPED

@@ -25,12 +25,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sonocl.data.mask_names import MASK_DIR_NAMES, in_mask_folder, is_mask_name
 from sonocl.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
-MASK_DIR_NAMES = ("mask", "masks")
 IMAGE_DIR_NAMES = ("image", "images", "img", "imgs")
-_MASK_SUFFIX = re.compile(r"_mask(?:_\d+)?$", re.IGNORECASE)
 
 
 class MaskError(UserError, ValueError):
@@ -54,10 +53,6 @@ class PairingResult:
     """``(image path, message)`` for each image without a usable mask."""
 
 
-def is_mask_name(path: Path) -> bool:
-    return bool(_MASK_SUFFIX.search(path.stem))
-
-
 def _is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
@@ -77,8 +72,7 @@ def list_images(images_root: Path, masks_root: Path | None = None) -> list[Path]
     for path in sorted(images_root.rglob("*")):
         if not _is_image_file(path) or is_mask_name(path):
             continue
-        relative_dirs = path.relative_to(images_root).parts[:-1]
-        if any(part.lower() in MASK_DIR_NAMES for part in relative_dirs):
+        if in_mask_folder(path.relative_to(images_root).parts[:-1]):
             continue
         if masks_inside is not None and masks_inside in path.resolve().parents:
             continue

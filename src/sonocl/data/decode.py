@@ -22,6 +22,7 @@ from types import TracebackType
 import av
 import numpy as np
 import pydicom
+import pydicom.dataelem
 import pydicom.errors
 from PIL import Image, UnidentifiedImageError
 from pydicom.pixels import apply_color_lut, iter_pixels
@@ -333,6 +334,8 @@ class DicomSource(MediaSource):
                 "installed (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or python-gdcm)"
             )
         self._deflated = syntax == DeflatedExplicitVRLittleEndian
+        if not syntax.is_encapsulated and not self._deflated:
+            _check_native_pixel_data(path, header)
         self._photometric = str(header.get("PhotometricInterpretation", "MONOCHROME2")).upper()
         self._bits = int(header.get("BitsStored", 8) or 8)
         self._palette = header if self._photometric == "PALETTE COLOR" else None
@@ -359,6 +362,32 @@ class DicomSource(MediaSource):
             raise DecodeError(self.path, f"DICOM pixel data unreadable after {count} frames ({type(error).__name__}: {error})") from error
         if count == 0:
             raise DecodeError(self.path, "DICOM pixel data holds no frame")
+
+
+def _check_native_pixel_data(path: Path, header: pydicom.Dataset) -> None:
+    """Uncompressed pixel data must hold every frame the header announces, else the file is cut short or its header wrong.
+
+    Checked on the header alone (the deferred element's length and file position), so that a header
+    claiming 100,000 frames is refused before any frame is decoded, with the counts in the message.
+    """
+    rows, columns = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
+    bits = int(header.get("BitsAllocated", 8) or 8)
+    frame_bytes = rows * columns * int(header.get("SamplesPerPixel", 1) or 1) * bits // 8
+    if frame_bytes == 0 or bits % 8:
+        return  # a missing size or bit-packed pixels: left to the pixel decoder's own checks
+    element = header.get_item("PixelData")
+    if isinstance(element, pydicom.dataelem.RawDataElement) and element.value is None:
+        held_bytes = min(element.length, max(0, path.stat().st_size - element.value_tell))
+    else:
+        held_bytes = len(element.value or b"")
+    announced = int(header.get("NumberOfFrames", 1) or 1)
+    held = held_bytes // frame_bytes
+    if held < announced:
+        raise DecodeError(
+            path,
+            f"the pixel data holds {held} of the {announced} frames of {columns}×{rows} its header announces "
+            "(the file is cut short, or its header is wrong)",
+        )
 
 
 def _dicom_frame_times(header: pydicom.Dataset) -> list[float]:

@@ -61,6 +61,7 @@ DEFAULT_SIZE = 256
 TASKS_IN_FLIGHT_PER_WORKER = 4
 EXIT_OK, EXIT_USAGE, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 2, 3, 130
 _HASH_CHUNK = 1 << 20
+MISSING_IDS_SHOWN = 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -294,6 +295,12 @@ class Labeller:
         return {"label": label, "group": group, "extra_labels": dict(row.extra) if row is not None else {}}
 
 
+def shown(path: Path) -> str:
+    """A path for a one-line message: as it is, or quoted with escapes where its name holds a line break or tab."""
+    text = str(path)
+    return text if text.isprintable() else ascii(text)
+
+
 def _unreadable(path: Path, error: OSError) -> str:
     if path.is_symlink() and not path.exists():
         return f"a link to {os.readlink(path)}, which does not exist"
@@ -325,7 +332,7 @@ class Ingest:
     def skip(self, path: Path, reason: str) -> None:
         self.summary.skipped.append({"file": str(path), "reason": reason})
         self.progress.update()
-        self.progress.write(f"sonocl ingest: skipped {path}: {reason}", file=sys.stderr)
+        self.progress.write(f"sonocl ingest: skipped {shown(path)}: {reason}", file=sys.stderr)
 
     def plan(self, sources: Sequence[Source]) -> list[DecodeTask]:
         """Tasks for the sources not yet in the store, largest first so that the workers finish together.
@@ -508,14 +515,14 @@ def _write_report(
 
 
 def _joined(paths: Sequence[Path]) -> str:
-    return ", ".join(str(path) for path in paths)
+    return ", ".join(shown(path) for path in paths)
 
 
 def _nothing_found(found: Discovery) -> str:
     """Why a folder argument gave nothing to ingest: what was looked for, and what was left out."""
     suffixes = " ".join(sorted(VIDEO_SUFFIXES | DICOM_SUFFIXES | IMAGE_SUFFIXES))
     left_out = [f"{found.masks_left_out} mask files"] if found.masks_left_out else []
-    left_out += [f"the link {link}, which leads to a folder searched already" for link, _ in found.links_not_followed]
+    left_out += [f"the link {shown(link)}, which leads to a folder searched already" for link, _ in found.links_not_followed]
     note = f"; left out: {', '.join(left_out)}" if left_out else ""
     return (
         f"{_joined(found.empty_arguments)}: no video, DICOM or image file found (looked for {suffixes} and DICOM files without "
@@ -564,6 +571,8 @@ def run(args: argparse.Namespace) -> int:
         writer = FrameStoreWriter(store_root, size)
     except (LabelError, StoreError) as error:
         return _usage_error(str(error))
+    if table is not None:
+        _note_ids_not_found(table, sources)
     with writer:
         temp_dir = store_root / TEMP_DIR
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -573,7 +582,8 @@ def run(args: argparse.Namespace) -> int:
             workers = min(args.workers, max(1, len(sources)))
             ingest = Ingest(args, writer, labeller, progress, decoder_threads=max(1, len(os.sched_getaffinity(0)) // workers))
             for link, target in found.links_not_followed:
-                progress.write(f"sonocl ingest: not following {link}: it leads to {target}, which is searched already", file=sys.stderr)
+                note = f"sonocl ingest: not following {shown(link)}: it leads to {shown(target)}, which is searched already"
+                progress.write(note, file=sys.stderr)
             for path, reason in rejected:
                 ingest.skip(path, reason)
             try:
@@ -598,6 +608,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"sonocl ingest: {len(summary.skipped)} files skipped, listed in {store_root / REPORT_FILE}", file=sys.stderr)
         return EXIT_SKIPPED
     return EXIT_OK
+
+
+def _note_ids_not_found(table: LabelTable, sources: Sequence[Source]) -> None:
+    """Say which CSV rows name no file being ingested: a typo or a missing file would otherwise pass unseen."""
+    missing = table.ids_not_in([source.relative for source in sources])
+    if missing:
+        examples = ", ".join(repr(value) for value in missing[:MISSING_IDS_SHOWN]) + (", …" if len(missing) > MISSING_IDS_SHOWN else "")
+        print(
+            f"sonocl ingest: note: {shown(table.path)}: {len(missing)} ids name no file being ingested ({examples}); "
+            "their rows are not used",
+            file=sys.stderr,
+        )
 
 
 def _load_table(args: argparse.Namespace, sources: Sequence[Source]) -> LabelTable | None:

@@ -101,7 +101,9 @@ class LabelTable:
         label_column: str | None,
         group_column: str | None,
         extra_columns: Sequence[str],
+        lines: Sequence[int] | None = None,
     ) -> None:
+        """``lines``: the CSV line number of each row, for messages (default: one line per row after the header)."""
         self.path = path
         self.id_column = id_column
         self.label_column = label_column
@@ -109,7 +111,9 @@ class LabelTable:
         self.extra_columns = tuple(extra_columns)
         spelling = {column: _canonical_spellings(row.get(column, "") for row in rows) for column in self._label_columns()}
         self._index: dict[str, CsvLabels] = {}
-        for row in rows:
+        self._ids: list[str] = []
+        first_seen: dict[str, tuple[int, CsvLabels]] = {}
+        for line, row in zip(lines or range(2, len(rows) + 2), rows):
             group = (row.get(group_column) or "").strip() if group_column else ""
             entry = CsvLabels(
                 label=spelling[label_column].get(_fold(row.get(label_column, ""))) if label_column else None,
@@ -120,9 +124,16 @@ class LabelTable:
                     if (row.get(column) or "").strip()
                 },
             )
-            for key in _value_keys(row.get(id_column) or ""):
-                if key:
-                    self._index.setdefault(key, entry)
+            value = _normalise(row.get(id_column) or "")
+            if not value:
+                continue
+            self._ids.append(row[id_column].strip())
+            if value in first_seen:
+                _check_same_row(path, row[id_column].strip(), first_seen[value], (line, entry))
+                continue
+            first_seen[value] = (line, entry)
+            for key in _value_keys(value):
+                self._index.setdefault(key, entry)
 
     def _label_columns(self) -> list[str]:
         return [column for column in (self.label_column, *self.extra_columns) if column]
@@ -139,7 +150,7 @@ class LabelTable:
     ) -> LabelTable:
         """Read ``path``; columns not named are detected (see `LABEL_COLUMN_NAMES`, `GROUP_COLUMN_NAMES`;
         the id column is the one whose values name the most of ``relatives``)."""
-        header, rows = _read_csv(path)
+        header, rows, lines = _read_csv(path)
         for option, column in (("--id-column", id_column), ("--label-column", label_column), ("--group-column", group_column)):
             if column is not None and column not in header:
                 raise LabelError(f"{path}: {option} {column!r} is not a column; columns are {', '.join(header)}")
@@ -154,13 +165,33 @@ class LabelTable:
                 raise LabelError(f"{path}: no label column found (looked for {', '.join(LABEL_COLUMN_NAMES)}); name it with --label-column")
         if group_column is None:
             group_column = _detect_group_column(header, exclude=(id_column, label_column))
-        return cls(path, rows, id_column, label_column, group_column, extra_columns)
+        return cls(path, rows, id_column, label_column, group_column, extra_columns, lines)
+
+    def ids_not_in(self, relatives: Sequence[PurePosixPath]) -> list[str]:
+        """The table's ids (as written) that name none of ``relatives``: a typo, another folder, a file not supplied."""
+        known = {key for relative in relatives for key in source_keys(relative)}
+        return [value for value in dict.fromkeys(self._ids) if not known.intersection(_value_keys(_normalise(value)))]
 
     def lookup(self, relative: PurePosixPath) -> CsvLabels | None:
         for key in source_keys(relative):
             if key in self._index:
                 return self._index[key]
         return None
+
+
+def _check_same_row(path: Path, value: str, first: tuple[int, CsvLabels], again: tuple[int, CsvLabels]) -> None:
+    """Two rows may name one file only if they agree: which label would be right cannot be guessed.
+
+    The message names the differing columns and shows label values, never group values (patient IDs).
+    """
+    (first_line, a), (line, b) = first, again
+    differences = [f"label {a.label!r} vs {b.label!r}"] if a.label != b.label else []
+    differences += ["the group column"] if a.group != b.group else []
+    differences += [repr(column) for column in sorted(set(a.extra) | set(b.extra)) if a.extra.get(column) != b.extra.get(column)]
+    if differences:
+        raise LabelError(
+            f"{path}: {value!r} is on lines {first_line} and {line}, which differ in {', '.join(differences)}; keep one row per file"
+        )
 
 
 def _fold(value: str) -> str:
@@ -177,11 +208,17 @@ def _canonical_spellings(values: Iterable[str]) -> dict[str, str]:
     return {folded: spellings.most_common(1)[0][0] for folded, spellings in counts.items()}
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """Header, rows and the line number of each row. UTF-8 (with or without a BOM), else Windows-1252, as
+    spreadsheet programs on Windows save CSV."""
     try:
-        text = path.read_text(encoding="utf-8-sig", errors="replace")
+        raw = path.read_bytes()
     except OSError as error:
         raise LabelError(f"{path}: cannot read the labels CSV ({error.strerror})") from error
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("cp1252", errors="replace")
     try:
         dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(text[:65536], delimiters=",;\t")
     except csv.Error:
@@ -190,8 +227,11 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     header = [name for name in (reader.fieldnames or []) if name]
     if not header:
         raise LabelError(f"{path}: the labels CSV has no header row")
-    rows = [{key: value or "" for key, value in row.items() if key} for row in reader]
-    return header, rows
+    rows, lines = [], []
+    for row in reader:
+        rows.append({key: value or "" for key, value in row.items() if key})
+        lines.append(reader.line_num)
+    return header, rows, lines
 
 
 def _detect_id_column(path: Path, header: list[str], rows: list[dict[str, str]], relatives: Sequence[PurePosixPath]) -> str:

@@ -58,6 +58,8 @@ COMPANION_AREA = 0.1
 """A region at least this fraction of the largest one's area is part of the scan too."""
 MIN_REGION_FRACTION = 0.02
 """A scan smaller than this fraction of the frame is not trusted; the whole frame is kept instead."""
+MIN_SOURCE_SIDE = 8
+"""Frames smaller than this many pixels a side are not ultrasound images (a 1×1 spacer GIF, an icon): refused."""
 FULL_FRAME_SCALING_LIMIT = 2.0
 """Video frames are scaled whole and then cropped (one FFmpeg pass) while the scaled whole frame is at most
 this many times the stored size a side; a smaller crop is cut out first, so as not to scale mostly border."""
@@ -217,6 +219,11 @@ class FramePreparer:
     def _finish(self, frame: Frame) -> np.ndarray:
         grey = frame.grey
         if self.original_size is None:
+            if min(grey.shape) < MIN_SOURCE_SIDE:
+                raise DecodeError(
+                    None, f"frames of {grey.shape[1]}×{grey.shape[0]} pixels are too small for an ultrasound image "
+                    f"(at least {MIN_SOURCE_SIDE}×{MIN_SOURCE_SIDE})"
+                )
             self.original_size = (int(grey.shape[0]), int(grey.shape[1]))
             self.crop_box = self.crop_box or CropBox.full(*self.original_size)
             if frame.video_frame is not None:

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("sonocl.evaluate.cli", "grouped k-fold fine-tuning, linear probe and kNN evaluation"),
     "segment": ("sonocl.evaluate.segment", "U-Net segmentation on a pretrained encoder, grouped k-fold"),
     "embed": ("sonocl.report.embed", "export per-frame embeddings (Parquet or .npz)"),
+    "export": ("sonocl.export", "a run's encoder as a self-describing bundle: safetensors, metadata JSON, model card"),
     "report": ("sonocl.report.html", "one self-contained HTML report of a run and/or an evaluation"),
     "demo": ("sonocl.demo", "the whole pipeline on built-in synthetic data (phantom)"),
 }

@@ -1,0 +1,421 @@
+"""`sonocl export RUN --out DIR`: a pretrained encoder as a bundle that travels and describes itself.
+
+The published ultrasound encoders are mostly behind download links that have died, without the code that used
+them downstream; what a user can still load years later is a weights file in a standard format beside plain text
+that says what it is. ``DIR`` gets
+
+- ``encoder.safetensors``: a copy of the run's encoder (the backbone of its selected checkpoint, torchvision key
+  names and a 3-channel stem, as `sonocl.models.save_encoder` writes it), so it loads into
+  ``torchvision.models.resnet18()`` (or 34/50) as it is; its header keeps sonocl's encoder metadata (arch,
+  channels, size, mean, std, method);
+- ``sonocl_encoder.json`` (schema ``sonocl.encoder/1``): architecture, training channels, normalisation, input
+  size, method, the training budget (steps, batch, pairs seen), the run's configuration, the run's data
+  provenance (``RUN/provenance.json``, whole, with a count of each list) when the run recorded one, the
+  evaluation summary of ``--eval EVAL_DIR`` (``sonocl evaluate``'s ``results.json``), sonocl's version and the
+  date; the SHA-256 of the weights file;
+- ``MODEL_CARD.md``: the same facts for a reader (rendered from the JSON alone, so the two cannot disagree),
+  with intended use, limits and how to load the encoder in three lines with torchvision and with sonocl.
+
+The bundle is itself an encoder location: ``sonocl.load_encoder(DIR)``, ``sonocl evaluate --init DIR`` and
+``sonocl segment --init DIR`` read ``DIR/encoder.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sonocl import __version__
+from sonocl.errors import UserError
+
+SCHEMA = "sonocl.encoder/1"
+METADATA_FILE = "sonocl_encoder.json"
+CARD_FILE = "MODEL_CARD.md"
+PROVENANCE_FILE = "provenance.json"
+EVALUATION_METRICS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"),
+                      ("macro_auc", "macro AUC"))
+"""``results.json`` summary keys shown in the card, with their names for a reader."""
+
+
+class ExportError(UserError):
+    """A run or evaluation directory that cannot be exported; the message names the file and the fix."""
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ExportError(f"{path}: not found; {what}") from error
+    except json.JSONDecodeError as error:
+        raise ExportError(f"{path}: not valid JSON ({error}); {what}") from error
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: expected a JSON object; {what}")
+    return data
+
+
+def read_run_config(run: Path) -> dict[str, Any]:
+    """``RUN/config.yaml`` as a plain mapping (the resolved configuration every run saves)."""
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise ExportError(f"{path}: not found; RUN must be a `sonocl pretrain --out` directory")
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise ExportError(f"{path}: not a configuration mapping; was it written by `sonocl pretrain`?")
+    return config
+
+
+def selected_checkpoint(run: Path) -> Path:
+    """The checkpoint the run's ``encoder.safetensors`` was taken from: ``best.pt``, else ``last.pt`` (the loop's rule)."""
+    for name in ("best.pt", "last.pt"):
+        path = run / "checkpoints" / name
+        if path.is_file():
+            return path
+    raise ExportError(f"{run / 'checkpoints'}: no best.pt or last.pt; has `sonocl pretrain --out {run}` run to the end "
+                      "of an epoch? (`--resume` continues it)")
+
+
+def _checkpoint_position(path: Path) -> dict[str, Any]:
+    """Steps, epochs and monitors of a training checkpoint, without its tensors' meaning."""
+    from sonocl.models import read_state_dict
+
+    state = read_state_dict(path)
+    return {
+        "steps": int(state.get("global_step", 0)),
+        "epochs": int(state.get("epoch", 0)),
+        "steps_per_epoch": int(state.get("steps_per_epoch", 0)),
+        "processes": int(state.get("world_size", 1)),
+        "metrics": {k: float(v) for k, v in dict(state.get("metrics") or {}).items()},
+    }
+
+
+def _wall_seconds(run: Path) -> float | None:
+    """The training wall time: the ``seconds`` of the last row of ``metrics.csv`` (None without one)."""
+    path = run / "metrics.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("seconds")]
+    return float(rows[-1]["seconds"]) if rows else None
+
+
+def training_budget(run: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the exported encoder was trained with: optimiser steps, global batch, pairs and views seen, epochs."""
+    checkpoint = selected_checkpoint(run)
+    position = _checkpoint_position(checkpoint)
+    last = run / "checkpoints" / "last.pt"
+    run_steps = _checkpoint_position(last)["steps"] if last.is_file() and checkpoint != last else position["steps"]
+    batch = int(config.get("batch_size", 0))
+    return {
+        "checkpoint": checkpoint.relative_to(run).as_posix(),
+        "steps": position["steps"],
+        "epochs": position["epochs"],
+        "steps_per_epoch": position["steps_per_epoch"],
+        "batch_size": batch,
+        "pairs_seen": position["steps"] * batch,
+        "views_seen": 2 * position["steps"] * batch,
+        "processes": position["processes"],
+        "epochs_planned": int(config.get("epochs", 0)),
+        "run_steps": run_steps,
+        "wall_seconds": _wall_seconds(run),
+        "monitors": position["metrics"],
+    }
+
+
+def read_provenance(run: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """``RUN/provenance.json`` whole (None when the run recorded none) and its summary: scalars as they are, the
+    length of each list (one or two levels deep)."""
+    path = run / PROVENANCE_FILE
+    if not path.is_file():
+        return None, {}
+    provenance = _read_json(path, "the run's data provenance, written by `sonocl pretrain`")
+    summary: dict[str, Any] = {}
+    for key, value in provenance.items():
+        if isinstance(value, list):
+            summary[key] = len(value)
+        elif isinstance(value, Mapping):
+            summary.update({f"{key}.{sub}": len(v) if isinstance(v, list) else v for sub, v in value.items()
+                            if isinstance(v, (list, str, int, float))})
+        elif isinstance(value, (str, int, float)):
+            summary[key] = value
+    return provenance, summary
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _is_this_run(init: str, run: Path) -> bool:
+    """Whether an evaluated ``--init`` is this run (its directory, encoder file or one of its checkpoints)."""
+    if init in ("random", "imagenet"):
+        return False
+    candidates = {run, run / "encoder.safetensors", run / "checkpoints" / "best.pt", run / "checkpoints" / "last.pt"}
+    return _resolved(init) in {_resolved(c) for c in candidates}
+
+
+def read_evaluation(evaluation: Path, run: Path) -> dict[str, Any]:
+    """The summary of ``EVAL/results.json`` (docs/evaluate.md): protocol, folds, seeds, selection and each init's
+    mean ± std, with ``this_encoder`` marking the inits that are this run."""
+    path = evaluation / "results.json"
+    results = _read_json(path, "EVAL_DIR must be a `sonocl evaluate --out` directory")
+    config = results.get("config", {})
+    inits = [{"label": entry.get("label"), "init": entry.get("init"), "this_encoder": _is_this_run(str(entry.get("init")), run),
+              "summary": entry.get("summary", {})} for entry in results.get("inits", [])]
+    if not inits:
+        raise ExportError(f"{path}: no evaluated inits; was the evaluation interrupted before its first init finished?")
+    return {
+        "results": str(path.resolve()),
+        "schema": results.get("schema"),
+        "created": results.get("created"),
+        "store": results.get("store"),
+        "classes": results.get("classes", []),
+        "num_videos": results.get("num_videos"),
+        "protocol": config.get("protocol"),
+        "folds": config.get("folds"),
+        "seeds": config.get("seeds"),
+        "size": config.get("size"),
+        "selection": config.get("selection"),
+        "optimistic": bool(results.get("optimistic", False)),
+        "inits": inits,
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundle_metadata(run: Path, weights: Path, evaluation: Path | None = None) -> dict[str, Any]:
+    """Everything ``sonocl_encoder.json`` says, from the run directory, its weights file and the evaluation."""
+    from sonocl.models import encoder_metadata, feature_dim
+
+    config = read_run_config(run)
+    header = encoder_metadata(weights)
+    provenance, provenance_summary = read_provenance(run)
+    arch = str(header.get("arch", "resnet18"))
+    return {
+        "schema": SCHEMA,
+        "sonocl_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_run": str(run.resolve()),
+        "weights": {"file": weights.name, "sha256": _sha256(weights), "key_names": "torchvision", "stem_channels": 3},
+        "arch": arch,
+        "feature_dim": feature_dim(arch),
+        "channels": int(header.get("channels", 1)),
+        "input": {"size": int(header.get("size", config.get("size", 224))), "mean": header.get("mean"),
+                  "std": header.get("std"), "scale": "greyscale pixel / 255, then (x - mean) / std"},
+        "method": header.get("method", config.get("method")),
+        "budget": training_budget(run, config),
+        "store": config.get("store"),
+        "provenance": provenance,
+        "provenance_summary": provenance_summary,
+        "evaluation": read_evaluation(evaluation, run) if evaluation is not None else None,
+        "pretrain_config": config,
+    }
+
+
+# ------------------------------------------------------------------------------------------ model card
+
+def _percent(stat: Mapping[str, Any] | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    std = stat.get("std")
+    return f"{100 * stat['mean']:.1f} ± {100 * std:.1f}" if std is not None else f"{100 * stat['mean']:.1f}"
+
+
+def _evaluation_section(evaluation: Mapping[str, Any] | None) -> list[str]:
+    if evaluation is None:
+        return ["Not evaluated in this bundle. Measure it on your own labelled videos against random init:",
+                "", "```bash", "sonocl evaluate --store STORE --init random --init DIR --protocol last-block --folds 5 --out eval",
+                "```", "", "and export again with `--eval eval` to record the result here."]
+    runs = (evaluation.get("folds") or 0) * (evaluation.get("seeds") or 0)
+    selection = evaluation.get("selection")
+    lines = [
+        f"`sonocl evaluate` ({evaluation['results']}), protocol **{evaluation.get('protocol')}**, "
+        f"{evaluation.get('folds')} video-grouped folds × {evaluation.get('seeds')} seed(s) = {runs} fold runs, "
+        f"{evaluation.get('num_videos')} videos of {', '.join(map(str, evaluation.get('classes', [])))}, "
+        f"{evaluation.get('size')} px, model selection `{selection}`.",
+    ]
+    if evaluation.get("optimistic"):
+        lines.append("**Optimistic: the epoch was selected on the test fold (`max-test`), as the papers did.**")
+    lines += ["", "Video-level test scores, mean ± std over the fold runs (%):", "",
+              "| init | " + " | ".join(name for _, name in EVALUATION_METRICS) + " |",
+              "|---|" + "---|" * len(EVALUATION_METRICS)]
+    for entry in evaluation["inits"]:
+        video = entry.get("summary", {}).get("video", {})
+        label = f"**{entry['label']} (this encoder)**" if entry["this_encoder"] else str(entry["label"])
+        lines.append(f"| {label} | " + " | ".join(_percent(video.get(key)) for key, _ in EVALUATION_METRICS) + " |")
+    return lines
+
+
+def _provenance_section(metadata: Mapping[str, Any]) -> list[str]:
+    if metadata["provenance"] is None:
+        return [f"Frame store `{metadata['store']}`. The run recorded no `{PROVENANCE_FILE}` (runs of sonocl before "
+                "provenance recording), so which videos it trained on is not part of this bundle."]
+    lines = [f"From the run's `{PROVENANCE_FILE}` (whole in `{METADATA_FILE}`, key `provenance`; lists as counts):", ""]
+    summary = metadata["provenance_summary"]
+    lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in summary.items()]
+    return lines
+
+
+def _budget_lines(budget: Mapping[str, Any]) -> list[str]:
+    wall = budget.get("wall_seconds")
+    selected = (f" (selected by held-out loss at step {budget['steps']} of {budget['run_steps']})"
+                if budget["run_steps"] != budget["steps"] else "")
+    lines = [
+        f"- {budget['steps']} optimiser steps{selected}: {budget['epochs']} of {budget['epochs_planned']} planned epochs "
+        f"× {budget['steps_per_epoch']} steps, global batch {budget['batch_size']} "
+        f"({budget['processes']} process{'es' if budget['processes'] != 1 else ''})",
+        f"- {budget['pairs_seen']:,} positive pairs seen ({budget['views_seen']:,} augmented views)",
+    ]
+    if wall is not None:
+        lines.append(f"- training wall time {wall / 60:.1f} min")
+    monitors = budget.get("monitors") or {}
+    if monitors:
+        lines.append("- monitors at that checkpoint (held-out videos): "
+                     + ", ".join(f"{name} {value:.4f}" for name, value in monitors.items()))
+    return lines
+
+
+def model_card(metadata: Mapping[str, Any]) -> str:
+    """``MODEL_CARD.md``, written from ``sonocl_encoder.json``'s content only."""
+    arch, method, channels = metadata["arch"], metadata["method"], metadata["channels"]
+    size, mean, std = metadata["input"]["size"], metadata["input"]["mean"], metadata["input"]["std"]
+    config = metadata["pretrain_config"]
+    optim = config.get("optim") or {}
+    weights = metadata["weights"]["file"]
+    lines = [
+        f"# {method} {arch} ultrasound encoder",
+        "",
+        f"A {arch} image encoder pretrained by sonocl {metadata['sonocl_version']} with **{method}** (contrastive "
+        f"pretraining on ultrasound videos). It maps a {size}×{size} greyscale frame to a {metadata['feature_dim']}-d "
+        f"feature (the pooled output of the backbone; no classification head). Exported {metadata['created']} from "
+        f"`{metadata['source_run']}`.",
+        "",
+        "## Load it",
+        "",
+        "Plain PyTorch / torchvision (no sonocl needed):",
+        "",
+        "```python",
+        "import torch, torchvision, safetensors.torch",
+        f"encoder = torchvision.models.{arch}(); encoder.fc = torch.nn.Identity()",
+        f'encoder.load_state_dict(safetensors.torch.load_file("DIR/{weights}"))  # DIR: this folder',
+        "```",
+        "",
+        f"Input: a `(N, 3, {size}, {size})` float tensor, the grey frame (pixel / 255) copied to the 3 channels and "
+        f"normalised as `(x - {mean}) / {std}`. Output: `(N, {metadata['feature_dim']})` features.",
+        "",
+        "With sonocl (the stem it was trained with, "
+        f"{channels} channel{'s' if channels != 1 else ''}; same features):",
+        "",
+        "```python",
+        "import sonocl",
+        'encoder = sonocl.load_encoder("DIR")  # this folder',
+        "```",
+        "",
+        "or `sonocl evaluate --init DIR`, `sonocl segment --init DIR`, `sonocl embed --init DIR` with the normalisation "
+        "and size read from the file.",
+        "",
+        "## Training data",
+        "",
+        *_provenance_section(metadata),
+        "",
+        "## Training",
+        "",
+        f"- method `{method}`, {arch}, {channels}-channel stem, {size} px, seed {config.get('seed')}, "
+        f"optimiser {optim.get('name')} (lr {optim.get('lr')}, weight decay {optim.get('weight_decay')})",
+        *_budget_lines(metadata["budget"]),
+        f"- the whole resolved configuration: `{METADATA_FILE}`, key `pretrain_config`",
+        "",
+        "## Evaluation",
+        "",
+        *_evaluation_section(metadata["evaluation"]),
+        "",
+        "## Intended use",
+        "",
+        "Research: an initialisation for ultrasound image classification or segmentation models that are then "
+        "fine-tuned and validated on the user's own data, and a feature extractor for analysis (`sonocl embed`). "
+        "It is not a diagnostic tool and has not been validated for any clinical decision.",
+        "",
+        "## Limits",
+        "",
+        "- It has only seen the videos described under Training data: other scanners, probes, presets, anatomy or "
+        "patient groups can shift its features; check on your data against random (and ImageNet) init.",
+        f"- Features are defined for greyscale frames at the training normalisation; at sizes far from {size} px they "
+        "change.",
+        "- Self-supervised pretraining on videos that are later test videos (transductive), or a method that used "
+        "their labels (USCL's semi-supervised head, AWCL's anatomy labels), makes an evaluation on those videos "
+        "optimistic: compare the test videos' hashes with the provenance above.",
+        "- The scores above hold for their store, protocol and split only; their spread over folds is part of the "
+        "result.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ export
+
+def export(run: Path, out: Path, evaluation: Path | None = None) -> dict[str, Any]:
+    """Write the bundle of ``run`` into ``out`` (created; the three files replaced atomically) and return its metadata."""
+    from sonocl.data.store import atomic_write_text
+    from sonocl.models import ENCODER_FILE, WeightsError, load_encoder
+
+    run, out = Path(run), Path(out)
+    if not run.is_dir():
+        raise ExportError(f"{run}: not a directory; RUN must be a `sonocl pretrain --out` directory")
+    source = run / ENCODER_FILE
+    if not source.is_file():
+        raise ExportError(f"{source}: not found; a run writes it at its end or on Ctrl-C (`sonocl pretrain --resume` "
+                          "finishes an interrupted one)")
+    if out.resolve() == run.resolve():
+        raise ExportError(f"--out {out}: is the run directory itself; choose a new folder")
+    try:
+        load_encoder(source)  # a file that does not load must not travel
+    except WeightsError as error:
+        raise ExportError(str(error)) from error
+    metadata = bundle_metadata(run, source, evaluation)  # every input read before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / ENCODER_FILE
+    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
+    shutil.copyfile(source, tmp)  # byte for byte: save_encoder already wrote torchvision names and a 3-channel stem
+    os.replace(tmp, weights)
+    atomic_write_text(out / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
+    atomic_write_text(out / CARD_FILE, model_card(metadata))
+    return metadata
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, metavar="RUN", help="a `sonocl pretrain --out` directory")
+    parser.add_argument("--out", required=True, type=Path, help="bundle folder to write (created)")
+    parser.add_argument("--eval", dest="evaluation", type=Path, metavar="EVAL_DIR",
+                        help="a `sonocl evaluate --out` directory whose results.json goes into the model card")
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    metadata = export(args.run, args.out, args.evaluation)
+    budget = metadata["budget"]
+    out = args.out
+    print(f"sonocl export: {metadata['method']} {metadata['arch']}, {budget['steps']} steps × batch {budget['batch_size']} "
+          f"= {budget['pairs_seen']:,} pairs", file=sys.stderr)
+    for name in ("encoder.safetensors", METADATA_FILE, CARD_FILE):
+        size = (out / name).stat().st_size
+        print(f"  {out / name}  ({size / 1e6:.1f} MB)" if size >= 1e5 else f"  {out / name}  ({size / 1e3:.1f} kB)",
+              file=sys.stderr)
+    print(f'load: sonocl.load_encoder("{out}") or torchvision (see {out / CARD_FILE}); '
+          f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0

@@ -1,0 +1,136 @@
+"""`sonocl export`: the bundle round-trips (plain torchvision and sonocl give the run's features), its metadata and
+model card say what the run did, its provenance and evaluation are carried, and `evaluate`/`segment --init DIR` load it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+
+import sonocl
+from sonocl.cli import main
+from sonocl.evaluate.inits import load_init
+from sonocl.models import encoder_metadata, read_state_dict
+from test_segment import _synthetic_dataset
+
+TINY_RUN = ["--epochs", "1", "--batch-size", "8", "--size", "32", "--threads", "1", "--workers", "0", "--precision", "fp32",
+            "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run_and_eval(phantom_store, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A one-epoch SimCLR run on the phantom at 32 px and its kNN evaluation against random init (2 folds)."""
+    root = tmp_path_factory.mktemp("export")
+    run, evaluation = root / "run", root / "eval"
+    assert main(["pretrain", "--store", str(phantom_store.root), "--method", "simclr", "--out", str(run), *TINY_RUN]) == 0
+    assert main(["evaluate", "--store", str(phantom_store.root), "--init", "random", str(run), "--protocol", "knn",
+                 "--folds", "2", "--size", "32", "--fps", "0", "--frames-per-video", "4", "--out", str(evaluation)]) == 0
+    return run, evaluation
+
+
+@pytest.fixture(scope="module")
+def bundle(run_and_eval: tuple[Path, Path]) -> Path:
+    run, evaluation = run_and_eval
+    out = run.parent / "bundle"
+    assert main(["export", str(run), "--out", str(out), "--eval", str(evaluation)]) == 0
+    return out
+
+
+def test_bundle_gives_the_runs_features_in_plain_torchvision_and_in_sonocl(run_and_eval, bundle: Path) -> None:
+    run, _ = run_and_eval
+    assert sorted(p.name for p in bundle.iterdir()) == ["MODEL_CARD.md", "encoder.safetensors", "sonocl_encoder.json"]
+    plain = torchvision.models.resnet18()
+    plain.fc = torch.nn.Identity()
+    plain.load_state_dict(load_file(str(bundle / "encoder.safetensors")))  # strict: every key, torchvision names
+    ours, reloaded = sonocl.load_encoder(str(run)).eval(), sonocl.load_encoder(str(bundle)).eval()
+    grey = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = ours(grey)
+        assert torch.equal(reloaded(grey), reference)
+        assert torch.allclose(plain.eval()(grey.expand(-1, 3, -1, -1)), reference, atol=1e-4)  # the stem split in 3
+
+
+def test_metadata_says_what_the_run_did(run_and_eval, bundle: Path) -> None:
+    run, evaluation = run_and_eval
+    meta = json.loads((bundle / "sonocl_encoder.json").read_text())
+    header = encoder_metadata(run / "encoder.safetensors")
+    assert meta["schema"] == "sonocl.encoder/1" and meta["sonocl_version"] == sonocl.__version__
+    assert (meta["arch"], meta["channels"], meta["method"], meta["feature_dim"]) == ("resnet18", 1, "simclr", 512)
+    assert (meta["input"]["size"], meta["input"]["mean"], meta["input"]["std"]) == (32, header["mean"], header["std"])
+    assert meta["weights"]["sha256"] == hashlib.sha256((bundle / "encoder.safetensors").read_bytes()).hexdigest()
+    checkpoint = read_state_dict(run / "checkpoints" / "best.pt")
+    budget = meta["budget"]
+    assert budget["steps"] == checkpoint["global_step"] == budget["steps_per_epoch"] > 0
+    assert (budget["batch_size"], budget["pairs_seen"], budget["epochs"]) == (8, 8 * budget["steps"], 1)
+    assert budget["wall_seconds"] > 0 and set(budget["monitors"]) >= {"val_loss", "embedding_std"}
+    assert meta["pretrain_config"]["method"] == "simclr" and meta["provenance"] is None
+    labels = {entry["label"]: entry["this_encoder"] for entry in meta["evaluation"]["inits"]}
+    assert labels == {"random": False, "run": True}
+    assert (meta["evaluation"]["protocol"], meta["evaluation"]["folds"]) == ("knn", 2)
+    assert meta["evaluation"]["results"] == str((evaluation / "results.json").resolve())
+
+
+def test_model_card_code_runs_and_its_table_is_the_evaluation(run_and_eval, bundle: Path) -> None:
+    card = (bundle / "MODEL_CARD.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert len(snippets) == 2 and len(snippets[0].strip().splitlines()) == 3
+    features = []
+    for code in snippets:
+        scope: dict = {}
+        exec(code.replace("DIR", str(bundle)), scope)
+        encoder = scope["encoder"].eval()
+        channels = encoder.conv1.in_channels
+        with torch.no_grad():
+            features.append(encoder(torch.full((1, channels, 32, 32), 0.3)))
+    assert torch.allclose(features[0], features[1], atol=1e-4)
+    results = json.loads((run_and_eval[1] / "results.json").read_text())
+    run_accuracy = next(e for e in results["inits"] if e["label"] == "run")["summary"]["video"]["accuracy"]
+    assert f"| **run (this encoder)** | {100 * run_accuracy['mean']:.1f} ± {100 * run_accuracy['std']:.1f} |" in card
+    assert "protocol **knn**, 2 video-grouped folds × 1 seed(s)" in card and "## Intended use" in card
+
+
+def test_provenance_is_copied_whole_and_counted(run_and_eval, tmp_path: Path) -> None:
+    run, _ = run_and_eval
+    linked = tmp_path / "run"
+    linked.mkdir()
+    for entry in run.iterdir():
+        os.symlink(entry, linked / entry.name)
+    provenance = {"store": "/data/store", "store_id": "abc123", "trained_on": ["h1", "h2", "h3"],
+                  "labels_used": ["h1"], "validation": ["h4", "h5"]}
+    (linked / "provenance.json").write_text(json.dumps(provenance))
+    assert main(["export", str(linked), "--out", str(tmp_path / "bundle")]) == 0
+    meta = json.loads((tmp_path / "bundle" / "sonocl_encoder.json").read_text())
+    assert meta["provenance"] == provenance and meta["evaluation"] is None
+    assert meta["provenance_summary"] == {"store": "/data/store", "store_id": "abc123", "trained_on": 3,
+                                          "labels_used": 1, "validation": 2}
+    card = (tmp_path / "bundle" / "MODEL_CARD.md").read_text()
+    assert "- trained on: 3" in card and "- labels used: 1" in card and "Not evaluated in this bundle" in card
+
+
+def test_evaluate_and_segment_take_the_bundle_as_init(phantom_store, bundle: Path, tmp_path: Path) -> None:
+    model, report = load_init(str(bundle), "resnet18", 1)
+    assert report.kind == "sonocl" and report.source == str(bundle / "encoder.safetensors") and report.metadata["size"] == 32
+    assert main(["evaluate", "--store", str(phantom_store.root), "--init", str(bundle), "--protocol", "knn", "--folds", "2",
+                 "--size", "32", "--fps", "0", "--frames-per-video", "2", "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["inits"][0]["init_report"]["kind"] == "sonocl"
+    images, masks, _ = _synthetic_dataset(tmp_path / "seg", count=8)
+    assert main(["segment", "--images", str(images), "--masks", str(masks), "--init", str(bundle), "--folds", "2",
+                 "--size", "32", "--epochs", "1", "--batch-size", "4", "--overlays", "0", "--freeze-encoder",
+                 "--out", str(tmp_path / "segment")]) == 0
+    [init] = json.loads((tmp_path / "segment" / "results.json").read_text())["inits"]
+    assert init["init_report"]["kind"] == "sonocl" and init["init_report"]["loaded"] > 0
+
+
+def test_export_errors_name_the_file_and_exit_2(run_and_eval, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run, _ = run_and_eval
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert f"{tmp_path / 'encoder.safetensors'}: not found" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(tmp_path / "b"), "--eval", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'results.json'}: not found" in capsys.readouterr().err

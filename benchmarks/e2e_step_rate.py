@@ -59,14 +59,15 @@ def end_to_end_step_times(store: str, size: int, batch_size: int, workers: int, 
 
 def model_only_step_times(size: int, batch_size: int, steps: int, device: str, precision: str) -> list[float]:
     """The same model, objective and optimiser as the loop's, on random views already on the device."""
-    from sonocl.train.loop import AUTOCAST_DTYPES, build_model, objective_options
-    from sonocl.train.objectives import BatchTensors, StepContext, make_objective
+    from sonocl.methods import get_method
+    from sonocl.train.loop import AUTOCAST_DTYPES, build_model
+    from sonocl.train.objectives import BatchTensors, StepContext
 
     cfg = _config("", size, batch_size, 1, 0, device, precision)
     target = torch.device(device)
     layout = torch.channels_last if target.type == "cuda" else torch.contiguous_format  # the loop's default
     model = build_model(cfg, num_classes=3).to(target, memory_format=layout)
-    objective = make_objective("uscl", model, **objective_options(cfg)).to(target)
+    objective = get_method(cfg.method).objective(cfg, model).to(target)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     view1 = torch.randn(batch_size, 1, size, size, device=target).contiguous(memory_format=layout)
     view2 = torch.randn(batch_size, 1, size, size, device=target).contiguous(memory_format=layout)

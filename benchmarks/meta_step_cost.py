@@ -23,7 +23,9 @@ import torch
 
 from sonocl.models import ContrastiveModel, build_backbone
 from sonocl.train.loop import AUTOCAST_DTYPES
-from sonocl.train.objectives import BatchTensors, StepContext, make_objective
+from sonocl.methods import get_method
+from sonocl.train.config import merge, preset
+from sonocl.train.objectives import BatchTensors, StepContext
 from sonocl.runtime import keep_freed_memory
 
 
@@ -35,7 +37,8 @@ def _setup(method: str, size: int, batch: int, meta_every: int, seed: int, devic
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as the training loop
     model.to(memory_format=layout).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    objective = make_objective(method, model, meta_every=meta_every) if method == "meta-uscl" else make_objective(method, model)
+    cfg = merge(preset(method), {"options": {"meta_every": meta_every}} if method == "meta-uscl" else {})
+    objective = get_method(method).objective(cfg, model)
     objective.to(device)
     views = [torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=layout) for _ in range(4)]
     labels = torch.randint(-1, 12, (batch,), device=device)

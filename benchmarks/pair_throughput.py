@@ -44,7 +44,8 @@ from naive_pipeline import dump_jpeg_folders, naive_loader  # noqa: E402
 
 from sonocl.augment import AugmentConfig, BatchAugment, make_views  # noqa: E402
 from sonocl.data.store import FrameStore  # noqa: E402
-from sonocl.pairs import make_sampler  # noqa: E402
+from sonocl.train.config import merge, preset  # noqa: E402
+from sonocl.train.replay import training_sampler  # noqa: E402
 from sonocl.runtime import keep_freed_memory  # noqa: E402
 
 BATCH = 32
@@ -92,13 +93,13 @@ def run(store_path: str | None, rounds: int, sizes: list[int], threads: int, dev
         store, source = _open_store(store_path, scratch)
         videos = np.array([v for v in range(store.num_videos) if store.videos[v].num_frames >= 3])
         jpeg_root = dump_jpeg_folders(store, videos, scratch / "jpeg")
-        sampler = make_sampler("uscl", store, videos, BATCH, seed=0)
+        sampler = training_sampler(merge(preset("uscl"), {"seed": 0}), store, videos, BATCH)
         start = time.perf_counter()
         batches = [b for epoch in range(max(1, 4000 // len(sampler))) for b in sampler.batches(epoch)]
         sampler_rate = len(batches) * BATCH / (time.perf_counter() - start)
         results = []
         for size in sizes:
-            augment = BatchAugment(AugmentConfig(size=size, mean=0.5, std=0.25))
+            augment = BatchAugment(AugmentConfig(mean=0.5, std=0.25), size)
             generator = torch.Generator(device=device).manual_seed(0)
 
             def views(item, augment=augment, generator=generator):

@@ -31,3 +31,27 @@ def pocus_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"POCUS data not found at {path}")
     return path
+
+
+def method_config(method: str, **changes: object):
+    """The preset of ``method`` with ``changes`` merged in (nested mappings, e.g. ``options={"queue_size": 16}``)."""
+    from sonocl.train.config import merge, preset
+
+    return merge(preset(method), {k: v for k, v in changes.items() if v is not None})
+
+
+def make_sampler(method: str, store, videos, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, **options):
+    """The registered method's training sampler, built as the loop builds it, with ``options`` set."""
+    from sonocl.methods import get_method
+
+    cfg = method_config(method, seed=seed, options=options or None)
+    return get_method(method).sampler(cfg, store, videos, batch_size, rank, world_size)
+
+
+def make_objective(method: str, model, ema_start: float | None = None, **options):
+    """The registered method's objective for ``model``, with ``options`` (and the target momentum) set."""
+    from sonocl.methods import get_method
+
+    schedule = {"ema_start": ema_start} if ema_start is not None else None
+    cfg = method_config(method, options=options or None, schedule=schedule)
+    return get_method(method).objective(cfg, model)

@@ -23,26 +23,26 @@ def _images(n: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
 
 def test_identity_parameters_reproduce_the_input():
     images = _images()
-    out = BatchAugment(AugmentConfig(size=32, **IDENTITY))(images, _gen())
+    out = BatchAugment(AugmentConfig(**IDENTITY), 32)(images, _gen())
     torch.testing.assert_close(out, images, atol=1e-5, rtol=0)
 
 
 def test_flip_probability_one_mirrors_exactly():
     images = _images()
-    out = BatchAugment(AugmentConfig(size=32, **{**IDENTITY, "flip_p": 1.0}))(images, _gen())
+    out = BatchAugment(AugmentConfig(**{**IDENTITY, "flip_p": 1.0}), 32)(images, _gen())
     torch.testing.assert_close(out, images.flip(-1), atol=1e-5, rtol=0)
 
 
 def test_flip_rate_matches_p():
     ramp = torch.linspace(0, 1, 16).expand(400, 1, 16, 16).contiguous()
-    out = BatchAugment(AugmentConfig(size=16, **{**IDENTITY, "flip_p": 0.3}))(ramp, _gen(1))
+    out = BatchAugment(AugmentConfig(**{**IDENTITY, "flip_p": 0.3}), 16)(ramp, _gen(1))
     flipped = out[:, 0, 0, 0] > out[:, 0, 0, -1]
     assert abs(flipped.float().mean().item() - 0.3) < 0.07
 
 
 def test_crop_boxes_respect_scale_and_ratio():
-    config = AugmentConfig(size=224, crop_scale=(0.3, 0.9), crop_ratio=(0.75, 1.5))
-    top, left, height, width = BatchAugment(config).crop_boxes(4000, _gen(2), torch.device("cpu")).unbind(1)
+    size, config = 224, AugmentConfig(crop_scale=(0.3, 0.9), crop_ratio=(0.75, 1.5))
+    top, left, height, width = BatchAugment(config, size).crop_boxes(4000, _gen(2), torch.device("cpu")).unbind(1)
     area = height * width / 224**2
     ratio = width / height
     assert area.min() >= 0.3 - 0.01 and area.max() <= 0.9 + 0.01
@@ -63,8 +63,8 @@ def test_crop_content_comes_from_the_box():
     crop that lies inside it."""
     image = torch.ones(1, 1, 64, 64)
     image[..., 8:56, 8:56] = 0.0
-    config = AugmentConfig(size=64, crop_scale=(0.05, 0.1), crop_ratio=(1.0, 1.0), flip_p=0.0, brightness=0.0, contrast=0.0)
-    augment = BatchAugment(config)
+    size, config = 64, AugmentConfig(crop_scale=(0.05, 0.1), crop_ratio=(1.0, 1.0), flip_p=0.0, brightness=0.0, contrast=0.0)
+    augment = BatchAugment(config, size)
     images = image.expand(200, 1, 64, 64)
     boxes = augment.crop_boxes(200, _gen(3), torch.device("cpu"))
     out = augment(images, _gen(3))
@@ -74,11 +74,11 @@ def test_crop_content_comes_from_the_box():
 
 
 def test_seeded_generator_is_deterministic_and_samples_differ():
-    config = AugmentConfig(size=24, blur_p=0.5, speckle_p=0.5)
+    size, config = 24, AugmentConfig(blur_p=0.5, speckle_p=0.5)
     same = _images(1, 32).expand(8, 1, 32, 32)
-    first = BatchAugment(config)(same, _gen(7))
-    torch.testing.assert_close(first, BatchAugment(config)(same, _gen(7)), atol=0, rtol=0)
-    assert not torch.equal(first, BatchAugment(config)(same, _gen(8)))
+    first = BatchAugment(config, size)(same, _gen(7))
+    torch.testing.assert_close(first, BatchAugment(config, size)(same, _gen(7)), atol=0, rtol=0)
+    assert not torch.equal(first, BatchAugment(config, size)(same, _gen(8)))
     flat = first.flatten(1)
     distances = torch.cdist(flat, flat) + torch.eye(8) * 1e9
     assert distances.min() > 1e-3  # every sample got its own parameters
@@ -87,11 +87,11 @@ def test_seeded_generator_is_deterministic_and_samples_differ():
 
 def test_brightness_scales_within_range_and_contrast_keeps_the_mean():
     images = 0.2 + 0.3 * _images(300, 8)
-    out = BatchAugment(AugmentConfig(size=8, **{**IDENTITY, "brightness": 0.5}))(images, _gen(4))
+    out = BatchAugment(AugmentConfig(**{**IDENTITY, "brightness": 0.5}), 8)(images, _gen(4))
     factor = (out / images).flatten(1)
     assert torch.allclose(factor.min(1).values, factor.max(1).values, atol=1e-4)  # one factor per image
     assert factor.min() >= 0.5 - 1e-4 and factor.max() <= 1.5 + 1e-4 and factor.std() > 0.2
-    out = BatchAugment(AugmentConfig(size=8, **{**IDENTITY, "contrast": 0.5}))(images, _gen(5))
+    out = BatchAugment(AugmentConfig(**{**IDENTITY, "contrast": 0.5}), 8)(images, _gen(5))
     torch.testing.assert_close(out.mean(dim=(1, 2, 3)), images.mean(dim=(1, 2, 3)), atol=1e-5, rtol=0)
     spread = out.std(dim=(1, 2, 3)) / images.std(dim=(1, 2, 3))
     assert spread.min() >= 0.5 - 1e-3 and spread.max() <= 1.5 + 1e-3
@@ -100,18 +100,18 @@ def test_brightness_scales_within_range_and_contrast_keeps_the_mean():
 def test_gamma_only_on_marked_samples():
     images = _images(6, 16)
     extra = torch.tensor([True, False] * 3)
-    out = BatchAugment(AugmentConfig(size=16, **IDENTITY, gamma=0.25))(images, _gen(6), extra)
+    out = BatchAugment(AugmentConfig(**IDENTITY, gamma=0.25), 16)(images, _gen(6), extra)
     torch.testing.assert_close(out[~extra], images[~extra], atol=1e-5, rtol=0)
     assert (out[extra] - images[extra]).abs().amax(dim=(1, 2, 3)).min() > 1e-3
 
 
 def test_blur_smooths_and_speckle_adds_noise():
     images = _images(4, 32)
-    blurred = BatchAugment(AugmentConfig(size=32, **IDENTITY, blur_p=1.0, blur_sigma=(1.0, 2.0)))(images, _gen())
+    blurred = BatchAugment(AugmentConfig(**IDENTITY, blur_p=1.0, blur_sigma=(1.0, 2.0)), 32)(images, _gen())
     assert (blurred.std(dim=(1, 2, 3)) < 0.6 * images.std(dim=(1, 2, 3))).all()
     torch.testing.assert_close(blurred.mean(), images.mean(), atol=0.01, rtol=0)
     flat = torch.full((4, 1, 32, 32), 0.5)
-    speckled = BatchAugment(AugmentConfig(size=32, **IDENTITY, speckle_p=1.0, speckle_std=0.1))(flat, _gen())
+    speckled = BatchAugment(AugmentConfig(**IDENTITY, speckle_p=1.0, speckle_std=0.1), 32)(flat, _gen())
     assert abs(speckled.std().item() - 0.05) < 0.005
 
 
@@ -120,7 +120,7 @@ def test_resize_and_normalize():
     resized = resize_to(frames, 16)
     assert resized.shape == (3, 1, 16, 16) and resized.min() >= 0 and resized.max() <= 1
     torch.testing.assert_close(resize_to(frames, 48)[:, 0], frames.float() / 255)
-    augment = BatchAugment(AugmentConfig(size=16, mean=0.449, std=0.226, channels=3))
+    augment = BatchAugment(AugmentConfig(mean=0.449, std=0.226), 16, channels=3)
     normalised = augment.normalize(resized)
     assert normalised.shape == (3, 3, 16, 16)
     torch.testing.assert_close(normalised[:, 2], (resized[:, 0] - 0.449) / 0.226)
@@ -142,7 +142,7 @@ def test_make_views_mixing_arithmetic_with_identity_augmentation():
     frames = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     lam = torch.tensor([0.3, 0.8])
     mix = torch.stack([torch.stack([lam, 1 - lam, 0 * lam], 1), torch.stack([0 * lam, 1 - lam, lam], 1)], 1)
-    augment = BatchAugment(AugmentConfig(size=16, **IDENTITY))
+    augment = BatchAugment(AugmentConfig(**IDENTITY), 16)
     f = frames.float() / 255
     for augment_first in (True, False):
         view1, view2 = make_views(frames, mix, augment_first, augment, _gen())
@@ -156,7 +156,7 @@ def test_uscl_shares_the_augmented_anchor_frame():
     """λ = 0: both views are f2 alone; augment-first uses the one augmented f2 for both, mix-first two draws."""
     frames = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8)
     mix = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]]).expand(4, 2, 3)
-    augment = BatchAugment(AugmentConfig(size=16))
+    augment = BatchAugment(AugmentConfig(), 16)
     view1, view2 = make_views(frames, mix, True, augment, _gen(9))
     torch.testing.assert_close(view1, view2, atol=0, rtol=0)
     view1, view2 = make_views(frames, mix, False, augment, _gen(9))
@@ -165,7 +165,7 @@ def test_uscl_shares_the_augmented_anchor_frame():
 
 def test_make_views_shapes_and_argument_errors():
     frames = torch.randint(0, 256, (5, 1, 32, 32), dtype=torch.uint8)
-    augment = BatchAugment(AugmentConfig(size=64, channels=3))
+    augment = BatchAugment(AugmentConfig(), 64, channels=3)
     view1, view2 = make_views(frames, torch.ones(5, 2, 1), False, augment, _gen())
     assert view1.shape == view2.shape == (5, 3, 64, 64) and view1.dtype == torch.float32
     with pytest.raises(ValueError, match="mix"):
@@ -173,4 +173,4 @@ def test_make_views_shapes_and_argument_errors():
     with pytest.raises(ValueError, match="uint8"):
         make_views(frames.float(), torch.ones(5, 2, 1), False, augment)
     with pytest.raises(ValueError, match="crop_scale"):
-        AugmentConfig(size=8, crop_scale=(0.9, 0.5))
+        AugmentConfig(crop_scale=(0.9, 0.5))

@@ -12,7 +12,8 @@ from torch import nn
 
 from sonocl.losses import GroupInfoNCE, semi_supervised_ce
 from sonocl.models import ContrastiveModel
-from sonocl.train.objectives import BatchTensors, StepContext, make_objective
+from conftest import make_objective
+from sonocl.train.objectives import BatchTensors, StepContext
 
 B, IN, FEAT, DIM = 6, 12, 6, 4
 
@@ -57,7 +58,8 @@ def test_group_methods_are_weighted_group_infonce(method: str) -> None:
     loss, parts = objective(model, v1, v2, batch, _context(torch.optim.SGD(model.parameters(), lr=0.1)))
     _, z1 = reference(v1)
     _, z2 = reference(v2)
-    expected = GroupInfoNCE(0.3)(z1, z2, positive_group=batch.positive_group, weight=batch.weight)
+    base_temperature = 0.07 if method == "awcl" else None  # AWCL's preset keeps the reference's τ_b
+    expected = GroupInfoNCE(0.3, base_temperature)(z1, z2, positive_group=batch.positive_group, weight=batch.weight)
     torch.testing.assert_close(loss, expected)
     assert parts == {"contrastive": pytest.approx(float(expected.detach()))}
 
@@ -93,7 +95,7 @@ def _plain_moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau:
 def test_moco_queue_infonce_key_encoder_and_queue_update() -> None:
     model, (v1, v2) = _model(), _views(2)
     online = copy.deepcopy(model)
-    objective = make_objective("moco", model, queue_size=16, moco_momentum=0.9)
+    objective = make_objective("moco", model, queue_size=16, ema_start=0.9)
     key = copy.deepcopy(objective.key_encoder)
     queue = objective.queue.clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -123,7 +125,7 @@ def test_moco_queue_infonce_key_encoder_and_queue_update() -> None:
 def test_byol_symmetric_regression_and_ema_target() -> None:
     model, (v1, v2) = _model(predictor_hidden=7), _views(3)
     online = copy.deepcopy(model)
-    objective = make_objective("byol", model, byol_momentum=0.8)
+    objective = make_objective("byol", model, ema_start=0.8)
     target = copy.deepcopy(objective.target)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     loss, _ = objective(model, v1, v2, _batch(), _context(optimizer))
@@ -163,6 +165,7 @@ def test_make_objective_errors() -> None:
         make_objective("byol", _model())
 
 
+STATE_OPTIONS = {"moco": {"queue_size": 10}, "meta-uscl": {"cmw_lr": 1e-2}}
 METHOD_MODELS = {
     "simclr": {}, "uscl": {"num_classes": 3}, "awcl": {}, "ivpp": {}, "moco": {},
     "byol": {"predictor_hidden": 7}, "meta-uscl": {},
@@ -189,7 +192,7 @@ def _roundtrip(obj):
 @pytest.mark.parametrize("method", sorted(METHOD_MODELS))
 def test_state_dict_round_trip_reproduces_the_next_steps(method: str) -> None:
     model = _model(**METHOD_MODELS[method])
-    objective = make_objective(method, model, queue_size=10, cmw_lr=1e-2)
+    objective = make_objective(method, model, **STATE_OPTIONS.get(method, {}))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     for step in range(2):
         _step(model, objective, optimizer, step)
@@ -200,7 +203,7 @@ def test_state_dict_round_trip_reproduces_the_next_steps(method: str) -> None:
     fresh_model = _model(**METHOD_MODELS[method], seed=99)
     fresh_model.load_state_dict(saved["model"])
     torch.manual_seed(12345)  # a different random queue / CMW-Net init, overwritten by the state
-    fresh = make_objective(method, fresh_model, queue_size=10, cmw_lr=1e-2)
+    fresh = make_objective(method, fresh_model, **STATE_OPTIONS.get(method, {}))
     fresh.load_state_dict(saved["objective"])
     fresh_optimizer = torch.optim.SGD(fresh_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     fresh_optimizer.load_state_dict(saved["optimizer"])

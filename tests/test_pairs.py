@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from sonocl.data.store import FrameStore, FrameStoreWriter
-from sonocl.pairs import MetaSetSampler, PairBatch, make_sampler
+from conftest import make_sampler
+from sonocl.methods.awcl import AWCLSampler
+from sonocl.methods.meta_uscl import MetaSetSampler
+from sonocl.pairs import PairBatch
 
 CLASSES = ("covid", "pneumonia", "regular")
 ZONES = ("R1", "R2", "R3", "L1", "L2", "L3")
@@ -141,7 +144,7 @@ def test_meta_uscl_fallbacks_and_beta_mean(store):
 def test_ivpp_pairs_within_seconds_and_weight_formula(tmp_path):
     store = _write_store(tmp_path / "ivpp", [40] * 8, fps=20.0)
     for seconds in (0.25, 1.0):
-        sampler = make_sampler("ivpp", store, np.arange(8), batch_size=4, seed=2, max_seconds=seconds, items="frames")
+        sampler = make_sampler("ivpp", store, np.arange(8), batch_size=4, seed=2, delta_t=seconds, items="frames")
         batch = _all(sampler)
         _check_views_from_own_video(store, batch)
         first, second = batch.frames[:, 0], batch.frames[:, 1]
@@ -188,12 +191,12 @@ def test_awcl_anatomy_ratio_extremes(store, ratio):
 
 def test_awcl_coarse_level_from_map_and_column(store):
     coarse_map = {z: ("right" if z.startswith("R") else "left") for z in ZONES}
-    by_map = make_sampler("awcl", store, np.arange(24), 8, seed=0, anatomy_level="coarse", coarse_map=coarse_map)
+    by_map = AWCLSampler(store, np.arange(24), 8, 0, anatomy_level="coarse", coarse_map=coarse_map)
     by_column = make_sampler("awcl", store, np.arange(24), 8, seed=0, anatomy_level="coarse")
     assert by_map.class_names == by_column.class_names == ["left", "right"]
     assert np.array_equal(_all(by_map).positive_group, _all(by_column).positive_group)
     with pytest.raises(ValueError, match="no entry"):
-        make_sampler("awcl", store, np.arange(24), 8, seed=0, anatomy_level="coarse", coarse_map={"R1": "right"})
+        AWCLSampler(store, np.arange(24), 8, 0, anatomy_level="coarse", coarse_map={"R1": "right"})
 
 
 def test_simclr_items_unique_groups_across_ranks(store):

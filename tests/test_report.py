@@ -18,7 +18,7 @@ from sonocl.cli import main
 from sonocl.report.html import png_size
 
 TINY_PRETRAIN = ["--epochs", "1", "--batch-size", "4", "--size", "64", "--precision", "fp32", "--workers", "0",
-                 "--no-progress", "--set", "options.items=videos", "--set", "options.meta_batch_size=4",
+                 "--no-progress", "--set", "options.items=videos", "--meta-batch-size", "4",
                  "--set", "model.projection_hidden=64", "--set", "knn_frames_per_video=4"]
 SECTIONS = ("Training curves", "Positive pairs as the sampler and the augmentation make them", "Meta-USCL: CMW-Net pair weights",
             "Embedding map", "Grad-CAM: what the encoder looks at", "Comparison table", "Confusion matrices",

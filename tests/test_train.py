@@ -24,8 +24,12 @@ from sonocl.train.config import ConfigError, PretrainConfig, merge, parse_assign
 from sonocl.train.schedules import lr_schedule, momentum_schedule
 
 TINY = ["--epochs", "1", "--batch-size", "4", "--size", "32", "--precision", "fp32", "--workers", "0", "--no-progress",
-        "--set", "options.items=videos", "--set", "options.meta_batch_size=4", "--set", "options.queue_size=64",
-        "--set", "model.projection_hidden=64", "--set", "knn_frames_per_video=4"]
+        "--set", "options.items=videos", "--set", "model.projection_hidden=64", "--set", "knn_frames_per_video=4"]
+TINY_OPTIONS = {"meta-uscl": ["--meta-batch-size", "4"], "moco": ["--queue-size", "64"]}
+
+
+def _tiny(method: str) -> list[str]:
+    return ["--method", method, *TINY, *TINY_OPTIONS.get(method, [])]
 IDENTITY_AUGMENT = ["--set", "augment.crop_scale=[1.0, 1.0]", "--set", "augment.crop_ratio=[1.0, 1.0]",
                     "--set", "augment.flip_p=0.0", "--set", "augment.jitter_p=0.0", "--set", "augment.blur_p=0.0"]
 
@@ -119,7 +123,7 @@ def uscl_run(phantom_store, tmp_path_factory) -> Path:
     from sonocl.train.loop import pretrain
 
     out = tmp_path_factory.mktemp("uscl_run")
-    pretrain(_config(["--store", str(phantom_store.root), "--method", "uscl", "--out", str(out), *TINY]), out)
+    pretrain(_config(["--store", str(phantom_store.root), "--out", str(out), *_tiny("uscl")]), out)
     return out
 
 
@@ -155,7 +159,7 @@ def test_every_method_runs_writes_all_outputs_and_calls_no_collective(method: st
     from sonocl.train.loop import pretrain
 
     _forbid_collectives(monkeypatch)
-    argv = ["--store", str(phantom_store.root), "--method", method, "--out", str(tmp_path), *TINY]
+    argv = ["--store", str(phantom_store.root), "--out", str(tmp_path), *_tiny(method)]
     if method == "byol":
         argv += ["--set", "model.predictor_hidden=64"]
     pretrain(_config(argv), tmp_path)
@@ -172,7 +176,7 @@ def test_uscl_outputs_checkpoint_and_encoder_export(uscl_run: Path) -> None:
     rows = _step_rows(uscl_run)
     assert {"part_contrastive", "part_semi_supervised", "lr", "epoch", "step"} <= set(rows[0])
     state = load_checkpoint(uscl_run / "checkpoints" / "best.pt")  # weights_only=True
-    for key in ("model", "objective", "optimizer", "scaler", "epoch", "step_in_epoch", "rng", "schedule",
+    for key in ("model", "objective", "optimizer", "scaler", "epoch", "step_in_epoch", "rng", "global_step",
                 "encoder_metadata", "config", "best_val_loss"):
         assert key in state, key
     assert state["encoder_metadata"] == {"arch": "resnet18", "channels": 1, "size": 32, "mean": 0.5, "std": 0.25,
@@ -205,7 +209,7 @@ def test_nonfinite_loss_stops_with_step_and_parts(phantom_store, tmp_path: Path,
         return (loss * float("nan"), parts) if context.step == 1 else (loss, parts)
 
     monkeypatch.setattr(objectives.GroupContrastive, "forward", poisoned)
-    cfg = _config(["--store", str(phantom_store.root), "--method", "simclr", "--out", str(tmp_path), *TINY])
+    cfg = _config(["--store", str(phantom_store.root), "--out", str(tmp_path), *_tiny("simclr")])
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 2 \(epoch 1, step 2 of \d+.*contrastive="):
         pretrain(cfg, tmp_path)
 

@@ -12,7 +12,8 @@ from torch import nn
 from sonocl.losses import GroupInfoNCE
 from sonocl.models import CMWNet, ContrastiveModel, build_backbone
 from sonocl.train import meta
-from sonocl.train.objectives import BatchTensors, StepContext, make_objective
+from conftest import make_objective
+from sonocl.train.objectives import BatchTensors, StepContext
 
 B, IN, FEAT = 6, 12, 6
 

@@ -18,14 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sonocl.errors import ConfigError
+
 _CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop.get_params
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Per-method augmentation parameters (the presets live with the training methods)."""
+    """Augmentation parameters: the ``augment`` section of a pretraining configuration (the presets live with the
+    methods, ``sonocl/methods/``). The output size and the stem's channels are the model's, given to `BatchAugment`."""
 
-    size: int
     crop_scale: tuple[float, float] = (0.8, 1.0)
     crop_ratio: tuple[float, float] = (0.8, 1.25)
     flip_p: float = 0.5
@@ -41,24 +43,23 @@ class AugmentConfig:
     """Multiplicative speckle: x · (1 + std · n), n ~ N(0, 1) per pixel."""
     mean: float = 0.5
     std: float = 0.25
-    channels: int = 1
-    """3: the normalised grey image is copied to three channels (ImageNet-style stems)."""
 
     def __post_init__(self) -> None:
         checks = {
-            "size ≥ 1": self.size >= 1,
-            "0 < crop_scale[0] ≤ crop_scale[1] ≤ 1": 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
-            "0 < crop_ratio[0] ≤ crop_ratio[1]": 0 < self.crop_ratio[0] <= self.crop_ratio[1],
-            "brightness, contrast, gamma ≥ 0": min(self.brightness, self.contrast, self.gamma) >= 0,
-            "gamma < 1": self.gamma < 1,
-            "probabilities in [0, 1]": all(0 <= p <= 1 for p in (self.flip_p, self.jitter_p, self.blur_p, self.speckle_p)),
-            "0 < blur_sigma[0] ≤ blur_sigma[1]": 0 < self.blur_sigma[0] <= self.blur_sigma[1],
-            "std > 0": self.std > 0,
-            "channels 1 or 3": self.channels in (1, 3),
+            "crop_scale": 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            "crop_ratio": 0 < self.crop_ratio[0] <= self.crop_ratio[1],
+            "blur_sigma": 0 < self.blur_sigma[0] <= self.blur_sigma[1],
+            **{name: 0 <= getattr(self, name) <= 1 for name in ("flip_p", "jitter_p", "blur_p", "speckle_p")},
+            **{name: getattr(self, name) >= 0 for name in ("brightness", "contrast", "speckle_std")},
+            "gamma": 0 <= self.gamma < 1,
+            "std": self.std > 0,
         }
-        failed = [name for name, ok in checks.items() if not ok]
+        rules = {"crop_scale": "0 < low ≤ high ≤ 1", "crop_ratio": "0 < low ≤ high", "blur_sigma": "0 < low ≤ high",
+                 "gamma": "0 ≤ gamma < 1", "std": "> 0", "brightness": "≥ 0", "contrast": "≥ 0", "speckle_std": "≥ 0"}
+        failed = [f"{name}={getattr(self, name)} (need {rules.get(name, 'a probability in [0, 1]')})"
+                  for name, ok in checks.items() if not ok]
         if failed:
-            raise ValueError(f"invalid AugmentConfig ({', '.join(failed)}): {self}")
+            raise ConfigError("invalid " + ", ".join(failed))
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -129,9 +130,14 @@ class BatchAugment(nn.Module):
     moved to the images' device; pass a generator on the images' device to keep noise generation there).
     """
 
-    def __init__(self, config: AugmentConfig) -> None:
+    def __init__(self, config: AugmentConfig, size: int, channels: int = 1) -> None:
         super().__init__()
+        if size < 1 or channels not in (1, 3):
+            raise ConfigError(f"BatchAugment needs size ≥ 1 and 1 or 3 channels, not {size} and {channels}")
         self.config = config
+        self.size = size
+        self.channels = channels
+        """3: the normalised grey image is copied to three channels (ImageNet-style stems)."""
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None, extra: Tensor | None = None) -> Tensor:
         """Augment ``images`` ``(N, 1, H, W)``; ``extra`` ``(N,)`` bool marks the samples that get the gamma transform
@@ -139,7 +145,7 @@ class BatchAugment(nn.Module):
         if images.dim() != 4 or images.shape[1] != 1 or not images.is_floating_point():
             raise ValueError(f"BatchAugment expects (N, 1, H, W) float images, got {tuple(images.shape)} {images.dtype}")
         cfg = self.config
-        images = _shrink(images, cfg.size)
+        images = _shrink(images, self.size)
         n, device = images.shape[0], images.device
         if cfg.gamma > 0:
             images = self._gamma(images, generator, extra)
@@ -155,7 +161,7 @@ class BatchAugment(nn.Module):
     def crop_boxes(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
         """``(n, 4)`` crop boxes (top, left, height, width) in pixels of the ``size`` image, torchvision semantics:
         up to 10 attempts at area ~ U(scale) and log-ratio ~ U(log ratio), else the centred fallback."""
-        cfg, size = self.config, self.config.size
+        cfg, size = self.config, self.size
         area = size * size * _uniform(n * _CROP_ATTEMPTS, *cfg.crop_scale, generator, device).view(n, _CROP_ATTEMPTS)
         log_ratio = _uniform(n * _CROP_ATTEMPTS, *map(math.log, cfg.crop_ratio), generator, device).view(n, _CROP_ATTEMPTS)
         ratio = torch.exp(log_ratio)
@@ -183,7 +189,7 @@ class BatchAugment(nn.Module):
         input may have any resolution. The grid is axis-aligned, so it is built from two broadcast vectors
         (``affine_grid`` costs more than the sampling on the CPU).
         """
-        n, size, device = images.shape[0], self.config.size, images.device
+        n, size, device = images.shape[0], self.size, images.device
         top, left, height, width = self.crop_boxes(n, generator, device).unbind(1)
         flip = _bernoulli(n, self.config.flip_p, generator, device)
         centres = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) * (2.0 / size) - 1.0
@@ -222,7 +228,7 @@ class BatchAugment(nn.Module):
 
     def _blur(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
         """Separable Gaussian blur, σ ~ U(blur_sigma) per sample, one grouped convolution per axis."""
-        n, size, device = images.shape[0], self.config.size, images.device
+        n, size, device = images.shape[0], self.size, images.device
         sigma = _uniform(n, *self.config.blur_sigma, generator, device)
         radius = min(math.ceil(3 * self.config.blur_sigma[1]), (size - 1) // 2)
         offsets = torch.arange(-radius, radius + 1, device=device, dtype=images.dtype)
@@ -244,7 +250,7 @@ class BatchAugment(nn.Module):
     def normalize(self, images: Tensor) -> Tensor:
         """``(N, 1, s, s)`` in [0, 1] → ``(N, channels, s, s)`` standardised with the method's mean and std."""
         normalised = (images - self.config.mean) / self.config.std
-        return normalised.expand(-1, 3, -1, -1).contiguous() if self.config.channels == 3 else normalised
+        return normalised.expand(-1, 3, -1, -1).contiguous() if self.channels == 3 else normalised
 
 
 def make_views(
@@ -270,7 +276,7 @@ def make_views(
     mix = torch.as_tensor(mix, dtype=torch.float32, device=frames_u8.device)
     if mix.shape != (b, 2, k):
         raise ValueError(f"mix must be (B, 2, k) = ({b}, 2, {k}) for these frames, got {tuple(mix.shape)}")
-    size = augment.config.size
+    size = augment.size
     frames = _unit_float(frames_u8.reshape(b * k, 1, height, width), size)
     height, width = frames.shape[-2:]
     if augment_first:

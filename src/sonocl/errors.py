@@ -12,3 +12,7 @@ class UserError(Exception):
     """Bad input: the message names the file or option, what is wrong and the fix."""
 
     exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot run; the message names the key and the allowed values."""

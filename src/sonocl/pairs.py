@@ -10,23 +10,25 @@ items. Rank ``r`` of ``W`` takes, at step ``s``, the items ``s·G + r·B … s·
 and the concatenation of the ranks' batches at step ``s`` is exactly the batch a single process with batch
 ``G`` gets: a DDP run and a one-process run see the same pairs.
 
-Methods and their references are in ``docs/methods.md`` (§1.3 USCL, §2.3 Meta-USCL, §3.2 AWCL, §4 IVPP).
+This module holds the shared machinery and the instance sampler of SimCLR, MoCo and BYOL; each method's own
+sampler lives in its module under ``sonocl/methods/`` (``docs/methods.md``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
 from sonocl.data.store import FrameStore
+from sonocl.methods.base import ITEM_KINDS
 
-ITEM_KINDS = ("videos", "frames")
-_LABEL_DRAW_KEY = 0x5E1  # separates the run-level label draws from the per-epoch streams
-_META_DRAW_KEY = 0x3E7A
+LABEL_DRAW_KEY = 0x5E1
+"""Separates a run's one-off label draws (USCL label rate, AWCL anatomy ratio) from the per-epoch streams."""
+META_DRAW_KEY = 0x3E7A
+"""Separates Meta-USCL's meta-batch draws from the training pairs' streams."""
 
 
 @dataclass
@@ -64,7 +66,7 @@ class PairBatch:
         )
 
 
-def _distinct(rng: np.random.Generator, sizes: np.ndarray, count: int) -> np.ndarray:
+def distinct(rng: np.random.Generator, sizes: np.ndarray, count: int) -> np.ndarray:
     """``count`` distinct integers drawn uniformly from ``range(sizes[i])`` for each row i; ``(len(sizes), count)``.
 
     Vectorised sequential draw: the j-th value is drawn from the ``size - j`` values left and shifted past the
@@ -194,7 +196,7 @@ class PairSampler:
         )
 
 
-def _simclr_mix(n: int) -> np.ndarray:
+def simclr_mix(n: int) -> np.ndarray:
     return np.ones((n, 2, 1), dtype=np.float32)
 
 
@@ -209,272 +211,4 @@ class InstanceSampler(PairSampler):
 
     def _draw(self, rng, video, frame, position):
         frames = (frame if frame is not None else self._random_frame(rng, video))[:, None]
-        return self._batch(frames, _simclr_mix(len(video)), video, position)
-
-
-class USCLSampler(PairSampler):
-    """USCL sample-pair generation (Chen et al., MICCAI 2021; ``docs/methods.md`` §1.3).
-
-    Three distinct frames f1, f2, f3 of one video, drawn uniformly with no order and no distance limit; one
-    λ ~ Beta(0.5, 0.5) per item; views ``λ·f1 + (1−λ)·f2`` and ``λ·f3 + (1−λ)·f2`` of the *augmented* frames
-    (``augment_first``; f2 is augmented once and shared). Videos of 2 frames give the two frames unmixed, of 1
-    frame two augmentations of it. ``positive_group`` = video index, so no frame of an item's own video is
-    ever its negative (with ``items="frames"`` a video may appear several times in a batch).
-
-    Semi-supervised labels: ``ceil(#labelled videos × label_rate)`` of the videos that carry a value in
-    ``label_column`` are drawn once from the seed (fixed for the run, unlike the reference's unseeded draw,
-    quirk 12); their items carry the class code, all others -1. ``class_names`` lists the classes.
-    """
-
-    k = 3
-    augment_first = True
-
-    def __init__(self, *args: Any, label_rate: float = 1.0, label_column: str = "label", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if not 0.0 <= label_rate <= 1.0:
-            raise ValueError(f"label_rate must lie in [0, 1], not {label_rate}")
-        codes, self.class_names = self.store.label_codes(label_column)
-        candidates = self.videos[codes[self.videos] >= 0]
-        count = math.ceil(len(candidates) * label_rate)
-        chosen = np.random.default_rng([self.seed, _LABEL_DRAW_KEY]).choice(candidates, size=count, replace=False)
-        self.labelled_videos = np.sort(chosen)
-        """Video indices whose items carry their class (fixed for the run)."""
-        self._video_label = np.full(self.store.num_videos, -1, dtype=np.int64)
-        self._video_label[self.labelled_videos] = codes[self.labelled_videos]
-
-    def _draw(self, rng, video, frame, position):
-        n = len(video)
-        length = self._length[video]
-        lam = rng.beta(0.5, 0.5, size=n)
-        local = _distinct(rng, length, 3)
-        mix = np.zeros((n, 2, 3))
-        mix[:, 0, 0], mix[:, 0, 1] = lam, 1 - lam
-        mix[:, 1, 2], mix[:, 1, 1] = lam, 1 - lam
-        short = length < 3
-        local[short] = [0, 1, 1]
-        local[length == 1] = 0
-        mix[short] = [[1, 0, 0], [0, 1, 0]]
-        frames = self.store.video_offsets[video][:, None] + local
-        return self._batch(frames, mix, video, video, label=self._video_label[video])
-
-
-class MetaUSCLSampler(PairSampler):
-    """Meta-USCL positive-pair interpolation (Chen et al., IEEE TMI 2023; ``docs/methods.md`` §2.3).
-
-    An ordered triplet F0, F1, F2 at offsets 0 < d1 < d2 ≤ min(L−1, max_dist) from a uniform start;
-    α, β ~ Beta(3, 5) independently; views ``(1−α)·F0 + α·F1`` and ``β·F1 + (1−β)·F2`` mixed on the raw
-    frames, then augmented independently. Fallbacks: a video (or max_dist) that allows only two frames gives
-    two frames at most max_dist apart, unmixed; a one-frame video gives frame 0 twice.
-    """
-
-    k = 3
-
-    def __init__(self, *args: Any, max_dist: int = 999, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if max_dist < 1:
-            raise ValueError(f"max_dist must be ≥ 1 frame, not {max_dist}")
-        self.max_dist = max_dist
-
-    def _draw(self, rng, video, frame, position):
-        n = len(video)
-        length = self._length[video]
-        reach = np.minimum(length - 1, self.max_dist)
-        offsets = np.sort(_distinct(rng, reach, 2), axis=1) + 1
-        single = reach < 2
-        offsets[single, 0] = np.floor(rng.random(int(single.sum())) * reach[single]).astype(np.int64) + 1
-        offsets[single, 1] = offsets[single, 0]
-        offsets[length == 1] = 0
-        start = np.floor(rng.random(n) * (length - offsets[:, 1])).astype(np.int64)
-        alpha, beta = rng.beta(3, 5, size=n), rng.beta(3, 5, size=n)
-        mix = np.zeros((n, 2, 3))
-        mix[:, 0, 0], mix[:, 0, 1] = 1 - alpha, alpha
-        mix[:, 1, 1], mix[:, 1, 2] = beta, 1 - beta
-        mix[single] = [[1, 0, 0], [0, 0, 1]]
-        local = np.stack([start, start + offsets[:, 0], start + offsets[:, 1]], axis=1)
-        frames = self.store.video_offsets[video][:, None] + local
-        return self._batch(frames, mix, video, video)
-
-
-class MetaSetSampler:
-    """Meta-USCL's meta set: two augmentations of one frame of a held-out video per pair (§2.7).
-
-    The reference draws a fresh random meta batch every step (quirk 17, made explicit here as ``batch(epoch,
-    step)``) and always uses frame 0 of each video (quirk 18), which makes the meta signal weak: each meta
-    video offers one image for the whole run. ``meta_frame="random"`` (default) draws the frame per pair;
-    ``"first"`` reproduces the reference. When the global meta batch outgrows the held-out videos, videos are
-    drawn with replacement; repeats share ``positive_group`` (the video index) and so are positives.
-    """
-
-    META_FRAMES = ("first", "random")
-
-    def __init__(
-        self,
-        store: FrameStore,
-        videos: np.ndarray,
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        meta_frame: str = "random",
-    ) -> None:
-        videos = np.asarray(videos, dtype=np.int64).reshape(-1)
-        if len(videos) == 0:
-            raise ValueError("the meta set needs at least one held-out video")
-        if meta_frame not in self.META_FRAMES:
-            raise ValueError(f"meta_frame must be one of {self.META_FRAMES}, not {meta_frame!r}")
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"invalid meta batch {batch_size} / rank {rank} / world_size {world_size}")
-        self.store, self.videos, self.batch_size, self.seed = store, videos, batch_size, seed
-        self.rank, self.world_size, self.meta_frame = rank, world_size, meta_frame
-
-    def batch(self, epoch: int, step: int) -> PairBatch:
-        """This rank's meta batch for training step ``step`` of ``epoch`` (deterministic, resumable)."""
-        rng = np.random.default_rng([self.seed, _META_DRAW_KEY, epoch, step])
-        total = self.batch_size * self.world_size
-        video = rng.choice(self.videos, size=total, replace=total > len(self.videos))
-        frames = self.store.video_offsets[video]
-        if self.meta_frame == "random":
-            frames = frames + np.floor(rng.random(total) * np.diff(self.store.video_offsets)[video]).astype(np.int64)
-        shard = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        return PairBatch(
-            frames=frames[shard, None].astype(np.int64),
-            mix=_simclr_mix(self.batch_size),
-            augment_first=False,
-            video=video[shard].astype(np.int64),
-            positive_group=video[shard].astype(np.int64),
-            weight=np.ones(self.batch_size, dtype=np.float32),
-            label=np.full(self.batch_size, -1, dtype=np.int64),
-        )
-
-
-class IVPPSampler(PairSampler):
-    """Intra-video positive pairs (VanBerlo et al. 2024; ``docs/methods.md`` §4).
-
-    Two distinct frames of one video at most ``max_seconds`` apart in the store's real timestamps, unmixed;
-    pair weight ``sw = (Δmax − Δ + 1) / (Δmax + 1)`` with ``Δmax = int(max_seconds · fps)`` and Δ the frame
-    distance (clipped to ``[1/(Δmax+1), 1]`` for irregular timestamps). The first frame is the item's frame
-    (``items="frames"``) or uniform in its video; a frame with no neighbour within ``max_seconds`` is paired
-    with itself (weight 1). fps is the video's, else estimated from its median frame interval.
-    """
-
-    k = 2
-    _TIME_SLACK = 1e-6  # timestamps are stored rounded to 1 µs
-
-    def __init__(self, *args: Any, max_seconds: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if max_seconds <= 0:
-            raise ValueError(f"max_seconds must be > 0, not {max_seconds}")
-        self.max_seconds = max_seconds
-        time, offsets = self.store.frame_time, self.store.video_offsets
-        fps = np.ones(self.store.num_videos)
-        for v in self.videos:
-            stamps = time[offsets[v] : offsets[v + 1]]
-            recorded = self.store.videos[v].fps
-            interval = float(np.median(np.diff(stamps))) if len(stamps) > 1 else 0.0
-            fps[v] = recorded if recorded else (1.0 / interval if interval > 0 else 1.0)
-        self._max_frames = np.floor(max_seconds * fps + 1e-9).astype(np.int64)
-        # One sorted key over the whole store: within a video its time, videos apart by more than any window.
-        span = float(time.max() - time.min()) if len(time) else 0.0
-        self._key = self.store.frame_video * (span + 2 * max_seconds + 1.0) + time
-        backwards = np.flatnonzero(np.diff(self._key) < 0)
-        if len(backwards):
-            bad = self.store.videos[int(self.store.frame_video[backwards[0]])]
-            raise ValueError(f"video {bad.id}: timestamps are not in increasing order; IVPP needs real frame times")
-
-    def _draw(self, rng, video, frame, position):
-        first = frame if frame is not None else self._random_frame(rng, video)
-        centre = self._key[first]
-        low = np.searchsorted(self._key, centre - self.max_seconds - self._TIME_SLACK, side="left")
-        high = np.searchsorted(self._key, centre + self.max_seconds + self._TIME_SLACK, side="right")
-        others = high - low - 1
-        second = low + np.floor(rng.random(len(video)) * np.maximum(others, 0)).astype(np.int64)
-        second += second >= first
-        second = np.where(others > 0, second, first)
-        delta_max = self._max_frames[video]
-        delta = np.abs(second - first)
-        weight = np.clip((delta_max - delta + 1) / (delta_max + 1), 1.0 / (delta_max + 1), 1.0)
-        mix = np.broadcast_to(np.eye(2), (len(video), 2, 2))
-        return self._batch(np.stack([first, second], axis=1), mix, video, video, weight=weight)
-
-
-class AWCLSampler(PairSampler):
-    """Anatomy-aware contrastive learning (Fu et al., ECCV-W 2022; ``docs/methods.md`` §3.2, §3.5).
-
-    Instance items (two augmentations of one frame). An item whose video carries an anatomy label, and
-    which keeps it under the anatomy ratio r, has ``positive_group`` = its anatomy class id, so every view
-    of that anatomy in the batch is a positive (SupCon); every other item gets a unique id above all class
-    ids, so unlabelled items are never positives of each other (quirk 25: the mask is built per sample).
-
-    ``anatomy_level="coarse"`` maps the fine values through ``coarse_map`` when given, else reads the
-    ``coarse_column``. Whether a frame keeps its label is drawn once per frame from the seed (a fixed label
-    budget for the run, like USCL's label rate); ``label`` carries the kept class for optional supervision.
-    """
-
-    k = 1
-    default_items = "frames"
-    LEVELS = ("fine", "coarse")
-
-    def __init__(
-        self,
-        *args: Any,
-        anatomy_column: str = "anatomy",
-        anatomy_level: str = "fine",
-        coarse_map: Mapping[str, str] | None = None,
-        coarse_column: str = "anatomy_coarse",
-        anatomy_ratio: float = 1.0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if anatomy_level not in self.LEVELS:
-            raise ValueError(f"anatomy_level must be one of {self.LEVELS}, not {anatomy_level!r}")
-        if not 0.0 <= anatomy_ratio <= 1.0:
-            raise ValueError(f"anatomy_ratio must lie in [0, 1], not {anatomy_ratio}")
-        values = self.store.label_column(anatomy_column)
-        if anatomy_level == "coarse":
-            if coarse_map is not None:
-                unmapped = sorted({v for v in values if v and v not in coarse_map})
-                if unmapped:
-                    raise ValueError(f"coarse_map has no entry for anatomy values {unmapped}")
-                values = [coarse_map[v] if v else None for v in values]
-            else:
-                values = self.store.label_column(coarse_column)
-        self.class_names = sorted({v for v in values if v})
-        if not self.class_names:
-            raise ValueError(f"no video of the store has a value in the anatomy column {anatomy_column!r}")
-        lookup = {name: code for code, name in enumerate(self.class_names)}
-        self._video_class = np.array([lookup.get(v, -1) if v else -1 for v in values], dtype=np.int64)
-        keep = np.random.default_rng([self.seed, _LABEL_DRAW_KEY]).random(self.store.num_frames) < anatomy_ratio
-        self._frame_keeps = keep
-
-    def _draw(self, rng, video, frame, position):
-        frames = frame if frame is not None else self._random_frame(rng, video)
-        label = np.where(self._frame_keeps[frames], self._video_class[video], -1)
-        group = np.where(label >= 0, label, len(self.class_names) + position)
-        return self._batch(frames[:, None], _simclr_mix(len(video)), video, group, label=label)
-
-
-SAMPLERS: dict[str, type[PairSampler]] = {
-    "simclr": InstanceSampler,
-    "moco": InstanceSampler,
-    "byol": InstanceSampler,
-    "uscl": USCLSampler,
-    "meta-uscl": MetaUSCLSampler,
-    "ivpp": IVPPSampler,
-    "awcl": AWCLSampler,
-}
-
-
-def make_sampler(
-    method: str,
-    store: FrameStore,
-    videos: np.ndarray,
-    batch_size: int,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    **options: Any,
-) -> PairSampler:
-    """The pair sampler of ``method`` with its options (``items``, ``label_rate``, ``max_dist``, …)."""
-    if method not in SAMPLERS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[method](store, videos, batch_size, seed, rank, world_size, **options)
+        return self._batch(frames, simclr_mix(len(video)), video, position)

@@ -426,8 +426,8 @@ class FoldTrainer:
 
     def __init__(self, data: EvalData, config: EvalConfig, device: torch.device, generator: torch.Generator) -> None:
         self.data, self.config, self.device, self.generator = data, config, device, generator
-        common = dict(size=config.size, mean=config.mean, std=config.std, channels=config.channels)
-        self.augment = BatchAugment(AugmentConfig(brightness=0.0, contrast=0.0, jitter_p=0.0, **common))
+        self.augment = BatchAugment(AugmentConfig(brightness=0.0, contrast=0.0, jitter_p=0.0, mean=config.mean,
+                                                  std=config.std), config.size, config.channels)
 
     # -- inputs
     def _inputs(self, frames: np.ndarray, augment: bool) -> torch.Tensor:

@@ -318,24 +318,17 @@ def _pair_gallery(section: Section, cfg: Any, store: Any) -> None:
     """The first items of epoch 1's first batch with exactly the training step's augmentation draw."""
     import torch
 
-    from sonocl.augment import AugmentConfig, BatchAugment, make_views
-    from sonocl.data.splits import grouped_holdout
-    from sonocl.pairs import make_sampler
+    from sonocl.augment import make_views
     from sonocl.report import figures
-    from sonocl.train.loop import step_seed, sampler_options
+    from sonocl.train.replay import build_augment, split_videos, step_seed, training_sampler
 
-    codes, _ = store.label_codes(cfg.options.label_column)
-    kept = np.arange(store.num_videos, dtype=np.int64)
-    if cfg.val_fraction > 0:
-        kept, _ = grouped_holdout(codes, store.group_codes(), cfg.val_fraction, cfg.seed)
-        kept = np.sort(np.asarray(kept, dtype=np.int64))
+    kept, _ = split_videos(cfg, store)
     try:
-        sampler = make_sampler(cfg.method, store, kept, cfg.batch_size, cfg.seed, **sampler_options(cfg))
-        batch = sampler.batches(0)[0]
+        batch = training_sampler(cfg, store, kept, cfg.batch_size).batches(0)[0]
     except (ValueError, IndexError) as error:
         section.note(f"Skipped: the sampler gives no batch here ({error}).")
         return
-    augment = BatchAugment(AugmentConfig(size=cfg.size, channels=cfg.model.channels, **vars(cfg.augment)))
+    augment = build_augment(cfg)
     generator = torch.Generator().manual_seed(step_seed(cfg.seed, 0, 0))
     extra = torch.from_numpy(batch.label >= 0) if cfg.augment.gamma > 0 else None
     view1, view2 = make_views(torch.from_numpy(store.gather(batch.frames)), batch.mix, batch.augment_first, augment,
@@ -434,11 +427,9 @@ def cmw_pair_weights(checkpoint_path: Path, cfg: Any, store: Any, max_pairs: int
     import torch
     import torch.nn.functional as F
 
-    from sonocl.augment import AugmentConfig, BatchAugment, make_views
-    from sonocl.data.splits import grouped_holdout
+    from sonocl.augment import make_views
     from sonocl.models import CMWNet, build_backbone, checkpoint_backbone_state, feature_dim
-    from sonocl.pairs import make_sampler
-    from sonocl.train.loop import step_seed, sampler_options
+    from sonocl.train.replay import build_augment, split_videos, step_seed, training_sampler
 
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     cmw_state = {k[len("cmw."):]: v for k, v in checkpoint.get("objective", {}).items() if k.startswith("cmw.")}
@@ -447,15 +438,11 @@ def cmw_pair_weights(checkpoint_path: Path, cfg: Any, store: Any, max_pairs: int
     cmw = CMWNet(feature_dim(cfg.model.backbone), cfg.options.cmw_hidden)
     cmw.load_state_dict(cmw_state)
     backbone = build_backbone(cfg.model.backbone, cfg.model.channels, checkpoint_backbone_state(checkpoint))
-    codes, class_names = store.label_codes(cfg.options.label_column)
-    kept = np.arange(store.num_videos, dtype=np.int64)
-    if cfg.val_fraction > 0:
-        kept, _ = grouped_holdout(codes, store.group_codes(), cfg.val_fraction, cfg.seed)
-        kept = np.sort(np.asarray(kept, dtype=np.int64))
-    sampler = make_sampler(cfg.method, store, kept, cfg.batch_size, cfg.seed, **sampler_options(cfg))
+    codes, class_names = store.label_codes(cfg.label_column)
+    sampler = training_sampler(cfg, store, split_videos(cfg, store)[0], cfg.batch_size)
     epoch = max(int(checkpoint.get("epoch", 1)), 1)
     steps_per_epoch = len(sampler)
-    augment = BatchAugment(AugmentConfig(size=cfg.size, channels=cfg.model.channels, **vars(cfg.augment)))
+    augment = build_augment(cfg)
     generator = torch.Generator()
     weights, cosines, labels = [], [], []
     with torch.no_grad():

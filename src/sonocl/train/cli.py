@@ -6,14 +6,17 @@ Multi-GPU / multi-node: ``torchrun --nproc-per-node N -m sonocl pretrain …`` (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
+from sonocl.methods import METHOD_NAMES, registry
 from sonocl.train.config import (
     BACKBONES,
-    METHODS,
+    PRECISIONS,
     ConfigError,
     PretrainConfig,
     load_yaml,
@@ -22,7 +25,8 @@ from sonocl.train.config import (
     preset,
 )
 
-# flag destination → configuration key (dotted)
+# flag destination → configuration key (dotted), for the settings every method has; each method's own options
+# (``sonocl/methods/``) become flags of their own in `_method_flags`.
 OVERRIDES: dict[str, str] = {
     "store": "store",
     "epochs": "epochs",
@@ -36,15 +40,6 @@ OVERRIDES: dict[str, str] = {
     "compile": "model.compile",
     "seed": "seed",
     "device": "device",
-    "label_rate": "options.label_rate",
-    "semi_weight": "options.semi_weight",
-    "max_dist": "options.max_dist",
-    "meta_every": "options.meta_every",
-    "anatomy_column": "options.anatomy_column",
-    "anatomy_level": "options.anatomy_level",
-    "anatomy_ratio": "options.anatomy_ratio",
-    "delta_t": "options.delta_t",
-    "temperature": "options.temperature",
     "val_fraction": "val_fraction",
     "workers": "workers",
     "clip_grad": "optim.clip_grad",
@@ -54,6 +49,19 @@ OVERRIDES: dict[str, str] = {
     "sync_bn": "model.sync_bn",
     "progress": "progress",
 }
+_OPTION_PREFIX = "option_"
+
+
+def _method_flags() -> dict[str, tuple[type, str, list[str]]]:
+    """Option name → (type, help, methods that have it), over every registered method's options dataclass."""
+    flags: dict[str, tuple[type, str, list[str]]] = {}
+    for method in registry().values():
+        hints = typing.get_type_hints(method.options)
+        for option in dataclasses.fields(method.options):
+            kind = next((a for a in typing.get_args(hints[option.name]) if a is not type(None)), hints[option.name])
+            _, help_text, owners = flags.setdefault(option.name, (kind, option.metadata["help"], []))
+            owners.append(method.name)
+    return flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "RUN/config.yaml holds the resolved configuration. Distributed: torchrun --nproc-per-node N -m sonocl pretrain …"
     )
     parser.add_argument("--store", help="frame store directory (sonocl ingest)")
-    parser.add_argument("--method", choices=METHODS, help="pretraining method (its preset is the base configuration)")
+    parser.add_argument("--method", choices=METHOD_NAMES, help="pretraining method (its preset is the base configuration): "
+                        + "; ".join(f"{m.name}: {m.summary}" for m in registry().values()))
     parser.add_argument("--out", required=True, type=Path, help="run directory for checkpoints, logs and the encoder")
     parser.add_argument("--config", type=Path, help="YAML configuration (full or partial) applied over the preset")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
@@ -78,19 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", choices=BACKBONES)
     g.add_argument("--channels", type=int, choices=(1, 3))
     g.add_argument("--init", help="random | imagenet | PATH (a sonocl run, checkpoint or encoder file)")
-    g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"))
+    g.add_argument("--precision", choices=PRECISIONS)
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--label-rate", type=float, help="USCL: share of labelled videos used by the supervised term")
-    g.add_argument("--semi-weight", type=float, help="USCL: λ of the semi-supervised cross-entropy")
-    g.add_argument("--max-dist", type=int, help="Meta-USCL: most frames between the first and last of a triplet")
-    g.add_argument("--meta-every", type=int, help="Meta-USCL: run the meta step every K steps")
-    g.add_argument("--anatomy-column", help="AWCL: the store's extra label column with the anatomy")
-    g.add_argument("--anatomy-level", choices=("fine", "coarse"))
-    g.add_argument("--anatomy-ratio", type=float, help="AWCL: share of anatomy labels kept")
-    g.add_argument("--delta-t", type=float, help="IVPP: most seconds between the two frames of a pair")
-    g.add_argument("--temperature", type=float)
     g.add_argument("--val-fraction", type=float, help="share of videos (by group) held out for validation")
     g.add_argument("--workers", type=int, help="DataLoader workers gathering frames from the store")
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
@@ -100,6 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every-steps", type=int, help="also write last.pt every N steps")
     g.add_argument("--sync-bn", action="store_true", default=None, help="synchronise BatchNorm across processes (CUDA)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    m = parser.add_argument_group("method options (each applies to the methods named in its help)")
+    for name, (kind, help_text, owners) in _method_flags().items():
+        m.add_argument("--" + name.replace("_", "-"), dest=_OPTION_PREFIX + name, type=kind,
+                       help=f"{', '.join(owners)}: {help_text}")
 
 
 def resolve_config(args: argparse.Namespace) -> PretrainConfig:
@@ -120,7 +124,9 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
             raise ConfigError(f"{args.out} is a {cfg.method} run; it cannot be resumed as {args.method}")
         cfg = merge(cfg, {"method": args.method})
     updates: dict[str, Any] = {}
-    for dest, key in OVERRIDES.items():
+    flags = {dest: key for dest, key in OVERRIDES.items()}
+    flags.update({dest: "options." + dest[len(_OPTION_PREFIX):] for dest in vars(args) if dest.startswith(_OPTION_PREFIX)})
+    for dest, key in flags.items():
         value = getattr(args, dest, None)
         if value is not None:
             node = updates
@@ -128,24 +134,24 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
             for part in parts[:-1]:
                 node = node.setdefault(part, {})
             node[parts[-1]] = value
-    cfg = merge(cfg, updates)
+    try:
+        cfg = merge(cfg, updates)
+    except ConfigError as error:
+        given = [f"--{dest[len(_OPTION_PREFIX):].replace('_', '-')}" for dest in flags
+                 if dest.startswith(_OPTION_PREFIX) and getattr(args, dest) is not None]
+        raise ConfigError(f"{error} (flags given: {' '.join(given)})" if given else str(error)) from None
     for assignment in args.assignments:
         cfg = merge(cfg, parse_assignment(assignment))
     if not cfg.store:
         raise ConfigError("--store is required")
     cfg = merge(cfg, {"store": str(Path(cfg.store).resolve())})  # the run's config.yaml stays usable from anywhere
-    cfg.validate()
     return cfg
 
 
 def run(args: argparse.Namespace) -> int:
     from sonocl.train.loop import NonFiniteLossError, pretrain
 
-    try:
-        cfg = resolve_config(args)
-    except ConfigError as error:
-        print(f"sonocl pretrain: {error}", file=sys.stderr)
-        return 2
+    cfg = resolve_config(args)  # a ConfigError is printed by sonocl.cli as one line
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0

@@ -1,0 +1,84 @@
+"""BYOL (Grill et al., NeurIPS 2020): the online network's predictor regresses an EMA target's projection of the other
+view; no negatives.
+
+Preset: SGD 0.2 × B/256 standing in for LARS, wd 1.5e-6, 10-epoch warm-up, cosine, target momentum 0.996 → 1
+(cosine; ``schedule.ema_start``/``ema_end``), projector 4096 (BN) → 256, predictor 4096 → 256, SimCLR's augmentation
+with jitter 0.4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sonocl.data.store import FrameStore
+from sonocl.losses import byol_loss
+from sonocl.methods.base import Method, Options
+from sonocl.methods.moco import key_momentum
+from sonocl.methods.simclr import SIMCLR_AUGMENT
+from sonocl.pairs import InstanceSampler, PairSampler
+from sonocl.train import meta
+from sonocl.train.config import ModelConfig, OptimConfig, PretrainConfig, ScheduleConfig
+from sonocl.train.objectives import BatchTensors, MomentumEncoder, Objective, StepContext
+
+
+class BYOL(Objective):
+    """Loss = byol_loss(q(z₁), z'₂) + byol_loss(q(z₂), z'₁) with the predictor q = ``model.predictor``."""
+
+    def __init__(self, model: nn.Module, momentum: float, temperature: float) -> None:
+        super().__init__(temperature)
+        if meta.unwrap_model(model).predictor is None:
+            raise ValueError("byol needs a predictor head: build the ContrastiveModel with predictor_hidden > 0")
+        self.momentum = momentum
+        self.target = MomentumEncoder(meta.unwrap_model(model))
+
+    def forward(  # type: ignore[override]
+        self, model: nn.Module, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
+    ) -> tuple[Tensor, dict[str, float]]:
+        predictor = meta.unwrap_model(model).predictor
+        _, z1 = model(view1)
+        _, z2 = model(view2)
+        self.target.train(model.training)
+        with torch.no_grad():
+            t1, t2 = self.target(view1), self.target(view2)
+        loss = byol_loss(predictor(z1), t2) + byol_loss(predictor(z2), t1)
+        return loss, {"byol": float(loss.detach())}
+
+    def after_step(self, model: nn.Module, momentum: float | None = None) -> None:
+        self.target.update(meta.unwrap_model(model), self.momentum if momentum is None else momentum)
+
+
+def preset() -> PretrainConfig:
+    return PretrainConfig(
+        method="byol",
+        size=224,
+        model=ModelConfig(projection_hidden=4096, projection_dim=256, projection_batch_norm=True, predictor_hidden=4096),
+        augment=dataclasses.replace(SIMCLR_AUGMENT, brightness=0.4, contrast=0.4),
+        optim=OptimConfig(name="sgd", lr=0.2, lr_scaling="linear", momentum=0.9, weight_decay=1.5e-6),
+        schedule=ScheduleConfig(warmup_epochs=10, warmup="linear", decay="cosine", ema_start=0.996, ema_end=1.0),
+        options=Options(),
+    )
+
+
+def sampler(
+    cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
+) -> PairSampler:
+    return InstanceSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items)
+
+
+def objective(cfg: PretrainConfig, model: nn.Module) -> Objective:
+    return BYOL(model, momentum=key_momentum(cfg), temperature=cfg.options.temperature)
+
+
+METHOD = Method(
+    name="byol",
+    summary="an online predictor regresses an EMA target network's projection (no negatives)",
+    paper="Grill et al., Bootstrap Your Own Latent, NeurIPS 2020",
+    options=Options,
+    preset=preset,
+    sampler=sampler,
+    objective=objective,
+)

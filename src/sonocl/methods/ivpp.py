@@ -1,0 +1,107 @@
+"""Intra-video positive pairs, IVPP (VanBerlo, Wong, Hoey, Arntfield; Frontiers in Imaging 2024; ``docs/methods.md`` §4):
+two distinct frames of one video at most δt seconds apart, weighted by their distance.
+
+Preset: SimCLR's recipe (the paper builds IVPP on SimCLR) with δt = 1 s, the code default for SimCLR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from sonocl.data.store import FrameStore
+from sonocl.methods.base import Method, Options, option
+from sonocl.methods.simclr import preset as simclr_preset
+from sonocl.pairs import PairSampler
+from sonocl.train.config import PretrainConfig, replace
+from sonocl.train.objectives import GroupContrastive, Objective
+
+
+@dataclass
+class IVPPOptions(Options):
+    delta_t: float = option(1.0, "most seconds between the two frames of a pair (IVPP's δt)")
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        if self.delta_t <= 0:
+            problems.append(f"delta_t must be > 0 seconds, not {self.delta_t}")
+        return problems
+
+
+class IVPPSampler(PairSampler):
+    """Two distinct frames of one video at most ``delta_t`` seconds apart in the store's real timestamps, unmixed.
+
+    Pair weight ``sw = (Δmax − Δ + 1) / (Δmax + 1)`` with ``Δmax = int(delta_t · fps)`` and Δ the frame
+    distance (clipped to ``[1/(Δmax+1), 1]`` for irregular timestamps). The first frame is the item's frame
+    (``items="frames"``) or uniform in its video; a frame with no neighbour within ``delta_t`` is paired
+    with itself (weight 1). fps is the video's, else estimated from its median frame interval.
+    """
+
+    k = 2
+    _TIME_SLACK = 1e-6  # timestamps are stored rounded to 1 µs
+
+    def __init__(self, *args: Any, delta_t: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if delta_t <= 0:
+            raise ValueError(f"delta_t must be > 0, not {delta_t}")
+        self.delta_t = delta_t
+        time, offsets = self.store.frame_time, self.store.video_offsets
+        fps = np.ones(self.store.num_videos)
+        for v in self.videos:
+            stamps = time[offsets[v] : offsets[v + 1]]
+            recorded = self.store.videos[v].fps
+            interval = float(np.median(np.diff(stamps))) if len(stamps) > 1 else 0.0
+            fps[v] = recorded if recorded else (1.0 / interval if interval > 0 else 1.0)
+        self._max_frames = np.floor(delta_t * fps + 1e-9).astype(np.int64)
+        # One sorted key over the whole store: within a video its time, videos apart by more than any window.
+        span = float(time.max() - time.min()) if len(time) else 0.0
+        self._key = self.store.frame_video * (span + 2 * delta_t + 1.0) + time
+        backwards = np.flatnonzero(np.diff(self._key) < 0)
+        if len(backwards):
+            bad = self.store.videos[int(self.store.frame_video[backwards[0]])]
+            raise ValueError(f"video {bad.id}: timestamps are not in increasing order; IVPP needs real frame times")
+
+    def _draw(self, rng, video, frame, position):
+        first = frame if frame is not None else self._random_frame(rng, video)
+        centre = self._key[first]
+        low = np.searchsorted(self._key, centre - self.delta_t - self._TIME_SLACK, side="left")
+        high = np.searchsorted(self._key, centre + self.delta_t + self._TIME_SLACK, side="right")
+        others = high - low - 1
+        second = low + np.floor(rng.random(len(video)) * np.maximum(others, 0)).astype(np.int64)
+        second += second >= first
+        second = np.where(others > 0, second, first)
+        delta_max = self._max_frames[video]
+        delta = np.abs(second - first)
+        weight = np.clip((delta_max - delta + 1) / (delta_max + 1), 1.0 / (delta_max + 1), 1.0)
+        mix = np.broadcast_to(np.eye(2), (len(video), 2, 2))
+        return self._batch(np.stack([first, second], axis=1), mix, video, video, weight=weight)
+
+
+def preset() -> PretrainConfig:
+    return replace(simclr_preset(), method="ivpp", options=IVPPOptions())
+
+
+def sampler(
+    cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
+) -> PairSampler:
+    return IVPPSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items,
+                       delta_t=cfg.options.delta_t)
+
+
+def objective(cfg: PretrainConfig, model: nn.Module) -> Objective:
+    return GroupContrastive(cfg.options.temperature)
+
+
+METHOD = Method(
+    name="ivpp",
+    summary="two frames of one video at most δt seconds apart, weighted by their distance",
+    paper="VanBerlo et al., Intra-video positive pairs in self-supervised learning for ultrasound, "
+          "Frontiers in Imaging 2024",
+    options=IVPPOptions,
+    preset=preset,
+    sampler=sampler,
+    objective=objective,
+)

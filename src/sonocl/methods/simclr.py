@@ -1,0 +1,64 @@
+"""SimCLR (Chen, Kornblith, Norouzi, Hinton; ICML 2020): two augmentations of one frame, every other view a negative.
+
+Preset: the paper's recipe with SGD standing in for LARS (no LARS at the batch sizes this tool runs at),
+τ 0.5, projection feature → 512 → 128, 10-epoch linear warm-up then cosine, the paper's strong crop (0.08–1),
+jitter with p 0.8 and blur with p 0.5 (saturation and hue have no effect on grey frames).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from sonocl.data.store import FrameStore
+from sonocl.methods.base import Method, Options
+from sonocl.pairs import InstanceSampler, PairSampler
+from sonocl.train.config import (
+    IMAGENET_GREY_MEAN,
+    IMAGENET_GREY_STD,
+    AugmentConfig,
+    ModelConfig,
+    OptimConfig,
+    PretrainConfig,
+    ScheduleConfig,
+)
+from sonocl.train.objectives import GroupContrastive, Objective
+
+SIMCLR_AUGMENT = AugmentConfig(
+    crop_scale=(0.08, 1.0), crop_ratio=(0.75, 4 / 3), brightness=0.8, contrast=0.8, jitter_p=0.8, blur_p=0.5,
+    mean=IMAGENET_GREY_MEAN, std=IMAGENET_GREY_STD,
+)
+"""SimCLR's augmentation on grey frames; MoCo v2 and BYOL start from it."""
+
+
+def preset() -> PretrainConfig:
+    return PretrainConfig(
+        method="simclr",
+        size=224,
+        model=ModelConfig(projection_hidden=512, projection_dim=128),
+        augment=SIMCLR_AUGMENT,
+        optim=OptimConfig(name="sgd", lr=0.3, lr_scaling="linear", momentum=0.9, weight_decay=1e-6),
+        schedule=ScheduleConfig(warmup_epochs=10, warmup="linear", decay="cosine"),
+        options=Options(),
+    )
+
+
+def sampler(
+    cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
+) -> PairSampler:
+    return InstanceSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items)
+
+
+def objective(cfg: PretrainConfig, model: nn.Module) -> Objective:
+    return GroupContrastive(cfg.options.temperature)
+
+
+METHOD = Method(
+    name="simclr",
+    summary="two augmentations of one frame (instance discrimination)",
+    paper="Chen et al., A Simple Framework for Contrastive Learning of Visual Representations, ICML 2020",
+    options=Options,
+    preset=preset,
+    sampler=sampler,
+    objective=objective,
+)

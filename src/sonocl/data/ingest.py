@@ -52,7 +52,7 @@ from sonocl.data.labels import (
 )
 from sonocl.data.mask_names import in_mask_folder, is_mask_name
 from sonocl.data.preprocess import FramePreparer, select_frames
-from sonocl.data.store import META_FILE, REPORT_FILE, FrameStoreWriter, StoreError, atomic_write_text
+from sonocl.data.store import META_FILE, REPORT_FILE, FrameStoreWriter, StoreError, WriteFailedError, atomic_write_text
 from sonocl.progress import Progress, progress_report
 
 TEMP_DIR = ".ingest-tmp"
@@ -140,6 +140,42 @@ class Decoded:
 @dataclasses.dataclass(frozen=True)
 class Failed:
     reason: str
+    fatal: bool = False
+    """Writing the frame file failed (the store's disk is full or read-only): the ingest stops, the source is not at fault."""
+
+
+class _FrameFileError(Exception):
+    """Writing a worker's frame file failed: told apart from the many errors of decoding a bad source."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.strerror or str(error))
+        self.error = error
+
+
+class _FrameFile:
+    """A worker's frame file, unbuffered: a failed write surfaces at the write that failed, and nothing is left in a
+    buffer for a later flush to fail on."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._file = open(path, "wb", buffering=0)
+        except OSError as error:
+            raise _FrameFileError(error) from error
+
+    def write(self, frame: Any) -> None:
+        """Write a C-contiguous uint8 frame whole (a raw write may take only part of it when the disk fills)."""
+        view = memoryview(frame).cast("B")
+        try:
+            while view:
+                view = view[self._file.write(view) :]
+        except OSError as error:
+            raise _FrameFileError(error) from error
+
+    def __enter__(self) -> _FrameFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
 
 
 def decode_to_file(task: DecodeTask) -> Decoded | Failed:
@@ -151,13 +187,15 @@ def decode_to_file(task: DecodeTask) -> Decoded | Failed:
     preparer = FramePreparer(task.size, task.auto_crop)
     count = 0
     try:
-        with open_media(task.source.path, task.source.frame_files, task.decoder_threads) as media, open(task.temp_path, "wb") as out:
+        with open_media(task.source.path, task.source.frame_files, task.decoder_threads) as media, _FrameFile(task.temp_path) as out:
             for frame in preparer.prepare(select_frames(media.frames(), task.stride, task.max_fps, task.max_frames)):
                 out.write(frame)
                 count += 1
             fps, patient_id = media.fps, media.patient_id
     except DecodeError as error:
         return _failed(task, error.reason)
+    except _FrameFileError as error:
+        return _failed(task, f"writing its frames to {task.temp_path} failed ({error})", fatal=True)
     except Exception as error:  # noqa: BLE001 - see the docstring: per-file boundary
         return _failed(task, f"unexpected {type(error).__name__} while decoding ({error})")
     if count == 0 or preparer.original_size is None or preparer.crop_box is None:
@@ -172,9 +210,9 @@ def decode_to_file(task: DecodeTask) -> Decoded | Failed:
     )
 
 
-def _failed(task: DecodeTask, reason: str) -> Failed:
+def _failed(task: DecodeTask, reason: str, fatal: bool = False) -> Failed:
     task.temp_path.unlink(missing_ok=True)
-    return Failed(reason)
+    return Failed(reason, fatal)
 
 
 def content_hash(source: Source) -> str:
@@ -393,6 +431,11 @@ class Ingest:
     def commit(self, task: DecodeTask, outcome: Decoded | Failed) -> None:
         try:
             if isinstance(outcome, Failed):
+                if outcome.fatal:
+                    raise WriteFailedError(
+                        f"{shown(task.source.path)}: {outcome.reason}; the {len(self.writer.videos)} videos committed before "
+                        "are intact. Free disk space and run again to add the rest"
+                    )
                 self.skip(task.source.path, outcome.reason)
                 return
             self.writer.add_video_from_file(
@@ -576,7 +619,10 @@ def run(args: argparse.Namespace) -> int:
     with writer:
         temp_dir = store_root / TEMP_DIR
         shutil.rmtree(temp_dir, ignore_errors=True)
-        temp_dir.mkdir()
+        try:
+            temp_dir.mkdir()
+        except OSError as error:
+            raise WriteFailedError(f"{temp_dir}: cannot create the folder for decoded frames ({error.strerror})") from error
         labeller = Labeller(writer.meta["salt"], table, name_rules, args.label_from_folder)
         with progress_report(len(sources) + len(rejected), "ingest", "video") as progress:
             workers = min(args.workers, max(1, len(sources)))

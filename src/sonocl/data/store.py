@@ -19,14 +19,15 @@ opened lazily in each process, so a `FrameStore` can be handed to DataLoader wor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -44,8 +45,44 @@ class StoreError(UserError, RuntimeError):
     """A store that cannot be opened or written as asked; the message names the path and the fix."""
 
 
-class StoreLockedError(StoreError):
+class DirectoryLockedError(UserError):
+    """Another process holds the lock of a directory (a store, a run directory)."""
+
+
+class StoreLockedError(StoreError, DirectoryLockedError):
     """Another process is writing to the store."""
+
+
+class WriteFailedError(UserError, OSError):
+    """A write failed (disk full, read-only, no permission): the message names the file, and what was there is intact."""
+
+    exit_code = 1
+
+
+@contextlib.contextmanager
+def directory_lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Hold ``PATH/.lock`` (``flock``, exclusive) for the ``with`` block, or raise `DirectoryLockedError` at once.
+
+    ``what`` names the directory in the message ("store", "run directory"). The kernel releases the lock
+    when the process dies, however it dies (SIGKILL included), so a crashed writer never blocks the next.
+    Processes forked while the lock is held share it until they exit (the descriptor is not inherited by
+    exec'd or spawned ones).
+    """
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as error:
+        handle.close()
+        raise DirectoryLockedError(
+            f"{root}: another sonocl process is writing to this {what}; wait for it to finish and run again"
+        ) from error
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,16 +142,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old or the new content, never a mix."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
+    """Write a file through ``write(handle)`` so that readers see either the old or the new content, never a mix.
+
+    The content goes to a temporary file beside ``path``, is fsynced, and replaces ``path`` in one rename.
+    Any `OSError` (disk full, read-only file system) removes the temporary file and becomes a
+    `WriteFailedError` naming ``path``; the previous file is then untouched.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    replaced = False
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        replaced = True
+        _fsync_dir(path.parent)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not isinstance(error, OSError):
+            raise
+        state = "written, but may not survive a power cut" if replaced else "unchanged (its previous content, if any, is intact)"
+        raise WriteFailedError(f"{path}: writing failed ({error.strerror or error}); the file is {state}. Free disk space "
+                               "or fix the permissions, then run again") from error
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """`atomic_write` of UTF-8 text."""
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def _read_meta(root: Path) -> dict[str, Any]:
@@ -253,20 +311,21 @@ class FrameStore:
 class FrameStoreWriter:
     """The one writer of a store: creates it, repairs a killed writer's tail, appends and commits videos.
 
-    Use as a context manager; a second writer on the same store raises `StoreLockedError`.
+    Use as a context manager; a second writer on the same store raises `StoreLockedError`. A failed
+    write (disk full) cuts the files back to the last commit and raises `WriteFailedError`; the writer
+    then accepts no more videos.
     """
+
+    _frames_handle: IO[bytes] | None
+    _videos_handle: IO[bytes] | None
 
     def __init__(self, path: str | os.PathLike[str], size: int | None = None) -> None:
         self.root = Path(path)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock_handle = open(self.root / LOCK_FILE, "a+")
+        self._lock = contextlib.ExitStack()
         try:
-            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as error:
-            self._lock_handle.close()
-            raise StoreLockedError(
-                f"{self.root}: another sonocl process is writing to this store; wait for it to finish and run again"
-            ) from error
+            self._lock.enter_context(directory_lock(self.root, "store"))
+        except DirectoryLockedError as error:
+            raise StoreLockedError(str(error)) from error
         try:
             self.meta = self._open_or_create_meta(size)
             self.size = int(self.meta["size"])
@@ -274,6 +333,7 @@ class FrameStoreWriter:
             self.videos, committed_bytes = _read_records(self.root / VIDEOS_FILE)
             self.num_frames = sum(v.num_frames for v in self.videos)
             self._repair(committed_bytes)
+            self._videos_bytes = committed_bytes
             self._hashes = {v.content_hash for v in self.videos}
             self._ids = {v.id for v in self.videos}
             self._frames_handle = open(self.root / FRAMES_FILE, "ab")
@@ -322,10 +382,7 @@ class FrameStoreWriter:
             if handle is not None:
                 handle.close()
                 setattr(self, name, None)
-        if self._lock_handle is not None:
-            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
-            self._lock_handle.close()
-            self._lock_handle = None  # type: ignore[assignment]
+        self._lock.close()
 
     def has_hash(self, content_hash: str) -> bool:
         return content_hash in self._hashes
@@ -338,38 +395,62 @@ class FrameStoreWriter:
 
         ``fields`` are the `VideoRecord` fields other than ``num_frames`` and ``frame_offset``.
         """
-        try:
+        with self._appending(fields.get("source")):
             return self._commit(self._write_frames(frames), **fields)
-        except BaseException:
-            self._discard_uncommitted()
-            raise
 
     def add_video_from_file(self, frames_path: str | os.PathLike[str], **fields: Any) -> VideoRecord:
         """Append a raw file of back-to-back ``S×S`` uint8 frames (as written by an ingest worker) and commit it."""
         size = os.path.getsize(frames_path)
         if size % self._frame_bytes:
             raise StoreError(f"{frames_path}: {size} bytes is not a whole number of {self.size}px frames")
-        try:
-            with open(frames_path, "rb") as source:
-                while chunk := source.read(1 << 24):
-                    self._frames_handle.write(chunk)
+        with open(frames_path, "rb") as source, self._appending(fields.get("source")):
+            while chunk := source.read(1 << 24):
+                self._handle("_frames_handle").write(chunk)
             return self._commit(size // self._frame_bytes, **fields)
+
+    def _handle(self, name: str) -> IO[bytes]:
+        handle = getattr(self, name)
+        if handle is None:
+            raise StoreError(f"{self.root}: this writer is closed (or stopped after a failed write); open the store again")
+        return handle
+
+    @contextlib.contextmanager
+    def _appending(self, source: str | None) -> Iterator[None]:
+        """Undo what an append left past the last commit: a refused video's frames (bad fields, duplicate id) are
+        cut and the writer goes on; after a failed write (disk full) both files are cut and the writer stops,
+        since its buffers may still hold bytes that the next flush would write."""
+        self._handle("_frames_handle")
+        self._failing_file = self.root / FRAMES_FILE
+        try:
+            yield
+        except OSError as error:
+            self._abandon()
+            raise WriteFailedError(
+                f"{self._failing_file}: writing {source or 'a video'} failed ({error.strerror or error}); the "
+                f"{len(self.videos)} videos committed before are intact. Free disk space and run again to add the rest"
+            ) from error
         except BaseException:
-            self._discard_uncommitted()
+            self._handle("_frames_handle").flush()
+            os.truncate(self.root / FRAMES_FILE, self.num_frames * self._frame_bytes)
             raise
 
-    def _discard_uncommitted(self) -> None:
-        """Cut frames written for a video that was then refused (bad fields, duplicate id), so that the next
-        video's frames start where its record will say they do."""
-        self._frames_handle.flush()
-        os.truncate(self.root / FRAMES_FILE, self.num_frames * self._frame_bytes)
+    def _abandon(self) -> None:
+        """Close both files without trusting their buffers and cut them back to the last commit."""
+        for name in ("_frames_handle", "_videos_handle"):
+            handle = getattr(self, name)
+            setattr(self, name, None)
+            with contextlib.suppress(OSError):
+                handle.close()  # its flush may fail again; the descriptor is closed regardless
+        with contextlib.suppress(OSError):
+            os.truncate(self.root / FRAMES_FILE, self.num_frames * self._frame_bytes)
+            os.truncate(self.root / VIDEOS_FILE, self._videos_bytes)
 
     def _write_frames(self, frames: Iterable[np.ndarray]) -> int:
         count = 0
         for frame in frames:
             if frame.shape != (self.size, self.size) or frame.dtype != np.uint8:
                 raise StoreError(f"frame of shape {frame.shape} {frame.dtype}, the store needs ({self.size}, {self.size}) uint8")
-            self._frames_handle.write(np.ascontiguousarray(frame).tobytes())
+            self._handle("_frames_handle").write(np.ascontiguousarray(frame).tobytes())
             count += 1
         return count
 
@@ -382,11 +463,15 @@ class FrameStoreWriter:
         record = VideoRecord(num_frames=num_frames, frame_offset=self.num_frames, timestamps=timestamps, **fields)
         if record.id in self._ids:
             raise StoreError(f"{record.source}: video id {record.id!r} is already in the store")
-        self._frames_handle.flush()
-        os.fsync(self._frames_handle.fileno())
-        self._videos_handle.write(record.to_json().encode("utf-8") + b"\n")
-        self._videos_handle.flush()
-        os.fsync(self._videos_handle.fileno())
+        frames_handle, videos_handle = self._handle("_frames_handle"), self._handle("_videos_handle")
+        frames_handle.flush()
+        os.fsync(frames_handle.fileno())
+        self._failing_file = self.root / VIDEOS_FILE
+        line = record.to_json().encode("utf-8") + b"\n"
+        videos_handle.write(line)
+        videos_handle.flush()
+        os.fsync(videos_handle.fileno())
+        self._videos_bytes += len(line)
         self.videos.append(record)
         self.num_frames += num_frames
         self._hashes.add(record.content_hash)

@@ -1,0 +1,120 @@
+"""Shared by the reliability suite: the CLI run in-process, its messages checked, small odd media written.
+
+Every check of a user error asks the same three things: the exit status, that stderr holds no
+traceback, and that exactly one line names the offending file (so a user can grep for it) and says
+what is wrong. `run_cli` and `line_naming` do that; the writers make the inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from test_decode import scan_frames, write_video
+
+from sonocl.cli import main
+from sonocl.data.ingest import shown
+from sonocl.data.store import FrameStore, FrameStoreWriter
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> Outcome:
+    """``sonocl ARGS`` in this process; an exception escaping it (a bug) fails the test with its traceback."""
+    capsys.readouterr()
+    code = main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    return Outcome(code, out, err)
+
+
+def ingest(capsys: pytest.CaptureFixture[str], *args: str | Path, workers: int = 1) -> Outcome:
+    return run_cli(capsys, "ingest", *args, "--workers", str(workers))
+
+
+def line_naming(text: str, path: Path | str) -> str:
+    """The one line of ``text`` that names ``path`` (as messages show it), failing if none or several do."""
+    name = shown(Path(path))
+    lines = [line for line in text.splitlines() if name in line]
+    assert len(lines) == 1, f"{len(lines)} lines name {name}:\n{text}"
+    return lines[0]
+
+
+def good_video(path: Path, seed: int = 0, frames: int = 4) -> Path:
+    """A small valid mp4: the file that must still go in beside a bad one."""
+    return write_video(path, scan_frames(frames, 32, 32, seed=seed))
+
+
+def stored_ids(store_dir: Path) -> list[str]:
+    return sorted(video.id for video in FrameStore.open(store_dir).videos)
+
+
+def write_audio_only(path: Path) -> None:
+    """An mp4 holding one AAC audio stream and no video stream."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+
+
+def write_empty_video_stream(path: Path) -> None:
+    """An AVI file with a video stream and no frame in it."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width = stream.height = 16
+        stream.pix_fmt = "yuvj420p"
+        container.start_encoding()
+
+
+def write_mixed_sizes(path: Path) -> None:
+    """An MPEG program stream whose frames change size mid-way (two streams' bytes back to back)."""
+    first = write_video(path.with_name("first.mpeg"), scan_frames(6, 32, 32, seed=1))
+    second = write_video(path.with_name("second.mpeg"), scan_frames(6, 48, 64, seed=2))
+    path.write_bytes(first.read_bytes() + second.read_bytes())
+    first.unlink()
+    second.unlink()
+
+
+def write_png_header(path: Path, width: int, height: int) -> None:
+    """A PNG whose header announces ``width×height`` pixels, with almost no pixel data behind it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def random_store(root: Path, labels: Sequence[str | None], frames: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """A store of noise videos with the given labels (one group each), written directly: no decoding."""
+    rng = np.random.default_rng(seed)
+    with FrameStoreWriter(root, size) as writer:
+        for index, label in enumerate(labels):
+            pixels = rng.integers(0, 256, (frames, size, size), dtype=np.uint8)
+            writer.add_video(
+                pixels,
+                id=f"v{index}",
+                source=f"v{index}.mp4",
+                label=label,
+                group=f"g{index}",
+                fps=10.0,
+                timestamps=[step / 10 for step in range(frames)],
+                original_size=(size, size),
+                crop_box=(0, 0, size, size),
+                content_hash=hashlib.sha256(pixels.tobytes()).hexdigest(),
+            )
+    return root

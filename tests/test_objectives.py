@@ -38,7 +38,7 @@ def _batch() -> BatchTensors:
 
 def _context(optimizer: torch.optim.Optimizer, step: int = 0, seed: int = 100) -> StepContext:
     return StepContext(step=step, optimizer=optimizer, lr=optimizer.param_groups[0]["lr"],
-                       meta_views=lambda: _views(seed + step))
+                       meta_views=lambda: (*_views(seed + step), torch.arange(B)))
 
 
 def _normalise(v: list[float]) -> list[float]:

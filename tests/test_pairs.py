@@ -158,6 +158,24 @@ def test_ivpp_pairs_within_seconds_and_weight_formula(tmp_path):
         assert len(np.unique(first)) == len(first)  # items = frames: each frame once as anchor
 
 
+def test_ivpp_weights_on_a_strided_store_equal_those_at_full_rate(tmp_path):
+    """Every 4th frame of a 20 fps video, stored with its source fps and timestamps: same weights for the same times."""
+    full = _write_store(tmp_path / "full", [80] * 4, fps=20.0)
+    with FrameStoreWriter(tmp_path / "strided", size=8) as writer:
+        for v in range(4):
+            kept = range(0, 80, 4)
+            writer.add_video([full.frames[full.video_offsets[v] + i] for i in kept], id=f"v{v:02d}", source=f"v{v:02d}.mp4",
+                             label=None, group=f"p{v}", fps=20.0, original_size=(8, 8), crop_box=(0, 0, 8, 8),
+                             content_hash=f"s{v}",
+                             timestamps=[i / 20.0 for i in kept])
+    strided = FrameStore.open(tmp_path / "strided")
+    batch = _all(make_sampler("ivpp", strided, np.arange(4), batch_size=4, seed=0, delta_t=1.0, items="frames"))
+    gap = np.abs(strided.frame_time[batch.frames[:, 0]] - strided.frame_time[batch.frames[:, 1]])
+    source_frames = np.rint(gap * 20.0)  # the distance the full-rate video has between the same two moments
+    np.testing.assert_allclose(batch.weight, (20 - source_frames + 1) / 21, rtol=1e-6)
+    assert batch.weight.min() < 0.3 and batch.weight.max() > 0.8  # spread over the window, not flat
+
+
 def test_ivpp_lone_frame_pairs_with_itself(tmp_path):
     store = _write_store(tmp_path / "sparse", [3, 3], fps=0.2)  # frames 5 s apart
     batch = make_sampler("ivpp", store, np.arange(2), batch_size=2, seed=0).batches(0)[0]

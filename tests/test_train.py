@@ -61,7 +61,7 @@ def _step_rows(run: Path) -> list[dict[str, str]]:
 
 def test_uscl_schedule_is_constant_then_cosine_over_all_epochs() -> None:
     cfg = preset("uscl")
-    lr = lr_schedule(3e-4, 300, 27, cfg.schedule)
+    lr = lr_schedule(3e-4, 300 * 27, cfg.schedule)
     assert lr.shape == (300 * 27,)
     assert np.all(lr[: 10 * 27] == 3e-4)  # quirk 11: 10 epochs at a constant LR, no ramp
     for epoch in (10, 11, 150, 299):  # CosineAnnealingLR(T_max=300) stepped from epoch 10 on
@@ -72,7 +72,7 @@ def test_uscl_schedule_is_constant_then_cosine_over_all_epochs() -> None:
 
 def test_meta_uscl_schedule_exponential_warmup_then_cosine() -> None:
     cfg = preset("meta-uscl")
-    lr = lr_schedule(0.1, 300, 10, cfg.schedule)
+    lr = lr_schedule(0.1, 300 * 10, cfg.schedule)
     for epoch in (0, 1, 5, 9):
         assert lr[epoch * 10] == pytest.approx(0.1 * (0.1 + 0.9 * math.exp(-5 * (1 - epoch / 10) ** 2)), rel=1e-12)
     assert lr[0] == pytest.approx(0.1 * 0.10606, rel=1e-4)
@@ -83,9 +83,9 @@ def test_meta_uscl_schedule_exponential_warmup_then_cosine() -> None:
 
 def test_linear_warmup_awcl_constant_and_momentum_schedules() -> None:
     simclr = preset("simclr").schedule
-    lr = lr_schedule(1.0, 20, 5, simclr)
-    assert lr[0] == pytest.approx(1 / 50) and lr[49] == pytest.approx(1.0) and lr[-1] < 0.01
-    assert np.all(lr_schedule(1e-3, 3, 4, preset("awcl").schedule) == 1e-3)
+    lr = lr_schedule(1.0, 200, simclr)  # 10 % of the run (SimCLR's 10 of 100 epochs)
+    assert lr[0] == pytest.approx(1 / 20) and lr[19] == pytest.approx(1.0) and lr[-1] < 0.01
+    assert np.all(lr_schedule(1e-3, 12, preset("awcl").schedule) == 1e-3)
     byol = momentum_schedule(0.996, 1.0, 100)
     assert byol[0] == pytest.approx(0.996) and byol[-1] == pytest.approx(1.0) and np.all(np.diff(byol) >= 0)
     assert np.all(momentum_schedule(0.999, None, 7) == 0.999)

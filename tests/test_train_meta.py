@@ -35,7 +35,7 @@ def _data(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     make = lambda: torch.randn(B, 1, 3, 4, generator=g, dtype=torch.float64)  # noqa: E731
     return {"v1": make(), "v2": make(), "m1": make(), "m2": make(),
-            "group": torch.tensor([0, 1, 1, 2, 3, 3]), "prior": torch.rand(B, generator=g, dtype=torch.float64) + 0.5}
+            "group": torch.tensor([0, 1, 1, 2, 3, 3]), "meta_group": None, "prior": torch.rand(B, generator=g, dtype=torch.float64) + 0.5}
 
 
 def _optimizer(model: nn.Module, **sgd: float) -> torch.optim.SGD:
@@ -74,7 +74,7 @@ def _reference_cmw_grad(model, optimizer, cmw, loss, data, inner_lr):
         virtual[name] = t.detach() - lr * d
     _, mz1 = _tiny_forward(virtual, data["m1"])
     _, mz2 = _tiny_forward(virtual, data["m2"])
-    meta_loss = loss(mz1, mz2)
+    meta_loss = loss(mz1, mz2, positive_group=data["meta_group"])
     return torch.autograd.grad(meta_loss, list(cmw.parameters())), meta_loss
 
 
@@ -82,7 +82,8 @@ def _meta_grad(model, optimizer, cmw, loss, data, inner_lr):
     h1, z1 = model(data["v1"])
     h2, z2 = model(data["v2"])
     return meta.cmw_meta_gradient(model, cmw, loss, data["v1"], data["v2"], h1, h2, z1, z2, data["group"],
-                                  data["prior"], data["m1"], data["m2"], optimizer, inner_lr)
+                                  data["prior"], data["m1"], data["m2"], optimizer, inner_lr,
+                                  meta_positive_group=data["meta_group"])
 
 
 @pytest.mark.parametrize(
@@ -95,9 +96,12 @@ def _meta_grad(model, optimizer, cmw, loss, data, inner_lr):
         ({"momentum": 0.0, "weight_decay": 1e-3}, False, 0.2),
     ],
 )
-def test_cmw_gradient_matches_hand_unrolled(sgd, primed, inner_lr) -> None:
+@pytest.mark.parametrize("meta_repeats", [False, True])
+def test_cmw_gradient_matches_hand_unrolled(sgd, primed, inner_lr, meta_repeats) -> None:
     torch.manual_seed(0)
     model, data = _tiny_model(), _data()
+    if meta_repeats:  # a meta batch larger than the held-out set: pairs of one video are positives of each other
+        data["meta_group"] = torch.tensor([4, 4, 7, 9, 9, 9])
     cmw = CMWNet(FEAT, hidden_dim=10).double()
     optimizer = _optimizer(model, **sgd)
     if primed:
@@ -127,7 +131,7 @@ def _context(step: int, optimizer, data, calls: list[int] | None = None) -> Step
     def meta_views():
         if calls is not None:
             calls.append(step)
-        return data["m1"], data["m2"]
+        return data["m1"], data["m2"], torch.arange(B)
 
     return StepContext(step=step, optimizer=optimizer, lr=optimizer.param_groups[0]["lr"], meta_views=meta_views)
 
@@ -228,7 +232,7 @@ def test_meta_step_on_a_small_resnet_keeps_batchnorm_statistics() -> None:
     reference = copy.deepcopy(model)
     reference(views[0]), reference(views[1])
     batch = BatchTensors(torch.arange(4), torch.ones(4), torch.full((4,), -1))
-    context = StepContext(0, optimizer, 0.1, meta_views=lambda: (views[2], views[3]))
+    context = StepContext(0, optimizer, 0.1, meta_views=lambda: (views[2], views[3], torch.arange(4)))
     loss, parts = objective(model, views[0], views[1], batch, context)
     assert torch.isfinite(loss) and parts["meta"] > 0
     for (name, got), (_, want) in zip(model.named_buffers(), reference.named_buffers()):

@@ -137,6 +137,10 @@ class PairSampler:
             else None
         )
         self._length = np.diff(store.video_offsets)
+        self.labelled_videos = np.zeros(0, dtype=np.int64)
+        """Video indices whose labels the pairs carry (USCL's label rate, AWCL's anatomy): for the provenance."""
+        self.label_columns: list[str] = []
+        """The store columns those labels come from."""
         if len(self) == 0:
             raise ValueError(
                 f"{len(self._item_video)} items ({items}) do not fill one global batch of "

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from sonocl.augment import AugmentConfig, BatchAugment, resize_to
 from sonocl.data.store import FrameStore
+from sonocl.errors import ConfigError
 from sonocl.evaluate.inits import InitReport
 from sonocl.evaluate.metrics import classification_metrics, pooled_metrics, summarize, video_level
 from sonocl.runtime import keep_freed_memory
@@ -52,6 +53,7 @@ from sonocl.runtime import keep_freed_memory
 PROTOCOLS = ("linear", "last-block", "full", "knn")
 SELECTIONS = ("last", "inner-val", "max-test")
 GROUP_BY = ("video", "group")
+"""``group``: the store's group ids (patients, from DICOM PatientID or a CSV group column) stay in one fold."""
 OPTIMISTIC = "optimistic (selected on the test fold)"
 SCHEMA = "sonocl.evaluate/1"
 
@@ -105,6 +107,9 @@ class EvalConfig:
     """Predict the test fold after every epoch for the diagnostic curve (implied by ``selection="max-test"``)."""
     freeze_bn: bool = False
     knn_k: int = 20
+    full_backbone_lr_scale: float = 0.1
+    """``full``: the backbone's LR is this share of the head's (Adam 0.01 on every layer erases what pretraining
+    brought; the 10× rule of fine-tuning practice). The papers' last-block protocol trains layer4[-1] at the head's."""
     linear_augment: bool = False
     inner_val_fraction: float = 0.2
     classes: tuple[str, ...] | None = None
@@ -115,7 +120,7 @@ class EvalConfig:
     def from_recipe(cls, recipe: str, **overrides: Any) -> EvalConfig:
         """The recipe's values, then every override that is not None."""
         if recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+            raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
         values = dataclasses.asdict(RECIPES[recipe])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(recipe=recipe, **values)
@@ -134,13 +139,18 @@ class EvalConfig:
             "fps ≥ 0": self.fps >= 0,
             "frames_per_video ≥ 0": self.frames_per_video >= 0,
             "knn_k ≥ 1": self.knn_k >= 1,
+            "0 < full_backbone_lr_scale ≤ 1": 0 < self.full_backbone_lr_scale <= 1,
             "0 < inner_val_fraction < 1": 0 < self.inner_val_fraction < 1,
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
-            raise ValueError(f"invalid evaluation settings: {', '.join(failed)}")
+            raise ConfigError(f"invalid evaluation settings: {', '.join(failed)}")
         if self.protocol == "knn" and self.selection != "last":
-            raise ValueError("knn has no epochs to select: use --selection last")
+            raise ConfigError("knn has no epochs to select: use --selection last")
+
+
+class FineTuneDivergedError(ConfigError):
+    """The fine-tuning loss became NaN or infinite: the recipe's LR is too high for this encoder."""
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -174,6 +184,8 @@ class EvalData:
     frame_index: np.ndarray
     """``(N,)`` position of the frame within its video in the store."""
     video_ids: list[str]
+    video_hashes: list[str]
+    """Content hash of each evaluated video (matched against a pretraining run's provenance)."""
     video_labels: np.ndarray
     video_groups: np.ndarray
     class_names: list[str]
@@ -194,12 +206,12 @@ def load_eval_data(store: FrameStore, config: EvalConfig) -> EvalData:
     if config.classes:
         unknown = [c for c in config.classes if c not in present]
         if unknown:
-            raise ValueError(f"{store.root}: no videos labelled {unknown} in column {config.label_column!r}; labels are {present}")
+            raise ConfigError(f"{store.root}: no videos labelled {unknown} in column {config.label_column!r}; labels are {present}")
         class_names = list(config.classes)
     else:
         class_names = present
     if len(class_names) < 2:
-        raise ValueError(f"{store.root}: need at least 2 classes in column {config.label_column!r}, found {class_names}")
+        raise ConfigError(f"{store.root}: need at least 2 classes in column {config.label_column!r}, found {class_names}")
     lookup = {name: code for code, name in enumerate(class_names)}
     kept = [v for v, value in enumerate(values) if value in lookup]
     groups = store.group_codes()
@@ -220,6 +232,7 @@ def load_eval_data(store: FrameStore, config: EvalConfig) -> EvalData:
         frame_video=np.concatenate(frame_video),
         frame_index=np.concatenate(frame_index).astype(np.int64),
         video_ids=[store.videos[v].id for v in kept],
+        video_hashes=[store.videos[v].content_hash for v in kept],
         video_labels=np.array([lookup[values[v]] for v in kept], dtype=np.int64),
         video_groups=groups[kept],
         class_names=class_names,
@@ -227,6 +240,11 @@ def load_eval_data(store: FrameStore, config: EvalConfig) -> EvalData:
 
 
 # ---------------------------------------------------------------------------------------------- splitting
+
+
+def has_patient_groups(store: FrameStore) -> bool:
+    """Whether the store's group ids are real groups (patients or sources) rather than one id per video."""
+    return any(video.group != video.id for video in store.videos)
 
 
 def check_disjoint(train: np.ndarray, test: np.ndarray, data: EvalData, by_group: bool) -> None:
@@ -285,7 +303,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA device; use --device auto or cpu")
+        raise ConfigError("--device cuda, but torch sees no CUDA device; use --device auto or cpu")
     return device
 
 
@@ -481,8 +499,10 @@ class FoldTrainer:
         or ``test_every_epoch``; otherwise once, with the last epoch's model or, for ``inner-val``, the snapshot
         taken at the selected validation epoch (the same predictions, without a test pass per epoch)."""
         cfg = self.config
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        backbone_lr = cfg.lr * (cfg.full_backbone_lr_scale if cfg.protocol == "full" else 1.0)
+        groups = [{"params": [p for p in model.trainable.parameters() if p.requires_grad], "lr": backbone_lr},
+                  {"params": list(model.head.parameters()), "lr": cfg.lr}]
+        optimizer = torch.optim.Adam([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
         labels = torch.from_numpy(self.data.frame_labels).to(self.device)
         cached = cfg.protocol == "linear" and not cfg.linear_augment
@@ -505,7 +525,7 @@ class FoldTrainer:
                     logits = model(self._inputs(frames, augment=True))
                 loss = F.cross_entropy(logits, labels[torch.from_numpy(frames)])
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite training loss at epoch {epoch}; lower --lr")
+                    raise FineTuneDivergedError(f"non-finite training loss at epoch {epoch + 1}; lower --lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -670,7 +690,7 @@ def evaluate_inits(
     ``on_init(entry, fold_results)`` is called for each init, in order, once all its runs are done.
     """
     if jobs < 1:
-        raise ValueError(f"jobs must be ≥ 1, got {jobs}")
+        raise ConfigError(f"jobs must be ≥ 1, got {jobs}")
     tasks = fold_tasks(data, config, len(inits))
     results: list[list[FoldResult]] = [[] for _ in inits]
     entries: list[dict[str, Any]] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import json
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sonocl import __version__
+from sonocl.errors import ConfigError
 
 _METRIC_COLUMNS = (
     ("video acc", "video", "accuracy"),
@@ -48,8 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=int, default=5, help="number of folds (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=1, help="repeats with seeds seed, seed+1, …: other folds, other heads")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
-    parser.add_argument("--group-by", choices=GROUP_BY, default="video",
-                        help="keep each video (default) or each group id of the store (patient/source) in one fold")
+    parser.add_argument("--group-by", choices=("auto", *GROUP_BY), default="auto",
+                        help="auto (default): by patient/source group when the store has real groups (DICOM PatientID, "
+                             "a CSV group column), else by video; video; group")
+    parser.add_argument("--input", choices=("encoder", "recipe"), default="encoder",
+                        help="encoder (default): each sonocl encoder gets the size and normalisation it was trained "
+                             "with; random, ImageNet and foreign inits get the recipe's. recipe: every init the recipe's")
+    parser.add_argument("--allow-label-leak", action="store_true",
+                        help="evaluate an encoder pretrained with the labels of test videos anyway; every table then "
+                             "says LABEL LEAK (default: refuse)")
     parser.add_argument("--classes", type=lambda text: tuple(c for c in text.split(",") if c),
                         help="comma-separated classes to keep, in this order (videos with other labels are dropped)")
     parser.add_argument("--label-column", default="label", help="label column of the store (default: %(default)s)")
@@ -84,27 +93,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sonocl.data.store import StoreError
-    from sonocl.models import WeightsError
-
-    try:
-        return _run(args)
-    except (StoreError, WeightsError, ValueError, FloatingPointError) as error:
-        print(f"sonocl evaluate: error: {error}", file=sys.stderr)
-        return 2
+    return _run(args)  # bad input raises a sonocl.errors.UserError, printed by sonocl.cli as one line
 
 
 def _run(args: argparse.Namespace) -> int:
     from sonocl.data.store import FrameStore
-    from sonocl.evaluate.classify import EvalConfig, FoldResult, evaluate_inits, load_eval_data
+    from sonocl.evaluate.classify import EvalConfig, FoldResult, evaluate_inits, has_patient_groups, load_eval_data
     from sonocl.evaluate.inits import default_label, load_init
 
     started = time.perf_counter()
+    store = FrameStore.open(args.store)
+    group_by = args.group_by if args.group_by != "auto" else ("group" if has_patient_groups(store) else "video")
     config = EvalConfig.from_recipe(
         args.recipe,
         protocol=args.protocol, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, size=args.size, mean=args.mean, std=args.std, channels=args.channels,
-        backbone=args.backbone, folds=args.folds, seeds=args.seeds, seed=args.seed, group_by=args.group_by,
+        backbone=args.backbone, folds=args.folds, seeds=args.seeds, seed=args.seed, group_by=group_by,
         fps=args.fps, frames_per_video=args.frames_per_video, selection=args.selection,
         test_every_epoch=args.test_every_epoch, freeze_bn=args.freeze_bn,
         knn_k=args.knn_k, linear_augment=args.linear_augment, inner_val_fraction=args.inner_val_fraction,
@@ -112,9 +116,12 @@ def _run(args: argparse.Namespace) -> int:
     )
     labels = list(args.name) if args.name else [default_label(spec) for spec in args.init]
     if len(labels) != len(args.init):
-        raise ValueError(f"{len(labels)} --name for {len(args.init)} --init")
+        raise ConfigError(f"{len(labels)} --name for {len(args.init)} --init")
     if len(set(labels)) != len(labels):
-        raise ValueError(f"init labels must be unique, got {labels}; give --name")
+        raise ConfigError(f"init labels must be unique, got {labels}; give --name")
+    grouping = ("by patient/source group (the store's group ids)" if group_by == "group" else
+                "by video" + (" (the store has no patient groups)" if args.group_by == "auto" else ""))
+    print(f"folds: {config.folds}, stratified, {grouping}", file=sys.stderr)
 
     import torch
 
@@ -123,15 +130,23 @@ def _run(args: argparse.Namespace) -> int:
     for label, spec in zip(labels, args.init):  # resolve every init before any training: a bad path fails in seconds
         backbone, report = load_init(spec, config.backbone, config.channels)
         print(report, file=sys.stderr)
-        inits.append((label, backbone, report))
+        inits.append((label, spec, backbone, report, input_settings(config, report, args.input)))
 
-    store = FrameStore.open(args.store)
-    load_started = time.perf_counter()
-    data = load_eval_data(store, config)
-    load_seconds = time.perf_counter() - load_started
-    counts = {name: int((data.video_labels == c).sum()) for c, name in enumerate(data.class_names)}
-    print(f"{store.root}: {len(data.video_ids)} videos {counts}, {len(data.frame_video)} frames at {config.size} px "
-          f"({load_seconds:.1f} s)", file=sys.stderr)
+    datasets: dict[int, Any] = {}
+
+    def data_at(size: int) -> Any:
+        if size not in datasets:
+            load_started = time.perf_counter()
+            datasets[size] = load_eval_data(store, dataclasses.replace(config, size=size))
+            data = datasets[size]
+            counts = {name: int((data.video_labels == c).sum()) for c, name in enumerate(data.class_names)}
+            print(f"{store.root}: {len(data.video_ids)} videos {counts}, {len(data.frame_video)} frames at {size} px "
+                  f"({time.perf_counter() - load_started:.1f} s)", file=sys.stderr)
+        return datasets[size]
+
+    first = data_at(inits[0][4]["size"])
+    stamps = {label: leak_stamp(spec, first, config, args.allow_label_leak) for label, spec, *_ in inits}
+    counts = {name: int((first.video_labels == c).sum()) for c, name in enumerate(first.class_names)}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,40 +156,77 @@ def _run(args: argparse.Namespace) -> int:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "sonocl evaluate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["evaluate"] else None,
         "store": str(store.root.resolve()),
-        "classes": data.class_names,
-        "num_videos": len(data.video_ids),
-        "num_frames": int(len(data.frame_video)),
+        "classes": first.class_names,
+        "num_videos": len(first.video_ids),
+        "num_frames": int(len(first.frame_video)),
         "videos_per_class": counts,
+        "grouping": grouping,
         "config": _config_dict(config),
         "optimistic": config.selection == "max-test",
         "inits": [],
-        "timing": {"load_seconds": round(load_seconds, 2), "jobs": args.jobs},
+        "timing": {"jobs": args.jobs},
     }
     with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         selection = _selection_text(config.selection)
         writer.writerow(["init", "video_id", "frame_index", "fold", "seed", "label",
-                         *[f"p_{name}" for name in data.class_names], "predicted", "selection"])
+                         *[f"p_{name}" for name in first.class_names], "predicted", "selection"])
+        for label, spec, backbone, report, settings in inits:
+            data = data_at(settings["size"])
 
-        def write_init(entry: dict[str, Any], folds: list[FoldResult]) -> None:
-            for result in folds:
-                for frame, probabilities in zip(result.test_frames, result.probabilities):
-                    writer.writerow([
-                        entry["label"], data.video_ids[data.frame_video[frame]], int(data.frame_index[frame]),
-                        result.task.fold, result.task.seed, data.class_names[data.frame_labels[frame]],
-                        *[f"{p:.6f}" for p in probabilities], data.class_names[int(probabilities.argmax())], selection,
-                    ])
-            handle.flush()
-            results["inits"].append(entry)
-            results["timing"]["total_seconds"] = round(time.perf_counter() - started, 2)
-            _write_json(out / "results.json", results)  # after each init: a long run keeps what it has done
-            print(_summary_line(entry), file=sys.stderr)
+            def write_init(entry: dict[str, Any], folds: list[FoldResult], data: Any = data,
+                           settings: dict[str, Any] = settings) -> None:
+                for result in folds:
+                    for frame, probabilities in zip(result.test_frames, result.probabilities):
+                        writer.writerow([
+                            entry["label"], data.video_ids[data.frame_video[frame]], int(data.frame_index[frame]),
+                            result.task.fold, result.task.seed, data.class_names[data.frame_labels[frame]],
+                            *[f"{p:.6f}" for p in probabilities], data.class_names[int(probabilities.argmax())],
+                            selection,
+                        ])
+                handle.flush()
+                entry["input"] = settings
+                entry["pretraining_overlap"] = stamps[entry["label"]]
+                results["inits"].append(entry)
+                results["timing"]["total_seconds"] = round(time.perf_counter() - started, 2)
+                _write_json(out / "results.json", results)  # after each init: a long run keeps what it has done
+                print(_summary_line(entry), file=sys.stderr)
 
-        evaluate_inits(data, inits, config, jobs=args.jobs, on_init=write_init)
+            init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
+            evaluate_inits(data, [(label, backbone, report)], init_config, jobs=args.jobs, on_init=write_init)
     (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'predictions.csv'} "
           f"({results['timing']['total_seconds']:.0f} s)", file=sys.stderr)
     return 0
+
+
+def input_settings(config: Any, report: Any, mode: str) -> dict[str, Any]:
+    """Size and normalisation for one init: a sonocl encoder's own (``mode="encoder"``), else the recipe's."""
+    metadata = report.metadata if report.kind == "sonocl" else {}
+    own = mode == "encoder" and all(isinstance(metadata.get(k), (int, float)) for k in ("size", "mean", "std"))
+    if own:
+        return {"size": int(metadata["size"]), "mean": float(metadata["mean"]), "std": float(metadata["std"]),
+                "source": "encoder (as it was pretrained)"}
+    return {"size": config.size, "mean": config.mean, "std": config.std,
+            "source": f"recipe {config.recipe}" + (" (asked for with --input recipe)" if mode == "recipe" else "")}
+
+
+def leak_stamp(spec: str, data: Any, config: Any, allow_leak: bool) -> dict[str, Any]:
+    """The init's overlap with every fold's test videos (`sonocl.provenance`); refuses a label leak unless allowed."""
+    from sonocl.evaluate.classify import fold_splits
+    from sonocl.provenance import LabelLeakError, check_fold, find, leak_message, summarise
+
+    provenance = find(spec)
+    checks = [check_fold(provenance, [data.video_hashes[v] for v in test])
+              for seed in range(config.seed, config.seed + config.seeds)
+              for _, test in fold_splits(data, config, seed)]
+    stamp = summarise(checks)
+    stamp["provenance"] = "recorded" if provenance is not None else "none (random, ImageNet or a foreign checkpoint)"
+    if stamp["labels_seen"] and not allow_leak:
+        raise LabelLeakError(leak_message(spec, stamp["labels_seen"], stamp["test_videos"]))
+    if stamp["note"]:
+        print(f"{spec}: {stamp['note']}", file=sys.stderr)
+    return stamp
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -216,6 +268,8 @@ def _percent(stats: dict[str, Any]) -> str:
 def _summary_line(entry: dict[str, Any]) -> str:
     video, frame = entry["summary"]["video"], entry["summary"]["frame"]
     note = f"  [{entry['selection_note']}]" if entry["optimistic"] else ""
+    overlap = entry.get("pretraining_overlap", {}).get("note")
+    note += f"  [{overlap}]" if overlap else ""
     return (f"{entry['label']}: video acc {_percent(video['accuracy'])} %, frame acc {_percent(frame['accuracy'])} %, "
             f"pooled frame acc {100 * entry['pooled']['frame']['accuracy']:.1f} % ({entry['seconds']:.0f} s){note}")
 
@@ -232,8 +286,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"Protocol `{config['protocol']}`, recipe `{config['recipe']}` ({config['epochs']} epochs, batch "
         f"{config['batch_size']}, Adam lr {config['lr']}, wd {config['weight_decay']}, cosine, {config['size']} px, "
         f"norm {config['mean']}/{config['std']}, {config['channels']}-channel {config['backbone']}), selection "
-        f"`{config['selection']}`; {config['folds']} folds × {config['seeds']} seed(s), stratified, grouped by "
-        f"{config['group_by']}; {results['num_videos']} videos, {results['num_frames']} frames "
+        f"`{config['selection']}`; {config['folds']} folds × {config['seeds']} seed(s), stratified, grouped "
+        f"{results.get('grouping', 'by ' + config['group_by'])}; {results['num_videos']} videos, {results['num_frames']} frames "
         f"(≤ {config['frames_per_video'] or '∞'} per video, {str(config['fps']) + ' fps' if config['fps'] else 'every frame'}); classes "
         f"{', '.join(results['classes'])}.",
         "",
@@ -248,7 +302,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     for entry in results["inits"]:
         cells = [_percent(entry["summary"][level][key]) for _, level, key in _METRIC_COLUMNS]
         pooled = [f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in ("frame", "video")]
-        label = entry["label"] + (" (optimistic)" if entry["optimistic"] else "")
+        overlap = entry.get("pretraining_overlap", {}).get("note", "")
+        label = entry["label"] + (" (optimistic)" if entry["optimistic"] else "") + (f" [{overlap}]" if overlap else "")
         lines.append("| " + " | ".join([label, *cells, *pooled]) + " |")
     lines += ["", "## Pooled confusion matrices (rows: true class, columns: predicted)", ""]
     classes = results["classes"]
@@ -265,6 +320,10 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines.append("")
     lines += ["## Inits", ""]
     for entry in results["inits"]:
+        settings = entry.get("input")
+        if settings:
+            lines.append(f"- **{entry['label']}** input: {settings['size']} px, norm {settings['mean']:g}/"
+                         f"{settings['std']:g} ({settings['source']})")
         report = entry["init_report"]
         ignored = f"; ignored {len(report['ignored'])} head keys" if report["ignored"] else ""
         source = f" from `{report['source']}`" if report["source"] else ""

@@ -95,6 +95,11 @@ class AWCLSampler(PairSampler):
         self._video_class = np.array([lookup.get(v, -1) if v else -1 for v in values], dtype=np.int64)
         keep = np.random.default_rng([self.seed, LABEL_DRAW_KEY]).random(self.store.num_frames) < anatomy_ratio
         self._frame_keeps = keep
+        kept_any = np.array([keep[self.store.video_offsets[v]:self.store.video_offsets[v + 1]].any() for v in self.videos])
+        self.labelled_videos = self.videos[kept_any & (self._video_class[self.videos] >= 0)]
+        self.label_columns = [coarse_column if anatomy_level == "coarse" and coarse_map is None else anatomy_column]
+        if not len(self.labelled_videos):
+            self.label_columns = []
 
     def _draw(self, rng, video, frame, position):
         frames = frame if frame is not None else self._random_frame(rng, video)
@@ -106,13 +111,14 @@ class AWCLSampler(PairSampler):
 def preset() -> PretrainConfig:
     return PretrainConfig(
         method="awcl",
+        export="last",
         size=227,
         epochs=10,
         model=ModelConfig(channels=3, projection_hidden=512, projection_dim=128),
         augment=AugmentConfig(crop_scale=(0.08, 1.0), crop_ratio=(0.75, 4 / 3), brightness=0.4, contrast=0.4,
                               jitter_p=0.8, gamma=0.25, mean=IMAGENET_GREY_MEAN, std=IMAGENET_GREY_STD),
         optim=OptimConfig(name="adam", lr=1e-3, weight_decay=1e-6),
-        schedule=ScheduleConfig(warmup_epochs=0, decay="none"),
+        schedule=ScheduleConfig(decay="none"),
         options=AWCLOptions(),
     )
 

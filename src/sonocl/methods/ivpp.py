@@ -34,10 +34,12 @@ class IVPPOptions(Options):
 class IVPPSampler(PairSampler):
     """Two distinct frames of one video at most ``delta_t`` seconds apart in the store's real timestamps, unmixed.
 
-    Pair weight ``sw = (Δmax − Δ + 1) / (Δmax + 1)`` with ``Δmax = int(delta_t · fps)`` and Δ the frame
-    distance (clipped to ``[1/(Δmax+1), 1]`` for irregular timestamps). The first frame is the item's frame
-    (``items="frames"``) or uniform in its video; a frame with no neighbour within ``delta_t`` is paired
-    with itself (weight 1). fps is the video's, else estimated from its median frame interval.
+    Pair weight ``sw = (Δmax − Δ + 1) / (Δmax + 1)`` with ``Δmax = int(delta_t · fps)`` and Δ the distance in
+    frames *of the source video*, from the timestamps: ``Δ = round(|t₂ − t₁| · fps)`` (clipped to
+    ``[1/(Δmax+1), 1]``). So a store ingested with ``--fps``/``--stride`` weighs a pair as the full-rate video
+    does for the same two moments (counting stored frames there would flatten the weights). The first frame is
+    the item's frame (``items="frames"``) or uniform in its video; a frame with no neighbour within ``delta_t``
+    is paired with itself (weight 1). fps is the source video's, else estimated from its median frame interval.
     """
 
     k = 2
@@ -55,6 +57,7 @@ class IVPPSampler(PairSampler):
             recorded = self.store.videos[v].fps
             interval = float(np.median(np.diff(stamps))) if len(stamps) > 1 else 0.0
             fps[v] = recorded if recorded else (1.0 / interval if interval > 0 else 1.0)
+        self._fps = fps
         self._max_frames = np.floor(delta_t * fps + 1e-9).astype(np.int64)
         # One sorted key over the whole store: within a video its time, videos apart by more than any window.
         span = float(time.max() - time.min()) if len(time) else 0.0
@@ -74,7 +77,7 @@ class IVPPSampler(PairSampler):
         second += second >= first
         second = np.where(others > 0, second, first)
         delta_max = self._max_frames[video]
-        delta = np.abs(second - first)
+        delta = np.rint(np.abs(self.store.frame_time[second] - self.store.frame_time[first]) * self._fps[video])
         weight = np.clip((delta_max - delta + 1) / (delta_max + 1), 1.0 / (delta_max + 1), 1.0)
         mix = np.broadcast_to(np.eye(2), (len(video), 2, 2))
         return self._batch(np.stack([first, second], axis=1), mix, video, video, weight=weight)

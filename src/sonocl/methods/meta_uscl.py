@@ -169,10 +169,10 @@ class MetaUSCL(Objective):
         if context.step % self.meta_every == 0:
             if context.meta_views is None:
                 raise ValueError("meta-uscl needs StepContext.meta_views (held-out meta batches)")
-            meta_view1, meta_view2 = context.meta_views()
+            meta_view1, meta_view2, meta_group = context.meta_views()
             result = meta.cmw_meta_gradient(
                 model, self.cmw, self.info_nce, view1, view2, h1, h2, z1, z2, batch.positive_group, batch.weight,
-                meta_view1, meta_view2, context.optimizer, self.inner_lr,
+                meta_view1, meta_view2, context.optimizer, self.inner_lr, meta_positive_group=meta_group,
             )
             meta.apply_meta_gradient(self.cmw, self.cmw_optimizer, result)
             parts["meta"] = float(result.meta_loss)
@@ -198,7 +198,7 @@ def preset() -> PretrainConfig:
         augment=AugmentConfig(crop_scale=(0.7, 1.0), crop_ratio=(0.8, 1.25), brightness=0.64, contrast=0.64,
                               jitter_p=1.0, mean=0.18, std=0.24),
         optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),
-        schedule=ScheduleConfig(warmup_epochs=10, warmup="exponential", decay="cosine", cosine_span="after_warmup"),
+        schedule=ScheduleConfig(warmup_fraction=10 / 300, warmup="exponential", decay="cosine", cosine_span="after_warmup"),
         options=MetaUSCLOptions(),
     )
 

@@ -100,11 +100,12 @@ class MoCo(Objective):
 def preset() -> PretrainConfig:
     return PretrainConfig(
         method="moco",
+        export="last",
         size=224,
         model=ModelConfig(projection_hidden=512, projection_dim=128),
         augment=dataclasses.replace(SIMCLR_AUGMENT, crop_scale=(0.2, 1.0), brightness=0.4, contrast=0.4),
         optim=OptimConfig(name="sgd", lr=0.03, lr_scaling="linear", momentum=0.9, weight_decay=1e-4),
-        schedule=ScheduleConfig(warmup_epochs=0, decay="cosine", ema_start=0.999),
+        schedule=ScheduleConfig(decay="cosine", ema_start=0.999),
         options=MoCoOptions(),
     )
 

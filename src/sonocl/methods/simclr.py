@@ -34,11 +34,12 @@ SIMCLR_AUGMENT = AugmentConfig(
 def preset() -> PretrainConfig:
     return PretrainConfig(
         method="simclr",
+        export="last",
         size=224,
         model=ModelConfig(projection_hidden=512, projection_dim=128),
         augment=SIMCLR_AUGMENT,
         optim=OptimConfig(name="sgd", lr=0.3, lr_scaling="linear", momentum=0.9, weight_decay=1e-6),
-        schedule=ScheduleConfig(warmup_epochs=10, warmup="linear", decay="cosine"),
+        schedule=ScheduleConfig(warmup_fraction=10 / 100, warmup="linear", decay="cosine"),
         options=Options(),
     )
 

@@ -59,8 +59,8 @@ class USCLSampler(PairSampler):
         candidates = self.videos[codes[self.videos] >= 0]
         count = math.ceil(len(candidates) * label_rate)
         chosen = np.random.default_rng([self.seed, LABEL_DRAW_KEY]).choice(candidates, size=count, replace=False)
-        self.labelled_videos = np.sort(chosen)
-        """Video indices whose items carry their class (fixed for the run)."""
+        self.labelled_videos = np.sort(chosen)  # fixed for the run
+        self.label_columns = [label_column] if count else []
         self._video_label = np.full(self.store.num_videos, -1, dtype=np.int64)
         self._video_label[self.labelled_videos] = codes[self.labelled_videos]
 
@@ -88,7 +88,7 @@ def preset() -> PretrainConfig:
         augment=AugmentConfig(crop_scale=(0.8, 1.0), crop_ratio=(0.8, 1.25), brightness=0.8, contrast=0.8,
                               jitter_p=1.0, mean=0.5, std=0.25),
         optim=OptimConfig(name="adam", lr=3e-4, weight_decay=1e-4),
-        schedule=ScheduleConfig(warmup_epochs=10, warmup="constant", decay="cosine", cosine_span="total"),
+        schedule=ScheduleConfig(warmup_fraction=10 / 300, warmup="constant", decay="cosine", cosine_span="total"),
         options=USCLOptions(),
     )
 

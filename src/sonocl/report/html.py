@@ -220,7 +220,8 @@ def run_section(path: Path, ctx: Context) -> Section:
     if cfg is not None:
         section.table(["setting", "value"], [
             ("method", cfg.method), ("store", cfg.store), ("backbone", f"{cfg.model.backbone}, {cfg.model.channels}-channel stem, init {cfg.model.init}"),
-            ("epochs × batch", f"{cfg.epochs} × {cfg.batch_size}"), ("input size", f"{cfg.size} px"),
+            ("budget", f"{cfg.steps} steps × batch {cfg.batch_size} = {cfg.steps * cfg.batch_size} pairs" if cfg.steps
+             else f"{cfg.epochs} epochs × batch {cfg.batch_size}"), ("input size", f"{cfg.size} px"),
             ("optimiser", f"{cfg.optim.name}, lr {cfg.optim.lr:g} ({cfg.optim.lr_scaling} scaling), wd {cfg.optim.weight_decay:g}"),
             ("temperature", f"{cfg.options.temperature:g}"), ("seed", cfg.seed), ("held-out share of videos", cfg.val_fraction),
         ], caption=f"{path / 'config.yaml'}")

@@ -30,6 +30,7 @@ from sonocl.train.config import (
 OVERRIDES: dict[str, str] = {
     "store": "store",
     "epochs": "epochs",
+    "steps": "steps",
     "batch_size": "batch_size",
     "size": "size",
     "lr": "optim.lr",
@@ -80,7 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="set any configuration key, dotted (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     g = parser.add_argument_group("overrides")
-    g.add_argument("--epochs", type=int)
+    g.add_argument("--epochs", type=int, help="passes over the training videos (or frames); --steps replaces it")
+    g.add_argument("--steps", type=int, help="budget in optimiser steps of --batch-size pairs each: equal steps and batch "
+                                             "give methods equal budgets (pairs seen), whatever their epoch length")
     g.add_argument("--batch-size", type=int, help="global batch (split over processes)")
     g.add_argument("--size", type=int, help="image side the store's frames are resized to on the device")
     g.add_argument("--lr", type=float, help="learning rate (× batch/256 for presets with linear scaling)")

@@ -90,9 +90,10 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Per-step learning-rate schedule: a warm-up, then a decay, evaluated at fractional epochs."""
+    """Per-step learning-rate schedule: a warm-up, then a decay, over the run's progress (`sonocl.train.schedules`)."""
 
-    warmup_epochs: float = 0.0
+    warmup_fraction: float = 0.0
+    """Share of the run spent warming up: the paper's warm-up epochs over its epochs (USCL 10 / 300)."""
     warmup: str = "linear"
     """``linear`` (0 → lr), ``constant`` (USCL: lr, quirk 11) or ``exponential`` (Meta-USCL: 0.1 + 0.9·exp(−5(1−e/W)²))."""
     decay: str = "cosine"
@@ -112,7 +113,7 @@ class ScheduleConfig:
             *_choice("warmup", self.warmup, ("linear", "constant", "exponential")),
             *_choice("decay", self.decay, ("cosine", "none")),
             *_choice("cosine_span", self.cosine_span, ("after_warmup", "total")),
-            *([] if self.warmup_epochs >= 0 else [f"warmup_epochs must be ≥ 0, not {self.warmup_epochs}"]),
+            *([] if 0 <= self.warmup_fraction < 1 else [f"warmup_fraction must lie in [0, 1), not {self.warmup_fraction}"]),
             *[f"{name} must lie in [0, 1], not {value}" for name, value in (("ema_start", self.ema_start),
                                                                               ("ema_end", self.ema_end))
               if value is not None and not 0 <= value <= 1],
@@ -124,6 +125,9 @@ class PretrainConfig:
     method: str = "uscl"
     store: str = ""
     epochs: int = 300
+    steps: int | None = None
+    """The budget in optimiser steps of ``batch_size`` pairs each (pairs seen = steps × batch_size); it replaces
+    ``epochs`` when set, so that methods whose epochs differ in length (videos or frames as items) get equal budgets."""
     batch_size: int = 32
     """Per-step batch over all ranks (each rank gets batch_size / world_size)."""
     size: int = 224
@@ -136,6 +140,10 @@ class PretrainConfig:
     """CPU threads for torch (None: torch's default; 1 with ``deterministic`` unless set)."""
     workers: int = 2
     val_fraction: float = 0.2
+    export: str = "best"
+    """Which checkpoint ``encoder.safetensors`` holds: ``best`` (lowest validation InfoNCE, as USCL's and Meta-USCL's
+    reference code select) or ``last`` (the methods whose papers take the final model: the InfoNCE of held-out pairs
+    says nothing about BYOL, and AWCL's reference keeps every epoch without selecting)."""
     checkpoint_every_steps: int = 0
     """Also write ``last.pt`` every N steps (0: at the end of each epoch only)."""
     label_column: str = "label"
@@ -155,11 +163,14 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """The checks across sections (each section checks its own values when built)."""
-        problems = [*_choice("method", self.method, METHOD_NAMES), *_choice("precision", self.precision, PRECISIONS)]
+        problems = [*_choice("method", self.method, METHOD_NAMES), *_choice("precision", self.precision, PRECISIONS),
+                    *_choice("export", self.export, ("best", "last"))]
         if self.epochs < 1 or self.batch_size < 1 or self.size < 8:
             problems.append(f"need epochs ≥ 1, batch_size ≥ 1 and size ≥ 8 (got {self.epochs}, {self.batch_size}, {self.size})")
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"val_fraction must lie in [0, 1), not {self.val_fraction}")
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"steps must be ≥ 1, not {self.steps}")
         if self.checkpoint_every_steps < 0:
             problems.append("checkpoint_every_steps must be ≥ 0")
         if not problems and type(self.options) is not get_method(self.method).options:

@@ -12,8 +12,9 @@ global RNG are re-seeded from (seed, rank, global step) at the start of every st
 step s draws exactly what the uninterrupted run drew there (the RNG states are in the checkpoint as
 well). Validation and the monitors use their own fixed-seed generator and never touch the training state.
 
-Outputs under ``RUN``: ``config.yaml`` (resolved configuration), ``metrics.csv``, ``tb/`` (TensorBoard),
-``checkpoints/{last,best}.pt`` and ``encoder.safetensors`` (backbone of ``best.pt``).
+Outputs under ``RUN``: ``config.yaml`` (resolved configuration), ``provenance.json`` (which videos it trained on,
+whose labels it used, which it held out: `sonocl.provenance`), ``metrics.csv``, ``tb/`` (TensorBoard),
+``checkpoints/{last,best}.pt`` and ``encoder.safetensors`` (backbone of ``best.pt`` or ``last.pt``, ``cfg.export``).
 
 ``metrics.csv`` columns: ``kind`` (``step`` or ``epoch``), ``epoch`` (1-based), ``step`` (optimiser steps done,
 over the run), ``lr``, ``momentum`` (target-network momentum, MoCo/BYOL), ``loss`` (the objective's total,
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sonocl import provenance
 from sonocl.augment import BatchAugment, make_views
 from sonocl.data.store import FrameStore
 from sonocl.errors import ConfigError
@@ -92,9 +94,17 @@ class RunData:
     """Held-out labelled frames of the kNN monitor."""
     collapse_frames: np.ndarray
 
+    total_steps: int
+    """The run's budget in optimiser steps (``steps``, else ``epochs`` × steps per epoch)."""
+
     @property
     def steps_per_epoch(self) -> int:
         return len(self.sampler)
+
+    @property
+    def num_epochs(self) -> int:
+        """Epochs the budget spans (the last one may be partial)."""
+        return math.ceil(self.total_steps / self.steps_per_epoch)
 
 
 @dataclass
@@ -155,13 +165,13 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike[str], resume: bool = Fa
         with _reproducibility(cfg):
             run = setup(cfg, Path(out), resume, context, device)
             try:
-                for epoch in range(run.epoch, cfg.epochs):
+                for epoch in range(run.epoch, run.data.num_epochs):
                     train_one_epoch(run, epoch)
                     end_of_epoch(run, epoch)
             except KeyboardInterrupt:
                 if context.is_main:
                     save_checkpoint(checkpoint_state(run), run.last_path)
-                    export_encoder(cfg, run.best_path if run.best_path.exists() else run.last_path, run.out)
+                    export_encoder(run)
                     print(f"\ninterrupted: {run.last_path} saved at epoch {run.epoch + 1}, step {run.step_in_epoch}; "
                           f"continue with --resume", file=sys.stderr)
                 raise
@@ -170,10 +180,9 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike[str], resume: bool = Fa
                 if run.log is not None:
                     run.log.close()
             if context.is_main:
-                export_encoder(cfg, run.best_path if run.best_path.exists() else run.last_path, run.out)
+                export_encoder(run)
             ddp.barrier(context)
-            steps = cfg.epochs * run.data.steps_per_epoch
-            return PretrainResult(run.out, steps, cfg.epochs, run.best_val_loss, run.epoch_metrics)
+            return PretrainResult(run.out, run.data.total_steps, run.data.num_epochs, run.best_val_loss, run.epoch_metrics)
     finally:
         ddp.shutdown(context)
 
@@ -212,13 +221,13 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
     objective = method.objective(cfg, model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = base_lr(cfg)
-    total_steps = cfg.epochs * data.steps_per_epoch
+    total_steps = data.total_steps
     run = Run(
         cfg=cfg, out=out, method=method, context=context, device=device, precision=precision,
         memory_format=memory_format, data=data, model=model, objective=objective,
         optimizer=make_optimizer(cfg, params, lr),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), params=params,
-        lrs=lr_schedule(lr, cfg.epochs, data.steps_per_epoch, cfg.schedule),
+        lrs=lr_schedule(lr, total_steps, cfg.schedule),
         momenta=(momentum_schedule(cfg.schedule.ema_start, cfg.schedule.ema_end, total_steps)
                  if cfg.schedule.ema_start is not None else None),
         augment=build_augment(cfg), generator=torch.Generator(device=device), gather=ddp.make_gather(context),
@@ -231,11 +240,14 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
+        provenance.write(out, provenance.record(
+            data.store, data.kept, data.sampler.labelled_videos, data.held, method=cfg.method,
+            label_columns=data.sampler.label_columns, steps=total_steps, batch_size=cfg.batch_size))
         run.log = MetricsLog(out / "metrics.csv", global_step if resume else None, run.epoch if resume else None)
         run.writer = tensorboard(out / "tb", global_step if resume else None)
         print(f"sonocl pretrain: {cfg.method} on {data.store.num_videos} videos ({len(data.kept)} train, "
-              f"{len(data.held)} held out), {data.steps_per_epoch} steps/epoch × {cfg.epochs} epochs, batch "
-              f"{cfg.batch_size}, {precision}, {device}" + (f", {context.world_size} processes" if context.enabled else ""),
+              f"{len(data.held)} held out), {total_steps} steps ({data.steps_per_epoch}/epoch, {data.num_epochs} "
+              f"epochs) of batch {cfg.batch_size} = {total_steps * cfg.batch_size} pairs, {precision}, {device}" + (f", {context.world_size} processes" if context.enabled else ""),
               file=sys.stderr)
     return run
 
@@ -254,7 +266,7 @@ def build_data(cfg: PretrainConfig, method: Method, context: ddp.DistributedCont
     query = monitor_frames(store, held, codes, cfg.knn_frames_per_video)
     collapse, _ = monitor_frames(store, held if len(held) else kept, np.zeros_like(codes), cfg.knn_frames_per_video)
     return RunData(
-        store=store, kept=kept, held=held, sampler=sampler,
+        store=store, kept=kept, held=held, sampler=sampler, total_steps=cfg.steps or cfg.epochs * len(sampler),
         val_batches=validation_batches(cfg, store, held) if context.is_main else [],
         meta_sampler=meta_sampler,
         bank=(bank[0][:MONITOR_MAX_FRAMES], bank[1][:MONITOR_MAX_FRAMES]),
@@ -328,7 +340,7 @@ def _check_resumable(cfg: PretrainConfig, state: dict[str, Any], context: ddp.Di
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}; it was written by another sonocl")
     saved = state["config"]
-    for key in ("method", "store", "batch_size", "size", "seed", "epochs"):
+    for key in ("method", "store", "batch_size", "size", "seed", "epochs", "steps"):
         if saved.get(key) != getattr(cfg, key):
             print(f"sonocl pretrain: resuming with {key} {getattr(cfg, key)!r} (the run used {saved.get(key)!r}); "
                   f"the result will differ from an uninterrupted run", file=sys.stderr)
@@ -344,7 +356,8 @@ def train_one_epoch(run: Run, epoch: int) -> None:
     """The epoch's remaining steps: each one seeded from (seed, rank, step), so a resumed run draws the same."""
     cfg, data = run.cfg, run.data
     first = run.step_in_epoch if epoch == run.epoch else 0
-    batches = data.sampler.batches(epoch)[first:]
+    last = min(data.steps_per_epoch, data.total_steps - epoch * data.steps_per_epoch)  # the budget may end mid-epoch
+    batches = data.sampler.batches(epoch)[first:last]
     loader = _loader(data.store, batches, cfg.workers, run.device, cfg.seed + epoch)
     bar = _progress_bar(run, epoch, first)
     _set_train_mode(run.model, cfg.model.freeze_bn)
@@ -380,7 +393,7 @@ def train_one_epoch(run: Run, epoch: int) -> None:
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.0f}", refresh=False)
         bar.update(1)
         every = cfg.checkpoint_every_steps
-        if run.context.is_main and every and run.step_in_epoch % every == 0 and run.step_in_epoch < data.steps_per_epoch:
+        if run.context.is_main and every and run.step_in_epoch % every == 0 and run.step_in_epoch < last:
             save_checkpoint(checkpoint_state(run), run.last_path)
     bar.close()
 
@@ -414,18 +427,20 @@ def train_step(run: Run, view1: Tensor, view2: Tensor, targets: BatchTensors, co
     return {"loss": values[0], **dict(zip(names, values[1:]))}
 
 
-def _meta_views(run: Run, epoch: int, step: int) -> Callable[[], tuple[Tensor, Tensor]] | None:
+def _meta_views(run: Run, epoch: int, step: int) -> Callable[[], tuple[Tensor, Tensor, Tensor]] | None:
     """The meta batch of this step, built only when the objective asks for it (Meta-USCL, every ``meta_every``)."""
     meta_sampler = run.data.meta_sampler
     if meta_sampler is None:
         return None
 
-    def views() -> tuple[Tensor, Tensor]:
+    def views() -> tuple[Tensor, Tensor, Tensor]:
         batch = meta_sampler.batch(epoch, step)
         frames = torch.from_numpy(run.data.store.gather(batch.frames)).to(run.device, non_blocking=True)
         with torch.no_grad():
             view1, view2 = make_views(frames, batch.mix, batch.augment_first, run.augment, run.generator)
-        return view1.contiguous(memory_format=run.memory_format), view2.contiguous(memory_format=run.memory_format)
+        group = torch.from_numpy(batch.positive_group).to(run.device)
+        return (view1.contiguous(memory_format=run.memory_format), view2.contiguous(memory_format=run.memory_format),
+                group)
 
     return views
 
@@ -444,7 +459,8 @@ def _log_step(run: Run, epoch: int, global_step: int, lr: float, momentum: float
 def _progress_bar(run: Run, epoch: int, initial: int) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=run.data.steps_per_epoch, initial=initial, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", unit="step",
+    steps = min(run.data.steps_per_epoch, run.data.total_steps - epoch * run.data.steps_per_epoch)
+    return tqdm(total=steps, initial=initial, desc=f"epoch {epoch + 1}/{run.data.num_epochs}", unit="step",
                 disable=not (run.context.is_main and run.cfg.progress), dynamic_ncols=True, mininterval=1.0,
                 file=sys.stderr)
 
@@ -464,13 +480,13 @@ def end_of_epoch(run: Run, epoch: int) -> None:
         save_checkpoint(checkpoint_state(run), run.last_path)
         if improved:
             link_checkpoint(run.last_path, run.best_path)
-        step = (epoch + 1) * run.data.steps_per_epoch
+        step = min((epoch + 1) * run.data.steps_per_epoch, run.data.total_steps)
         run.log.write({"kind": "epoch", "epoch": epoch + 1, "step": step, **run.epoch_metrics,
                        "seconds": time.perf_counter() - run.started})
         for name, value in run.epoch_metrics.items():
             run.writer.add_scalar(f"val/{name}", value, step)
         run.writer.flush()
-        print(f"epoch {epoch + 1}/{run.cfg.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in run.epoch_metrics.items()),
+        print(f"epoch {epoch + 1}/{run.data.num_epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in run.epoch_metrics.items()),
               file=sys.stderr)
     run.epoch, run.step_in_epoch = epoch + 1, 0
     ddp.barrier(run.context)
@@ -615,12 +631,15 @@ def make_optimizer(cfg: PretrainConfig, params: list[nn.Parameter], lr: float) -
     return torch.optim.Adam(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
 
 
-def export_encoder(cfg: PretrainConfig, checkpoint_path: Path, out: Path) -> None:
+def export_encoder(run: Run) -> None:
+    """``encoder.safetensors`` from ``best.pt`` or ``last.pt`` (``cfg.export``), with the encoder's metadata."""
     from sonocl.models import ENCODER_FILE, build_backbone, checkpoint_backbone_state, save_encoder
 
-    state = checkpoint_backbone_state(load_checkpoint(checkpoint_path))
+    cfg = run.cfg
+    source = run.best_path if cfg.export == "best" and run.best_path.exists() else run.last_path
+    state = checkpoint_backbone_state(load_checkpoint(source))
     backbone = build_backbone(cfg.model.backbone, cfg.model.channels, state)
-    save_encoder(backbone, out / ENCODER_FILE, encoder_metadata(cfg))
+    save_encoder(backbone, run.out / ENCODER_FILE, {**encoder_metadata(cfg), "checkpoint": source.name})
 
 
 @contextlib.contextmanager

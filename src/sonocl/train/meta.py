@@ -237,11 +237,14 @@ def cmw_meta_gradient(
     meta_view2: Tensor,
     optimizer: torch.optim.Optimizer,
     inner_lr: float | None = None,
+    meta_positive_group: Tensor | None = None,
 ) -> MetaGradient:
     """∂L_meta(θ'(α))/∂α for the CMW-Net, given the real forward ``(h, z)`` of ``model`` on ``view1, view2``.
 
     ``z1, z2`` must carry the autograd graph of that forward (the real step reuses it; it is retained here).
-    Changes nothing: not the model's parameters or buffers, not the optimizer, not the CMW-Net.
+    ``meta_positive_group`` marks meta pairs of one video as positives of each other (a meta batch larger than the
+    held-out set repeats videos). Changes nothing: not the model's parameters or buffers, not the optimizer, not the
+    CMW-Net.
     """
     _check_single_process(model)
     model = unwrap_model(model)
@@ -261,7 +264,7 @@ def cmw_meta_gradient(
 
     # Step 4: the unweighted meta loss at θ' and its gradient v = ∂L_meta/∂θ'.
     meta_z1, meta_z2 = _network_z(model, virtual, (meta_view1, meta_view2))
-    meta_loss = loss(meta_z1, meta_z2)
+    meta_loss = loss(meta_z1, meta_z2, positive_group=meta_positive_group)
     meta_grads = torch.autograd.grad(meta_loss, list(virtual.values()), allow_unused=True)
 
     # Hypergradient: tangent t = −lr·c·v; ż = (∂z/∂θ)·t by forward mode; then ∂/∂α [∇_z L_w · ż].

@@ -43,8 +43,8 @@ class StepContext:
     """The main optimizer (Meta-USCL's virtual step reads its LR, momentum, weight decay and momentum buffers)."""
     lr: float
     """The current scheduled LR of the main optimizer (for logging; the virtual step reads the groups' LR)."""
-    meta_views: Callable[[], tuple[Tensor, Tensor]] | None = None
-    """Next meta batch: two normalised views of held-out frames (Meta-USCL only)."""
+    meta_views: Callable[[], tuple[Tensor, Tensor, Tensor]] | None = None
+    """Next meta batch: two normalised views of held-out frames and their positive groups (Meta-USCL only)."""
     gather: Callable[[Tensor], Tensor] | None = None
     """All-gather with gradient across ranks (rank order); None in a single process."""
 

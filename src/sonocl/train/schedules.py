@@ -1,8 +1,9 @@
 """Per-step schedules, precomputed as arrays (one value per optimiser step, as DINO does).
 
-The papers step their schedulers once per epoch; here every formula is evaluated at the fractional epoch
-``e = step / steps_per_epoch``, which equals the papers' value at every epoch boundary and moves smoothly
-in between (``docs/methods.md`` §1.7, §2.8).
+The papers step their schedulers once per epoch; here every formula is evaluated at the run's progress
+``p = step / total_steps``, which equals the papers' value at every epoch boundary of a run as long as theirs and
+moves smoothly in between (``docs/methods.md`` §1.7, §2.8). Stating the warm-up as a share of the run keeps the
+papers' shape at any budget: equal budgets in steps give every method its own schedule, scaled.
 """
 
 from __future__ import annotations
@@ -14,41 +15,36 @@ import numpy as np
 from sonocl.train.config import ScheduleConfig
 
 
-def lr_schedule(base_lr: float, epochs: int, steps_per_epoch: int, config: ScheduleConfig) -> np.ndarray:
-    """Learning rate of every step, shape ``(epochs · steps_per_epoch,)``, float64.
+def lr_schedule(base_lr: float, total_steps: int, config: ScheduleConfig) -> np.ndarray:
+    """Learning rate of every step, shape ``(total_steps,)``, float64, as a function of the run's progress.
 
-    Warm-up over ``W = warmup_epochs`` (at fractional epoch e < W):
+    With ``p = step / total_steps`` and the warm-up share ``W = warmup_fraction`` (the papers' warm-up epochs over
+    their epochs, so a run of any budget keeps the paper's shape), during warm-up (p < W):
 
-    - ``linear``: ``lr · (step + 1) / warmup_steps`` (never 0 at the first step);
+    - ``linear``: ``lr · (step + 1) / (W · total_steps)`` (never 0 at the first step);
     - ``constant``: ``lr`` (USCL: CosineAnnealingLR is stepped only from epoch 10 on, quirk 11);
-    - ``exponential``: ``lr · (0.1 + 0.9·exp(−5·(1 − e/W)²))`` (Meta-USCL's LambdaLR).
+    - ``exponential``: ``lr · (0.1 + 0.9·exp(−5·(1 − p/W)²))`` (Meta-USCL's LambdaLR).
 
-    Then ``cosine``: ``min_lr + (lr − min_lr)·½(1 + cos(π·(e − W)/T))`` with ``T = epochs − W``
-    (``cosine_span="after_warmup"``) or ``T = epochs`` (``"total"``, USCL's T_max = 300 started at epoch 10), or
-    ``none``: ``lr``.
+    Then ``cosine``: ``min_lr + (lr − min_lr)·½(1 + cos(π·(p − W)/T))`` with ``T = 1 − W``
+    (``cosine_span="after_warmup"``) or ``T = 1`` (``"total"``, USCL's T_max = 300 started at epoch 10), or
+    ``none``: ``lr``. At the papers' epoch boundaries this is the papers' per-epoch value.
     """
-    if steps_per_epoch < 1 or epochs < 1:
-        raise ValueError(f"need at least one step (epochs {epochs}, steps per epoch {steps_per_epoch})")
-    total = epochs * steps_per_epoch
-    step = np.arange(total, dtype=np.float64)
-    epoch = step / steps_per_epoch
-    warmup = float(config.warmup_epochs)
-    warm = epoch < warmup
-    lr = np.full(total, float(base_lr))
+    if total_steps < 1:
+        raise ValueError(f"need at least one step, not {total_steps}")
+    step = np.arange(total_steps, dtype=np.float64)
+    progress = step / total_steps
+    warmup = float(config.warmup_fraction)
+    warm = progress < warmup
+    lr = np.full(total_steps, float(base_lr))
     if warmup > 0:
         if config.warmup == "linear":
-            warmup_steps = warmup * steps_per_epoch
-            lr[warm] = base_lr * (step[warm] + 1) / warmup_steps
+            lr[warm] = base_lr * (step[warm] + 1) / (warmup * total_steps)
         elif config.warmup == "exponential":
-            lr[warm] = base_lr * (0.1 + 0.9 * np.exp(-5.0 * (1.0 - epoch[warm] / warmup) ** 2))
-        elif config.warmup != "constant":
-            raise ValueError(f"unknown warm-up {config.warmup!r}")
+            lr[warm] = base_lr * (0.1 + 0.9 * np.exp(-5.0 * (1.0 - progress[warm] / warmup) ** 2))
     if config.decay == "cosine":
-        span = epochs if config.cosine_span == "total" else max(epochs - warmup, 1e-12)
-        progress = (epoch[~warm] - warmup) / span
-        lr[~warm] = config.min_lr + (base_lr - config.min_lr) * 0.5 * (1.0 + np.cos(math.pi * progress))
-    elif config.decay != "none":
-        raise ValueError(f"unknown decay {config.decay!r}")
+        span = 1.0 if config.cosine_span == "total" else max(1.0 - warmup, 1e-12)
+        after = (progress[~warm] - warmup) / span
+        lr[~warm] = config.min_lr + (base_lr - config.min_lr) * 0.5 * (1.0 + np.cos(math.pi * after))
     return lr
 
 

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("sonocl.data.info", "summarise a frame store: videos, frames, labels, groups, skipped files"),
     "pretrain": ("sonocl.train.cli", "contrastive pretraining (simclr, uscl, meta-uscl, awcl, ivpp, moco, byol)"),
     "evaluate": ("sonocl.evaluate.cli", "grouped k-fold fine-tuning, linear probe and kNN evaluation"),
+    "study": ("sonocl.evaluate.study", "per-fold pretraining and evaluation: no encoder sees its test videos"),
     "segment": ("sonocl.evaluate.segment", "U-Net segmentation on a pretrained encoder, grouped k-fold"),
     "embed": ("sonocl.report.embed", "export per-frame embeddings (Parquet or .npz)"),
     "export": ("sonocl.export", "a run's encoder as a self-describing bundle: safetensors, metadata JSON, model card"),

@@ -32,15 +32,27 @@ _METRIC_COLUMNS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from sonocl.evaluate.classify import GROUP_BY, PROTOCOLS, RECIPES, SELECTIONS
-    from sonocl.models import ARCHITECTURES
-
     parser.add_argument("--store", required=True, help="frame store directory (from `sonocl ingest`)")
     parser.add_argument("--init", required=True, nargs="+", action="extend", metavar="INIT",
                         help="random | imagenet | a sonocl run directory, checkpoint or encoder.safetensors | a "
                              "USCL/Meta-USCL/torchvision checkpoint; several give one comparison table")
     parser.add_argument("--name", nargs="+", action="extend", metavar="NAME",
                         help="table label of each --init (default: random, imagenet, or the run directory's name)")
+    add_evaluation_arguments(parser)
+    parser.add_argument("--input", choices=("encoder", "recipe"), default="encoder",
+                        help="encoder (default): each sonocl encoder gets the size and normalisation it was trained "
+                             "with; random, ImageNet and foreign inits get the recipe's. recipe: every init the recipe's")
+    parser.add_argument("--allow-label-leak", action="store_true",
+                        help="evaluate an encoder pretrained with the labels of test videos anyway; every table then "
+                             "says LABEL LEAK (default: refuse)")
+    parser.add_argument("--out", required=True, help="output directory")
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The protocol, recipe, folds and sampling options (shared by ``sonocl evaluate`` and ``sonocl study``)."""
+    from sonocl.evaluate.classify import GROUP_BY, PROTOCOLS, RECIPES, SELECTIONS
+    from sonocl.models import ARCHITECTURES
+
     parser.add_argument("--protocol", choices=PROTOCOLS, default="last-block",
                         help="linear: frozen encoder + new head; last-block: layer4[-1] + head (the papers'); full; "
                              "knn: k nearest frames on frozen features (default: %(default)s)")
@@ -53,12 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-by", choices=("auto", *GROUP_BY), default="auto",
                         help="auto (default): by patient/source group when the store has real groups (DICOM PatientID, "
                              "a CSV group column), else by video; video; group")
-    parser.add_argument("--input", choices=("encoder", "recipe"), default="encoder",
-                        help="encoder (default): each sonocl encoder gets the size and normalisation it was trained "
-                             "with; random, ImageNet and foreign inits get the recipe's. recipe: every init the recipe's")
-    parser.add_argument("--allow-label-leak", action="store_true",
-                        help="evaluate an encoder pretrained with the labels of test videos anyway; every table then "
-                             "says LABEL LEAK (default: refuse)")
     parser.add_argument("--classes", type=lambda text: tuple(c for c in text.split(",") if c),
                         help="comma-separated classes to keep, in this order (videos with other labels are dropped)")
     parser.add_argument("--label-column", default="label", help="label column of the store (default: %(default)s)")
@@ -89,7 +95,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="fold runs trained side by side in worker processes, sharing torch's threads; on a CPU, "
                              "one per core is fastest for the small 64 px models (default: %(default)s)")
-    parser.add_argument("--out", required=True, help="output directory")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,31 +103,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from sonocl.data.store import FrameStore
-    from sonocl.evaluate.classify import EvalConfig, FoldResult, evaluate_inits, has_patient_groups, load_eval_data
+    from sonocl.evaluate.classify import FoldResult, evaluate_inits, load_eval_data
     from sonocl.evaluate.inits import default_label, load_init
 
     started = time.perf_counter()
     store = FrameStore.open(args.store)
-    group_by = args.group_by if args.group_by != "auto" else ("group" if has_patient_groups(store) else "video")
-    config = EvalConfig.from_recipe(
-        args.recipe,
-        protocol=args.protocol, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, size=args.size, mean=args.mean, std=args.std, channels=args.channels,
-        backbone=args.backbone, folds=args.folds, seeds=args.seeds, seed=args.seed, group_by=group_by,
-        fps=args.fps, frames_per_video=args.frames_per_video, selection=args.selection,
-        test_every_epoch=args.test_every_epoch, freeze_bn=args.freeze_bn,
-        knn_k=args.knn_k, linear_augment=args.linear_augment, inner_val_fraction=args.inner_val_fraction,
-        classes=args.classes, label_column=args.label_column, device=args.device,
-    )
+    config, grouping = evaluation_config(args, store)
     labels = list(args.name) if args.name else [default_label(spec) for spec in args.init]
     if len(labels) != len(args.init):
         raise ConfigError(f"{len(labels)} --name for {len(args.init)} --init")
     if len(set(labels)) != len(labels):
         raise ConfigError(f"init labels must be unique, got {labels}; give --name")
-    grouping = ("by patient/source group (the store's group ids)" if group_by == "group" else
-                "by video" + (" (the store has no patient groups)" if args.group_by == "auto" else ""))
-    print(f"folds: {config.folds}, stratified, {grouping}", file=sys.stderr)
-
     import torch
 
     torch.manual_seed(config.seed)  # the random init's weights
@@ -198,6 +189,27 @@ def _run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'predictions.csv'} "
           f"({results['timing']['total_seconds']:.0f} s)", file=sys.stderr)
     return 0
+
+
+def evaluation_config(args: argparse.Namespace, store: Any) -> tuple[Any, str]:
+    """The `EvalConfig` of the command line (recipe, then the flags given) and how its folds are grouped, in words."""
+    from sonocl.evaluate.classify import EvalConfig, has_patient_groups
+
+    group_by = args.group_by if args.group_by != "auto" else ("group" if has_patient_groups(store) else "video")
+    config = EvalConfig.from_recipe(
+        args.recipe,
+        protocol=args.protocol, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, size=args.size, mean=args.mean, std=args.std, channels=args.channels,
+        backbone=args.backbone, folds=args.folds, seeds=args.seeds, seed=args.seed, group_by=group_by,
+        fps=args.fps, frames_per_video=args.frames_per_video, selection=args.selection,
+        test_every_epoch=args.test_every_epoch, freeze_bn=args.freeze_bn,
+        knn_k=args.knn_k, linear_augment=args.linear_augment, inner_val_fraction=args.inner_val_fraction,
+        classes=args.classes, label_column=args.label_column, device=args.device,
+    )
+    grouping = ("by patient/source group (the store's group ids)" if group_by == "group" else
+                "by video" + (" (the store has no patient groups)" if args.group_by == "auto" else ""))
+    print(f"folds: {config.folds}, stratified, {grouping}", file=sys.stderr)
+    return config, grouping
 
 
 def input_settings(config: Any, report: Any, mode: str) -> dict[str, Any]:

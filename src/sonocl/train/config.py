@@ -139,6 +139,8 @@ class PretrainConfig:
     threads: int | None = None
     """CPU threads for torch (None: torch's default; 1 with ``deterministic`` unless set)."""
     workers: int = 2
+    exclude: list[str] = field(default_factory=list)
+    """Content hashes of videos this run must never see, not even held out (a fold's test videos, ``sonocl study``)."""
     val_fraction: float = 0.2
     export: str = "best"
     """Which checkpoint ``encoder.safetensors`` holds: ``best`` (lowest validation InfoNCE, as USCL's and Meta-USCL's

@@ -11,18 +11,24 @@ import numpy as np
 from sonocl.augment import BatchAugment
 from sonocl.data.splits import grouped_holdout
 from sonocl.data.store import FrameStore
+from sonocl.errors import ConfigError
 from sonocl.methods import get_method
 from sonocl.pairs import PairSampler
 from sonocl.train.config import PretrainConfig
 
 
 def split_videos(cfg: PretrainConfig, store: FrameStore) -> tuple[np.ndarray, np.ndarray]:
-    """``(training, held_out)`` sorted video indices: whole groups held out, ``val_fraction`` of the videos."""
+    """``(training, held_out)`` sorted video indices: whole groups held out, ``val_fraction`` of the videos that
+    ``cfg.exclude`` leaves."""
+    excluded = set(cfg.exclude)
+    usable = np.array([v for v, video in enumerate(store.videos) if video.content_hash not in excluded], dtype=np.int64)
+    if excluded and len(usable) == store.num_videos:
+        raise ConfigError(f"{store.root}: none of the {len(excluded)} excluded videos is in this store")
     if cfg.val_fraction <= 0:
-        return np.arange(store.num_videos, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return usable, np.zeros(0, dtype=np.int64)
     codes, _ = store.label_codes(cfg.label_column)
-    kept, held = grouped_holdout(codes, store.group_codes(), cfg.val_fraction, cfg.seed)
-    return np.sort(np.asarray(kept, dtype=np.int64)), np.sort(np.asarray(held, dtype=np.int64))
+    kept, held = grouped_holdout(codes[usable], store.group_codes()[usable], cfg.val_fraction, cfg.seed)
+    return np.sort(usable[np.asarray(kept, dtype=np.int64)]), np.sort(usable[np.asarray(held, dtype=np.int64)])
 
 
 def training_sampler(

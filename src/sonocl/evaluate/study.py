@@ -1,0 +1,163 @@
+"""`sonocl study`: per-fold pretraining, so that no encoder ever sees the videos it is tested on.
+
+For every (seed, fold) of the evaluation's grouped k-fold split, pretrain on that fold's training videos only (the
+test videos are excluded from the store for the run, not even held out), then evaluate the fold's encoder on its
+test videos. This is the protocol for methods that read labels (USCL semi-supervised, AWCL) and the strict one for
+every method. The folds are the ones ``sonocl evaluate`` draws with the same settings, so a per-fold row and the
+rows of a transductive evaluation line up fold by fold.
+
+``OUT/pretrain/seed<S>_fold<F>/`` holds each fold's run; ``OUT/folds/seed<S>_fold<F>.npz`` each finished fold's
+predictions. A rerun with the same command resumes: finished folds are read back, an interrupted pretraining run
+continues from its last checkpoint. ``OUT/results.json``, ``results.md`` and ``predictions.csv`` have the schema of
+``sonocl evaluate``; the row carries ``pretraining_overlap`` (0 test videos seen, checked on the recorded hashes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sonocl import __version__
+from sonocl.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sonocl.evaluate.cli import add_evaluation_arguments
+
+    parser.add_argument("--store", required=True, help="frame store directory (from `sonocl ingest`)")
+    parser.add_argument("--pretrain", required=True, metavar="'PRETRAIN OPTIONS'",
+                        help="the `sonocl pretrain` options of every fold's run, quoted, without --store and --out, "
+                             "e.g. '--method uscl --steps 500 --size 64' or '--config uscl.yaml'")
+    parser.add_argument("--name", help="the row's label (default: METHOD (per fold))")
+    add_evaluation_arguments(parser)
+    parser.add_argument("--out", required=True, type=Path, help="output directory (rerun the command to resume)")
+
+
+def pretrain_config(options: str, store: str, run_dir: Path, exclude: list[str]) -> Any:
+    """The fold's `PretrainConfig`: ``sonocl pretrain OPTIONS`` on ``store``, never seeing ``exclude``."""
+    from sonocl.train import cli as pretrain_cli
+    from sonocl.train.config import merge
+
+    parser = argparse.ArgumentParser(prog="sonocl study --pretrain", exit_on_error=False)
+    pretrain_cli.add_arguments(parser)
+    words = shlex.split(options)
+    if any(word in ("--store", "--out", "--resume") for word in words):
+        raise ConfigError("--pretrain: leave out --store, --out and --resume (the study sets them per fold)")
+    try:
+        args = parser.parse_args([*words, "--store", store, "--out", str(run_dir)])
+    except (argparse.ArgumentError, SystemExit) as error:
+        raise ConfigError(f"--pretrain {options!r}: {error}") from None
+    args.resume = (run_dir / "checkpoints" / "last.pt").exists()
+    return merge(pretrain_cli.resolve_config(args), {"exclude": exclude}), args.resume
+
+
+def run(args: argparse.Namespace) -> int:
+    from sonocl.data.store import FrameStore
+    from sonocl.evaluate.classify import fold_tasks, init_entry, load_eval_data
+    from sonocl.evaluate.cli import _config_dict, _write_json, evaluation_config, render_markdown
+
+    started = time.perf_counter()
+    store = FrameStore.open(args.store)
+    config, grouping = evaluation_config(args, store)
+    if config.protocol == "knn" and config.selection != "last":
+        raise ConfigError("knn has no epochs to select: use --selection last")
+    data_by_size: dict[int, Any] = {config.size: load_eval_data(store, config)}
+    base = data_by_size[config.size]
+    tasks = fold_tasks(base, config, 1)
+    out: Path = args.out
+    results_of_folds, checks, report, settings, label = [], [], None, None, args.name
+    for task in tasks:
+        result, fold_report, fold_settings, check = fold_run(args, store, config, base, data_by_size, task, out)
+        results_of_folds.append(result)
+        checks.append(check)
+        report, settings = fold_report, fold_settings
+        label = label or f"{fold_report.metadata.get('method', 'pretrained')} (per fold)"
+    from sonocl.provenance import summarise
+
+    data = data_by_size[settings["size"]]
+    init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
+    entry = init_entry(label, report, init_config, data.class_names, results_of_folds)
+    overlap = summarise(checks)
+    overlap.update(provenance="recorded per fold", note=f"per-fold pretraining: {overlap['seen']} of "
+                   f"{overlap['test_videos']} test videos seen in pretraining")
+    entry.update(input=settings, pretraining_overlap=overlap, pretraining={"protocol": "per fold", "options": args.pretrain})
+    counts = {name: int((data.video_labels == c).sum()) for c, name in enumerate(data.class_names)}
+    results = {
+        "schema": "sonocl.evaluate/1", "sonocl_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "sonocl study " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["study"] else None,
+        "store": str(store.root.resolve()), "classes": data.class_names, "num_videos": len(data.video_ids),
+        "num_frames": int(len(data.frame_video)), "videos_per_class": counts, "grouping": grouping,
+        "config": _config_dict(config), "optimistic": config.selection == "max-test", "inits": [entry],
+        "timing": {"total_seconds": round(time.perf_counter() - started, 2)},
+    }
+    _write_json(out / "results.json", results)
+    (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
+    _write_predictions(out / "predictions.csv", label, data, results_of_folds)
+    print(f"sonocl study: {label}: video acc {100 * entry['summary']['video']['accuracy']['mean']:.1f} ± "
+          f"{100 * entry['summary']['video']['accuracy']['std']:.1f} % over {len(tasks)} fold runs; "
+          f"wrote {out / 'results.json'} ({results['timing']['total_seconds']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def fold_run(args: argparse.Namespace, store: Any, config: Any, base: Any, data_by_size: dict[int, Any], task: Any,
+             out: Path) -> tuple[Any, Any, dict[str, Any], Any]:
+    """One (seed, fold): pretrain without its test videos (or resume), check the provenance, evaluate; cached."""
+    from sonocl.evaluate.classify import FoldResult, load_eval_data, run_fold
+    from sonocl.evaluate.cli import _json_default, input_settings
+    from sonocl.evaluate.inits import load_init
+    from sonocl.provenance import check_fold, find
+    from sonocl.train.loop import pretrain
+
+    name = f"seed{task.seed}_fold{task.fold}"
+    run_dir, cached = out / "pretrain" / name, out / "folds" / f"{name}.npz"
+    test_hashes = [base.video_hashes[v] for v in task.test_videos]
+    cfg, resume = pretrain_config(args.pretrain, str(store.root), run_dir, test_hashes)
+    if not cached.exists():
+        print(f"sonocl study: {name}: pretraining {cfg.method} without the fold's {len(test_hashes)} test videos",
+              file=sys.stderr)
+        pretrain(cfg, run_dir, resume=resume)
+    check = check_fold(find(str(run_dir)), test_hashes)
+    if check.seen:
+        raise AssertionError(f"{run_dir}: the per-fold run saw {check.seen} of its test videos")
+    backbone, report = load_init(str(run_dir), config.backbone, config.channels)
+    settings = input_settings(config, report, "encoder")
+    if settings["size"] not in data_by_size:
+        data_by_size[settings["size"]] = load_eval_data(store, dataclasses.replace(config, size=settings["size"]))
+    data = data_by_size[settings["size"]]
+    if cached.exists():
+        with np.load(cached) as saved:
+            run = json.loads(str(saved["run"]))
+            confusion = {level: np.asarray(run[level]["confusion"]) for level in ("frame", "video")}
+            return FoldResult(task, run, saved["test_frames"], saved["probabilities"], confusion), report, settings, check
+    init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
+    result = run_fold(data, backbone, name, init_config, task)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f".{cached.name}.tmp.npz")
+    np.savez(partial, run=json.dumps(result.run, default=_json_default), test_frames=result.test_frames,
+             probabilities=result.probabilities)
+    partial.replace(cached)
+    return result, report, settings, check
+
+
+def _write_predictions(path: Path, label: str, data: Any, folds: list[Any]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["init", "video_id", "frame_index", "fold", "seed", "label",
+                         *[f"p_{name}" for name in data.class_names], "predicted"])
+        for result in folds:
+            for frame, probabilities in zip(result.test_frames, result.probabilities):
+                writer.writerow([label, data.video_ids[data.frame_video[frame]], int(data.frame_index[frame]),
+                                 result.task.fold, result.task.seed, data.class_names[data.frame_labels[frame]],
+                                 *[f"{p:.6f}" for p in probabilities], data.class_names[int(probabilities.argmax())]])
+

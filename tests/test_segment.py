@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from sonocl.cli import main
-from sonocl.evaluate.segment import image_groups, read_pixel_sizes
+from sonocl.errors import ConfigError
+from sonocl.evaluate.segment import SegmentConfig, SegmentDataError, image_groups, read_pixel_sizes
 from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss, encoder_channels
 from sonocl.models import build_backbone, save_encoder
 
@@ -63,7 +64,7 @@ def test_joint_augment_moves_image_and_mask_together() -> None:
 def test_group_regex() -> None:
     assert image_groups(["010_HC", "010_2HC", "011_HC"], r"^(\d+)") == ["010", "010", "011"]
     assert image_groups(["a", "b"], None) == ["a", "b"]
-    with pytest.raises(ValueError, match="does not match 1 image"):
+    with pytest.raises(SegmentDataError, match="does not match 1 image"):
         image_groups(["010_HC", "x_HC"], r"^(\d+)")
 
 
@@ -143,8 +144,13 @@ def test_end_to_end_on_synthetic_ellipses(tmp_path: Path) -> None:
     all_foreground = np.mean([2 * int(r["true_area_px"]) / (int(r["true_area_px"]) + 48 * 56) for r in rows])
     assert init["pooled"]["dice"]["mean"] > max(0.5, all_foreground + 0.1)
 
+    assert results["config"]["postprocess"] is True  # on by default: the CSV gives head circumferences
     table = (out / "results.md").read_text()
     assert "| random |" in table and "HC abs. error (mm)" in table and "1 image(s) skipped" in table
+    assert "Dice median | HD95 (mm) median | HC abs. error (mm) median |" in table
+    assert "largest predicted component" in table
+    timing = results["timing"]
+    assert timing["jobs"] == 1 and timing["score_seconds"] > 0 and timing["train_seconds"] > 0
     overlays = sorted(p.relative_to(out).as_posix() for p in (out / "overlays").rglob("*.png"))
     assert overlays == ["overlays/random/00_0.png", "overlays/random/00_1.png"]
     overlay = np.asarray(Image.open(out / "overlays" / "random" / "00_0.png"))
@@ -169,7 +175,46 @@ def test_init_from_a_saved_encoder_file(tmp_path: Path) -> None:
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert [init["name"] for init in results["inits"]] == ["file", "run"]
+    assert results["config"]["postprocess"] is False  # no head circumferences: every predicted pixel is scored
     for init in results["inits"]:
         assert init["init_report"]["kind"] == "sonocl" and init["init_report"]["loaded"] > 0
         assert (init["mean"], init["std"]) == (pytest.approx(0.4), pytest.approx(0.3))
     assert not (out / "overlays").exists()
+
+
+def test_config_is_checked_when_built_and_names_the_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match=r"--size 16: must be ≥ 32.*--lr -1.0: must be > 0"):
+        SegmentConfig(images=tmp_path, init=("random",), out=tmp_path / "out", size=16, lr=-1.0)
+    with pytest.raises(ConfigError, match="--name .*2 names for 1 --init"):
+        SegmentConfig(images=tmp_path, init=("random",), out=tmp_path / "out", name=("a", "b"))
+    with pytest.raises(ConfigError, match="--group-regex .*not a regular expression"):
+        SegmentConfig(images=tmp_path, init=("random",), out=tmp_path / "out", group_regex="(")
+    with pytest.raises(ConfigError, match="--pixel-size .*no such file"):
+        SegmentConfig(images=tmp_path, init=("random",), out=tmp_path / "out", pixel_size=tmp_path / "px.csv")
+    code = main(["segment", "--images", str(tmp_path), "--init", "random", "random", "--jobs", "0",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()  # one line, no traceback, before anything is read
+    assert line.startswith("sonocl segment: ") and "--jobs 0: must be ≥ 1" in line and "labels" in line
+
+
+def test_parallel_jobs_give_the_same_scores_as_one_process(tmp_path: Path) -> None:
+    """--jobs 2 trains and scores the fold runs in 2 spawned single-thread workers: the same per-image scores, in
+    the same order, as one single-thread process."""
+    images, masks, pixel_csv = _synthetic_dataset(tmp_path / "data", count=8)
+    common = ["segment", "--images", str(images), "--masks", str(masks), "--init", "random", "--folds", "2",
+              "--group-regex", r"^(\d+)", "--pixel-size", str(pixel_csv), "--size", "32", "--epochs", "1",
+              "--batch-size", "4", "--overlays", "1", "--device", "cpu"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert main([*common, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    per_image = [(tmp_path / run / "per_image.csv").read_text() for run in ("one", "two")]
+    assert per_image[0] == per_image[1] and len(per_image[0].splitlines()) == 1 + 8
+    results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two")]
+    assert [r["timing"]["jobs"] for r in results] == [1, 2]
+    assert results[0]["inits"][0]["pooled"] == results[1]["inits"][0]["pooled"]
+    assert (tmp_path / "two" / "overlays" / "random" / "00_0.png").exists()

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from sonocl.evaluate import segmentation_metrics as sm
 
@@ -89,14 +90,46 @@ def test_ramanujan_on_a_circle_and_a_known_ellipse() -> None:
     assert sm.Ellipse(0, 0, 2.0, 1.0, 0).circumference() == pytest.approx(9.688448, rel=1e-4)
 
 
-def test_circumference_uses_the_largest_component_with_holes_filled() -> None:
+def test_postprocessing_restores_the_circumference_of_a_holed_mask_with_a_stray_blob() -> None:
+    """The fit counts every pixel it is given; `largest_component` (the post-processing) drops the stray blob and
+    fills the hole, which gives back the clean mask's circumference."""
     mask = _ellipse((300, 300), 150, 150, 80, 60)
     reference = sm.head_circumference(mask, 1.0)
     holed = mask.copy()
-    holed[140:160, 140:160] = False  # a hole: filled before the fit
-    holed[5:9, 5:9] = True  # a small stray blob: ignored
-    assert sm.head_circumference(holed, 1.0) == pytest.approx(reference)
+    holed[140:160, 140:160] = False  # a hole
+    holed[5:9, 5:9] = True  # a small stray blob
+    assert sm.head_circumference(holed, 1.0) > reference + 5
+    assert np.array_equal(sm.largest_component(holed), mask)
+    assert sm.head_circumference(sm.largest_component(holed), 1.0) == pytest.approx(reference)
     assert math.isnan(sm.head_circumference(np.zeros((10, 10), dtype=bool), 1.0))
+    assert not sm.largest_component(np.zeros((10, 10), dtype=bool)).any()
+
+
+def _random_blobs(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A few smoothed random blobs, some touching the image border, some with holes."""
+    return ndimage.gaussian_filter(rng.random(shape), 3) > 0.53
+
+
+def test_fast_metrics_equal_the_reference_computations() -> None:
+    """Boundary (shifted ANDs), surface distances (k-d tree), hole filling (background labels) and the cropped
+    post-processing equal ndimage's erosion, distance transform, ``binary_fill_holes`` and a whole-image
+    largest component, on masks that touch the border and hold several components and holes."""
+    rng = np.random.default_rng(0)
+    cross = ndimage.generate_binary_structure(2, 1)
+    for _ in range(30):
+        prediction, truth = _random_blobs(rng, (70, 90)), _random_blobs(rng, (70, 90))
+        reference_boundary = prediction & ~ndimage.binary_erosion(prediction, structure=cross, border_value=0)
+        assert np.array_equal(sm.boundary(prediction), reference_boundary)
+        edt = ndimage.distance_transform_edt(~sm.boundary(truth), sampling=0.3)
+        assert np.allclose(sm.surface_distances(prediction, truth, 0.3), edt[reference_boundary], rtol=1e-12)
+        assert np.array_equal(sm.fill_holes(prediction), ndimage.binary_fill_holes(prediction))
+        labels, _ = ndimage.label(prediction, structure=np.ones((3, 3), dtype=bool))
+        largest = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+        assert np.array_equal(sm.largest_component(prediction), ndimage.binary_fill_holes(largest))
+    blob = np.zeros((40, 50), dtype=bool)
+    blob[0:10, 45:50] = True  # in the corner
+    assert sm.bounding_box(blob) == (slice(0, 11), slice(44, 51))
+    assert sm.bounding_box(np.zeros((4, 4), dtype=bool)) is None
 
 
 def test_summarize() -> None:

@@ -4,8 +4,12 @@ For each ``--init`` and each fold: a fresh encoder (`sonocl.evaluate.inits.load_
 (`sonocl.evaluate.unet`) is trained on the training folds for ``--epochs`` epochs (Adam, cosine schedule,
 Dice + BCE, joint image + mask augmentation) and the model of the **last** epoch predicts the test fold; no
 choice is made on the test fold. Images and masks are squashed to ``--size``² for the network; predicted
-probabilities are resized back to each image's original size, thresholded at 0.5 and scored there against
-the original mask (`sonocl.evaluate.segmentation_metrics`). See docs/segment.md.
+probabilities are resized back to each image's original size, thresholded at 0.5, optionally post-processed
+(largest component, holes filled: ``--postprocess``, on by default when head circumferences are given) and
+scored there against the original mask (`sonocl.evaluate.segmentation_metrics`). ``--jobs N`` trains and scores
+fold runs in N spawned single-thread worker processes, with the same results as one process. See docs/segment.md.
+
+Below the command line everything takes a `SegmentConfig`, validated when it is built.
 
 Exit status: 0 done; 2 nothing was run (bad arguments, no images, images without a usable mask unless
 ``--skip-bad-masks``); 3 done, but some images were skipped (listed in results.json).
@@ -14,10 +18,13 @@ Exit status: 0 done; 2 nothing was run (bad arguments, no images, images without
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
+import dataclasses
 import datetime as dt
 import json
 import math
+import multiprocessing
 import re
 import sys
 import time
@@ -29,22 +36,152 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
+from tqdm import tqdm
 
 from sonocl.data.splits import grouped_stratified_kfold
+from sonocl.errors import ConfigError, UserError
 from sonocl.evaluate import segmentation_metrics as sm
+from sonocl.evaluate.classify import _WORKER, _start_fold_worker, resolve_device
 from sonocl.evaluate.inits import default_label, load_init
 from sonocl.evaluate.masks import MaskError, MaskPair, pair_images, read_grey, read_mask
 from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss
-from sonocl.models import WeightsError
-from sonocl.progress import progress_report
+from sonocl.models import ARCHITECTURES
 
 SCHEMA = "sonocl.segment/1"
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25
-EXIT_OK, EXIT_USAGE, EXIT_SKIPPED = 0, 2, 3
+EXIT_OK, EXIT_SKIPPED = 0, 3
 METRICS = ("dice", "iou", "hd95_px", "hd95_mm", "hc_abs_error_mm")
 
 
+class SegmentDataError(UserError, ValueError):
+    """Images, names or a pixel-size table that cannot be segmented as asked; the message names the option and the fix."""
+
+
+def _option(field: str) -> str:
+    """The command-line flag of a `SegmentConfig` field (one name from flag to field)."""
+    return "--" + field.replace("_", "-")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentConfig:
+    """Everything that defines a segmentation run; every field is the command-line option of the same name.
+
+    Checked when built: a bad value raises `sonocl.errors.ConfigError` naming the option, before any image is read.
+    """
+
+    images: Path
+    init: tuple[str, ...]
+    """random | imagenet | a sonocl run directory, checkpoint or encoder.safetensors | a USCL/Meta-USCL file."""
+    out: Path
+    masks: Path | None = None
+    """The mask root (default: ``images``)."""
+    group_regex: str | None = None
+    pixel_size: Path | None = None
+    skip_bad_masks: bool = False
+    name: tuple[str, ...] | None = None
+    """Table label of each init (default: derived from the init)."""
+    backbone: str = "resnet18"
+    channels: int = 1
+    freeze_encoder: bool = False
+    mean: float | None = None
+    """Normalisation of [0, 1] pixels (default: the encoder file's, else ``DEFAULT_MEAN``)."""
+    std: float | None = None
+    folds: int = 5
+    size: int = 128
+    epochs: int = 8
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "auto"
+    postprocess: bool | None = None
+    """Keep the largest predicted component, holes filled, before scoring; None: on when head circumferences are given."""
+    jobs: int = 1
+    overlays: int = 6
+
+    def __post_init__(self) -> None:
+        for field in ("images", "out", "masks", "pixel_size"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, field, Path(value))
+        for field in ("init", "name"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, field, tuple(value))
+        problems = [f"{_option(field)} {getattr(self, field)!r}: {rule}" for field, rule in self._failed_rules()]
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def _failed_rules(self) -> list[tuple[str, str]]:
+        rules = {
+            "size": (self.size >= 32, "must be ≥ 32 (the encoder halves it five times)"),
+            "epochs": (self.epochs >= 1, "must be ≥ 1"),
+            "batch_size": (self.batch_size >= 2, "must be ≥ 2 (BatchNorm needs two images a batch)"),
+            "folds": (self.folds >= 2, "must be ≥ 2"),
+            "lr": (self.lr > 0, "must be > 0"),
+            "weight_decay": (self.weight_decay >= 0, "must be ≥ 0"),
+            "std": (self.std is None or self.std > 0, "must be > 0"),
+            "channels": (self.channels in (1, 3), "must be 1 or 3"),
+            "backbone": (self.backbone in ARCHITECTURES, f"must be one of {', '.join(ARCHITECTURES)}"),
+            "jobs": (self.jobs >= 1, "must be ≥ 1"),
+            "overlays": (self.overlays >= 0, "must be ≥ 0"),
+            "init": (len(self.init) >= 1, "give at least one init"),
+            "images": (self.images.is_dir(), "not a directory"),
+            "masks": (self.masks is None or self.masks.is_dir(), "not a directory"),
+            "pixel_size": (self.pixel_size is None or self.pixel_size.is_file(), "no such file"),
+        }
+        failed = [(field, rule) for field, (ok, rule) in rules.items() if not ok]
+        if self.name is not None and len(self.name) != len(self.init):
+            failed.append(("name", f"{len(self.name)} names for {len(self.init)} --init; give one per init or none"))
+        elif len(set(self.labels)) != len(self.labels):
+            failed.append(("name", f"init labels {list(self.labels)} must be unique; give --name"))
+        if self.group_regex is not None:
+            try:
+                re.compile(self.group_regex)
+            except re.error as error:
+                failed.append(("group_regex", f"not a regular expression ({error})"))
+        device_problem = _device_problem(self.device)
+        if device_problem:
+            failed.append(("device", device_problem))
+        return failed
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The table label of each init."""
+        return self.name if self.name is not None else tuple(default_label(spec) for spec in self.init)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SegmentConfig:
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (paths as strings, tuples as lists)."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, Path):
+                return str(value)
+            return list(value) if isinstance(value, tuple) else value
+
+        return {field.name: plain(getattr(self, field.name)) for field in dataclasses.fields(self)}
+
+
+def _device_problem(spec: str) -> str | None:
+    if spec == "auto":
+        return None
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        return "must be auto, cpu, cuda or cuda:N"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available here; use --device cpu or auto"
+    return None
+
+
+def _default(field: str) -> Any:
+    return next(f.default for f in dataclasses.fields(SegmentConfig) if f.name == field)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `SegmentConfig`, with its defaults."""
     data = parser.add_argument_group("data")
     data.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
     data.add_argument("--masks", type=Path, default=None,
@@ -62,33 +199,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="random | imagenet | a sonocl run directory, checkpoint or encoder.safetensors | a USCL/Meta-USCL file; "
                             "several give one comparison table")
     model.add_argument("--name", nargs="+", action="extend", default=None, help="table label of each --init (default: derived)")
-    model.add_argument("--backbone", default="resnet18", choices=("resnet18", "resnet34", "resnet50"))
-    model.add_argument("--channels", type=int, default=1, choices=(1, 3), help="stem channels (grey is copied to 3)")
+    model.add_argument("--backbone", default=_default("backbone"), choices=tuple(ARCHITECTURES))
+    model.add_argument("--channels", type=int, default=_default("channels"), choices=(1, 3),
+                       help="stem channels (grey is copied to 3)")
     model.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (encoder frozen, BN in eval mode)")
     model.add_argument("--mean", type=float, default=None,
                        help=f"normalisation mean of [0, 1] pixels (default: the encoder file's, else {DEFAULT_MEAN})")
     model.add_argument("--std", type=float, default=None, help=f"normalisation std (default: the encoder file's, else {DEFAULT_STD})")
     train = parser.add_argument_group("training")
-    train.add_argument("--folds", type=int, default=5)
-    train.add_argument("--size", type=int, default=128, help="square network input; masks are scored at the original size")
-    train.add_argument("--epochs", type=int, default=8)
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay to 0 over the run)")
-    train.add_argument("--weight-decay", type=float, default=1e-4)
-    train.add_argument("--seed", type=int, default=0, help="folds, initialisation and augmentation")
-    train.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    train.add_argument("--folds", type=int, default=_default("folds"))
+    train.add_argument("--size", type=int, default=_default("size"),
+                       help="square network input; masks are scored at the original size (default: %(default)s)")
+    train.add_argument("--epochs", type=int, default=_default("epochs"), help="(default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=_default("batch_size"), help="(default: %(default)s)")
+    train.add_argument("--lr", type=float, default=_default("lr"), help="Adam learning rate, cosine decay to 0 (default: %(default)s)")
+    train.add_argument("--weight-decay", type=float, default=_default("weight_decay"))
+    train.add_argument("--seed", type=int, default=_default("seed"), help="folds, initialisation and augmentation")
+    train.add_argument("--device", default=_default("device"), help="auto | cpu | cuda | cuda:N")
+    train.add_argument("--jobs", type=int, default=_default("jobs"),
+                       help="fold runs trained and scored side by side in spawned worker processes, sharing torch's "
+                            "threads; same results as one process (default: %(default)s)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", required=True, type=Path, help="output folder (results.json, results.md, per_image.csv, overlays/)")
-    output.add_argument("--overlays", type=int, default=6, help="overlay PNGs per init (the first N images by name)")
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec}: CUDA is not available here; use --device cpu or auto")
-    return device
+    output.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=_default("postprocess"),
+                        help="keep the largest predicted component and fill its holes before scoring (default: on when "
+                             "--pixel-size gives head circumferences, else off)")
+    output.add_argument("--overlays", type=int, default=_default("overlays"), help="overlay PNGs per init (the first N images by name)")
 
 
 def image_groups(relatives: list[str], regex: str | None) -> list[str]:
@@ -104,7 +240,7 @@ def image_groups(relatives: list[str], regex: str | None) -> list[str]:
             continue
         groups.append(match.group(1) if pattern.groups else match.group(0))
     if unmatched:
-        raise ValueError(
+        raise SegmentDataError(
             f"--group-regex {regex!r} does not match {len(unmatched)} image name(s), e.g. {unmatched[:3]}; "
             "it is searched in the path relative to --images, without extension"
         )
@@ -120,8 +256,8 @@ def read_pixel_sizes(path: Path) -> dict[str, dict[str, float]]:
         size_column = next((columns[c] for c in columns if "pixel" in c and "size" in c), None)
         hc_column = next((columns[c] for c in columns if "circumference" in c or c in ("hc", "hc_mm")), None)
         if name_column is None or size_column is None:
-            raise ValueError(
-                f"{path}: needs a 'filename' column and a 'pixel size(mm)' column, found {reader.fieldnames}"
+            raise SegmentDataError(
+                f"--pixel-size {path}: needs a 'filename' column and a 'pixel size(mm)' column, found {reader.fieldnames}"
             )
         table: dict[str, dict[str, float]] = {}
         for row in reader:
@@ -144,80 +280,154 @@ def _encoder_normalisation(metadata: dict[str, Any]) -> tuple[float | None, floa
     return scalar(metadata.get("mean")), scalar(metadata.get("std"))
 
 
-def _load_dataset(pairs: list[MaskPair], size: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-    """Images (N, 1, S, S) uint8 and masks (N, 1, S, S) uint8 {0, 1} squashed to S², and each original (H, W)."""
+# ------------------------------------------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass
+class SegmentData:
+    """The paired images, their groups and pixel sizes, and the images and masks squashed to the network size."""
+
+    pairs: list[MaskPair]
+    groups: list[str]
+    pixels: list[dict[str, float] | None]
+    """Pixel size (and head circumference) of each image, from ``--pixel-size``."""
+    images: torch.Tensor
+    """(N, 1, S, S) uint8."""
+    masks: torch.Tensor
+    """(N, 1, S, S) uint8 in {0, 1}."""
+    shapes: list[tuple[int, int]]
+    """Each image's original (H, W): where it is scored."""
+    truth_bits: list[np.ndarray]
+    """Each original-size mask, bit-packed (`truth`): read once at loading, not again for every init's scoring."""
+    skipped: list[tuple[str, str]]
+    """(image, message) of the images left out by ``--skip-bad-masks``."""
+    hd95_unit: str
+    hc_available: bool
+
+    @property
+    def relatives(self) -> list[str]:
+        return [pair.relative for pair in self.pairs]
+
+    def truth(self, index: int) -> np.ndarray:
+        """The ground-truth mask of image ``index`` at its original size, bool (H, W)."""
+        height, width = self.shapes[index]
+        return np.unpackbits(self.truth_bits[index], count=height * width).reshape(height, width).view(bool)
+
+
+def _squashed(pairs: list[MaskPair], size: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], list[np.ndarray]]:
+    """Images (N, 1, S, S) uint8 and masks (N, 1, S, S) uint8 {0, 1} squashed to S², each original (H, W) and
+    each original mask bit-packed."""
     images = np.empty((len(pairs), 1, size, size), dtype=np.uint8)
     masks = np.empty((len(pairs), 1, size, size), dtype=np.uint8)
-    shapes = []
-    with progress_report(len(pairs), "loading", "image", leave=False) as bar:
-        for i, pair in enumerate(pairs):
-            grey = read_grey(pair.image)
-            mask = read_mask(pair.masks)
-            shapes.append(grey.shape)
-            images[i, 0] = np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
-            resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
-            masks[i, 0] = np.asarray(resized) > 127
-            bar.update(1)
-    return torch.from_numpy(images), torch.from_numpy(masks), shapes
+    shapes, truth_bits = [], []
+    for i, pair in enumerate(tqdm(pairs, desc="loading", unit="image", leave=False)):
+        grey = read_grey(pair.image)
+        mask = read_mask(pair.masks)
+        shapes.append(grey.shape)
+        truth_bits.append(np.packbits(mask))
+        images[i, 0] = np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
+        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
+        masks[i, 0] = np.asarray(resized) > 127
+    return torch.from_numpy(images), torch.from_numpy(masks), shapes, truth_bits
 
 
-def _normalise(images_u8: torch.Tensor, mean: float, std: float, channels: int) -> torch.Tensor:
-    x = (images_u8.float() / 255.0 - mean) / std
-    return x.expand(-1, channels, -1, -1) if channels != 1 else x
+def load_data(config: SegmentConfig) -> SegmentData:
+    """Pair the images with their masks (stopping on a bad mask unless ``skip_bad_masks``), group them, look up
+    their pixel sizes and load them at the network size."""
+    pixel_table = read_pixel_sizes(config.pixel_size) if config.pixel_size else None
+    pairing = pair_images(config.images, config.masks)
+    for image, message in pairing.errors:
+        print(f"sonocl segment: {image}: {message}", file=sys.stderr)
+    if pairing.errors and not config.skip_bad_masks:
+        raise MaskError(
+            f"{len(pairing.errors)} image(s) without a usable mask (listed above); fix them, or pass --skip-bad-masks "
+            "to run without them"
+        )
+    pairs = pairing.pairs
+    if not pairs:
+        raise MaskError(f"{config.images}: no image with a mask found")
+    groups = image_groups([pair.relative for pair in pairs], config.group_regex)
+    pixels = [
+        (pixel_table.get(pair.image.name) or pixel_table.get(pair.relative) or pixel_table.get(pair.image.stem))
+        if pixel_table is not None else None
+        for pair in pairs
+    ]
+    if pixel_table is not None:
+        missing = [pair.image.name for pair, pixel in zip(pairs, pixels) if pixel is None]
+        if missing:
+            print(f"sonocl segment: {len(missing)} image(s) not in {config.pixel_size} (no mm metrics for them), "
+                  f"e.g. {missing[:3]}", file=sys.stderr)
+    images, masks, shapes, truth_bits = _squashed(pairs, config.size)
+    return SegmentData(
+        pairs=pairs, groups=groups, pixels=pixels, images=images, masks=masks, shapes=shapes, truth_bits=truth_bits,
+        skipped=pairing.errors,
+        hd95_unit="mm" if pixel_table is not None and all(p is not None for p in pixels) else "px",
+        hc_available=pixel_table is not None and any(p is not None and "hc_mm" in p for p in pixels),
+    )
+
+
+# ------------------------------------------------------------------------------------------- training, scoring
 
 
 def train_fold(
     model: UNet,
     images: torch.Tensor,
     masks: torch.Tensor,
-    args: argparse.Namespace,
+    config: SegmentConfig,
     mean: float,
     std: float,
     device: torch.device,
     generator: torch.Generator,
     description: str,
+    bar_position: int = 0,
 ) -> float:
     """Train ``model`` on uint8 images/masks (N, 1, S, S) on the CPU; returns the last epoch's mean loss."""
-    if args.freeze_encoder:
+    if config.freeze_encoder:
         for parameter in model.encoder.parameters():
             parameter.requires_grad_(False)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=args.lr, weight_decay=args.weight_decay)
-    n = images.shape[0]
-    batches_per_epoch = n // args.batch_size + (1 if n % args.batch_size >= 2 else 0)  # a batch of 1 breaks BatchNorm
+    optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    n, batch_size = images.shape[0], config.batch_size
+    batches_per_epoch = n // batch_size + (1 if n % batch_size >= 2 else 0)  # a batch of 1 breaks BatchNorm
     if batches_per_epoch == 0:
-        raise ValueError(f"{n} training image(s): BatchNorm needs at least 2 per batch")
-    total_steps = args.epochs * batches_per_epoch
+        raise SegmentDataError(f"{n} training image(s) in a fold: BatchNorm needs at least 2; use fewer --folds")
+    total_steps = config.epochs * batches_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
-    augment = JointAugment(args.size)
+    augment = JointAugment(config.size)
     epoch_loss = float("nan")
-    with progress_report(total_steps, description, "step") as bar:
-        for epoch in range(args.epochs):
+    with tqdm(total=total_steps, desc=description, unit="step", file=sys.stderr, leave=False, position=bar_position) as bar:
+        for epoch in range(config.epochs):
             model.train()
-            if args.freeze_encoder:
+            if config.freeze_encoder:
                 model.encoder.eval()
             order = torch.randperm(n, generator=generator)
             losses = []
             for step in range(batches_per_epoch):
-                index = order[step * args.batch_size:(step + 1) * args.batch_size]
+                index = order[step * batch_size:(step + 1) * batch_size]
                 x = images[index].to(device).float().div_(255.0)
                 y = masks[index].to(device).float()
                 x, y = augment(x, y, generator)
                 x = (x - mean) / std
-                if args.channels != 1:
-                    x = x.expand(-1, args.channels, -1, -1)
+                if config.channels != 1:
+                    x = x.expand(-1, config.channels, -1, -1)
                 loss = dice_bce_loss(model(x), y)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{description}: non-finite loss at epoch {epoch + 1}, step {step + 1}; lower --lr")
+                    raise ConfigError(f"--lr {config.lr}: {description}: non-finite loss at epoch {epoch + 1}, "
+                                      f"step {step + 1}; lower --lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 losses.append(loss.item())
-                bar.set_postfix(epoch=f"{epoch + 1}/{args.epochs}", loss=f"{losses[-1]:.3f}", refresh=False)
                 bar.update(1)
+                bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{losses[-1]:.3f}")
             epoch_loss = float(np.mean(losses))
     return epoch_loss
+
+
+def _normalise(images_u8: torch.Tensor, mean: float, std: float, channels: int) -> torch.Tensor:
+    x = (images_u8.float() / 255.0 - mean) / std
+    return x.expand(-1, channels, -1, -1) if channels != 1 else x
 
 
 @torch.no_grad()
@@ -281,7 +491,107 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "item"
 
 
-def _fold_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+# --------------------------------------------------------------------------------------------------- fold runs
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSpec:
+    """One init as a fold run needs it: its label, ``--init`` value and normalisation."""
+
+    label: str
+    spec: str
+    mean: float
+    std: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldTask:
+    """One fold run: which init, the fold, its training and test image indices."""
+
+    init: int
+    fold: int
+    train: np.ndarray
+    test: np.ndarray
+
+
+@dataclasses.dataclass
+class FoldResult:
+    """A finished fold run: its results.json ``folds`` entry and its per-image rows."""
+
+    task: FoldTask
+    entry: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+
+def run_fold(data: SegmentData, init: InitSpec, config: SegmentConfig, task: FoldTask, bar_position: int = 0) -> FoldResult:
+    """Train, predict and score one fold; seeded by (seed, fold) only, so any process gives the same run."""
+    device = resolve_device(config.device)
+    seed = config.seed * 1000 + task.fold
+    torch.manual_seed(seed)  # the random init's weights and the decoder's
+    backbone, _ = load_init(init.spec, config.backbone, config.channels)
+    model = UNet(backbone).to(device)
+    description = f"{init.label} fold {task.fold + 1}/{config.folds}"
+    started = time.perf_counter()
+    final_loss = train_fold(model, data.images[task.train], data.masks[task.train], config, init.mean, init.std, device,
+                            torch.Generator().manual_seed(seed), description, bar_position)
+    trained = time.perf_counter()
+    probabilities = predict(model, data.images[task.test], init.mean, init.std, config.channels, device, config.batch_size)
+    predicted = time.perf_counter()
+    rows = []
+    for j, i in enumerate(task.test):
+        prediction = to_original_size(probabilities[j], data.shapes[i])
+        if config.postprocess:
+            prediction = sm.largest_component(prediction)
+        truth = data.truth(i)
+        row = {"init": init.label, "fold": task.fold, "image": data.pairs[i].relative, "group": data.groups[i],
+               "height": data.shapes[i][0], "width": data.shapes[i][1]}
+        row.update(score_image(prediction, truth, data.pixels[i]))
+        rows.append(row)
+        if i < config.overlays:
+            write_overlay(config.out / "overlays" / _safe_name(init.label) / f"{_safe_name(data.pairs[i].relative)}.png",
+                          read_grey(data.pairs[i].image), truth, prediction)
+    scored = time.perf_counter()
+    entry = {
+        "fold": task.fold, "num_train": int(len(task.train)), "num_test": int(len(task.test)),
+        "final_train_loss": final_loss, "train_seconds": round(trained - started, 2),
+        "predict_seconds": round(predicted - trained, 2), "score_seconds": round(scored - predicted, 2),
+        "metrics": _summary_of_images(rows),
+    }
+    tqdm.write(f"{description}: Dice {entry['metrics']['dice']['mean']:.3f} ({scored - started:.0f} s)", file=sys.stderr)
+    return FoldResult(task, entry, rows)
+
+
+def run_folds(data: SegmentData, inits: list[InitSpec], config: SegmentConfig, tasks: list[FoldTask]) -> list[FoldResult]:
+    """Every fold run, in the order of ``tasks``; with ``config.jobs > 1`` in that many spawned worker processes,
+    each with an equal share of torch's threads (the worker setup of `sonocl evaluate --jobs`). A run's result
+    does not depend on the process that ran it, up to float rounding from a different thread count."""
+    if config.jobs == 1:
+        return [run_fold(data, inits[task.init], config, task) for task in tasks]
+    threads = max(1, torch.get_num_threads() // config.jobs)
+    context = multiprocessing.get_context("spawn")  # fork is unsafe once OpenMP threads exist
+    slots = context.Queue()
+    for slot in range(config.jobs):
+        slots.put(slot)
+    with concurrent.futures.ProcessPoolExecutor(
+        config.jobs, mp_context=context, initializer=_start_fold_worker,
+        initargs=(data, inits, config, threads, slots, context.RLock()),
+    ) as pool:
+        futures = [pool.submit(_fold_in_worker, task) for task in tasks]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # runs not started are dropped; running ones finish
+            raise
+
+
+def _fold_in_worker(task: FoldTask) -> FoldResult:
+    return run_fold(_WORKER["data"], _WORKER["models"][task.init], _WORKER["config"], task, _WORKER["bar_position"])
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+def _summary_of_images(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {metric: sm.summarize([row[metric] for row in rows]) for metric in METRICS}
 
 
@@ -300,46 +610,59 @@ def _format(summary: dict[str, Any], digits: int) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
 
 
+def _median(summary: dict[str, Any], digits: int) -> str:
+    return "–" if summary["median"] is None else f"{summary['median']:.{digits}f}"
+
+
 def write_markdown(path: Path, results: dict[str, Any]) -> None:
     hd_metric = "hd95_mm" if results["data"]["hd95_unit"] == "mm" else "hd95_px"
     hd_label = "HD95 (mm)" if hd_metric == "hd95_mm" else "HD95 (px)"
     has_hc = results["data"]["hc_available"]
-    header = ["init", "Dice", "IoU", hd_label] + (["HC abs. error (mm)"] if has_hc else [])
+    columns = [("dice", "Dice", 3), ("iou", "IoU", 3), (hd_metric, hd_label, 2)]
+    columns += [("hc_abs_error_mm", "HC abs. error (mm)", 2)] if has_hc else []
+    header = ["init"] + [label for _, label, _ in columns] + [f"{label} median" for metric, label, _ in columns if metric != "iou"]
+    config = results["config"]
     lines = [
-        f"# sonocl segment — {results['config']['folds']}-fold grouped CV, {results['data']['num_images']} images, "
+        f"# sonocl segment — {config['folds']}-fold grouped CV, {results['data']['num_images']} images, "
         f"{results['data']['num_groups']} groups",
         "",
-        "Mean ± std (sample, ddof=1) over folds of each fold's mean; last-epoch model, no selection on the test fold.",
+        "Mean ± std (sample, ddof=1) over folds of each fold's mean; median over all test images (each image is "
+        "tested once); last-epoch model, no selection on the test fold.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
     for init in results["inits"]:
-        s = init["summary"]
-        cells = [init["name"], _format(s["dice"], 3), _format(s["iou"], 3), _format(s[hd_metric], 2)]
-        if has_hc:
-            cells.append(_format(s["hc_abs_error_mm"], 2))
+        cells = [init["name"]] + [_format(init["summary"][metric], digits) for metric, _, digits in columns]
+        cells += [_median(init["pooled"][metric], digits) for metric, _, digits in columns if metric != "iou"]
         lines.append("| " + " | ".join(cells) + " |")
-    folds = results["config"]["folds"]
+    folds = config["folds"]
     lines += ["", "Dice per fold:", "", "| init | " + " | ".join(f"fold {k + 1}" for k in range(folds)) + " | pooled (images) |",
               "|---|" + "---|" * (folds + 1)]
     for init in results["inits"]:
         per_fold = [f"{fold['metrics']['dice']['mean']:.3f}" for fold in init["folds"]]
         lines.append(f"| {init['name']} | " + " | ".join(per_fold) + f" | {_format(init['pooled']['dice'], 3)} |")
-    config = results["config"]
+    timing = results["timing"]
     lines += [
         "",
         f"Backbone {config['backbone']} ({config['channels']}-channel stem), input {config['size']}², "
         f"{config['epochs']} epochs, batch {config['batch_size']}, Adam lr {config['lr']} (cosine), "
         f"{'frozen' if config['freeze_encoder'] else 'fine-tuned'} encoder, seed {config['seed']}.",
+        "Post-processing: " + ("the largest predicted component, holes filled, is scored."
+                               if config["postprocess"] else "none (every predicted pixel is scored)."),
         "Dice/IoU = 1 and HD95 = 0 when prediction and truth are both empty; HD95 = image diagonal when exactly one is.",
     ]
     if has_hc:
         method = results["data"]["hc_fit_on_truth_abs_error_mm"]
         lines.append(
-            "HC: ellipse (moments) fitted to the largest predicted component, Ramanujan circumference × pixel size. "
+            "HC: ellipse (moments) fitted to the scored prediction, Ramanujan circumference × pixel size. "
             f"The same fit on the ground-truth masks is off by {_format(method, 2)} mm (the method's own error)."
         )
+    lines.append(
+        f"Wall time {timing['wall_seconds']:.0f} s with --jobs {timing['jobs']}: loading {timing['load_seconds']:.0f} s; "
+        f"fold runs {timing['train_seconds']:.0f} s training, {timing['predict_seconds']:.0f} s predicting, "
+        f"{timing['score_seconds']:.0f} s scoring at the original size (summed over runs)."
+    )
     if results["data"]["skipped"]:
         lines.append(f"**{len(results['data']['skipped'])} image(s) skipped** (no usable mask): see results.json.")
     path.write_text("\n".join(lines) + "\n")
@@ -362,73 +685,64 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _write_per_image(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+
+
+# ------------------------------------------------------------------------------------------------------- run
+
+
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (MaskError, WeightsError, ValueError) as error:
-        print(f"sonocl segment: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    return segment(SegmentConfig.from_args(args))
 
 
-def _run(args: argparse.Namespace) -> int:
-    started = time.time()
-    names = args.name or [default_label(spec) for spec in args.init]
-    if len(names) != len(args.init):
-        raise ValueError(f"{len(args.name)} --name for {len(args.init)} --init; give one name per init or none")
-    if len(set(names)) != len(names):
-        raise ValueError(f"init names must be unique, got {names}; use --name")
-    if args.size < 32 or args.epochs < 1 or args.batch_size < 2:
-        raise ValueError("--size ≥ 32, --epochs ≥ 1 and --batch-size ≥ 2 are required")
-    device = resolve_device(args.device)
-    pixel_table = read_pixel_sizes(args.pixel_size) if args.pixel_size else None
+def _resolve_inits(config: SegmentConfig) -> tuple[list[InitSpec], list[dict[str, Any]]]:
+    """Load every init once before any training (a bad path fails in seconds): its normalisation and load report."""
+    inits, reports = [], []
+    for spec, label in zip(config.init, config.labels):
+        _, report = load_init(spec, config.backbone, config.channels)
+        print(str(report), file=sys.stderr)
+        meta_mean, meta_std = _encoder_normalisation(report.metadata)
+        mean = config.mean if config.mean is not None else (meta_mean if meta_mean is not None else DEFAULT_MEAN)
+        std = config.std if config.std is not None else (meta_std if meta_std is not None else DEFAULT_STD)
+        inits.append(InitSpec(label, spec, mean, std))
+        reports.append(report.to_dict())
+    return inits, reports
 
-    pairing = pair_images(args.images, args.masks)
-    for image, message in pairing.errors:
-        print(f"sonocl segment: {image}: {message}", file=sys.stderr)
-    if pairing.errors and not args.skip_bad_masks:
-        raise MaskError(
-            f"{len(pairing.errors)} image(s) without a usable mask (listed above); fix them, or pass --skip-bad-masks "
-            "to run without them"
-        )
-    pairs = pairing.pairs
-    if not pairs:
-        raise MaskError(f"{args.images}: no image with a mask found")
-    relatives = [pair.relative for pair in pairs]
-    groups = image_groups(relatives, args.group_regex)
-    splits = grouped_stratified_kfold(np.zeros(len(pairs), dtype=np.int64), np.asarray(groups), args.folds, args.seed)
-    fold_of = np.empty(len(pairs), dtype=np.int64)
-    for k, (_, test) in enumerate(splits):
-        fold_of[test] = k
-    pixel_of = [
-        (pixel_table.get(pair.image.name) or pixel_table.get(pair.relative) or pixel_table.get(pair.image.stem))
-        if pixel_table is not None else None
-        for pair in pairs
-    ]
-    if pixel_table is not None:
-        missing = [pair.image.name for pair, pixel in zip(pairs, pixel_of) if pixel is None]
-        if missing:
-            print(f"sonocl segment: {len(missing)} image(s) not in {args.pixel_size} (no mm metrics for them), "
-                  f"e.g. {missing[:3]}", file=sys.stderr)
-    hd95_unit = "mm" if pixel_table is not None and all(p is not None for p in pixel_of) else "px"
-    hc_available = pixel_table is not None and any(p is not None and "hc_mm" in p for p in pixel_of)
 
-    images, masks, shapes = _load_dataset(pairs, args.size)
-    args.out.mkdir(parents=True, exist_ok=True)
-    overlay_set = set(range(min(args.overlays, len(pairs))))
+def segment(config: SegmentConfig) -> int:
+    """Run the cross-validation of ``config``; writes results.json, results.md, per_image.csv and overlays.
 
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("func",)}
-    config["device"] = str(device)
+    ``config.postprocess`` None is resolved here, once the data says whether head circumferences are given."""
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    inits, reports = _resolve_inits(config)
+    data = load_data(config)
+    load_seconds = time.perf_counter() - started
+    if config.postprocess is None:
+        config = dataclasses.replace(config, postprocess=data.hc_available)
+    splits = grouped_stratified_kfold(np.zeros(len(data.pairs), dtype=np.int64), np.asarray(data.groups), config.folds, config.seed)
+    tasks = [FoldTask(init, k, np.asarray(train), np.asarray(test))
+             for init in range(len(inits)) for k, (train, test) in enumerate(splits)]
+    config.out.mkdir(parents=True, exist_ok=True)
+    fold_results = run_folds(data, inits, config, tasks)
+
+    relatives = data.relatives
     results: dict[str, Any] = {
         "schema": SCHEMA,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": config,
+        "config": {**config.to_dict(), "device": str(device)},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)},
         "data": {
-            "num_images": len(pairs),
-            "num_groups": len(set(groups)),
-            "hd95_unit": hd95_unit,
-            "hc_available": hc_available,
-            "skipped": [{"image": image, "error": message} for image, message in pairing.errors],
+            "num_images": len(data.pairs),
+            "num_groups": len(set(data.groups)),
+            "hd95_unit": data.hd95_unit,
+            "hc_available": data.hc_available,
+            "skipped": [{"image": image, "error": message} for image, message in data.skipped],
             "folds": [
                 {"fold": k, "num_train": int(len(train)), "num_test": int(len(test)),
                  "test_images": [relatives[i] for i in test]}
@@ -437,70 +751,31 @@ def _run(args: argparse.Namespace) -> int:
         },
         "inits": [],
     }
-    per_image_rows: list[dict[str, Any]] = []
-    truth_cache: dict[int, np.ndarray] = {}
-
-    for spec, name in zip(args.init, names):
-        init_started = time.time()
-        _, report = load_init(spec, args.backbone, args.channels)
-        meta_mean, meta_std = _encoder_normalisation(report.metadata)
-        mean = args.mean if args.mean is not None else (meta_mean if meta_mean is not None else DEFAULT_MEAN)
-        std = args.std if args.std is not None else (meta_std if meta_std is not None else DEFAULT_STD)
-        print(str(report), file=sys.stderr)
-        fold_results = []
-        rows_of_init: list[dict[str, Any]] = []
-        for k, (train, test) in enumerate(splits):
-            torch.manual_seed(args.seed * 1000 + k)
-            backbone, _ = load_init(spec, args.backbone, args.channels)
-            model = UNet(backbone).to(device)
-            generator = torch.Generator().manual_seed(args.seed * 1000 + k)
-            fold_started = time.time()
-            final_loss = train_fold(
-                model, images[train], masks[train], args, mean, std, device, generator,
-                description=f"{name} fold {k + 1}/{args.folds}",
-            )
-            train_seconds = time.time() - fold_started
-            probabilities = predict(model, images[test], mean, std, args.channels, device, args.batch_size)
-            fold_rows = []
-            for j, i in enumerate(test):
-                prediction = to_original_size(probabilities[j], shapes[i])
-                if i not in truth_cache:
-                    truth_cache[i] = read_mask(pairs[i].masks)
-                truth = truth_cache[i]
-                row = {"init": name, "fold": k, "image": relatives[i], "group": groups[i],
-                       "height": shapes[i][0], "width": shapes[i][1]}
-                row.update(score_image(prediction, truth, pixel_of[i]))
-                fold_rows.append(row)
-                if i in overlay_set:
-                    write_overlay(args.out / "overlays" / _safe_name(name) / f"{_safe_name(relatives[i])}.png",
-                                  read_grey(pairs[i].image), truth, prediction)
-            fold_results.append({
-                "fold": k, "num_train": int(len(train)), "num_test": int(len(test)),
-                "final_train_loss": final_loss, "train_seconds": round(train_seconds, 1),
-                "metrics": _fold_summary(fold_rows),
-            })
-            print(f"{name} fold {k + 1}/{args.folds}: Dice {fold_results[-1]['metrics']['dice']['mean']:.3f}", file=sys.stderr)
-            rows_of_init += fold_rows
-        per_image_rows += rows_of_init
+    rows = [row for result in fold_results for row in result.rows]
+    for index, (init, report) in enumerate(zip(inits, reports)):
+        mine = [result for result in fold_results if result.task.init == index]
+        entries = [result.entry for result in mine]
         results["inits"].append({
-            "name": name, "init": spec, "init_report": report.to_dict(), "mean": mean, "std": std,
-            "folds": fold_results, "summary": _across_folds(fold_results), "pooled": _fold_summary(rows_of_init),
-            "wall_seconds": round(time.time() - init_started, 1),
+            "name": init.label, "init": init.spec, "init_report": report, "mean": init.mean, "std": init.std,
+            "folds": entries, "summary": _across_folds(entries),
+            "pooled": _summary_of_images([row for result in mine for row in result.rows]),
+            "seconds": round(sum(e["train_seconds"] + e["predict_seconds"] + e["score_seconds"] for e in entries), 1),
         })
-    if pixel_table is not None:
-        method_errors = [
-            abs(row["hc_fit_on_truth_mm"] - row["hc_true_mm"]) for row in per_image_rows
-            if row["init"] == names[0] and math.isfinite(row["hc_true_mm"])
-        ]
+    if config.pixel_size is not None:
+        method_errors = [abs(row["hc_fit_on_truth_mm"] - row["hc_true_mm"]) for row in rows
+                         if row["init"] == inits[0].label and math.isfinite(row["hc_true_mm"])]
         results["data"]["hc_fit_on_truth_abs_error_mm"] = sm.summarize(method_errors)
-    results["wall_seconds"] = round(time.time() - started, 1)
+    entries = [result.entry for result in fold_results]
+    results["timing"] = {
+        "jobs": config.jobs,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "load_seconds": round(load_seconds, 1),
+        **{f"{part}_seconds": round(sum(e[f"{part}_seconds"] for e in entries), 1) for part in ("train", "predict", "score")},
+    }
+    results["wall_seconds"] = results["timing"]["wall_seconds"]
 
-    _write_json(args.out / "results.json", results)
-    write_markdown(args.out / "results.md", results)
-    with open(args.out / "per_image.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(per_image_rows[0]))
-        writer.writeheader()
-        for row in per_image_rows:
-            writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
-    print((args.out / "results.md").read_text())
-    return EXIT_SKIPPED if pairing.errors else EXIT_OK
+    _write_json(config.out / "results.json", results)
+    write_markdown(config.out / "results.md", results)
+    _write_per_image(config.out / "per_image.csv", rows)
+    print((config.out / "results.md").read_text())
+    return EXIT_SKIPPED if data.skipped else EXIT_OK

@@ -14,7 +14,7 @@ import dataclasses
 import math
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, spatial
 
 
 def _check(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -44,20 +44,41 @@ def iou(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 
 def boundary(mask: np.ndarray) -> np.ndarray:
-    """Pixels of ``mask`` with a 4-connected neighbour outside it (pixels on the image border count as boundary)."""
+    """Pixels of ``mask`` with a 4-connected neighbour outside it (pixels on the image border count as boundary).
+
+    The erosion by a cross with a False border, as four shifted ANDs (a few times faster than ``ndimage``'s).
+    """
     mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return mask.copy()
-    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1), border_value=0)
-    return mask & ~eroded
+    padded = np.pad(mask, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
+
+
+def bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, slice] | None:
+    """The rows and columns holding every True pixel of ``mask``, widened by ``margin`` pixels inside the image;
+    ``None`` for an empty mask.
+
+    Why: the contour, component and moment computations below only see True pixels and their neighbours, so on a crop
+    with a one-pixel margin of False they give the same result as on the whole image (where the crop meets the
+    image edge, the array edge is the image edge, as before), at a fraction of the cost for a head that fills a
+    tenth of an 800×540 image.
+    """
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return (slice(max(rows[0] - margin, 0), rows[-1] + margin + 1), slice(max(columns[0] - margin, 0), columns[-1] + margin + 1))
 
 
 def surface_distances(source: np.ndarray, target: np.ndarray, spacing: float = 1.0) -> np.ndarray:
-    """Distance from each boundary pixel of ``source`` to the nearest boundary pixel of ``target`` (both non-empty)."""
-    source_border = boundary(source)
-    target_border = boundary(target)
-    distance_to_target = ndimage.distance_transform_edt(~target_border, sampling=spacing)
-    return distance_to_target[source_border]
+    """Distance from each boundary pixel of ``source`` to the nearest boundary pixel of ``target`` (both non-empty).
+
+    Exact Euclidean distances between the two contours' pixel centres by a k-d tree over the target's contour: the
+    same values as a distance transform of the image, for the cost of a few thousand points instead of every pixel.
+    """
+    source_points = np.argwhere(boundary(source)).astype(np.float64)
+    target_points = np.argwhere(boundary(target)).astype(np.float64)
+    distances, _ = spatial.cKDTree(target_points).query(source_points, k=1)
+    return distances * spacing
 
 
 def hd95(prediction: np.ndarray, truth: np.ndarray, spacing: float = 1.0) -> float:
@@ -71,6 +92,8 @@ def hd95(prediction: np.ndarray, truth: np.ndarray, spacing: float = 1.0) -> flo
         return 0.0
     if has_prediction != has_truth:
         return math.hypot(*prediction.shape) * spacing
+    box = bounding_box(prediction | truth)  # holds both contours: the same distances, on fewer pixels
+    prediction, truth = prediction[box], truth[box]
     distances = np.concatenate(
         [surface_distances(prediction, truth, spacing), surface_distances(truth, prediction, spacing)]
     )
@@ -78,14 +101,32 @@ def hd95(prediction: np.ndarray, truth: np.ndarray, spacing: float = 1.0) -> flo
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of ``mask`` with its holes filled (empty stays empty)."""
+    """The largest 8-connected component of ``mask`` with its holes filled (empty stays empty).
+
+    The post-processing of a predicted head (``sonocl segment --postprocess``): a head is one filled region, so
+    stray regions and holes are errors of the network. Computed on the mask's bounding box (`bounding_box`).
+    """
     mask = np.asarray(mask, dtype=bool)
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    if count == 0:
-        return mask.copy()
-    sizes = np.bincount(labels.ravel())[1:]
-    component = labels == (int(np.argmax(sizes)) + 1)
-    return ndimage.binary_fill_holes(component)
+    result = np.zeros_like(mask)
+    box = bounding_box(mask)
+    if box is None:
+        return result
+    labels, _ = ndimage.label(mask[box], structure=np.ones((3, 3), dtype=bool))
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    result[box] = fill_holes(labels == int(np.argmax(sizes)))
+    return result
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background region that does not reach the array's edge (4-connected) set True.
+
+    The result of ``ndimage.binary_fill_holes``, which grows the background from the edge by repeated dilation;
+    labelling the background once is several times faster.
+    """
+    labels, _ = ndimage.label(~mask)
+    outside = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return mask | ~np.isin(labels, outside[outside > 0]) & (labels > 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,17 +146,20 @@ class Ellipse:
 
 
 def fit_ellipse(mask: np.ndarray) -> Ellipse | None:
-    """The ellipse with the same area centroid and second moments as the filled largest component of ``mask``.
+    """The ellipse with the same area centroid and second moments as the pixels of ``mask``.
 
     A filled ellipse with semi-axes a, b has coordinate variances a²/4 and b²/4 along its axes, so the
     semi-axes are twice the square roots of the covariance eigenvalues. Pixels are treated as unit squares
-    (variance + 1/12), which matters for small masks. ``None`` when the mask is empty.
+    (variance + 1/12), which matters for small masks. ``None`` when the mask is empty. Every pixel counts: a
+    stray region or a hole moves the fit, which is why a predicted head is post-processed first
+    (`largest_component`).
     """
-    component = largest_component(mask)
-    ys, xs = np.nonzero(component)
-    if xs.size == 0:
+    mask = np.asarray(mask, dtype=bool)
+    box = bounding_box(mask, margin=0)
+    if box is None:
         return None
-    coordinates = np.stack([xs, ys]).astype(np.float64)
+    ys, xs = np.nonzero(mask[box])
+    coordinates = np.stack([xs + box[1].start, ys + box[0].start]).astype(np.float64)
     center = coordinates.mean(axis=1)
     covariance = np.cov(coordinates, bias=True) + np.eye(2) / 12.0
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
@@ -125,7 +169,7 @@ def fit_ellipse(mask: np.ndarray) -> Ellipse | None:
 
 
 def head_circumference(mask: np.ndarray, pixel_size: float) -> float:
-    """Circumference (mm) of the ellipse fitted to the mask's largest component; NaN for an empty mask."""
+    """Circumference (mm) of the ellipse fitted to the mask (`fit_ellipse`); NaN for an empty mask."""
     ellipse = fit_ellipse(mask)
     return float("nan") if ellipse is None else ellipse.circumference(pixel_size)
 

@@ -108,9 +108,9 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.
 class JointAugment:
     """Random resized crop and horizontal flip on image and mask together, brightness/contrast jitter on the image.
 
-    Crop boxes come from `sonocl.augment.BatchAugment.crop_boxes` (torchvision's RandomResizedCrop semantics, the
-    same sampler as pretraining); the crop + flip is one axis-aligned ``grid_sample`` shared by image (bilinear) and
-    mask (bilinear, then > 0.5), so both see exactly the same geometry.
+    The crop + flip is `sonocl.augment.BatchAugment`'s (torchvision's RandomResizedCrop semantics, the same sampler
+    as pretraining), applied once to the image and its mask stacked as channels of one tensor, so both see exactly the same
+    geometry: the image is resampled bilinearly, the mask too and then thresholded at 0.5.
     """
 
     def __init__(
@@ -123,8 +123,7 @@ class JointAugment:
         contrast: float = 0.2,
     ) -> None:
         self.size = size
-        self.boxes = BatchAugment(AugmentConfig(size=size, crop_scale=scale, crop_ratio=ratio, flip_p=flip_p))
-        self.flip_p = flip_p
+        self.geometry = BatchAugment(AugmentConfig(crop_scale=scale, crop_ratio=ratio, flip_p=flip_p), size)
         self.brightness = brightness
         self.contrast = contrast
 
@@ -137,16 +136,9 @@ class JointAugment:
         """
         if images.shape[-2:] != (self.size, self.size) or masks.shape[-2:] != images.shape[-2:]:
             raise ValueError(f"expected images and masks of {self.size}×{self.size}, got {tuple(images.shape)} and {tuple(masks.shape)}")
-        n, size, device = images.shape[0], self.size, images.device
-        top, left, height, width = self.boxes.crop_boxes(n, generator, device).unbind(1)
-        flip = self._uniform(n, generator, device) < self.flip_p
-        centres = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) * (2.0 / size) - 1.0
-        x = (torch.where(flip, -width, width) / size)[:, None] * centres + ((2 * left + width) / size - 1)[:, None]
-        y = (height / size)[:, None] * centres + ((2 * top + height) / size - 1)[:, None]
-        grid = torch.stack([x[:, None, :].expand(n, size, size), y[:, :, None].expand(n, size, size)], dim=-1)
-        images = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=False)
-        masks = F.grid_sample(masks, grid.to(masks.dtype), mode="bilinear", padding_mode="border", align_corners=False)
-        masks = (masks > 0.5).to(masks.dtype)
+        n, channels, device = images.shape[0], images.shape[1], images.device
+        both = self.geometry._crop_flip(torch.cat([images, masks.to(images.dtype)], dim=1), generator)
+        images, masks = both[:, :channels], (both[:, channels:] > 0.5).to(masks.dtype)
         gain = 1 + (self._uniform(n, generator, device) * 2 - 1) * self.contrast
         offset = (self._uniform(n, generator, device) * 2 - 1) * self.brightness
         images = (images * gain.view(n, 1, 1, 1) + offset.view(n, 1, 1, 1)).clamp(0, 1)

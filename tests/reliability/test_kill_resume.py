@@ -1,0 +1,130 @@
+"""Kill and resume: ``sonocl ingest`` killed with SIGKILL at random moments, then run again.
+
+Each trial starts a fresh ingest in a subprocess and kills it: two trials early (while it starts up and
+creates the store), the others a random few milliseconds after a random number of videos went in, so
+that the kill lands while frames are appended, a record is written or a worker decodes. After every
+kill the store must open, each video in it must hold exactly the frames of an uninterrupted ingest, and
+a rerun must complete with every video exactly once. The moments are drawn from a fixed seed, so a
+failure can be replayed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from reliability_support import good_video, ingest
+
+from sonocl.data.ingest import TEMP_DIR
+from sonocl.data.store import FRAMES_FILE, META_FILE, VIDEOS_FILE, FrameStore
+
+VIDEOS = 14
+SIZE = 32
+EARLY_TRIALS = 2
+COMMIT_TRIALS = 6
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("kill") / "videos"
+    folder.mkdir()
+    for index in range(VIDEOS):
+        good_video(folder / f"clip{index:02d}.mp4", seed=index, frames=10 + index % 5)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """Frames of every video after an uninterrupted ingest, by id."""
+    store_dir = tmp_path_factory.mktemp("reference") / "store"
+    from sonocl.cli import main
+
+    assert main(["ingest", str(source), "--out", str(store_dir), "--size", str(SIZE), "--workers", "1"]) == 0
+    store = FrameStore.open(store_dir)
+    return {video.id: store.video_frames(index).tobytes() for index, video in enumerate(store.videos)}
+
+
+def _start(source: Path, store: Path, workers: int) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "sonocl", "ingest", str(source), "--out", str(store), "--size", str(SIZE),
+               "--workers", str(workers)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment, start_new_session=True)
+
+
+def _committed(store: Path) -> int:
+    try:
+        return (store / VIDEOS_FILE).read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _kill(process: subprocess.Popen[bytes]) -> bool:
+    """SIGKILL the ingest (its decoder processes too, as a crash of the machine would); whether it was still running."""
+    running = process.poll() is None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return running and process.returncode == -signal.SIGKILL
+
+
+def _check_store_after_kill(store: Path, reference: dict[str, bytes]) -> int:
+    """The killed store opens and every committed video is whole; returns how many were committed."""
+    if not (store / META_FILE).exists():
+        return 0
+    partial = FrameStore.open(store)
+    ids = [video.id for video in partial.videos]
+    assert len(ids) == len(set(ids))
+    for index, video in enumerate(partial.videos):
+        assert partial.video_frames(index).tobytes() == reference[video.id], video.id
+    return partial.num_videos
+
+
+def _trials() -> list[tuple[str, float, int, int]]:
+    """``(kind, seconds to wait, videos committed first, workers)`` per trial, from a fixed seed."""
+    rng = np.random.default_rng(2024)
+    early = [("early", float(rng.uniform(0.0, 0.6)), 0, 1 + trial % 2) for trial in range(EARLY_TRIALS)]
+    commit = [("commit", float(rng.uniform(0.0, 0.02)), int(rng.integers(1, VIDEOS - 2)), 1 + trial % 2) for trial in range(COMMIT_TRIALS)]
+    return early + commit
+
+
+def _trial_id(trial: tuple[str, float, int, int]) -> str:
+    kind, wait, after, workers = trial
+    moment = f"after-{after}-videos+{wait * 1000:.0f}ms" if kind == "commit" else f"at-{wait * 1000:.0f}ms"
+    return f"{moment}-{workers}-workers"
+
+
+@pytest.mark.parametrize(("kind", "wait", "after", "workers"), _trials(), ids=[_trial_id(trial) for trial in _trials()])
+def test_sigkill_at_a_random_moment_then_rerun_completes(
+    kind: str, wait: float, after: int, workers: int, source: Path, reference: dict[str, bytes], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store = tmp_path / "store"
+    process = _start(source, store, workers)
+    deadline = time.monotonic() + 120
+    while kind == "commit" and _committed(store) < after and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(wait)
+    killed = _kill(process)
+    assert killed, "the ingest finished before it could be killed; give it more videos"
+    committed = _check_store_after_kill(store, reference)
+    if kind == "commit":
+        assert committed >= after
+
+    result = ingest(capsys, source, "--out", store, "--size", str(SIZE), workers=workers)
+    assert result.code == 0, result.err
+    assert f"{VIDEOS - committed} added, {committed} already in store" in result.out
+    store_now = FrameStore.open(store)
+    assert sorted(video.id for video in store_now.videos) == sorted(reference)
+    for index, video in enumerate(store_now.videos):
+        assert store_now.video_frames(index).tobytes() == reference[video.id], video.id
+    assert (store / FRAMES_FILE).stat().st_size == store_now.num_frames * SIZE * SIZE
+    assert not (store / TEMP_DIR).exists()

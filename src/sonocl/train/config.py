@@ -147,7 +147,12 @@ class PretrainConfig:
     reference code select) or ``last`` (the methods whose papers take the final model: the InfoNCE of held-out pairs
     says nothing about BYOL, and AWCL's reference keeps every epoch without selecting)."""
     checkpoint_every_steps: int = 0
-    """Also write ``last.pt`` every N steps (0: at the end of each epoch only)."""
+    """Also write ``last.pt`` every N steps (0: only at epoch ends, see ``checkpoint_every_seconds``)."""
+    checkpoint_every_seconds: float = 60.0
+    """Write ``last.pt`` at the end of an epoch once this long has passed since the last one (and after monitors)."""
+    monitor_every: int = 0
+    """Run the validation loss, kNN and collapse monitors every N epochs and after the last (0: automatic, so that
+    they cost about a tenth of the training compute: N = ⌈3 · monitor images / training images per epoch⌉)."""
     label_column: str = "label"
     """The store's class column: the kNN monitor's labels and USCL's semi-supervised classes."""
     knn_k: int = 20
@@ -173,8 +178,8 @@ class PretrainConfig:
             problems.append(f"val_fraction must lie in [0, 1), not {self.val_fraction}")
         if self.steps is not None and self.steps < 1:
             problems.append(f"steps must be ≥ 1, not {self.steps}")
-        if self.checkpoint_every_steps < 0:
-            problems.append("checkpoint_every_steps must be ≥ 0")
+        if self.checkpoint_every_steps < 0 or self.monitor_every < 0 or self.checkpoint_every_seconds < 0:
+            problems.append("checkpoint_every_steps, checkpoint_every_seconds and monitor_every must be ≥ 0")
         if not problems and type(self.options) is not get_method(self.method).options:
             problems.append(f"options are {type(self.options).__name__}, not {self.method}'s "
                             f"{get_method(self.method).options.__name__}")

@@ -96,6 +96,8 @@ class RunData:
 
     total_steps: int
     """The run's budget in optimiser steps (``steps``, else ``epochs`` × steps per epoch)."""
+    monitor_every: int
+    """Epochs between monitors (``cfg.monitor_every``, or the automatic interval)."""
 
     @property
     def steps_per_epoch(self) -> int:
@@ -129,6 +131,8 @@ class Run:
     augment: BatchAugment
     generator: torch.Generator
     gather: Callable[[Tensor], Tensor] | None
+    batches: Iterator[dict[str, Tensor]] | None = None
+    """The run's one loader over every remaining step (workers persist across epochs)."""
     log: MetricsLog | None = None
     writer: Any = field(default_factory=NullWriter)
     epoch: int = 0
@@ -137,6 +141,7 @@ class Run:
     best_val_loss: float | None = None
     epoch_metrics: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    saved_at: float = field(default_factory=time.perf_counter)
 
     @property
     def last_path(self) -> Path:
@@ -237,6 +242,7 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
     if resume:
         restore(run, load_checkpoint(last_path))
     global_step = run.epoch * data.steps_per_epoch + run.step_in_epoch
+    run.batches = iter(_loader(data, global_step, cfg.workers, device, cfg.seed + global_step))
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
@@ -262,16 +268,19 @@ def build_data(cfg: PretrainConfig, method: Method, context: ddp.DistributedCont
     if method.meta_sampler is not None:
         meta_sampler = method.meta_sampler(cfg, store, held, cfg.batch_size, context.rank, context.world_size)
     codes, _ = store.label_codes(cfg.label_column)
-    bank = monitor_frames(store, kept, codes, cfg.knn_frames_per_video)
-    query = monitor_frames(store, held, codes, cfg.knn_frames_per_video)
+    bank, bank_labels = monitor_frames(store, kept, codes, cfg.knn_frames_per_video)
+    query, query_labels = monitor_frames(store, held, codes, cfg.knn_frames_per_video)
     collapse, _ = monitor_frames(store, held if len(held) else kept, np.zeros_like(codes), cfg.knn_frames_per_video)
+    bank, bank_labels, query, query_labels, collapse = (
+        a[:MONITOR_MAX_FRAMES] for a in (bank, bank_labels, query, query_labels, collapse))
+    val_batches = validation_batches(cfg, store, held) if context.is_main else []
+    monitored = len(bank) + len(query) + len(collapse) + 2 * sum(len(b) for b in val_batches)
+    trained = 2 * batch_size * context.world_size * len(sampler)
     return RunData(
         store=store, kept=kept, held=held, sampler=sampler, total_steps=cfg.steps or cfg.epochs * len(sampler),
-        val_batches=validation_batches(cfg, store, held) if context.is_main else [],
-        meta_sampler=meta_sampler,
-        bank=(bank[0][:MONITOR_MAX_FRAMES], bank[1][:MONITOR_MAX_FRAMES]),
-        query=(query[0][:MONITOR_MAX_FRAMES], query[1][:MONITOR_MAX_FRAMES]),
-        collapse_frames=collapse[:MONITOR_MAX_FRAMES],
+        monitor_every=cfg.monitor_every or max(1, math.ceil(3 * monitored / trained)),
+        val_batches=val_batches, meta_sampler=meta_sampler, bank=(bank, bank_labels), query=(query, query_labels),
+        collapse_frames=collapse,
     )
 
 
@@ -357,12 +366,12 @@ def train_one_epoch(run: Run, epoch: int) -> None:
     cfg, data = run.cfg, run.data
     first = run.step_in_epoch if epoch == run.epoch else 0
     last = min(data.steps_per_epoch, data.total_steps - epoch * data.steps_per_epoch)  # the budget may end mid-epoch
-    batches = data.sampler.batches(epoch)[first:last]
-    loader = _loader(data.store, batches, cfg.workers, run.device, cfg.seed + epoch)
+    augment_first = type(data.sampler).augment_first
     bar = _progress_bar(run, epoch, first)
     _set_train_mode(run.model, cfg.model.freeze_bn)
     tick = time.perf_counter()
-    for step_in_epoch, host_batch in enumerate(loader, start=first):
+    for step_in_epoch in range(first, last):
+        host_batch = next(run.batches)
         global_step = epoch * data.steps_per_epoch + step_in_epoch
         lr = float(run.lrs[global_step])
         for group in run.optimizer.param_groups:
@@ -375,8 +384,7 @@ def train_one_epoch(run: Run, epoch: int) -> None:
         batch = _to_device(host_batch, run.device)
         extra = batch["label"] >= 0 if cfg.augment.gamma > 0 else None
         with torch.no_grad():
-            view1, view2 = make_views(batch["frames"], batch["mix"], batches[0].augment_first, run.augment,
-                                      run.generator, extra)
+            view1, view2 = make_views(batch["frames"], batch["mix"], augment_first, run.augment, run.generator, extra)
         targets = BatchTensors(batch["positive_group"], batch["weight"], batch["label"])
         step_context = StepContext(step=global_step, optimizer=run.optimizer, lr=lr, gather=run.gather,
                                    meta_views=_meta_views(run, epoch, step_in_epoch))
@@ -395,6 +403,7 @@ def train_one_epoch(run: Run, epoch: int) -> None:
         every = cfg.checkpoint_every_steps
         if run.context.is_main and every and run.step_in_epoch % every == 0 and run.step_in_epoch < last:
             save_checkpoint(checkpoint_state(run), run.last_path)
+            run.saved_at = time.perf_counter()
     bar.close()
 
 
@@ -468,27 +477,33 @@ def _progress_bar(run: Run, epoch: int, initial: int) -> Any:
 # ------------------------------------------------------------------------------------- end of epoch
 
 def end_of_epoch(run: Run, epoch: int) -> None:
-    """Validation and monitors (rank 0), ``last.pt`` (and ``best.pt`` when the validation loss improved), logs."""
-    if run.context.is_main:
+    """Every ``monitor_every`` epochs and after the last (rank 0): validation and monitors, then ``last.pt`` (and
+    ``best.pt`` when the validation loss improved); between them ``last.pt`` every ``checkpoint_every_seconds``."""
+    data, done = run.data, epoch + 1
+    monitored = done % data.monitor_every == 0 or done == data.num_epochs
+    run.epoch, run.step_in_epoch = done, 0
+    if run.context.is_main and monitored:
         run.epoch_metrics = monitors(run)
         val_loss = run.epoch_metrics.get("val_loss")
-        # Without held-out pairs there is no model selection: best is the latest epoch.
+        # Without held-out pairs there is no model selection: best is the latest monitored epoch.
         improved = val_loss is None or run.best_val_loss is None or val_loss < run.best_val_loss
         if val_loss is not None and improved:
             run.best_val_loss = val_loss
-        run.epoch, run.step_in_epoch = epoch + 1, 0
         save_checkpoint(checkpoint_state(run), run.last_path)
+        run.saved_at = time.perf_counter()
         if improved:
             link_checkpoint(run.last_path, run.best_path)
-        step = min((epoch + 1) * run.data.steps_per_epoch, run.data.total_steps)
-        run.log.write({"kind": "epoch", "epoch": epoch + 1, "step": step, **run.epoch_metrics,
+        step = min(done * data.steps_per_epoch, data.total_steps)
+        run.log.write({"kind": "epoch", "epoch": done, "step": step, **run.epoch_metrics,
                        "seconds": time.perf_counter() - run.started})
         for name, value in run.epoch_metrics.items():
             run.writer.add_scalar(f"val/{name}", value, step)
         run.writer.flush()
-        print(f"epoch {epoch + 1}/{run.data.num_epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in run.epoch_metrics.items()),
+        print(f"epoch {done}/{data.num_epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in run.epoch_metrics.items()),
               file=sys.stderr)
-    run.epoch, run.step_in_epoch = epoch + 1, 0
+    elif run.context.is_main and time.perf_counter() - run.saved_at >= run.cfg.checkpoint_every_seconds:
+        save_checkpoint(checkpoint_state(run), run.last_path)
+        run.saved_at = time.perf_counter()
     ddp.barrier(run.context)
 
 
@@ -532,18 +547,26 @@ def monitors(run: Run) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------- parts
 
-class _EpochBatches(torch.utils.data.Dataset):
-    """The epoch's `PairBatch` list as a map-style dataset: item i = batch i with its frames gathered (uint8)."""
+class _RunBatches(torch.utils.data.Dataset):
+    """Every remaining step of the run as one dataset: item i = the batch of global step ``first + i``, frames gathered.
 
-    def __init__(self, store: Any, batches: list[Any]) -> None:
-        self.store = store
-        self.batches = batches
+    One DataLoader over the whole run, so its workers persist across epochs and prefetch across their boundaries
+    (a loader per epoch restarts its workers and stalls the first step of every epoch). Each worker draws an epoch's
+    batches once (the sampler is a pure function of the epoch) and gathers its steps' frames from the memory map.
+    """
+
+    def __init__(self, data: RunData, first: int) -> None:
+        self.store, self.sampler, self.first, self.total = data.store, data.sampler, first, data.total_steps
+        self._epoch: tuple[int, list[PairBatch]] | None = None
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return self.total - self.first
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        batch = self.batches[index]
+        epoch, step = divmod(self.first + index, len(self.sampler))
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self.sampler.batches(epoch))
+        batch = self._epoch[1][step]
         return {
             "frames": torch.from_numpy(self.store.gather(batch.frames)),
             "mix": torch.from_numpy(np.ascontiguousarray(batch.mix)),
@@ -560,10 +583,10 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def _loader(store: Any, batches: list[Any], workers: int, device: torch.device, seed: int) -> torch.utils.data.DataLoader:
-    """Workers gather each batch's frames from the memory map; ``batch_size=None`` keeps the sampler's batches."""
+def _loader(data: RunData, first: int, workers: int, device: torch.device, seed: int) -> torch.utils.data.DataLoader:
+    """``batch_size=None`` keeps the sampler's batches; persistent workers prefetch across epochs."""
     return torch.utils.data.DataLoader(
-        _EpochBatches(store, batches),
+        _RunBatches(data, first),
         batch_size=None,
         shuffle=False,
         num_workers=workers,
@@ -571,6 +594,7 @@ def _loader(store: Any, batches: list[Any], workers: int, device: torch.device, 
         worker_init_fn=_seed_worker if workers else None,
         generator=torch.Generator().manual_seed(seed),
         prefetch_factor=4 if workers else None,
+        persistent_workers=workers > 0,
     )
 
 

@@ -32,8 +32,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -650,6 +652,48 @@ def run_fold(
     return FoldResult(task, run, test, outcome.test_probabilities, confusion)
 
 
+def fold_key(config: EvalConfig, init: str) -> str:
+    """What a cached fold result depends on: the evaluation settings and the init (a changed one is recomputed)."""
+    import hashlib
+    import json
+
+    text = json.dumps({"config": dataclasses.asdict(config), "init": init}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def save_fold_result(path: Path, result: FoldResult, key: str) -> None:
+    """One finished fold run, written atomically (a kill leaves the previous state: absent or complete)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(partial, key=key, run=json.dumps(result.run, default=_json_value), test_frames=result.test_frames,
+             probabilities=result.probabilities)
+    os.replace(partial, path)
+
+
+def load_fold_result(path: Path, task: FoldTask, key: str) -> FoldResult | None:
+    """The cached fold run at ``path`` if it was made with ``key``, else None."""
+    import json
+
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        if str(saved["key"]) != key:
+            return None
+        run = json.loads(str(saved["run"]))
+        confusion = {level: np.asarray(run[level]["confusion"]) for level in ("frame", "video")}
+        return FoldResult(task, run, saved["test_frames"], saved["probabilities"], confusion)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
 def init_entry(label: str, report: InitReport, config: EvalConfig, class_names: list[str], folds: Sequence[FoldResult]) -> dict[str, Any]:
     """The results.json entry of one init from its fold runs (in seed, fold order); ``seconds`` sums the runs'."""
     optimistic = config.selection == "max-test"
@@ -681,22 +725,44 @@ def evaluate_inits(
     config: EvalConfig,
     jobs: int = 1,
     on_init: Callable[[dict[str, Any], list[FoldResult]], None] | None = None,
+    cache: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Every fold run of every init; returns their results.json entries, in the order of ``inits``.
 
     ``jobs > 1`` runs fold runs in that many worker processes, each with an equal share of torch's threads (on
     a small CPU, single-threaded runs side by side use the cores better than one run on all of them). A run's
     result does not depend on the process that ran it, up to float rounding from a different thread count.
-    ``on_init(entry, fold_results)`` is called for each init, in order, once all its runs are done.
+    ``on_init(entry, fold_results)`` is called for each init, in order, once all its runs are done. With ``cache``
+    every finished fold run is kept in ``cache/<label>/seed<S>_fold<F>.npz`` and read back by a rerun with the same
+    settings, so an interrupted evaluation resumes at its first unfinished fold.
     """
     if jobs < 1:
         raise ConfigError(f"jobs must be ≥ 1, got {jobs}")
-    tasks = fold_tasks(data, config, len(inits))
+    all_tasks = fold_tasks(data, config, len(inits))
     results: list[list[FoldResult]] = [[] for _ in inits]
     entries: list[dict[str, Any]] = []
+    keys = [fold_key(config, report.spec) for _, _, report in inits]
+
+    def cached(task: FoldTask) -> Path | None:
+        return None if cache is None else cache / inits[task.init][0] / f"seed{task.seed}_fold{task.fold}.npz"
+
+    tasks = []
+    for task in all_tasks:
+        path = cached(task)
+        done = load_fold_result(path, task, keys[task.init]) if path is not None else None
+        if done is None:
+            tasks.append(task)
+        else:
+            results[task.init].append(done)
+
+    def keep(result: FoldResult) -> None:
+        results[result.task.init].append(result)
+        path = cached(result.task)
+        if path is not None:
+            save_fold_result(path, result, keys[result.task.init])
 
     def finish_ready_inits() -> None:
-        per_init = len(tasks) // len(inits)
+        per_init = len(all_tasks) // len(inits)
         while len(entries) < len(inits) and len(results[len(entries)]) == per_init:
             index = len(entries)
             folds = sorted(results[index], key=lambda result: (result.task.seed, result.task.fold))
@@ -705,10 +771,11 @@ def evaluate_inits(
             if on_init is not None:
                 on_init(entries[-1], folds)
 
+    finish_ready_inits()
     if jobs == 1:
         for task in tasks:
             label, backbone, _ = inits[task.init]
-            results[task.init].append(run_fold(data, backbone, label, config, task))
+            keep(run_fold(data, backbone, label, config, task))
             finish_ready_inits()
         return entries
     import concurrent.futures
@@ -727,8 +794,7 @@ def evaluate_inits(
         pending = [pool.submit(_fold_in_worker, task) for task in tasks]
         try:
             for future in concurrent.futures.as_completed(pending):
-                result = future.result()
-                results[result.task.init].append(result)
+                keep(future.result())
                 finish_ready_inits()
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # runs not started are dropped; running ones finish

@@ -184,7 +184,8 @@ def _run(args: argparse.Namespace) -> int:
                 print(_summary_line(entry), file=sys.stderr)
 
             init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
-            evaluate_inits(data, [(label, backbone, report)], init_config, jobs=args.jobs, on_init=write_init)
+            evaluate_inits(data, [(label, backbone, report)], init_config, jobs=args.jobs, on_init=write_init,
+                           cache=out / "folds")
     (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'predictions.csv'} "
           f"({results['timing']['total_seconds']:.0f} s)", file=sys.stderr)

@@ -18,14 +18,12 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import json
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from sonocl import __version__
 from sonocl.errors import ConfigError
@@ -39,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the `sonocl pretrain` options of every fold's run, quoted, without --store and --out, "
                              "e.g. '--method uscl --steps 500 --size 64' or '--config uscl.yaml'")
     parser.add_argument("--name", help="the row's label (default: METHOD (per fold))")
+    parser.add_argument("--runs", type=Path, help="where the per-fold pretraining runs live (default: OUT/pretrain); "
+                                                  "studies of one method with other protocols can share them")
     add_evaluation_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="output directory (rerun the command to resume)")
 
@@ -113,17 +113,17 @@ def run(args: argparse.Namespace) -> int:
 def fold_run(args: argparse.Namespace, store: Any, config: Any, base: Any, data_by_size: dict[int, Any], task: Any,
              out: Path) -> tuple[Any, Any, dict[str, Any], Any]:
     """One (seed, fold): pretrain without its test videos (or resume), check the provenance, evaluate; cached."""
-    from sonocl.evaluate.classify import FoldResult, load_eval_data, run_fold
-    from sonocl.evaluate.cli import _json_default, input_settings
+    from sonocl.evaluate.classify import fold_key, load_eval_data, load_fold_result, run_fold, save_fold_result
+    from sonocl.evaluate.cli import input_settings
     from sonocl.evaluate.inits import load_init
     from sonocl.provenance import check_fold, find
     from sonocl.train.loop import pretrain
 
     name = f"seed{task.seed}_fold{task.fold}"
-    run_dir, cached = out / "pretrain" / name, out / "folds" / f"{name}.npz"
+    run_dir, cached = (args.runs or out / "pretrain") / name, out / "folds" / f"{name}.npz"
     test_hashes = [base.video_hashes[v] for v in task.test_videos]
     cfg, resume = pretrain_config(args.pretrain, str(store.root), run_dir, test_hashes)
-    if not cached.exists():
+    if not (cached.exists() and (run_dir / "encoder.safetensors").exists()):
         print(f"sonocl study: {name}: pretraining {cfg.method} without the fold's {len(test_hashes)} test videos",
               file=sys.stderr)
         pretrain(cfg, run_dir, resume=resume)
@@ -135,18 +135,12 @@ def fold_run(args: argparse.Namespace, store: Any, config: Any, base: Any, data_
     if settings["size"] not in data_by_size:
         data_by_size[settings["size"]] = load_eval_data(store, dataclasses.replace(config, size=settings["size"]))
     data = data_by_size[settings["size"]]
-    if cached.exists():
-        with np.load(cached) as saved:
-            run = json.loads(str(saved["run"]))
-            confusion = {level: np.asarray(run[level]["confusion"]) for level in ("frame", "video")}
-            return FoldResult(task, run, saved["test_frames"], saved["probabilities"], confusion), report, settings, check
     init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
-    result = run_fold(data, backbone, name, init_config, task)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_name(f".{cached.name}.tmp.npz")
-    np.savez(partial, run=json.dumps(result.run, default=_json_default), test_frames=result.test_frames,
-             probabilities=result.probabilities)
-    partial.replace(cached)
+    key = fold_key(init_config, str(run_dir))
+    result = load_fold_result(cached, task, key)
+    if result is None:
+        result = run_fold(data, backbone, name, init_config, task)
+        save_fold_result(cached, result, key)
     return result, report, settings, check
 
 

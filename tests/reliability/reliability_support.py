@@ -44,6 +44,21 @@ def ingest(capsys: pytest.CaptureFixture[str], *args: str | Path, workers: int =
     return run_cli(capsys, "ingest", *args, "--workers", str(workers))
 
 
+INIT_COMMANDS = ("pretrain", "evaluate", "embed")
+"""The commands that load an encoder given with ``--init``."""
+
+
+def with_init(command: str, store: Path, init: Path, out: Path) -> list[str | Path]:
+    """Arguments of a smallest run of ``sonocl COMMAND --init INIT`` on ``store``, writing under ``out`` (CPU)."""
+    tail: dict[str, list[str | Path]] = {
+        "pretrain": ["--method", "simclr", "--out", out / "run", "--epochs", "1", "--size", "32", "--batch-size", "4",
+                     "--threads", "1", "--no-progress"],
+        "evaluate": ["--protocol", "knn", "--folds", "2", "--out", out / "eval"],
+        "embed": ["--out", out / "embed.npz"],
+    }
+    return [command, "--store", store, "--init", init, *tail[command], "--device", "cpu"]
+
+
 def line_naming(text: str, path: Path | str) -> str:
     """The one line of ``text`` that names ``path`` (as messages show it), failing if none or several do."""
     name = shown(Path(path))

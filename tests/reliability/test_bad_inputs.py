@@ -19,12 +19,14 @@ import pytest
 from PIL import Image
 from pydicom.uid import JPEGLSLossless
 from reliability_support import (
+    INIT_COMMANDS,
     good_video,
     ingest,
     line_naming,
     random_store,
     run_cli,
     stored_ids,
+    with_init,
     write_audio_only,
     write_empty_video_stream,
     write_mixed_sizes,
@@ -364,17 +366,11 @@ def test_pretrain_config_with_unknown_keys_or_wrong_types(
     assert message in result.err and len(result.err.strip().splitlines()) == 1, result.err
 
 
-@pytest.mark.parametrize("command", ["pretrain", "evaluate", "embed"])
+@pytest.mark.parametrize("command", INIT_COMMANDS)
 def test_init_file_that_is_not_a_checkpoint(command: str, small_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake = tmp_path / "weights.pt"
     fake.write_text("these are not weights\n")
-    tail = {
-        "pretrain": ["--method", "simclr", "--out", tmp_path / "run", "--epochs", "1", "--size", "32", "--batch-size", "4",
-                     "--threads", "1", "--no-progress"],
-        "evaluate": ["--protocol", "knn", "--folds", "2", "--out", tmp_path / "eval"],
-        "embed": ["--out", tmp_path / "embed.npz"],
-    }[command]
-    result = run_cli(capsys, command, "--store", small_store, "--init", fake, *tail, "--device", "cpu")
+    result = run_cli(capsys, *with_init(command, small_store, fake, tmp_path))
     assert result.code == 2
     assert "not a readable weights file" in line_naming(result.err, fake)
 

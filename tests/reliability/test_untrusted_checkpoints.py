@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_support import line_naming, random_store, run_cli
+from reliability_support import INIT_COMMANDS, line_naming, random_store, run_cli, with_init
 
 from sonocl.errors import UserError
 from sonocl.models import load_encoder
@@ -49,19 +49,13 @@ def test_python_loaders_refuse_the_payload(loader: object, malicious: tuple[Path
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("command", ["pretrain", "evaluate", "embed"])
+@pytest.mark.parametrize("command", INIT_COMMANDS)
 def test_commands_refuse_the_payload_and_name_the_file(
     command: str, malicious: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path, marker = malicious
     store = random_store(tmp_path / "store", ["a", "b"] * 2)
-    tail = {
-        "pretrain": ["--method", "simclr", "--out", tmp_path / "run", "--epochs", "1", "--size", "32", "--batch-size", "4",
-                     "--threads", "1", "--no-progress"],
-        "evaluate": ["--protocol", "knn", "--folds", "2", "--out", tmp_path / "eval"],
-        "embed": ["--out", tmp_path / "embed.npz"],
-    }[command]
-    result = run_cli(capsys, command, "--store", store, "--init", path, *tail, "--device", "cpu")
+    result = run_cli(capsys, *with_init(command, store, path, tmp_path))
     assert result.code == 2
     assert not marker.exists()
     line_naming(result.err, path)

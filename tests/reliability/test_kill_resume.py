@@ -70,14 +70,11 @@ def _committed(store: Path) -> int:
 
 def _kill(process: subprocess.Popen[bytes]) -> bool:
     """SIGKILL the ingest (its decoder processes too, as a crash of the machine would); whether it was still running."""
-    running = process.poll() is None
-    process.send_signal(signal.SIGKILL)
+    if process.poll() is not None:
+        return False
+    os.killpg(process.pid, signal.SIGKILL)  # the group this test started (start_new_session); its leader is not reaped yet
     process.wait()
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return running and process.returncode == -signal.SIGKILL
+    return process.returncode == -signal.SIGKILL
 
 
 def _check_store_after_kill(store: Path, reference: dict[str, bytes]) -> int:

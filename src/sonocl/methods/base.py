@@ -12,6 +12,7 @@ method, never ``if method == …``:
   training videos;
 - ``objective(cfg, model)`` — the `sonocl.train.objectives.Objective` of one step;
 - ``meta_sampler`` (optional) — a sampler of held-out batches the objective reads each step (Meta-USCL);
+- ``validation_sampler`` (optional) — the held-out pairs of the validation loss (USCL: unmixed, as its reference);
 - ``uses_labels(cfg)`` — whether training reads any class or anatomy label (the evaluation's leak guard).
 """
 
@@ -87,6 +88,8 @@ class Method:
     sampler: SamplerFactory
     objective: ObjectiveFactory
     meta_sampler: SamplerFactory | None = None
+    validation_sampler: SamplerFactory | None = None
+    """Held-out pairs for the validation loss and model selection (None: the training sampler's pairs)."""
     uses_labels: Callable[[PretrainConfig], bool] = lambda cfg: False
 
     def option_names(self) -> list[str]:

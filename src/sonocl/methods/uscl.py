@@ -51,8 +51,11 @@ class USCLSampler(PairSampler):
     k = 3
     augment_first = True
 
-    def __init__(self, *args: Any, label_rate: float = 1.0, label_column: str = "label", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, label_rate: float = 1.0, label_column: str = "label", mixed: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.mixed = mixed
+        """False: the views are the augmented f1 and f2 unmixed (the reference's validation pairs, §1.7)."""
         if not 0.0 <= label_rate <= 1.0:
             raise ValueError(f"label_rate must lie in [0, 1], not {label_rate}")
         codes, self.class_names = self.store.label_codes(label_column)
@@ -69,6 +72,9 @@ class USCLSampler(PairSampler):
         length = self._length[video]
         lam = rng.beta(0.5, 0.5, size=n)
         local = distinct(rng, length, 3)
+        if not self.mixed:
+            lam[:] = 1.0
+            local = local[:, [0, 2, 1]]  # views f1 and f2: λ = 1 picks the first and the last frame of each view
         mix = np.zeros((n, 2, 3))
         mix[:, 0, 0], mix[:, 0, 1] = lam, 1 - lam
         mix[:, 1, 2], mix[:, 1, 1] = lam, 1 - lam
@@ -105,6 +111,14 @@ def sampler(
                        label_rate=_label_rate(cfg), label_column=cfg.label_column)
 
 
+def validation_sampler(
+    cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
+) -> PairSampler:
+    """Held-out pairs as the reference validates and selects (§1.7): two augmented frames of a video, unmixed."""
+    return USCLSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items, label_rate=0.0,
+                       mixed=False)
+
+
 def objective(cfg: PretrainConfig, model: nn.Module) -> Objective:
     return GroupContrastive(cfg.options.temperature, semi_weight=cfg.options.semi_weight)
 
@@ -118,5 +132,6 @@ METHOD = Method(
     preset=preset,
     sampler=sampler,
     objective=objective,
+    validation_sampler=validation_sampler,
     uses_labels=lambda cfg: _label_rate(cfg) > 0,
 )

@@ -289,9 +289,11 @@ def validation_batches(cfg: PretrainConfig, store: FrameStore, held: np.ndarray)
     if len(held) < 2:
         return []
     fixed = replace(cfg, seed=_VALIDATION_SEED)
+    method = get_method(cfg.method)
+    build = method.validation_sampler or method.sampler
     try:
-        probe = training_sampler(fixed, store, held, 1)
-        return training_sampler(fixed, store, held, min(cfg.batch_size, len(probe))).batches(0)
+        probe = build(fixed, store, held, 1, 0, 1)
+        return build(fixed, store, held, min(cfg.batch_size, len(probe)), 0, 1).batches(0)
     except ValueError as error:
         print(f"sonocl pretrain: no validation pairs from the held-out videos ({error})", file=sys.stderr)
         return []

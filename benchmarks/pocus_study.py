@@ -1,0 +1,284 @@
+"""The POCUS study: do these methods, run through sonocl, give a better ultrasound encoder? (``docs/results.md``)
+
+Runs every row of the study with sonocl's own commands, each step resumable (a rerun skips what is done and
+continues an interrupted pretraining run or evaluation at its last checkpoint or fold), then collects every fold
+run into ``docs/study/pocus.json`` and writes the tables into ``docs/results.md`` between the study's markers.
+
+    python benchmarks/pocus_study.py [--root runs/pocus-study] [--only ROW ...] [--tables-only]
+
+Rows: random init; SimCLR, MoCo v2, BYOL, IVPP, USCL self-supervised and Meta-USCL pretrained once on every video
+(transductive: stamped); USCL self-supervised, USCL semi-supervised and AWCL (fine findings / coarse diagnosis)
+pretrained per fold (`sonocl study`). Every pretraining row has the same budget in pairs (``STEPS`` × ``BATCH``).
+Protocols: kNN and linear probe for every row; last-block fine-tuning (the papers') over 3 seeds for the rows
+in ``LAST_BLOCK``. Data: the convex videos of ``../shared/data/pocus``, 3 classes, folds grouped by patient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = (REPO / ".." / "shared" / "data" / "pocus").resolve()
+CLASSES = "covid,pneumonia,regular"
+STEPS, BATCH, SIZE = 500, 32, 64
+FINDINGS = ("B-lines", "A-lines", "Consolidations", "Effusion", "Pleural line irregularities")
+LABELS = {"COVID-19": "covid", "Bacterial pneumonia": "pneumonia", "regular": "regular", "Regular": "regular",
+          "Viral pneumonia": "viral"}
+EVALUATION = ["--recipe", "meta-uscl", "--size", str(SIZE), "--folds", "5", "--classes", CLASSES]
+PROTOCOLS = {"knn": ["--protocol", "knn"], "linear": ["--protocol", "linear"],
+             "last-block": ["--protocol", "last-block", "--seeds", "3", "--test-every-epoch", "--jobs", "2"]}
+LAST_BLOCK = ("random", "simclr", "uscl-ssl", "meta-uscl")
+BUDGET = ["--steps", str(STEPS), "--batch-size", str(BATCH), "--size", str(SIZE)]
+
+
+@dataclass
+class Row:
+    name: str
+    pretrain: list[str] | None
+    """`sonocl pretrain` options (None: random init)."""
+    per_fold: bool = False
+    protocols: tuple[str, ...] = ("knn", "linear")
+    note: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+ROWS = [
+    Row("random", None, note="no pretraining"),
+    Row("uscl-ssl", ["--method", "uscl", "--label-rate", "0", *BUDGET], note="USCL without its supervised term"),
+    Row("meta-uscl", ["--method", "meta-uscl", *BUDGET]),
+    Row("simclr", ["--method", "simclr", *BUDGET]),
+    Row("moco", ["--method", "moco", "--queue-size", "1024", *BUDGET], note="queue 1,024 keys (≈ 6 % of the frames)"),
+    Row("byol", ["--method", "byol", *BUDGET]),
+    Row("ivpp", ["--method", "ivpp", *BUDGET]),
+    Row("uscl-ssl (per fold)", ["--method", "uscl", "--label-rate", "0", *BUDGET], per_fold=True),
+    Row("uscl-semi (per fold)", ["--method", "uscl", *BUDGET], per_fold=True, note="λ 0.2, every training video labelled"),
+    Row("awcl-fine (per fold)", ["--method", "awcl", "--channels", "1", "--anatomy-column", "findings", *BUDGET],
+        per_fold=True, note="fine anatomy = the video's findings pattern"),
+    Row("awcl-coarse (per fold)", ["--method", "awcl", "--channels", "1", "--anatomy-level", "coarse",
+                                   "--coarse-column", "label", *BUDGET], per_fold=True, note="coarse anatomy = diagnosis"),
+]
+for row in ROWS:
+    if row.name in LAST_BLOCK:
+        row.protocols = (*row.protocols, "last-block")
+
+
+def sonocl(*args: str, log: Path) -> None:
+    """Run one sonocl command, its output appended to ``log``; a failure stops the study with the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"$ sonocl {' '.join(args)}", flush=True)
+    with open(log, "a", encoding="utf-8") as handle:
+        handle.write(f"\n$ sonocl {' '.join(args)}\n")
+        handle.flush()
+        code = subprocess.call([sys.executable, "-m", "sonocl", *args], stdout=handle, stderr=subprocess.STDOUT,
+                               cwd=REPO)
+    if code:
+        tail = log.read_text(encoding="utf-8").splitlines()[-15:]
+        raise SystemExit(f"sonocl {args[0]} failed ({code}); {log}:\n" + "\n".join(tail))
+
+
+def labels_csv(path: Path) -> None:
+    """One row per convex video of dataset_metadata.csv: label, patient group (source + patient id), findings."""
+    rows = list(csv.DictReader(open(DATA / "dataset_metadata.csv", encoding="utf-8", errors="replace")))
+    seen: set[str] = set()
+    out = []
+    for r in rows:
+        if r["Probe"].strip().lower() != "convex" or r["Type"].strip() != "video" or r["Filename"] in seen:
+            continue
+        seen.add(r["Filename"])
+        patient = r["Patient ID / Name"].strip()
+        findings = [name for name in FINDINGS if r[name].strip() == "1"]
+        known = all(r[name].strip() in ("0", "1") for name in FINDINGS)
+        out.append({"file": r["Filename"], "label": LABELS.get(r["Label"].strip(), r["Label"].strip()),
+                    "patient": f"{r['Current location'].strip()}/{patient}" if patient else r["Filename"],
+                    "findings": ("+".join(findings) or "none") if known else ""})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "label", "patient", "findings"])
+        writer.writeheader()
+        writer.writerows(out)
+
+
+def run_row(row: Row, root: Path, store: Path) -> None:
+    """Pretrain (once, or per fold inside `sonocl study`) and evaluate the row with each of its protocols."""
+    slug = row.name.replace(" ", "").replace("(perfold)", "-perfold")
+    log = root / "logs" / f"{slug}.log"
+    if row.pretrain is not None and not row.per_fold:
+        run = root / "pretrain" / slug
+        resume = ["--resume"] if (run / "checkpoints" / "last.pt").exists() else []
+        if not (run / "encoder.safetensors").exists() or resume:
+            started = time.perf_counter()
+            sonocl("pretrain", "--store", str(store), "--out", str(run), "--no-progress", *row.pretrain, *resume, log=log)
+            (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
+    for protocol in row.protocols:
+        out = root / "eval" / protocol / slug
+        if (out / "results.md").exists():
+            continue
+        common = ["--store", str(store), *EVALUATION, *PROTOCOLS[protocol], "--out", str(out)]
+        if row.per_fold:
+            sonocl("study", "--pretrain", " ".join(row.pretrain), "--runs", str(root / "pretrain" / slug),
+                   "--name", row.name, *common, log=log)
+        else:
+            init = "random" if row.pretrain is None else str(root / "pretrain" / slug)
+            sonocl("evaluate", "--init", init, "--name", row.name, *common, log=log)
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+def collect(root: Path) -> list[dict]:
+    """One record per row × protocol × seed × fold from every results.json of the study."""
+    records = []
+    for row in ROWS:
+        slug = row.name.replace(" ", "").replace("(perfold)", "-perfold")
+        for protocol in row.protocols:
+            path = root / "eval" / protocol / slug / "results.json"
+            if not path.exists():
+                continue
+            results = json.loads(path.read_text())
+            for entry in results["inits"]:
+                budget = _budget(root, row, slug)
+                for run in entry["runs"]:
+                    by_epoch = run.get("test_accuracy_by_epoch") or []
+                    records.append({
+                        "row": row.name, "init": "random" if row.pretrain is None else "pretrained",
+                        "method": None if row.pretrain is None else row.pretrain[1], "protocol": protocol,
+                        "budget_pairs": budget, "pretraining": _pretraining(row, entry),
+                        "selection": results["config"]["selection"], "seed": run["seed"], "fold": run["fold"],
+                        "video_accuracy": run["video"]["accuracy"], "frame_accuracy": run["frame"]["accuracy"],
+                        "video_balanced_accuracy": run["video"]["balanced_accuracy"],
+                        "video_macro_f1": run["video"]["macro_f1"], "video_auc": run["video"].get("macro_auc"),
+                        "max_test_frame_accuracy": max(by_epoch) if by_epoch else None,
+                        "input": entry.get("input"), "seconds": run["seconds"],
+                    })
+    return records
+
+
+def _budget(root: Path, row: Row, slug: str) -> int | None:
+    if row.pretrain is None:
+        return None
+    return STEPS * BATCH
+
+
+def _pretraining(row: Row, entry: dict) -> str:
+    if row.pretrain is None:
+        return "none"
+    return entry.get("pretraining_overlap", {}).get("note") or ("per fold" if row.per_fold else "transductive")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+
+
+def tables(records: list[dict], root: Path) -> str:
+    """The markdown of the study: one table per protocol, paired differences against random init."""
+    lines = []
+    for protocol in PROTOCOLS:
+        chosen = [r for r in records if r["protocol"] == protocol]
+        if not chosen:
+            continue
+        rows = [row for row in ROWS if any(r["row"] == row.name for r in chosen)]
+        baseline = {(r["seed"], r["fold"]): r["video_accuracy"] for r in chosen if r["row"] == "random"}
+        lines += [f"### {protocol}", "",
+                  "| row | pretraining | budget (pairs) | runs | video acc | frame acc | video bal. acc | video macro-F1 | "
+                  "video AUC | Δ video acc vs random (paired, ± SE) | pretrain wall |" + (" max-test frame acc (optimistic) |" if protocol == "last-block" else ""),
+                  "|" + "---|" * (11 + (protocol == "last-block"))]
+        for row in rows:
+            mine = [r for r in chosen if r["row"] == row.name]
+            cells = []
+            for key in ("video_accuracy", "frame_accuracy", "video_balanced_accuracy", "video_macro_f1", "video_auc"):
+                values = [r[key] for r in mine if r[key] is not None]
+                mean, std = _mean_std(values) if values else (math.nan, math.nan)
+                cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}" if values else "–")
+            pairs = [r["video_accuracy"] - baseline[(r["seed"], r["fold"])] for r in mine
+                     if (r["seed"], r["fold"]) in baseline]
+            if row.name != "random" and len(pairs) > 1:
+                mean, std = _mean_std(pairs)
+                se = std / math.sqrt(len(pairs))
+                verdict = "inside the noise" if abs(mean) < 2 * se else ("better" if mean > 0 else "worse")
+                delta = f"{100 * mean:+.1f} ± {100 * se:.1f} ({verdict})"
+            else:
+                delta = "–"
+            wall = _wall(root, row)
+            cell = [row.name, mine[0]["pretraining"], f"{mine[0]['budget_pairs']:,}" if mine[0]["budget_pairs"] else "–",
+                    str(len(mine)), *cells, delta, wall]
+            if protocol == "last-block":
+                best = [r["max_test_frame_accuracy"] for r in mine if r["max_test_frame_accuracy"] is not None]
+                cell.append(f"{100 * _mean_std(best)[0]:.1f}" if best else "–")
+            lines.append("| " + " | ".join(cell) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _wall(root: Path, row: Row) -> str:
+    slug = row.name.replace(" ", "").replace("(perfold)", "-perfold")
+    if row.pretrain is None:
+        return "–"
+    if row.per_fold:
+        runs = sorted((root / "pretrain" / slug).glob("seed*_fold*/metrics.csv"))
+        seconds = [_last_seconds(p) for p in runs]
+        return f"{sum(seconds) / 60:.0f} min ({len(runs)} runs)" if seconds else "–"
+    path = root / "pretrain" / slug / "wall_seconds.txt"
+    return f"{float(path.read_text()) / 60:.1f} min" if path.exists() else "–"
+
+
+def _last_seconds(metrics: Path) -> float:
+    rows = list(csv.DictReader(open(metrics, newline="")))
+    return float(rows[-1]["seconds"]) if rows else 0.0
+
+
+def write_outputs(root: Path) -> None:
+    records = collect(root)
+    study = REPO / "docs" / "study" / "pocus.json"
+    study.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"schema": "sonocl.study/1", "command": "python benchmarks/pocus_study.py", "machine": platform.node(),
+            "cpus": os.cpu_count(), "updated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "budget": {"steps": STEPS, "batch_size": BATCH, "pairs": STEPS * BATCH, "size": SIZE}}
+    study.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
+    results = REPO / "docs" / "results.md"
+    text = results.read_text()
+    begin, end = "<!-- pocus-study:begin (written by benchmarks/pocus_study.py) -->", "<!-- pocus-study:end -->"
+    body = f"{begin}\n\nUpdated {meta['updated']}; {len(records)} fold runs in `docs/study/pocus.json`.\n\n{tables(records, root)}\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + body + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + body + "\n"
+    results.write_text(text)
+    print(f"wrote {study} ({len(records)} records) and the tables in {results}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=REPO / "runs" / "pocus-study")
+    parser.add_argument("--only", nargs="+", help="rows to run (default: all, in order)")
+    parser.add_argument("--tables-only", action="store_true", help="only collect the results and write the tables")
+    args = parser.parse_args()
+    root: Path = args.root
+    store = root / "store"
+    if not args.tables_only:
+        if not (root / "store.done").exists():  # ingest is incremental: a rerun adds only what is missing
+            labels_csv(root / "labels.csv")
+            sonocl("ingest", str(DATA / "pocus_videos" / "convex"), "--out", str(store), "--size", "128",
+                   "--labels", str(root / "labels.csv"), "--id-column", "file", "--label-column", "label",
+                   "--group-column", "patient", "--extra-columns", "findings", log=root / "logs" / "ingest.log")
+            (root / "store.done").write_text("")
+        for row in ROWS:
+            if args.only and row.name not in args.only:
+                continue
+            run_row(row, root, store)
+            write_outputs(root)
+    write_outputs(root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

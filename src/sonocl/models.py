@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import urllib.error
 from collections.abc import Mapping
 from pathlib import Path
@@ -74,10 +75,24 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
         return load_file(str(path))
+    return safe_torch_load(path, WeightsError)
+
+
+def safe_torch_load(path: Path, error_type: type[Exception]) -> Any:
+    """``torch.load(path, weights_only=True)``; a file that is not a plain tensor checkpoint raises ``error_type``
+    with one line naming it (a pickle that would run code is refused, never executed)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a file that is not a safe checkpoint
-        raise WeightsError(f"{path}: not a readable weights file ({type(error).__name__}: {error})") from error
+    except pickle.UnpicklingError as error:
+        if "weights only load failed" not in str(error).lower():
+            raise error_type(f"{path}: not a readable weights file (not a torch checkpoint)") from None
+        raise error_type(
+            f"{path}: holds Python objects that would run code when loaded, so sonocl refuses it. If you trust the file, "
+            f"convert it once: torch.save(torch.load(PATH, weights_only=False)['state_dict'], NEW) (or the dict's "
+            f"tensors), then use NEW") from None
+    except Exception as error:  # torch raises several types for a file that is not a checkpoint at all
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise error_type(f"{path}: not a readable weights file ({first_line})") from None
 
 
 def _fit_stem(state: Mapping[str, torch.Tensor], channels: int) -> dict[str, torch.Tensor]:

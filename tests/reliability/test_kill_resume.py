@@ -204,8 +204,5 @@ def test_resumed_pretraining_ends_with_the_uninterrupted_weights(
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in uninterrupted)
 
 
-@pytest.mark.xfail(strict=True, reason="lead: train/checkpoint.py save_checkpoint leaves checkpoints/.last.pt.PID.tmp "
-                   "(a whole checkpoint) when killed mid-write and nothing removes it; remove stale .*.tmp of dead "
-                   "writers when a run (re)starts, or write through sonocl.data.store.atomic_write")
 def test_resumed_run_leaves_no_temporary_checkpoint(killed_mid_checkpoint: Path) -> None:
     assert not [path.name for path in killed_mid_checkpoint.rglob("*.tmp")]

@@ -66,8 +66,6 @@ def test_diverging_training_stops_and_leaves_a_finite_checkpoint(tmp_path: Path,
     assert all(torch.isfinite(tensor).all() for tensor in checkpoint["model"].values() if tensor.is_floating_point())
 
 
-@pytest.mark.xfail(strict=True, reason="lead: train/loop.py's NonFiniteLossError message says checkpoints/last.pt 'holds "
-                   "the last good state' when training diverges before any checkpoint was written; say it only when it exists")
 def test_divergence_before_any_checkpoint_does_not_point_to_a_missing_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = random_store(tmp_path / "store", ["a", "b"] * 4)
     result = _pretrain(capsys, store, tmp_path / "run", "--lr", "1e30")

@@ -61,9 +61,6 @@ def test_commands_refuse_the_payload_and_name_the_file(
     line_naming(result.err, path)
 
 
-@pytest.mark.xfail(strict=True, reason="lead: models.py read_state_dict passes torch's multi-line UnpicklingError text "
-                   "(ANSI codes, torch.load advice) into WeightsError; say in one line that the file holds code-running "
-                   "objects and how to load it if trusted (torch.load(PATH, weights_only=False), then save the tensors)")
 def test_refusal_says_in_one_line_how_to_load_a_trusted_file(malicious: tuple[Path, Path]) -> None:
     path, _ = malicious
     with pytest.raises(UserError) as caught:
@@ -73,8 +70,6 @@ def test_refusal_says_in_one_line_how_to_load_a_trusted_file(malicious: tuple[Pa
     assert str(path) in message and "trust" in message and "weights_only=False" in message
 
 
-@pytest.mark.xfail(strict=True, reason="lead: train/checkpoint.py load_checkpoint lets torch's UnpicklingError out (a "
-                   "traceback on --resume); raise a UserError naming the file, as models.read_state_dict does")
 def test_resume_from_a_malicious_checkpoint_is_one_line(malicious: tuple[Path, Path]) -> None:
     path, marker = malicious
     with pytest.raises(UserError, match=str(path)):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sonocl import __version__
+from sonocl.data.store import atomic_write, atomic_write_text
 from sonocl.errors import ConfigError
 
 _METRIC_COLUMNS = (
@@ -136,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
         return datasets[size]
 
     first = data_at(inits[0][4]["size"])
+    warn_small_classes(first, config.group_by == "group")
     stamps = {label: leak_stamp(spec, first, config, args.allow_label_leak) for label, spec, *_ in inits}
     counts = {name: int((first.video_labels == c).sum()) for c, name in enumerate(first.class_names)}
 
@@ -157,36 +159,34 @@ def _run(args: argparse.Namespace) -> int:
         "inits": [],
         "timing": {"jobs": args.jobs},
     }
-    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        selection = _selection_text(config.selection)
-        writer.writerow(["init", "video_id", "frame_index", "fold", "seed", "label",
-                         *[f"p_{name}" for name in first.class_names], "predicted", "selection"])
-        for label, spec, backbone, report, settings in inits:
-            data = data_at(settings["size"])
+    predictions = [["init", "video_id", "frame_index", "fold", "seed", "label",
+                    *[f"p_{name}" for name in first.class_names], "predicted", "selection"]]
+    selection = _selection_text(config.selection)
+    for label, spec, backbone, report, settings in inits:  # the tables are written once, atomically, at the end
+        data = data_at(settings["size"])
 
-            def write_init(entry: dict[str, Any], folds: list[FoldResult], data: Any = data,
-                           settings: dict[str, Any] = settings) -> None:
-                for result in folds:
-                    for frame, probabilities in zip(result.test_frames, result.probabilities):
-                        writer.writerow([
-                            entry["label"], data.video_ids[data.frame_video[frame]], int(data.frame_index[frame]),
-                            result.task.fold, result.task.seed, data.class_names[data.frame_labels[frame]],
-                            *[f"{p:.6f}" for p in probabilities], data.class_names[int(probabilities.argmax())],
-                            selection,
-                        ])
-                handle.flush()
-                entry["input"] = settings
-                entry["pretraining_overlap"] = stamps[entry["label"]]
-                results["inits"].append(entry)
-                results["timing"]["total_seconds"] = round(time.perf_counter() - started, 2)
-                _write_json(out / "results.json", results)  # after each init: a long run keeps what it has done
-                print(_summary_line(entry), file=sys.stderr)
+        def write_init(entry: dict[str, Any], folds: list[FoldResult], data: Any = data,
+                       settings: dict[str, Any] = settings) -> None:
+            for result in folds:
+                for frame, probabilities in zip(result.test_frames, result.probabilities):
+                    predictions.append([
+                        entry["label"], data.video_ids[data.frame_video[frame]], int(data.frame_index[frame]),
+                        result.task.fold, result.task.seed, data.class_names[data.frame_labels[frame]],
+                        *[f"{p:.6f}" for p in probabilities], data.class_names[int(probabilities.argmax())],
+                        selection,
+                    ])
+            entry["input"] = settings
+            entry["pretraining_overlap"] = stamps[entry["label"]]
+            results["inits"].append(entry)
+            results["timing"]["total_seconds"] = round(time.perf_counter() - started, 2)
+            _write_json(out / "results.json", results)  # after each init: a long run keeps what it has done
+            print(_summary_line(entry), file=sys.stderr)
 
-            init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
-            evaluate_inits(data, [(label, backbone, report)], init_config, jobs=args.jobs, on_init=write_init,
-                           cache=out / "folds")
-    (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
+        init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
+        evaluate_inits(data, [(label, backbone, report)], init_config, jobs=args.jobs, on_init=write_init,
+                       cache=out / "folds")
+    atomic_write_text(out / "results.md", render_markdown(results))
+    atomic_write(out / "predictions.csv", lambda handle: handle.write(_csv_bytes(predictions)))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'predictions.csv'} "
           f"({results['timing']['total_seconds']:.0f} s)", file=sys.stderr)
     return 0
@@ -242,6 +242,25 @@ def leak_stamp(spec: str, data: Any, config: Any, allow_leak: bool) -> dict[str,
     return stamp
 
 
+def _csv_bytes(rows: list[list[Any]]) -> bytes:
+    import io
+
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return text.getvalue().encode("utf-8")
+
+
+def warn_small_classes(data: Any, by_group: bool) -> None:
+    """One line per class with fewer than 2 videos (or groups): it can never be both trained on and tested."""
+    for code, name in enumerate(data.class_names):
+        members = data.video_labels == code
+        count = len(set(data.video_groups[members].tolist())) if by_group else int(members.sum())
+        if count < 2:
+            unit = "group" if by_group else "video"
+            print(f"sonocl evaluate: warning: class {name!r} has {count} {unit}{'s' if count != 1 else ''}, so no fold "
+                  f"can both train on it and test it; its scores say little (drop it with --classes)", file=sys.stderr)
+
+
 def _config_dict(config: Any) -> dict[str, Any]:
     import dataclasses
 
@@ -257,8 +276,6 @@ def _selection_text(selection: str) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from sonocl.data.store import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False, default=_json_default) + "\n")
 
 

@@ -15,17 +15,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from sonocl.data.store import atomic_write
+from sonocl.errors import UserError
+from sonocl.models import safe_torch_load
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing or cannot be read safely; the message names the file."""
+
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace``: a kill leaves the old file."""
+    """``torch.save`` through `sonocl.data.store.atomic_write`: a kill or a full disk leaves the previous file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete ``.NAME.PID.tmp`` files that writers killed mid-write left behind (a resumed run starts clean)."""
+    for stale in directory.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def link_checkpoint(source: Path, target: Path) -> None:
@@ -43,8 +52,8 @@ def link_checkpoint(source: Path, target: Path) -> None:
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint to resume from; run without --resume to start this run")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{path}: no checkpoint to resume from; run without --resume to start this run")
+    return safe_torch_load(path, CheckpointError)
 
 
 def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:

@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         result = pretrain(cfg, args.out, resume=args.resume)
-    except (ConfigError, FileNotFoundError, NonFiniteLossError) as error:
+    except NonFiniteLossError as error:
         print(f"sonocl pretrain: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -44,12 +44,19 @@ from torch import Tensor, nn
 
 from sonocl import provenance
 from sonocl.augment import BatchAugment, make_views
-from sonocl.data.store import FrameStore
+from sonocl.data.store import FrameStore, directory_lock
 from sonocl.errors import ConfigError
 from sonocl.methods import Method, get_method
 from sonocl.pairs import PairBatch, PairSampler
 from sonocl.train import distributed as ddp
-from sonocl.train.checkpoint import link_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from sonocl.train.checkpoint import (
+    link_checkpoint,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from sonocl.train.config import PretrainConfig, replace, save_yaml
 from sonocl.train.logs import MetricsLog, NullWriter, tensorboard
 from sonocl.train.monitor import backbone_features, embedding_std, knn_accuracy, monitor_frames
@@ -167,7 +174,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike[str], resume: bool = Fa
     cfg.validate()
     context, device = ddp.init_distributed(cfg.device)
     try:
-        with _reproducibility(cfg):
+        with _reproducibility(cfg), _run_lock(Path(out), context):
             run = setup(cfg, Path(out), resume, context, device)
             try:
                 for epoch in range(run.epoch, run.data.num_epochs):
@@ -201,6 +208,7 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
         if context.is_main:  # killed before its first checkpoint: nothing to continue from, so start over
             print(f"sonocl pretrain: {last_path} does not exist yet; starting {out} from the beginning", file=sys.stderr)
         resume = False
+    remove_stale_temporaries(last_path.parent)
     if not resume and last_path.exists():
         raise ConfigError(f"{out} already holds a run ({last_path}); pass --resume to continue it or choose a new --out")
     if cfg.batch_size % context.world_size:
@@ -263,7 +271,11 @@ def build_data(cfg: PretrainConfig, method: Method, context: ddp.DistributedCont
     store = FrameStore.open(cfg.store)
     kept, held = split_videos(cfg, store)
     batch_size = cfg.batch_size // context.world_size
-    sampler = training_sampler(cfg, store, kept, batch_size, context.rank, context.world_size)
+    try:
+        sampler = training_sampler(cfg, store, kept, batch_size, context.rank, context.world_size)
+    except ValueError as error:  # e.g. fewer training items than one batch
+        raise ConfigError(f"{cfg.store}: {error} ({len(kept)} training videos of {store.num_videos}, --batch-size "
+                          f"{cfg.batch_size}); use a smaller --batch-size or more videos") from None
     meta_sampler = None
     if method.meta_sampler is not None:
         meta_sampler = method.meta_sampler(cfg, store, held, cfg.batch_size, context.rank, context.world_size)
@@ -423,10 +435,12 @@ def train_step(run: Run, view1: Tensor, view2: Tensor, targets: BatchTensors, co
     if not math.isfinite(values[0]):
         detail = ", ".join(f"{n}={v:.6g}" for n, v in zip(names, values[1:]))
         epoch, step = divmod(context.step, run.data.steps_per_epoch)
+        saved = (f"; {run.last_path} holds the last good state" if run.last_path.exists() else
+                 "; no checkpoint was written before it")
         raise NonFiniteLossError(
             f"non-finite loss {values[0]} at step {context.step + 1} (epoch {epoch + 1}, step {step + 1} of "
             f"{run.data.steps_per_epoch}, lr {context.lr:.3g}); loss parts: {detail or 'none'}. Try a lower --lr, "
-            f"--clip-grad, or --precision fp32; {run.last_path} holds the last good state"
+            f"--clip-grad, or --precision fp32{saved}"
         )
     run.scaler.scale(loss).backward()
     ddp.average_gradients(run.params, run.context)
@@ -666,6 +680,17 @@ def export_encoder(run: Run) -> None:
     state = checkpoint_backbone_state(load_checkpoint(source))
     backbone = build_backbone(cfg.model.backbone, cfg.model.channels, state)
     save_encoder(backbone, run.out / ENCODER_FILE, {**encoder_metadata(cfg), "checkpoint": source.name})
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path, context: ddp.DistributedContext) -> Iterator[None]:
+    """One writer per run directory (rank 0 holds ``RUN/.lock``; released by the kernel if the process dies)."""
+    if not context.is_main:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with directory_lock(out, "run directory"):
+        yield
 
 
 @contextlib.contextmanager

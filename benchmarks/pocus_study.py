@@ -108,8 +108,8 @@ def labels_csv(path: Path) -> None:
         writer.writerows(out)
 
 
-def run_row(row: Row, root: Path, store: Path) -> None:
-    """Pretrain (once, or per fold inside `sonocl study`) and evaluate the row with each of its protocols."""
+def run_row(row: Row, root: Path, store: Path, protocols: tuple[str, ...]) -> None:
+    """Pretrain (once, or per fold inside `sonocl study`) and evaluate the row with those of ``protocols`` it has."""
     slug = row.name.replace(" ", "").replace("(perfold)", "-perfold")
     log = root / "logs" / f"{slug}.log"
     if row.pretrain is not None and not row.per_fold:
@@ -119,7 +119,7 @@ def run_row(row: Row, root: Path, store: Path) -> None:
             started = time.perf_counter()
             sonocl("pretrain", "--store", str(store), "--out", str(run), "--no-progress", *row.pretrain, *resume, log=log)
             (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
-    for protocol in row.protocols:
+    for protocol in (p for p in row.protocols if p in protocols):
         out = root / "eval" / protocol / slug
         if (out / "results.md").exists():
             continue
@@ -271,11 +271,13 @@ def main() -> int:
                    "--labels", str(root / "labels.csv"), "--id-column", "file", "--label-column", "label",
                    "--group-column", "patient", "--extra-columns", "findings", log=root / "logs" / "ingest.log")
             (root / "store.done").write_text("")
-        for row in ROWS:
-            if args.only and row.name not in args.only:
-                continue
-            run_row(row, root, store)
-            write_outputs(root)
+        # The cheap protocols for every row first, then the last-block fine-tuning (3 seeds) of LAST_BLOCK.
+        for phase in (("knn", "linear"), ("last-block",)):
+            for row in ROWS:
+                if args.only and row.name not in args.only:
+                    continue
+                run_row(row, root, store, phase)
+                write_outputs(root)
     write_outputs(root)
     return 0
 

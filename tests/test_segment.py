@@ -14,7 +14,15 @@ from PIL import Image
 
 from sonocl.cli import main
 from sonocl.errors import ConfigError
-from sonocl.evaluate.segment import SegmentConfig, SegmentDataError, image_groups, read_pixel_sizes
+from sonocl.evaluate.segment import (
+    THRESHOLDS,
+    SegmentConfig,
+    SegmentData,
+    SegmentDataError,
+    calibrate_threshold,
+    image_groups,
+    read_pixel_sizes,
+)
 from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss, encoder_channels
 from sonocl.models import build_backbone, save_encoder
 
@@ -59,6 +67,20 @@ def test_joint_augment_moves_image_and_mask_together() -> None:
     assert not torch.equal(out_masks, mask)  # something moved
     again, _ = JointAugment(32, brightness=0.0, contrast=0.0)(images, mask, torch.Generator().manual_seed(1))
     assert torch.equal(again, out_images)  # seeded
+
+
+def test_threshold_calibration_finds_the_contour_of_an_outward_biased_prediction() -> None:
+    """A prediction whose 0.5 contour lies 2 px outside the true disc: the training images' Dice is best at the
+    threshold where the probability crosses the true boundary (sigmoid(2 / 1.5) ≈ 0.79), not at 0.5."""
+    ys, xs = np.mgrid[:40, :40]
+    radius = np.hypot(ys - 20.0, xs - 20.0)
+    truth = radius <= 10
+    probability = torch.sigmoid(torch.from_numpy((12.0 - radius) / 1.5).float())[None]
+    data = SegmentData(pairs=[], groups=[], pixels=[], images=torch.empty(0), masks=torch.empty(0), shapes=[(40, 40)] * 3,
+                       truth_bits=[np.packbits(truth)] * 3, skipped=[], hd95_unit="px", hc_available=False)
+    threshold, dice = calibrate_threshold(torch.stack([probability] * 3), np.arange(3), data, postprocess=True)
+    assert threshold == 0.8 and dice[THRESHOLDS.index(0.8)] > 0.97 and dice[THRESHOLDS.index(0.5)] < 0.9
+    assert np.array_equal(data.truth(1), truth)
 
 
 def test_group_regex() -> None:
@@ -136,6 +158,9 @@ def test_end_to_end_on_synthetic_ellipses(tmp_path: Path) -> None:
     [init] = results["inits"]
     assert init["init_report"]["kind"] == "random" and (init["mean"], init["std"]) == (0.5, 0.25)
     assert [fold["fold"] for fold in init["folds"]] == [0, 1]
+    for fold in init["folds"]:  # calibrated on the training images by default
+        assert fold["threshold"] in THRESHOLDS and len(fold["train_dice_by_threshold"]) == len(THRESHOLDS)
+        assert fold["threshold"] == THRESHOLDS[int(np.argmax(fold["train_dice_by_threshold"]))]
     for metric in ("dice", "iou", "hd95_px", "hd95_mm", "hc_abs_error_mm"):
         assert init["summary"][metric]["n"] == 2 and init["pooled"][metric]["n"] == 16
     # learned something: well above an empty prediction (Dice 0) and an all-foreground one
@@ -170,12 +195,14 @@ def test_init_from_a_saved_encoder_file(tmp_path: Path) -> None:
     code = main([
         "segment", "--images", str(images), "--masks", str(masks), "--init", str(run_dir / "encoder.safetensors"),
         str(run_dir), "--name", "file", "run", "--folds", "2", "--size", "32", "--epochs", "1", "--batch-size", "4",
-        "--overlays", "0", "--freeze-encoder", "--out", str(out),
+        "--overlays", "0", "--freeze-encoder", "--threshold", "0.5", "--out", str(out),
     ])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert [init["name"] for init in results["inits"]] == ["file", "run"]
     assert results["config"]["postprocess"] is False  # no head circumferences: every predicted pixel is scored
+    assert {(fold["threshold"], fold["train_dice_by_threshold"]) for init in results["inits"] for fold in init["folds"]} \
+        == {(0.5, None)}  # a fixed threshold is not calibrated
     for init in results["inits"]:
         assert init["init_report"]["kind"] == "sonocl" and init["init_report"]["loaded"] > 0
         assert (init["mean"], init["std"]) == (pytest.approx(0.4), pytest.approx(0.3))

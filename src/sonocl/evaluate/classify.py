@@ -48,6 +48,7 @@ from tqdm import tqdm
 from sonocl.augment import AugmentConfig, BatchAugment, resize_to
 from sonocl.data.store import FrameStore
 from sonocl.errors import ConfigError
+from sonocl.progress import Progress, progress_report
 from sonocl.evaluate.inits import InitReport
 from sonocl.evaluate.metrics import classification_metrics, pooled_metrics, summarize, video_level
 from sonocl.runtime import keep_freed_memory
@@ -495,7 +496,7 @@ class FoldTrainer:
         return FoldOutcome(probabilities.cpu().numpy(), 0, None, None)
 
     def fit(
-        self, model: FineTuneModel, train: np.ndarray, test: np.ndarray, val: np.ndarray | None, progress: tqdm
+        self, model: FineTuneModel, train: np.ndarray, test: np.ndarray, val: np.ndarray | None, progress: Progress
     ) -> FoldOutcome:
         """Adam + cosine schedule over ``epochs``. The test fold is predicted after every epoch only for ``max-test``
         or ``test_every_epoch``; otherwise once, with the last epoch's model or, for ``inner-val``, the snapshot
@@ -627,7 +628,7 @@ def run_fold(
     val = data.frames_of(val_videos) if val_videos is not None else None
     description = f"{label} seed {task.seed} fold {task.fold + 1}/{task.folds}"
     epochs = 0 if config.protocol == "knn" else config.epochs
-    with tqdm(total=epochs, desc=description, leave=False, dynamic_ncols=True, position=bar_position) as progress:
+    with progress_report(epochs, description, "epoch", leave=False, position=bar_position) as progress:
         if config.protocol == "knn":
             outcome = trainer.knn(model, train, test)
         else:

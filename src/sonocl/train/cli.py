@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from sonocl.methods import METHOD_NAMES, registry
+from sonocl.methods import method_names, registry
 from sonocl.train.config import (
     BACKBONES,
     PRECISIONS,
@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "RUN/config.yaml holds the resolved configuration. Distributed: torchrun --nproc-per-node N -m sonocl pretrain …"
     )
     parser.add_argument("--store", help="frame store directory (sonocl ingest)")
-    parser.add_argument("--method", choices=METHOD_NAMES, help="pretraining method (its preset is the base configuration): "
+    parser.add_argument("--method", choices=method_names(), help="pretraining method (its preset is the base configuration): "
                         + "; ".join(f"{m.name}: {m.summary}" for m in registry().values()))
     parser.add_argument("--out", required=True, type=Path, help="run directory for checkpoints, logs and the encoder")
     parser.add_argument("--config", type=Path, help="YAML configuration (full or partial) applied over the preset")

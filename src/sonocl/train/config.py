@@ -23,7 +23,7 @@ import yaml
 from sonocl.augment import AugmentConfig
 from sonocl.data.store import atomic_write_text
 from sonocl.errors import ConfigError
-from sonocl.methods import METHOD_NAMES, Options, get_method
+from sonocl.methods import Options, get_method, method_names
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -170,7 +170,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """The checks across sections (each section checks its own values when built)."""
-        problems = [*_choice("method", self.method, METHOD_NAMES), *_choice("precision", self.precision, PRECISIONS),
+        problems = [*_choice("method", self.method, method_names()), *_choice("precision", self.precision, PRECISIONS),
                     *_choice("export", self.export, ("best", "last"))]
         if self.epochs < 1 or self.batch_size < 1 or self.size < 8:
             problems.append(f"need epochs ≥ 1, batch_size ≥ 1 and size ≥ 8 (got {self.epochs}, {self.batch_size}, {self.size})")
@@ -287,7 +287,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = _field_types(cls)
     if cls is PretrainConfig and isinstance(data.get("options", {}), dict):
         method = data.get("method", PretrainConfig.method)
-        if method in METHOD_NAMES:  # the options type is the method's; an unknown method is reported below
+        if method in method_names():  # the options type is the method's; an unknown method is reported below
             hints["options"] = get_method(method).options
     unknown = sorted(set(data) - set(hints))
     if unknown:
@@ -317,7 +317,7 @@ def merge(cfg: PretrainConfig, data: dict[str, Any]) -> PretrainConfig:
     do not carry over)."""
     base = cfg.to_dict()
     method = data.get("method", cfg.method)
-    if method != cfg.method and method in METHOD_NAMES:
+    if method != cfg.method and method in method_names():
         base["options"] = _plain(dataclasses.asdict(get_method(method).options()))
     return _from_dict(PretrainConfig, _deep_update(base, data))
 
@@ -335,7 +335,7 @@ def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]
 def from_dict(data: dict[str, Any]) -> PretrainConfig:
     """A full configuration from a mapping; missing keys take the preset of ``data['method']``."""
     if "method" not in data:
-        raise ConfigError(f"no method key; set one of {', '.join(METHOD_NAMES)}")
+        raise ConfigError(f"no method key; set one of {', '.join(method_names())}")
     return merge(preset(data["method"]), data)
 
 

@@ -48,6 +48,7 @@ from sonocl.data.store import FrameStore, directory_lock
 from sonocl.errors import ConfigError
 from sonocl.methods import Method, get_method
 from sonocl.pairs import PairBatch, PairSampler
+from sonocl.progress import Progress, progress_report
 from sonocl.train import distributed as ddp
 from sonocl.train.checkpoint import (
     link_checkpoint,
@@ -139,6 +140,8 @@ class Run:
     generator: torch.Generator
     gather: Callable[[Tensor], Tensor] | None
     batches: Iterator[dict[str, Tensor]] | None = None
+    progress: Progress | None = None
+    """One report over the whole run: a bar on a terminal, a line every tenth or 30 s in a log."""
     """The run's one loader over every remaining step (workers persist across epochs)."""
     log: MetricsLog | None = None
     writer: Any = field(default_factory=NullWriter)
@@ -188,6 +191,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike[str], resume: bool = Fa
                           f"continue with --resume", file=sys.stderr)
                 raise
             finally:
+                run.progress.close()
                 run.writer.close()
                 if run.log is not None:
                     run.log.close()
@@ -251,6 +255,8 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
         restore(run, load_checkpoint(last_path))
     global_step = run.epoch * data.steps_per_epoch + run.step_in_epoch
     run.batches = iter(_loader(data, global_step, cfg.workers, device, cfg.seed + global_step))
+    run.progress = progress_report(data.total_steps, f"pretrain {cfg.method}", "step", initial=global_step,
+                                   enabled=context.is_main and cfg.progress)
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
@@ -381,7 +387,6 @@ def train_one_epoch(run: Run, epoch: int) -> None:
     first = run.step_in_epoch if epoch == run.epoch else 0
     last = min(data.steps_per_epoch, data.total_steps - epoch * data.steps_per_epoch)  # the budget may end mid-epoch
     augment_first = type(data.sampler).augment_first
-    bar = _progress_bar(run, epoch, first)
     _set_train_mode(run.model, cfg.model.freeze_bn)
     tick = time.perf_counter()
     for step_in_epoch in range(first, last):
@@ -412,13 +417,13 @@ def train_one_epoch(run: Run, epoch: int) -> None:
         tick = now
         if run.context.is_main:
             _log_step(run, epoch, global_step, lr, momentum, values, images_per_s)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.0f}", refresh=False)
-        bar.update(1)
+            run.progress.set_postfix(epoch=epoch + 1, loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}",
+                                     img_s=f"{images_per_s:.0f}", refresh=False)
+        run.progress.update(1)
         every = cfg.checkpoint_every_steps
         if run.context.is_main and every and run.step_in_epoch % every == 0 and run.step_in_epoch < last:
             save_checkpoint(checkpoint_state(run), run.last_path)
             run.saved_at = time.perf_counter()
-    bar.close()
 
 
 def train_step(run: Run, view1: Tensor, view2: Tensor, targets: BatchTensors, context: StepContext) -> dict[str, float]:
@@ -481,15 +486,6 @@ def _log_step(run: Run, epoch: int, global_step: int, lr: float, momentum: float
         run.writer.add_scalar(f"train/{name}", value, global_step + 1)
 
 
-def _progress_bar(run: Run, epoch: int, initial: int) -> Any:
-    from tqdm import tqdm
-
-    steps = min(run.data.steps_per_epoch, run.data.total_steps - epoch * run.data.steps_per_epoch)
-    return tqdm(total=steps, initial=initial, desc=f"epoch {epoch + 1}/{run.data.num_epochs}", unit="step",
-                disable=not (run.context.is_main and run.cfg.progress), dynamic_ncols=True, mininterval=1.0,
-                file=sys.stderr)
-
-
 # ------------------------------------------------------------------------------------- end of epoch
 
 def end_of_epoch(run: Run, epoch: int) -> None:
@@ -515,8 +511,8 @@ def end_of_epoch(run: Run, epoch: int) -> None:
         for name, value in run.epoch_metrics.items():
             run.writer.add_scalar(f"val/{name}", value, step)
         run.writer.flush()
-        print(f"epoch {done}/{data.num_epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in run.epoch_metrics.items()),
-              file=sys.stderr)
+        run.progress.write(f"epoch {done}/{data.num_epochs} (step {step}): "
+                           + ", ".join(f"{k} {v:.4f}" for k, v in run.epoch_metrics.items()), file=sys.stderr)
     elif run.context.is_main and time.perf_counter() - run.saved_at >= run.cfg.checkpoint_every_seconds:
         save_checkpoint(checkpoint_state(run), run.last_path)
         run.saved_at = time.perf_counter()

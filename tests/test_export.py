@@ -65,12 +65,14 @@ def test_metadata_says_what_the_run_did(run_and_eval, bundle: Path) -> None:
     assert (meta["arch"], meta["channels"], meta["method"], meta["feature_dim"]) == ("resnet18", 1, "simclr", 512)
     assert (meta["input"]["size"], meta["input"]["mean"], meta["input"]["std"]) == (32, header["mean"], header["std"])
     assert meta["weights"]["sha256"] == hashlib.sha256((bundle / "encoder.safetensors").read_bytes()).hexdigest()
-    checkpoint = read_state_dict(run / "checkpoints" / "best.pt")
     budget = meta["budget"]
+    exported_from = "checkpoints/last.pt" if meta["pretrain_config"]["export"] == "last" else "checkpoints/best.pt"
+    assert budget["checkpoint"] == exported_from
+    checkpoint = read_state_dict(run / exported_from)
     assert budget["steps"] == checkpoint["global_step"] == budget["steps_per_epoch"] > 0
     assert (budget["batch_size"], budget["pairs_seen"], budget["epochs"]) == (8, 8 * budget["steps"], 1)
     assert budget["wall_seconds"] > 0 and set(budget["monitors"]) >= {"val_loss", "embedding_std"}
-    assert meta["pretrain_config"]["method"] == "simclr" and meta["provenance"] is None
+    assert meta["pretrain_config"]["method"] == "simclr"
     labels = {entry["label"]: entry["this_encoder"] for entry in meta["evaluation"]["inits"]}
     assert labels == {"random": False, "run": True}
     assert (meta["evaluation"]["protocol"], meta["evaluation"]["folds"]) == ("knn", 2)
@@ -93,25 +95,31 @@ def test_model_card_code_runs_and_its_table_is_the_evaluation(run_and_eval, bund
     results = json.loads((run_and_eval[1] / "results.json").read_text())
     run_accuracy = next(e for e in results["inits"] if e["label"] == "run")["summary"]["video"]["accuracy"]
     assert f"| **run (this encoder)** | {100 * run_accuracy['mean']:.1f} ± {100 * run_accuracy['std']:.1f} |" in card
-    assert "protocol **knn**, 2 video-grouped folds × 1 seed(s)" in card and "## Intended use" in card
+    assert "protocol **knn**, 2 folds grouped by " in card and "## Intended use" in card
+    assert "- run: transductive: 12 of 12 test videos seen in pretraining" in card
 
 
-def test_provenance_is_copied_whole_and_counted(run_and_eval, tmp_path: Path) -> None:
+def test_provenance_is_carried_whole_and_counted(run_and_eval, bundle: Path, tmp_path: Path) -> None:
     run, _ = run_and_eval
-    linked = tmp_path / "run"
-    linked.mkdir()
+    provenance = json.loads((run / "provenance.json").read_text())
+    meta = json.loads((bundle / "sonocl_encoder.json").read_text())
+    assert meta["provenance"] == provenance
+    summary = meta["provenance_summary"]
+    assert summary["trained_on"] == len(provenance["trained_on"]) > 0 and summary["held_out"] == len(provenance["held_out"])
+    assert summary["labels_used"] == provenance["labels_used"] == [] and "schema" not in summary
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert f"- trained on: {summary['trained_on']}" in card and "- labels used: none" in card
+
+    without = tmp_path / "old-run"  # a run of a sonocl that recorded no provenance
+    without.mkdir()
     for entry in run.iterdir():
-        os.symlink(entry, linked / entry.name)
-    provenance = {"store": "/data/store", "store_id": "abc123", "trained_on": ["h1", "h2", "h3"],
-                  "labels_used": ["h1"], "validation": ["h4", "h5"]}
-    (linked / "provenance.json").write_text(json.dumps(provenance))
-    assert main(["export", str(linked), "--out", str(tmp_path / "bundle")]) == 0
+        if entry.name != "provenance.json":
+            os.symlink(entry, without / entry.name)
+    assert main(["export", str(without), "--out", str(tmp_path / "bundle")]) == 0
     meta = json.loads((tmp_path / "bundle" / "sonocl_encoder.json").read_text())
-    assert meta["provenance"] == provenance and meta["evaluation"] is None
-    assert meta["provenance_summary"] == {"store": "/data/store", "store_id": "abc123", "trained_on": 3,
-                                          "labels_used": 1, "validation": 2}
+    assert meta["provenance"] is None and meta["provenance_summary"] == {} and meta["evaluation"] is None
     card = (tmp_path / "bundle" / "MODEL_CARD.md").read_text()
-    assert "- trained on: 3" in card and "- labels used: 1" in card and "Not evaluated in this bundle" in card
+    assert "recorded no `provenance.json`" in card and "Not evaluated in this bundle" in card
 
 
 def test_evaluate_and_segment_take_the_bundle_as_init(phantom_store, bundle: Path, tmp_path: Path) -> None:

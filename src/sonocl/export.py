@@ -28,6 +28,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -39,14 +40,15 @@ import yaml
 
 from sonocl import __version__
 from sonocl.errors import UserError
+from sonocl.provenance import BUNDLE_FILE, PROVENANCE_FILE
 
 SCHEMA = "sonocl.encoder/1"
-METADATA_FILE = "sonocl_encoder.json"
 CARD_FILE = "MODEL_CARD.md"
-PROVENANCE_FILE = "provenance.json"
 EVALUATION_METRICS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"),
                       ("macro_auc", "macro AUC"))
 """``results.json`` summary keys shown in the card, with their names for a reader."""
+_HASH = re.compile(r"[0-9a-f]{64}")
+_GROUPED_BY = {"group": "patient (the store's group)", "video": "video"}
 
 
 class ExportError(UserError):
@@ -76,9 +78,11 @@ def read_run_config(run: Path) -> dict[str, Any]:
     return config
 
 
-def selected_checkpoint(run: Path) -> Path:
-    """The checkpoint the run's ``encoder.safetensors`` was taken from: ``best.pt``, else ``last.pt`` (the loop's rule)."""
-    for name in ("best.pt", "last.pt"):
+def selected_checkpoint(run: Path, config: Mapping[str, Any]) -> Path:
+    """The checkpoint the run's ``encoder.safetensors`` was taken from: ``best.pt`` (when it exists) or ``last.pt``,
+    as the configuration's ``export`` says (the loop's rule)."""
+    names = ("best.pt", "last.pt") if config.get("export", "best") == "best" else ("last.pt",)
+    for name in names:
         path = run / "checkpoints" / name
         if path.is_file():
             return path
@@ -112,7 +116,7 @@ def _wall_seconds(run: Path) -> float | None:
 
 def training_budget(run: Path, config: Mapping[str, Any]) -> dict[str, Any]:
     """What the exported encoder was trained with: optimiser steps, global batch, pairs and views seen, epochs."""
-    checkpoint = selected_checkpoint(run)
+    checkpoint = selected_checkpoint(run, config)
     position = _checkpoint_position(checkpoint)
     last = run / "checkpoints" / "last.pt"
     run_steps = _checkpoint_position(last)["steps"] if last.is_file() and checkpoint != last else position["steps"]
@@ -133,22 +137,26 @@ def training_budget(run: Path, config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _summary_value(value: Any) -> Any:
+    """A list of content hashes as its length (the record keeps the hashes); names and scalars as they are."""
+    if isinstance(value, list) and value and all(isinstance(v, str) and _HASH.fullmatch(v) for v in value):
+        return len(value)
+    return value
+
+
 def read_provenance(run: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """``RUN/provenance.json`` whole (None when the run recorded none) and its summary: scalars as they are, the
-    length of each list (one or two levels deep)."""
+    """``RUN/provenance.json`` (`sonocl.provenance`) whole, None when the run recorded none, and its summary: each
+    list of video hashes as a count, other values as they are (one level of nesting flattened as ``key.sub``)."""
     path = run / PROVENANCE_FILE
     if not path.is_file():
         return None, {}
     provenance = _read_json(path, "the run's data provenance, written by `sonocl pretrain`")
     summary: dict[str, Any] = {}
     for key, value in provenance.items():
-        if isinstance(value, list):
-            summary[key] = len(value)
-        elif isinstance(value, Mapping):
-            summary.update({f"{key}.{sub}": len(v) if isinstance(v, list) else v for sub, v in value.items()
-                            if isinstance(v, (list, str, int, float))})
-        elif isinstance(value, (str, int, float)):
-            summary[key] = value
+        if isinstance(value, Mapping):
+            summary.update({f"{key}.{sub}": _summary_value(v) for sub, v in value.items()})
+        elif key != "schema":
+            summary[key] = _summary_value(value)
     return provenance, summary
 
 
@@ -171,6 +179,7 @@ def read_evaluation(evaluation: Path, run: Path) -> dict[str, Any]:
     results = _read_json(path, "EVAL_DIR must be a `sonocl evaluate --out` directory")
     config = results.get("config", {})
     inits = [{"label": entry.get("label"), "init": entry.get("init"), "this_encoder": _is_this_run(str(entry.get("init")), run),
+              "pretraining_overlap": (entry.get("pretraining_overlap") or {}).get("note", ""), "input": entry.get("input"),
               "summary": entry.get("summary", {})} for entry in results.get("inits", [])]
     if not inits:
         raise ExportError(f"{path}: no evaluated inits; was the evaluation interrupted before its first init finished?")
@@ -184,7 +193,7 @@ def read_evaluation(evaluation: Path, run: Path) -> dict[str, Any]:
         "protocol": config.get("protocol"),
         "folds": config.get("folds"),
         "seeds": config.get("seeds"),
-        "size": config.get("size"),
+        "group_by": config.get("group_by"),
         "selection": config.get("selection"),
         "optimistic": bool(results.get("optimistic", False)),
         "inits": inits,
@@ -246,9 +255,10 @@ def _evaluation_section(evaluation: Mapping[str, Any] | None) -> list[str]:
     selection = evaluation.get("selection")
     lines = [
         f"`sonocl evaluate` ({evaluation['results']}), protocol **{evaluation.get('protocol')}**, "
-        f"{evaluation.get('folds')} video-grouped folds × {evaluation.get('seeds')} seed(s) = {runs} fold runs, "
-        f"{evaluation.get('num_videos')} videos of {', '.join(map(str, evaluation.get('classes', [])))}, "
-        f"{evaluation.get('size')} px, model selection `{selection}`.",
+        f"{evaluation.get('folds')} folds grouped by {_GROUPED_BY.get(str(evaluation.get('group_by')), evaluation.get('group_by'))} "
+        f"× {evaluation.get('seeds')} seed(s) = "
+        f"{runs} fold runs, {evaluation.get('num_videos')} videos of {', '.join(map(str, evaluation.get('classes', [])))}, "
+        f"model selection `{selection}`.",
     ]
     if evaluation.get("optimistic"):
         lines.append("**Optimistic: the epoch was selected on the test fold (`max-test`), as the papers did.**")
@@ -259,16 +269,22 @@ def _evaluation_section(evaluation: Mapping[str, Any] | None) -> list[str]:
         video = entry.get("summary", {}).get("video", {})
         label = f"**{entry['label']} (this encoder)**" if entry["this_encoder"] else str(entry["label"])
         lines.append(f"| {label} | " + " | ".join(_percent(video.get(key)) for key, _ in EVALUATION_METRICS) + " |")
-    return lines
+    inputs = [f"{entry['label']} {entry['input']['size']} px, (x - {entry['input']['mean']:.3g}) / {entry['input']['std']:.3g} "
+              f"({entry['input'].get('source', '')})" for entry in evaluation["inits"] if entry.get("input")]
+    if inputs:
+        lines += ["", "Input of each init: " + "; ".join(inputs) + "."]
+    notes = [f"- {entry['label']}: {entry['pretraining_overlap']}" for entry in evaluation["inits"] if entry["pretraining_overlap"]]
+    return lines + (["", "Overlap of the test videos with pretraining:", "", *notes] if notes else [])
 
 
 def _provenance_section(metadata: Mapping[str, Any]) -> list[str]:
     if metadata["provenance"] is None:
         return [f"Frame store `{metadata['store']}`. The run recorded no `{PROVENANCE_FILE}` (runs of sonocl before "
                 "provenance recording), so which videos it trained on is not part of this bundle."]
-    lines = [f"From the run's `{PROVENANCE_FILE}` (whole in `{METADATA_FILE}`, key `provenance`; lists as counts):", ""]
+    lines = [f"From the run's `{PROVENANCE_FILE}` (whole in `{BUNDLE_FILE}`, key `provenance`; lists as counts):", ""]
     summary = metadata["provenance_summary"]
-    lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in summary.items()]
+    lines += [f"- {key.replace('_', ' ')}: {', '.join(map(str, value)) or 'none' if isinstance(value, list) else value}"
+              for key, value in summary.items()]
     return lines
 
 
@@ -339,7 +355,7 @@ def model_card(metadata: Mapping[str, Any]) -> str:
         f"- method `{method}`, {arch}, {channels}-channel stem, {size} px, seed {config.get('seed')}, "
         f"optimiser {optim.get('name')} (lr {optim.get('lr')}, weight decay {optim.get('weight_decay')})",
         *_budget_lines(metadata["budget"]),
-        f"- the whole resolved configuration: `{METADATA_FILE}`, key `pretrain_config`",
+        f"- the whole resolved configuration: `{BUNDLE_FILE}`, key `pretrain_config`",
         "",
         "## Evaluation",
         "",
@@ -393,7 +409,7 @@ def export(run: Path, out: Path, evaluation: Path | None = None) -> dict[str, An
     tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
     shutil.copyfile(source, tmp)  # byte for byte: save_encoder already wrote torchvision names and a 3-channel stem
     os.replace(tmp, weights)
-    atomic_write_text(out / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
+    atomic_write_text(out / BUNDLE_FILE, json.dumps(metadata, indent=2) + "\n")
     atomic_write_text(out / CARD_FILE, model_card(metadata))
     return metadata
 
@@ -412,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out
     print(f"sonocl export: {metadata['method']} {metadata['arch']}, {budget['steps']} steps × batch {budget['batch_size']} "
           f"= {budget['pairs_seen']:,} pairs", file=sys.stderr)
-    for name in ("encoder.safetensors", METADATA_FILE, CARD_FILE):
+    for name in ("encoder.safetensors", BUNDLE_FILE, CARD_FILE):
         size = (out / name).stat().st_size
         print(f"  {out / name}  ({size / 1e6:.1f} MB)" if size >= 1e5 else f"  {out / name}  ({size / 1e3:.1f} kB)",
               file=sys.stderr)

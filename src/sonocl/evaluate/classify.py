@@ -43,15 +43,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from tqdm import tqdm
 
 from sonocl.augment import AugmentConfig, BatchAugment, resize_to
 from sonocl.data.store import FrameStore
 from sonocl.errors import ConfigError
 from sonocl.progress import Progress, progress_report
+from sonocl.workers import map_unordered
 from sonocl.evaluate.inits import InitReport
 from sonocl.evaluate.metrics import classification_metrics, pooled_metrics, summarize, video_level
-from sonocl.runtime import keep_freed_memory
 
 PROTOCOLS = ("linear", "last-block", "full", "knn")
 SELECTIONS = ("last", "inner-val", "max-test")
@@ -779,47 +778,16 @@ def evaluate_inits(
             keep(run_fold(data, backbone, label, config, task))
             finish_ready_inits()
         return entries
-    import concurrent.futures
-    import multiprocessing
-
-    threads = max(1, torch.get_num_threads() // jobs)
-    models = [(label, backbone) for label, backbone, _ in inits]
-    context = multiprocessing.get_context("spawn")  # fork is unsafe once OpenMP threads exist
-    slots = context.Queue()
-    for slot in range(jobs):
-        slots.put(slot)
-    with concurrent.futures.ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_start_fold_worker,
-        initargs=(data, models, config, threads, slots, context.RLock()),
-    ) as pool:
-        pending = [pool.submit(_fold_in_worker, task) for task in tasks]
-        try:
-            for future in concurrent.futures.as_completed(pending):
-                keep(future.result())
-                finish_ready_inits()
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # runs not started are dropped; running ones finish
-            raise
+    shared = {"data": data, "models": [(label, backbone) for label, backbone, _ in inits], "config": config}
+    for result in map_unordered(_fold_in_worker, tasks, jobs, shared):
+        keep(result)
+        finish_ready_inits()
     return entries
 
 
-_WORKER: dict[str, Any] = {}
-"""A fold worker process's copy of the evaluation data, the inits' models, the config and its progress-bar row."""
-
-
-def _start_fold_worker(
-    data: EvalData, models: list[tuple[str, torchvision.models.ResNet]], config: EvalConfig, threads: int,
-    slots: Any, lock: Any,
-) -> None:
-    keep_freed_memory()
-    torch.set_num_threads(threads)
-    tqdm.set_lock(lock)
-    _WORKER.update(data=data, models=models, config=config, bar_position=slots.get())
-
-
-def _fold_in_worker(task: FoldTask) -> FoldResult:
-    label, backbone = _WORKER["models"][task.init]
-    return run_fold(_WORKER["data"], backbone, label, _WORKER["config"], task, _WORKER["bar_position"])
+def _fold_in_worker(task: FoldTask, state: dict[str, Any]) -> FoldResult:
+    label, backbone = state["models"][task.init]
+    return run_fold(state["data"], backbone, label, state["config"], task, state["bar_position"])
 
 
 def evaluate_init(

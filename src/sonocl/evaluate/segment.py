@@ -19,13 +19,11 @@ Exit status: 0 done; 2 nothing was run (bad arguments, no images, images without
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import csv
 import dataclasses
 import datetime as dt
 import json
 import math
-import multiprocessing
 import re
 import sys
 import time
@@ -42,11 +40,12 @@ from tqdm import tqdm
 from sonocl.data.splits import grouped_stratified_kfold
 from sonocl.errors import ConfigError, UserError
 from sonocl.evaluate import segmentation_metrics as sm
-from sonocl.evaluate.classify import _WORKER, _start_fold_worker, resolve_device
+from sonocl.evaluate.classify import resolve_device
 from sonocl.evaluate.inits import default_label, load_init
 from sonocl.evaluate.masks import MaskError, MaskPair, pair_images, read_grey, read_mask
 from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss
 from sonocl.models import ARCHITECTURES
+from sonocl.workers import map_unordered
 
 SCHEMA = "sonocl.segment/1"
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25
@@ -608,25 +607,13 @@ def run_folds(data: SegmentData, inits: list[InitSpec], config: SegmentConfig, t
     does not depend on the process that ran it, up to float rounding from a different thread count."""
     if config.jobs == 1:
         return [run_fold(data, inits[task.init], config, task) for task in tasks]
-    threads = max(1, torch.get_num_threads() // config.jobs)
-    context = multiprocessing.get_context("spawn")  # fork is unsafe once OpenMP threads exist
-    slots = context.Queue()
-    for slot in range(config.jobs):
-        slots.put(slot)
-    with concurrent.futures.ProcessPoolExecutor(
-        config.jobs, mp_context=context, initializer=_start_fold_worker,
-        initargs=(data, inits, config, threads, slots, context.RLock()),
-    ) as pool:
-        futures = [pool.submit(_fold_in_worker, task) for task in tasks]
-        try:
-            return [future.result() for future in futures]
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # runs not started are dropped; running ones finish
-            raise
+    order = {(task.init, task.fold): position for position, task in enumerate(tasks)}
+    results = map_unordered(_fold_in_worker, tasks, config.jobs, {"data": data, "models": inits, "config": config})
+    return sorted(results, key=lambda result: order[(result.task.init, result.task.fold)])
 
 
-def _fold_in_worker(task: FoldTask) -> FoldResult:
-    return run_fold(_WORKER["data"], _WORKER["models"][task.init], _WORKER["config"], task, _WORKER["bar_position"])
+def _fold_in_worker(task: FoldTask, state: dict[str, Any]) -> FoldResult:
+    return run_fold(state["data"], state["models"][task.init], state["config"], task, state["bar_position"])
 
 
 # ---------------------------------------------------------------------------------------------------- outputs

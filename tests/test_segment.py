@@ -14,12 +14,14 @@ from PIL import Image
 
 from sonocl.cli import main
 from sonocl.errors import ConfigError
+from sonocl.evaluate import segmentation_metrics as sm
 from sonocl.evaluate.segment import (
     THRESHOLDS,
     SegmentConfig,
     SegmentData,
     SegmentDataError,
     calibrate_threshold,
+    dice_by_threshold,
     image_groups,
     read_pixel_sizes,
 )
@@ -78,9 +80,14 @@ def test_threshold_calibration_finds_the_contour_of_an_outward_biased_prediction
     probability = torch.sigmoid(torch.from_numpy((12.0 - radius) / 1.5).float())[None]
     data = SegmentData(pairs=[], groups=[], pixels=[], images=torch.empty(0), masks=torch.empty(0), shapes=[(40, 40)] * 3,
                        truth_bits=[np.packbits(truth)] * 3, skipped=[], hd95_unit="px", hc_available=False)
-    threshold, dice = calibrate_threshold(torch.stack([probability] * 3), np.arange(3), data, postprocess=True)
+    threshold, dice = calibrate_threshold(torch.stack([probability] * 3), np.arange(3), data)
     assert threshold == 0.8 and dice[THRESHOLDS.index(0.8)] > 0.97 and dice[THRESHOLDS.index(0.5)] < 0.9
     assert np.array_equal(data.truth(1), truth)
+    rng = np.random.default_rng(0)  # the one-pass Dice of every threshold is the Dice of each mask
+    noisy = np.clip(probability[0].numpy() + rng.normal(0, 0.2, truth.shape), 0, 1)
+    noisy[0, 0] = 0.5  # exactly on a threshold: not foreground there (p > t)
+    assert np.allclose(dice_by_threshold(noisy, truth), [sm.dice(noisy > t, truth) for t in THRESHOLDS], rtol=1e-12)
+    assert np.array_equal(dice_by_threshold(np.zeros((4, 4)), np.zeros((4, 4), dtype=bool)), np.ones(len(THRESHOLDS)))
 
 
 def test_group_regex() -> None:

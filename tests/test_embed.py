@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sonocl.cli import main
-from sonocl.evaluate.classify import sample_frames
+from sonocl.evaluate.data import sample_frames
 from sonocl.models import build_backbone, save_encoder
 
 METADATA = {"arch": "resnet18", "channels": 1, "size": 32, "mean": 0.4, "std": 0.3, "method": "simclr"}

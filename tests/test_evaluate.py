@@ -17,18 +17,11 @@ import torchvision
 
 from sonocl.cli import main
 from sonocl.data.store import FrameStoreWriter
-from sonocl.evaluate.classify import (
-    OPTIMISTIC,
-    EvalConfig,
-    FineTuneModel,
-    GemmConv2d,
-    check_disjoint,
-    evaluate_init,
-    fold_splits,
-    load_eval_data,
-    sample_frames,
-    select_epoch,
-)
+from sonocl.evaluate.classify import evaluate_init
+from sonocl.evaluate.config import OPTIMISTIC, EvalConfig
+from sonocl.evaluate.cpu_kernels import GemmConv2d
+from sonocl.evaluate.data import check_disjoint, fold_splits, load_eval_data, sample_frames
+from sonocl.evaluate.finetune import FineTuneModel, select_epoch
 from sonocl.evaluate.inits import load_init
 
 TINY = dict(size=32, epochs=2, batch_size=16, folds=3, fps=0, frames_per_video=6, device="cpu")

@@ -83,7 +83,8 @@ def test_a_transductive_run_is_stamped_and_uses_its_own_normalisation(unlabelled
 
 
 def test_per_fold_pretraining_never_sees_its_test_videos_and_resumes(phantom_store, tmp_path: Path) -> None:
-    from sonocl.evaluate.classify import EvalConfig, fold_splits, load_eval_data
+    from sonocl.evaluate.config import EvalConfig
+    from sonocl.evaluate.data import fold_splits, load_eval_data
 
     options = " ".join(["--method", "uscl", *PRETRAIN])
     argv = ["study", "--store", str(phantom_store.root), "--pretrain", options, *EVALUATE, "--out", str(tmp_path)]

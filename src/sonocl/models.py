@@ -215,7 +215,8 @@ def encoder_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {k: json.loads(v) for k, v in raw.items()}
 
 
-def _locate_encoder(path: Path) -> Path:
+def locate_encoder(path: Path) -> Path:
+    """The weights file of a sonocl encoder: ``path`` itself, or a run directory's encoder file or checkpoint."""
     if path.is_dir():
         for candidate in (path / ENCODER_FILE, path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt"):
             if candidate.exists():
@@ -224,6 +225,16 @@ def _locate_encoder(path: Path) -> Path:
     if not path.exists():
         raise WeightsError(f"{path}: no such file or directory")
     return path
+
+
+def read_encoder_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata (arch, channels, size, mean, std, method) of a sonocl run directory, checkpoint or encoder file,
+    located as `load_encoder` locates it; {} for a file without any."""
+    located = locate_encoder(Path(path))
+    if located.suffix == ".safetensors":
+        return encoder_metadata(located)
+    checkpoint = read_state_dict(located)
+    return dict(checkpoint.get("encoder_metadata", {})) if isinstance(checkpoint, Mapping) else {}
 
 
 def checkpoint_backbone_state(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -240,7 +251,7 @@ def load_encoder(
 
     ``channels`` defaults to what the encoder was trained with; ``arch`` to what the file says (else resnet18).
     """
-    located = _locate_encoder(Path(path))
+    located = locate_encoder(Path(path))
     if located.suffix == ".safetensors":
         metadata = encoder_metadata(located)
         state = read_state_dict(located)

@@ -16,7 +16,6 @@ sampler lives in its module under ``sonocl/methods/`` (``docs/methods.md``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 

@@ -1,4 +1,4 @@
-"""Process-wide settings that make CPU training faster.
+"""Process-wide settings: the devices commands run on, and what makes CPU training faster.
 
 glibc's ``malloc`` serves every large block (above 128 KiB to 32 MiB, adapting) with a fresh ``mmap`` and gives
 it back with ``munmap`` when freed. PyTorch's CPU allocator does not cache, so each large tensor of every step
@@ -18,6 +18,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -41,3 +45,25 @@ def keep_freed_memory() -> bool:
     return all(mallopt(option, value) == 1 for option, value in (
         (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_BYTES), (_M_TOP_PAD, _TOP_PAD_BYTES),
     ))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` (this rank's GPU under torchrun) or ``cuda:N``.
+
+    The one place every command turns its ``--device`` into a device; a device this machine lacks is a
+    `ConfigError` naming the option and the fix."""
+    import torch
+
+    from sonocl.errors import ConfigError
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: torch sees no CUDA device on this machine; use --device auto or cpu")
+        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+        torch.cuda.set_device(device)
+        return device
+    if name != "cpu":
+        raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")

@@ -387,9 +387,6 @@ class FrameStoreWriter:
     def has_hash(self, content_hash: str) -> bool:
         return content_hash in self._hashes
 
-    def has_id(self, video_id: str) -> bool:
-        return video_id in self._ids
-
     def add_video(self, frames: Iterable[np.ndarray], **fields: Any) -> VideoRecord:
         """Append the frames of one video (streamed, each ``(S, S)`` uint8) and commit its record.
 

@@ -19,6 +19,7 @@ from typing import Any
 from sonocl import __version__
 from sonocl.data.store import atomic_write, atomic_write_text
 from sonocl.errors import ConfigError
+from sonocl.evaluate.metrics import percent
 
 _METRIC_COLUMNS = (
     ("video acc", "video", "accuracy"),
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     """The protocol, recipe, folds and sampling options (shared by ``sonocl evaluate`` and ``sonocl study``)."""
-    from sonocl.evaluate.classify import GROUP_BY, PROTOCOLS, RECIPES, SELECTIONS
+    from sonocl.evaluate.config import GROUP_BY, PROTOCOLS, RECIPES, SELECTIONS
     from sonocl.models import ARCHITECTURES
 
     parser.add_argument("--protocol", choices=PROTOCOLS, default="last-block",
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from sonocl.data.store import FrameStore
-    from sonocl.evaluate.classify import FoldResult, evaluate_inits, load_eval_data
+    from sonocl.evaluate.classify import FoldResult, evaluate_inits
+    from sonocl.evaluate.data import load_eval_data
     from sonocl.evaluate.inits import default_label, load_init
 
     started = time.perf_counter()
@@ -194,7 +196,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def evaluation_config(args: argparse.Namespace, store: Any) -> tuple[Any, str]:
     """The `EvalConfig` of the command line (recipe, then the flags given) and how its folds are grouped, in words."""
-    from sonocl.evaluate.classify import EvalConfig, has_patient_groups
+    from sonocl.evaluate.config import EvalConfig
+    from sonocl.evaluate.data import has_patient_groups
 
     group_by = args.group_by if args.group_by != "auto" else ("group" if has_patient_groups(store) else "video")
     config = EvalConfig.from_recipe(
@@ -226,8 +229,14 @@ def input_settings(config: Any, report: Any, mode: str) -> dict[str, Any]:
 
 def leak_stamp(spec: str, data: Any, config: Any, allow_leak: bool) -> dict[str, Any]:
     """The init's overlap with every fold's test videos (`sonocl.provenance`); refuses a label leak unless allowed."""
-    from sonocl.evaluate.classify import fold_splits
-    from sonocl.provenance import LabelLeakError, check_fold, find, leak_message, summarise
+    from sonocl.evaluate.data import fold_splits
+    from sonocl.provenance import (
+        LabelLeakError,
+        check_fold,
+        find,
+        leak_message,
+        summarise,
+    )
 
     provenance = find(spec)
     checks = [check_fold(provenance, [data.video_hashes[v] for v in test])
@@ -270,7 +279,7 @@ def _config_dict(config: Any) -> dict[str, Any]:
 
 
 def _selection_text(selection: str) -> str:
-    from sonocl.evaluate.classify import OPTIMISTIC
+    from sonocl.evaluate.config import OPTIMISTIC
 
     return f"{selection}: {OPTIMISTIC}" if selection == "max-test" else selection
 
@@ -289,24 +298,18 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
-def _percent(stats: dict[str, Any]) -> str:
-    if stats.get("mean") is None:
-        return "–"
-    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
-
-
 def _summary_line(entry: dict[str, Any]) -> str:
     video, frame = entry["summary"]["video"], entry["summary"]["frame"]
     note = f"  [{entry['selection_note']}]" if entry["optimistic"] else ""
     overlap = entry.get("pretraining_overlap", {}).get("note")
     note += f"  [{overlap}]" if overlap else ""
-    return (f"{entry['label']}: video acc {_percent(video['accuracy'])} %, frame acc {_percent(frame['accuracy'])} %, "
+    return (f"{entry['label']}: video acc {percent(video['accuracy'])} %, frame acc {percent(frame['accuracy'])} %, "
             f"pooled frame acc {100 * entry['pooled']['frame']['accuracy']:.1f} % ({entry['seconds']:.0f} s){note}")
 
 
 def render_markdown(results: dict[str, Any]) -> str:
     """results.md: settings, the init × metric table (mean ± std in %), pooled confusion matrices, init reports."""
-    from sonocl.evaluate.classify import OPTIMISTIC
+    from sonocl.evaluate.config import OPTIMISTIC
 
     config = results["config"]
     runs = config["folds"] * config["seeds"]
@@ -330,7 +333,7 @@ def render_markdown(results: dict[str, Any]) -> str:
               "and seeds (the papers' \"Total acc\").", "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in results["inits"]:
-        cells = [_percent(entry["summary"][level][key]) for _, level, key in _METRIC_COLUMNS]
+        cells = [percent(entry["summary"][level][key]) for _, level, key in _METRIC_COLUMNS]
         pooled = [f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in ("frame", "video")]
         overlap = entry.get("pretraining_overlap", {}).get("note", "")
         label = entry["label"] + (" (optimistic)" if entry["optimistic"] else "") + (f" [{overlap}]" if overlap else "")

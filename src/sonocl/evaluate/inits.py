@@ -38,6 +38,8 @@ from sonocl.models import (
     imagenet_weights_path,
     load_encoder,
     load_imagenet_state,
+    locate_encoder,
+    read_encoder_metadata,
     read_state_dict,
 )
 
@@ -124,7 +126,7 @@ def load_init(spec: str, arch: str = "resnet18", channels: int = 1) -> tuple[tor
         return _load_sonocl(path, spec, arch, channels)
     raw = read_state_dict(path)
     if _is_sonocl_file(path, raw):
-        return _load_sonocl(path, spec, arch, channels, raw)
+        return _load_sonocl(path, spec, arch, channels)
     model, report = _load_foreign_state(raw, spec, arch, channels)
     report.source = str(path)
     return model, report
@@ -137,18 +139,11 @@ def _is_sonocl_file(path: Path, raw: Mapping[str, Any]) -> bool:
     return isinstance(model, Mapping) and any(str(k).startswith("backbone.") for k in model)
 
 
-def _load_sonocl(
-    path: Path, spec: str, arch: str, channels: int, raw: Mapping[str, Any] | None = None
-) -> tuple[torchvision.models.ResNet, InitReport]:
-    """A sonocl run directory, checkpoint or encoder file; ``raw`` is the file's content when already read."""
+def _load_sonocl(path: Path, spec: str, arch: str, channels: int) -> tuple[torchvision.models.ResNet, InitReport]:
+    """A sonocl run directory, checkpoint or encoder file."""
     model = load_encoder(path, channels=channels, arch=arch)
-    located = path / ENCODER_FILE if path.is_dir() and (path / ENCODER_FILE).exists() else path
-    metadata: dict[str, Any] = {}
-    if located.suffix == ".safetensors":
-        metadata = encoder_metadata(located)
-    elif located.is_file():
-        checkpoint = raw if raw is not None else read_state_dict(located)
-        metadata = dict(checkpoint.get("encoder_metadata", {})) if isinstance(checkpoint, Mapping) else {}
+    located = locate_encoder(path)
+    metadata = read_encoder_metadata(located)
     loaded = len(model.state_dict())
     report = InitReport(spec, "sonocl", arch, channels, source=str(located), layout="torchvision", loaded=loaded,
                         metadata=_jsonable(metadata))

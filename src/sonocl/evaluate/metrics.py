@@ -16,7 +16,7 @@ is the accuracy of the confusion matrix summed over folds (`pooled_metrics`), a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -132,3 +132,11 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | int
 def pooled_metrics(matrices: Sequence[np.ndarray], class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Metrics of the confusion matrices summed over folds (and seeds): the papers' "Total acc" and per-class P/R/F1."""
     return metrics_from_confusion(np.sum(np.asarray(matrices, dtype=np.int64), axis=0), class_names)
+
+
+def percent(stats: Mapping[str, Any] | None) -> str:
+    """``"87.5 ± 4.2"`` (mean ± std of a `summarize` entry, in %), ``"87.5"`` without a std, ``"–"`` without a mean."""
+    if not stats or stats.get("mean") is None:
+        return "–"
+    std = stats.get("std")
+    return f"{100 * stats['mean']:.1f} ± {100 * std:.1f}" if std is not None else f"{100 * stats['mean']:.1f}"

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from sonocl import __version__
 from sonocl.errors import ConfigError
 
@@ -63,8 +62,14 @@ def pretrain_config(options: str, store: str, run_dir: Path, exclude: list[str])
 
 def run(args: argparse.Namespace) -> int:
     from sonocl.data.store import FrameStore
-    from sonocl.evaluate.classify import fold_tasks, init_entry, load_eval_data
-    from sonocl.evaluate.cli import _config_dict, _write_json, evaluation_config, render_markdown
+    from sonocl.evaluate.classify import fold_tasks, init_entry
+    from sonocl.evaluate.cli import (
+        _config_dict,
+        _write_json,
+        evaluation_config,
+        render_markdown,
+    )
+    from sonocl.evaluate.data import load_eval_data
 
     started = time.perf_counter()
     store = FrameStore.open(args.store)
@@ -113,7 +118,13 @@ def run(args: argparse.Namespace) -> int:
 def fold_run(args: argparse.Namespace, store: Any, config: Any, base: Any, data_by_size: dict[int, Any], task: Any,
              out: Path) -> tuple[Any, Any, dict[str, Any], Any]:
     """One (seed, fold): pretrain without its test videos (or resume), check the provenance, evaluate; cached."""
-    from sonocl.evaluate.classify import fold_key, load_eval_data, load_fold_result, run_fold, save_fold_result
+    from sonocl.evaluate.classify import (
+        fold_key,
+        load_eval_data,
+        load_fold_result,
+        run_fold,
+        save_fold_result,
+    )
     from sonocl.evaluate.cli import input_settings
     from sonocl.evaluate.inits import load_init
     from sonocl.provenance import check_fold, find

@@ -59,26 +59,15 @@ def _first(*values: float | None) -> float:
 
 def peek_metadata(spec: str) -> dict[str, Any]:
     """Encoder metadata (arch, channels, size, mean, std, method) of a sonocl run, checkpoint or encoder file; {}
-    for ``random``, ``imagenet`` and foreign files."""
-    from sonocl.models import ENCODER_FILE, encoder_metadata
+    for ``random``, ``imagenet`` and foreign or unreadable files (``load_init`` reports those properly)."""
+    from sonocl.models import WeightsError, read_encoder_metadata
 
     if spec in ("random", "imagenet"):
         return {}
-    path = Path(spec)
-    if path.is_dir():
-        candidates = [path / ENCODER_FILE, path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt"]
-        path = next((c for c in candidates if c.exists()), path)
-    if not path.is_file():
-        return {}
     try:
-        if path.suffix == ".safetensors":
-            return encoder_metadata(path)
-        import torch
-
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a foreign or unreadable file: load_init reports it properly
+        return read_encoder_metadata(spec)
+    except (WeightsError, OSError, ValueError):
         return {}
-    return dict(checkpoint.get("encoder_metadata", {})) if isinstance(checkpoint, Mapping) else {}
 
 
 def load_encoder_for_features(
@@ -108,7 +97,7 @@ def load_encoder_for_features(
 def select_frames(store: Any, fps: float = 0.0, every: int = 1, max_per_video: int = 0) -> np.ndarray:
     """Global frame indices: per video, frames nearest to ``fps`` from the timestamps (0: all), then every
     ``every``-th of those, then at most ``max_per_video`` (0: no limit)."""
-    from sonocl.evaluate.classify import sample_frames
+    from sonocl.evaluate.data import sample_frames
 
     if every < 1:
         raise ValueError(f"--every must be ≥ 1, not {every}")

@@ -37,6 +37,7 @@ import numpy as np
 
 from sonocl import __version__
 from sonocl.errors import UserError
+from sonocl.evaluate.metrics import percent
 
 GALLERY_PAIRS = 6
 GRADCAM_PER_KIND = 4
@@ -641,12 +642,6 @@ METRIC_COLUMNS = (
 )
 
 
-def _percent(stats: dict[str, Any]) -> str:
-    if not stats or stats.get("mean") is None:
-        return "–"
-    return f"{100 * stats['mean']:.1f} ± {100 * (stats.get('std') or 0):.1f}"
-
-
 def evaluation_section(path: Path, ctx: Context) -> Section:
     from sonocl.report import figures
 
@@ -666,7 +661,7 @@ def evaluation_section(path: Path, ctx: Context) -> Section:
     runs = config.get("folds", 0) * config.get("seeds", 0)
     rows = []
     for entry in inits:
-        cells = [_percent(entry.get("summary", {}).get(level, {}).get(key, {})) for _, level, key in METRIC_COLUMNS]
+        cells = [percent(entry.get("summary", {}).get(level, {}).get(key, {})) for _, level, key in METRIC_COLUMNS]
         pooled = [f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in ("frame", "video") if level in entry.get("pooled", {})]
         rows.append([entry["label"] + (" (optimistic)" if entry.get("optimistic") else ""), *cells, *pooled])
     table = Section(_anchor("table", path), "Comparison table")

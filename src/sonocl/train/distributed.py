@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sonocl.runtime import resolve_device
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -31,23 +33,6 @@ class DistributedContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` (this rank's GPU under torchrun) or ``cuda:N``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-        device = torch.device(name)
-        torch.cuda.set_device(device)
-        return device
-    if name != "cpu":
-        raise ValueError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
-    return torch.device("cpu")
 
 
 def init_distributed(device_name: str) -> tuple[DistributedContext, torch.device]:
@@ -130,15 +115,6 @@ def all_mean(values: list[float], context: DistributedContext, device: torch.dev
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return (tensor / context.world_size).tolist()
-
-
-def broadcast_flag(flag: bool, context: DistributedContext, device: torch.device) -> bool:
-    """Rank 0's ``flag`` on every rank."""
-    if not context.enabled:
-        return flag
-    tensor = torch.tensor([int(flag)], device=device)
-    dist.broadcast(tensor, 0)
-    return bool(tensor.item())
 
 
 def barrier(context: DistributedContext) -> None:

@@ -67,7 +67,7 @@ def model_only_step_times(size: int, batch_size: int, steps: int, device: str, p
     target = torch.device(device)
     layout = torch.channels_last if target.type == "cuda" else torch.contiguous_format  # the loop's default
     model = build_model(cfg, num_classes=3).to(target, memory_format=layout)
-    objective = get_method(cfg.method).objective(cfg, model).to(target)
+    objective = get_method(cfg.method).objective(cfg, model, None).to(target)  # uscl reads nothing of the sampler
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     view1 = torch.randn(batch_size, 1, size, size, device=target).contiguous(memory_format=layout)
     view2 = torch.randn(batch_size, 1, size, size, device=target).contiguous(memory_format=layout)

@@ -38,7 +38,7 @@ def _setup(method: str, size: int, batch: int, meta_every: int, seed: int, devic
     model.to(memory_format=layout).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     cfg = merge(preset(method), {"options": {"meta_every": meta_every}} if method == "meta-uscl" else {})
-    objective = get_method(method).objective(cfg, model)
+    objective = get_method(method).objective(cfg, model, None)  # uscl and meta-uscl read nothing of the sampler
     objective.to(device)
     views = [torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=layout) for _ in range(4)]
     labels = torch.randint(-1, 12, (batch,), device=device)

@@ -48,10 +48,13 @@ def make_sampler(method: str, store, videos, batch_size: int, seed: int, rank: i
     return get_method(method).sampler(cfg, store, videos, batch_size, rank, world_size)
 
 
-def make_objective(method: str, model, ema_start: float | None = None, **options):
-    """The registered method's objective for ``model``, with ``options`` (and the target momentum) set."""
+def make_objective(method: str, model, ema_start: float | None = None, num_items: int = 100, **options):
+    """The registered method's objective for ``model``, with ``options`` (and the target momentum) set, for a
+    training set of ``num_items`` items (what MoCo's automatic queue size reads from the sampler)."""
+    from types import SimpleNamespace
+
     from sonocl.methods import get_method
 
     schedule = {"ema_start": ema_start} if ema_start is not None else None
     cfg = method_config(method, options=options or None, schedule=schedule)
-    return get_method(method).objective(cfg, model)
+    return get_method(method).objective(cfg, model, SimpleNamespace(num_items=num_items))

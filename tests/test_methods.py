@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -107,7 +108,7 @@ def test_every_option_flag_reaches_the_part_that_uses_it(name: str, store) -> No
             continue
         cfg = dataclasses.replace(cfg, store=str(store.root))
         sampler = method.sampler(cfg, store, np.arange(store.num_videos), 2, 0, 1)
-        objective = method.objective(cfg, _model(cfg))
+        objective = method.objective(cfg, _model(cfg), sampler)
         assert reach(sampler, objective) == pytest.approx(value), f"{name}: --{option} {value} did not reach the part"
 
 
@@ -130,8 +131,9 @@ def test_disagreeing_defaults_were_settled_by_the_papers() -> None:
     moco = get_method("moco")
     cfg = moco.preset()
     assert cfg.schedule.ema_start == 0.999
-    objective = moco.objective(cfg, _model(cfg))
+    objective = moco.objective(cfg, _model(cfg), SimpleNamespace(num_items=18_000))
     assert objective.momentum == 0.999
+    assert objective.queue.shape[0] == 1800  # MoCo's queue: 10 % of the training items unless set
 
 
 def test_a_new_method_is_one_module(tmp_path: Path, monkeypatch, store) -> None:
@@ -162,7 +164,7 @@ def test_a_new_method_is_one_module(tmp_path: Path, monkeypatch, store) -> None:
     sampler = method.sampler(cfg, store, np.arange(store.num_videos), 4, 0, 1)
     batch_of_pairs = sampler.batches(0)[0]
     assert np.all(batch_of_pairs.frames[:, 1] - batch_of_pairs.frames[:, 0] <= 1)
-    objective = method.objective(cfg, model)
+    objective = method.objective(cfg, model, sampler)
     views = torch.randn(4, 16), torch.randn(4, 16)
     from sonocl.train.objectives import BatchTensors, StepContext
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sonocl.losses import GroupInfoNCE, semi_supervised_ce
@@ -219,3 +220,26 @@ def test_state_dict_round_trip_reproduces_the_next_steps(method: str) -> None:
     if method == "meta-uscl":
         adam = fresh_state["_extra_state"]["cmw_optimizer"]["state"]
         assert adam and all(int(s["step"]) == 4 for s in adam.values())
+
+
+def test_moco_never_uses_a_key_of_the_query_s_own_video_as_a_negative() -> None:
+    from sonocl.methods.moco import queue_info_nce
+
+    model = _model()
+    objective = make_objective("moco", model, queue_size=2 * B, ema_start=0.9)
+    videos = torch.tensor([0, 0, 1, 1, 2, 2])
+    batch = BatchTensors(torch.arange(B), torch.ones(B), torch.full((B,), -1), videos)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    v1, v2 = _views(3)
+    objective(model, v1, v2, batch, _context(optimizer))
+    objective.after_step(model)  # the batch's keys, with their videos, are now the whole queue
+    assert objective.queue_video.tolist() == [*videos.tolist(), *videos.tolist()]
+    loss, _ = objective(model, v1, v2, batch, _context(optimizer))
+    q1, q2 = (F.normalize(model(v)[1].float(), dim=1) for v in (v1, v2))
+    with torch.no_grad():
+        k1, k2 = (F.normalize(objective.key_encoder(v).float(), dim=1) for v in (v1, v2))
+    same = videos[:, None] == objective.queue_video[None, :]
+    expected = 0.5 * (queue_info_nce(q1, k2, objective.queue, 0.2, same) + queue_info_nce(q2, k1, objective.queue, 0.2, same))
+    torch.testing.assert_close(loss, expected)
+    unmasked = 0.5 * (queue_info_nce(q1, k2, objective.queue, 0.2) + queue_info_nce(q2, k1, objective.queue, 0.2))
+    assert float(unmasked) > float(loss)  # the near-duplicate keys of a query's own video were in its denominator

@@ -146,6 +146,11 @@ class PairSampler:
                 f"{batch_size} × {world_size} ranks; lower the batch size"
             )
 
+    @property
+    def num_items(self) -> int:
+        """Items per epoch over all ranks (videos or frames of the sampled videos)."""
+        return len(self._item_video)
+
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank)."""
         return len(self._item_video) // (self.batch_size * self.world_size)

@@ -47,17 +47,20 @@ RECIPES: dict[str, Recipe] = {
 
 @dataclasses.dataclass
 class EvalConfig:
-    """Everything that defines an evaluation besides the store and the inits (saved in results.json)."""
+    """Everything that defines an evaluation besides the store and the inits (saved in results.json).
 
+    Build it with `from_recipe`: the optimisation and input fields have no defaults of their own, so the recipe's
+    values (`RECIPES`) are the only ones."""
+
+    recipe: str
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    size: int
+    mean: float
+    std: float
     protocol: str = "last-block"
-    recipe: str = "meta-uscl"
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.01
-    weight_decay: float = 1e-4
-    size: int = 64
-    mean: float = 0.18
-    std: float = 0.24
     channels: int = 1
     backbone: str = "resnet18"
     folds: int = 5

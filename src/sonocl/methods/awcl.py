@@ -132,7 +132,7 @@ def sampler(
                        anatomy_ratio=o.anatomy_ratio)
 
 
-def objective(cfg: PretrainConfig, model: nn.Module) -> Objective:
+def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
     return GroupContrastive(cfg.options.temperature, cfg.options.base_temperature)
 
 

@@ -10,7 +10,8 @@ method, never ``if method == …``:
   ``sonocl pretrain`` flag (``semi_weight`` → ``--semi-weight``) and its ``__post_init__`` checks the values;
 - ``sampler(cfg, store, videos, batch_size, rank, world_size)`` — the `sonocl.pairs.PairSampler` of the
   training videos;
-- ``objective(cfg, model)`` — the `sonocl.train.objectives.Objective` of one step;
+- ``objective(cfg, model, sampler)`` — the `sonocl.train.objectives.Objective` of one step (``sampler``: the
+  training sampler, for what depends on the data, e.g. MoCo's queue size);
 - ``meta_sampler`` (optional) — a sampler of held-out batches the objective reads each step (Meta-USCL);
 - ``validation_sampler`` (optional) — the held-out pairs of the validation loss (USCL: unmixed, as its reference);
 - ``uses_labels(cfg)`` — whether training reads any class or anatomy label (the evaluation's leak guard).
@@ -71,7 +72,7 @@ def fraction_problem(name: str, value: float) -> list[str]:
 
 
 SamplerFactory = Callable[["PretrainConfig", "FrameStore", "np.ndarray", int, int, int], "PairSampler"]
-ObjectiveFactory = Callable[["PretrainConfig", "nn.Module"], "Objective"]
+ObjectiveFactory = Callable[["PretrainConfig", "nn.Module", "PairSampler"], "Objective"]
 
 
 @dataclass(frozen=True)

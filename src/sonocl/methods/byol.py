@@ -70,7 +70,7 @@ def sampler(
     return InstanceSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items)
 
 
-def objective(cfg: PretrainConfig, model: nn.Module) -> Objective:
+def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
     return BYOL(model, momentum=key_momentum(cfg), temperature=cfg.options.temperature)
 
 

@@ -94,7 +94,7 @@ def sampler(
                        delta_t=cfg.options.delta_t)
 
 
-def objective(cfg: PretrainConfig, model: nn.Module) -> Objective:
+def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
     return GroupContrastive(cfg.options.temperature)
 
 

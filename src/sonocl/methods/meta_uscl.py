@@ -220,7 +220,7 @@ def meta_sampler(
     return MetaSetSampler(store, held_out, per_rank, cfg.seed + 2, rank, world_size, meta_frame=cfg.options.meta_frame)
 
 
-def objective(cfg: PretrainConfig, model: nn.Module) -> Objective:
+def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
     o = cfg.options
     return MetaUSCL(model, o.temperature, o.cmw_hidden, o.cmw_lr, o.inner_lr, o.meta_every)
 

@@ -3,7 +3,11 @@ negatives.
 
 Preset: SGD 0.03 × B/256, momentum 0.9, wd 1e-4, cosine, no warm-up, τ 0.2, key-encoder momentum 0.999 (the
 paper's m; ``schedule.ema_start``, the one place it lives), MLP head feature → 512 → 128, SimCLR's augmentation
-with crop (0.2–1), jitter 0.4 and blur, queue 65,536 keys.
+with crop (0.2–1), jitter 0.4 and blur.
+
+Two departures, both for ultrasound videos: the queue holds 10 % of the training items by default (MoCo v2's 65,536
+keys are 5 % of ImageNet; on a store of 18 k frames they would be every frame three times over, mostly stale), and
+a queued key of the query's own video is never a negative (frames of one video are near-duplicates).
 """
 
 from __future__ import annotations
@@ -28,23 +32,31 @@ from sonocl.train.objectives import BatchTensors, MomentumEncoder, Objective, St
 @dataclass
 class MoCoOptions(Options):
     temperature: float = option(0.2, "softmax temperature τ of MoCo v2's InfoNCE")
-    queue_size: int = option(65536, "keys kept as negatives (a ring buffer of any size)")
+    queue_size: int | None = option(None, "keys kept as negatives; none: 10 % of the training items, at most 65,536")
 
     def check(self) -> list[str]:
         problems = super().check()
-        if self.queue_size < 1:
+        if self.queue_size is not None and self.queue_size < 1:
             problems.append(f"queue_size must be ≥ 1, not {self.queue_size}")
         return problems
 
 
-def queue_info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+MAX_QUEUE = 65536
+"""MoCo v2's queue: the most keys the automatic size takes."""
+
+
+def queue_info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float, not_negative: Tensor | None = None) -> Tensor:
     """MoCo's InfoNCE: for each query, its key is the positive and the queue's keys the negatives (He et al. 2020).
 
-    ``q``, ``k`` ``(N, D)`` (normalised here, float32); ``queue`` ``(K, D)`` normalised keys. Mean over queries.
+    ``q``, ``k`` ``(N, D)`` (normalised here, float32); ``queue`` ``(K, D)`` normalised keys; ``not_negative``
+    ``(N, K)`` bool marks queue keys left out of a query's denominator (its own video's). Mean over queries.
     """
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.float(), dim=1)
-    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.float().T], dim=1) / temperature
+    negatives = q @ queue.float().T
+    if not_negative is not None:
+        negatives = negatives.masked_fill(not_negative, float("-inf"))
+    logits = torch.cat([(q * k).sum(1, keepdim=True), negatives], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
@@ -64,8 +76,10 @@ class MoCo(Objective):
         device = next(model.parameters()).device
         dim = meta.unwrap_model(model).projector[-1].out_features
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim, device=device), dim=1))
+        self.register_buffer("queue_video", torch.full((queue_size,), -1, dtype=torch.long, device=device))
+        """The video of each queued key (-1: a random initial key, never of a video)."""
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long, device=device))
-        self._pending: Tensor | None = None
+        self._pending: tuple[Tensor, Tensor] | None = None
 
     def forward(  # type: ignore[override]
         self, model: nn.Module, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
@@ -76,24 +90,27 @@ class MoCo(Objective):
         with torch.no_grad():
             k1 = F.normalize(self.key_encoder(view1).float(), dim=1)
             k2 = F.normalize(self.key_encoder(view2).float(), dim=1)
-        loss = 0.5 * (queue_info_nce(q1, k2, self.queue, self.temperature)
-                      + queue_info_nce(q2, k1, self.queue, self.temperature))
-        keys = torch.cat([k1, k2])
-        self._pending = keys if context.gather is None else context.gather(keys)
+        video = batch.video if batch.video is not None else torch.full((len(q1),), -1, device=q1.device)
+        same_video = (video[:, None] == self.queue_video[None, :]) & (video[:, None] >= 0)
+        loss = 0.5 * (queue_info_nce(q1, k2, self.queue, self.temperature, same_video)
+                      + queue_info_nce(q2, k1, self.queue, self.temperature, same_video))
+        keys, videos = torch.cat([k1, k2]), torch.cat([video, video])
+        self._pending = (keys, videos) if context.gather is None else (context.gather(keys), context.gather(videos))
         return loss, {"moco": float(loss.detach())}
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, momentum: float | None = None) -> None:
         self.key_encoder.update(meta.unwrap_model(model), self.momentum if momentum is None else momentum)
         if self._pending is not None:
-            self._enqueue(self._pending)
+            self._enqueue(*self._pending)
             self._pending = None
 
-    def _enqueue(self, keys: Tensor) -> None:
+    def _enqueue(self, keys: Tensor, videos: Tensor) -> None:
         size = self.queue.shape[0]
-        keys = keys[-size:]
+        keys, videos = keys[-size:], videos[-size:]
         rows = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
         self.queue[rows] = keys.to(self.queue.dtype)
+        self.queue_video[rows] = videos.to(self.queue_video.dtype)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
 
@@ -116,8 +133,9 @@ def sampler(
     return InstanceSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items)
 
 
-def objective(cfg: PretrainConfig, model: nn.Module) -> Objective:
-    return MoCo(model, cfg.options.temperature, cfg.options.queue_size, momentum=key_momentum(cfg))
+def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
+    queue = cfg.options.queue_size or min(MAX_QUEUE, max(2 * cfg.batch_size, sampler.num_items // 10))
+    return MoCo(model, cfg.options.temperature, queue, momentum=key_momentum(cfg))
 
 
 def key_momentum(cfg: PretrainConfig) -> float:

@@ -119,7 +119,7 @@ def validation_sampler(
                        mixed=False)
 
 
-def objective(cfg: PretrainConfig, model: nn.Module) -> Objective:
+def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
     return GroupContrastive(cfg.options.temperature, semi_weight=cfg.options.semi_weight)
 
 

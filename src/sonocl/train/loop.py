@@ -235,7 +235,7 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
     model = model.to(device, memory_format=memory_format)
     if cfg.model.compile:
         model.backbone.compile()
-    objective = method.objective(cfg, model).to(device)
+    objective = method.objective(cfg, model, data.sampler).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = base_lr(cfg)
     total_steps = data.total_steps
@@ -404,7 +404,7 @@ def train_one_epoch(run: Run, epoch: int) -> None:
         extra = batch["label"] >= 0 if cfg.augment.gamma > 0 else None
         with torch.no_grad():
             view1, view2 = make_views(batch["frames"], batch["mix"], augment_first, run.augment, run.generator, extra)
-        targets = BatchTensors(batch["positive_group"], batch["weight"], batch["label"])
+        targets = BatchTensors(batch["positive_group"], batch["weight"], batch["label"], batch["video"])
         step_context = StepContext(step=global_step, optimizer=run.optimizer, lr=lr, gather=run.gather,
                                    meta_views=_meta_views(run, epoch, step_in_epoch))
         values = train_step(run, view1.contiguous(memory_format=run.memory_format),

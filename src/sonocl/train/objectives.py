@@ -31,6 +31,8 @@ class BatchTensors:
     """``(B,)`` float32 prior pair weight (IVPP), ones otherwise."""
     label: Tensor
     """``(B,)`` int64 class for USCL's semi-supervised term, -1 when unlabelled."""
+    video: Tensor | None = None
+    """``(B,)`` int64 video of each item (MoCo keeps a key's video so that same-video keys are never negatives)."""
 
 
 @dataclass

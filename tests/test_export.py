@@ -1,5 +1,5 @@
 """`sonocl export`: the bundle round-trips (plain torchvision and sonocl give the run's features), its metadata and
-model card say what the run did, its provenance and evaluation are carried, and `evaluate`/`segment --init DIR` load it."""
+model card say what the run did, its provenance and evaluation are carried, `evaluate`/`segment --init DIR` load it."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from sonocl.evaluate.inits import load_init
 from sonocl.models import encoder_metadata, read_state_dict
 from test_segment import _synthetic_dataset
 
-TINY_RUN = ["--epochs", "1", "--batch-size", "8", "--size", "32", "--threads", "1", "--workers", "0", "--precision", "fp32",
-            "--no-progress"]
+TINY_RUN = ["--epochs", "1", "--batch-size", "8", "--size", "32", "--threads", "1", "--workers", "0",
+            "--precision", "fp32", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,10 @@ def run_and_eval(phantom_store, tmp_path_factory: pytest.TempPathFactory) -> tup
     """A one-epoch SimCLR run on the phantom at 32 px and its kNN evaluation against random init (2 folds)."""
     root = tmp_path_factory.mktemp("export")
     run, evaluation = root / "run", root / "eval"
-    assert main(["pretrain", "--store", str(phantom_store.root), "--method", "simclr", "--out", str(run), *TINY_RUN]) == 0
-    assert main(["evaluate", "--store", str(phantom_store.root), "--init", "random", str(run), "--protocol", "knn",
-                 "--folds", "2", "--size", "32", "--fps", "0", "--frames-per-video", "4", "--out", str(evaluation)]) == 0
+    store = str(phantom_store.root)
+    assert main(["pretrain", "--store", store, "--method", "simclr", "--out", str(run), *TINY_RUN]) == 0
+    assert main(["evaluate", "--store", store, "--init", "random", str(run), "--protocol", "knn", "--folds", "2",
+                 "--size", "32", "--fps", "0", "--frames-per-video", "4", "--out", str(evaluation)]) == 0
     return run, evaluation
 
 
@@ -105,7 +106,8 @@ def test_provenance_is_carried_whole_and_counted(run_and_eval, bundle: Path, tmp
     meta = json.loads((bundle / "sonocl_encoder.json").read_text())
     assert meta["provenance"] == provenance
     summary = meta["provenance_summary"]
-    assert summary["trained_on"] == len(provenance["trained_on"]) > 0 and summary["held_out"] == len(provenance["held_out"])
+    assert summary["trained_on"] == len(provenance["trained_on"]) > 0
+    assert summary["held_out"] == len(provenance["held_out"])
     assert summary["labels_used"] == provenance["labels_used"] == [] and "schema" not in summary
     card = (bundle / "MODEL_CARD.md").read_text()
     assert f"- trained on: {summary['trained_on']}" in card and "- labels used: none" in card
@@ -124,9 +126,11 @@ def test_provenance_is_carried_whole_and_counted(run_and_eval, bundle: Path, tmp
 
 def test_evaluate_and_segment_take_the_bundle_as_init(phantom_store, bundle: Path, tmp_path: Path) -> None:
     model, report = load_init(str(bundle), "resnet18", 1)
-    assert report.kind == "sonocl" and report.source == str(bundle / "encoder.safetensors") and report.metadata["size"] == 32
-    assert main(["evaluate", "--store", str(phantom_store.root), "--init", str(bundle), "--protocol", "knn", "--folds", "2",
-                 "--size", "32", "--fps", "0", "--frames-per-video", "2", "--out", str(tmp_path / "eval")]) == 0
+    assert report.kind == "sonocl" and report.source == str(bundle / "encoder.safetensors")
+    assert report.metadata["size"] == 32
+    assert main(["evaluate", "--store", str(phantom_store.root), "--init", str(bundle), "--protocol", "knn",
+                 "--folds", "2", "--size", "32", "--fps", "0", "--frames-per-video", "2",
+                 "--out", str(tmp_path / "eval")]) == 0
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["inits"][0]["init_report"]["kind"] == "sonocl"
     images, masks, _ = _synthetic_dataset(tmp_path / "seg", count=8)
     assert main(["segment", "--images", str(images), "--masks", str(masks), "--init", str(bundle), "--folds", "2",
@@ -136,7 +140,9 @@ def test_evaluate_and_segment_take_the_bundle_as_init(phantom_store, bundle: Pat
     assert init["init_report"]["kind"] == "sonocl" and init["init_report"]["loaded"] > 0
 
 
-def test_export_errors_name_the_file_and_exit_2(run_and_eval, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_errors_name_the_file_and_exit_2(
+    run_and_eval, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run, _ = run_and_eval
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     assert f"{tmp_path / 'encoder.safetensors'}: not found" in capsys.readouterr().err

@@ -91,8 +91,8 @@ def _sonocl_to_file(tmp_path: Path, *argv: str) -> str:
 def test_embed_and_ingest_written_to_a_file_have_no_carriage_return(
     phantom_store, phantom_dataset: Path, tmp_path: Path
 ) -> None:
-    embedded = _sonocl_to_file(tmp_path, "embed", "--store", str(phantom_store.root), "--init", "random", "--size", "32",
-                               "--out", str(tmp_path / "e.npz"), "--device", "cpu")
+    embedded = _sonocl_to_file(tmp_path, "embed", "--store", str(phantom_store.root), "--init", "random",
+                               "--size", "32", "--out", str(tmp_path / "e.npz"), "--device", "cpu")
     assert "\r" not in embedded
     frames = phantom_store.num_frames
     assert f"embed: 100% {frames}/{frames} [" in embedded and "frame/s]" in embedded

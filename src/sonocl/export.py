@@ -178,9 +178,11 @@ def read_evaluation(evaluation: Path, run: Path) -> dict[str, Any]:
     path = evaluation / "results.json"
     results = _read_json(path, "EVAL_DIR must be a `sonocl evaluate --out` directory")
     config = results.get("config", {})
-    inits = [{"label": entry.get("label"), "init": entry.get("init"), "this_encoder": _is_this_run(str(entry.get("init")), run),
-              "pretraining_overlap": (entry.get("pretraining_overlap") or {}).get("note", ""), "input": entry.get("input"),
-              "summary": entry.get("summary", {})} for entry in results.get("inits", [])]
+    inits = [{"label": entry.get("label"), "init": entry.get("init"),
+              "this_encoder": _is_this_run(str(entry.get("init")), run),
+              "pretraining_overlap": (entry.get("pretraining_overlap") or {}).get("note", ""),
+              "input": entry.get("input"), "summary": entry.get("summary", {})}
+             for entry in results.get("inits", [])]
     if not inits:
         raise ExportError(f"{path}: no evaluated inits; was the evaluation interrupted before its first init finished?")
     return {
@@ -249,16 +251,17 @@ def _percent(stat: Mapping[str, Any] | None) -> str:
 def _evaluation_section(evaluation: Mapping[str, Any] | None) -> list[str]:
     if evaluation is None:
         return ["Not evaluated in this bundle. Measure it on your own labelled videos against random init:",
-                "", "```bash", "sonocl evaluate --store STORE --init random --init DIR --protocol last-block --folds 5 --out eval",
+                "", "```bash",
+                "sonocl evaluate --store STORE --init random --init DIR --protocol last-block --folds 5 --out eval",
                 "```", "", "and export again with `--eval eval` to record the result here."]
     runs = (evaluation.get("folds") or 0) * (evaluation.get("seeds") or 0)
     selection = evaluation.get("selection")
+    grouping = _GROUPED_BY.get(str(evaluation.get("group_by")), evaluation.get("group_by"))
+    classes = ", ".join(map(str, evaluation.get("classes", [])))
     lines = [
         f"`sonocl evaluate` ({evaluation['results']}), protocol **{evaluation.get('protocol')}**, "
-        f"{evaluation.get('folds')} folds grouped by {_GROUPED_BY.get(str(evaluation.get('group_by')), evaluation.get('group_by'))} "
-        f"× {evaluation.get('seeds')} seed(s) = "
-        f"{runs} fold runs, {evaluation.get('num_videos')} videos of {', '.join(map(str, evaluation.get('classes', [])))}, "
-        f"model selection `{selection}`.",
+        f"{evaluation.get('folds')} folds grouped by {grouping} × {evaluation.get('seeds')} seed(s) = {runs} fold "
+        f"runs, {evaluation.get('num_videos')} videos of {classes}, model selection `{selection}`.",
     ]
     if evaluation.get("optimistic"):
         lines.append("**Optimistic: the epoch was selected on the test fold (`max-test`), as the papers did.**")
@@ -269,11 +272,12 @@ def _evaluation_section(evaluation: Mapping[str, Any] | None) -> list[str]:
         video = entry.get("summary", {}).get("video", {})
         label = f"**{entry['label']} (this encoder)**" if entry["this_encoder"] else str(entry["label"])
         lines.append(f"| {label} | " + " | ".join(_percent(video.get(key)) for key, _ in EVALUATION_METRICS) + " |")
-    inputs = [f"{entry['label']} {entry['input']['size']} px, (x - {entry['input']['mean']:.3g}) / {entry['input']['std']:.3g} "
-              f"({entry['input'].get('source', '')})" for entry in evaluation["inits"] if entry.get("input")]
+    inputs = [f"{entry['label']} {put['size']} px, (x - {put['mean']:.3g}) / {put['std']:.3g} ({put.get('source', '')})"
+              for entry in evaluation["inits"] if (put := entry.get("input"))]
     if inputs:
         lines += ["", "Input of each init: " + "; ".join(inputs) + "."]
-    notes = [f"- {entry['label']}: {entry['pretraining_overlap']}" for entry in evaluation["inits"] if entry["pretraining_overlap"]]
+    notes = [f"- {entry['label']}: {entry['pretraining_overlap']}"
+             for entry in evaluation["inits"] if entry["pretraining_overlap"]]
     return lines + (["", "Overlap of the test videos with pretraining:", "", *notes] if notes else [])
 
 
@@ -293,8 +297,8 @@ def _budget_lines(budget: Mapping[str, Any]) -> list[str]:
     selected = (f" (selected by held-out loss at step {budget['steps']} of {budget['run_steps']})"
                 if budget["run_steps"] != budget["steps"] else "")
     lines = [
-        f"- {budget['steps']} optimiser steps{selected}: {budget['epochs']} of {budget['epochs_planned']} planned epochs "
-        f"× {budget['steps_per_epoch']} steps, global batch {budget['batch_size']} "
+        f"- {budget['steps']} optimiser steps{selected}: {budget['epochs']} of {budget['epochs_planned']} planned "
+        f"epochs × {budget['steps_per_epoch']} steps, global batch {budget['batch_size']} "
         f"({budget['processes']} process{'es' if budget['processes'] != 1 else ''})",
         f"- {budget['pairs_seen']:,} positive pairs seen ({budget['views_seen']:,} augmented views)",
     ]
@@ -343,8 +347,8 @@ def model_card(metadata: Mapping[str, Any]) -> str:
         'encoder = sonocl.load_encoder("DIR")  # this folder',
         "```",
         "",
-        "or `sonocl evaluate --init DIR`, `sonocl segment --init DIR`, `sonocl embed --init DIR` with the normalisation "
-        "and size read from the file.",
+        "or `sonocl evaluate --init DIR`, `sonocl segment --init DIR`, `sonocl embed --init DIR` with the "
+        "normalisation and size read from the file.",
         "",
         "## Training data",
         "",
@@ -386,7 +390,7 @@ def model_card(metadata: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------ export
 
 def export(run: Path, out: Path, evaluation: Path | None = None) -> dict[str, Any]:
-    """Write the bundle of ``run`` into ``out`` (created; the three files replaced atomically) and return its metadata."""
+    """Write the bundle of ``run`` into ``out`` (created; the three files replaced atomically); its metadata."""
     from sonocl.data.store import atomic_write_text
     from sonocl.models import ENCODER_FILE, WeightsError, load_encoder
 
@@ -426,8 +430,8 @@ def run(args: argparse.Namespace) -> int:
     metadata = export(args.run, args.out, args.evaluation)
     budget = metadata["budget"]
     out = args.out
-    print(f"sonocl export: {metadata['method']} {metadata['arch']}, {budget['steps']} steps × batch {budget['batch_size']} "
-          f"= {budget['pairs_seen']:,} pairs", file=sys.stderr)
+    print(f"sonocl export: {metadata['method']} {metadata['arch']}, {budget['steps']} steps × batch "
+          f"{budget['batch_size']} = {budget['pairs_seen']:,} pairs", file=sys.stderr)
     for name in ("encoder.safetensors", BUNDLE_FILE, CARD_FILE):
         size = (out / name).stat().st_size
         print(f"  {out / name}  ({size / 1e6:.1f} MB)" if size >= 1e5 else f"  {out / name}  ({size / 1e3:.1f} kB)",

@@ -36,7 +36,9 @@ class Progress(Protocol):
 
     def update(self, n: float = 1) -> Any: ...
 
-    def set_postfix(self, ordered_dict: Mapping[str, Any] | None = None, refresh: bool = True, **kwargs: Any) -> None: ...
+    def set_postfix(
+        self, ordered_dict: Mapping[str, Any] | None = None, refresh: bool = True, **kwargs: Any
+    ) -> None: ...
 
     def write(self, s: str, file: IO[str] | None = None, end: str = "\n") -> None: ...
 
@@ -120,7 +122,8 @@ class LineProgress:
     def update(self, n: float = 1) -> None:
         self.n += n
         since_last = time.monotonic() - self._last_line_at
-        if self.enabled and (since_last >= LINE_SECONDS or (self.n >= self._next_mark - 1e-9 and since_last >= LINE_MIN_SECONDS)):
+        at_mark = self.n >= self._next_mark - 1e-9 and since_last >= LINE_MIN_SECONDS
+        if self.enabled and (at_mark or since_last >= LINE_SECONDS):
             self._report()
 
     def set_postfix(self, ordered_dict: Mapping[str, Any] | None = None, refresh: bool = True, **kwargs: Any) -> None:

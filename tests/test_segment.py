@@ -252,3 +252,25 @@ def test_parallel_jobs_give_the_same_scores_as_one_process(tmp_path: Path) -> No
     assert [r["timing"]["jobs"] for r in results] == [1, 2]
     assert results[0]["inits"][0]["pooled"] == results[1]["inits"][0]["pooled"]
     assert (tmp_path / "two" / "overlays" / "random" / "00_0.png").exists()
+
+
+def test_an_encoder_pretrained_on_the_segmented_images_is_stamped(tmp_path: Path) -> None:
+    """Images a run pretrained on (matched by the file's sha256) are counted and the table says so."""
+    import hashlib
+    import json
+
+    from sonocl.evaluate.masks import MaskPair
+    from sonocl.evaluate.segment import pretraining_overlap
+
+    images = []
+    for k in range(3):
+        path = tmp_path / f"img{k}.png"
+        path.write_bytes(bytes([k]) * 64)
+        images.append(MaskPair(path, (), f"img{k}"))
+    run = tmp_path / "run"
+    run.mkdir()
+    seen = [hashlib.sha256(images[0].image.read_bytes()).hexdigest()]
+    (run / "provenance.json").write_text(json.dumps({"trained_on": seen, "labels_used": [], "held_out": []}))
+    stamp = pretraining_overlap(str(run), images)
+    assert stamp["seen"] == 1 and stamp["note"] == "transductive: 1 of 3 images seen in pretraining"
+    assert pretraining_overlap("random", images)["note"] == ""

@@ -674,7 +674,9 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
         "|" + "---|" * len(header),
     ]
     for init in results["inits"]:
-        cells = [init["name"]] + [_format(init["summary"][metric], digits) for metric, _, digits in columns]
+        note = init.get("pretraining_overlap", {}).get("note")
+        cells = [init["name"] + (f" [{note}]" if note else "")]
+        cells += [_format(init["summary"][metric], digits) for metric, _, digits in columns]
         cells += [_median(init["pooled"][metric], digits) for metric, _, digits in columns if metric != "iou"]
         lines.append("| " + " | ".join(cells) + " |")
     folds = config["folds"]
@@ -760,6 +762,25 @@ def _resolve_inits(config: SegmentConfig) -> tuple[list[InitSpec], list[dict[str
     return inits, reports
 
 
+def pretraining_overlap(spec: str, pairs: list[MaskPair]) -> dict[str, Any]:
+    """How many of the segmented images the encoder's pretraining saw (`sonocl.provenance`, by the sha256 of the image
+    file, as ingest hashes its sources). Masks are never a pretraining label, so an overlap is transductive: stamped."""
+    import hashlib
+
+    from sonocl.provenance import check_fold, find, summarise
+
+    provenance = find(spec)
+    if provenance is None:
+        return {"test_images": len(pairs), "seen": 0, "note": "", "provenance": "none"}
+    hashes = [hashlib.sha256(pair.image.read_bytes()).hexdigest() for pair in pairs]
+    stamp = summarise([check_fold(provenance, hashes)])
+    stamp["note"] = (f"transductive: {stamp['seen']} of {len(pairs)} images seen in pretraining" if stamp["seen"] else "")
+    stamp["provenance"] = "recorded"
+    if stamp["note"]:
+        print(f"{spec}: {stamp['note']}", file=sys.stderr)
+    return stamp
+
+
 def segment(config: SegmentConfig) -> int:
     """Run the cross-validation of ``config``; writes results.json, results.md, per_image.csv and overlays.
 
@@ -806,6 +827,7 @@ def segment(config: SegmentConfig) -> int:
             "folds": entries, "summary": _across_folds(entries),
             "pooled": _summary_of_images([row for result in mine for row in result.rows]),
             "seconds": round(sum(e[f"{part}_seconds"] for e in entries for part in FOLD_PARTS), 1),
+            "pretraining_overlap": pretraining_overlap(init.spec, data.pairs),
         })
     if config.pixel_size is not None:
         method_errors = [abs(row["hc_fit_on_truth_mm"] - row["hc_true_mm"]) for row in rows

@@ -1,7 +1,9 @@
 """Intra-video positive pairs, IVPP (VanBerlo, Wong, Hoey, Arntfield; Frontiers in Imaging 2024; ``docs/methods.md`` §4):
 two distinct frames of one video at most δt seconds apart, weighted by their distance.
 
-Preset: SimCLR's recipe (the paper builds IVPP on SimCLR) with δt = 1 s, the code default for SimCLR.
+Preset: SimCLR's optimisation (the paper builds IVPP on SimCLR) with δt = 1 s, the code default for SimCLR, and a
+milder augmentation than SimCLR's: the two frames already differ, and the paper's pipeline keeps most of the field of
+view (crop 0.8–1, jitter 0.4 with p 0.8, no blur; docs/methods.md says what was and was not retrieved of it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from sonocl.data.store import FrameStore
 from sonocl.methods.base import Method, Options, option
 from sonocl.methods.simclr import preset as simclr_preset
 from sonocl.pairs import PairSampler
-from sonocl.train.config import PretrainConfig, replace
+from sonocl.train.config import IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, AugmentConfig, PretrainConfig, replace
 from sonocl.train.objectives import GroupContrastive, Objective
 
 
@@ -83,8 +85,12 @@ class IVPPSampler(PairSampler):
         return self._batch(np.stack([first, second], axis=1), mix, video, video, weight=weight)
 
 
+IVPP_AUGMENT = AugmentConfig(crop_scale=(0.8, 1.0), crop_ratio=(0.8, 1.25), brightness=0.4, contrast=0.4, jitter_p=0.8,
+                             mean=IMAGENET_GREY_MEAN, std=IMAGENET_GREY_STD)
+
+
 def preset() -> PretrainConfig:
-    return replace(simclr_preset(), method="ivpp", options=IVPPOptions())
+    return replace(simclr_preset(), method="ivpp", augment=IVPP_AUGMENT, options=IVPPOptions())
 
 
 def sampler(

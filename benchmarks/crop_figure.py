@@ -53,7 +53,9 @@ def before_after(frames: Iterable[Frame]) -> tuple[Image.Image, Image.Image]:
     assert box is not None
     before = Image.fromarray(shown[0]).convert("RGB")
     width = max(2, max(before.size) // 120)
-    ImageDraw.Draw(before).rectangle([box.left, box.top, box.right - 1, box.bottom - 1], outline=(255, 40, 40), width=width)
+    ImageDraw.Draw(before).rectangle(
+        [box.left, box.top, box.right - 1, box.bottom - 1], outline=(255, 40, 40), width=width
+    )
     return before.resize((PANEL, PANEL)), Image.fromarray(stored[min(SHOWN_FRAME, len(stored) - 1)]).convert("RGB")
 
 

@@ -43,7 +43,9 @@ def _config(store: str, size: int, batch_size: int, epochs: int, workers: int, d
     return cfg
 
 
-def end_to_end_step_times(store: str, size: int, batch_size: int, workers: int, device: str, precision: str) -> list[float]:
+def end_to_end_step_times(
+    store: str, size: int, batch_size: int, workers: int, device: str, precision: str
+) -> list[float]:
     """Wall time of every step of one epoch of the real loop (frames as items, so the epoch has many steps)."""
     from sonocl.train.loop import pretrain
 
@@ -71,8 +73,9 @@ def model_only_step_times(size: int, batch_size: int, steps: int, device: str, p
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     view1 = torch.randn(batch_size, 1, size, size, device=target).contiguous(memory_format=layout)
     view2 = torch.randn(batch_size, 1, size, size, device=target).contiguous(memory_format=layout)
-    batch = BatchTensors(*(t.to(target) for t in (torch.arange(batch_size), torch.ones(batch_size),
-                                                   torch.randint(0, 3, (batch_size,)))))
+    batch = BatchTensors(
+        *(t.to(target) for t in (torch.arange(batch_size), torch.ones(batch_size), torch.randint(0, 3, (batch_size,))))
+    )
     dtype = AUTOCAST_DTYPES.get(precision)
     scaler = torch.amp.GradScaler(target.type, enabled=precision == "fp16")
     model.train()
@@ -95,11 +98,18 @@ def main() -> int:
     parser.add_argument("--store", help="frame store (default: a phantom store built in a temporary folder)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=12, help="model-only steps per round (the first 2 are warm-up); "
-                        "the end-to-end round is one epoch of the store's training frames")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=12,
+        help="model-only steps per round (the first 2 are warm-up); "
+        "the end-to-end round is one epoch of the store's training frames",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (benchmark 4: cuda --precision bf16 --size 224)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu | cuda | cuda:N (benchmark 4: cuda --precision bf16 --size 224)"
+    )
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "e2e_step_rate.json")
     args = parser.parse_args()
@@ -115,10 +125,17 @@ def main() -> int:
     warmup = 2
     e2e, model_only = [], []
     for round_index in range(args.rounds):
-        model_only += model_only_step_times(args.size, args.batch_size, args.steps, args.device, args.precision)[warmup:]
-        e2e += end_to_end_step_times(store, args.size, args.batch_size, args.workers, args.device, args.precision)[warmup:]
-        print(f"round {round_index + 1}: model-only median {np.median(model_only):.3f} s/step, "
-              f"end-to-end median {np.median(e2e):.3f} s/step", flush=True)
+        model_only += model_only_step_times(args.size, args.batch_size, args.steps, args.device, args.precision)[
+            warmup:
+        ]
+        e2e += end_to_end_step_times(store, args.size, args.batch_size, args.workers, args.device, args.precision)[
+            warmup:
+        ]
+        print(
+            f"round {round_index + 1}: model-only median {np.median(model_only):.3f} s/step, "
+            f"end-to-end median {np.median(e2e):.3f} s/step",
+            flush=True,
+        )
     if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
     e2e_rate = args.batch_size / float(np.median(e2e))

@@ -63,13 +63,22 @@ print(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, frame
 
 
 def decode_only(data: Path) -> dict[str, float]:
-    output = subprocess.run([sys.executable, "-c", DECODE_ONLY, str(data)], check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(
+        [sys.executable, "-c", DECODE_ONLY, str(data)], check=True, capture_output=True, text=True
+    ).stdout
     seconds, cpu, frames, files = output.split()
-    return {"seconds": round(float(seconds), 2), "cpu_seconds": round(float(cpu), 2), "frames": int(frames), "files": int(files)}
+    return {
+        "seconds": round(float(seconds), 2),
+        "cpu_seconds": round(float(cpu), 2),
+        "frames": int(frames),
+        "files": int(files),
+    }
 
 
 def worker_cpu(data: Path, size: int) -> dict[str, float]:
-    output = subprocess.run([sys.executable, "-c", WORKER_CPU, str(data), str(size)], check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(
+        [sys.executable, "-c", WORKER_CPU, str(data), str(size)], check=True, capture_output=True, text=True
+    ).stdout
     cpu, frames = output.split()
     return {"cpu_seconds": round(float(cpu), 2), "frames": int(frames)}
 
@@ -83,8 +92,20 @@ def ingest(data: Path, size: int, workers: int | None) -> dict[str, object]:
         start = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True)
         seconds = time.perf_counter() - start
-        info = json.loads(subprocess.run([sys.executable, "-m", "sonocl", "info", str(store), "--json"], check=True, capture_output=True, text=True).stdout)
-    return {"seconds": round(seconds, 2), "videos": info["videos"], "frames": info["frames"], "command": " ".join(command[1:])}
+        info = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "sonocl", "info", str(store), "--json"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
+    return {
+        "seconds": round(seconds, 2),
+        "videos": info["videos"],
+        "frames": info["frames"],
+        "command": " ".join(command[1:]),
+    }
 
 
 def main() -> int:

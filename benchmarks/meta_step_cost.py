@@ -21,19 +21,25 @@ from pathlib import Path
 
 import torch
 
-from sonocl.models import ContrastiveModel, build_backbone
-from sonocl.train.loop import AUTOCAST_DTYPES
 from sonocl.methods import get_method
-from sonocl.train.config import merge, preset
-from sonocl.train.objectives import BatchTensors, StepContext
+from sonocl.models import ContrastiveModel, build_backbone
 from sonocl.runtime import keep_freed_memory
+from sonocl.train.config import merge, preset
+from sonocl.train.loop import AUTOCAST_DTYPES
+from sonocl.train.objectives import BatchTensors, StepContext
 
 
-def _setup(method: str, size: int, batch: int, meta_every: int, seed: int, device: torch.device,
-           autocast: torch.dtype | None):
+def _setup(
+    method: str, size: int, batch: int, meta_every: int, seed: int, device: torch.device, autocast: torch.dtype | None
+):
     torch.manual_seed(seed)
-    model = ContrastiveModel(build_backbone("resnet18", 1), 512, projection_hidden=512, projection_dim=128,
-                             num_classes=12 if method == "uscl" else 0).to(device)
+    model = ContrastiveModel(
+        build_backbone("resnet18", 1),
+        512,
+        projection_hidden=512,
+        projection_dim=128,
+        num_classes=12 if method == "uscl" else 0,
+    ).to(device)
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as the training loop
     model.to(memory_format=layout).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -43,9 +49,16 @@ def _setup(method: str, size: int, batch: int, meta_every: int, seed: int, devic
     views = [torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=layout) for _ in range(4)]
     labels = torch.randint(-1, 12, (batch,), device=device)
     tensors = BatchTensors(torch.arange(batch, device=device), torch.ones(batch, device=device), labels)
-    return {"model": model, "optimizer": optimizer, "objective": objective, "views": views, "batch": tensors, "step": 0,
-            "device": device, "autocast": autocast}
-
+    return {
+        "model": model,
+        "optimizer": optimizer,
+        "objective": objective,
+        "views": views,
+        "batch": tensors,
+        "step": 0,
+        "device": device,
+        "autocast": autocast,
+    }
 
 
 def _train_steps(state: dict, count: int) -> float:
@@ -72,7 +85,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(size: int, batch: int, repeats: int, meta_every: int, device: torch.device, autocast: torch.dtype | None) -> dict:
+def measure(
+    size: int, batch: int, repeats: int, meta_every: int, device: torch.device, autocast: torch.dtype | None
+) -> dict:
     uscl = _setup("uscl", size, batch, 1, 0, device, autocast)
     meta = _setup("meta-uscl", size, batch, 1, 0, device, autocast)
     meta_k = _setup("meta-uscl", size, batch, meta_every, 0, device, autocast)
@@ -90,8 +105,12 @@ def measure(size: int, batch: int, repeats: int, meta_every: int, device: torch.
     per_round = [m / u for m, u in zip(times["meta_uscl"], times["uscl"])]
     per_round_k = [m / u for m, u in zip(times[f"meta_uscl_every_{meta_every}"], times["uscl"])]
     return {
-        "size": size, "batch": batch, "repeats": repeats, "meta_every": meta_every,
-        "seconds_per_step": times, "median_seconds_per_step": medians,
+        "size": size,
+        "batch": batch,
+        "repeats": repeats,
+        "meta_every": meta_every,
+        "seconds_per_step": times,
+        "median_seconds_per_step": medians,
         "images_per_s": {name: 2 * batch / seconds for name, seconds in medians.items()},  # two views per pair
         "ratio_meta_every_1": medians["meta_uscl"] / medians["uscl"],
         f"ratio_meta_every_{meta_every}": medians[f"meta_uscl_every_{meta_every}"] / medians["uscl"],
@@ -107,7 +126,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--meta-every", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (benchmark 4: cuda --precision bf16 --sizes 224)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu | cuda | cuda:N (benchmark 4: cuda --precision bf16 --sizes 224)"
+    )
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "meta_step_cost.json")
     args = parser.parse_args()
@@ -120,10 +141,17 @@ def main() -> None:
         result = measure(size, args.batch, args.repeats, args.meta_every, device, AUTOCAST_DTYPES.get(args.precision))
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "seconds_per_step"}, indent=1))
-    report = {"benchmark": "meta_step_cost", "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "device": args.device, "precision": args.precision,
-              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-              "machine": platform.machine(), "processor": platform.processor(), "results": results}
+    report = {
+        "benchmark": "meta_step_cost",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "precision": args.precision,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

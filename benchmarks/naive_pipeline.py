@@ -71,7 +71,9 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def naive_loader(root: Path, size: int, batch_size: int = 32, workers: int = 2, num_samples: int = 10**6) -> torch.utils.data.DataLoader:
+def naive_loader(
+    root: Path, size: int, batch_size: int = 32, workers: int = 2, num_samples: int = 10**6
+) -> torch.utils.data.DataLoader:
     """Shuffled video items drawn with replacement (one long epoch, so no epoch restarts are timed)."""
     dataset = NaiveVideoMixupDataset(root, size)
     return torch.utils.data.DataLoader(

@@ -41,12 +41,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from naive_pipeline import dump_jpeg_folders, naive_loader  # noqa: E402
-
 from sonocl.augment import AugmentConfig, BatchAugment, make_views  # noqa: E402
 from sonocl.data.store import FrameStore  # noqa: E402
+from sonocl.runtime import keep_freed_memory  # noqa: E402
 from sonocl.train.config import merge, preset  # noqa: E402
 from sonocl.train.replay import training_sampler  # noqa: E402
-from sonocl.runtime import keep_freed_memory  # noqa: E402
 
 BATCH = 32
 OUT = Path(__file__).resolve().parent / "out" / "pair_throughput.json"
@@ -75,7 +74,10 @@ def _open_store(path: str | None, scratch: Path) -> tuple[FrameStore, str]:
     return store, "phantom store (64 videos × 16 frames, 256 px; no POCUS store found)"
 
 
-def _rate(iterator, batches: int, work=None, device: torch.device = torch.device("cpu")) -> float:
+CPU = torch.device("cpu")
+
+
+def _rate(iterator, batches: int, work=None, device: torch.device = CPU) -> float:
     start = time.perf_counter()
     for _ in range(batches):
         item = next(iterator)
@@ -107,9 +109,15 @@ def run(store_path: str | None, rounds: int, sizes: list[int], threads: int, dev
                 make_views(frames.to(device, non_blocking=True), mix.to(device), augment_first, augment, generator)
 
             def ours():
-                return iter(torch.utils.data.DataLoader(
-                    _GatheredBatches(store, batches), batch_size=None, num_workers=1, prefetch_factor=4,
-                    pin_memory=device.type == "cuda"))
+                return iter(
+                    torch.utils.data.DataLoader(
+                        _GatheredBatches(store, batches),
+                        batch_size=None,
+                        num_workers=1,
+                        prefetch_factor=4,
+                        pin_memory=device.type == "cuda",
+                    )
+                )
 
             sonocl_rates, naive_rates = [], []
             for _ in range(rounds):
@@ -124,11 +132,16 @@ def run(store_path: str | None, rounds: int, sizes: list[int], threads: int, dev
                 naive_rates.append(_rate(loader, 12 if size <= 64 else 6))
                 del loader
             s, n = statistics.median(sonocl_rates), statistics.median(naive_rates)
-            results.append({
-                "size": size, "sonocl_pairs_per_s": round(s, 1), "naive_pairs_per_s": round(n, 1),
-                "ratio": round(s / n, 2), "sonocl_rounds": [round(r, 1) for r in sonocl_rates],
-                "naive_rounds": [round(r, 1) for r in naive_rates],
-            })
+            results.append(
+                {
+                    "size": size,
+                    "sonocl_pairs_per_s": round(s, 1),
+                    "naive_pairs_per_s": round(n, 1),
+                    "ratio": round(s / n, 2),
+                    "sonocl_rounds": [round(r, 1) for r in sonocl_rates],
+                    "naive_rounds": [round(r, 1) for r in naive_rates],
+                }
+            )
             print(f"{size:4d} px  sonocl {s:8.1f} pairs/s  naive {n:7.1f} pairs/s  ratio {s / n:5.2f}×", flush=True)
     return {
         "benchmark": "pair_throughput",

@@ -32,11 +32,19 @@ DATA = (REPO / ".." / "shared" / "data" / "pocus").resolve()
 CLASSES = "covid,pneumonia,regular"
 STEPS, BATCH, SIZE = 500, 32, 64
 FINDINGS = ("B-lines", "A-lines", "Consolidations", "Effusion", "Pleural line irregularities")
-LABELS = {"COVID-19": "covid", "Bacterial pneumonia": "pneumonia", "regular": "regular", "Regular": "regular",
-          "Viral pneumonia": "viral"}
+LABELS = {
+    "COVID-19": "covid",
+    "Bacterial pneumonia": "pneumonia",
+    "regular": "regular",
+    "Regular": "regular",
+    "Viral pneumonia": "viral",
+}
 EVALUATION = ["--recipe", "meta-uscl", "--size", str(SIZE), "--folds", "5", "--classes", CLASSES]
-PROTOCOLS = {"knn": ["--protocol", "knn"], "linear": ["--protocol", "linear"],
-             "last-block": ["--protocol", "last-block", "--seeds", "3", "--test-every-epoch", "--jobs", "2"]}
+PROTOCOLS = {
+    "knn": ["--protocol", "knn"],
+    "linear": ["--protocol", "linear"],
+    "last-block": ["--protocol", "last-block", "--seeds", "3", "--test-every-epoch", "--jobs", "2"],
+}
 LAST_BLOCK = ("random", "simclr", "uscl-ssl", "meta-uscl")
 BUDGET = ["--steps", str(STEPS), "--batch-size", str(BATCH), "--size", str(SIZE)]
 
@@ -61,11 +69,24 @@ ROWS = [
     Row("byol", ["--method", "byol", *BUDGET]),
     Row("ivpp", ["--method", "ivpp", *BUDGET]),
     Row("uscl-ssl (per fold)", ["--method", "uscl", "--label-rate", "0", *BUDGET], per_fold=True),
-    Row("uscl-semi (per fold)", ["--method", "uscl", *BUDGET], per_fold=True, note="λ 0.2, every training video labelled"),
-    Row("awcl-fine (per fold)", ["--method", "awcl", "--channels", "1", "--anatomy-column", "findings", *BUDGET],
-        per_fold=True, note="fine anatomy = the video's findings pattern"),
-    Row("awcl-coarse (per fold)", ["--method", "awcl", "--channels", "1", "--anatomy-level", "coarse",
-                                   "--coarse-column", "label", *BUDGET], per_fold=True, note="coarse anatomy = diagnosis"),
+    Row(
+        "uscl-semi (per fold)",
+        ["--method", "uscl", *BUDGET],
+        per_fold=True,
+        note="λ 0.2, every training video labelled",
+    ),
+    Row(
+        "awcl-fine (per fold)",
+        ["--method", "awcl", "--channels", "1", "--anatomy-column", "findings", *BUDGET],
+        per_fold=True,
+        note="fine anatomy = the video's findings pattern",
+    ),
+    Row(
+        "awcl-coarse (per fold)",
+        ["--method", "awcl", "--channels", "1", "--anatomy-level", "coarse", "--coarse-column", "label", *BUDGET],
+        per_fold=True,
+        note="coarse anatomy = diagnosis",
+    ),
 ]
 for row in ROWS:
     if row.name in LAST_BLOCK:
@@ -79,8 +100,9 @@ def sonocl(*args: str, log: Path) -> None:
     with open(log, "a", encoding="utf-8") as handle:
         handle.write(f"\n$ sonocl {' '.join(args)}\n")
         handle.flush()
-        code = subprocess.call([sys.executable, "-m", "sonocl", *args], stdout=handle, stderr=subprocess.STDOUT,
-                               cwd=REPO)
+        code = subprocess.call(
+            [sys.executable, "-m", "sonocl", *args], stdout=handle, stderr=subprocess.STDOUT, cwd=REPO
+        )
     if code:
         tail = log.read_text(encoding="utf-8").splitlines()[-15:]
         raise SystemExit(f"sonocl {args[0]} failed ({code}); {log}:\n" + "\n".join(tail))
@@ -98,9 +120,14 @@ def labels_csv(path: Path) -> None:
         patient = r["Patient ID / Name"].strip()
         findings = [name for name in FINDINGS if r[name].strip() == "1"]
         known = all(r[name].strip() in ("0", "1") for name in FINDINGS)
-        out.append({"file": r["Filename"], "label": LABELS.get(r["Label"].strip(), r["Label"].strip()),
-                    "patient": f"{r['Current location'].strip()}/{patient}" if patient else r["Filename"],
-                    "findings": ("+".join(findings) or "none") if known else ""})
+        out.append(
+            {
+                "file": r["Filename"],
+                "label": LABELS.get(r["Label"].strip(), r["Label"].strip()),
+                "patient": f"{r['Current location'].strip()}/{patient}" if patient else r["Filename"],
+                "findings": ("+".join(findings) or "none") if known else "",
+            }
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=["file", "label", "patient", "findings"])
@@ -117,7 +144,9 @@ def run_row(row: Row, root: Path, store: Path, protocols: tuple[str, ...]) -> No
         resume = ["--resume"] if (run / "checkpoints" / "last.pt").exists() else []
         if not (run / "encoder.safetensors").exists() or resume:
             started = time.perf_counter()
-            sonocl("pretrain", "--store", str(store), "--out", str(run), "--no-progress", *row.pretrain, *resume, log=log)
+            sonocl(
+                "pretrain", "--store", str(store), "--out", str(run), "--no-progress", *row.pretrain, *resume, log=log
+            )
             (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
     for protocol in (p for p in row.protocols if p in protocols):
         out = root / "eval" / protocol / slug
@@ -125,14 +154,24 @@ def run_row(row: Row, root: Path, store: Path, protocols: tuple[str, ...]) -> No
             continue
         common = ["--store", str(store), *EVALUATION, *PROTOCOLS[protocol], "--out", str(out)]
         if row.per_fold:
-            sonocl("study", "--pretrain", " ".join(row.pretrain), "--runs", str(root / "pretrain" / slug),
-                   "--name", row.name, *common, log=log)
+            sonocl(
+                "study",
+                "--pretrain",
+                " ".join(row.pretrain),
+                "--runs",
+                str(root / "pretrain" / slug),
+                "--name",
+                row.name,
+                *common,
+                log=log,
+            )
         else:
             init = "random" if row.pretrain is None else str(root / "pretrain" / slug)
             sonocl("evaluate", "--init", init, "--name", row.name, *common, log=log)
 
 
 # ------------------------------------------------------------------------------------------------- tables
+
 
 def collect(root: Path) -> list[dict]:
     """One record per row × protocol × seed × fold from every results.json of the study."""
@@ -148,17 +187,27 @@ def collect(root: Path) -> list[dict]:
                 budget = _budget(root, row, slug)
                 for run in entry["runs"]:
                     by_epoch = run.get("test_accuracy_by_epoch") or []
-                    records.append({
-                        "row": row.name, "init": "random" if row.pretrain is None else "pretrained",
-                        "method": None if row.pretrain is None else row.pretrain[1], "protocol": protocol,
-                        "budget_pairs": budget, "pretraining": _pretraining(row, entry),
-                        "selection": results["config"]["selection"], "seed": run["seed"], "fold": run["fold"],
-                        "video_accuracy": run["video"]["accuracy"], "frame_accuracy": run["frame"]["accuracy"],
-                        "video_balanced_accuracy": run["video"]["balanced_accuracy"],
-                        "video_macro_f1": run["video"]["macro_f1"], "video_auc": run["video"].get("macro_auc"),
-                        "max_test_frame_accuracy": max(by_epoch) if by_epoch else None,
-                        "input": entry.get("input"), "seconds": run["seconds"],
-                    })
+                    records.append(
+                        {
+                            "row": row.name,
+                            "init": "random" if row.pretrain is None else "pretrained",
+                            "method": None if row.pretrain is None else row.pretrain[1],
+                            "protocol": protocol,
+                            "budget_pairs": budget,
+                            "pretraining": _pretraining(row, entry),
+                            "selection": results["config"]["selection"],
+                            "seed": run["seed"],
+                            "fold": run["fold"],
+                            "video_accuracy": run["video"]["accuracy"],
+                            "frame_accuracy": run["frame"]["accuracy"],
+                            "video_balanced_accuracy": run["video"]["balanced_accuracy"],
+                            "video_macro_f1": run["video"]["macro_f1"],
+                            "video_auc": run["video"].get("macro_auc"),
+                            "max_test_frame_accuracy": max(by_epoch) if by_epoch else None,
+                            "input": entry.get("input"),
+                            "seconds": run["seconds"],
+                        }
+                    )
     return records
 
 
@@ -188,10 +237,14 @@ def tables(records: list[dict], root: Path) -> str:
             continue
         rows = [row for row in ROWS if any(r["row"] == row.name for r in chosen)]
         baseline = {(r["seed"], r["fold"]): r["video_accuracy"] for r in chosen if r["row"] == "random"}
-        lines += [f"### {protocol}", "",
-                  "| row | pretraining | budget (pairs) | runs | video acc | frame acc | video bal. acc | video macro-F1 | "
-                  "video AUC | Δ video acc vs random (paired, ± SE) | pretrain wall |" + (" max-test frame acc (optimistic) |" if protocol == "last-block" else ""),
-                  "|" + "---|" * (11 + (protocol == "last-block"))]
+        lines += [
+            f"### {protocol}",
+            "",
+            "| row | pretraining | budget (pairs) | runs | video acc | frame acc | video bal. acc | video macro-F1 | "
+            "video AUC | Δ video acc vs random (paired, ± SE) | pretrain wall |"
+            + (" max-test frame acc (optimistic) |" if protocol == "last-block" else ""),
+            "|" + "---|" * (11 + (protocol == "last-block")),
+        ]
         for row in rows:
             mine = [r for r in chosen if r["row"] == row.name]
             cells = []
@@ -199,8 +252,11 @@ def tables(records: list[dict], root: Path) -> str:
                 values = [r[key] for r in mine if r[key] is not None]
                 mean, std = _mean_std(values) if values else (math.nan, math.nan)
                 cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}" if values else "–")
-            pairs = [r["video_accuracy"] - baseline[(r["seed"], r["fold"])] for r in mine
-                     if (r["seed"], r["fold"]) in baseline]
+            pairs = [
+                r["video_accuracy"] - baseline[(r["seed"], r["fold"])]
+                for r in mine
+                if (r["seed"], r["fold"]) in baseline
+            ]
             if row.name != "random" and len(pairs) > 1:
                 mean, std = _mean_std(pairs)
                 se = std / math.sqrt(len(pairs))
@@ -209,8 +265,15 @@ def tables(records: list[dict], root: Path) -> str:
             else:
                 delta = "–"
             wall = _wall(root, row)
-            cell = [row.name, mine[0]["pretraining"], f"{mine[0]['budget_pairs']:,}" if mine[0]["budget_pairs"] else "–",
-                    str(len(mine)), *cells, delta, wall]
+            cell = [
+                row.name,
+                mine[0]["pretraining"],
+                f"{mine[0]['budget_pairs']:,}" if mine[0]["budget_pairs"] else "–",
+                str(len(mine)),
+                *cells,
+                delta,
+                wall,
+            ]
             if protocol == "last-block":
                 best = [r["max_test_frame_accuracy"] for r in mine if r["max_test_frame_accuracy"] is not None]
                 cell.append(f"{100 * _mean_std(best)[0]:.1f}" if best else "–")
@@ -240,16 +303,21 @@ def write_outputs(root: Path) -> None:
     records = collect(root)
     study = REPO / "docs" / "study" / "pocus.json"
     study.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"schema": "sonocl.study/1", "command": "python benchmarks/pocus_study.py", "machine": platform.node(),
-            "cpus": os.cpu_count(), "updated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "budget": {"steps": STEPS, "batch_size": BATCH, "pairs": STEPS * BATCH, "size": SIZE}}
+    meta = {
+        "schema": "sonocl.study/1",
+        "command": "python benchmarks/pocus_study.py",
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "updated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "budget": {"steps": STEPS, "batch_size": BATCH, "pairs": STEPS * BATCH, "size": SIZE},
+    }
     study.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
     results = REPO / "docs" / "results.md"
     text = results.read_text()
     begin, end = "<!-- pocus-study:begin (written by benchmarks/pocus_study.py) -->", "<!-- pocus-study:end -->"
     body = f"{begin}\n\nUpdated {meta['updated']}; {len(records)} fold runs in `docs/study/pocus.json`.\n\n{tables(records, root)}\n{end}"
     if begin in text:
-        text = text[: text.index(begin)] + body + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + body + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + body + "\n"
     results.write_text(text)
@@ -267,9 +335,25 @@ def main() -> int:
     if not args.tables_only:
         if not (root / "store.done").exists():  # ingest is incremental: a rerun adds only what is missing
             labels_csv(root / "labels.csv")
-            sonocl("ingest", str(DATA / "pocus_videos" / "convex"), "--out", str(store), "--size", "128",
-                   "--labels", str(root / "labels.csv"), "--id-column", "file", "--label-column", "label",
-                   "--group-column", "patient", "--extra-columns", "findings", log=root / "logs" / "ingest.log")
+            sonocl(
+                "ingest",
+                str(DATA / "pocus_videos" / "convex"),
+                "--out",
+                str(store),
+                "--size",
+                "128",
+                "--labels",
+                str(root / "labels.csv"),
+                "--id-column",
+                "file",
+                "--label-column",
+                "label",
+                "--group-column",
+                "patient",
+                "--extra-columns",
+                "findings",
+                log=root / "logs" / "ingest.log",
+            )
             (root / "store.done").write_text("")
         # The cheap protocols for every row first, then the last-block fine-tuning (3 seeds) of LAST_BLOCK.
         for phase in (("knn", "linear"), ("last-block",)):

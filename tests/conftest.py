@@ -15,13 +15,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def phantom_store(tmp_path_factory: pytest.TempPathFactory) -> FrameStore:
     """12 phantom videos (4 per class, 6 patients) of 24 frames at 64 px, written straight into a frame store."""
-    return build_phantom_store(tmp_path_factory.mktemp("phantom_store"), num_videos=12, frames_per_video=24, size=64, seed=0)
+    return build_phantom_store(
+        tmp_path_factory.mktemp("phantom_store"), num_videos=12, frames_per_video=24, size=64, seed=0
+    )
 
 
 @pytest.fixture(scope="session")
 def phantom_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder as a user brings it: ``videos/`` (mp4, some DICOM cine) and ``labels.csv``; 9 videos, 16 frames, 96 px."""
-    return write_phantom_dataset(tmp_path_factory.mktemp("phantom_dataset"), num_videos=9, frames_per_video=16, size=96, seed=1)
+    return write_phantom_dataset(
+        tmp_path_factory.mktemp("phantom_dataset"), num_videos=9, frames_per_video=16, size=96, seed=1
+    )
 
 
 @pytest.fixture(scope="session")

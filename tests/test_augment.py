@@ -49,7 +49,9 @@ def test_crop_boxes_respect_scale_and_ratio():
     assert ratio.min() >= 0.75 - 0.01 and ratio.max() <= 1.5 + 0.01
     # Same distribution as torchvision's rejection sampler (which also rejects wide crops of large area).
     torch.manual_seed(0)
-    reference = torch.tensor([RandomResizedCrop.get_params(torch.empty(1, 224, 224), [0.3, 0.9], [0.75, 1.5]) for _ in range(4000)])
+    reference = torch.tensor(
+        [RandomResizedCrop.get_params(torch.empty(1, 224, 224), [0.3, 0.9], [0.75, 1.5]) for _ in range(4000)]
+    )
     reference_area = reference[:, 2] * reference[:, 3] / 224**2
     reference_ratio = reference[:, 3] / reference[:, 2]
     assert abs(area.mean().item() - reference_area.float().mean().item()) < 0.015
@@ -63,12 +65,17 @@ def test_crop_content_comes_from_the_box():
     crop that lies inside it."""
     image = torch.ones(1, 1, 64, 64)
     image[..., 8:56, 8:56] = 0.0
-    size, config = 64, AugmentConfig(crop_scale=(0.05, 0.1), crop_ratio=(1.0, 1.0), flip_p=0.0, brightness=0.0, contrast=0.0)
+    size, config = (
+        64,
+        AugmentConfig(crop_scale=(0.05, 0.1), crop_ratio=(1.0, 1.0), flip_p=0.0, brightness=0.0, contrast=0.0),
+    )
     augment = BatchAugment(config, size)
     images = image.expand(200, 1, 64, 64)
     boxes = augment.crop_boxes(200, _gen(3), torch.device("cpu"))
     out = augment(images, _gen(3))
-    inside = (boxes[:, 0] >= 9) & (boxes[:, 1] >= 9) & (boxes[:, 0] + boxes[:, 2] <= 55) & (boxes[:, 1] + boxes[:, 3] <= 55)
+    inside = (
+        (boxes[:, 0] >= 9) & (boxes[:, 1] >= 9) & (boxes[:, 0] + boxes[:, 2] <= 55) & (boxes[:, 1] + boxes[:, 3] <= 55)
+    )
     assert inside.sum() > 20
     assert out[inside].max() == 0.0 and out[~inside].amax(dim=(1, 2, 3)).gt(0).any()
 
@@ -130,8 +137,9 @@ def test_resize_and_normalize():
 def test_resize_matches_torch_antialiased_bilinear(height, width, size):
     """The two-matrix-product resize gives F.interpolate's antialiased bilinear result, shrinking or enlarging."""
     frames = torch.randint(0, 256, (5, 1, height, width), dtype=torch.uint8)
-    expected = F.interpolate(frames.float() / 255, size=(size, size), mode="bilinear", align_corners=False,
-                             antialias=True).clamp(0, 1)
+    expected = F.interpolate(
+        frames.float() / 255, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    ).clamp(0, 1)
     torch.testing.assert_close(augment_module._unit_float(frames, size, always=True), expected, atol=1e-6, rtol=0)
     in_double = augment_module._resize(frames.double(), size)
     assert in_double.dtype == torch.float64

@@ -38,10 +38,19 @@ from sonocl.data.decode import (
 )
 from sonocl.data.preprocess import CropBox, FramePreparer, find_ultrasound_region, select_frames
 
-VIDEO_CODECS = {".mp4": "libx264", ".avi": "mjpeg", ".mkv": "ffv1", ".mov": "mpeg4", ".mpeg": "mpeg1video", ".gif": "gif"}
+VIDEO_CODECS = {
+    ".mp4": "libx264",
+    ".avi": "mjpeg",
+    ".mkv": "ffv1",
+    ".mov": "mpeg4",
+    ".mpeg": "mpeg1video",
+    ".gif": "gif",
+}
 
 
-def scan_frames(count: int, height: int, width: int, seed: int = 0, region: tuple[int, int, int, int] | None = None) -> np.ndarray:
+def scan_frames(
+    count: int, height: int, width: int, seed: int = 0, region: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
     """Frames with a moving speckled scan in ``region`` (top, left, bottom, right) on black, uint8 (T, H, W)."""
     rng = np.random.default_rng(seed)
     top, left, bottom, right = region or (0, 0, height, width)
@@ -359,7 +368,9 @@ def test_stored_frames_are_the_crop_box_resized(tmp_path: Path, region: tuple[in
     assert box is not None and abs(box.top - region[0]) <= 5 and abs(box.right - region[3]) <= 5
     greys, _, _ = decode_all(path)
     for grey, frame in zip(greys, stored):
-        expected = np.asarray(Image.fromarray(grey[box.top : box.bottom, box.left : box.right]).resize((24, 24), Image.BOX))
+        expected = np.asarray(
+            Image.fromarray(grey[box.top : box.bottom, box.left : box.right]).resize((24, 24), Image.BOX)
+        )
         inner = (slice(1, -1), slice(1, -1))  # the outer ring depends on each scaler's filter support at the black edge
         assert np.abs(frame[inner].astype(int) - expected[inner]).mean() < 3
 

@@ -38,14 +38,42 @@ def test_parquet_rows_columns_and_features(phantom_store, encoder_file: Path, tm
     import pyarrow.parquet as pq
 
     out = tmp_path / "embeddings.parquet"
-    assert main(["embed", "--store", str(phantom_store.root), "--init", str(encoder_file), "--out", str(out),
-                 "--fps", "5", "--batch-size", "7", "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--store",
+                str(phantom_store.root),
+                "--init",
+                str(encoder_file),
+                "--out",
+                str(out),
+                "--fps",
+                "5",
+                "--batch-size",
+                "7",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     table = pq.read_table(out)
     expected_rows = sum(len(sample_frames(np.asarray(v.timestamps), 5.0, 0)) for v in phantom_store.videos)
     assert table.num_rows == expected_rows
     extra = sorted(phantom_store.videos[0].extra_labels)
-    assert table.column_names == ["video_id", "video_index", "frame_index", "frame", "timestamp", "group", "label",
-                                  *extra, "embedding"]
+    assert table.column_names == [
+        "video_id",
+        "video_index",
+        "frame_index",
+        "frame",
+        "timestamp",
+        "group",
+        "label",
+        *extra,
+        "embedding",
+    ]
     metadata = json.loads(table.schema.metadata[b"sonocl"])
     assert (metadata["size"], metadata["mean"], metadata["std"]) == (32, 0.4, 0.3)  # from the encoder's metadata
     columns = table.to_pydict()
@@ -61,8 +89,27 @@ def test_parquet_rows_columns_and_features(phantom_store, encoder_file: Path, tm
 
 def test_npz_every_nth_frame(phantom_store, tmp_path: Path) -> None:
     out = tmp_path / "embeddings.npz"
-    assert main(["embed", "--store", str(phantom_store.root), "--init", "random", "--out", str(out), "--every", "6",
-                 "--size", "32", "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--store",
+                str(phantom_store.root),
+                "--init",
+                "random",
+                "--out",
+                str(out),
+                "--every",
+                "6",
+                "--size",
+                "32",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     data = np.load(out)
     per_video = [len(range(0, v.num_frames, 6)) for v in phantom_store.videos]
     assert data["embeddings"].shape == (sum(per_video), 512) and data["embeddings"].dtype == np.float32
@@ -73,5 +120,7 @@ def test_npz_every_nth_frame(phantom_store, tmp_path: Path) -> None:
 
 
 def test_embed_rejects_other_extensions(phantom_store, tmp_path: Path, capsys) -> None:
-    assert main(["embed", "--store", str(phantom_store.root), "--init", "random", "--out", str(tmp_path / "e.csv")]) == 2
+    assert (
+        main(["embed", "--store", str(phantom_store.root), "--init", "random", "--out", str(tmp_path / "e.csv")]) == 2
+    )
     assert ".parquet or .npz" in capsys.readouterr().err

@@ -104,7 +104,9 @@ def test_last_block_trains_only_the_last_block_and_updates_frozen_bn():
     assert torch.equal(before, backbone.bn1.running_mean)
 
 
-@pytest.mark.parametrize("stride, padding, dilation, bias", [(1, 1, 1, False), (2, 1, 1, True), (1, 2, 2, False), (2, 0, 1, False)])
+@pytest.mark.parametrize(
+    "stride, padding, dilation, bias", [(1, 1, 1, False), (2, 1, 1, True), (1, 2, 2, False), (2, 0, 1, False)]
+)
 def test_gemm_conv_equals_conv2d(stride, padding, dilation, bias):
     conv = torch.nn.Conv2d(6, 5, 3, stride=stride, padding=padding, dilation=dilation, bias=bias)
     gemm = GemmConv2d.sharing(conv)
@@ -130,7 +132,10 @@ def test_cpu_optimised_model_matches_the_plain_one(protocol, size):
     tuned.head.load_state_dict(plain.head.state_dict())
     tuned.optimise_for_cpu(size)
     gemm_convs = sum(isinstance(m, GemmConv2d) for m in tuned.modules())
-    assert gemm_convs == {("last-block", 64): 2, ("last-block", 160): 0, ("full", 64): 10, ("linear", 32): 0}[(protocol, size)]
+    assert (
+        gemm_convs
+        == {("last-block", 64): 2, ("last-block", 160): 0, ("full", 64): 10, ("linear", 32): 0}[(protocol, size)]
+    )
     x = torch.rand(6, 3, size, size, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     outputs = []
@@ -149,7 +154,9 @@ def test_cpu_optimised_model_matches_the_plain_one(protocol, size):
 
 def test_selection_modes_on_one_run(data):
     backbone, report = load_init("random", "resnet18", 1)
-    max_test = evaluate_init(data, backbone, report, "random", _config(protocol="linear", epochs=3, selection="max-test"))
+    max_test = evaluate_init(
+        data, backbone, report, "random", _config(protocol="linear", epochs=3, selection="max-test")
+    )
     assert max_test["optimistic"] and max_test["selection_note"] == OPTIMISTIC
     for run in max_test["runs"]:
         by_epoch = run["test_accuracy_by_epoch"]
@@ -175,11 +182,16 @@ def test_inner_val_tests_the_snapshot_of_its_selected_epoch(data):
     once = evaluate_init(data, backbone, report, "random", _config(**settings))
     every = evaluate_init(data, backbone, report, "random", _config(**settings, test_every_epoch=True))
     for run_once, run_every in zip(once["runs"], every["runs"], strict=True):
-        assert run_once["val_videos"] > 0 and run_once["train_videos"] + run_once["val_videos"] + run_once["test_videos"] == 12
+        assert (
+            run_once["val_videos"] > 0
+            and run_once["train_videos"] + run_once["val_videos"] + run_once["test_videos"] == 12
+        )
         val = run_once["val_balanced_accuracy_by_epoch"]
         assert run_once["selected_epoch"] == select_epoch("inner-val", None, val) + 1 == run_every["selected_epoch"]
         assert run_once["test_accuracy_by_epoch"] is None and len(run_every["test_accuracy_by_epoch"]) == 3
-        assert run_once["frame"]["accuracy"] == pytest.approx(run_every["test_accuracy_by_epoch"][run_every["selected_epoch"] - 1])
+        assert run_once["frame"]["accuracy"] == pytest.approx(
+            run_every["test_accuracy_by_epoch"][run_every["selected_epoch"] - 1]
+        )
         assert run_once["frame"]["confusion"] == run_every["frame"]["confusion"]
     assert any(run["selected_epoch"] < 3 for run in once["runs"])  # a snapshot before the last epoch was restored
 
@@ -207,17 +219,46 @@ def test_end_to_end_cli_writes_all_outputs(phantom_store, tmp_path, capsys):
     checkpoint = tmp_path / "uscl_best_model.pth"
     _uscl_checkpoint(checkpoint)
     out = tmp_path / "eval"
-    code = main([
-        "evaluate", "--store", str(phantom_store.root), "--init", "random", str(checkpoint), "--name", "scratch", "uscl",
-        "--protocol", "last-block", "--epochs", "2", "--batch-size", "16", "--size", "32", "--folds", "3",
-        "--fps", "3", "--selection", "max-test", "--device", "cpu", "--out", str(out),
-    ])
+    code = main(
+        [
+            "evaluate",
+            "--store",
+            str(phantom_store.root),
+            "--init",
+            "random",
+            str(checkpoint),
+            "--name",
+            "scratch",
+            "uscl",
+            "--protocol",
+            "last-block",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--size",
+            "32",
+            "--folds",
+            "3",
+            "--fps",
+            "3",
+            "--selection",
+            "max-test",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert [entry["label"] for entry in results["inits"]] == ["scratch", "uscl"]
     assert results["optimistic"] and results["config"]["recipe"] == "meta-uscl" and results["config"]["lr"] == 0.01
     uscl = results["inits"][1]
-    assert uscl["init_report"]["kind"] == "foreign" and sorted(uscl["init_report"]["ignored"]) == ["fc.weight", "l1.weight"]
+    assert uscl["init_report"]["kind"] == "foreign" and sorted(uscl["init_report"]["ignored"]) == [
+        "fc.weight",
+        "l1.weight",
+    ]
     for entry in results["inits"]:
         assert len(entry["runs"]) == 3 and entry["selection_note"] == OPTIMISTIC
         assert set(entry["summary"]["video"]) == {"accuracy", "balanced_accuracy", "macro_f1", "macro_auc"}
@@ -230,8 +271,19 @@ def test_end_to_end_cli_writes_all_outputs(phantom_store, tmp_path, capsys):
         rows = list(csv.DictReader(handle))
     frames_per_video = 4  # 24 frames at 20 fps, sampled at 3 fps: 0, 0.35, 0.65, 1.0 s
     assert len(rows) == 2 * 12 * frames_per_video
-    assert set(rows[0]) == {"init", "video_id", "frame_index", "fold", "seed", "label", "p_covid", "p_pneumonia",
-                            "p_regular", "predicted", "selection"}
+    assert set(rows[0]) == {
+        "init",
+        "video_id",
+        "frame_index",
+        "fold",
+        "seed",
+        "label",
+        "p_covid",
+        "p_pneumonia",
+        "p_regular",
+        "predicted",
+        "selection",
+    }
     assert all(OPTIMISTIC in row["selection"] for row in rows)
     folds_of_video = {(row["init"], row["video_id"]): set() for row in rows}
     for row in rows:
@@ -243,8 +295,27 @@ def test_end_to_end_cli_writes_all_outputs(phantom_store, tmp_path, capsys):
 def test_parallel_jobs_give_the_same_results_as_one_process(phantom_store, tmp_path):
     """--jobs 2 runs the fold runs in 2 spawned single-thread workers: same predictions, same order, as the
     in-process run with one thread; results.json records the jobs."""
-    common = ["evaluate", "--store", str(phantom_store.root), "--init", "random", "random", "--name", "a", "b",
-              "--epochs", "2", "--batch-size", "16", "--size", "32", "--folds", "2", "--device", "cpu"]
+    common = [
+        "evaluate",
+        "--store",
+        str(phantom_store.root),
+        "--init",
+        "random",
+        "random",
+        "--name",
+        "a",
+        "b",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--size",
+        "32",
+        "--folds",
+        "2",
+        "--device",
+        "cpu",
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -267,12 +338,34 @@ def test_still_images_and_bad_init(tmp_path, capsys):
         for index in range(9):
             label = ("benign", "malignant", "normal")[index % 3]
             image = (rng.random((32, 32)) * 80 + 60 * (index % 3)).astype(np.uint8)
-            writer.add_video([image], id=f"img{index}", source=f"{label}/img{index}.png", label=label, group=f"img{index}",
-                             fps=None, timestamps=[0.0], original_size=(32, 32), crop_box=(0, 0, 32, 32),
-                             content_hash=hashlib.sha256(image.tobytes()).hexdigest())
+            writer.add_video(
+                [image],
+                id=f"img{index}",
+                source=f"{label}/img{index}.png",
+                label=label,
+                group=f"img{index}",
+                fps=None,
+                timestamps=[0.0],
+                original_size=(32, 32),
+                crop_box=(0, 0, 32, 32),
+                content_hash=hashlib.sha256(image.tobytes()).hexdigest(),
+            )
     out = tmp_path / "eval"
-    args = ["evaluate", "--store", str(tmp_path / "images"), "--protocol", "knn", "--size", "32", "--folds", "3",
-            "--device", "cpu", "--out", str(out)]
+    args = [
+        "evaluate",
+        "--store",
+        str(tmp_path / "images"),
+        "--protocol",
+        "knn",
+        "--size",
+        "32",
+        "--folds",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     assert main([*args, "--init", "random"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["num_frames"] == 9 and results["inits"][0]["pooled"]["frame"]["n"] == 9

@@ -20,8 +20,21 @@ from sonocl.evaluate.inits import load_init
 from sonocl.models import encoder_metadata, read_state_dict
 from test_segment import _synthetic_dataset
 
-TINY_RUN = ["--epochs", "1", "--batch-size", "8", "--size", "32", "--threads", "1", "--workers", "0",
-            "--precision", "fp32", "--no-progress"]
+TINY_RUN = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--size",
+    "32",
+    "--threads",
+    "1",
+    "--workers",
+    "0",
+    "--precision",
+    "fp32",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +44,31 @@ def run_and_eval(phantom_store, tmp_path_factory: pytest.TempPathFactory) -> tup
     run, evaluation = root / "run", root / "eval"
     store = str(phantom_store.root)
     assert main(["pretrain", "--store", store, "--method", "simclr", "--out", str(run), *TINY_RUN]) == 0
-    assert main(["evaluate", "--store", store, "--init", "random", str(run), "--protocol", "knn", "--folds", "2",
-                 "--size", "32", "--fps", "0", "--frames-per-video", "4", "--out", str(evaluation)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--store",
+                store,
+                "--init",
+                "random",
+                str(run),
+                "--protocol",
+                "knn",
+                "--folds",
+                "2",
+                "--size",
+                "32",
+                "--fps",
+                "0",
+                "--frames-per-video",
+                "4",
+                "--out",
+                str(evaluation),
+            ]
+        )
+        == 0
+    )
     return run, evaluation
 
 
@@ -128,14 +164,59 @@ def test_evaluate_and_segment_take_the_bundle_as_init(phantom_store, bundle: Pat
     model, report = load_init(str(bundle), "resnet18", 1)
     assert report.kind == "sonocl" and report.source == str(bundle / "encoder.safetensors")
     assert report.metadata["size"] == 32
-    assert main(["evaluate", "--store", str(phantom_store.root), "--init", str(bundle), "--protocol", "knn",
-                 "--folds", "2", "--size", "32", "--fps", "0", "--frames-per-video", "2",
-                 "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--store",
+                str(phantom_store.root),
+                "--init",
+                str(bundle),
+                "--protocol",
+                "knn",
+                "--folds",
+                "2",
+                "--size",
+                "32",
+                "--fps",
+                "0",
+                "--frames-per-video",
+                "2",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["inits"][0]["init_report"]["kind"] == "sonocl"
     images, masks, _ = _synthetic_dataset(tmp_path / "seg", count=8)
-    assert main(["segment", "--images", str(images), "--masks", str(masks), "--init", str(bundle), "--folds", "2",
-                 "--size", "32", "--epochs", "1", "--batch-size", "4", "--overlays", "0", "--freeze-encoder",
-                 "--out", str(tmp_path / "segment")]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                "--images",
+                str(images),
+                "--masks",
+                str(masks),
+                "--init",
+                str(bundle),
+                "--folds",
+                "2",
+                "--size",
+                "32",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--overlays",
+                "0",
+                "--freeze-encoder",
+                "--out",
+                str(tmp_path / "segment"),
+            ]
+        )
+        == 0
+    )
     [init] = json.loads((tmp_path / "segment" / "results.json").read_text())["inits"]
     assert init["init_report"]["kind"] == "sonocl" and init["init_report"]["loaded"] > 0
 

@@ -11,9 +11,27 @@ import pytest
 
 from sonocl.cli import main
 
-PRETRAIN = ["--epochs", "1", "--batch-size", "4", "--size", "32", "--precision", "fp32", "--workers", "0",
-            "--no-progress", "--threads", "1", "--set", "options.items=videos", "--set", "model.projection_hidden=64",
-            "--set", "knn_frames_per_video=2"]
+PRETRAIN = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+    "--size",
+    "32",
+    "--precision",
+    "fp32",
+    "--workers",
+    "0",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--set",
+    "options.items=videos",
+    "--set",
+    "model.projection_hidden=64",
+    "--set",
+    "knn_frames_per_video=2",
+]
 EVALUATE = ["--protocol", "knn", "--folds", "3", "--fps", "0", "--frames-per-video", "4", "--device", "cpu"]
 
 
@@ -41,12 +59,16 @@ def test_provenance_records_what_the_run_saw(labelled_run: Path, unlabelled_run:
     assert not set(labelled["trained_on"]) & set(labelled["held_out"])
     assert set(labelled["labels_used"]) == set(labelled["trained_on"]) and labelled["label_columns"] == ["label"]
     assert unlabelled["labels_used"] == [] and unlabelled["label_columns"] == []
-    assert labelled["budget"] == {"steps": len(labelled["trained_on"]) // 4, "batch_size": 4,
-                                  "pairs": 4 * (len(labelled["trained_on"]) // 4)}
+    assert labelled["budget"] == {
+        "steps": len(labelled["trained_on"]) // 4,
+        "batch_size": 4,
+        "pairs": 4 * (len(labelled["trained_on"]) // 4),
+    }
 
 
-def test_a_label_leak_is_refused_with_the_count_and_the_fixes(labelled_run: Path, phantom_store, tmp_path: Path,
-                                                               capsys) -> None:
+def test_a_label_leak_is_refused_with_the_count_and_the_fixes(
+    labelled_run: Path, phantom_store, tmp_path: Path, capsys
+) -> None:
     argv = ["evaluate", "--store", str(phantom_store.root), "--init", str(labelled_run), *EVALUATE]
     assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
     message = capsys.readouterr().err
@@ -60,24 +82,60 @@ def test_a_label_leak_is_refused_with_the_count_and_the_fixes(labelled_run: Path
     assert "LABEL LEAK" in (tmp_path / "allowed" / "results.md").read_text()
 
 
-def test_a_transductive_run_is_stamped_and_uses_its_own_normalisation(unlabelled_run: Path, phantom_store,
-                                                                     tmp_path: Path) -> None:
+def test_a_transductive_run_is_stamped_and_uses_its_own_normalisation(
+    unlabelled_run: Path, phantom_store, tmp_path: Path
+) -> None:
     out = tmp_path / "eval"
-    assert main(["evaluate", "--store", str(phantom_store.root), "--init", "random", str(unlabelled_run),
-                 "--name", "random", "uscl", *EVALUATE, "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--store",
+                str(phantom_store.root),
+                "--init",
+                "random",
+                str(unlabelled_run),
+                "--name",
+                "random",
+                "uscl",
+                *EVALUATE,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     random_init, uscl = results["inits"]
     seen = uscl["pretraining_overlap"]
     assert seen["labels_seen"] == 0 and seen["seen"] == seen["test_videos"] == phantom_store.num_videos
-    assert seen["note"] == f"transductive: {seen['seen']} of {seen['test_videos']} test videos seen in pretraining (without labels)"
+    assert (
+        seen["note"]
+        == f"transductive: {seen['seen']} of {seen['test_videos']} test videos seen in pretraining (without labels)"
+    )
     assert random_init["pretraining_overlap"]["note"] == ""
     assert seen["note"] in (out / "results.md").read_text()
     # each encoder as it was trained: USCL's 32 px and 0.5 / 0.25; random init gets the recipe's 64 px and 0.18 / 0.24
     assert (uscl["input"]["size"], uscl["input"]["mean"], uscl["input"]["std"]) == (32, 0.5, 0.25)
     assert uscl["input"]["source"].startswith("encoder")
     assert (random_init["input"]["size"], random_init["input"]["mean"], random_init["input"]["std"]) == (64, 0.18, 0.24)
-    assert main(["evaluate", "--store", str(phantom_store.root), "--init", str(unlabelled_run), *EVALUATE,
-                 "--input", "recipe", "--out", str(tmp_path / "recipe")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--store",
+                str(phantom_store.root),
+                "--init",
+                str(unlabelled_run),
+                *EVALUATE,
+                "--input",
+                "recipe",
+                "--out",
+                str(tmp_path / "recipe"),
+            ]
+        )
+        == 0
+    )
     as_recipe = json.loads((tmp_path / "recipe" / "results.json").read_text())["inits"][0]["input"]
     assert (as_recipe["size"], as_recipe["mean"]) == (64, 0.18) and "--input recipe" in as_recipe["source"]
 
@@ -92,8 +150,9 @@ def test_per_fold_pretraining_never_sees_its_test_videos_and_resumes(phantom_sto
     results = json.loads((tmp_path / "results.json").read_text())
     entry = results["inits"][0]
     assert entry["label"] == "uscl (per fold)" and entry["pretraining_overlap"]["seen"] == 0
-    config = EvalConfig.from_recipe("meta-uscl", protocol="knn", folds=3, fps=0, frames_per_video=4, device="cpu",
-                                    group_by="group")  # the phantom has patients: the study groups by them
+    config = EvalConfig.from_recipe(
+        "meta-uscl", protocol="knn", folds=3, fps=0, frames_per_video=4, device="cpu", group_by="group"
+    )  # the phantom has patients: the study groups by them
     data = load_eval_data(phantom_store, config)
     for fold, (_, test) in enumerate(fold_splits(data, config, seed=0)):
         provenance = json.loads((tmp_path / "pretrain" / f"seed0_fold{fold}" / "provenance.json").read_text())
@@ -105,4 +164,6 @@ def test_per_fold_pretraining_never_sees_its_test_videos_and_resumes(phantom_sto
     assert main(argv) == 0
     assert (tmp_path / "folds" / "seed0_fold0.npz").stat().st_mtime_ns == first  # finished folds are read back
     again = json.loads((tmp_path / "results.json").read_text())["inits"][0]
-    np.testing.assert_allclose(again["summary"]["video"]["accuracy"]["mean"], entry["summary"]["video"]["accuracy"]["mean"])
+    np.testing.assert_allclose(
+        again["summary"]["video"]["accuracy"]["mean"], entry["summary"]["video"]["accuracy"]["mean"]
+    )

@@ -18,12 +18,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pytest
 from PIL import Image
-from test_decode import scan_frames, write_dicom, write_video
 
 from sonocl.cli import main
 from sonocl.data.ingest import TEMP_DIR, Decoded, DecodeTask, Failed, Source, decode_to_file, run_tasks
 from sonocl.data.labels import hashed_group
 from sonocl.data.store import REPORT_FILE, FrameStore, FrameStoreWriter
+from test_decode import scan_frames, write_dicom, write_video
 
 RULES = "cov=covid,pneu=pneumonia,reg=regular,vir=viral"
 PLANTED_NAME = "Planted^Patientname"
@@ -42,7 +42,13 @@ def make_tree(root: Path) -> Path:
     write_video(root / "convex" / "Pneu_c.gif", scan_frames(6, 32, 32, seed=3), fps=5)
     Image.fromarray(scan_frames(1, 30, 40, seed=4)[0]).save(root / "Reg_still.png")
     (root / "dicom").mkdir()
-    write_dicom(root / "dicom" / "Vir_cine.dcm", scan_frames(5, 24, 24, seed=5), fps=20, patient_name=PLANTED_NAME, patient_id=PLANTED_ID)
+    write_dicom(
+        root / "dicom" / "Vir_cine.dcm",
+        scan_frames(5, 24, 24, seed=5),
+        fps=20,
+        patient_name=PLANTED_NAME,
+        patient_id=PLANTED_ID,
+    )
     clip = root / "clips" / "Reg_clip"
     clip.mkdir(parents=True)
     for index, frame in enumerate(scan_frames(12, 20, 20, seed=6), start=1):
@@ -70,7 +76,9 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_every_source_kind_goes_in_with_labels_ids_and_timing(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_source_kind_goes_in_with_labels_ids_and_timing(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     store_dir = tmp_path / "store"
     assert ingest(tree, "--out", store_dir, "--size", "32", "--label-from-name", RULES) == 0
     assert "6 added, 0 already in store, 0 skipped" in capsys.readouterr().out
@@ -92,7 +100,9 @@ def test_every_source_kind_goes_in_with_labels_ids_and_timing(tree: Path, tmp_pa
     assert not (store_dir / TEMP_DIR).exists()
 
 
-def test_rerun_adds_nothing_and_new_files_are_appended(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rerun_adds_nothing_and_new_files_are_appended(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     store_dir = tmp_path / "store"
     assert ingest(tree, "--out", store_dir, "--size", "24") == 0
     frames_before = file_digest(store_dir / "frames.u8")
@@ -149,8 +159,13 @@ def test_frame_selection_options(tmp_path: Path) -> None:
     assert ingest(tmp_path / "clip.mp4", "--out", tmp_path / "stride", "--size", "16", "--stride", "4") == 0
     assert FrameStore.open(tmp_path / "stride").videos[0].num_frames == 8
     assert ingest(tmp_path / "clip.mp4", "--out", tmp_path / "fps", "--size", "16", "--fps", "10") == 0
-    assert FrameStore.open(tmp_path / "fps").videos[0].timestamps == pytest.approx([i / 10 for i in range(10)], abs=0.002)
-    assert ingest(tmp_path / "clip.mp4", "--out", tmp_path / "max", "--size", "16", "--max-frames", "5", "--crop", "none") == 0
+    assert FrameStore.open(tmp_path / "fps").videos[0].timestamps == pytest.approx(
+        [i / 10 for i in range(10)], abs=0.002
+    )
+    assert (
+        ingest(tmp_path / "clip.mp4", "--out", tmp_path / "max", "--size", "16", "--max-frames", "5", "--crop", "none")
+        == 0
+    )
     video = FrameStore.open(tmp_path / "max").videos[0]
     assert video.num_frames == 5 and video.crop_box == (0, 0, 16, 16)
 
@@ -220,7 +235,10 @@ def _crash_on_second(task: DecodeTask) -> Decoded | Failed:
 
 
 def test_a_crashing_decoder_is_isolated_and_reported(tmp_path: Path) -> None:
-    paths = [write_video(tmp_path / f"{name}.mp4", scan_frames(3, 16, 16, seed=i)) for i, name in enumerate(["a", "crash", "b", "c"])]
+    paths = [
+        write_video(tmp_path / f"{name}.mp4", scan_frames(3, 16, 16, seed=i))
+        for i, name in enumerate(["a", "crash", "b", "c"])
+    ]
     tasks = [
         DecodeTask(
             source=Source(path, PurePosixPath(path.name)),
@@ -250,7 +268,19 @@ def test_sigkill_mid_ingest_leaves_a_readable_store_and_rerun_completes(tmp_path
     for index in range(40):
         write_video(source / f"clip{index:02d}.mp4", scan_frames(24, 64, 64, seed=index), fps=24)
     store_dir = tmp_path / "store"
-    command = [sys.executable, "-m", "sonocl", "ingest", str(source), "--out", str(store_dir), "--size", "64", "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "sonocl",
+        "ingest",
+        str(source),
+        "--out",
+        str(store_dir),
+        "--size",
+        "64",
+        "--workers",
+        "1",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     videos_file = store_dir / "videos.jsonl"
     deadline = time.monotonic() + 60
@@ -280,14 +310,25 @@ def test_second_concurrent_ingest_is_refused(tmp_path: Path, capsys: pytest.Capt
     assert FrameStore.open(tmp_path / "store").num_videos == 0
 
 
-def test_dicom_identity_never_reaches_the_store_or_the_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dicom_identity_never_reaches_the_store_or_the_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = tmp_path / "src"
     source.mkdir()
     write_dicom(source / "cine1.dcm", scan_frames(4, 16, 16, seed=1), patient_name=PLANTED_NAME, patient_id=PLANTED_ID)
     write_dicom(source / "cine2.dcm", scan_frames(3, 16, 16, seed=2), patient_name=PLANTED_NAME, patient_id=PLANTED_ID)
-    write_dicom(source / "other.dcm", scan_frames(3, 16, 16, seed=3), patient_name="Someone^Else", patient_id="PID-OTHER")
-    write_dicom(source / "report.dcm", scan_frames(1, 8, 8), patient_name=PLANTED_NAME, patient_id=PLANTED_ID, with_pixels=False)
-    write_dicom(source / "malformed.dcm", scan_frames(2, 16, 16, seed=4), patient_name=PLANTED_NAME, patient_id=f"{PLANTED_ID}\x01")
+    write_dicom(
+        source / "other.dcm", scan_frames(3, 16, 16, seed=3), patient_name="Someone^Else", patient_id="PID-OTHER"
+    )
+    write_dicom(
+        source / "report.dcm", scan_frames(1, 8, 8), patient_name=PLANTED_NAME, patient_id=PLANTED_ID, with_pixels=False
+    )
+    write_dicom(
+        source / "malformed.dcm",
+        scan_frames(2, 16, 16, seed=4),
+        patient_name=PLANTED_NAME,
+        patient_id=f"{PLANTED_ID}\x01",
+    )
     capsys.readouterr()
     store_dir = tmp_path / "store"
     assert ingest(source, "--out", store_dir, "--size", "16") == 3
@@ -332,7 +373,12 @@ def test_class_folder_rule(tmp_path: Path) -> None:
         Image.fromarray(scan_frames(1, 20, 16, seed=seed)[0]).save(tmp_path / "data" / label / f"{label}_photo.jpg")
     assert ingest(tmp_path / "data", "--out", tmp_path / "store", "--size", "16", "--label-from-folder") == 0
     labels = {video.id: video.label for video in FrameStore.open(tmp_path / "store").videos}
-    assert labels == {"covid/img": "covid", "covid/covid_photo": "covid", "normal/img": "normal", "normal/normal_photo": "normal"}
+    assert labels == {
+        "covid/img": "covid",
+        "covid/covid_photo": "covid",
+        "normal/img": "normal",
+        "normal/normal_photo": "normal",
+    }
 
 
 @pytest.mark.parametrize(
@@ -344,7 +390,9 @@ def test_class_folder_rule(tmp_path: Path) -> None:
         (["--labels", "missing.csv"], "labels CSV not found"),
     ],
 )
-def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
+def test_usage_errors_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
     write_video(tmp_path / "scan.mp4", scan_frames(3, 16, 16))
     assert ingest(tmp_path / "scan.mp4", "--out", tmp_path / "store", *extra) == 2
     assert message in capsys.readouterr().err

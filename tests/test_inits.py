@@ -36,16 +36,28 @@ def _uscl_layout(model: torchvision.models.ResNet) -> dict[str, torch.Tensor]:
     """The layout of the released USCL checkpoint: features = Sequential(resnet children[:-1]), heads l1/l2/fc."""
     features = torch.nn.Sequential(*list(model.children())[:-1])
     state = {f"features.{k}": v.clone() for k, v in features.state_dict().items()}
-    state.update({"l1.weight": torch.randn(512, 512), "l1.bias": torch.randn(512),
-                  "fc.weight": torch.randn(12, 512), "fc.bias": torch.randn(12)})
+    state.update(
+        {
+            "l1.weight": torch.randn(512, 512),
+            "l1.bias": torch.randn(512),
+            "fc.weight": torch.randn(12, 512),
+            "fc.bias": torch.randn(12),
+        }
+    )
     return state
 
 
 def _meta_uscl_layout(model: torchvision.models.ResNet) -> dict:
     """Meta-USCL: same features.N backbone, MLP head l1/l2, linear classifier, DataParallel prefix, state_dict wrapper."""
     state = {k: v for k, v in _uscl_layout(model).items() if k.startswith("features.")}
-    state.update({"l1.weight": torch.randn(512, 512), "l2.weight": torch.randn(128, 512),
-                  "linear.weight": torch.randn(3, 128), "classifier.bias": torch.randn(3)})
+    state.update(
+        {
+            "l1.weight": torch.randn(512, 512),
+            "l2.weight": torch.randn(128, 512),
+            "linear.weight": torch.randn(3, 128),
+            "classifier.bias": torch.randn(3),
+        }
+    )
     # Shuffle the insertion order: a by-position mapping would load wrong tensors, a by-name one must not care.
     keys = list(state)
     order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(1)).tolist()
@@ -57,7 +69,9 @@ def test_uscl_layout_by_name_gives_identical_features(tmp_path, source):
     torch.save(_uscl_layout(source), path)
     model, report = load_init(str(path), "resnet18", channels=3)
     images = torch.rand(2, 3, 64, 64)
-    torch.testing.assert_close(_features(model, images), _features(torch.nn.Sequential(*list(source.children())[:-1]), images))
+    torch.testing.assert_close(
+        _features(model, images), _features(torch.nn.Sequential(*list(source.children())[:-1]), images)
+    )
     assert report.kind == "foreign" and report.layout == "sequential-features"
     assert report.loaded == len([k for k in source.state_dict() if not k.startswith("fc.")])
     assert report.ignored == ["fc.bias", "fc.weight", "l1.bias", "l1.weight"]
@@ -110,7 +124,9 @@ def test_torchvision_state_reports_fc_ignored(tmp_path, source):
     model, report = load_init(str(path), channels=3)
     assert report.layout == "torchvision" and report.ignored == ["fc.bias", "fc.weight"]
     images = torch.rand(1, 3, 32, 32)
-    torch.testing.assert_close(_features(model, images), _features(torch.nn.Sequential(*list(source.children())[:-1]), images))
+    torch.testing.assert_close(
+        _features(model, images), _features(torch.nn.Sequential(*list(source.children())[:-1]), images)
+    )
 
 
 def test_sonocl_encoder_and_labels(tmp_path):
@@ -127,8 +143,10 @@ def test_sonocl_encoder_and_labels(tmp_path):
     checkpoints = run / "checkpoints"
     checkpoints.mkdir()
     state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    torch.save({"model": {**state, "projector.0.weight": torch.zeros(2, 2)}, "encoder_metadata": {"method": "simclr"}},
-               checkpoints / "best.pt")
+    torch.save(
+        {"model": {**state, "projector.0.weight": torch.zeros(2, 2)}, "encoder_metadata": {"method": "simclr"}},
+        checkpoints / "best.pt",
+    )
     model, report = load_init(str(checkpoints / "best.pt"), channels=1)
     assert report.kind == "sonocl" and report.metadata == {"method": "simclr"}
     assert default_label(str(checkpoints / "best.pt")) == "run_uscl"

@@ -61,7 +61,9 @@ def test_csv_join_detects_id_label_and_patient_columns(tmp_path: Path) -> None:
         "1.1.20,Reg_scan3,Regular,p9,none,\n"
         "1.1.20,Reg_scan4,regular,p9,none,R1\n",
     )
-    sources = [PurePosixPath(name) for name in ("convex/Cov_scan1.mp4", "Reg_scan2.avi", "linear/Reg_scan3.gif", "other.mp4")]
+    sources = [
+        PurePosixPath(name) for name in ("convex/Cov_scan1.mp4", "Reg_scan2.avi", "linear/Reg_scan3.gif", "other.mp4")
+    ]
     table = LabelTable.load(csv, sources, extra_columns=["Anatomy"])
     assert (table.id_column, table.label_column, table.group_column) == ("Filename", "Label", "Patient ID / Name")
     first = table.lookup(sources[0])
@@ -83,7 +85,9 @@ def test_csv_matches_relative_paths_and_file_names_with_extension(tmp_path: Path
 
 def test_csv_columns_named_on_the_command_line_are_used_and_checked(tmp_path: Path) -> None:
     csv = _write(tmp_path / "labels.csv", "name,finding,site\nscan,b-lines,north\n")
-    table = LabelTable.load(csv, [PurePosixPath("scan.mp4")], id_column="name", label_column="finding", group_column="site")
+    table = LabelTable.load(
+        csv, [PurePosixPath("scan.mp4")], id_column="name", label_column="finding", group_column="site"
+    )
     row = table.lookup(PurePosixPath("scan.mp4"))
     assert row is not None and row.label == "b-lines" and row.group == "north"
     with pytest.raises(LabelError, match="'Label' is not a column"):
@@ -112,4 +116,6 @@ def test_pocus_metadata_names_every_video(pocus_dir: Path) -> None:
     assert "regular" in labels and "Regular" not in labels
     rules = parse_name_rules(POCUS_RULES)
     by_name = [label_from_name(relative.name, rules) for relative in relatives]
-    assert by_name.count("covid") + by_name.count("pneumonia") + by_name.count("regular") + by_name.count("viral") == 131
+    assert (
+        by_name.count("covid") + by_name.count("pneumonia") + by_name.count("regular") + by_name.count("viral") == 131
+    )

@@ -86,7 +86,15 @@ def test_gathered_world_one_equals_local():
     loss = GroupInfoNCE(0.5)
     for group, weight in [(None, None), (groups, None), (groups, w)]:
         local = loss(z1, z2, group, weight)
-        gathered = loss(z1, z2, group, weight, gathered=(z1, z2, group), offset=0, weight_sum=None if weight is None else weight.sum())
+        gathered = loss(
+            z1,
+            z2,
+            group,
+            weight,
+            gathered=(z1, z2, group),
+            offset=0,
+            weight_sum=None if weight is None else weight.sum(),
+        )
         assert float(gathered) == pytest.approx(float(local), rel=1e-6)
 
 
@@ -99,9 +107,15 @@ def test_gathered_ranks_average_to_global_batch_loss():
     for weight in (None, w):
         whole = loss(z1, z2, groups, weight)
         shares = [
-            loss(z1[r * 4 : r * 4 + 4], z2[r * 4 : r * 4 + 4], groups[r * 4 : r * 4 + 4],
-                 None if weight is None else weight[r * 4 : r * 4 + 4],
-                 gathered=(z1, z2, groups), offset=r * 4, weight_sum=None if weight is None else weight.sum())
+            loss(
+                z1[r * 4 : r * 4 + 4],
+                z2[r * 4 : r * 4 + 4],
+                groups[r * 4 : r * 4 + 4],
+                None if weight is None else weight[r * 4 : r * 4 + 4],
+                gathered=(z1, z2, groups),
+                offset=r * 4,
+                weight_sum=None if weight is None else weight.sum(),
+            )
             for r in range(2)
         ]
         assert float(sum(shares) / 2) == pytest.approx(float(whole), rel=1e-6)

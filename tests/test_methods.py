@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from sonocl.methods import get_method, method_names, registry
-
-METHOD_NAMES = method_names()
 from sonocl.models import ContrastiveModel
 from sonocl.train.cli import add_arguments, resolve_config
+
+METHOD_NAMES = method_names()
 
 # option → (a value other than every method's default, where the built part shows it)
 REACHES = {
@@ -54,8 +54,14 @@ def _config(method: str, *argv: str):
 
 def _model(cfg) -> ContrastiveModel:
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU())
-    return ContrastiveModel(backbone, 8, projection_hidden=6, projection_dim=4, num_classes=3 if cfg.model.classifier else 0,
-                            predictor_hidden=5 if cfg.model.predictor_hidden else 0)
+    return ContrastiveModel(
+        backbone,
+        8,
+        projection_hidden=6,
+        projection_dim=4,
+        num_classes=3 if cfg.model.classifier else 0,
+        predictor_hidden=5 if cfg.model.predictor_hidden else 0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +71,19 @@ def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("methods") / "store"
     with FrameStoreWriter(path, size=8) as writer:
         for v in range(8):
-            writer.add_video([np.full((8, 8), v * 9 + i, dtype=np.uint8) for i in range(12)], id=f"v{v}",
-                             source=f"v{v}.mp4", label=("a", "b")[v % 2], group=f"p{v}", fps=10.0,
-                             original_size=(8, 8), crop_box=(0, 0, 8, 8), content_hash=f"h{v}",
-                             timestamps=[i / 10 for i in range(12)],
-                             extra_labels={"anatomy": "L", "zone": ("R1", "R2")[v % 2], "zone_coarse": "R"})
+            writer.add_video(
+                [np.full((8, 8), v * 9 + i, dtype=np.uint8) for i in range(12)],
+                id=f"v{v}",
+                source=f"v{v}.mp4",
+                label=("a", "b")[v % 2],
+                group=f"p{v}",
+                fps=10.0,
+                original_size=(8, 8),
+                crop_box=(0, 0, 8, 8),
+                content_hash=f"h{v}",
+                timestamps=[i / 10 for i in range(12)],
+                extra_labels={"anatomy": "L", "zone": ("R1", "R2")[v % 2], "zone_coarse": "R"},
+            )
     return FrameStore.open(path)
 
 

@@ -45,7 +45,9 @@ def test_exported_one_channel_encoder_loads_into_plain_torchvision(tmp_path) -> 
     reference.fc = torch.nn.Identity()
 
     grey = torch.rand(3, 1, 48, 48)
-    torch.testing.assert_close(_features(reference, grey.repeat(1, 3, 1, 1)), _features(backbone, grey), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        _features(reference, grey.repeat(1, 3, 1, 1)), _features(backbone, grey), atol=1e-5, rtol=1e-4
+    )
     assert encoder_metadata(path)["channels"] == 1
 
 
@@ -83,7 +85,9 @@ def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch) -
     grey_model = init_backbone("imagenet", "resnet18", channels=1)
     colour.fc = torch.nn.Identity()
     grey = torch.rand(2, 1, 32, 32)
-    torch.testing.assert_close(_features(grey_model, grey), _features(colour, grey.repeat(1, 3, 1, 1)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        _features(grey_model, grey), _features(colour, grey.repeat(1, 3, 1, 1)), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path) -> None:

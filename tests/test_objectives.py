@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import make_objective
 from sonocl.losses import GroupInfoNCE, semi_supervised_ce
 from sonocl.models import ContrastiveModel
-from conftest import make_objective
 from sonocl.train.objectives import BatchTensors, StepContext
 
 B, IN, FEAT, DIM = 6, 12, 6, 4
@@ -22,8 +22,14 @@ B, IN, FEAT, DIM = 6, 12, 6, 4
 def _model(num_classes: int = 0, predictor_hidden: int = 0, seed: int = 0) -> ContrastiveModel:
     torch.manual_seed(seed)
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(IN, FEAT), nn.BatchNorm1d(FEAT), nn.ReLU())
-    return ContrastiveModel(backbone, FEAT, projection_hidden=5, projection_dim=DIM, num_classes=num_classes,
-                            predictor_hidden=predictor_hidden)
+    return ContrastiveModel(
+        backbone,
+        FEAT,
+        projection_hidden=5,
+        projection_dim=DIM,
+        num_classes=num_classes,
+        predictor_hidden=predictor_hidden,
+    )
 
 
 def _views(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,14 +38,20 @@ def _views(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _batch() -> BatchTensors:
-    return BatchTensors(positive_group=torch.tensor([0, 1, 1, 2, 3, 3]),
-                        weight=torch.tensor([1.0, 0.5, 0.75, 1.0, 0.25, 0.6]),
-                        label=torch.tensor([-1, 2, 0, -1, 1, 1]))
+    return BatchTensors(
+        positive_group=torch.tensor([0, 1, 1, 2, 3, 3]),
+        weight=torch.tensor([1.0, 0.5, 0.75, 1.0, 0.25, 0.6]),
+        label=torch.tensor([-1, 2, 0, -1, 1, 1]),
+    )
 
 
 def _context(optimizer: torch.optim.Optimizer, step: int = 0, seed: int = 100) -> StepContext:
-    return StepContext(step=step, optimizer=optimizer, lr=optimizer.param_groups[0]["lr"],
-                       meta_views=lambda: (*_views(seed + step), torch.arange(B)))
+    return StepContext(
+        step=step,
+        optimizer=optimizer,
+        lr=optimizer.param_groups[0]["lr"],
+        meta_views=lambda: (*_views(seed + step), torch.arange(B)),
+    )
 
 
 def _normalise(v: list[float]) -> list[float]:
@@ -114,8 +126,11 @@ def test_moco_queue_infonce_key_encoder_and_queue_update() -> None:
     torch.testing.assert_close(objective.queue[: 2 * B], keys)
     torch.testing.assert_close(objective.queue[2 * B :], queue[2 * B :])
     assert int(objective.queue_ptr) == 2 * B
-    for target, before, source in zip(objective.key_encoder.parameters(), key.parameters(),
-                                      [*model.backbone.parameters(), *model.projector.parameters()]):
+    for target, before, source in zip(
+        objective.key_encoder.parameters(),
+        key.parameters(),
+        [*model.backbone.parameters(), *model.projector.parameters()],
+    ):
         torch.testing.assert_close(target, 0.9 * before + 0.1 * source)
     # Ring buffer: the next 12 keys wrap around the 16-key queue.
     objective(model, v1, v2, _batch(), _context(optimizer))
@@ -143,8 +158,11 @@ def test_byol_symmetric_regression_and_ema_target() -> None:
     assert all(p.grad is None for p in objective.target.parameters())
     optimizer.step()
     objective.after_step(model, momentum=0.5)
-    for new, before, source in zip(objective.target.parameters(), target.parameters(),
-                                   [*model.backbone.parameters(), *model.projector.parameters()]):
+    for new, before, source in zip(
+        objective.target.parameters(),
+        target.parameters(),
+        [*model.backbone.parameters(), *model.projector.parameters()],
+    ):
         torch.testing.assert_close(new, 0.5 * before + 0.5 * source)
 
 
@@ -168,8 +186,13 @@ def test_make_objective_errors() -> None:
 
 STATE_OPTIONS = {"moco": {"queue_size": 10}, "meta-uscl": {"cmw_lr": 1e-2}}
 METHOD_MODELS = {
-    "simclr": {}, "uscl": {"num_classes": 3}, "awcl": {}, "ivpp": {}, "moco": {},
-    "byol": {"predictor_hidden": 7}, "meta-uscl": {},
+    "simclr": {},
+    "uscl": {"num_classes": 3},
+    "awcl": {},
+    "ivpp": {},
+    "moco": {},
+    "byol": {"predictor_hidden": 7},
+    "meta-uscl": {},
 }
 
 
@@ -197,8 +220,9 @@ def test_state_dict_round_trip_reproduces_the_next_steps(method: str) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     for step in range(2):
         _step(model, objective, optimizer, step)
-    saved = _roundtrip({"model": model.state_dict(), "objective": objective.state_dict(),
-                        "optimizer": optimizer.state_dict()})
+    saved = _roundtrip(
+        {"model": model.state_dict(), "objective": objective.state_dict(), "optimizer": optimizer.state_dict()}
+    )
     continued = [_step(model, objective, optimizer, step) for step in (2, 3)]
 
     fresh_model = _model(**METHOD_MODELS[method], seed=99)
@@ -239,7 +263,9 @@ def test_moco_never_uses_a_key_of_the_query_s_own_video_as_a_negative() -> None:
     with torch.no_grad():
         k1, k2 = (F.normalize(objective.key_encoder(v).float(), dim=1) for v in (v1, v2))
     same = videos[:, None] == objective.queue_video[None, :]
-    expected = 0.5 * (queue_info_nce(q1, k2, objective.queue, 0.2, same) + queue_info_nce(q2, k1, objective.queue, 0.2, same))
+    expected = 0.5 * (
+        queue_info_nce(q1, k2, objective.queue, 0.2, same) + queue_info_nce(q2, k1, objective.queue, 0.2, same)
+    )
     torch.testing.assert_close(loss, expected)
     unmasked = 0.5 * (queue_info_nce(q1, k2, objective.queue, 0.2) + queue_info_nce(q2, k1, objective.queue, 0.2))
     assert float(unmasked) > float(loss)  # the near-duplicate keys of a query's own video were in its denominator

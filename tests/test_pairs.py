@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from sonocl.data.store import FrameStore, FrameStoreWriter
 from conftest import make_sampler
+from sonocl.data.store import FrameStore, FrameStoreWriter
 from sonocl.methods.awcl import AWCLSampler
 from sonocl.methods.meta_uscl import MetaSetSampler
 from sonocl.pairs import PairBatch
@@ -25,10 +25,17 @@ def _write_store(path, lengths, fps=10.0, labels=None, anatomy=None, size=8):
             if anatomy is not None and anatomy[v] is not None:
                 extra = {"anatomy": anatomy[v], "anatomy_coarse": "right" if anatomy[v].startswith("R") else "left"}
             writer.add_video(
-                frames, id=f"v{v:02d}", source=f"v{v:02d}.mp4",
-                label=None if labels is None else labels[v], group=f"p{v // 2}", fps=fps,
-                original_size=(size, size), crop_box=(0, 0, size, size), content_hash=f"h{v}",
-                timestamps=[i / fps for i in range(length)], extra_labels=extra,
+                frames,
+                id=f"v{v:02d}",
+                source=f"v{v:02d}.mp4",
+                label=None if labels is None else labels[v],
+                group=f"p{v // 2}",
+                fps=fps,
+                original_size=(size, size),
+                crop_box=(0, 0, size, size),
+                content_hash=f"h{v}",
+                timestamps=[i / fps for i in range(length)],
+                extra_labels=extra,
             )
     return FrameStore.open(path)
 
@@ -72,8 +79,11 @@ def test_uscl_triplets_are_distinct_frames_of_one_video_with_shared_anchor(store
         long = np.diff(store.video_offsets)[batch.video] >= 3
         assert all(len(set(row)) == 3 for row in batch.frames[long])
         lam = batch.mix[long, 0, 0]
-        np.testing.assert_allclose(batch.mix[long], np.stack(
-            [np.stack([lam, 1 - lam, 0 * lam], 1), np.stack([0 * lam, 1 - lam, lam], 1)], 1), atol=1e-6)
+        np.testing.assert_allclose(
+            batch.mix[long],
+            np.stack([np.stack([lam, 1 - lam, 0 * lam], 1), np.stack([0 * lam, 1 - lam, lam], 1)], 1),
+            atol=1e-6,
+        )
         assert np.array_equal(batch.positive_group, batch.video)
         assert len(np.unique(batch.video)) == len(batch.video)  # one item per video per epoch
 
@@ -90,7 +100,9 @@ def test_uscl_short_videos_fall_back(store):
 
 
 def test_uscl_lambda_follows_beta_half_half(store):
-    lams = np.concatenate([_all(make_sampler("uscl", store, np.arange(3, 24), 7, seed=s), 0).mix[:, 0, 0] for s in range(60)])
+    lams = np.concatenate(
+        [_all(make_sampler("uscl", store, np.arange(3, 24), 7, seed=s), 0).mix[:, 0, 0] for s in range(60)]
+    )
     # Beta(0.5, 0.5): mean 1/2, variance 1/8, U-shaped (a third of the mass below 0.067 or above 0.933).
     assert abs(lams.mean() - 0.5) < 0.04 and abs(lams.var() - 0.125) < 0.015
     assert 0.25 < np.mean((lams < 0.067) | (lams > 0.933)) < 0.42
@@ -137,7 +149,9 @@ def test_meta_uscl_fallbacks_and_beta_mean(store):
     two = batch.frames[row[1]]
     assert {two[0], two[2]} == {store.video_offsets[1], store.video_offsets[1] + 1}
     np.testing.assert_array_equal(batch.mix[row[1]], [[1, 0, 0], [0, 0, 1]])
-    alphas = np.concatenate([_all(make_sampler("meta-uscl", store, np.arange(3, 24), 7, seed=s)).mix[:, 0, 1] for s in range(40)])
+    alphas = np.concatenate(
+        [_all(make_sampler("meta-uscl", store, np.arange(3, 24), 7, seed=s)).mix[:, 0, 1] for s in range(40)]
+    )
     assert abs(alphas.mean() - 3 / 8) < 0.02  # Beta(3, 5)
 
 
@@ -164,10 +178,18 @@ def test_ivpp_weights_on_a_strided_store_equal_those_at_full_rate(tmp_path):
     with FrameStoreWriter(tmp_path / "strided", size=8) as writer:
         for v in range(4):
             kept = range(0, 80, 4)
-            writer.add_video([full.frames[full.video_offsets[v] + i] for i in kept], id=f"v{v:02d}", source=f"v{v:02d}.mp4",
-                             label=None, group=f"p{v}", fps=20.0, original_size=(8, 8), crop_box=(0, 0, 8, 8),
-                             content_hash=f"s{v}",
-                             timestamps=[i / 20.0 for i in kept])
+            writer.add_video(
+                [full.frames[full.video_offsets[v] + i] for i in kept],
+                id=f"v{v:02d}",
+                source=f"v{v:02d}.mp4",
+                label=None,
+                group=f"p{v}",
+                fps=20.0,
+                original_size=(8, 8),
+                crop_box=(0, 0, 8, 8),
+                content_hash=f"s{v}",
+                timestamps=[i / 20.0 for i in kept],
+            )
     strided = FrameStore.open(tmp_path / "strided")
     batch = _all(make_sampler("ivpp", strided, np.arange(4), batch_size=4, seed=0, delta_t=1.0, items="frames"))
     gap = np.abs(strided.frame_time[batch.frames[:, 0]] - strided.frame_time[batch.frames[:, 1]])
@@ -238,7 +260,9 @@ def test_rank_shards_disjoint_equal_and_equal_to_one_process(store, method):
         items = [np.concatenate([key(b) for b in s]) for s in shards]
         assert len(set(items[0]) | set(items[1])) == len(items[0]) + len(items[1])  # disjoint, no repeats
         for step, batch in enumerate(whole):
-            np.testing.assert_array_equal(batch.frames, np.concatenate([shards[0][step].frames, shards[1][step].frames]))
+            np.testing.assert_array_equal(
+                batch.frames, np.concatenate([shards[0][step].frames, shards[1][step].frames])
+            )
             np.testing.assert_array_equal(batch.mix, np.concatenate([shards[0][step].mix, shards[1][step].mix]))
 
 
@@ -273,11 +297,15 @@ def test_meta_set_pairs(store, meta_frame):
     assert set(batch.video) <= set(held_out) and batch.frames.shape == (4, 1)
     assert np.array_equal(batch.positive_group, batch.video)
     first = store.video_offsets[batch.video]
-    draws = np.concatenate([sampler.batch(0, s).frames[:, 0] - store.video_offsets[sampler.batch(0, s).video] for s in range(10)])
+    draws = np.concatenate(
+        [sampler.batch(0, s).frames[:, 0] - store.video_offsets[sampler.batch(0, s).video] for s in range(10)]
+    )
     if meta_frame == "first":
         assert np.all(batch.frames[:, 0] == first) and np.all(draws == 0)
     else:
         assert len(np.unique(draws)) > 3
-    assert np.array_equal(sampler.batch(2, 5).frames, MetaSetSampler(store, held_out, 4, 0, meta_frame=meta_frame).batch(2, 5).frames)
+    assert np.array_equal(
+        sampler.batch(2, 5).frames, MetaSetSampler(store, held_out, 4, 0, meta_frame=meta_frame).batch(2, 5).frames
+    )
     big = MetaSetSampler(store, held_out, batch_size=5, seed=0, rank=1, world_size=2).batch(0, 0)
     assert len(big) == 5  # 10 > 6 videos: drawn with replacement

@@ -88,7 +88,9 @@ def test_fan_moves_and_overlay_marks_stay_outside_it():
     rows, cols = np.flatnonzero(moving.any(axis=1)), np.flatnonzero(moving.any(axis=0))
     assert rows[0] > 0 and cols[0] > 0 and cols[-1] < 95, "black borders around the fan for the crop to remove"
     left_of_fan, right_of_fan = frames[0][:, : cols[0]], frames[0][:, cols[-1] + 1 :]
-    assert (left_of_fan > 0).sum() > 20 and (right_of_fan > 0).sum() > 20, "static marks beside the fan for the crop to ignore"
+    assert (left_of_fan > 0).sum() > 20 and (right_of_fan > 0).sum() > 20, (
+        "static marks beside the fan for the crop to ignore"
+    )
     assert (left_of_fan == 0).mean() > 0.5, "the background is black"
 
 
@@ -148,11 +150,20 @@ def test_phantom_store_holds_the_phantom(phantom_store):
     videos = make_phantom(num_videos=12, frames_per_video=24, size=64, seed=0)
     assert (phantom_store.num_videos, phantom_store.num_frames, phantom_store.size) == (12, 12 * 24, 64)
     for index, (record, video) in enumerate(zip(phantom_store.videos, videos)):
-        assert (record.id, record.source, record.label, record.group) == (video.name, video.name + ".mp4", video.label, video.patient)
+        assert (record.id, record.source, record.label, record.group) == (
+            video.name,
+            video.name + ".mp4",
+            video.label,
+            video.patient,
+        )
         assert record.fps == 20.0 and record.timestamps[1] == pytest.approx(0.05)
         assert record.original_size == (64, 64) and record.crop_box == (0, 0, 64, 64)
         assert record.content_hash == hashlib.sha256(video.frames.tobytes()).hexdigest()
-        assert record.extra_labels == {**video.findings, "anatomy": video.anatomy, "anatomy_coarse": ANATOMY_COARSE[video.anatomy]}
+        assert record.extra_labels == {
+            **video.findings,
+            "anatomy": video.anatomy,
+            "anatomy_coarse": ANATOMY_COARSE[video.anatomy],
+        }
         np.testing.assert_array_equal(phantom_store.video_frames(index), video.frames)
     codes, names = phantom_store.label_codes()
     assert names == sorted(CLASSES) and (codes >= 0).all()
@@ -164,7 +175,9 @@ def test_classes_are_learnable_across_patients():
     chance (1/3) clearly: the phantom carries class signal (and a weak model does not solve it outright)."""
 
     def histograms(videos) -> np.ndarray:
-        return np.stack([np.histogram(v.frames[v.frames > 0], bins=16, range=(0, 256), density=True)[0] for v in videos])
+        return np.stack(
+            [np.histogram(v.frames[v.frames > 0], bins=16, range=(0, 256), density=True)[0] for v in videos]
+        )
 
     train = make_phantom(num_videos=30, frames_per_video=4, size=64, seed=0)
     test = make_phantom(num_videos=30, frames_per_video=4, size=64, seed=1)

@@ -83,20 +83,47 @@ def _sonocl_to_file(tmp_path: Path, *argv: str) -> str:
     log = tmp_path / "log.txt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(log, "w") as handle:
-        subprocess.run([sys.executable, "-m", "sonocl", *argv], stdout=handle, stderr=subprocess.STDOUT, env=env,
-                       check=True, timeout=300)
+        subprocess.run(
+            [sys.executable, "-m", "sonocl", *argv],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            check=True,
+            timeout=300,
+        )
     return log.read_text()
 
 
 def test_embed_and_ingest_written_to_a_file_have_no_carriage_return(
     phantom_store, phantom_dataset: Path, tmp_path: Path
 ) -> None:
-    embedded = _sonocl_to_file(tmp_path, "embed", "--store", str(phantom_store.root), "--init", "random",
-                               "--size", "32", "--out", str(tmp_path / "e.npz"), "--device", "cpu")
+    embedded = _sonocl_to_file(
+        tmp_path,
+        "embed",
+        "--store",
+        str(phantom_store.root),
+        "--init",
+        "random",
+        "--size",
+        "32",
+        "--out",
+        str(tmp_path / "e.npz"),
+        "--device",
+        "cpu",
+    )
     assert "\r" not in embedded
     frames = phantom_store.num_frames
     assert f"embed: 100% {frames}/{frames} [" in embedded and "frame/s]" in embedded
-    ingested = _sonocl_to_file(tmp_path, "ingest", str(phantom_dataset / "videos"), "--out", str(tmp_path / "store"),
-                               "--size", "32", "--workers", "1")
+    ingested = _sonocl_to_file(
+        tmp_path,
+        "ingest",
+        str(phantom_dataset / "videos"),
+        "--out",
+        str(tmp_path / "store"),
+        "--size",
+        "32",
+        "--workers",
+        "1",
+    )
     assert "\r" not in ingested
     assert "ingest: 100% 9/9 [" in ingested and "9 added" in ingested

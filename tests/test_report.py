@@ -17,28 +17,84 @@ import pytest
 from sonocl.cli import main
 from sonocl.report.html import png_size
 
-TINY_PRETRAIN = ["--epochs", "1", "--batch-size", "4", "--size", "64", "--precision", "fp32", "--workers", "0",
-                 "--no-progress", "--set", "options.items=videos", "--meta-batch-size", "4",
-                 "--set", "model.projection_hidden=64", "--set", "knn_frames_per_video=4"]
-SECTIONS = ("Training curves", "Positive pairs as the sampler and the augmentation make them", "Meta-USCL: CMW-Net pair weights",
-            "Embedding map", "Grad-CAM: what the encoder looks at", "Comparison table", "Confusion matrices",
-            "Per-fold scores", "ROC curves", "Segmentation overlays")
+TINY_PRETRAIN = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+    "--size",
+    "64",
+    "--precision",
+    "fp32",
+    "--workers",
+    "0",
+    "--no-progress",
+    "--set",
+    "options.items=videos",
+    "--meta-batch-size",
+    "4",
+    "--set",
+    "model.projection_hidden=64",
+    "--set",
+    "knn_frames_per_video=4",
+]
+SECTIONS = (
+    "Training curves",
+    "Positive pairs as the sampler and the augmentation make them",
+    "Meta-USCL: CMW-Net pair weights",
+    "Embedding map",
+    "Grad-CAM: what the encoder looks at",
+    "Comparison table",
+    "Confusion matrices",
+    "Per-fold scores",
+    "ROC curves",
+    "Segmentation overlays",
+)
 
 
 @pytest.fixture(scope="module")
 def run_dir(phantom_store, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "meta_run"
-    assert main(["pretrain", "--store", str(phantom_store.root), "--method", "meta-uscl", "--out", str(out),
-                 *TINY_PRETRAIN]) == 0
+    assert (
+        main(
+            ["pretrain", "--store", str(phantom_store.root), "--method", "meta-uscl", "--out", str(out), *TINY_PRETRAIN]
+        )
+        == 0
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def eval_dir(phantom_store, run_dir) -> Path:
     out = run_dir.parent / "eval"
-    assert main(["evaluate", "--store", str(phantom_store.root), "--init", "random", str(run_dir), "--name", "random",
-                 "meta-uscl", "--protocol", "knn", "--size", "32", "--folds", "3", "--fps", "5", "--device", "cpu",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--store",
+                str(phantom_store.root),
+                "--init",
+                "random",
+                str(run_dir),
+                "--name",
+                "random",
+                "meta-uscl",
+                "--protocol",
+                "knn",
+                "--size",
+                "32",
+                "--folds",
+                "3",
+                "--fps",
+                "5",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -55,10 +111,18 @@ def segment_dir(run_dir) -> Path:
         write_overlay(out / "overlays" / "random" / f"{name}.png", image, truth, np.roll(truth, 2, axis=1))
     stats = {"mean": 0.8, "std": 0.05, "median": 0.8, "n": 2}
     fold = {"fold": 0, "num_train": 2, "num_test": 2, "metrics": {"dice": stats, "iou": stats, "hd95_px": stats}}
-    results = {"schema": SCHEMA, "config": {"folds": 2, "size": 32, "epochs": 2},
-               "data": {"num_images": 4, "num_groups": 4, "hd95_unit": "px", "hc_available": False, "skipped": []},
-               "inits": [{"name": "random", "folds": [fold, {**fold, "fold": 1}],
-                          "summary": {"dice": stats, "iou": stats, "hd95_px": stats}}]}
+    results = {
+        "schema": SCHEMA,
+        "config": {"folds": 2, "size": 32, "epochs": 2},
+        "data": {"num_images": 4, "num_groups": 4, "hd95_unit": "px", "hc_available": False, "skipped": []},
+        "inits": [
+            {
+                "name": "random",
+                "folds": [fold, {**fold, "fold": 1}],
+                "summary": {"dice": stats, "iou": stats, "hd95_px": stats},
+            }
+        ],
+    }
     (out / "results.json").write_text(json.dumps(results))
     return out
 
@@ -66,7 +130,9 @@ def segment_dir(run_dir) -> Path:
 @pytest.fixture(scope="module")
 def report(run_dir, eval_dir, segment_dir) -> Path:
     out = run_dir.parent / "report.html"
-    assert main(["report", str(run_dir), str(eval_dir), str(segment_dir), "--out", str(out), "--max-points", "120"]) == 0
+    assert (
+        main(["report", str(run_dir), str(eval_dir), str(segment_dir), "--out", str(out), "--max-points", "120"]) == 0
+    )
     return out
 
 
@@ -126,8 +192,17 @@ window.addEventListener("load", function () {
   document.body.appendChild(out);
 });
 </script>"""
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
 def _chromium() -> str:
@@ -140,8 +215,9 @@ def _chromium() -> str:
 
 def _browse(binary: str, profile: Path, *arguments: str) -> subprocess.CompletedProcess:
     profile.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments],
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments], capture_output=True, text=True, timeout=180
+    )
 
 
 def test_report_in_headless_chromium(report: Path, tmp_path: Path) -> None:
@@ -160,7 +236,9 @@ def test_report_in_headless_chromium(report: Path, tmp_path: Path) -> None:
     assert result["errors"] == []
 
     screenshot = tmp_path / "report_screenshot.png"
-    shot = _browse(binary, tmp_path / "profile2", f"--screenshot={screenshot}", "--window-size=1280,4000", report.as_uri())
+    shot = _browse(
+        binary, tmp_path / "profile2", f"--screenshot={screenshot}", "--window-size=1280,4000", report.as_uri()
+    )
     assert screenshot.is_file(), shot.stderr[-2000:]
     from PIL import Image
 

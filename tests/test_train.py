@@ -23,15 +23,44 @@ from sonocl.train.cli import add_arguments, resolve_config
 from sonocl.train.config import ConfigError, PretrainConfig, merge, parse_assignment, preset
 from sonocl.train.schedules import lr_schedule, momentum_schedule
 
-TINY = ["--epochs", "1", "--batch-size", "4", "--size", "32", "--precision", "fp32", "--workers", "0", "--no-progress",
-        "--set", "options.items=videos", "--set", "model.projection_hidden=64", "--set", "knn_frames_per_video=4"]
+TINY = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+    "--size",
+    "32",
+    "--precision",
+    "fp32",
+    "--workers",
+    "0",
+    "--no-progress",
+    "--set",
+    "options.items=videos",
+    "--set",
+    "model.projection_hidden=64",
+    "--set",
+    "knn_frames_per_video=4",
+]
 TINY_OPTIONS = {"meta-uscl": ["--meta-batch-size", "4"], "moco": ["--queue-size", "64"]}
 
 
 def _tiny(method: str) -> list[str]:
     return ["--method", method, *TINY, *TINY_OPTIONS.get(method, [])]
-IDENTITY_AUGMENT = ["--set", "augment.crop_scale=[1.0, 1.0]", "--set", "augment.crop_ratio=[1.0, 1.0]",
-                    "--set", "augment.flip_p=0.0", "--set", "augment.jitter_p=0.0", "--set", "augment.blur_p=0.0"]
+
+
+IDENTITY_AUGMENT = [
+    "--set",
+    "augment.crop_scale=[1.0, 1.0]",
+    "--set",
+    "augment.crop_ratio=[1.0, 1.0]",
+    "--set",
+    "augment.flip_p=0.0",
+    "--set",
+    "augment.jitter_p=0.0",
+    "--set",
+    "augment.blur_p=0.0",
+]
 
 
 def _config(argv: list[str]) -> PretrainConfig:
@@ -45,8 +74,13 @@ def _env() -> dict[str, str]:
 
 
 def _cli(*argv: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "sonocl", "pretrain", *argv], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sonocl", "pretrain", *argv],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _step_rows(run: Path) -> list[dict[str, str]]:
@@ -58,6 +92,7 @@ def _step_rows(run: Path) -> list[dict[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------ schedules
+
 
 def test_uscl_schedule_is_constant_then_cosine_over_all_epochs() -> None:
     cfg = preset("uscl")
@@ -93,10 +128,29 @@ def test_linear_warmup_awcl_constant_and_momentum_schedules() -> None:
 
 # ------------------------------------------------------------------------------------------- config
 
+
 def test_config_resolution_yaml_round_trip_and_set(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("epochs: 7\noptim:\n  weight_decay: 1e-5\n")
-    cfg = _config(["--store", "S", "--method", "meta-uscl", "--out", str(tmp_path / "r"), "--config", str(tmp_path / "c.yaml"),
-                   "--lr", "0.05", "--max-dist", "16", "--set", "augment.crop_scale=[0.5, 1.0]", "--set", "seed=3"])
+    cfg = _config(
+        [
+            "--store",
+            "S",
+            "--method",
+            "meta-uscl",
+            "--out",
+            str(tmp_path / "r"),
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--lr",
+            "0.05",
+            "--max-dist",
+            "16",
+            "--set",
+            "augment.crop_scale=[0.5, 1.0]",
+            "--set",
+            "seed=3",
+        ]
+    )
     assert (cfg.epochs, cfg.optim.weight_decay, cfg.optim.lr, cfg.options.max_dist, cfg.seed) == (7, 1e-5, 0.05, 16, 3)
     assert cfg.augment.crop_scale == (0.5, 1.0) and cfg.optim.name == "sgd" and cfg.size == 64
     again = merge(preset("uscl"), __import__("yaml").safe_load(cfg.to_yaml()))
@@ -110,13 +164,30 @@ def test_config_resolution_yaml_round_trip_and_set(tmp_path: Path) -> None:
 def test_presets_follow_the_papers() -> None:
     uscl, meta, awcl = preset("uscl"), preset("meta-uscl"), preset("awcl")
     assert (uscl.optim.name, uscl.optim.lr, uscl.optim.weight_decay, uscl.batch_size) == ("adam", 3e-4, 1e-4, 32)
-    assert (uscl.model.projection_dim, uscl.options.semi_weight, uscl.augment.mean, uscl.augment.std) == (256, 0.2, 0.5, 0.25)
-    assert (meta.optim.name, meta.optim.lr, meta.optim.momentum, meta.model.projection_dim, meta.size) == ("sgd", 0.1, 0.9, 128, 64)
+    assert (uscl.model.projection_dim, uscl.options.semi_weight, uscl.augment.mean, uscl.augment.std) == (
+        256,
+        0.2,
+        0.5,
+        0.25,
+    )
+    assert (meta.optim.name, meta.optim.lr, meta.optim.momentum, meta.model.projection_dim, meta.size) == (
+        "sgd",
+        0.1,
+        0.9,
+        128,
+        64,
+    )
     assert (meta.augment.crop_scale, meta.augment.brightness, meta.options.cmw_lr) == ((0.7, 1.0), 0.64, 6e-5)
-    assert (awcl.optim.lr, awcl.optim.weight_decay, awcl.schedule.decay, awcl.options.base_temperature) == (1e-3, 1e-6, "none", 0.07)
+    assert (awcl.optim.lr, awcl.optim.weight_decay, awcl.schedule.decay, awcl.options.base_temperature) == (
+        1e-3,
+        1e-6,
+        "none",
+        0.07,
+    )
 
 
 # --------------------------------------------------------------------------------- every method runs
+
 
 @pytest.fixture(scope="module")
 def uscl_run(phantom_store, tmp_path_factory) -> Path:
@@ -146,16 +217,27 @@ def _forbid_collectives(monkeypatch) -> None:
     def forbidden(*args, **kwargs):
         raise AssertionError("a collective was called in a single-process run")
 
-    for name in ("init_process_group", "all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "barrier",
-                 "reduce_scatter", "all_gather_object", "broadcast_object_list"):
+    for name in (
+        "init_process_group",
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "broadcast",
+        "barrier",
+        "reduce_scatter",
+        "all_gather_object",
+        "broadcast_object_list",
+    ):
         monkeypatch.setattr(dist, name, forbidden)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
 
 @pytest.mark.parametrize("method", ["simclr", "meta-uscl", "awcl", "ivpp", "moco", "byol"])
-def test_every_method_runs_writes_all_outputs_and_calls_no_collective(method: str, phantom_store, tmp_path: Path,
-                                                                        monkeypatch) -> None:
+def test_every_method_runs_writes_all_outputs_and_calls_no_collective(
+    method: str, phantom_store, tmp_path: Path, monkeypatch
+) -> None:
     import torch.distributed as dist
+
     from sonocl.train.loop import pretrain
 
     _forbid_collectives(monkeypatch)
@@ -176,11 +258,28 @@ def test_uscl_outputs_checkpoint_and_encoder_export(uscl_run: Path) -> None:
     rows = _step_rows(uscl_run)
     assert {"part_contrastive", "part_semi_supervised", "lr", "epoch", "step"} <= set(rows[0])
     state = load_checkpoint(uscl_run / "checkpoints" / "best.pt")  # weights_only=True
-    for key in ("model", "objective", "optimizer", "scaler", "epoch", "step_in_epoch", "rng", "global_step",
-                "encoder_metadata", "config", "best_val_loss"):
+    for key in (
+        "model",
+        "objective",
+        "optimizer",
+        "scaler",
+        "epoch",
+        "step_in_epoch",
+        "rng",
+        "global_step",
+        "encoder_metadata",
+        "config",
+        "best_val_loss",
+    ):
         assert key in state, key
-    assert state["encoder_metadata"] == {"arch": "resnet18", "channels": 1, "size": 32, "mean": 0.5, "std": 0.25,
-                                         "method": "uscl"}
+    assert state["encoder_metadata"] == {
+        "arch": "resnet18",
+        "channels": 1,
+        "size": 32,
+        "mean": 0.5,
+        "std": 0.25,
+        "method": "uscl",
+    }
     encoder = sonocl.load_encoder(str(uscl_run))
     plain = torchvision.models.resnet18()
     from safetensors.torch import load_file
@@ -210,20 +309,42 @@ def test_nonfinite_loss_stops_with_step_and_parts(phantom_store, tmp_path: Path,
 
     monkeypatch.setattr(objectives.GroupContrastive, "forward", poisoned)
     cfg = _config(["--store", str(phantom_store.root), "--out", str(tmp_path), *_tiny("simclr")])
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 2 \(epoch 1, step 2 of \d+.*contrastive="):
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite loss nan at step 2 \(epoch 1, step 2 of \d+.*contrastive="
+    ):
         pretrain(cfg, tmp_path)
 
 
 # ------------------------------------------------------------------------------ resume, bit for bit
+
 
 def test_resume_after_sigkill_is_bit_identical(phantom_store, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from sonocl.train.checkpoint import load_checkpoint
 
-    common = ["--store", str(phantom_store.root), "--method", "uscl", "--epochs", "2", "--batch-size", "4", "--size", "32",
-              "--precision", "fp32", "--workers", "0", "--deterministic", "--no-progress",
-              "--set", "model.projection_hidden=64", "--set", "knn_frames_per_video=2"]
+    common = [
+        "--store",
+        str(phantom_store.root),
+        "--method",
+        "uscl",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--size",
+        "32",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--deterministic",
+        "--no-progress",
+        "--set",
+        "model.projection_hidden=64",
+        "--set",
+        "knn_frames_per_video=2",
+    ]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     reference = _cli(*common, "--out", str(straight))
     victim = _cli(*common, "--out", str(killed), "--checkpoint-every-steps", "1")
@@ -244,7 +365,9 @@ def test_resume_after_sigkill_is_bit_identical(phantom_store, tmp_path: Path) ->
     assert reference.returncode == 0, out
 
     a, b = load_file(str(straight / "encoder.safetensors")), load_file(str(killed / "encoder.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"encoders differ (killed after {done} steps)"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (
+        f"encoders differ (killed after {done} steps)"
+    )
     last_a = load_checkpoint(straight / "checkpoints" / "last.pt")["model"]
     last_b = load_checkpoint(killed / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(last_a[k], last_b[k]) for k in last_a), f"final weights differ (killed after {done} steps)"
@@ -253,15 +376,57 @@ def test_resume_after_sigkill_is_bit_identical(phantom_store, tmp_path: Path) ->
 
 # ------------------------------------------------------------------------------------- DDP parity
 
+
 def test_two_process_gloo_matches_one_process(phantom_store, tmp_path: Path) -> None:
-    common = ["--store", str(phantom_store.root), "--method", "simclr", "--epochs", "1", "--batch-size", "8", "--size", "32",
-              "--precision", "fp32", "--workers", "0", "--device", "cpu", "--no-progress", "--threads", "1",
-              "--set", "options.items=videos", "--set", "model.freeze_bn=true", "--set", "model.projection_hidden=64",
-              "--set", "knn_frames_per_video=2", *IDENTITY_AUGMENT]
+    common = [
+        "--store",
+        str(phantom_store.root),
+        "--method",
+        "simclr",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--size",
+        "32",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--set",
+        "options.items=videos",
+        "--set",
+        "model.freeze_bn=true",
+        "--set",
+        "model.projection_hidden=64",
+        "--set",
+        "knn_frames_per_video=2",
+        *IDENTITY_AUGMENT,
+    ]
     torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.Popen([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "sonocl", "pretrain", *common,
-                            "--out", str(tmp_path / "two")], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+    two = subprocess.Popen(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "sonocl",
+            "pretrain",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     one = _cli(*common, "--out", str(tmp_path / "one"))
     out_two, _ = two.communicate(timeout=300)
     out_one, _ = one.communicate(timeout=300)

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import make_objective
 from sonocl.losses import GroupInfoNCE
 from sonocl.models import CMWNet, ContrastiveModel, build_backbone
 from sonocl.train import meta
-from conftest import make_objective
 from sonocl.train.objectives import BatchTensors, StepContext
 
 B, IN, FEAT = 6, 12, 6
@@ -34,13 +34,21 @@ def _tiny_forward(theta: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torc
 def _data(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     make = lambda: torch.randn(B, 1, 3, 4, generator=g, dtype=torch.float64)  # noqa: E731
-    return {"v1": make(), "v2": make(), "m1": make(), "m2": make(),
-            "group": torch.tensor([0, 1, 1, 2, 3, 3]), "meta_group": None, "prior": torch.rand(B, generator=g, dtype=torch.float64) + 0.5}
+    return {
+        "v1": make(),
+        "v2": make(),
+        "m1": make(),
+        "m2": make(),
+        "group": torch.tensor([0, 1, 1, 2, 3, 3]),
+        "meta_group": None,
+        "prior": torch.rand(B, generator=g, dtype=torch.float64) + 0.5,
+    }
 
 
 def _optimizer(model: nn.Module, **sgd: float) -> torch.optim.SGD:
-    return torch.optim.SGD([{"params": model.backbone.parameters(), "lr": 0.3},
-                            {"params": model.projector.parameters(), "lr": 0.1}], **sgd)
+    return torch.optim.SGD(
+        [{"params": model.backbone.parameters(), "lr": 0.3}, {"params": model.projector.parameters(), "lr": 0.1}], **sgd
+    )
 
 
 def _prime_momentum(model: nn.Module, optimizer: torch.optim.Optimizer, data: dict[str, torch.Tensor]) -> None:
@@ -81,9 +89,24 @@ def _reference_cmw_grad(model, optimizer, cmw, loss, data, inner_lr):
 def _meta_grad(model, optimizer, cmw, loss, data, inner_lr):
     h1, z1 = model(data["v1"])
     h2, z2 = model(data["v2"])
-    return meta.cmw_meta_gradient(model, cmw, loss, data["v1"], data["v2"], h1, h2, z1, z2, data["group"],
-                                  data["prior"], data["m1"], data["m2"], optimizer, inner_lr,
-                                  meta_positive_group=data["meta_group"])
+    return meta.cmw_meta_gradient(
+        model,
+        cmw,
+        loss,
+        data["v1"],
+        data["v2"],
+        h1,
+        h2,
+        z1,
+        z2,
+        data["group"],
+        data["prior"],
+        data["m1"],
+        data["m2"],
+        optimizer,
+        inner_lr,
+        meta_positive_group=data["meta_group"],
+    )
 
 
 @pytest.mark.parametrize(

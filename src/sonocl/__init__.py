@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     import torch
 
 
-def load_encoder(path: str, **kwargs: Any) -> "torch.nn.Module":
+def load_encoder(path: str, **kwargs: Any) -> torch.nn.Module:
     """Return the torchvision ResNet of a sonocl run directory, checkpoint or ``encoder.safetensors``."""
     from sonocl.models import load_encoder as _load_encoder
 

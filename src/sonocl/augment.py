@@ -54,10 +54,21 @@ class AugmentConfig:
             "gamma": 0 <= self.gamma < 1,
             "std": self.std > 0,
         }
-        rules = {"crop_scale": "0 < low ≤ high ≤ 1", "crop_ratio": "0 < low ≤ high", "blur_sigma": "0 < low ≤ high",
-                 "gamma": "0 ≤ gamma < 1", "std": "> 0", "brightness": "≥ 0", "contrast": "≥ 0", "speckle_std": "≥ 0"}
-        failed = [f"{name}={getattr(self, name)} (need {rules.get(name, 'a probability in [0, 1]')})"
-                  for name, ok in checks.items() if not ok]
+        rules = {
+            "crop_scale": "0 < low ≤ high ≤ 1",
+            "crop_ratio": "0 < low ≤ high",
+            "blur_sigma": "0 < low ≤ high",
+            "gamma": "0 ≤ gamma < 1",
+            "std": "> 0",
+            "brightness": "≥ 0",
+            "contrast": "≥ 0",
+            "speckle_std": "≥ 0",
+        }
+        failed = [
+            f"{name}={getattr(self, name)} (need {rules.get(name, 'a probability in [0, 1]')})"
+            for name, ok in checks.items()
+            if not ok
+        ]
         if failed:
             raise ConfigError("invalid " + ", ".join(failed))
 
@@ -143,7 +154,9 @@ class BatchAugment(nn.Module):
         """Augment ``images`` ``(N, 1, H, W)``; ``extra`` ``(N,)`` bool marks the samples that get the gamma transform
         (AWCL's labelled frames; all samples when None)."""
         if images.dim() != 4 or images.shape[1] != 1 or not images.is_floating_point():
-            raise ValueError(f"BatchAugment expects (N, 1, H, W) float images, got {tuple(images.shape)} {images.dtype}")
+            raise ValueError(
+                f"BatchAugment expects (N, 1, H, W) float images, got {tuple(images.shape)} {images.dtype}"
+            )
         cfg = self.config
         images = _shrink(images, self.size)
         n, device = images.shape[0], images.device
@@ -153,7 +166,9 @@ class BatchAugment(nn.Module):
         if cfg.jitter_p > 0 and (cfg.brightness > 0 or cfg.contrast > 0):
             images = self._jitter(images, generator)
         if cfg.blur_p > 0:
-            images = torch.where(_bernoulli(n, cfg.blur_p, generator, device)[:, None, None, None], self._blur(images, generator), images)
+            images = torch.where(
+                _bernoulli(n, cfg.blur_p, generator, device)[:, None, None, None], self._blur(images, generator), images
+            )
         if cfg.speckle_p > 0:
             images = self._speckle(images, generator)
         return images
@@ -163,7 +178,9 @@ class BatchAugment(nn.Module):
         up to 10 attempts at area ~ U(scale) and log-ratio ~ U(log ratio), else the centred fallback."""
         cfg, size = self.config, self.size
         area = size * size * _uniform(n * _CROP_ATTEMPTS, *cfg.crop_scale, generator, device).view(n, _CROP_ATTEMPTS)
-        log_ratio = _uniform(n * _CROP_ATTEMPTS, *map(math.log, cfg.crop_ratio), generator, device).view(n, _CROP_ATTEMPTS)
+        log_ratio = _uniform(n * _CROP_ATTEMPTS, *map(math.log, cfg.crop_ratio), generator, device).view(
+            n, _CROP_ATTEMPTS
+        )
         ratio = torch.exp(log_ratio)
         width = torch.round(torch.sqrt(area * ratio))
         height = torch.round(torch.sqrt(area / ratio))
@@ -212,7 +229,10 @@ class BatchAugment(nn.Module):
             (torch.where(contrast_first, f_c, f_b), torch.where(contrast_first, 1 - f_c, zero)),
             (torch.where(contrast_first, f_b, f_c), torch.where(contrast_first, zero, 1 - f_c)),
         )
-        for scale, shift in steps:  # in place: ``images`` is the crop's fresh output (a broadcast addcmul is 2-3× slower)
+        for (
+            scale,
+            shift,
+        ) in steps:  # in place: ``images`` is the crop's fresh output (a broadcast addcmul is 2-3× slower)
             mean = images.mean(dim=(1, 2, 3))
             images.mul_(scale[:, None, None, None]).add_((shift * mean)[:, None, None, None]).clamp_(0.0, 1.0)
         return images

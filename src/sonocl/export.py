@@ -44,8 +44,12 @@ from sonocl.provenance import BUNDLE_FILE, PROVENANCE_FILE
 
 SCHEMA = "sonocl.encoder/1"
 CARD_FILE = "MODEL_CARD.md"
-EVALUATION_METRICS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"),
-                      ("macro_auc", "macro AUC"))
+EVALUATION_METRICS = (
+    ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("macro_f1", "macro-F1"),
+    ("macro_auc", "macro AUC"),
+)
 """``results.json`` summary keys shown in the card, with their names for a reader."""
 _HASH = re.compile(r"[0-9a-f]{64}")
 _GROUPED_BY = {"group": "patient (the store's group)", "video": "video"}
@@ -86,8 +90,10 @@ def selected_checkpoint(run: Path, config: Mapping[str, Any]) -> Path:
         path = run / "checkpoints" / name
         if path.is_file():
             return path
-    raise ExportError(f"{run / 'checkpoints'}: no best.pt or last.pt; has `sonocl pretrain --out {run}` run to the end "
-                      "of an epoch? (`--resume` continues it)")
+    raise ExportError(
+        f"{run / 'checkpoints'}: no best.pt or last.pt; has `sonocl pretrain --out {run}` run to the end "
+        "of an epoch? (`--resume` continues it)"
+    )
 
 
 def _checkpoint_position(path: Path) -> dict[str, Any]:
@@ -178,11 +184,17 @@ def read_evaluation(evaluation: Path, run: Path) -> dict[str, Any]:
     path = evaluation / "results.json"
     results = _read_json(path, "EVAL_DIR must be a `sonocl evaluate --out` directory")
     config = results.get("config", {})
-    inits = [{"label": entry.get("label"), "init": entry.get("init"),
-              "this_encoder": _is_this_run(str(entry.get("init")), run),
-              "pretraining_overlap": (entry.get("pretraining_overlap") or {}).get("note", ""),
-              "input": entry.get("input"), "summary": entry.get("summary", {})}
-             for entry in results.get("inits", [])]
+    inits = [
+        {
+            "label": entry.get("label"),
+            "init": entry.get("init"),
+            "this_encoder": _is_this_run(str(entry.get("init")), run),
+            "pretraining_overlap": (entry.get("pretraining_overlap") or {}).get("note", ""),
+            "input": entry.get("input"),
+            "summary": entry.get("summary", {}),
+        }
+        for entry in results.get("inits", [])
+    ]
     if not inits:
         raise ExportError(f"{path}: no evaluated inits; was the evaluation interrupted before its first init finished?")
     return {
@@ -227,8 +239,12 @@ def bundle_metadata(run: Path, weights: Path, evaluation: Path | None = None) ->
         "arch": arch,
         "feature_dim": feature_dim(arch),
         "channels": int(header.get("channels", 1)),
-        "input": {"size": int(header.get("size", config.get("size", 224))), "mean": header.get("mean"),
-                  "std": header.get("std"), "scale": "greyscale pixel / 255, then (x - mean) / std"},
+        "input": {
+            "size": int(header.get("size", config.get("size", 224))),
+            "mean": header.get("mean"),
+            "std": header.get("std"),
+            "scale": "greyscale pixel / 255, then (x - mean) / std",
+        },
         "method": header.get("method", config.get("method")),
         "budget": training_budget(run, config),
         "store": config.get("store"),
@@ -241,6 +257,7 @@ def bundle_metadata(run: Path, weights: Path, evaluation: Path | None = None) ->
 
 # ------------------------------------------------------------------------------------------ model card
 
+
 def _percent(stat: Mapping[str, Any] | None) -> str:
     if not stat or stat.get("mean") is None:
         return "–"
@@ -250,10 +267,15 @@ def _percent(stat: Mapping[str, Any] | None) -> str:
 
 def _evaluation_section(evaluation: Mapping[str, Any] | None) -> list[str]:
     if evaluation is None:
-        return ["Not evaluated in this bundle. Measure it on your own labelled videos against random init:",
-                "", "```bash",
-                "sonocl evaluate --store STORE --init random --init DIR --protocol last-block --folds 5 --out eval",
-                "```", "", "and export again with `--eval eval` to record the result here."]
+        return [
+            "Not evaluated in this bundle. Measure it on your own labelled videos against random init:",
+            "",
+            "```bash",
+            "sonocl evaluate --store STORE --init random --init DIR --protocol last-block --folds 5 --out eval",
+            "```",
+            "",
+            "and export again with `--eval eval` to record the result here.",
+        ]
     runs = (evaluation.get("folds") or 0) * (evaluation.get("seeds") or 0)
     selection = evaluation.get("selection")
     grouping = _GROUPED_BY.get(str(evaluation.get("group_by")), evaluation.get("group_by"))
@@ -265,37 +287,54 @@ def _evaluation_section(evaluation: Mapping[str, Any] | None) -> list[str]:
     ]
     if evaluation.get("optimistic"):
         lines.append("**Optimistic: the epoch was selected on the test fold (`max-test`), as the papers did.**")
-    lines += ["", "Video-level test scores, mean ± std over the fold runs (%):", "",
-              "| init | " + " | ".join(name for _, name in EVALUATION_METRICS) + " |",
-              "|---|" + "---|" * len(EVALUATION_METRICS)]
+    lines += [
+        "",
+        "Video-level test scores, mean ± std over the fold runs (%):",
+        "",
+        "| init | " + " | ".join(name for _, name in EVALUATION_METRICS) + " |",
+        "|---|" + "---|" * len(EVALUATION_METRICS),
+    ]
     for entry in evaluation["inits"]:
         video = entry.get("summary", {}).get("video", {})
         label = f"**{entry['label']} (this encoder)**" if entry["this_encoder"] else str(entry["label"])
         lines.append(f"| {label} | " + " | ".join(_percent(video.get(key)) for key, _ in EVALUATION_METRICS) + " |")
-    inputs = [f"{entry['label']} {put['size']} px, (x - {put['mean']:.3g}) / {put['std']:.3g} ({put.get('source', '')})"
-              for entry in evaluation["inits"] if (put := entry.get("input"))]
+    inputs = [
+        f"{entry['label']} {put['size']} px, (x - {put['mean']:.3g}) / {put['std']:.3g} ({put.get('source', '')})"
+        for entry in evaluation["inits"]
+        if (put := entry.get("input"))
+    ]
     if inputs:
         lines += ["", "Input of each init: " + "; ".join(inputs) + "."]
-    notes = [f"- {entry['label']}: {entry['pretraining_overlap']}"
-             for entry in evaluation["inits"] if entry["pretraining_overlap"]]
+    notes = [
+        f"- {entry['label']}: {entry['pretraining_overlap']}"
+        for entry in evaluation["inits"]
+        if entry["pretraining_overlap"]
+    ]
     return lines + (["", "Overlap of the test videos with pretraining:", "", *notes] if notes else [])
 
 
 def _provenance_section(metadata: Mapping[str, Any]) -> list[str]:
     if metadata["provenance"] is None:
-        return [f"Frame store `{metadata['store']}`. The run recorded no `{PROVENANCE_FILE}` (runs of sonocl before "
-                "provenance recording), so which videos it trained on is not part of this bundle."]
+        return [
+            f"Frame store `{metadata['store']}`. The run recorded no `{PROVENANCE_FILE}` (runs of sonocl before "
+            "provenance recording), so which videos it trained on is not part of this bundle."
+        ]
     lines = [f"From the run's `{PROVENANCE_FILE}` (whole in `{BUNDLE_FILE}`, key `provenance`; lists as counts):", ""]
     summary = metadata["provenance_summary"]
-    lines += [f"- {key.replace('_', ' ')}: {', '.join(map(str, value)) or 'none' if isinstance(value, list) else value}"
-              for key, value in summary.items()]
+    lines += [
+        f"- {key.replace('_', ' ')}: {', '.join(map(str, value)) or 'none' if isinstance(value, list) else value}"
+        for key, value in summary.items()
+    ]
     return lines
 
 
 def _budget_lines(budget: Mapping[str, Any]) -> list[str]:
     wall = budget.get("wall_seconds")
-    selected = (f" (selected by held-out loss at step {budget['steps']} of {budget['run_steps']})"
-                if budget["run_steps"] != budget["steps"] else "")
+    selected = (
+        f" (selected by held-out loss at step {budget['steps']} of {budget['run_steps']})"
+        if budget["run_steps"] != budget["steps"]
+        else ""
+    )
     lines = [
         f"- {budget['steps']} optimiser steps{selected}: {budget['epochs']} of {budget['epochs_planned']} planned "
         f"epochs × {budget['steps_per_epoch']} steps, global batch {budget['batch_size']} "
@@ -306,8 +345,10 @@ def _budget_lines(budget: Mapping[str, Any]) -> list[str]:
         lines.append(f"- training wall time {wall / 60:.1f} min")
     monitors = budget.get("monitors") or {}
     if monitors:
-        lines.append("- monitors at that checkpoint (held-out videos): "
-                     + ", ".join(f"{name} {value:.4f}" for name, value in monitors.items()))
+        lines.append(
+            "- monitors at that checkpoint (held-out videos): "
+            + ", ".join(f"{name} {value:.4f}" for name, value in monitors.items())
+        )
     return lines
 
 
@@ -339,8 +380,7 @@ def model_card(metadata: Mapping[str, Any]) -> str:
         f"Input: a `(N, 3, {size}, {size})` float tensor, the grey frame (pixel / 255) copied to the 3 channels and "
         f"normalised as `(x - {mean}) / {std}`. Output: `(N, {metadata['feature_dim']})` features.",
         "",
-        "With sonocl (the stem it was trained with, "
-        f"{channels} channel{'s' if channels != 1 else ''}; same features):",
+        f"With sonocl (the stem it was trained with, {channels} channel{'s' if channels != 1 else ''}; same features):",
         "",
         "```python",
         "import sonocl",
@@ -389,6 +429,7 @@ def model_card(metadata: Mapping[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------ export
 
+
 def export(run: Path, out: Path, evaluation: Path | None = None) -> dict[str, Any]:
     """Write the bundle of ``run`` into ``out`` (created; the three files replaced atomically); its metadata."""
     from sonocl.data.store import atomic_write_text
@@ -399,8 +440,10 @@ def export(run: Path, out: Path, evaluation: Path | None = None) -> dict[str, An
         raise ExportError(f"{run}: not a directory; RUN must be a `sonocl pretrain --out` directory")
     source = run / ENCODER_FILE
     if not source.is_file():
-        raise ExportError(f"{source}: not found; a run writes it at its end or on Ctrl-C (`sonocl pretrain --resume` "
-                          "finishes an interrupted one)")
+        raise ExportError(
+            f"{source}: not found; a run writes it at its end or on Ctrl-C (`sonocl pretrain --resume` "
+            "finishes an interrupted one)"
+        )
     if out.resolve() == run.resolve():
         raise ExportError(f"--out {out}: is the run directory itself; choose a new folder")
     try:
@@ -421,8 +464,13 @@ def export(run: Path, out: Path, evaluation: Path | None = None) -> dict[str, An
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, metavar="RUN", help="a `sonocl pretrain --out` directory")
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write (created)")
-    parser.add_argument("--eval", dest="evaluation", type=Path, metavar="EVAL_DIR",
-                        help="a `sonocl evaluate --out` directory whose results.json goes into the model card")
+    parser.add_argument(
+        "--eval",
+        dest="evaluation",
+        type=Path,
+        metavar="EVAL_DIR",
+        help="a `sonocl evaluate --out` directory whose results.json goes into the model card",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -430,12 +478,20 @@ def run(args: argparse.Namespace) -> int:
     metadata = export(args.run, args.out, args.evaluation)
     budget = metadata["budget"]
     out = args.out
-    print(f"sonocl export: {metadata['method']} {metadata['arch']}, {budget['steps']} steps × batch "
-          f"{budget['batch_size']} = {budget['pairs_seen']:,} pairs", file=sys.stderr)
+    print(
+        f"sonocl export: {metadata['method']} {metadata['arch']}, {budget['steps']} steps × batch "
+        f"{budget['batch_size']} = {budget['pairs_seen']:,} pairs",
+        file=sys.stderr,
+    )
     for name in ("encoder.safetensors", BUNDLE_FILE, CARD_FILE):
         size = (out / name).stat().st_size
-        print(f"  {out / name}  ({size / 1e6:.1f} MB)" if size >= 1e5 else f"  {out / name}  ({size / 1e3:.1f} kB)",
-              file=sys.stderr)
-    print(f'load: sonocl.load_encoder("{out}") or torchvision (see {out / CARD_FILE}); '
-          f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+        print(
+            f"  {out / name}  ({size / 1e6:.1f} MB)" if size >= 1e5 else f"  {out / name}  ({size / 1e3:.1f} kB)",
+            file=sys.stderr,
+        )
+    print(
+        f'load: sonocl.load_encoder("{out}") or torchvision (see {out / CARD_FILE}); '
+        f"{time.perf_counter() - started:.1f} s",
+        file=sys.stderr,
+    )
     return 0

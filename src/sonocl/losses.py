@@ -71,7 +71,9 @@ class GroupInfoNCE(nn.Module):
             raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
         n = z1.shape[0]
         if positive_group is not None and (positive_group.shape != (n,) or positive_group.is_floating_point()):
-            raise ValueError(f"positive_group must be an (N,) = ({n},) integer tensor, got {tuple(positive_group.shape)} {positive_group.dtype}")
+            raise ValueError(
+                f"positive_group must be an (N,) = ({n},) integer tensor, got {tuple(positive_group.shape)} {positive_group.dtype}"
+            )
         if weight is not None and weight.shape != (n,):
             raise ValueError(f"weight must be (N,) = ({n},), got {tuple(weight.shape)}")
         anchors = F.normalize(_at_least_float32(torch.cat([z1, z2])), dim=1)
@@ -82,7 +84,9 @@ class GroupInfoNCE(nn.Module):
             z1_all, z2_all, candidate_group = gathered
             total = z1_all.shape[0]
             if z1_all.shape != (total, z1.shape[1]) or z2_all.shape != z1_all.shape:
-                raise ValueError(f"gathered z1/z2 must be (M, {z1.shape[1]}), got {tuple(z1_all.shape)} and {tuple(z2_all.shape)}")
+                raise ValueError(
+                    f"gathered z1/z2 must be (M, {z1.shape[1]}), got {tuple(z1_all.shape)} and {tuple(z2_all.shape)}"
+                )
             if offset is None or not 0 <= offset <= total - n:
                 raise ValueError(f"offset must place the {n} local rows inside the {total} gathered ones, got {offset}")
             if (candidate_group is None) != (positive_group is None):
@@ -126,7 +130,9 @@ def semi_supervised_ce(logits1: Tensor, logits2: Tensor, labels: Tensor) -> Tens
     if logits1.dim() != 2 or logits1.shape != logits2.shape:
         raise ValueError(f"logits must both be (N, C), got {tuple(logits1.shape)} and {tuple(logits2.shape)}")
     if labels.shape != (logits1.shape[0],) or labels.is_floating_point():
-        raise ValueError(f"labels must be an (N,) = ({logits1.shape[0]},) integer tensor, got {tuple(labels.shape)} {labels.dtype}")
+        raise ValueError(
+            f"labels must be an (N,) = ({logits1.shape[0]},) integer tensor, got {tuple(labels.shape)} {labels.dtype}"
+        )
     count = (labels >= 0).sum().clamp(min=1)
     total = F.cross_entropy(logits1.float(), labels, ignore_index=-1, reduction="sum")
     total = total + F.cross_entropy(logits2.float(), labels, ignore_index=-1, reduction="sum")

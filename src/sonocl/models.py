@@ -89,7 +89,8 @@ def safe_torch_load(path: Path, error_type: type[Exception]) -> Any:
         raise error_type(
             f"{path}: holds Python objects that would run code when loaded, so sonocl refuses it. If you trust the file, "
             f"convert it once: torch.save(torch.load(PATH, weights_only=False)['state_dict'], NEW) (or the dict's "
-            f"tensors), then use NEW") from None
+            f"tensors), then use NEW"
+        ) from None
     except Exception as error:  # torch raises several types for a file that is not a checkpoint at all
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise error_type(f"{path}: not a readable weights file ({first_line})") from None
@@ -161,7 +162,9 @@ class CMWNet(nn.Module):
 
     def __init__(self, feature_dim: int, hidden_dim: int = 10) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(2 * feature_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, 1))
+        self.net = nn.Sequential(
+            nn.Linear(2 * feature_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, 1)
+        )
 
     def forward(self, h_left: torch.Tensor, h_right: torch.Tensor) -> torch.Tensor:
         """(N, F), (N, F) → (N,) pair weights."""
@@ -186,7 +189,9 @@ class ContrastiveModel(nn.Module):
         self.projector = ProjectionHead(feature_dim, projection_hidden, projection_dim, projection_batch_norm)
         self.classifier = nn.Linear(projection_dim, num_classes) if num_classes else None
         self.predictor = (
-            ProjectionHead(projection_dim, predictor_hidden, projection_dim, batch_norm=True) if predictor_hidden else None
+            ProjectionHead(projection_dim, predictor_hidden, projection_dim, batch_norm=True)
+            if predictor_hidden
+            else None
         )
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +226,9 @@ def locate_encoder(path: Path) -> Path:
         for candidate in (path / ENCODER_FILE, path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt"):
             if candidate.exists():
                 return candidate
-        raise WeightsError(f"{path}: no {ENCODER_FILE} or checkpoints/{{best,last}}.pt; is this a sonocl run directory?")
+        raise WeightsError(
+            f"{path}: no {ENCODER_FILE} or checkpoints/{{best,last}}.pt; is this a sonocl run directory?"
+        )
     if not path.exists():
         raise WeightsError(f"{path}: no such file or directory")
     return path
@@ -241,7 +248,7 @@ def checkpoint_backbone_state(checkpoint: Mapping[str, Any]) -> dict[str, torch.
     """Backbone weights (torchvision names) of a sonocl training checkpoint (``{"model": ContrastiveModel state, …}``)."""
     model_state = checkpoint.get("model", checkpoint)
     prefix = "backbone."
-    return {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
 
 
 def load_encoder(
@@ -260,7 +267,9 @@ def load_encoder(
         metadata = dict(checkpoint.get("encoder_metadata", {})) if isinstance(checkpoint, dict) else {}
         state = checkpoint_backbone_state(checkpoint)
         if not state:
-            raise WeightsError(f"{located}: no 'backbone.*' weights; for checkpoints of other code use `sonocl evaluate --init`")
+            raise WeightsError(
+                f"{located}: no 'backbone.*' weights; for checkpoints of other code use `sonocl evaluate --init`"
+            )
     arch = arch or metadata.get("arch", "resnet18")
     channels = channels or int(metadata.get("channels", state["conv1.weight"].shape[1]))
     return build_backbone(arch, channels, state)

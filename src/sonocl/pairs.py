@@ -127,9 +127,7 @@ class PairSampler:
         if items == "videos":
             self._item_video = videos
         else:
-            self._item_video = np.concatenate(
-                [np.full(store.videos[v].num_frames, v, dtype=np.int64) for v in videos]
-            )
+            self._item_video = np.concatenate([np.full(store.videos[v].num_frames, v, dtype=np.int64) for v in videos])
         self._item_frame = (
             np.concatenate([np.arange(store.video_offsets[v], store.video_offsets[v + 1]) for v in videos])
             if items == "frames"

@@ -74,8 +74,17 @@ def progress_report(
     concurrent bars); a log keeps every line, so line reports ignore them."""
     file = sys.stderr if file is None else file
     if enabled and is_terminal(file):
-        return tqdm(total=total, desc=desc or None, unit=unit, initial=initial, leave=leave, position=position,
-                    file=file, dynamic_ncols=True, mininterval=1.0)
+        return tqdm(
+            total=total,
+            desc=desc or None,
+            unit=unit,
+            initial=initial,
+            leave=leave,
+            position=position,
+            file=file,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
     return LineProgress(total, desc, unit, enabled=enabled, initial=initial, file=file)
 
 
@@ -83,7 +92,13 @@ class LineProgress:
     """tqdm's figures as whole lines (never a carriage return): the progress report for logs."""
 
     def __init__(
-        self, total: int | None, desc: str = "", unit: str = "it", *, enabled: bool = True, initial: int = 0,
+        self,
+        total: int | None,
+        desc: str = "",
+        unit: str = "it",
+        *,
+        enabled: bool = True,
+        initial: int = 0,
         file: IO[str] | None = None,
     ) -> None:
         self.total = total
@@ -109,8 +124,15 @@ class LineProgress:
     def format_line(self) -> str:
         """The current figures in tqdm's notation, without the bar."""
         template = _WITH_TOTAL if self.total else _WITHOUT_TOTAL
-        figures = tqdm.format_meter(self.n, self.total, time.monotonic() - self._started, unit=self.unit,
-                                    postfix=self.postfix or None, bar_format=template, initial=self.initial)
+        figures = tqdm.format_meter(
+            self.n,
+            self.total,
+            time.monotonic() - self._started,
+            unit=self.unit,
+            postfix=self.postfix or None,
+            bar_format=template,
+            initial=self.initial,
+        )
         return f"{self.desc}: {figures}" if self.desc else figures
 
     def _report(self) -> None:

@@ -32,8 +32,15 @@ class LabelLeakError(UserError):
 
 
 def record(
-    store: FrameStore, trained: Iterable[int], labelled: Iterable[int], held_out: Iterable[int], *, method: str,
-    label_columns: list[str], steps: int, batch_size: int,
+    store: FrameStore,
+    trained: Iterable[int],
+    labelled: Iterable[int],
+    held_out: Iterable[int],
+    *,
+    method: str,
+    label_columns: list[str],
+    steps: int,
+    batch_size: int,
 ) -> dict[str, Any]:
     """The provenance record of a run over ``store`` (video indices in, content hashes out)."""
 
@@ -117,7 +124,9 @@ def summarise(checks: list[FoldCheck]) -> dict[str, Any]:
 
 
 def leak_message(init: str, labels_seen: int, total: int) -> str:
-    return (f"--init {init}: pretraining used the labels of {labels_seen} of the {total} test videos of these folds, "
-            f"so its scores would not be honest. Fixes: pretrain per fold on the training videos only "
-            f"(`sonocl study`), or pretrain without labels (`--label-rate 0` for uscl, `--anatomy-ratio 0` for awcl); "
-            f"or pass --allow-label-leak to run anyway, which marks every table")
+    return (
+        f"--init {init}: pretraining used the labels of {labels_seen} of the {total} test videos of these folds, "
+        f"so its scores would not be honest. Fixes: pretrain per fold on the training videos only "
+        f"(`sonocl study`), or pretrain without labels (`--label-rate 0` for uscl, `--anatomy-ratio 0` for awcl); "
+        f"or pass --allow-label-leak to run anyway, which marks every table"
+    )

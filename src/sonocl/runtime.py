@@ -42,9 +42,14 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False  # musl and other C libraries have no mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all(mallopt(option, value) == 1 for option, value in (
-        (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_BYTES), (_M_TOP_PAD, _TOP_PAD_BYTES),
-    ))
+    return all(
+        mallopt(option, value) == 1
+        for option, value in (
+            (_M_MMAP_MAX, 0),
+            (_M_TRIM_THRESHOLD, _KEEP_BYTES),
+            (_M_TOP_PAD, _TOP_PAD_BYTES),
+        )
+    )
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

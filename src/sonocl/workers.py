@@ -28,8 +28,9 @@ _STATE: dict[str, Any] = {}
 _PR_SET_PDEATHSIG = 1
 
 
-def map_unordered(function: Callable[[Any, dict[str, Any]], Any], tasks: Iterable[Any], jobs: int,
-                  shared: dict[str, Any]) -> Iterator[Any]:
+def map_unordered(
+    function: Callable[[Any, dict[str, Any]], Any], tasks: Iterable[Any], jobs: int, shared: dict[str, Any]
+) -> Iterator[Any]:
     """``function(task, state)`` for every task in ``jobs`` worker processes, yielded as each finishes.
 
     ``state`` is ``shared`` plus ``bar_position``. ``function`` must be importable (a module-level function). If the
@@ -40,8 +41,9 @@ def map_unordered(function: Callable[[Any, dict[str, Any]], Any], tasks: Iterabl
     slots = context.Queue()
     for slot in range(jobs):
         slots.put(slot)
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                                                initargs=(shared, threads, slots, context.RLock())) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_start_worker, initargs=(shared, threads, slots, context.RLock())
+    ) as pool:
         pending = [pool.submit(_call, function, task) for task in tasks]
         try:
             for future in concurrent.futures.as_completed(pending):

@@ -17,11 +17,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from test_decode import scan_frames, write_video
 
 from sonocl.cli import main
 from sonocl.data.ingest import shown
 from sonocl.data.store import FrameStore, FrameStoreWriter
+from test_decode import scan_frames, write_video
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +51,21 @@ INIT_COMMANDS = ("pretrain", "evaluate", "embed")
 def with_init(command: str, store: Path, init: Path, out: Path) -> list[str | Path]:
     """Arguments of a smallest run of ``sonocl COMMAND --init INIT`` on ``store``, writing under ``out`` (CPU)."""
     tail: dict[str, list[str | Path]] = {
-        "pretrain": ["--method", "simclr", "--out", out / "run", "--epochs", "1", "--size", "32", "--batch-size", "4",
-                     "--threads", "1", "--no-progress"],
+        "pretrain": [
+            "--method",
+            "simclr",
+            "--out",
+            out / "run",
+            "--epochs",
+            "1",
+            "--size",
+            "32",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+            "--no-progress",
+        ],
         "evaluate": ["--protocol", "knn", "--folds", "2", "--out", out / "eval"],
         "embed": ["--out", out / "embed.npz"],
     }
@@ -111,7 +124,9 @@ def write_png_header(path: Path, width: int, height: int) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def random_store(root: Path, labels: Sequence[str | None], frames: int = 4, size: int = 32, seed: int = 0) -> Path:

@@ -32,9 +32,9 @@ from reliability_support import (
     write_mixed_sizes,
     write_png_header,
 )
-from test_decode import scan_frames, write_dicom, write_video
 
 from sonocl.data.store import FRAMES_FILE, META_FILE, REPORT_FILE, VIDEOS_FILE, FrameStore
+from test_decode import scan_frames, write_dicom, write_video
 
 
 @dataclass(frozen=True)
@@ -86,20 +86,30 @@ BAD_MEDIA = [
     BadMedia("mixed_sizes.mpeg", write_mixed_sizes, "frame size changes from (32, 32) to (48, 64)"),
     BadMedia("claims_100000_frames.dcm", _dicom_claiming_frames, "holds 3 of the 100000 frames"),
     BadMedia("cut_short.dcm", _dicom_cut_short, "holds 2 of the 4 frames"),
-    BadMedia("no_pixels.dcm", lambda path: write_dicom(path, scan_frames(1, 8, 8), with_pixels=False), "without pixel data"),
-    BadMedia("private_syntax.dcm", _dicom_private_syntax, "transfer syntax 1.2.826.0.1.3680043.9.9999.1 is not supported"),
+    BadMedia(
+        "no_pixels.dcm", lambda path: write_dicom(path, scan_frames(1, 8, 8), with_pixels=False), "without pixel data"
+    ),
+    BadMedia(
+        "private_syntax.dcm", _dicom_private_syntax, "transfer syntax 1.2.826.0.1.3680043.9.9999.1 is not supported"
+    ),
     BadMedia("text.dcm", lambda path: path.write_text("not DICOM\n"), "pixel data"),
     BadMedia("one_pixel.png", lambda path: Image.new("L", (1, 1), 120).save(path), "1×1 pixels are too small"),
     BadMedia("broken.png", lambda path: path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64), "not a readable image"),
     BadMedia("bomb.png", lambda path: write_png_header(path, 60_000, 60_000), "decompression bomb"),
-    BadMedia("video_named.png", lambda path: write_video(path.with_suffix(".mp4"), scan_frames(3, 16, 16)).rename(path), "not a readable image"),
+    BadMedia(
+        "video_named.png",
+        lambda path: write_video(path.with_suffix(".mp4"), scan_frames(3, 16, 16)).rename(path),
+        "not a readable image",
+    ),
     BadMedia("dangling_link.mp4", _dangling_link, "which does not exist"),
     BadMedia("line\nbreak.avi", lambda path: path.write_text("junk"), "not a readable video"),
 ]
 
 
 @pytest.mark.parametrize("bad", BAD_MEDIA, ids=[bad.name.replace("\n", "_") for bad in BAD_MEDIA])
-def test_broken_media_file_is_named_and_the_rest_goes_in(bad: BadMedia, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_broken_media_file_is_named_and_the_rest_goes_in(
+    bad: BadMedia, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = tmp_path / "src"
     source.mkdir()
     bad.make(source / bad.name)
@@ -113,7 +123,9 @@ def test_broken_media_file_is_named_and_the_rest_goes_in(bad: BadMedia, tmp_path
     assert [entry["file"] for entry in skipped] == [str(source / bad.name)]
 
 
-def test_dicom_compression_without_its_plugin_names_the_syntax(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dicom_compression_without_its_plugin_names_the_syntax(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """JPEG-LS: refused by name without a plugin; with one installed, its (fake) pixel data is refused as unreadable."""
     source = tmp_path / "src"
     source.mkdir()
@@ -179,7 +191,9 @@ def three_videos(tmp_path: Path) -> Path:
     return source
 
 
-def _ingest_with_csv(capsys: pytest.CaptureFixture[str], source: Path, csv: Path) -> tuple[int, str, dict[str, str | None]]:
+def _ingest_with_csv(
+    capsys: pytest.CaptureFixture[str], source: Path, csv: Path
+) -> tuple[int, str, dict[str, str | None]]:
     store = source.parent / "store"
     result = ingest(capsys, source, "--out", store, "--size", "32", "--labels", csv)
     labels = {video.id: video.label for video in FrameStore.open(store).videos} if (store / META_FILE).exists() else {}
@@ -225,7 +239,10 @@ def test_csv_ids_naming_no_file_are_noted(three_videos: Path, capsys: pytest.Cap
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("file,label\na,covid\nb,regular\na,regular\n", "'a' is on lines 2 and 4, which differ in label 'covid' vs 'regular'"),
+        (
+            "file,label\na,covid\nb,regular\na,regular\n",
+            "'a' is on lines 2 and 4, which differ in label 'covid' vs 'regular'",
+        ),
         ("file,patient\na,p1\nb,p2\n", "no label column found"),
         ("scan_name,label\nx,covid\ny,regular\n", "no column holds the names of the files"),
         ("", "has no header row"),
@@ -243,7 +260,9 @@ def test_csv_that_cannot_be_used_is_refused_by_name(
     assert not (three_videos.parent / "store").exists()
 
 
-def test_conflicting_groups_are_refused_without_showing_the_patient_ids(three_videos: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_conflicting_groups_are_refused_without_showing_the_patient_ids(
+    three_videos: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     csv = three_videos.parent / "labels.csv"
     csv.write_text("file,label,patient\na,covid,PATIENT-1111\nb,regular,PATIENT-2222\na,covid,PATIENT-3333\n")
     code, err, _ = _ingest_with_csv(capsys, three_videos, csv)
@@ -254,8 +273,22 @@ def test_conflicting_groups_are_refused_without_showing_the_patient_ids(three_vi
 
 def test_class_with_a_single_video_is_named_by_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = random_store(tmp_path / "store", ["a", "a", "a", "b", "b", "b", "lonely"])
-    result = run_cli(capsys, "evaluate", "--store", store, "--init", "random", "--protocol", "knn", "--folds", "2",
-                     "--out", tmp_path / "eval", "--device", "cpu")
+    result = run_cli(
+        capsys,
+        "evaluate",
+        "--store",
+        store,
+        "--init",
+        "random",
+        "--protocol",
+        "knn",
+        "--folds",
+        "2",
+        "--out",
+        tmp_path / "eval",
+        "--device",
+        "cpu",
+    )
     assert result.code == 0
     warnings = [line for line in result.err.splitlines() if "warning" in line and "'lonely'" in line]
     assert len(warnings) == 1, result.err
@@ -323,11 +356,20 @@ def _corrupt_record(store: Path) -> None:
 )
 @pytest.mark.parametrize("command", ["info", "ingest"])
 def test_damaged_store_is_named_by_every_reader_and_writer(
-    damage: Callable[[Path], None], named: str, message: str, command: str, small_store: Path, tmp_path: Path,
+    damage: Callable[[Path], None],
+    named: str,
+    message: str,
+    command: str,
+    small_store: Path,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     damage(small_store)
-    args = ["info", small_store] if command == "info" else ["ingest", good_video(tmp_path / "new.mp4"), "--out", small_store, "--workers", "1"]
+    args = (
+        ["info", small_store]
+        if command == "info"
+        else ["ingest", good_video(tmp_path / "new.mp4"), "--out", small_store, "--workers", "1"]
+    )
     result = run_cli(capsys, *args)
     assert result.code == 2
     assert message in line_naming(result.err, small_store / named)
@@ -336,9 +378,30 @@ def test_damaged_store_is_named_by_every_reader_and_writer(
 # ---- other commands' inputs ----------------------------------------------------------------------------------------
 
 
-def test_pretrain_with_fewer_videos_than_the_batch(small_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    result = run_cli(capsys, "pretrain", "--store", small_store, "--method", "uscl", "--out", tmp_path / "run", "--epochs", "1",
-                     "--size", "32", "--batch-size", "16", "--threads", "1", "--no-progress", "--device", "cpu")
+def test_pretrain_with_fewer_videos_than_the_batch(
+    small_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_cli(
+        capsys,
+        "pretrain",
+        "--store",
+        small_store,
+        "--method",
+        "uscl",
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        "--size",
+        "32",
+        "--batch-size",
+        "16",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
     assert result.code == 2
     assert "--batch-size" in result.err and "4" in result.err
 
@@ -357,13 +420,17 @@ def test_pretrain_config_with_unknown_keys_or_wrong_types(
 ) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(config)
-    result = run_cli(capsys, "pretrain", "--store", small_store, "--method", "simclr", "--config", path, "--out", tmp_path / "run")
+    result = run_cli(
+        capsys, "pretrain", "--store", small_store, "--method", "simclr", "--config", path, "--out", tmp_path / "run"
+    )
     assert result.code == 2
     assert message in result.err and len(result.err.strip().splitlines()) == 1, result.err
 
 
 @pytest.mark.parametrize("command", INIT_COMMANDS)
-def test_init_file_that_is_not_a_checkpoint(command: str, small_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_init_file_that_is_not_a_checkpoint(
+    command: str, small_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     fake = tmp_path / "weights.pt"
     fake.write_text("these are not weights\n")
     result = run_cli(capsys, *with_init(command, small_store, fake, tmp_path))
@@ -379,7 +446,23 @@ def test_segment_mask_of_the_wrong_size_is_named(tmp_path: Path, capsys: pytest.
         Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(images / f"scan{index}.png")
         shape = (20, 24) if index == 0 else (32, 32)
         Image.fromarray((rng.random(shape) > 0.5).astype(np.uint8) * 255).save(images / f"scan{index}_mask.png")
-    result = run_cli(capsys, "segment", "--images", images, "--init", "random", "--folds", "2", "--size", "32", "--epochs", "1",
-                     "--out", tmp_path / "seg", "--device", "cpu")
+    result = run_cli(
+        capsys,
+        "segment",
+        "--images",
+        images,
+        "--init",
+        "random",
+        "--folds",
+        "2",
+        "--size",
+        "32",
+        "--epochs",
+        "1",
+        "--out",
+        tmp_path / "seg",
+        "--device",
+        "cpu",
+    )
     assert result.code == 2
     assert "is 24×20 but the image is 32×32" in line_naming(result.err, images / "scan0_mask.png")

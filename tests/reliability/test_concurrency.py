@@ -24,7 +24,9 @@ from sonocl.data.store import DirectoryLockedError, FrameStore, FrameStoreWriter
 
 def test_directory_lock_refuses_a_second_holder_and_is_released(tmp_path: Path) -> None:
     with directory_lock(tmp_path / "run", "run directory"):
-        with pytest.raises(DirectoryLockedError, match=f"{tmp_path / 'run'}: another sonocl process is writing to this run directory"):
+        with pytest.raises(
+            DirectoryLockedError, match=f"{tmp_path / 'run'}: another sonocl process is writing to this run directory"
+        ):
             with directory_lock(tmp_path / "run", "run directory"):
                 pass
     with pytest.raises(RuntimeError, match="inside"):
@@ -48,7 +50,9 @@ def _hold_lock_in_child(store: Path) -> subprocess.Popen[bytes]:
     return child
 
 
-def test_a_writer_killed_with_sigkill_does_not_block_the_next(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_writer_killed_with_sigkill_does_not_block_the_next(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = tmp_path / "store"
     child = _hold_lock_in_child(store)
     try:
@@ -70,7 +74,19 @@ def test_second_ingest_while_one_runs_is_refused(tmp_path: Path, capsys: pytest.
     for seed in range(24):
         good_video(source / f"clip{seed:02d}.mp4", seed=seed, frames=12)
     store = tmp_path / "store"
-    command = [sys.executable, "-m", "sonocl", "ingest", str(source), "--out", str(store), "--size", "32", "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "sonocl",
+        "ingest",
+        str(source),
+        "--out",
+        str(store),
+        "--size",
+        "32",
+        "--workers",
+        "1",
+    ]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not (store / "videos.jsonl").exists() and first.poll() is None and time.monotonic() < deadline:
@@ -104,7 +120,11 @@ def test_dataloader_workers_see_the_frames_the_main_process_sees(
     """Forked workers share the parent's state, spawned ones (as torchrun's ranks) open the store afresh."""
     expected = hashlib.sha256(np.ascontiguousarray(phantom_store.frames).tobytes()).digest()
     loader = torch.utils.data.DataLoader(
-        StoreFrames(phantom_store), batch_size=37, num_workers=workers, multiprocessing_context=context, shuffle=True,
+        StoreFrames(phantom_store),
+        batch_size=37,
+        num_workers=workers,
+        multiprocessing_context=context,
+        shuffle=True,
         generator=torch.Generator().manual_seed(0),
     )
     seen = np.zeros((len(phantom_store), phantom_store.size, phantom_store.size), dtype=np.uint8)

@@ -55,10 +55,23 @@ def reference(source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 
 def _start(source: Path, store: Path, workers: int) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "sonocl", "ingest", str(source), "--out", str(store), "--size", str(SIZE),
-               "--workers", str(workers)]
+    command = [
+        sys.executable,
+        "-m",
+        "sonocl",
+        "ingest",
+        str(source),
+        "--out",
+        str(store),
+        "--size",
+        str(SIZE),
+        "--workers",
+        str(workers),
+    ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment, start_new_session=True)
+    return subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment, start_new_session=True
+    )
 
 
 def _committed(store: Path) -> int:
@@ -72,7 +85,9 @@ def _kill(process: subprocess.Popen[bytes]) -> bool:
     """SIGKILL the ingest (its decoder processes too, as a crash of the machine would); whether it was still running."""
     if process.poll() is not None:
         return False
-    os.killpg(process.pid, signal.SIGKILL)  # the group this test started (start_new_session); its leader is not reaped yet
+    os.killpg(
+        process.pid, signal.SIGKILL
+    )  # the group this test started (start_new_session); its leader is not reaped yet
     process.wait()
     return process.returncode == -signal.SIGKILL
 
@@ -93,7 +108,10 @@ def _trials() -> list[tuple[str, float, int, int]]:
     """``(kind, seconds to wait, videos committed first, workers)`` per trial, from a fixed seed."""
     rng = np.random.default_rng(2024)
     early = [("early", float(rng.uniform(0.0, 0.6)), 0, 1 + trial % 2) for trial in range(EARLY_TRIALS)]
-    commit = [("commit", float(rng.uniform(0.0, 0.02)), int(rng.integers(1, VIDEOS - 2)), 1 + trial % 2) for trial in range(COMMIT_TRIALS)]
+    commit = [
+        ("commit", float(rng.uniform(0.0, 0.02)), int(rng.integers(1, VIDEOS - 2)), 1 + trial % 2)
+        for trial in range(COMMIT_TRIALS)
+    ]
     return early + commit
 
 
@@ -105,7 +123,13 @@ def _trial_id(trial: tuple[str, float, int, int]) -> str:
 
 @pytest.mark.parametrize(("kind", "wait", "after", "workers"), _trials(), ids=[_trial_id(trial) for trial in _trials()])
 def test_sigkill_at_a_random_moment_then_rerun_completes(
-    kind: str, wait: float, after: int, workers: int, source: Path, reference: dict[str, bytes], tmp_path: Path,
+    kind: str,
+    wait: float,
+    after: int,
+    workers: int,
+    source: Path,
+    reference: dict[str, bytes],
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     store = tmp_path / "store"
@@ -133,8 +157,24 @@ def test_sigkill_at_a_random_moment_then_rerun_completes(
 
 # ---- pretraining: killed, resumed with --resume, ends where an uninterrupted run ends ---------------------------
 
-PRETRAIN = ["--method", "simclr", "--epochs", "2", "--size", "32", "--batch-size", "4", "--threads", "1", "--no-progress",
-            "--device", "cpu", "--deterministic", "--checkpoint-every-steps", "3"]
+PRETRAIN = [
+    "--method",
+    "simclr",
+    "--epochs",
+    "2",
+    "--size",
+    "32",
+    "--batch-size",
+    "4",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--deterministic",
+    "--checkpoint-every-steps",
+    "3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +205,13 @@ def _pretrain_command(store: Path, run: Path, *extra: str) -> list[str]:
 def _kill_and_resume(store: Path, run: Path, moment: str, wait: float) -> Path:
     """Pretrain into ``run``, SIGKILL it (``moment``: "random", ``wait`` s after its first checkpoint, or "mid-checkpoint",
     while a checkpoint file is being written), check what it left, then resume it to the end."""
-    process = subprocess.Popen(_pretrain_command(store, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=_single_thread(), start_new_session=True)
+    process = subprocess.Popen(
+        _pretrain_command(store, run),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_single_thread(),
+        start_new_session=True,
+    )
     checkpoints = run / "checkpoints"
     deadline = time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline:
@@ -175,9 +220,12 @@ def _kill_and_resume(store: Path, run: Path, moment: str, wait: float) -> Path:
         time.sleep(0.001)
     time.sleep(wait)
     assert _kill(process), "pretraining finished before it could be killed"
-    assert load_checkpoint(checkpoints / "last.pt")["global_step"] >= 3, "the checkpoint left by the kill must be readable"
+    assert load_checkpoint(checkpoints / "last.pt")["global_step"] >= 3, (
+        "the checkpoint left by the kill must be readable"
+    )
     resumed = subprocess.run(
-        [sys.executable, "-m", "sonocl", "pretrain", "--out", str(run), "--resume", "--no-progress"], capture_output=True,
+        [sys.executable, "-m", "sonocl", "pretrain", "--out", str(run), "--resume", "--no-progress"],
+        capture_output=True,
         env=_single_thread(),
     )
     assert resumed.returncode == 0, resumed.stderr.decode()

@@ -20,8 +20,28 @@ from sonocl.losses import GroupInfoNCE, byol_loss, semi_supervised_ce
 
 
 def _pretrain(capsys: pytest.CaptureFixture[str], store: Path, run: Path, *extra: str) -> Any:
-    return run_cli(capsys, "pretrain", "--store", store, "--method", "simclr", "--out", run, "--epochs", "2", "--size", "32",
-                   "--batch-size", "4", "--threads", "1", "--no-progress", "--device", "cpu", *extra)
+    return run_cli(
+        capsys,
+        "pretrain",
+        "--store",
+        store,
+        "--method",
+        "simclr",
+        "--out",
+        run,
+        "--epochs",
+        "2",
+        "--size",
+        "32",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+        *extra,
+    )
 
 
 def _poison_views(monkeypatch: pytest.MonkeyPatch, value: float) -> None:
@@ -42,7 +62,12 @@ def _poison_loss(monkeypatch: pytest.MonkeyPatch, value: float) -> None:
 
 @pytest.mark.parametrize(
     ("inject", "value"),
-    [(_poison_views, float("inf")), (_poison_views, float("nan")), (_poison_loss, float("nan")), (_poison_loss, float("inf"))],
+    [
+        (_poison_views, float("inf")),
+        (_poison_views, float("nan")),
+        (_poison_loss, float("nan")),
+        (_poison_loss, float("inf")),
+    ],
     ids=["inf-in-batch", "nan-in-batch", "nan-loss", "inf-loss"],
 )
 def test_non_finite_batch_or_loss_stops_training_with_a_message(
@@ -56,7 +81,9 @@ def test_non_finite_batch_or_loss_stops_training_with_a_message(
     assert line.startswith("sonocl pretrain: non-finite loss") and "at step 1" in line and "--lr" in line, line
 
 
-def test_diverging_training_stops_and_leaves_a_finite_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_diverging_training_stops_and_leaves_a_finite_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Only the command line: a learning rate of 1e30 blows the weights up within a few steps."""
     store = random_store(tmp_path / "store", ["a", "b"] * 4)
     result = _pretrain(capsys, store, tmp_path / "run", "--lr", "1e30", "--checkpoint-every-steps", "1")
@@ -66,7 +93,9 @@ def test_diverging_training_stops_and_leaves_a_finite_checkpoint(tmp_path: Path,
     assert all(torch.isfinite(tensor).all() for tensor in checkpoint["model"].values() if tensor.is_floating_point())
 
 
-def test_divergence_before_any_checkpoint_does_not_point_to_a_missing_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_divergence_before_any_checkpoint_does_not_point_to_a_missing_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = random_store(tmp_path / "store", ["a", "b"] * 4)
     result = _pretrain(capsys, store, tmp_path / "run", "--lr", "1e30")
     assert result.code == 1 and "non-finite loss" in result.err
@@ -85,7 +114,9 @@ def _near_duplicates(n: int, dim: int, scale: float, dtype: torch.dtype) -> tupl
 
 LOSSES = {
     "simclr": lambda z1, z2: GroupInfoNCE(0.5)(z1, z2),
-    "supcon-groups": lambda z1, z2: GroupInfoNCE(0.1, base_temperature=0.07)(z1, z2, positive_group=torch.arange(len(z1)) // 2),
+    "supcon-groups": lambda z1, z2: GroupInfoNCE(0.1, base_temperature=0.07)(
+        z1, z2, positive_group=torch.arange(len(z1)) // 2
+    ),
     "weighted": lambda z1, z2: GroupInfoNCE(0.5)(z1, z2, weight=torch.linspace(0.0, 1.0, len(z1))),
     "low-temperature": lambda z1, z2: GroupInfoNCE(0.01)(z1, z2),
     "semi-supervised-ce": lambda z1, z2: semi_supervised_ce(z1, z2, torch.tensor([0, -1, 3, 2, -1, 1, 0, 3])),

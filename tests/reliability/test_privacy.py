@@ -52,22 +52,80 @@ def _write_identified_dicoms(folder: Path) -> dict[str, str]:
     return patients
 
 
-def test_no_planted_identity_reaches_any_written_file_or_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_planted_identity_reaches_any_written_file_or_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     patients = _write_identified_dicoms(tmp_path / "dicom")
-    assert all(b"Qorvath" in path.read_bytes() for path in (tmp_path / "dicom").iterdir()), "the identities must be in the sources"
+    assert all(b"Qorvath" in path.read_bytes() for path in (tmp_path / "dicom").iterdir()), (
+        "the identities must be in the sources"
+    )
     out = tmp_path / "out"
     rules = ",".join(f"{prefix}={label}" for label, prefix in CLASS_PREFIX.items())
     printed = []
     commands = [
-        ["ingest", tmp_path / "dicom", "--out", out / "store", "--size", "32", "--label-from-name", rules, "--workers", "1"],
+        [
+            "ingest",
+            tmp_path / "dicom",
+            "--out",
+            out / "store",
+            "--size",
+            "32",
+            "--label-from-name",
+            rules,
+            "--workers",
+            "1",
+        ],
         ["info", out / "store"],
         ["info", out / "store", "--json"],
-        ["pretrain", "--store", out / "store", "--method", "simclr", "--out", out / "run", "--epochs", "1", "--size", "32",
-         "--batch-size", "4", "--threads", "1", "--no-progress", "--device", "cpu"],
-        ["evaluate", "--store", out / "store", "--init", out / "run", "--protocol", "knn", "--folds", "2", "--group-by", "group",
-         "--out", out / "eval", "--device", "cpu"],
-        ["embed", "--store", out / "store", "--init", out / "run", "--out", out / "embeddings.parquet", "--no-progress",
-         "--device", "cpu"],
+        [
+            "pretrain",
+            "--store",
+            out / "store",
+            "--method",
+            "simclr",
+            "--out",
+            out / "run",
+            "--epochs",
+            "1",
+            "--size",
+            "32",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        [
+            "evaluate",
+            "--store",
+            out / "store",
+            "--init",
+            out / "run",
+            "--protocol",
+            "knn",
+            "--folds",
+            "2",
+            "--group-by",
+            "group",
+            "--out",
+            out / "eval",
+            "--device",
+            "cpu",
+        ],
+        [
+            "embed",
+            "--store",
+            out / "store",
+            "--init",
+            out / "run",
+            "--out",
+            out / "embeddings.parquet",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
         ["report", out / "run", out / "eval", "--out", out / "report.html"],
     ]
     for command in commands:
@@ -76,7 +134,9 @@ def test_no_planted_identity_reaches_any_written_file_or_output(tmp_path: Path, 
         printed += [result.out, result.err]
 
     written = [path for path in out.rglob("*") if path.is_file()]
-    assert {"store.json", "frames.u8", "videos.jsonl", "encoder.safetensors", "results.json", "report.html"} <= {p.name for p in written}
+    assert {"store.json", "frames.u8", "videos.jsonl", "encoder.safetensors", "results.json", "report.html"} <= {
+        p.name for p in written
+    }
     for path in written:
         content = path.read_bytes()
         for secret in planted_strings():
@@ -122,7 +182,9 @@ def _with_burned_in_header(frames: np.ndarray, band: int, text: str) -> tuple[np
 
 @pytest.mark.parametrize("kind", ["video", "still"])
 def test_burned_in_header_text_is_cropped_away(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    frames, last_text_row = _with_burned_in_header(make_phantom_video("covid", seed=3, num_frames=12, size=96), 20, "QORBANIAN 1931")
+    frames, last_text_row = _with_burned_in_header(
+        make_phantom_video("covid", seed=3, num_frames=12, size=96), 20, "QORBANIAN 1931"
+    )
     source = tmp_path / "src"
     source.mkdir()
     if kind == "video":

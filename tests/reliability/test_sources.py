@@ -19,7 +19,9 @@ from reliability_support import good_video, ingest, line_naming, stored_ids
 from sonocl.data.store import REPORT_FILE, FrameStore
 
 
-def test_empty_folder_is_an_error_naming_it_and_what_was_looked_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_empty_folder_is_an_error_naming_it_and_what_was_looked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "README.txt").write_text("the scans are elsewhere\n")
     result = ingest(capsys, tmp_path / "empty", "--out", tmp_path / "store")
@@ -58,8 +60,12 @@ def _busi_tree(root: Path) -> dict[str, int]:
         (root / label / "mask").mkdir()
         for index in range(1, count + 1):
             shape = (40 + 4 * index, 48)
-            Image.fromarray(rng.integers(30, 220, shape, dtype=np.uint8)).save(root / label / "images" / f"{label} ({index}).png")
-            Image.fromarray((rng.random(shape) > 0.5).astype(np.uint8) * 255).save(root / label / "mask" / f"{label} ({index})_mask.png")
+            Image.fromarray(rng.integers(30, 220, shape, dtype=np.uint8)).save(
+                root / label / "images" / f"{label} ({index}).png"
+            )
+            Image.fromarray((rng.random(shape) > 0.5).astype(np.uint8) * 255).save(
+                root / label / "mask" / f"{label} ({index})_mask.png"
+            )
         Image.fromarray(np.zeros((44, 48), dtype=np.uint8)).save(root / label / "images" / f"{label} (1)_mask_1.png")
     return counts
 
@@ -69,14 +75,18 @@ def test_busi_tree_stores_images_only_and_counts_the_masks(tmp_path: Path, capsy
     result = ingest(capsys, tmp_path / "busi", "--out", tmp_path / "store", "--size", "32", "--label-from-folder")
     assert result.code == 0, result.err
     store = FrameStore.open(tmp_path / "store")
-    assert sorted(video.label for video in store.videos) == sorted(label for label, n in counts.items() for _ in range(n))
+    assert sorted(video.label for video in store.videos) == sorted(
+        label for label, n in counts.items() for _ in range(n)
+    )
     assert not any("mask" in video.id for video in store.videos)
     masks = sum(counts.values()) + len(counts)
     assert f"{masks} mask files left out" in result.out
     assert json.loads((tmp_path / "store" / REPORT_FILE).read_text())["left_out"]["masks"] == masks
 
 
-def test_class_folders_that_are_links_are_followed_and_labelled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_class_folders_that_are_links_are_followed_and_labelled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for seed, label in enumerate(("benign", "normal")):
         (tmp_path / "elsewhere" / label).mkdir(parents=True)
         good_video(tmp_path / "elsewhere" / label / "scan.mp4", seed=seed)
@@ -97,10 +107,14 @@ def test_a_link_loop_ends_with_a_note_naming_the_link(tmp_path: Path, capsys: py
     assert "searched already" in line_naming(result.err, tmp_path / "data" / "inner" / "back")
     assert stored_ids(tmp_path / "store") == ["inner/scan"]
     report = json.loads((tmp_path / "store" / REPORT_FILE).read_text())
-    assert report["left_out"]["links_not_followed"] == [{"link": str(tmp_path / "data" / "inner" / "back"), "target": str(tmp_path / "data")}]
+    assert report["left_out"]["links_not_followed"] == [
+        {"link": str(tmp_path / "data" / "inner" / "back"), "target": str(tmp_path / "data")}
+    ]
 
 
-def test_a_folder_whose_files_are_all_unreadable_says_the_store_is_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_folder_whose_files_are_all_unreadable_says_the_store_is_empty(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.mp4").write_text("not a video")
     (tmp_path / "junk" / "b.png").write_text("not an image")

@@ -20,7 +20,15 @@ from reliability_support import good_video, ingest, line_naming, random_store, r
 
 import sonocl.data.ingest as ingest_module
 import sonocl.data.store as store_module
-from sonocl.data.store import FRAMES_FILE, META_FILE, REPORT_FILE, VIDEOS_FILE, FrameStore, WriteFailedError, atomic_write_text
+from sonocl.data.store import (
+    FRAMES_FILE,
+    META_FILE,
+    REPORT_FILE,
+    VIDEOS_FILE,
+    FrameStore,
+    WriteFailedError,
+    atomic_write_text,
+)
 
 DISK_FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -63,7 +71,9 @@ class _FillingFile:
         self._handle.close()
 
 
-def _fill_on_open(monkeypatch: pytest.MonkeyPatch, module: Any, wanted: Callable[[Path], bool], room: int) -> list[Path]:
+def _fill_on_open(
+    monkeypatch: pytest.MonkeyPatch, module: Any, wanted: Callable[[Path], bool], room: int
+) -> list[Path]:
     """Files opened for writing by ``module`` whose path is ``wanted`` fill up after ``room`` bytes; returns them."""
     filled: list[Path] = []
 
@@ -103,13 +113,17 @@ def test_atomic_write_keeps_the_previous_file(step: str, tmp_path: Path, monkeyp
         _fail_replace_onto(monkeypatch, target.name)
     else:
         _fill_on_open(monkeypatch, store_module, lambda path: path.name.endswith(".tmp"), room=4)
-    with pytest.raises(WriteFailedError, match=f"{target}: writing failed \\(No space left on device\\); the file is unchanged"):
+    with pytest.raises(
+        WriteFailedError, match=f"{target}: writing failed \\(No space left on device\\); the file is unchanged"
+    ):
         atomic_write_text(target, '{"good": false, "much": "longer"}\n')
     assert target.read_text() == '{"good": true}\n'
     _assert_no_temporary_files(tmp_path)
 
 
-def test_new_store_header_write_fails(videos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_new_store_header_write_fails(
+    videos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     _fail_replace_onto(monkeypatch, META_FILE)
     result = ingest(capsys, videos, "--out", tmp_path / "store", "--size", "32")
     assert result.code == 1
@@ -135,7 +149,12 @@ def test_ingest_report_write_fails_and_the_previous_report_stays(
 
 @pytest.mark.parametrize(("name", "room"), [(FRAMES_FILE, (7 + 6) * 32 * 32 + 100), (VIDEOS_FILE, 700)])
 def test_store_append_fails_then_the_rerun_completes(
-    name: str, room: int, videos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    name: str,
+    room: int,
+    videos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The disk fills while frames or a video record are appended: the committed videos stay, byte for byte."""
     assert ingest(capsys, videos, "--out", tmp_path / "clean", "--size", "32").code == 0
@@ -177,8 +196,22 @@ def evaluated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path,
 
 
 def _evaluate(capsys: pytest.CaptureFixture[str], store: Path, out: Path) -> Any:
-    return run_cli(capsys, "evaluate", "--store", store, "--init", "random", "--protocol", "knn", "--folds", "2",
-                   "--out", out, "--device", "cpu")
+    return run_cli(
+        capsys,
+        "evaluate",
+        "--store",
+        store,
+        "--init",
+        "random",
+        "--protocol",
+        "knn",
+        "--folds",
+        "2",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    )
 
 
 def test_evaluate_results_write_fails_and_the_previous_results_stay(
@@ -215,11 +248,32 @@ def test_evaluate_tables_write_fails_and_the_previous_tables_stay(
     assert {name: _digest(out / name) for name in before} == before
 
 
-def test_checkpoint_write_fails_with_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_checkpoint_write_fails_with_one_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = random_store(tmp_path / "store", ["a", "b"] * 4)
     _fail_replace_onto(monkeypatch, "last.pt")
-    result = run_cli(capsys, "pretrain", "--store", store, "--method", "simclr", "--out", tmp_path / "run", "--epochs", "1",
-                     "--size", "32", "--batch-size", "4", "--threads", "1", "--no-progress", "--device", "cpu")
+    result = run_cli(
+        capsys,
+        "pretrain",
+        "--store",
+        store,
+        "--method",
+        "simclr",
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        "--size",
+        "32",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
     assert result.code == 1
     assert "No space left on device" in line_naming(result.err, "last.pt")
     _assert_no_temporary_files(tmp_path / "run")

@@ -198,13 +198,15 @@ class MediaSource(abc.ABC):
     def frames(self) -> Iterator[Frame]:
         """The frames in presentation order, times in seconds from the first."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a no-op default, not an abstract method)
         """Release the file; sources that hold nothing open need not override this."""
 
     def __enter__(self) -> MediaSource:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -331,7 +333,7 @@ class DicomSource(MediaSource):
             raise DecodeError(
                 path,
                 f"DICOM transfer syntax {syntax.name} ({syntax}) needs a pixel-data plugin that is not "
-                "installed (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or python-gdcm)"
+                "installed (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or python-gdcm)",
             )
         self._deflated = syntax == DeflatedExplicitVRLittleEndian
         if not syntax.is_encapsulated and not self._deflated:
@@ -358,8 +360,19 @@ class DicomSource(MediaSource):
                 time = self._frame_times[count] if count < len(self._frame_times) else count / (self.fps or 1.0)
                 count += 1
                 yield Frame(grey, time, rgb=rgb)
-        except (ValueError, NotImplementedError, RuntimeError, KeyError, AttributeError, TypeError, OSError, EOFError) as error:
-            raise DecodeError(self.path, f"DICOM pixel data unreadable after {count} frames ({type(error).__name__}: {error})") from error
+        except (
+            ValueError,
+            NotImplementedError,
+            RuntimeError,
+            KeyError,
+            AttributeError,
+            TypeError,
+            OSError,
+            EOFError,
+        ) as error:
+            raise DecodeError(
+                self.path, f"DICOM pixel data unreadable after {count} frames ({type(error).__name__}: {error})"
+            ) from error
         if count == 0:
             raise DecodeError(self.path, "DICOM pixel data holds no frame")
 

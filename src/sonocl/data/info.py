@@ -78,14 +78,18 @@ def _print_counts(title: str, counts: dict[str, dict[str, int]]) -> None:
 
 def _print_text(summary: dict[str, Any]) -> None:
     per_video = summary["frames_per_video"]
-    print(f"{summary['store']}: {summary['videos']} videos, {summary['frames']} frames of {summary['size']}×{summary['size']}")
+    print(
+        f"{summary['store']}: {summary['videos']} videos, {summary['frames']} frames of {summary['size']}×{summary['size']}"
+    )
     print(f"frames per video: min {per_video['min']}, median {per_video['median']:g}, max {per_video['max']}")
     _print_counts("labels:", summary["labels"])
     for column, counts in summary["extra_labels"].items():
         _print_counts(f"{column}:", counts)
     groups = summary["groups"]
     spread = groups["videos_per_group"]
-    print(f"groups: {groups['count']} (videos per group: min {spread['min']}, median {spread['median']:g}, max {spread['max']})")
+    print(
+        f"groups: {groups['count']} (videos per group: min {spread['min']}, median {spread['median']:g}, max {spread['max']})"
+    )
     last = summary["last_ingest"]
     if last:
         counts = last.get("counts", {})

@@ -65,28 +65,68 @@ MISSING_IDS_SHOWN = 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sources", nargs="+", type=Path, metavar="SOURCE", help="video, DICOM or image files, or folders (searched recursively)")
-    parser.add_argument("--out", required=True, type=Path, metavar="STORE", help="frame store directory (created, or appended to)")
+    parser.add_argument(
+        "sources",
+        nargs="+",
+        type=Path,
+        metavar="SOURCE",
+        help="video, DICOM or image files, or folders (searched recursively)",
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, metavar="STORE", help="frame store directory (created, or appended to)"
+    )
     frames = parser.add_argument_group("frames")
     frames.add_argument(
-        "--size", type=int, default=None, metavar="S", help=f"stored frames are SIZE×SIZE uint8 greyscale (default {DEFAULT_SIZE}; an existing store keeps its own)"
+        "--size",
+        type=int,
+        default=None,
+        metavar="S",
+        help=f"stored frames are SIZE×SIZE uint8 greyscale (default {DEFAULT_SIZE}; an existing store keeps its own)",
     )
-    frames.add_argument("--stride", type=int, default=1, metavar="N", help="keep every Nth decoded frame (default 1: all)")
-    frames.add_argument("--fps", type=float, default=None, metavar="F", help="keep at most F frames per second of real time")
-    frames.add_argument("--max-frames", type=int, default=None, metavar="N", help="keep at most N frames per video")
-    frames.add_argument("--crop", choices=("auto", "none"), default="auto", help="auto: keep only the ultrasound region (default)")
     frames.add_argument(
-        "--no-frame-folders", action="store_true", help="treat every image as a one-frame video, never a folder of numbered images as one clip"
+        "--stride", type=int, default=1, metavar="N", help="keep every Nth decoded frame (default 1: all)"
+    )
+    frames.add_argument(
+        "--fps", type=float, default=None, metavar="F", help="keep at most F frames per second of real time"
+    )
+    frames.add_argument("--max-frames", type=int, default=None, metavar="N", help="keep at most N frames per video")
+    frames.add_argument(
+        "--crop", choices=("auto", "none"), default="auto", help="auto: keep only the ultrasound region (default)"
+    )
+    frames.add_argument(
+        "--no-frame-folders",
+        action="store_true",
+        help="treat every image as a one-frame video, never a folder of numbered images as one clip",
     )
     labels = parser.add_argument_group("labels and groups (see docs/ingest.md)")
-    labels.add_argument("--labels", type=Path, metavar="CSV", help="CSV with a column naming each file and a label column")
-    labels.add_argument("--id-column", help="CSV column holding file names, stems or relative paths (default: detected)")
-    labels.add_argument("--label-column", help="CSV label column (default: label, class, diagnosis, category or target)")
-    labels.add_argument("--group-column", help="CSV patient/group column, stored hashed (default: a patient or subject column)")
-    labels.add_argument("--extra-columns", default="", metavar="A,B", help="further CSV label columns to store, e.g. anatomy,findings")
-    labels.add_argument("--label-from-name", metavar="RULES", help="file-name prefix rules, e.g. 'cov=covid,pneu=pneumonia,reg=regular'")
-    labels.add_argument("--label-from-folder", action="store_true", help="label = first sub-folder under the source folder (class/…)")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), metavar="N", help="decoding processes (default: all cores)")
+    labels.add_argument(
+        "--labels", type=Path, metavar="CSV", help="CSV with a column naming each file and a label column"
+    )
+    labels.add_argument(
+        "--id-column", help="CSV column holding file names, stems or relative paths (default: detected)"
+    )
+    labels.add_argument(
+        "--label-column", help="CSV label column (default: label, class, diagnosis, category or target)"
+    )
+    labels.add_argument(
+        "--group-column", help="CSV patient/group column, stored hashed (default: a patient or subject column)"
+    )
+    labels.add_argument(
+        "--extra-columns", default="", metavar="A,B", help="further CSV label columns to store, e.g. anatomy,findings"
+    )
+    labels.add_argument(
+        "--label-from-name", metavar="RULES", help="file-name prefix rules, e.g. 'cov=covid,pneu=pneumonia,reg=regular'"
+    )
+    labels.add_argument(
+        "--label-from-folder", action="store_true", help="label = first sub-folder under the source folder (class/…)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        metavar="N",
+        help="decoding processes (default: all cores)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +227,10 @@ def decode_to_file(task: DecodeTask) -> Decoded | Failed:
     preparer = FramePreparer(task.size, task.auto_crop)
     count = 0
     try:
-        with open_media(task.source.path, task.source.frame_files, task.decoder_threads) as media, _FrameFile(task.temp_path) as out:
+        with (
+            open_media(task.source.path, task.source.frame_files, task.decoder_threads) as media,
+            _FrameFile(task.temp_path) as out,
+        ):
             for frame in preparer.prepare(select_frames(media.frames(), task.stride, task.max_fps, task.max_frames)):
                 out.write(frame)
                 count += 1
@@ -268,11 +311,17 @@ def discover(arguments: Sequence[Path], exclude: Path, frame_folders: bool) -> D
         for folder, subfolders, files in os.walk(argument, followlinks=True):
             folder_path = Path(folder)
             subfolders[:] = [
-                name for name in sorted(subfolders)
-                if not name.startswith(".") and (folder_path / name).resolve() != exclude
+                name
+                for name in sorted(subfolders)
+                if not name.startswith(".")
+                and (folder_path / name).resolve() != exclude
                 and _first_visit(folder_path / name, searched, found.links_not_followed)
             ]
-            media = [folder_path / name for name in sorted(files) if not name.startswith(".") and media_kind(folder_path / name)]
+            media = [
+                folder_path / name
+                for name in sorted(files)
+                if not name.startswith(".") and media_kind(folder_path / name)
+            ]
             in_masks = in_mask_folder(folder_path.relative_to(argument).parts)
             images = [path for path in media if not (in_masks or is_mask_name(path))]
             found.masks_left_out += len(media) - len(images)
@@ -356,7 +405,12 @@ class Ingest:
     """One ``sonocl ingest`` run on an open, locked store."""
 
     def __init__(
-        self, args: argparse.Namespace, writer: FrameStoreWriter, labeller: Labeller, progress: Progress, decoder_threads: int
+        self,
+        args: argparse.Namespace,
+        writer: FrameStoreWriter,
+        labeller: Labeller,
+        progress: Progress,
+        decoder_threads: int,
     ) -> None:
         self.args = args
         self.decoder_threads = decoder_threads
@@ -527,12 +581,19 @@ def run_tasks(
 
 
 def _write_report(
-    root: Path, args: argparse.Namespace, summary: RunSummary, found: Discovery, this_run: set[str], writer: FrameStoreWriter
+    root: Path,
+    args: argparse.Namespace,
+    summary: RunSummary,
+    found: Discovery,
+    this_run: set[str],
+    writer: FrameStoreWriter,
 ) -> None:
     """``ingest_report.json``: this run's counts and skipped files, plus earlier runs' skipped files that
     this run did not look at and that still exist (they are presumably still failing)."""
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    skipped = [{**entry, "last_tried": now} for entry in sorted(summary.skipped, key=lambda entry: natural_key(entry["file"]))]
+    skipped = [
+        {**entry, "last_tried": now} for entry in sorted(summary.skipped, key=lambda entry: natural_key(entry["file"]))
+    ]
     previous_path = root / REPORT_FILE
     if previous_path.exists():
         try:
@@ -545,11 +606,19 @@ def _write_report(
     report = {
         "finished": now,
         "sources": [str(path.resolve()) for path in args.sources],
-        "options": {"size": writer.size, "stride": args.stride, "fps": args.fps, "max_frames": args.max_frames, "crop": args.crop},
+        "options": {
+            "size": writer.size,
+            "stride": args.stride,
+            "fps": args.fps,
+            "max_frames": args.max_frames,
+            "crop": args.crop,
+        },
         "counts": {"added": summary.added, "already_present": summary.already_present, "skipped": len(summary.skipped)},
         "left_out": {
             "masks": found.masks_left_out,
-            "links_not_followed": [{"link": str(link), "target": str(target)} for link, target in found.links_not_followed],
+            "links_not_followed": [
+                {"link": str(link), "target": str(target)} for link, target in found.links_not_followed
+            ],
         },
         "store": {"videos": len(writer.videos), "frames": writer.num_frames},
         "skipped": skipped,
@@ -565,7 +634,9 @@ def _nothing_found(found: Discovery) -> str:
     """Why a folder argument gave nothing to ingest: what was looked for, and what was left out."""
     suffixes = " ".join(sorted(VIDEO_SUFFIXES | DICOM_SUFFIXES | IMAGE_SUFFIXES))
     left_out = [f"{found.masks_left_out} mask files"] if found.masks_left_out else []
-    left_out += [f"the link {shown(link)}, which leads to a folder searched already" for link, _ in found.links_not_followed]
+    left_out += [
+        f"the link {shown(link)}, which leads to a folder searched already" for link, _ in found.links_not_followed
+    ]
     note = f"; left out: {', '.join(left_out)}" if left_out else ""
     return (
         f"{_joined(found.empty_arguments)}: no video, DICOM or image file found (looked for {suffixes} and DICOM files without "
@@ -622,11 +693,15 @@ def run(args: argparse.Namespace) -> int:
         try:
             temp_dir.mkdir()
         except OSError as error:
-            raise WriteFailedError(f"{temp_dir}: cannot create the folder for decoded frames ({error.strerror})") from error
+            raise WriteFailedError(
+                f"{temp_dir}: cannot create the folder for decoded frames ({error.strerror})"
+            ) from error
         labeller = Labeller(writer.meta["salt"], table, name_rules, args.label_from_folder)
         with progress_report(len(sources) + len(rejected), "ingest", "video") as progress:
             workers = min(args.workers, max(1, len(sources)))
-            ingest = Ingest(args, writer, labeller, progress, decoder_threads=max(1, len(os.sched_getaffinity(0)) // workers))
+            ingest = Ingest(
+                args, writer, labeller, progress, decoder_threads=max(1, len(os.sched_getaffinity(0)) // workers)
+            )
             for link, target in found.links_not_followed:
                 note = f"sonocl ingest: not following {shown(link)}: it leads to {shown(target)}, which is searched already"
                 progress.write(note, file=sys.stderr)
@@ -636,7 +711,10 @@ def run(args: argparse.Namespace) -> int:
                 tasks = ingest.plan(sources)
                 run_tasks(iter(tasks), min(workers, max(1, len(tasks))), ingest.commit)
             except KeyboardInterrupt:
-                print(f"sonocl ingest: interrupted; {ingest.summary.added} videos were committed, run again to finish", file=sys.stderr)
+                print(
+                    f"sonocl ingest: interrupted; {ingest.summary.added} videos were committed, run again to finish",
+                    file=sys.stderr,
+                )
                 return EXIT_INTERRUPTED
             finally:
                 shutil.rmtree(temp_dir, ignore_errors=True)
@@ -649,9 +727,15 @@ def run(args: argparse.Namespace) -> int:
             f"{masks}; the store holds {len(writer.videos)} videos, {writer.num_frames} frames"
         )
         if not writer.videos:
-            print(f"sonocl ingest: no file under {_joined(args.sources)} could be read; the store is empty", file=sys.stderr)
+            print(
+                f"sonocl ingest: no file under {_joined(args.sources)} could be read; the store is empty",
+                file=sys.stderr,
+            )
     if summary.skipped:
-        print(f"sonocl ingest: {len(summary.skipped)} files skipped, listed in {store_root / REPORT_FILE}", file=sys.stderr)
+        print(
+            f"sonocl ingest: {len(summary.skipped)} files skipped, listed in {store_root / REPORT_FILE}",
+            file=sys.stderr,
+        )
         return EXIT_SKIPPED
     return EXIT_OK
 
@@ -660,7 +744,9 @@ def _note_ids_not_found(table: LabelTable, sources: Sequence[Source]) -> None:
     """Say which CSV rows name no file being ingested: a typo or a missing file would otherwise pass unseen."""
     missing = table.ids_not_in([source.relative for source in sources])
     if missing:
-        examples = ", ".join(repr(value) for value in missing[:MISSING_IDS_SHOWN]) + (", …" if len(missing) > MISSING_IDS_SHOWN else "")
+        examples = ", ".join(repr(value) for value in missing[:MISSING_IDS_SHOWN]) + (
+            ", …" if len(missing) > MISSING_IDS_SHOWN else ""
+        )
         print(
             f"sonocl ingest: note: {shown(table.path)}: {len(missing)} ids name no file being ingested ({examples}); "
             "their rows are not used",

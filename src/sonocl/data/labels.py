@@ -49,7 +49,9 @@ def parse_name_rules(spec: str) -> list[NameRule]:
     for part in spec.split(","):
         prefix, equals, label = part.partition("=")
         if not equals or not prefix.strip() or not label.strip():
-            raise LabelError(f"--label-from-name: {part.strip()!r} is not PREFIX=LABEL (example: 'cov=covid,reg=regular')")
+            raise LabelError(
+                f"--label-from-name: {part.strip()!r} is not PREFIX=LABEL (example: 'cov=covid,reg=regular')"
+            )
         rules.append(NameRule(prefix.strip().casefold(), label.strip()))
     return sorted(rules, key=lambda rule: len(rule.prefix), reverse=True)
 
@@ -109,7 +111,9 @@ class LabelTable:
         self.label_column = label_column
         self.group_column = group_column
         self.extra_columns = tuple(extra_columns)
-        spelling = {column: _canonical_spellings(row.get(column, "") for row in rows) for column in self._label_columns()}
+        spelling = {
+            column: _canonical_spellings(row.get(column, "") for row in rows) for column in self._label_columns()
+        }
         self._index: dict[str, CsvLabels] = {}
         self._ids: list[str] = []
         first_seen: dict[str, tuple[int, CsvLabels]] = {}
@@ -151,18 +155,26 @@ class LabelTable:
         """Read ``path``; columns not named are detected (see `LABEL_COLUMN_NAMES`, `GROUP_COLUMN_NAMES`;
         the id column is the one whose values name the most of ``relatives``)."""
         header, rows, lines = _read_csv(path)
-        for option, column in (("--id-column", id_column), ("--label-column", label_column), ("--group-column", group_column)):
+        for option, column in (
+            ("--id-column", id_column),
+            ("--label-column", label_column),
+            ("--group-column", group_column),
+        ):
             if column is not None and column not in header:
                 raise LabelError(f"{path}: {option} {column!r} is not a column; columns are {', '.join(header)}")
         missing = [column for column in extra_columns if column not in header]
         if missing:
-            raise LabelError(f"{path}: --extra-columns {', '.join(missing)} not in the CSV; columns are {', '.join(header)}")
+            raise LabelError(
+                f"{path}: --extra-columns {', '.join(missing)} not in the CSV; columns are {', '.join(header)}"
+            )
         if id_column is None:
             id_column = _detect_id_column(path, header, rows, relatives)
         if label_column is None:
             label_column = next((c for c in header if _fold(c) in LABEL_COLUMN_NAMES and c != id_column), None)
             if label_column is None:
-                raise LabelError(f"{path}: no label column found (looked for {', '.join(LABEL_COLUMN_NAMES)}); name it with --label-column")
+                raise LabelError(
+                    f"{path}: no label column found (looked for {', '.join(LABEL_COLUMN_NAMES)}); name it with --label-column"
+                )
         if group_column is None:
             group_column = _detect_group_column(header, exclude=(id_column, label_column))
         return cls(path, rows, id_column, label_column, group_column, extra_columns, lines)
@@ -187,7 +199,9 @@ def _check_same_row(path: Path, value: str, first: tuple[int, CsvLabels], again:
     (first_line, a), (line, b) = first, again
     differences = [f"label {a.label!r} vs {b.label!r}"] if a.label != b.label else []
     differences += ["the group column"] if a.group != b.group else []
-    differences += [repr(column) for column in sorted(set(a.extra) | set(b.extra)) if a.extra.get(column) != b.extra.get(column)]
+    differences += [
+        repr(column) for column in sorted(set(a.extra) | set(b.extra)) if a.extra.get(column) != b.extra.get(column)
+    ]
     if differences:
         raise LabelError(
             f"{path}: {value!r} is on lines {first_line} and {line}, which differ in {', '.join(differences)}; keep one row per file"
@@ -234,7 +248,9 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
     return header, rows, lines
 
 
-def _detect_id_column(path: Path, header: list[str], rows: list[dict[str, str]], relatives: Sequence[PurePosixPath]) -> str:
+def _detect_id_column(
+    path: Path, header: list[str], rows: list[dict[str, str]], relatives: Sequence[PurePosixPath]
+) -> str:
     wanted = [set(source_keys(relative)) for relative in relatives]
     best, best_hits = None, 0
     for column in header:

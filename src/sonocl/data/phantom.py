@@ -43,8 +43,12 @@ CLASS_PREFIX: dict[str, str] = {"covid": "cov", "pneumonia": "pneu", "regular": 
 """File-name prefix of each class, as in the POCUS data set (``--label-from-name cov=covid,…``)."""
 FINDINGS: tuple[str, ...] = ("a_lines", "b_lines", "consolidation", "effusion")
 ANATOMY_COARSE: dict[str, str] = {
-    "R1": "right", "R2": "right", "R3": "right",
-    "L1": "left", "L2": "left", "L3": "left",
+    "R1": "right",
+    "R2": "right",
+    "R3": "right",
+    "L1": "left",
+    "L2": "left",
+    "L3": "left",
 }
 """Fine chest zone (side, then 1 = anterior-superior … 3 = lateral-basal) → side of the chest."""
 FPS = 20.0
@@ -103,7 +107,12 @@ def _sample_findings(label: str, rng: np.random.Generator) -> dict[str, bool]:
         return {"a_lines": True, "b_lines": rng.random() < 0.15, "consolidation": False, "effusion": False}
     if label == "covid":
         return {"a_lines": rng.random() < 0.25, "b_lines": True, "consolidation": rng.random() < 0.3, "effusion": False}
-    return {"a_lines": rng.random() < 0.3, "b_lines": rng.random() < 0.3, "consolidation": True, "effusion": rng.random() < 0.5}
+    return {
+        "a_lines": rng.random() < 0.3,
+        "b_lines": rng.random() < 0.3,
+        "consolidation": True,
+        "effusion": rng.random() < 0.5,
+    }
 
 
 def _ramp(x: np.ndarray, width: float) -> np.ndarray:
@@ -146,7 +155,13 @@ class _Tissue:
 
 
 def _render_tissue(
-    label: str, anatomy: str, patient: _Patient, findings: dict[str, bool], time: np.ndarray, n: int, rng: np.random.Generator
+    label: str,
+    anatomy: str,
+    patient: _Patient,
+    findings: dict[str, bool],
+    time: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
 ) -> _Tissue:
     side, zone = anatomy[0], anatomy[1]
     m = 2 * n
@@ -229,7 +244,9 @@ def _render_tissue(
         for _ in range(count):
             flicker = 0.65 + 0.35 * np.sin(2 * np.pi * rng.uniform(0.4, 1.5) * time + rng.uniform(0, 2 * np.pi))
             width = rng.uniform(0.025, 0.06) if rng.random() < 0.8 else rng.uniform(0.1, 0.18)  # sometimes confluent
-            b_lines += (rng.uniform(*strength) * flicker)[:, None] * np.exp(-(((u - rng.uniform(-0.75, 0.75)) / width) ** 2))
+            b_lines += (rng.uniform(*strength) * flicker)[:, None] * np.exp(
+                -(((u - rng.uniform(-0.75, 0.75)) / width) ** 2)
+            )
     b_line_onset = _ramp(below_pleura - 0.01, 0.02) * (0.7 + 0.3 * wall_speckle)
 
     # Ribs: a bright rounded surface just above the pleura and an acoustic shadow along the beams below it.
@@ -335,10 +352,22 @@ def _overlay(fan: _Fan, size: int, rng: np.random.Generator) -> np.ndarray:
         marks[top_px : top_px + max(1, round(height * size)), left_px : left_px + max(1, round(width * size))] = value
 
     glyph_h, glyph_w = 0.035, 0.018
-    for row_top, row_left, glyphs in ((0.02, 0.02, 6), (0.07, 0.02, 4), (0.02, 0.72, 5), (0.07, 0.78, 3), (0.93, 0.03, 5)):
+    for row_top, row_left, glyphs in (
+        (0.02, 0.02, 6),
+        (0.07, 0.02, 4),
+        (0.02, 0.72, 5),
+        (0.07, 0.78, 3),
+        (0.93, 0.03, 5),
+    ):
         for k in range(glyphs):
             if rng.random() < 0.85:  # a gap now and then, like spaces between words
-                box(row_top, row_left + k * 1.6 * glyph_w, glyph_h, glyph_w * rng.uniform(0.6, 1.0), int(rng.integers(170, 256)))
+                box(
+                    row_top,
+                    row_left + k * 1.6 * glyph_w,
+                    glyph_h,
+                    glyph_w * rng.uniform(0.6, 1.0),
+                    int(rng.integers(170, 256)),
+                )
     scale_x = 0.955
     top, bottom = (fan.apex_y + fan.inner_radius) / size, (fan.apex_y + fan.outer_radius) / size
     box(top, scale_x, bottom - top, 0.008, 200)
@@ -383,7 +412,9 @@ def _scan(
     image *= tissue.shadow[wall_at]
 
     # Imaging chain: depth attenuation, weaker sector edges, gain, probe ring-down, electronic noise.
-    gain = patient.gain * rng.uniform(0.85, 1.15) * np.exp(-patient.attenuation * depth) * (1 - 0.3 * np.abs(across) ** 6)
+    gain = (
+        patient.gain * rng.uniform(0.85, 1.15) * np.exp(-patient.attenuation * depth) * (1 - 0.3 * np.abs(across) ** 6)
+    )
     image = image * gain + 0.2 * np.exp(-depth / 0.015)
     image += 0.012 * rng.standard_normal(image.shape, dtype=np.float32)
     # Log compression, as scanners display echo amplitude.
@@ -421,7 +452,9 @@ def _patients_per_class(videos_per_class: dict[str, int], num_patients: int) -> 
     """Share patients among classes in proportion to their videos, at least one each (one patient, one diagnosis)."""
     counts = {label: 1 for label in videos_per_class}
     for _ in range(num_patients - len(counts)):
-        label = max((c for c in counts if counts[c] < videos_per_class[c]), key=lambda c: videos_per_class[c] / counts[c])
+        label = max(
+            (c for c in counts if counts[c] < videos_per_class[c]), key=lambda c: videos_per_class[c] / counts[c]
+        )
         counts[label] += 1
     return counts
 
@@ -570,7 +603,11 @@ def build_phantom_store(
                 original_size=(size, size),
                 crop_box=(0, 0, size, size),
                 content_hash=hashlib.sha256(video.frames.tobytes()).hexdigest(),
-                extra_labels={**video.findings, "anatomy": video.anatomy, "anatomy_coarse": ANATOMY_COARSE[video.anatomy]},
+                extra_labels={
+                    **video.findings,
+                    "anatomy": video.anatomy,
+                    "anatomy_coarse": ANATOMY_COARSE[video.anatomy],
+                },
             )
     return FrameStore.open(store_dir)
 

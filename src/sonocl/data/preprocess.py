@@ -196,7 +196,9 @@ class FramePreparer:
                 factor = work_factor(height, width)
                 limit = max(1, CROP_BUFFER_BYTES // (height * width * frame.bytes_per_pixel))
             elif frame.grey.shape != buffered[0].grey.shape:
-                raise DecodeError(None, f"frame size changes from {buffered[0].grey.shape} to {frame.grey.shape} within the video")
+                raise DecodeError(
+                    None, f"frame size changes from {buffered[0].grey.shape} to {frame.grey.shape} within the video"
+                )
             if len(buffered) % COLOUR_SAMPLE_EVERY == 0:
                 colour = frame.saturation(factor)
                 if colour is not None:
@@ -212,7 +214,9 @@ class FramePreparer:
         region = find_ultrasound_region(sample, saturation)
         if region is not None:
             top, left, bottom, right = region
-            self.crop_box = CropBox(top * factor, left * factor, min(height, bottom * factor), min(width, right * factor))
+            self.crop_box = CropBox(
+                top * factor, left * factor, min(height, bottom * factor), min(width, right * factor)
+            )
         while buffered:
             yield self._finish(buffered.popleft())
 
@@ -221,8 +225,9 @@ class FramePreparer:
         if self.original_size is None:
             if min(grey.shape) < MIN_SOURCE_SIDE:
                 raise DecodeError(
-                    None, f"frames of {grey.shape[1]}×{grey.shape[0]} pixels are too small for an ultrasound image "
-                    f"(at least {MIN_SOURCE_SIDE}×{MIN_SOURCE_SIDE})"
+                    None,
+                    f"frames of {grey.shape[1]}×{grey.shape[0]} pixels are too small for an ultrasound image "
+                    f"(at least {MIN_SOURCE_SIDE}×{MIN_SOURCE_SIDE})",
                 )
             self.original_size = (int(grey.shape[0]), int(grey.shape[1]))
             self.crop_box = self.crop_box or CropBox.full(*self.original_size)
@@ -243,7 +248,11 @@ class FramePreparer:
             ).to_ndarray()
             return np.ascontiguousarray(scaled[plan.top : plan.top + self.size, plan.left : plan.left + self.size])
         scaled = self._reformatter.reformat(
-            av.VideoFrame.from_ndarray(region, format="gray"), width=self.size, height=self.size, interpolation="AREA", threads=1
+            av.VideoFrame.from_ndarray(region, format="gray"),
+            width=self.size,
+            height=self.size,
+            interpolation="AREA",
+            threads=1,
         ).to_ndarray()
         return np.ascontiguousarray(_full_range(scaled, frame.level_lut))
 

@@ -20,7 +20,9 @@ def _validate(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.nd
     labels = np.asarray(labels)
     groups = np.asarray(groups)
     if labels.ndim != 1 or groups.shape != labels.shape:
-        raise ValueError(f"labels and groups must be 1-D and of equal length, got shapes {labels.shape} and {groups.shape}")
+        raise ValueError(
+            f"labels and groups must be 1-D and of equal length, got shapes {labels.shape} and {groups.shape}"
+        )
     if labels.size == 0:
         raise ValueError("nothing to split: no items")
     if not np.issubdtype(labels.dtype, np.integer):
@@ -28,7 +30,9 @@ def _validate(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.nd
     return labels, groups
 
 
-def _assign_groups(labels: np.ndarray, groups: np.ndarray, shares: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _assign_groups(
+    labels: np.ndarray, groups: np.ndarray, shares: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Side of every group (indexed by `np.unique` order), and the group index of every item."""
     group_names, group_of_item = np.unique(groups, return_inverse=True)
     num_groups, num_sides = len(group_names), len(shares)
@@ -80,7 +84,9 @@ def grouped_stratified_kfold(
     return [(np.flatnonzero(fold_of_item != fold), np.flatnonzero(fold_of_item == fold)) for fold in range(n_splits)]
 
 
-def grouped_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def grouped_holdout(
+    labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """``(kept, held_out)`` item indices: whole groups held out, about ``fraction`` of the items, stratified.
 
     With two or more groups each side gets at least one, however small or large ``fraction`` is.

@@ -165,9 +165,15 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
             tmp.unlink(missing_ok=True)
         if not isinstance(error, OSError):
             raise
-        state = "written, but may not survive a power cut" if replaced else "unchanged (its previous content, if any, is intact)"
-        raise WriteFailedError(f"{path}: writing failed ({error.strerror or error}); the file is {state}. Free disk space "
-                               "or fix the permissions, then run again") from error
+        state = (
+            "written, but may not survive a power cut"
+            if replaced
+            else "unchanged (its previous content, if any, is intact)"
+        )
+        raise WriteFailedError(
+            f"{path}: writing failed ({error.strerror or error}); the file is {state}. Free disk space "
+            "or fix the permissions, then run again"
+        ) from error
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -178,7 +184,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def _read_meta(root: Path) -> dict[str, Any]:
     meta_path = root / META_FILE
     if not meta_path.is_file():
-        raise StoreError(f"{root}: not a sonocl frame store (no {META_FILE}); create one with `sonocl ingest … --out {root}`")
+        raise StoreError(
+            f"{root}: not a sonocl frame store (no {META_FILE}); create one with `sonocl ingest … --out {root}`"
+        )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
@@ -227,7 +235,9 @@ class FrameStore:
         """Video index of every frame."""
         self.frame_in_video = np.arange(self.num_frames, dtype=np.int64) - self.video_offsets[self.frame_video]
         """Position of every frame within its video."""
-        self.frame_time = np.fromiter((t for v in videos for t in v.timestamps), dtype=np.float64, count=self.num_frames)
+        self.frame_time = np.fromiter(
+            (t for v in videos for t in v.timestamps), dtype=np.float64, count=self.num_frames
+        )
         """Timestamp in seconds of every frame."""
         self._frames: np.memmap | None = None
         self._frames_pid: int | None = None
@@ -243,13 +253,17 @@ class FrameStore:
         frames_path = root / FRAMES_FILE
         have = frames_path.stat().st_size if frames_path.exists() else 0
         if have < needed:
-            raise StoreError(f"{frames_path}: holds {have} bytes but the video table needs {needed}; the store is damaged")
+            raise StoreError(
+                f"{frames_path}: holds {have} bytes but the video table needs {needed}; the store is damaged"
+            )
         return store
 
     def _check_offsets(self) -> None:
         for index, video in enumerate(self.videos):
             if video.frame_offset != self.video_offsets[index] or len(video.timestamps) != video.num_frames:
-                raise StoreError(f"{self.root / VIDEOS_FILE}: record {index} ({video.id}) has inconsistent frame offsets")
+                raise StoreError(
+                    f"{self.root / VIDEOS_FILE}: record {index} ({video.id}) has inconsistent frame offsets"
+                )
 
     @property
     def frames(self) -> np.ndarray:
@@ -366,7 +380,9 @@ class FrameStoreWriter:
         needed = self.num_frames * self._frame_bytes
         have = frames_path.stat().st_size if frames_path.exists() else 0
         if have < needed:
-            raise StoreError(f"{frames_path}: holds {have} bytes but the video table needs {needed}; the store is damaged")
+            raise StoreError(
+                f"{frames_path}: holds {have} bytes but the video table needs {needed}; the store is damaged"
+            )
         if have > needed:
             os.truncate(frames_path, needed)
 
@@ -408,7 +424,9 @@ class FrameStoreWriter:
     def _handle(self, name: str) -> IO[bytes]:
         handle = getattr(self, name)
         if handle is None:
-            raise StoreError(f"{self.root}: this writer is closed (or stopped after a failed write); open the store again")
+            raise StoreError(
+                f"{self.root}: this writer is closed (or stopped after a failed write); open the store again"
+            )
         return handle
 
     @contextlib.contextmanager
@@ -446,7 +464,9 @@ class FrameStoreWriter:
         count = 0
         for frame in frames:
             if frame.shape != (self.size, self.size) or frame.dtype != np.uint8:
-                raise StoreError(f"frame of shape {frame.shape} {frame.dtype}, the store needs ({self.size}, {self.size}) uint8")
+                raise StoreError(
+                    f"frame of shape {frame.shape} {frame.dtype}, the store needs ({self.size}, {self.size}) uint8"
+                )
             self._handle("_frames_handle").write(np.ascontiguousarray(frame).tobytes())
             count += 1
         return count
@@ -474,4 +494,3 @@ class FrameStoreWriter:
         self._hashes.add(record.content_hash)
         self._ids.add(record.id)
         return record
-

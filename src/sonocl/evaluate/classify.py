@@ -98,12 +98,18 @@ def fold_tasks(data: EvalData, config: EvalConfig, num_inits: int) -> list[FoldT
         per_seed.append((split_seed, fold_splits(data, config, split_seed)))
     return [
         FoldTask(init, split_seed, fold, len(folds), train, test)
-        for init in range(num_inits) for split_seed, folds in per_seed for fold, (train, test) in enumerate(folds)
+        for init in range(num_inits)
+        for split_seed, folds in per_seed
+        for fold, (train, test) in enumerate(folds)
     ]
 
 
 def run_fold(
-    data: EvalData, backbone: torchvision.models.ResNet, label: str, config: EvalConfig, task: FoldTask,
+    data: EvalData,
+    backbone: torchvision.models.ResNet,
+    label: str,
+    config: EvalConfig,
+    task: FoldTask,
     bar_position: int = 0,
 ) -> FoldResult:
     """Train and predict one fold; seeded by (split seed, fold) only, so any process gives the same run."""
@@ -161,8 +167,13 @@ def save_fold_result(path: Path, result: FoldResult, key: str) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(partial, key=key, run=json.dumps(result.run, default=_json_value), test_frames=result.test_frames,
-             probabilities=result.probabilities)
+    np.savez(
+        partial,
+        key=key,
+        run=json.dumps(result.run, default=_json_value),
+        test_frames=result.test_frames,
+        probabilities=result.probabilities,
+    )
     os.replace(partial, path)
 
 
@@ -188,7 +199,9 @@ def _json_value(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
-def init_entry(label: str, report: InitReport, config: EvalConfig, class_names: list[str], folds: Sequence[FoldResult]) -> dict[str, Any]:
+def init_entry(
+    label: str, report: InitReport, config: EvalConfig, class_names: list[str], folds: Sequence[FoldResult]
+) -> dict[str, Any]:
     """The results.json entry of one init from its fold runs (in seed, fold order); ``seconds`` sums the runs'."""
     optimistic = config.selection == "max-test"
     confusions = {level: [result.confusion[level] for result in folds] for level in ("frame", "video")}
@@ -296,7 +309,14 @@ def evaluate_init(
 
     def emit(_: dict[str, Any], folds: list[FoldResult]) -> None:
         for result in folds:
-            on_predictions({"init": label, "seed": result.task.seed, "fold": result.task.fold,  # type: ignore[misc]
-                            "frames": result.test_frames, "probabilities": result.probabilities})
+            on_predictions(
+                {
+                    "init": label,
+                    "seed": result.task.seed,
+                    "fold": result.task.fold,  # type: ignore[misc]
+                    "frames": result.test_frames,
+                    "probabilities": result.probabilities,
+                }
+            )
 
     return evaluate_inits(data, [(label, backbone, report)], config, on_init=emit if on_predictions else None)[0]

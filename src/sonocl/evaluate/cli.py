@@ -35,18 +35,36 @@ _METRIC_COLUMNS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", required=True, help="frame store directory (from `sonocl ingest`)")
-    parser.add_argument("--init", required=True, nargs="+", action="extend", metavar="INIT",
-                        help="random | imagenet | a sonocl run directory, checkpoint or encoder.safetensors | a "
-                             "USCL/Meta-USCL/torchvision checkpoint; several give one comparison table")
-    parser.add_argument("--name", nargs="+", action="extend", metavar="NAME",
-                        help="table label of each --init (default: random, imagenet, or the run directory's name)")
+    parser.add_argument(
+        "--init",
+        required=True,
+        nargs="+",
+        action="extend",
+        metavar="INIT",
+        help="random | imagenet | a sonocl run directory, checkpoint or encoder.safetensors | a "
+        "USCL/Meta-USCL/torchvision checkpoint; several give one comparison table",
+    )
+    parser.add_argument(
+        "--name",
+        nargs="+",
+        action="extend",
+        metavar="NAME",
+        help="table label of each --init (default: random, imagenet, or the run directory's name)",
+    )
     add_evaluation_arguments(parser)
-    parser.add_argument("--input", choices=("encoder", "recipe"), default="encoder",
-                        help="encoder (default): each sonocl encoder gets the size and normalisation it was trained "
-                             "with; random, ImageNet and foreign inits get the recipe's. recipe: every init the recipe's")
-    parser.add_argument("--allow-label-leak", action="store_true",
-                        help="evaluate an encoder pretrained with the labels of test videos anyway; every table then "
-                             "says LABEL LEAK (default: refuse)")
+    parser.add_argument(
+        "--input",
+        choices=("encoder", "recipe"),
+        default="encoder",
+        help="encoder (default): each sonocl encoder gets the size and normalisation it was trained "
+        "with; random, ImageNet and foreign inits get the recipe's. recipe: every init the recipe's",
+    )
+    parser.add_argument(
+        "--allow-label-leak",
+        action="store_true",
+        help="evaluate an encoder pretrained with the labels of test videos anyway; every table then "
+        "says LABEL LEAK (default: refuse)",
+    )
     parser.add_argument("--out", required=True, help="output directory")
 
 
@@ -55,34 +73,69 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     from sonocl.evaluate.config import GROUP_BY, PROTOCOLS, RECIPES, SELECTIONS
     from sonocl.models import ARCHITECTURES
 
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="last-block",
-                        help="linear: frozen encoder + new head; last-block: layer4[-1] + head (the papers'); full; "
-                             "knn: k nearest frames on frozen features (default: %(default)s)")
-    parser.add_argument("--recipe", choices=tuple(RECIPES), default="meta-uscl",
-                        help="uscl: Adam 0.01, wd 1e-4, 100 epochs, batch 32, 224 px, norm 0.5/0.25; meta-uscl: 30 "
-                             "epochs, batch 128, 64 px, norm 0.18/0.24 (default: %(default)s); options below override")
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="last-block",
+        help="linear: frozen encoder + new head; last-block: layer4[-1] + head (the papers'); full; "
+        "knn: k nearest frames on frozen features (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default="meta-uscl",
+        help="uscl: Adam 0.01, wd 1e-4, 100 epochs, batch 32, 224 px, norm 0.5/0.25; meta-uscl: 30 "
+        "epochs, batch 128, 64 px, norm 0.18/0.24 (default: %(default)s); options below override",
+    )
     parser.add_argument("--folds", type=int, default=5, help="number of folds (default: %(default)s)")
-    parser.add_argument("--seeds", type=int, default=1, help="repeats with seeds seed, seed+1, …: other folds, other heads")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="repeats with seeds seed, seed+1, …: other folds, other heads"
+    )
     parser.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
-    parser.add_argument("--group-by", choices=("auto", *GROUP_BY), default="auto",
-                        help="auto (default): by patient/source group when the store has real groups (DICOM PatientID, "
-                             "a CSV group column), else by video; video; group")
-    parser.add_argument("--classes", type=lambda text: tuple(c for c in text.split(",") if c),
-                        help="comma-separated classes to keep, in this order (videos with other labels are dropped)")
+    parser.add_argument(
+        "--group-by",
+        choices=("auto", *GROUP_BY),
+        default="auto",
+        help="auto (default): by patient/source group when the store has real groups (DICOM PatientID, "
+        "a CSV group column), else by video; video; group",
+    )
+    parser.add_argument(
+        "--classes",
+        type=lambda text: tuple(c for c in text.split(",") if c),
+        help="comma-separated classes to keep, in this order (videos with other labels are dropped)",
+    )
     parser.add_argument("--label-column", default="label", help="label column of the store (default: %(default)s)")
-    parser.add_argument("--fps", type=float, default=3.0, help="frame sampling rate from the timestamps; 0 = all (default: 3)")
-    parser.add_argument("--frames-per-video", type=int, default=30, help="at most this many frames per video; 0 = all (default: 30)")
-    parser.add_argument("--selection", choices=SELECTIONS, default="last",
-                        help="reported epoch: last (default); inner-val: best balanced accuracy on a grouped validation "
-                             "split of the training videos; max-test: best test accuracy (the papers', optimistic)")
-    parser.add_argument("--inner-val-fraction", type=float, default=0.2, help="share of training videos held out by inner-val")
-    parser.add_argument("--test-every-epoch", action="store_true",
-                        help="predict the test fold after every epoch for the diagnostic accuracy curve (implied by "
-                             "max-test; otherwise the test fold is predicted once per fold run)")
-    parser.add_argument("--freeze-bn", action="store_true",
-                        help="last-block: keep the frozen layers' BatchNorm statistics fixed (the papers update them)")
+    parser.add_argument(
+        "--fps", type=float, default=3.0, help="frame sampling rate from the timestamps; 0 = all (default: 3)"
+    )
+    parser.add_argument(
+        "--frames-per-video", type=int, default=30, help="at most this many frames per video; 0 = all (default: 30)"
+    )
+    parser.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default="last",
+        help="reported epoch: last (default); inner-val: best balanced accuracy on a grouped validation "
+        "split of the training videos; max-test: best test accuracy (the papers', optimistic)",
+    )
+    parser.add_argument(
+        "--inner-val-fraction", type=float, default=0.2, help="share of training videos held out by inner-val"
+    )
+    parser.add_argument(
+        "--test-every-epoch",
+        action="store_true",
+        help="predict the test fold after every epoch for the diagnostic accuracy curve (implied by "
+        "max-test; otherwise the test fold is predicted once per fold run)",
+    )
+    parser.add_argument(
+        "--freeze-bn",
+        action="store_true",
+        help="last-block: keep the frozen layers' BatchNorm statistics fixed (the papers update them)",
+    )
     parser.add_argument("--knn-k", type=int, default=20, help="neighbours of the knn protocol (default: %(default)s)")
-    parser.add_argument("--linear-augment", action="store_true", help="linear: augment training frames (features per epoch)")
+    parser.add_argument(
+        "--linear-augment", action="store_true", help="linear: augment training frames (features per epoch)"
+    )
     tuning = parser.add_argument_group("recipe overrides")
     tuning.add_argument("--epochs", type=int)
     tuning.add_argument("--batch-size", type=int)
@@ -91,12 +144,18 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     tuning.add_argument("--size", type=int, help="input size in pixels")
     tuning.add_argument("--mean", type=float, help="normalisation mean (grey, [0, 1] scale)")
     tuning.add_argument("--std", type=float, help="normalisation std")
-    parser.add_argument("--channels", type=int, choices=(1, 3), default=1, help="stem input channels (default: %(default)s)")
+    parser.add_argument(
+        "--channels", type=int, choices=(1, 3), default=1, help="stem input channels (default: %(default)s)"
+    )
     parser.add_argument("--backbone", choices=tuple(ARCHITECTURES), default="resnet18")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="fold runs trained side by side in worker processes, sharing torch's threads; on a CPU, "
-                             "one per core is fastest for the small 64 px models (default: %(default)s)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="fold runs trained side by side in worker processes, sharing torch's threads; on a CPU, "
+        "one per core is fastest for the small 64 px models (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,8 +193,11 @@ def _run(args: argparse.Namespace) -> int:
             datasets[size] = load_eval_data(store, dataclasses.replace(config, size=size))
             data = datasets[size]
             counts = {name: int((data.video_labels == c).sum()) for c, name in enumerate(data.class_names)}
-            print(f"{store.root}: {len(data.video_ids)} videos {counts}, {len(data.frame_video)} frames at {size} px "
-                  f"({time.perf_counter() - load_started:.1f} s)", file=sys.stderr)
+            print(
+                f"{store.root}: {len(data.video_ids)} videos {counts}, {len(data.frame_video)} frames at {size} px "
+                f"({time.perf_counter() - load_started:.1f} s)",
+                file=sys.stderr,
+            )
         return datasets[size]
 
     first = data_at(inits[0][4]["size"])
@@ -161,22 +223,41 @@ def _run(args: argparse.Namespace) -> int:
         "inits": [],
         "timing": {"jobs": args.jobs},
     }
-    predictions = [["init", "video_id", "frame_index", "fold", "seed", "label",
-                    *[f"p_{name}" for name in first.class_names], "predicted", "selection"]]
+    predictions = [
+        [
+            "init",
+            "video_id",
+            "frame_index",
+            "fold",
+            "seed",
+            "label",
+            *[f"p_{name}" for name in first.class_names],
+            "predicted",
+            "selection",
+        ]
+    ]
     selection = _selection_text(config.selection)
-    for label, spec, backbone, report, settings in inits:  # the tables are written once, atomically, at the end
+    for label, _, backbone, report, settings in inits:  # the tables are written once, atomically, at the end
         data = data_at(settings["size"])
 
-        def write_init(entry: dict[str, Any], folds: list[FoldResult], data: Any = data,
-                       settings: dict[str, Any] = settings) -> None:
+        def write_init(
+            entry: dict[str, Any], folds: list[FoldResult], data: Any = data, settings: dict[str, Any] = settings
+        ) -> None:
             for result in folds:
                 for frame, probabilities in zip(result.test_frames, result.probabilities):
-                    predictions.append([
-                        entry["label"], data.video_ids[data.frame_video[frame]], int(data.frame_index[frame]),
-                        result.task.fold, result.task.seed, data.class_names[data.frame_labels[frame]],
-                        *[f"{p:.6f}" for p in probabilities], data.class_names[int(probabilities.argmax())],
-                        selection,
-                    ])
+                    predictions.append(
+                        [
+                            entry["label"],
+                            data.video_ids[data.frame_video[frame]],
+                            int(data.frame_index[frame]),
+                            result.task.fold,
+                            result.task.seed,
+                            data.class_names[data.frame_labels[frame]],
+                            *[f"{p:.6f}" for p in probabilities],
+                            data.class_names[int(probabilities.argmax())],
+                            selection,
+                        ]
+                    )
             entry["input"] = settings
             entry["pretraining_overlap"] = stamps[entry["label"]]
             results["inits"].append(entry)
@@ -185,12 +266,16 @@ def _run(args: argparse.Namespace) -> int:
             print(_summary_line(entry), file=sys.stderr)
 
         init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
-        evaluate_inits(data, [(label, backbone, report)], init_config, jobs=args.jobs, on_init=write_init,
-                       cache=out / "folds")
+        evaluate_inits(
+            data, [(label, backbone, report)], init_config, jobs=args.jobs, on_init=write_init, cache=out / "folds"
+        )
     atomic_write_text(out / "results.md", render_markdown(results))
     atomic_write(out / "predictions.csv", lambda handle: handle.write(_csv_bytes(predictions)))
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'predictions.csv'} "
-          f"({results['timing']['total_seconds']:.0f} s)", file=sys.stderr)
+    print(
+        f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'predictions.csv'} "
+        f"({results['timing']['total_seconds']:.0f} s)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -202,16 +287,37 @@ def evaluation_config(args: argparse.Namespace, store: Any) -> tuple[Any, str]:
     group_by = args.group_by if args.group_by != "auto" else ("group" if has_patient_groups(store) else "video")
     config = EvalConfig.from_recipe(
         args.recipe,
-        protocol=args.protocol, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, size=args.size, mean=args.mean, std=args.std, channels=args.channels,
-        backbone=args.backbone, folds=args.folds, seeds=args.seeds, seed=args.seed, group_by=group_by,
-        fps=args.fps, frames_per_video=args.frames_per_video, selection=args.selection,
-        test_every_epoch=args.test_every_epoch, freeze_bn=args.freeze_bn,
-        knn_k=args.knn_k, linear_augment=args.linear_augment, inner_val_fraction=args.inner_val_fraction,
-        classes=args.classes, label_column=args.label_column, device=args.device,
+        protocol=args.protocol,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        size=args.size,
+        mean=args.mean,
+        std=args.std,
+        channels=args.channels,
+        backbone=args.backbone,
+        folds=args.folds,
+        seeds=args.seeds,
+        seed=args.seed,
+        group_by=group_by,
+        fps=args.fps,
+        frames_per_video=args.frames_per_video,
+        selection=args.selection,
+        test_every_epoch=args.test_every_epoch,
+        freeze_bn=args.freeze_bn,
+        knn_k=args.knn_k,
+        linear_augment=args.linear_augment,
+        inner_val_fraction=args.inner_val_fraction,
+        classes=args.classes,
+        label_column=args.label_column,
+        device=args.device,
     )
-    grouping = ("by patient/source group (the store's group ids)" if group_by == "group" else
-                "by video" + (" (the store has no patient groups)" if args.group_by == "auto" else ""))
+    grouping = (
+        "by patient/source group (the store's group ids)"
+        if group_by == "group"
+        else "by video" + (" (the store has no patient groups)" if args.group_by == "auto" else "")
+    )
     print(f"folds: {config.folds}, stratified, {grouping}", file=sys.stderr)
     return config, grouping
 
@@ -221,10 +327,18 @@ def input_settings(config: Any, report: Any, mode: str) -> dict[str, Any]:
     metadata = report.metadata if report.kind == "sonocl" else {}
     own = mode == "encoder" and all(isinstance(metadata.get(k), (int, float)) for k in ("size", "mean", "std"))
     if own:
-        return {"size": int(metadata["size"]), "mean": float(metadata["mean"]), "std": float(metadata["std"]),
-                "source": "encoder (as it was pretrained)"}
-    return {"size": config.size, "mean": config.mean, "std": config.std,
-            "source": f"recipe {config.recipe}" + (" (asked for with --input recipe)" if mode == "recipe" else "")}
+        return {
+            "size": int(metadata["size"]),
+            "mean": float(metadata["mean"]),
+            "std": float(metadata["std"]),
+            "source": "encoder (as it was pretrained)",
+        }
+    return {
+        "size": config.size,
+        "mean": config.mean,
+        "std": config.std,
+        "source": f"recipe {config.recipe}" + (" (asked for with --input recipe)" if mode == "recipe" else ""),
+    }
 
 
 def leak_stamp(spec: str, data: Any, config: Any, allow_leak: bool) -> dict[str, Any]:
@@ -239,9 +353,11 @@ def leak_stamp(spec: str, data: Any, config: Any, allow_leak: bool) -> dict[str,
     )
 
     provenance = find(spec)
-    checks = [check_fold(provenance, [data.video_hashes[v] for v in test])
-              for seed in range(config.seed, config.seed + config.seeds)
-              for _, test in fold_splits(data, config, seed)]
+    checks = [
+        check_fold(provenance, [data.video_hashes[v] for v in test])
+        for seed in range(config.seed, config.seed + config.seeds)
+        for _, test in fold_splits(data, config, seed)
+    ]
     stamp = summarise(checks)
     stamp["provenance"] = "recorded" if provenance is not None else "none (random, ImageNet or a foreign checkpoint)"
     if stamp["labels_seen"] and not allow_leak:
@@ -266,8 +382,11 @@ def warn_small_classes(data: Any, by_group: bool) -> None:
         count = len(set(data.video_groups[members].tolist())) if by_group else int(members.sum())
         if count < 2:
             unit = "group" if by_group else "video"
-            print(f"sonocl evaluate: warning: class {name!r} has {count} {unit}{'s' if count != 1 else ''}, so no fold "
-                  f"can both train on it and test it; its scores say little (drop it with --classes)", file=sys.stderr)
+            print(
+                f"sonocl evaluate: warning: class {name!r} has {count} {unit}{'s' if count != 1 else ''}, so no fold "
+                f"can both train on it and test it; its scores say little (drop it with --classes)",
+                file=sys.stderr,
+            )
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -303,8 +422,10 @@ def _summary_line(entry: dict[str, Any]) -> str:
     note = f"  [{entry['selection_note']}]" if entry["optimistic"] else ""
     overlap = entry.get("pretraining_overlap", {}).get("note")
     note += f"  [{overlap}]" if overlap else ""
-    return (f"{entry['label']}: video acc {percent(video['accuracy'])} %, frame acc {percent(frame['accuracy'])} %, "
-            f"pooled frame acc {100 * entry['pooled']['frame']['accuracy']:.1f} % ({entry['seconds']:.0f} s){note}")
+    return (
+        f"{entry['label']}: video acc {percent(video['accuracy'])} %, frame acc {percent(frame['accuracy'])} %, "
+        f"pooled frame acc {100 * entry['pooled']['frame']['accuracy']:.1f} % ({entry['seconds']:.0f} s){note}"
+    )
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -326,12 +447,19 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
     ]
     if results["optimistic"]:
-        lines += [f"**All numbers below are {OPTIMISTIC}**: each fold reports its best epoch by test accuracy, "
-                  "as the USCL / Meta-USCL papers do. Use `--selection last` or `inner-val` for unbiased numbers.", ""]
+        lines += [
+            f"**All numbers below are {OPTIMISTIC}**: each fold reports its best epoch by test accuracy, "
+            "as the USCL / Meta-USCL papers do. Use `--selection last` or `inner-val` for unbiased numbers.",
+            "",
+        ]
     header = ["init", *[name for name, _, _ in _METRIC_COLUMNS], "pooled frame acc", "pooled video acc"]
-    lines += [f"Mean ± std over {runs} fold runs, in %. Pooled = accuracy of the confusion matrix summed over folds "
-              "and seeds (the papers' \"Total acc\").", "",
-              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [
+        f"Mean ± std over {runs} fold runs, in %. Pooled = accuracy of the confusion matrix summed over folds "
+        'and seeds (the papers\' "Total acc").',
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for entry in results["inits"]:
         cells = [percent(entry["summary"][level][key]) for _, level, key in _METRIC_COLUMNS]
         pooled = [f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in ("frame", "video")]
@@ -343,24 +471,39 @@ def render_markdown(results: dict[str, Any]) -> str:
     for entry in results["inits"]:
         for level in ("frame", "video"):
             pooled = entry["pooled"][level]
-            lines += [f"**{entry['label']}**, {level} level ({pooled['n']} {level}s, accuracy "
-                      f"{100 * pooled['accuracy']:.1f} %):", "",
-                      "| true \\ predicted | " + " | ".join(classes) + " | recall |", "|" + "---|" * (len(classes) + 2)]
+            lines += [
+                f"**{entry['label']}**, {level} level ({pooled['n']} {level}s, accuracy "
+                f"{100 * pooled['accuracy']:.1f} %):",
+                "",
+                "| true \\ predicted | " + " | ".join(classes) + " | recall |",
+                "|" + "---|" * (len(classes) + 2),
+            ]
             for name, row in zip(classes, pooled["confusion"]):
-                lines.append(f"| {name} | " + " | ".join(str(v) for v in row) +
-                             f" | {100 * pooled['per_class'][name]['recall']:.1f} |")
-            lines.append("| precision | " + " | ".join(f"{100 * pooled['per_class'][n]['precision']:.1f}" for n in classes) + " | |")
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(str(v) for v in row)
+                    + f" | {100 * pooled['per_class'][name]['recall']:.1f} |"
+                )
+            lines.append(
+                "| precision | "
+                + " | ".join(f"{100 * pooled['per_class'][n]['precision']:.1f}" for n in classes)
+                + " | |"
+            )
             lines.append("")
     lines += ["## Inits", ""]
     for entry in results["inits"]:
         settings = entry.get("input")
         if settings:
-            lines.append(f"- **{entry['label']}** input: {settings['size']} px, norm {settings['mean']:g}/"
-                         f"{settings['std']:g} ({settings['source']})")
+            lines.append(
+                f"- **{entry['label']}** input: {settings['size']} px, norm {settings['mean']:g}/"
+                f"{settings['std']:g} ({settings['source']})"
+            )
         report = entry["init_report"]
         ignored = f"; ignored {len(report['ignored'])} head keys" if report["ignored"] else ""
         source = f" from `{report['source']}`" if report["source"] else ""
-        lines.append(f"- **{entry['label']}**: {report['kind']}{source}, {report['loaded']} backbone tensors loaded"
-                     f"{ignored}; {entry['seconds']:.0f} s")
+        lines.append(
+            f"- **{entry['label']}**: {report['kind']}{source}, {report['loaded']} backbone tensors loaded"
+            f"{ignored}; {entry['seconds']:.0f} s"
+        )
     lines.append("")
     return "\n".join(lines)

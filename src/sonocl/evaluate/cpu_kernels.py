@@ -18,8 +18,16 @@ TINY_MAP = 4
 
 def _stages(backbone: torchvision.models.ResNet) -> list[tuple[nn.Module, int]]:
     """The backbone's modules in forward order, each with the stride of its output relative to the input image."""
-    return [(backbone.conv1, 2), (backbone.bn1, 2), (backbone.relu, 2), (backbone.maxpool, 4), (backbone.layer1, 4),
-            (backbone.layer2, 8), (backbone.layer3, 16), *[(block, 32) for block in backbone.layer4]]
+    return [
+        (backbone.conv1, 2),
+        (backbone.bn1, 2),
+        (backbone.relu, 2),
+        (backbone.maxpool, 4),
+        (backbone.layer1, 4),
+        (backbone.layer2, 8),
+        (backbone.layer3, 16),
+        *[(block, 32) for block in backbone.layer4],
+    ]
 
 
 class GemmConv2d(nn.Conv2d):
@@ -34,8 +42,16 @@ class GemmConv2d(nn.Conv2d):
         """A GemmConv2d using ``conv``'s own weight and bias tensors (same Parameters: optimiser and state unchanged)."""
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"GemmConv2d needs groups=1, numeric zero padding: {conv}")
-        gemm = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                   bias=conv.bias is not None, device="meta")
+        gemm = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            bias=conv.bias is not None,
+            device="meta",
+        )
         gemm.weight, gemm.bias = conv.weight, conv.bias
         return gemm
 
@@ -43,7 +59,9 @@ class GemmConv2d(nn.Conv2d):
         n, _, height, width = images.shape
         out_h, out_w = (
             (side + 2 * pad - dil * (k - 1) - 1) // stride + 1
-            for side, pad, dil, k, stride in zip((height, width), self.padding, self.dilation, self.kernel_size, self.stride)
+            for side, pad, dil, k, stride in zip(
+                (height, width), self.padding, self.dilation, self.kernel_size, self.stride
+            )
         )
         columns = F.unfold(images, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C·kh·kw, L)
         out = columns.transpose(1, 2).reshape(n * out_h * out_w, -1) @ self.weight.flatten(1).T  # one (N·L, O) GEMM

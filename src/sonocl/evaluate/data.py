@@ -63,12 +63,16 @@ def load_eval_data(store: FrameStore, config: EvalConfig) -> EvalData:
     if config.classes:
         unknown = [c for c in config.classes if c not in present]
         if unknown:
-            raise ConfigError(f"{store.root}: no videos labelled {unknown} in column {config.label_column!r}; labels are {present}")
+            raise ConfigError(
+                f"{store.root}: no videos labelled {unknown} in column {config.label_column!r}; labels are {present}"
+            )
         class_names = list(config.classes)
     else:
         class_names = present
     if len(class_names) < 2:
-        raise ConfigError(f"{store.root}: need at least 2 classes in column {config.label_column!r}, found {class_names}")
+        raise ConfigError(
+            f"{store.root}: need at least 2 classes in column {config.label_column!r}, found {class_names}"
+        )
     lookup = {name: code for code, name in enumerate(class_names)}
     kept = [v for v, value in enumerate(values) if value in lookup]
     groups = store.group_codes()

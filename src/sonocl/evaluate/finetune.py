@@ -130,8 +130,11 @@ class FoldTrainer:
 
     def __init__(self, data: EvalData, config: EvalConfig, device: torch.device, generator: torch.Generator) -> None:
         self.data, self.config, self.device, self.generator = data, config, device, generator
-        self.augment = BatchAugment(AugmentConfig(brightness=0.0, contrast=0.0, jitter_p=0.0, mean=config.mean,
-                                                  std=config.std), config.size, config.channels)
+        self.augment = BatchAugment(
+            AugmentConfig(brightness=0.0, contrast=0.0, jitter_p=0.0, mean=config.mean, std=config.std),
+            config.size,
+            config.channels,
+        )
 
     # -- inputs
     def _inputs(self, frames: np.ndarray, augment: bool) -> torch.Tensor:
@@ -156,7 +159,11 @@ class FoldTrainer:
     @torch.no_grad()
     def embed(self, model: FineTuneModel, frames: np.ndarray, augment: bool = False) -> torch.Tensor:
         model.eval()
-        return torch.cat([model.features(self._inputs(b, augment)) for b in self._batches(frames)]) if len(frames) else torch.empty(0)
+        return (
+            torch.cat([model.features(self._inputs(b, augment)) for b in self._batches(frames)])
+            if len(frames)
+            else torch.empty(0)
+        )
 
     @torch.no_grad()
     def predict(self, model: FineTuneModel, frames: np.ndarray) -> np.ndarray:
@@ -175,7 +182,9 @@ class FoldTrainer:
         votes = torch.zeros(len(test), len(self.data.class_names), device=self.device)
         votes.scatter_add_(1, labels[neighbours], similarity.clamp(min=0.0))
         total = votes.sum(dim=1, keepdim=True)
-        probabilities = torch.where(total > 0, votes / total.clamp(min=1e-12), torch.full_like(votes, 1.0 / votes.shape[1]))
+        probabilities = torch.where(
+            total > 0, votes / total.clamp(min=1e-12), torch.full_like(votes, 1.0 / votes.shape[1])
+        )
         return FoldOutcome(probabilities.cpu().numpy(), 0, None, None)
 
     def fit(
@@ -186,8 +195,10 @@ class FoldTrainer:
         taken at the selected validation epoch (the same predictions, without a test pass per epoch)."""
         cfg = self.config
         backbone_lr = cfg.lr * (cfg.full_backbone_lr_scale if cfg.protocol == "full" else 1.0)
-        groups = [{"params": [p for p in model.trainable.parameters() if p.requires_grad], "lr": backbone_lr},
-                  {"params": list(model.head.parameters()), "lr": cfg.lr}]
+        groups = [
+            {"params": [p for p in model.trainable.parameters() if p.requires_grad], "lr": backbone_lr},
+            {"params": list(model.head.parameters()), "lr": cfg.lr},
+        ]
         optimizer = torch.optim.Adam([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
         labels = torch.from_numpy(self.data.frame_labels).to(self.device)
@@ -223,7 +234,9 @@ class FoldTrainer:
                 test_accuracy.append(self._accuracy(test, test_probabilities[-1]))
                 postfix["test_acc"] = f"{test_accuracy[-1]:.3f}"
             if val is not None:
-                val_scores.append(classification_metrics(self.data.frame_labels[val], self.predict(model, val))["balanced_accuracy"])
+                val_scores.append(
+                    classification_metrics(self.data.frame_labels[val], self.predict(model, val))["balanced_accuracy"]
+                )
                 postfix["val_bacc"] = f"{val_scores[-1]:.3f}"
                 if not every_epoch and select_epoch("inner-val", None, val_scores) == epoch:
                     best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}

@@ -145,8 +145,16 @@ def _load_sonocl(path: Path, spec: str, arch: str, channels: int) -> tuple[torch
     located = locate_encoder(path)
     metadata = read_encoder_metadata(located)
     loaded = len(model.state_dict())
-    report = InitReport(spec, "sonocl", arch, channels, source=str(located), layout="torchvision", loaded=loaded,
-                        metadata=_jsonable(metadata))
+    report = InitReport(
+        spec,
+        "sonocl",
+        arch,
+        channels,
+        source=str(located),
+        layout="torchvision",
+        loaded=loaded,
+        metadata=_jsonable(metadata),
+    )
     return model, report
 
 
@@ -171,7 +179,7 @@ def _unwrap(raw: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]
         stripped.append("state_dict")
     tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     while tensors and all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
         stripped.append("module.")
     if not tensors:
         raise WeightsError("no tensors found in the checkpoint (expected a state dict, possibly under 'state_dict')")
@@ -232,7 +240,14 @@ def _load_foreign_state(
     except RuntimeError as error:  # shape mismatch (e.g. resnet50 weights into resnet18)
         raise WeightsError(f"--init {spec}: weights do not fit {arch} ({error}); is --backbone right?") from error
     report = InitReport(
-        spec, "foreign", arch, channels, layout=layout, loaded=len(backbone_state) - len(defaulted),
-        ignored=sorted(ignored), defaulted=defaulted, stripped_prefixes=stripped,
+        spec,
+        "foreign",
+        arch,
+        channels,
+        layout=layout,
+        loaded=len(backbone_state) - len(defaulted),
+        ignored=sorted(ignored),
+        defaulted=defaulted,
+        stripped_prefixes=stripped,
     )
     return model, report

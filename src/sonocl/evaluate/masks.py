@@ -110,7 +110,7 @@ def _candidate_folders(image: Path, images_root: Path, masks_root: Path) -> list
         if parts[i].lower() in IMAGE_DIR_NAMES:
             for root in dict.fromkeys((masks_root, images_root)):
                 for name in MASK_DIR_NAMES + tuple(n.capitalize() for n in MASK_DIR_NAMES):
-                    folders.append((root.joinpath(*parts[:i], name, *parts[i + 1:]), True))
+                    folders.append((root.joinpath(*parts[:i], name, *parts[i + 1 :]), True))
             break
     return list(dict.fromkeys(folders))
 
@@ -120,7 +120,9 @@ def _mask_sort_key(path: Path) -> tuple[int, str]:
     return (int(match.group(1)) if match and is_mask_name(path) else -1, path.name)
 
 
-def find_mask_files(image: Path, images_root: Path, masks_root: Path, index: _FolderIndex | None = None) -> tuple[Path, ...]:
+def find_mask_files(
+    image: Path, images_root: Path, masks_root: Path, index: _FolderIndex | None = None
+) -> tuple[Path, ...]:
     """The mask file(s) of ``image``: from the first candidate folder holding any; empty when none is found."""
     index = index or _FolderIndex()
     stem = image.stem
@@ -143,12 +145,16 @@ def expected_mask_names(image: Path, images_root: Path, masks_root: Path) -> str
     stem = image.stem
     lines = []
     for folder, plain in folders[:4]:
-        names = [f"{stem}_mask.png", f"{stem}_Mask.png", f"{stem}_mask_1.png…"] + ([f"{stem}{image.suffix}"] if plain else [])
+        names = [f"{stem}_mask.png", f"{stem}_Mask.png", f"{stem}_mask_1.png…"] + (
+            [f"{stem}{image.suffix}"] if plain else []
+        )
         lines.append(f"{folder}/{{{', '.join(names)}}}")
     return "; ".join(lines)
 
 
-def pair_images(images_root: str | Path, masks_root: str | Path | None = None, check_sizes: bool = True) -> PairingResult:
+def pair_images(
+    images_root: str | Path, masks_root: str | Path | None = None, check_sizes: bool = True
+) -> PairingResult:
     """Every image under ``images_root`` with its mask file(s); images without a usable mask go to ``errors``.
 
     With ``check_sizes`` each mask's size is read from its header (no decoding) and must equal the image's.
@@ -163,7 +169,9 @@ def pair_images(images_root: str | Path, masks_root: str | Path | None = None, c
     for image in list_images(images_root, masks_root):
         masks = find_mask_files(image, images_root, masks_root, index)
         if not masks:
-            errors.append((str(image), f"no mask found; looked for {expected_mask_names(image, images_root, masks_root)}"))
+            errors.append(
+                (str(image), f"no mask found; looked for {expected_mask_names(image, images_root, masks_root)}")
+            )
             continue
         if check_sizes:
             problem = _size_problem(image, masks)
@@ -221,7 +229,9 @@ def read_mask(paths: tuple[Path, ...] | list[Path] | Path) -> np.ndarray:
         with Image.open(path) as handle:
             mask = binarize(np.asarray(handle))
         if merged is not None and merged.shape != mask.shape:
-            raise MaskError(f"{path}: {mask.shape[1]}×{mask.shape[0]}, but {paths[0]} is {merged.shape[1]}×{merged.shape[0]}")
+            raise MaskError(
+                f"{path}: {mask.shape[1]}×{mask.shape[0]}, but {paths[0]} is {merged.shape[1]}×{merged.shape[0]}"
+            )
         merged = mask if merged is None else merged | mask
     if merged is None:
         raise MaskError("no mask file given")

@@ -57,7 +57,12 @@ def metrics_from_confusion(matrix: np.ndarray, class_names: Sequence[str] | None
         "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
         "macro_f1": float(f1[seen].mean()) if seen.any() else float("nan"),
         "per_class": {
-            name: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]), "support": int(support[c])}
+            name: {
+                "precision": float(precision[c]),
+                "recall": float(recall[c]),
+                "f1": float(f1[c]),
+                "support": int(support[c]),
+            }
             for c, name in enumerate(names)
         },
         "confusion": matrix.tolist(),

@@ -32,12 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from sonocl.evaluate.cli import add_evaluation_arguments
 
     parser.add_argument("--store", required=True, help="frame store directory (from `sonocl ingest`)")
-    parser.add_argument("--pretrain", required=True, metavar="'PRETRAIN OPTIONS'",
-                        help="the `sonocl pretrain` options of every fold's run, quoted, without --store and --out, "
-                             "e.g. '--method uscl --steps 500 --size 64' or '--config uscl.yaml'")
+    parser.add_argument(
+        "--pretrain",
+        required=True,
+        metavar="'PRETRAIN OPTIONS'",
+        help="the `sonocl pretrain` options of every fold's run, quoted, without --store and --out, "
+        "e.g. '--method uscl --steps 500 --size 64' or '--config uscl.yaml'",
+    )
     parser.add_argument("--name", help="the row's label (default: METHOD (per fold))")
-    parser.add_argument("--runs", type=Path, help="where the per-fold pretraining runs live (default: OUT/pretrain); "
-                                                  "studies of one method with other protocols can share them")
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        help="where the per-fold pretraining runs live (default: OUT/pretrain); "
+        "studies of one method with other protocols can share them",
+    )
     add_evaluation_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="output directory (rerun the command to resume)")
 
@@ -93,30 +101,47 @@ def run(args: argparse.Namespace) -> int:
     init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
     entry = init_entry(label, report, init_config, data.class_names, results_of_folds)
     overlap = summarise(checks)
-    overlap.update(provenance="recorded per fold", note=f"per-fold pretraining: {overlap['seen']} of "
-                   f"{overlap['test_videos']} test videos seen in pretraining")
-    entry.update(input=settings, pretraining_overlap=overlap, pretraining={"protocol": "per fold", "options": args.pretrain})
+    overlap.update(
+        provenance="recorded per fold",
+        note=f"per-fold pretraining: {overlap['seen']} of {overlap['test_videos']} test videos seen in pretraining",
+    )
+    entry.update(
+        input=settings, pretraining_overlap=overlap, pretraining={"protocol": "per fold", "options": args.pretrain}
+    )
     counts = {name: int((data.video_labels == c).sum()) for c, name in enumerate(data.class_names)}
     results = {
-        "schema": "sonocl.evaluate/1", "sonocl_version": __version__,
+        "schema": "sonocl.evaluate/1",
+        "sonocl_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "sonocl study " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["study"] else None,
-        "store": str(store.root.resolve()), "classes": data.class_names, "num_videos": len(data.video_ids),
-        "num_frames": int(len(data.frame_video)), "videos_per_class": counts, "grouping": grouping,
-        "config": _config_dict(config), "optimistic": config.selection == "max-test", "inits": [entry],
+        "command": "sonocl study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if sys.argv[1:2] == ["study"]
+        else None,
+        "store": str(store.root.resolve()),
+        "classes": data.class_names,
+        "num_videos": len(data.video_ids),
+        "num_frames": int(len(data.frame_video)),
+        "videos_per_class": counts,
+        "grouping": grouping,
+        "config": _config_dict(config),
+        "optimistic": config.selection == "max-test",
+        "inits": [entry],
         "timing": {"total_seconds": round(time.perf_counter() - started, 2)},
     }
     _write_json(out / "results.json", results)
     (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
     _write_predictions(out / "predictions.csv", label, data, results_of_folds)
-    print(f"sonocl study: {label}: video acc {100 * entry['summary']['video']['accuracy']['mean']:.1f} ± "
-          f"{100 * entry['summary']['video']['accuracy']['std']:.1f} % over {len(tasks)} fold runs; "
-          f"wrote {out / 'results.json'} ({results['timing']['total_seconds']:.0f} s)", file=sys.stderr)
+    print(
+        f"sonocl study: {label}: video acc {100 * entry['summary']['video']['accuracy']['mean']:.1f} ± "
+        f"{100 * entry['summary']['video']['accuracy']['std']:.1f} % over {len(tasks)} fold runs; "
+        f"wrote {out / 'results.json'} ({results['timing']['total_seconds']:.0f} s)",
+        file=sys.stderr,
+    )
     return 0
 
 
-def fold_run(args: argparse.Namespace, store: Any, config: Any, base: Any, data_by_size: dict[int, Any], task: Any,
-             out: Path) -> tuple[Any, Any, dict[str, Any], Any]:
+def fold_run(
+    args: argparse.Namespace, store: Any, config: Any, base: Any, data_by_size: dict[int, Any], task: Any, out: Path
+) -> tuple[Any, Any, dict[str, Any], Any]:
     """One (seed, fold): pretrain without its test videos (or resume), check the provenance, evaluate; cached."""
     from sonocl.evaluate.classify import (
         fold_key,
@@ -135,8 +160,10 @@ def fold_run(args: argparse.Namespace, store: Any, config: Any, base: Any, data_
     test_hashes = [base.video_hashes[v] for v in task.test_videos]
     cfg, resume = pretrain_config(args.pretrain, str(store.root), run_dir, test_hashes)
     if not (cached.exists() and (run_dir / "encoder.safetensors").exists()):
-        print(f"sonocl study: {name}: pretraining {cfg.method} without the fold's {len(test_hashes)} test videos",
-              file=sys.stderr)
+        print(
+            f"sonocl study: {name}: pretraining {cfg.method} without the fold's {len(test_hashes)} test videos",
+            file=sys.stderr,
+        )
         pretrain(cfg, run_dir, resume=resume)
     check = check_fold(find(str(run_dir)), test_hashes)
     if check.seen:
@@ -158,11 +185,29 @@ def fold_run(args: argparse.Namespace, store: Any, config: Any, base: Any, data_
 def _write_predictions(path: Path, label: str, data: Any, folds: list[Any]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["init", "video_id", "frame_index", "fold", "seed", "label",
-                         *[f"p_{name}" for name in data.class_names], "predicted"])
+        writer.writerow(
+            [
+                "init",
+                "video_id",
+                "frame_index",
+                "fold",
+                "seed",
+                "label",
+                *[f"p_{name}" for name in data.class_names],
+                "predicted",
+            ]
+        )
         for result in folds:
             for frame, probabilities in zip(result.test_frames, result.probabilities):
-                writer.writerow([label, data.video_ids[data.frame_video[frame]], int(data.frame_index[frame]),
-                                 result.task.fold, result.task.seed, data.class_names[data.frame_labels[frame]],
-                                 *[f"{p:.6f}" for p in probabilities], data.class_names[int(probabilities.argmax())]])
-
+                writer.writerow(
+                    [
+                        label,
+                        data.video_ids[data.frame_video[frame]],
+                        int(data.frame_index[frame]),
+                        result.task.fold,
+                        result.task.seed,
+                        data.class_names[data.frame_labels[frame]],
+                        *[f"{p:.6f}" for p in probabilities],
+                        data.class_names[int(probabilities.argmax())],
+                    ]
+                )

@@ -95,7 +95,9 @@ class AWCLSampler(PairSampler):
         self._video_class = np.array([lookup.get(v, -1) if v else -1 for v in values], dtype=np.int64)
         keep = np.random.default_rng([self.seed, LABEL_DRAW_KEY]).random(self.store.num_frames) < anatomy_ratio
         self._frame_keeps = keep
-        kept_any = np.array([keep[self.store.video_offsets[v]:self.store.video_offsets[v + 1]].any() for v in self.videos])
+        kept_any = np.array(
+            [keep[self.store.video_offsets[v] : self.store.video_offsets[v + 1]].any() for v in self.videos]
+        )
         self.labelled_videos = self.videos[kept_any & (self._video_class[self.videos] >= 0)]
         self.label_columns = [coarse_column if anatomy_level == "coarse" and coarse_map is None else anatomy_column]
         if not len(self.labelled_videos):
@@ -115,8 +117,16 @@ def preset() -> PretrainConfig:
         size=227,
         epochs=10,
         model=ModelConfig(channels=3, projection_hidden=512, projection_dim=128),
-        augment=AugmentConfig(crop_scale=(0.08, 1.0), crop_ratio=(0.75, 4 / 3), brightness=0.4, contrast=0.4,
-                              jitter_p=0.8, gamma=0.25, mean=IMAGENET_GREY_MEAN, std=IMAGENET_GREY_STD),
+        augment=AugmentConfig(
+            crop_scale=(0.08, 1.0),
+            crop_ratio=(0.75, 4 / 3),
+            brightness=0.4,
+            contrast=0.4,
+            jitter_p=0.8,
+            gamma=0.25,
+            mean=IMAGENET_GREY_MEAN,
+            std=IMAGENET_GREY_STD,
+        ),
         optim=OptimConfig(name="adam", lr=1e-3, weight_decay=1e-6),
         schedule=ScheduleConfig(decay="none"),
         options=AWCLOptions(),
@@ -127,9 +137,19 @@ def sampler(
     cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> PairSampler:
     o = cfg.options
-    return AWCLSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=o.items,
-                       anatomy_column=o.anatomy_column, anatomy_level=o.anatomy_level, coarse_column=o.coarse_column,
-                       anatomy_ratio=o.anatomy_ratio)
+    return AWCLSampler(
+        store,
+        videos,
+        batch_size,
+        cfg.seed,
+        rank,
+        world_size,
+        items=o.items,
+        anatomy_column=o.anatomy_column,
+        anatomy_level=o.anatomy_level,
+        coarse_column=o.coarse_column,
+        anatomy_ratio=o.anatomy_ratio,
+    )
 
 
 def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:

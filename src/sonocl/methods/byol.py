@@ -56,10 +56,14 @@ def preset() -> PretrainConfig:
         method="byol",
         export="last",
         size=224,
-        model=ModelConfig(projection_hidden=4096, projection_dim=256, projection_batch_norm=True, predictor_hidden=4096),
+        model=ModelConfig(
+            projection_hidden=4096, projection_dim=256, projection_batch_norm=True, predictor_hidden=4096
+        ),
         augment=dataclasses.replace(SIMCLR_AUGMENT, brightness=0.4, contrast=0.4),
         optim=OptimConfig(name="sgd", lr=0.2, lr_scaling="linear", momentum=0.9, weight_decay=1.5e-6),
-        schedule=ScheduleConfig(warmup_fraction=10 / 1000, warmup="linear", decay="cosine", ema_start=0.996, ema_end=1.0),
+        schedule=ScheduleConfig(
+            warmup_fraction=10 / 1000, warmup="linear", decay="cosine", ema_start=0.996, ema_end=1.0
+        ),
         options=Options(),
     )
 

@@ -85,8 +85,15 @@ class IVPPSampler(PairSampler):
         return self._batch(np.stack([first, second], axis=1), mix, video, video, weight=weight)
 
 
-IVPP_AUGMENT = AugmentConfig(crop_scale=(0.8, 1.0), crop_ratio=(0.8, 1.25), brightness=0.4, contrast=0.4, jitter_p=0.8,
-                             mean=IMAGENET_GREY_MEAN, std=IMAGENET_GREY_STD)
+IVPP_AUGMENT = AugmentConfig(
+    crop_scale=(0.8, 1.0),
+    crop_ratio=(0.8, 1.25),
+    brightness=0.4,
+    contrast=0.4,
+    jitter_p=0.8,
+    mean=IMAGENET_GREY_MEAN,
+    std=IMAGENET_GREY_STD,
+)
 
 
 def preset() -> PretrainConfig:
@@ -96,8 +103,9 @@ def preset() -> PretrainConfig:
 def sampler(
     cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> PairSampler:
-    return IVPPSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items,
-                       delta_t=cfg.options.delta_t)
+    return IVPPSampler(
+        store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items, delta_t=cfg.options.delta_t
+    )
 
 
 def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
@@ -108,7 +116,7 @@ METHOD = Method(
     name="ivpp",
     summary="two frames of one video at most δt seconds apart, weighted by their distance",
     paper="VanBerlo et al., Intra-video positive pairs in self-supervised learning for ultrasound, "
-          "Frontiers in Imaging 2024",
+    "Frontiers in Imaging 2024",
     options=IVPPOptions,
     preset=preset,
     sampler=sampler,

@@ -148,8 +148,15 @@ class MetaUSCL(Objective):
     Single-process only for now (a clear error under DDP).
     """
 
-    def __init__(self, model: nn.Module, temperature: float, cmw_hidden: int, cmw_lr: float,
-                 inner_lr: float | None, meta_every: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        temperature: float,
+        cmw_hidden: int,
+        cmw_lr: float,
+        inner_lr: float | None,
+        meta_every: int,
+    ) -> None:
         super().__init__(temperature)
         plain = meta.unwrap_model(model)
         parameter = next(plain.parameters())
@@ -171,16 +178,33 @@ class MetaUSCL(Objective):
                 raise ValueError("meta-uscl needs StepContext.meta_views (held-out meta batches)")
             meta_view1, meta_view2, meta_group = context.meta_views()
             result = meta.cmw_meta_gradient(
-                model, self.cmw, self.info_nce, view1, view2, h1, h2, z1, z2, batch.positive_group, batch.weight,
-                meta_view1, meta_view2, context.optimizer, self.inner_lr, meta_positive_group=meta_group,
+                model,
+                self.cmw,
+                self.info_nce,
+                view1,
+                view2,
+                h1,
+                h2,
+                z1,
+                z2,
+                batch.positive_group,
+                batch.weight,
+                meta_view1,
+                meta_view2,
+                context.optimizer,
+                self.inner_lr,
+                meta_positive_group=meta_group,
             )
             meta.apply_meta_gradient(self.cmw, self.cmw_optimizer, result)
             parts["meta"] = float(result.meta_loss)
         with torch.no_grad():
             weight = meta.pair_weight(self.cmw, h1, h2, batch.weight)
         loss = self.info_nce(z1, z2, positive_group=batch.positive_group, weight=weight)
-        parts.update(contrastive=float(loss.detach()), weight_mean=float(weight.mean()),
-                     weight_std=float(weight.std(correction=0)))
+        parts.update(
+            contrastive=float(loss.detach()),
+            weight_mean=float(weight.mean()),
+            weight_std=float(weight.std(correction=0)),
+        )
         return loss, parts
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -195,10 +219,19 @@ def preset() -> PretrainConfig:
         method="meta-uscl",
         size=64,
         model=ModelConfig(projection_hidden=512, projection_dim=128),
-        augment=AugmentConfig(crop_scale=(0.7, 1.0), crop_ratio=(0.8, 1.25), brightness=0.64, contrast=0.64,
-                              jitter_p=1.0, mean=0.18, std=0.24),
+        augment=AugmentConfig(
+            crop_scale=(0.7, 1.0),
+            crop_ratio=(0.8, 1.25),
+            brightness=0.64,
+            contrast=0.64,
+            jitter_p=1.0,
+            mean=0.18,
+            std=0.24,
+        ),
         optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),
-        schedule=ScheduleConfig(warmup_fraction=10 / 300, warmup="exponential", decay="cosine", cosine_span="after_warmup"),
+        schedule=ScheduleConfig(
+            warmup_fraction=10 / 300, warmup="exponential", decay="cosine", cosine_span="after_warmup"
+        ),
         options=MetaUSCLOptions(),
     )
 
@@ -206,8 +239,9 @@ def preset() -> PretrainConfig:
 def sampler(
     cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> PairSampler:
-    return MetaUSCLSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items,
-                           max_dist=cfg.options.max_dist)
+    return MetaUSCLSampler(
+        store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items, max_dist=cfg.options.max_dist
+    )
 
 
 def meta_sampler(
@@ -229,7 +263,7 @@ METHOD = Method(
     name="meta-uscl",
     summary="ordered frame triplets interpolated into pairs, weighted by a meta-learned CMW-Net",
     paper="Chen et al., Generating and Weighting Semantically Consistent Sample Pairs for Ultrasound Contrastive "
-          "Learning, IEEE TMI 42(5), 2023",
+    "Learning, IEEE TMI 42(5), 2023",
     options=MetaUSCLOptions,
     preset=preset,
     sampler=sampler,

@@ -45,7 +45,9 @@ MAX_QUEUE = 65536
 """MoCo v2's queue: the most keys the automatic size takes."""
 
 
-def queue_info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float, not_negative: Tensor | None = None) -> Tensor:
+def queue_info_nce(
+    q: Tensor, k: Tensor, queue: Tensor, temperature: float, not_negative: Tensor | None = None
+) -> Tensor:
     """MoCo's InfoNCE: for each query, its key is the positive and the queue's keys the negatives (He et al. 2020).
 
     ``q``, ``k`` ``(N, D)`` (normalised here, float32); ``queue`` ``(K, D)`` normalised keys; ``not_negative``
@@ -92,8 +94,10 @@ class MoCo(Objective):
             k2 = F.normalize(self.key_encoder(view2).float(), dim=1)
         video = batch.video if batch.video is not None else torch.full((len(q1),), -1, device=q1.device)
         same_video = (video[:, None] == self.queue_video[None, :]) & (video[:, None] >= 0)
-        loss = 0.5 * (queue_info_nce(q1, k2, self.queue, self.temperature, same_video)
-                      + queue_info_nce(q2, k1, self.queue, self.temperature, same_video))
+        loss = 0.5 * (
+            queue_info_nce(q1, k2, self.queue, self.temperature, same_video)
+            + queue_info_nce(q2, k1, self.queue, self.temperature, same_video)
+        )
         keys, videos = torch.cat([k1, k2]), torch.cat([video, video])
         self._pending = (keys, videos) if context.gather is None else (context.gather(keys), context.gather(videos))
         return loss, {"moco": float(loss.detach())}

@@ -25,8 +25,14 @@ from sonocl.train.config import (
 from sonocl.train.objectives import GroupContrastive, Objective
 
 SIMCLR_AUGMENT = AugmentConfig(
-    crop_scale=(0.08, 1.0), crop_ratio=(0.75, 4 / 3), brightness=0.8, contrast=0.8, jitter_p=0.8, blur_p=0.5,
-    mean=IMAGENET_GREY_MEAN, std=IMAGENET_GREY_STD,
+    crop_scale=(0.08, 1.0),
+    crop_ratio=(0.75, 4 / 3),
+    brightness=0.8,
+    contrast=0.8,
+    jitter_p=0.8,
+    blur_p=0.5,
+    mean=IMAGENET_GREY_MEAN,
+    std=IMAGENET_GREY_STD,
 )
 """SimCLR's augmentation on grey frames; MoCo v2 and BYOL start from it."""
 

@@ -51,8 +51,9 @@ class USCLSampler(PairSampler):
     k = 3
     augment_first = True
 
-    def __init__(self, *args: Any, label_rate: float = 1.0, label_column: str = "label", mixed: bool = True,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, label_rate: float = 1.0, label_column: str = "label", mixed: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.mixed = mixed
         """False: the views are the augmented f1 and f2 unmixed (the reference's validation pairs, §1.7)."""
@@ -91,8 +92,15 @@ def preset() -> PretrainConfig:
         method="uscl",
         size=224,
         model=ModelConfig(projection_hidden=512, projection_dim=256, classifier=True),
-        augment=AugmentConfig(crop_scale=(0.8, 1.0), crop_ratio=(0.8, 1.25), brightness=0.8, contrast=0.8,
-                              jitter_p=1.0, mean=0.5, std=0.25),
+        augment=AugmentConfig(
+            crop_scale=(0.8, 1.0),
+            crop_ratio=(0.8, 1.25),
+            brightness=0.8,
+            contrast=0.8,
+            jitter_p=1.0,
+            mean=0.5,
+            std=0.25,
+        ),
         optim=OptimConfig(name="adam", lr=3e-4, weight_decay=1e-4),
         schedule=ScheduleConfig(warmup_fraction=10 / 300, warmup="constant", decay="cosine", cosine_span="total"),
         options=USCLOptions(),
@@ -107,16 +115,26 @@ def _label_rate(cfg: PretrainConfig) -> float:
 def sampler(
     cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> PairSampler:
-    return USCLSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items,
-                       label_rate=_label_rate(cfg), label_column=cfg.label_column)
+    return USCLSampler(
+        store,
+        videos,
+        batch_size,
+        cfg.seed,
+        rank,
+        world_size,
+        items=cfg.options.items,
+        label_rate=_label_rate(cfg),
+        label_column=cfg.label_column,
+    )
 
 
 def validation_sampler(
     cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> PairSampler:
     """Held-out pairs as the reference validates and selects (§1.7): two augmented frames of a video, unmixed."""
-    return USCLSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items, label_rate=0.0,
-                       mixed=False)
+    return USCLSampler(
+        store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items, label_rate=0.0, mixed=False
+    )
 
 
 def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
@@ -127,7 +145,7 @@ METHOD = Method(
     name="uscl",
     summary="three frames of one video mixed into a positive pair, + semi-supervised CE on labelled videos",
     paper="Chen et al., USCL: Pretraining Deep Ultrasound Image Diagnosis Model through Video Contrastive "
-          "Representation Learning, MICCAI 2021",
+    "Representation Learning, MICCAI 2021",
     options=USCLOptions,
     preset=preset,
     sampler=sampler,

@@ -71,8 +71,12 @@ def peek_metadata(spec: str) -> dict[str, Any]:
 
 
 def load_encoder_for_features(
-    spec: str, arch: str | None = None, channels: int | None = None, size: int | None = None,
-    mean: float | None = None, std: float | None = None,
+    spec: str,
+    arch: str | None = None,
+    channels: int | None = None,
+    size: int | None = None,
+    mean: float | None = None,
+    std: float | None = None,
 ) -> Encoder:
     """Resolve ``spec`` like ``sonocl evaluate --init`` does; unset options come from the encoder's metadata."""
     from sonocl.evaluate.inits import load_init
@@ -82,7 +86,9 @@ def load_encoder_for_features(
     channels = channels or int(metadata.get("channels") or 1)
     backbone, report = load_init(spec, arch, channels)
     metadata = {**report.metadata, **metadata}
-    default_mean, default_std = (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD) if spec == "imagenet" else (DEFAULT_MEAN, DEFAULT_STD)
+    default_mean, default_std = (
+        (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD) if spec == "imagenet" else (DEFAULT_MEAN, DEFAULT_STD)
+    )
     return Encoder(
         backbone=backbone.eval(),
         arch=arch,
@@ -105,13 +111,20 @@ def select_frames(store: Any, fps: float = 0.0, every: int = 1, max_per_video: i
     for v, video in enumerate(store.videos):
         positions = sample_frames(np.asarray(video.timestamps), fps, 0)[::every]
         if max_per_video:
-            positions = positions[np.unique(np.linspace(0, len(positions) - 1, min(max_per_video, len(positions))).round().astype(int))]
+            positions = positions[
+                np.unique(np.linspace(0, len(positions) - 1, min(max_per_video, len(positions))).round().astype(int))
+            ]
         chosen.append(int(store.video_offsets[v]) + positions)
     return np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, dtype=np.int64)
 
 
 def frame_features(
-    encoder: Encoder, store: Any, frames: np.ndarray, device: Any = "cpu", batch_size: int = 128, progress: bool = False,
+    encoder: Encoder,
+    store: Any,
+    frames: np.ndarray,
+    device: Any = "cpu",
+    batch_size: int = 128,
+    progress: bool = False,
 ) -> np.ndarray:
     """``(N, F)`` float32 features h of the store's ``frames`` (resized, normalised, encoder in eval mode)."""
     import torch
@@ -125,7 +138,9 @@ def frame_features(
     with torch.no_grad(), progress_report(len(frames), "embed", "frame", enabled=progress) as bar:
         for start in range(0, len(frames), batch_size):
             chunk = frames[start : start + batch_size]
-            images = (resize_to(torch.from_numpy(store.gather(chunk)).to(device), encoder.size) - encoder.mean) / encoder.std
+            images = (
+                resize_to(torch.from_numpy(store.gather(chunk)).to(device), encoder.size) - encoder.mean
+            ) / encoder.std
             if encoder.channels == 3:
                 images = images.expand(-1, 3, -1, -1)
             out.append(backbone(images).flatten(1).float().cpu().numpy())
@@ -155,7 +170,9 @@ def frame_table(store: Any, frames: np.ndarray) -> dict[str, np.ndarray]:
     return table
 
 
-def write_embeddings(path: Path, table: Mapping[str, np.ndarray], embeddings: np.ndarray, metadata: Mapping[str, Any]) -> None:
+def write_embeddings(
+    path: Path, table: Mapping[str, np.ndarray], embeddings: np.ndarray, metadata: Mapping[str, Any]
+) -> None:
     """Parquet or ``.npz`` by the extension (written to a temporary file, then renamed)."""
     import os
 
@@ -171,7 +188,9 @@ def write_embeddings(path: Path, table: Mapping[str, np.ndarray], embeddings: np
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError as error:
-            raise ValueError(f"{path}: writing Parquet needs pyarrow (pip install pyarrow), or use a .npz file") from error
+            raise ValueError(
+                f"{path}: writing Parquet needs pyarrow (pip install pyarrow), or use a .npz file"
+            ) from error
         dim = embeddings.shape[1] if embeddings.ndim == 2 else 0
         columns = {name: pa.array(values) for name, values in table.items()}
         columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim)
@@ -182,18 +201,27 @@ def write_embeddings(path: Path, table: Mapping[str, np.ndarray], embeddings: np
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", required=True, help="frame store directory (sonocl ingest)")
-    parser.add_argument("--init", required=True,
-                        help="random | imagenet | a sonocl run directory, checkpoint or encoder.safetensors | a "
-                             "USCL/Meta-USCL/torchvision checkpoint")
+    parser.add_argument(
+        "--init",
+        required=True,
+        help="random | imagenet | a sonocl run directory, checkpoint or encoder.safetensors | a "
+        "USCL/Meta-USCL/torchvision checkpoint",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output file: .parquet or .npz")
     parser.add_argument("--batch-size", type=int, default=128, help="frames per forward pass (default: %(default)s)")
     parser.add_argument("--size", type=int, help="input size in pixels (default: the encoder's, else 224)")
-    parser.add_argument("--fps", type=float, default=0.0,
-                        help="sample frames at this rate from the timestamps; 0 = every frame (default)")
+    parser.add_argument(
+        "--fps",
+        type=float,
+        default=0.0,
+        help="sample frames at this rate from the timestamps; 0 = every frame (default)",
+    )
     parser.add_argument("--every", type=int, default=1, help="then keep every N-th frame (default: %(default)s)")
     parser.add_argument("--max-frames-per-video", type=int, default=0, help="at most this many, evenly spaced; 0 = all")
     parser.add_argument("--backbone", help="architecture (default: the encoder's, else resnet18)")
-    parser.add_argument("--channels", type=int, choices=(1, 3), help="stem input channels (default: the encoder's, else 1)")
+    parser.add_argument(
+        "--channels", type=int, choices=(1, 3), help="stem input channels (default: the encoder's, else 1)"
+    )
     parser.add_argument("--mean", type=float, help="normalisation mean (default: the encoder's)")
     parser.add_argument("--std", type=float, help="normalisation std (default: the encoder's)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
@@ -223,17 +251,32 @@ def run(args: argparse.Namespace) -> int:
         print(f"sonocl embed: error: {error}", file=sys.stderr)
         return 2
     print(encoder.description, file=sys.stderr)
-    print(f"{store.root}: {len(frames)} of {store.num_frames} frames from {store.num_videos} videos at {encoder.size} px, "
-          f"normalised {encoder.mean:.3f} / {encoder.std:.3f}", file=sys.stderr)
+    print(
+        f"{store.root}: {len(frames)} of {store.num_frames} frames from {store.num_videos} videos at {encoder.size} px, "
+        f"normalised {encoder.mean:.3f} / {encoder.std:.3f}",
+        file=sys.stderr,
+    )
     embeddings = frame_features(encoder, store, frames, _device(args.device), args.batch_size, args.progress)
-    metadata = {"init": args.init, "store": str(Path(args.store).resolve()), "arch": encoder.arch,
-                "channels": encoder.channels, "size": encoder.size, "mean": encoder.mean, "std": encoder.std,
-                "features": "backbone pooled h", "fps": args.fps, "every": args.every}
+    metadata = {
+        "init": args.init,
+        "store": str(Path(args.store).resolve()),
+        "arch": encoder.arch,
+        "channels": encoder.channels,
+        "size": encoder.size,
+        "mean": encoder.mean,
+        "std": encoder.std,
+        "features": "backbone pooled h",
+        "fps": args.fps,
+        "every": args.every,
+    }
     try:
         write_embeddings(args.out, frame_table(store, frames), embeddings, metadata)
     except (ValueError, OSError) as error:
         print(f"sonocl embed: error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: {embeddings.shape[0]} frames × {embeddings.shape[1] if embeddings.ndim == 2 else 0} "
-          f"features", file=sys.stderr)
+    print(
+        f"wrote {args.out}: {embeddings.shape[0]} frames × {embeddings.shape[1] if embeddings.ndim == 2 else 0} "
+        f"features",
+        file=sys.stderr,
+    )
     return 0

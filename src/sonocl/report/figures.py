@@ -25,11 +25,20 @@ OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 DPI = 100
 
-plt.rcParams.update({
-    "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
-    "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
-    "figure.dpi": DPI, "savefig.dpi": DPI,
-})
+plt.rcParams.update(
+    {
+        "font.size": 10,
+        "axes.titlesize": 11,
+        "axes.labelsize": 10,
+        "legend.fontsize": 9,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+        "figure.dpi": DPI,
+        "savefig.dpi": DPI,
+    }
+)
 
 
 def colour(index: int) -> str:
@@ -51,14 +60,16 @@ def _figure(width: float, height: float) -> Figure:
 def _grid(count: int, columns: int, panel: tuple[float, float]) -> tuple[Figure, np.ndarray]:
     rows = max(1, math.ceil(count / columns))
     columns = min(columns, max(count, 1))
-    figure, axes = plt.subplots(rows, columns, figsize=(panel[0] * columns, panel[1] * rows), layout="constrained",
-                                squeeze=False)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(panel[0] * columns, panel[1] * rows), layout="constrained", squeeze=False
+    )
     for ax in axes.flat[count:]:
         ax.set_visible(False)
     return figure, axes
 
 
 # ------------------------------------------------------------------------------------------ training
+
 
 def training_curves(steps: Mapping[str, np.ndarray], epochs: Mapping[str, np.ndarray]) -> Figure:
     """Per-step loss (with its parts) and learning rate; per-epoch validation loss, kNN accuracy and collapse metric.
@@ -104,7 +115,11 @@ def training_curves(steps: Mapping[str, np.ndarray], epochs: Mapping[str, np.nda
         elif key == "embedding_std":
             ax.plot(epoch, epochs["embedding_std"], color=colour(3), marker=epoch_marker)
             ax.axhline(1.0, color="0.4", lw=0.8, ls=":")
-            ax.set(title="collapse metric: std of normalised z × √D", xlabel="epoch", ylabel="std (1 = spread, 0 = collapsed)")
+            ax.set(
+                title="collapse metric: std of normalised z × √D",
+                xlabel="epoch",
+                ylabel="std (1 = spread, 0 = collapsed)",
+            )
             ax.set_ylim(bottom=0)
         ax.xaxis.get_major_locator().set_params(integer=True)
     return figure
@@ -122,8 +137,12 @@ def cmw_weight_summary(epoch: np.ndarray, mean: np.ndarray, std: np.ndarray) -> 
     figure = _figure(5.0, 3.2)
     ax = figure.add_subplot()
     ax.errorbar(epoch, mean, yerr=std, color=colour(0), marker="o", capsize=3)
-    ax.set(title="CMW-Net pair weights per epoch (mean ± std over steps' batches)", xlabel="epoch",
-           ylabel="pair weight", ylim=(0, 1))
+    ax.set(
+        title="CMW-Net pair weights per epoch (mean ± std over steps' batches)",
+        xlabel="epoch",
+        ylabel="pair weight",
+        ylim=(0, 1),
+    )
     ax.xaxis.get_major_locator().set_params(integer=True)
     return figure
 
@@ -140,8 +159,9 @@ def weight_histograms(weights_by_epoch: Mapping[str, np.ndarray]) -> Figure:
     return figure
 
 
-def weight_vs_cosine(cosine: np.ndarray, weight: np.ndarray, group: np.ndarray | None = None,
-                     group_names: Sequence[str] = ()) -> Figure:
+def weight_vs_cosine(
+    cosine: np.ndarray, weight: np.ndarray, group: np.ndarray | None = None, group_names: Sequence[str] = ()
+) -> Figure:
     """Scatter of each pair's CMW-Net weight against the cosine similarity of its two views' features."""
     figure = _figure(5.0, 3.6)
     ax = figure.add_subplot()
@@ -150,18 +170,31 @@ def weight_vs_cosine(cosine: np.ndarray, weight: np.ndarray, group: np.ndarray |
     else:
         for i, name in enumerate(group_names):
             chosen = group == i
-            ax.scatter(cosine[chosen], weight[chosen], s=14, color=colour(i), marker=MARKERS[i % len(MARKERS)],
-                       alpha=0.7, edgecolors="none", label=name)
+            ax.scatter(
+                cosine[chosen],
+                weight[chosen],
+                s=14,
+                color=colour(i),
+                marker=MARKERS[i % len(MARKERS)],
+                alpha=0.7,
+                edgecolors="none",
+                label=name,
+            )
         ax.legend(frameon=False)
     if len(cosine) > 2 and np.std(cosine) > 0 and np.std(weight) > 0:
         r = float(np.corrcoef(cosine, weight)[0, 1])
         ax.text(0.02, 0.97, f"Pearson r = {r:.2f}", transform=ax.transAxes, va="top")
-    ax.set(title="pair weight vs. similarity of the pair", xlabel="cosine similarity of h(view 1), h(view 2)",
-           ylabel="CMW-Net weight", ylim=(0, 1))
+    ax.set(
+        title="pair weight vs. similarity of the pair",
+        xlabel="cosine similarity of h(view 1), h(view 2)",
+        ylabel="CMW-Net weight",
+        ylim=(0, 1),
+    )
     return figure
 
 
 # ------------------------------------------------------------------------------------------- pairs
+
 
 def pair_gallery(items: Sequence[Mapping[str, Any]]) -> Figure:
     """Rows of: the k source frames (uint8 ``(S, S)``), then view 1 and view 2 (``(s, s)`` in [0, 1]).
@@ -169,8 +202,9 @@ def pair_gallery(items: Sequence[Mapping[str, Any]]) -> Figure:
     Each item: ``sources`` list of frames, ``source_titles``, ``views`` (two images), ``view_titles``, ``title``.
     """
     columns = max(len(item["sources"]) for item in items) + 2
-    figure, axes = plt.subplots(len(items), columns, figsize=(1.9 * columns, 2.25 * len(items)), squeeze=False,
-                                layout="constrained")
+    figure, axes = plt.subplots(
+        len(items), columns, figsize=(1.9 * columns, 2.25 * len(items)), squeeze=False, layout="constrained"
+    )
     for row, item in zip(axes, items):
         k = len(item["sources"])
         for j, ax in enumerate(row):
@@ -182,26 +216,44 @@ def pair_gallery(items: Sequence[Mapping[str, Any]]) -> Figure:
                 v = j - (columns - 2)
                 ax.imshow(item["views"][v], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
                 ax.set_title(item["view_titles"][v], fontsize=8)
-        row[0].text(-0.08, 0.5, item["title"], transform=row[0].transAxes, rotation=90, ha="right", va="center",
-                    fontsize=8)
+        row[0].text(
+            -0.08, 0.5, item["title"], transform=row[0].transAxes, rotation=90, ha="right", va="center", fontsize=8
+        )
     return figure
 
 
 # --------------------------------------------------------------------------------------- embeddings
 
-def embedding_map(xy: np.ndarray, labels: np.ndarray, label_names: Sequence[str], videos: np.ndarray,
-                  method: str) -> Figure:
+
+def embedding_map(
+    xy: np.ndarray, labels: np.ndarray, label_names: Sequence[str], videos: np.ndarray, method: str
+) -> Figure:
     """Two panels of the same 2-D map: coloured by class (``labels`` −1 = unlabelled) and by video index."""
     figure = _figure(10.5, 4.6)
     left, right = figure.subplots(1, 2)
     for i, name in enumerate(label_names):
         chosen = labels == i
-        left.scatter(xy[chosen, 0], xy[chosen, 1], s=12, color=colour(i), marker=MARKERS[i % len(MARKERS)],
-                     alpha=0.8, edgecolors="none", label=f"{name} ({int(chosen.sum())})")
+        left.scatter(
+            xy[chosen, 0],
+            xy[chosen, 1],
+            s=12,
+            color=colour(i),
+            marker=MARKERS[i % len(MARKERS)],
+            alpha=0.8,
+            edgecolors="none",
+            label=f"{name} ({int(chosen.sum())})",
+        )
     unlabelled = labels < 0
     if unlabelled.any():
-        left.scatter(xy[unlabelled, 0], xy[unlabelled, 1], s=10, color="0.7", alpha=0.6, edgecolors="none",
-                     label=f"unlabelled ({int(unlabelled.sum())})")
+        left.scatter(
+            xy[unlabelled, 0],
+            xy[unlabelled, 1],
+            s=10,
+            color="0.7",
+            alpha=0.6,
+            edgecolors="none",
+            label=f"unlabelled ({int(unlabelled.sum())})",
+        )
     left.legend(frameon=False, markerscale=1.5, loc="best")
     left.set(title=f"{method}, coloured by class", xlabel=f"{method} 1", ylabel=f"{method} 2")
     distinct = np.unique(videos)
@@ -221,6 +273,7 @@ def embedding_map(xy: np.ndarray, labels: np.ndarray, label_names: Sequence[str]
 
 # --------------------------------------------------------------------------------------- evaluation
 
+
 def confusion_matrices(matrices: Sequence[tuple[str, np.ndarray]], classes: Sequence[str]) -> Figure:
     """One panel per (title, counts ``(C, C)``): rows true, columns predicted; cells show count and row %."""
     figure, axes = _grid(len(matrices), min(2, len(matrices)), (2.4 + 0.5 * len(classes), 2.2 + 0.5 * len(classes)))
@@ -231,16 +284,26 @@ def confusion_matrices(matrices: Sequence[tuple[str, np.ndarray]], classes: Sequ
         ax.imshow(share, cmap="cividis", vmin=0, vmax=1)
         ax.grid(False)
         for (i, j), count in np.ndenumerate(matrix):
-            ax.text(j, i, f"{int(count)}\n{100 * share[i, j]:.0f}%", ha="center", va="center", fontsize=9,
-                    color="black" if share[i, j] > 0.5 else "white")
+            ax.text(
+                j,
+                i,
+                f"{int(count)}\n{100 * share[i, j]:.0f}%",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="black" if share[i, j] > 0.5 else "white",
+            )
         ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
         ax.set_yticks(range(len(classes)), classes)
         ax.set(title=title, xlabel="predicted class", ylabel="true class")
     return figure
 
 
-def per_fold_scores(scores: Mapping[str, Mapping[str, Sequence[float]]], ylabel: str = "accuracy (%)",
-                    ylim: tuple[float, float] = (0, 100)) -> Figure:
+def per_fold_scores(
+    scores: Mapping[str, Mapping[str, Sequence[float]]],
+    ylabel: str = "accuracy (%)",
+    ylim: tuple[float, float] = (0, 100),
+) -> Figure:
     """Dot plot: for each init (x) and level (colour), every fold run's score and their mean (bar)."""
     inits = list(scores)
     levels = sorted({level for by_level in scores.values() for level in by_level})
@@ -256,8 +319,17 @@ def per_fold_scores(scores: Mapping[str, Mapping[str, Sequence[float]]], ylabel:
                 continue
             x = ii - 0.4 + width * (li + 0.5)
             jitter = rng.uniform(-width * 0.25, width * 0.25, len(values))
-            ax.scatter(x + jitter, values, s=22, color=colour(li), marker=MARKERS[li], alpha=0.85, edgecolors="none",
-                       label=level if ii == 0 else None, zorder=3)
+            ax.scatter(
+                x + jitter,
+                values,
+                s=22,
+                color=colour(li),
+                marker=MARKERS[li],
+                alpha=0.85,
+                edgecolors="none",
+                label=level if ii == 0 else None,
+                zorder=3,
+            )
             ax.hlines(values.mean(), x - width * 0.4, x + width * 0.4, color=colour(li), lw=2.2, zorder=2)
     ax.set_xticks(range(len(inits)), inits)
     ax.set(title="score of each fold run (bar: mean)", ylabel=ylabel, xlabel="encoder init", ylim=ylim)
@@ -271,10 +343,17 @@ def roc_curves(curves: Mapping[str, Sequence[tuple[str, np.ndarray, np.ndarray, 
     figure, axes = _grid(len(curves), min(3, len(curves)), (3.8, 3.6))
     for ax, (init, per_class) in zip(axes.flat, curves.items()):
         for i, (name, fpr, tpr, auc) in enumerate(per_class):
-            ax.plot(fpr, tpr, color=colour(i), lw=1.6, ls=("-", "--", "-.", ":")[i % 4], label=f"{name} (AUC {auc:.2f})")
+            ax.plot(
+                fpr, tpr, color=colour(i), lw=1.6, ls=("-", "--", "-.", ":")[i % 4], label=f"{name} (AUC {auc:.2f})"
+            )
         ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":")
-        ax.set(title=f"{init}: ROC, one vs. rest (frames)", xlabel="false positive rate", ylabel="true positive rate",
-               xlim=(0, 1), ylim=(0, 1.01))
+        ax.set(
+            title=f"{init}: ROC, one vs. rest (frames)",
+            xlabel="false positive rate",
+            ylabel="true positive rate",
+            xlim=(0, 1),
+            ylim=(0, 1.01),
+        )
         ax.set_aspect("equal")
         ax.legend(frameon=False, loc="lower right")
     return figure
@@ -300,6 +379,7 @@ def accuracy_by_epoch(curves: Mapping[str, Sequence[Sequence[float]]]) -> Figure
 
 # ---------------------------------------------------------------------------------------- Grad-CAM
 
+
 def gradcam_grid(items: Sequence[Mapping[str, Any]], columns: int = 3) -> Figure:
     """Pairs of panels per item: the frame (grey, ``(s, s)`` in [0, 1]) and the frame with its CAM (``(s, s)``
     in [0, 1], ``inferno``) overlaid; ``title`` above each pair."""
@@ -316,4 +396,6 @@ def gradcam_grid(items: Sequence[Mapping[str, Any]], columns: int = 3) -> Figure
 
 def segmentation_scores(per_fold: Mapping[str, Sequence[float]]) -> Figure:
     """Dice of each fold (points) and their mean (bar), one column per init."""
-    return per_fold_scores({init: {"Dice": list(values)} for init, values in per_fold.items()}, ylabel="Dice", ylim=(0, 1))
+    return per_fold_scores(
+        {init: {"Dice": list(values)} for init, values in per_fold.items()}, ylabel="Dice", ylim=(0, 1)
+    )

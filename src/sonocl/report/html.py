@@ -52,6 +52,7 @@ class ReportError(UserError, ValueError):
 
 # ------------------------------------------------------------------------------------------------ page
 
+
 @dataclass
 class Section:
     """One part of the page: an anchor, a heading and its HTML body."""
@@ -90,15 +91,17 @@ def figure_html(png: bytes, caption: str, alt: str | None = None) -> str:
     width, height = png_size(png)
     data = base64.b64encode(png).decode("ascii")
     alt_text = html.escape(alt or caption, quote=True)
-    return (f'<figure><img src="data:image/png;base64,{data}" width="{width}" height="{height}" alt="{alt_text}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" width="{width}" height="{height}" alt="{alt_text}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def table_html(header: Sequence[str], rows: Iterable[Sequence[Any]], caption: str | None = None) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    return f'<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 STYLE = """
@@ -118,8 +121,11 @@ td:first-child, th:first-child { text-align: left; } caption { text-align: left;
 def render_page(title: str, intro: list[str], sections: list[Section]) -> str:
     toc = "".join(
         f'<li><a href="#{s.anchor}">{html.escape(s.title)}</a>'
-        + ("<ul>" + "".join(f'<li><a href="#{c.anchor}">{html.escape(c.title)}</a></li>' for c in s.children) + "</ul>"
-           if s.children else "")
+        + (
+            "<ul>" + "".join(f'<li><a href="#{c.anchor}">{html.escape(c.title)}</a></li>' for c in s.children) + "</ul>"
+            if s.children
+            else ""
+        )
         + "</li>"
         for s in sections
     )
@@ -135,6 +141,7 @@ def render_page(title: str, intro: list[str], sections: list[Section]) -> str:
 
 # ---------------------------------------------------------------------------------------------- inputs
 
+
 def classify_path(path: Path) -> str:
     """``run``, ``evaluation`` or ``segmentation``; `ReportError` otherwise."""
     results = path / "results.json"
@@ -147,8 +154,10 @@ def classify_path(path: Path) -> str:
         raise ReportError(f"{results}: unknown schema {schema!r} (expected sonocl.evaluate/… or sonocl.segment/…)")
     if (path / "metrics.csv").is_file() or (path / "config.yaml").is_file():
         return "run"
-    raise ReportError(f"{path}: not a sonocl pretraining run (metrics.csv, config.yaml), evaluation or segmentation "
-                      "output (results.json)")
+    raise ReportError(
+        f"{path}: not a sonocl pretraining run (metrics.csv, config.yaml), evaluation or segmentation "
+        "output (results.json)"
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -208,6 +217,7 @@ def open_store(spec: str, relative_to: Path) -> Any:
 
 # ------------------------------------------------------------------------------------------------- run
 
+
 def run_section(path: Path, ctx: Context) -> Section:
     from sonocl.train.config import ConfigError, from_dict, load_yaml
 
@@ -219,13 +229,29 @@ def run_section(path: Path, ctx: Context) -> Section:
         except ConfigError as error:
             section.note(f"config.yaml cannot be read ({error}); only the logged metrics are shown.")
     if cfg is not None:
-        section.table(["setting", "value"], [
-            ("method", cfg.method), ("store", cfg.store), ("backbone", f"{cfg.model.backbone}, {cfg.model.channels}-channel stem, init {cfg.model.init}"),
-            ("budget", f"{cfg.steps} steps × batch {cfg.batch_size} = {cfg.steps * cfg.batch_size} pairs" if cfg.steps
-             else f"{cfg.epochs} epochs × batch {cfg.batch_size}"), ("input size", f"{cfg.size} px"),
-            ("optimiser", f"{cfg.optim.name}, lr {cfg.optim.lr:g} ({cfg.optim.lr_scaling} scaling), wd {cfg.optim.weight_decay:g}"),
-            ("temperature", f"{cfg.options.temperature:g}"), ("seed", cfg.seed), ("held-out share of videos", cfg.val_fraction),
-        ], caption=f"{path / 'config.yaml'}")
+        section.table(
+            ["setting", "value"],
+            [
+                ("method", cfg.method),
+                ("store", cfg.store),
+                ("backbone", f"{cfg.model.backbone}, {cfg.model.channels}-channel stem, init {cfg.model.init}"),
+                (
+                    "budget",
+                    f"{cfg.steps} steps × batch {cfg.batch_size} = {cfg.steps * cfg.batch_size} pairs"
+                    if cfg.steps
+                    else f"{cfg.epochs} epochs × batch {cfg.batch_size}",
+                ),
+                ("input size", f"{cfg.size} px"),
+                (
+                    "optimiser",
+                    f"{cfg.optim.name}, lr {cfg.optim.lr:g} ({cfg.optim.lr_scaling} scaling), wd {cfg.optim.weight_decay:g}",
+                ),
+                ("temperature", f"{cfg.options.temperature:g}"),
+                ("seed", cfg.seed),
+                ("held-out share of videos", cfg.val_fraction),
+            ],
+            caption=f"{path / 'config.yaml'}",
+        )
 
     steps: dict[str, np.ndarray] = {}
     epochs: dict[str, np.ndarray] = {}
@@ -273,7 +299,11 @@ def run_section(path: Path, ctx: Context) -> Section:
             part.note(f"Skipped: the run's encoder cannot be loaded ({error}).")
         return section
     features = _timed(ctx, "features", lambda: _encoder_features(encoder, store, ctx))
-    _timed(ctx, "embedding", lambda: _embedding_section(embedding, features, store, ctx, f"the run's encoder ({path.name})"))
+    _timed(
+        ctx,
+        "embedding",
+        lambda: _embedding_section(embedding, features, store, ctx, f"the run's encoder ({path.name})"),
+    )
     _timed(ctx, "gradcam", lambda: _gradcam_section(gradcam, encoder, features, store, ctx))
     return section
 
@@ -308,8 +338,15 @@ def _training_section(path: Path, steps: dict[str, np.ndarray], epochs: dict[str
     last = {k: v[-1] for k, v in epochs.items() if len(v) and math.isfinite(v[-1])}
     if last:
         cells = [("epoch", int(last.get("epoch", 0)))]
-        cells += [(name, f"{last[key]:.4f}") for key, name in (("val_loss", "validation loss"), ("knn_acc", "kNN accuracy"),
-                                                                 ("embedding_std", "collapse metric")) if key in last]
+        cells += [
+            (name, f"{last[key]:.4f}")
+            for key, name in (
+                ("val_loss", "validation loss"),
+                ("knn_acc", "kNN accuracy"),
+                ("embedding_std", "collapse metric"),
+            )
+            if key in last
+        ]
         if "seconds" in last:
             cells.append(("wall time", f"{last['seconds'] / 60:.1f} min"))
         section.table(["last epoch", "value"], cells)
@@ -333,23 +370,36 @@ def _pair_gallery(section: Section, cfg: Any, store: Any) -> None:
     augment = build_augment(cfg)
     generator = torch.Generator().manual_seed(step_seed(cfg.seed, 0, 0))
     extra = torch.from_numpy(batch.label >= 0) if cfg.augment.gamma > 0 else None
-    view1, view2 = make_views(torch.from_numpy(store.gather(batch.frames)), batch.mix, batch.augment_first, augment,
-                              generator, extra)
+    view1, view2 = make_views(
+        torch.from_numpy(store.gather(batch.frames)), batch.mix, batch.augment_first, augment, generator, extra
+    )
     shown = min(GALLERY_PAIRS, len(batch))
     items = []
     for b in range(shown):
         frames = batch.frames[b]
         video = store.videos[int(batch.video[b])]
         sources = [store.frames[int(f)] for f in frames]
-        source_titles = [f"f{j + 1}: frame {int(store.frame_in_video[f])}\nt = {store.frame_time[f]:.2f} s"
-                         for j, f in enumerate(frames)]
+        source_titles = [
+            f"f{j + 1}: frame {int(store.frame_in_video[f])}\nt = {store.frame_time[f]:.2f} s"
+            for j, f in enumerate(frames)
+        ]
         views = [_display(view1[b], cfg.augment), _display(view2[b], cfg.augment)]
         view_titles = [f"view {v + 1} = " + _mix_text(batch.mix[b, v]) for v in range(2)]
         label = video.label or "unlabelled"
-        items.append({"sources": sources, "source_titles": source_titles, "views": views, "view_titles": view_titles,
-                      "title": f"{video.id}\n({label})"})
-    order = "each frame augmented, then mixed (shared frames get one draw)" if batch.augment_first else \
-        "frames mixed, then each view augmented independently"
+        items.append(
+            {
+                "sources": sources,
+                "source_titles": source_titles,
+                "views": views,
+                "view_titles": view_titles,
+                "title": f"{video.id}\n({label})",
+            }
+        )
+    order = (
+        "each frame augmented, then mixed (shared frames get one draw)"
+        if batch.augment_first
+        else "frames mixed, then each view augmented independently"
+    )
     section.figure(
         figures.png_bytes(figures.pair_gallery(items)),
         f"{cfg.method}: the first {shown} of the {len(batch)} pairs of training step 1 (epoch 1, seed {cfg.seed}), "
@@ -358,8 +408,10 @@ def _pair_gallery(section: Section, cfg: Any, store: Any) -> None:
         f"at {cfg.size} px as the encoder sees them (de-normalised for display), with the mixing weights.",
     )
     if torch.cuda.is_available():
-        section.note("Drawn on the CPU: a run trained on a GPU drew its augmentation from the GPU's generator, so the "
-                     "crops and jitter here are from the same distribution but not the identical draw.")
+        section.note(
+            "Drawn on the CPU: a run trained on a GPU drew its augmentation from the GPU's generator, so the "
+            "crops and jitter here are from the same distribution but not the identical draw."
+        )
 
 
 def _display(view: Any, augment: Any) -> np.ndarray:
@@ -371,15 +423,18 @@ def _mix_text(weights: np.ndarray) -> str:
     return " + ".join(terms) if terms else "0"
 
 
-def _cmw_section(section: Section, path: Path, cfg: Any, store: Any, store_problem: str,
-                 steps: dict[str, np.ndarray]) -> None:
+def _cmw_section(
+    section: Section, path: Path, cfg: Any, store: Any, store_problem: str, steps: dict[str, np.ndarray]
+) -> None:
     from sonocl.report import figures
 
     if _has(steps, "part_weight_mean"):
         epoch, mean, std = _per_epoch(steps["epoch"], steps["part_weight_mean"], steps.get("part_weight_std"))
-        section.figure(figures.png_bytes(figures.cmw_weight_summary(epoch, mean, std)),
-                       "From metrics.csv: each step logs the mean and std of its batch's CMW-Net weights; shown per "
-                       "epoch as the average over the epoch's steps. The training loop logs no per-pair weights.")
+        section.figure(
+            figures.png_bytes(figures.cmw_weight_summary(epoch, mean, std)),
+            "From metrics.csv: each step logs the mean and std of its batch's CMW-Net weights; shown per "
+            "epoch as the average over the epoch's steps. The training loop logs no per-pair weights.",
+        )
     if store is None:
         section.note(f"Per-pair weights skipped: {store_problem}.")
         return
@@ -400,21 +455,28 @@ def _cmw_section(section: Section, path: Path, cfg: Any, store: Any, store_probl
     if scatter is None:
         section.note("Per-pair weights skipped: the checkpoints hold no CMW-Net.")
         return
-    section.figure(figures.png_bytes(figures.weight_histograms(histograms)),
-                   f"Computed here, not logged: the CMW-Net of each checkpoint weighs {len(scatter['weight'])} pairs of "
-                   "the epoch it ended (the run's sampler, augmentation and step seeds; backbone in training mode as in "
-                   "the step, nothing updated). Only the checkpoints' epochs are available.")
-    section.figure(figures.png_bytes(figures.weight_vs_cosine(scatter["cosine"], scatter["weight"], scatter["label"],
-                                                              scatter["class_names"])),
-                   f"Each pair's weight (CMW-Net after epoch {scatter['epoch']}) against the cosine similarity of the "
-                   "backbone features h of its two views (the CMW-Net's input), coloured by the video's class.")
+    section.figure(
+        figures.png_bytes(figures.weight_histograms(histograms)),
+        f"Computed here, not logged: the CMW-Net of each checkpoint weighs {len(scatter['weight'])} pairs of "
+        "the epoch it ended (the run's sampler, augmentation and step seeds; backbone in training mode as in "
+        "the step, nothing updated). Only the checkpoints' epochs are available.",
+    )
+    section.figure(
+        figures.png_bytes(
+            figures.weight_vs_cosine(scatter["cosine"], scatter["weight"], scatter["label"], scatter["class_names"])
+        ),
+        f"Each pair's weight (CMW-Net after epoch {scatter['epoch']}) against the cosine similarity of the "
+        "backbone features h of its two views (the CMW-Net's input), coloured by the video's class.",
+    )
 
 
 def _has(columns: dict[str, np.ndarray], key: str) -> bool:
     return key in columns and bool(np.isfinite(columns[key]).any())
 
 
-def _per_epoch(epoch: np.ndarray, mean: np.ndarray, std: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _per_epoch(
+    epoch: np.ndarray, mean: np.ndarray, std: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     epochs = np.unique(epoch[np.isfinite(epoch)])
     means, stds = [], []
     for e in epochs:
@@ -434,7 +496,7 @@ def cmw_pair_weights(checkpoint_path: Path, cfg: Any, store: Any, max_pairs: int
     from sonocl.train.replay import build_augment, split_videos, step_seed, training_sampler
 
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    cmw_state = {k[len("cmw."):]: v for k, v in checkpoint.get("objective", {}).items() if k.startswith("cmw.")}
+    cmw_state = {k[len("cmw.") :]: v for k, v in checkpoint.get("objective", {}).items() if k.startswith("cmw.")}
     if not cmw_state:
         return None
     cmw = CMWNet(feature_dim(cfg.model.backbone), cfg.options.cmw_hidden)
@@ -450,8 +512,9 @@ def cmw_pair_weights(checkpoint_path: Path, cfg: Any, store: Any, max_pairs: int
     with torch.no_grad():
         for step, batch in enumerate(sampler.batches(epoch - 1)):
             generator.manual_seed(step_seed(cfg.seed, 0, (epoch - 1) * steps_per_epoch + step))
-            view1, view2 = make_views(torch.from_numpy(store.gather(batch.frames)), batch.mix, batch.augment_first,
-                                      augment, generator)
+            view1, view2 = make_views(
+                torch.from_numpy(store.gather(batch.frames)), batch.mix, batch.augment_first, augment, generator
+            )
             backbone.train(len(batch) > 1)
             h1, h2 = backbone(view1).flatten(1), backbone(view2).flatten(1)
             weights.append((cmw(h1, h2) * torch.from_numpy(batch.weight)).numpy())
@@ -459,11 +522,17 @@ def cmw_pair_weights(checkpoint_path: Path, cfg: Any, store: Any, max_pairs: int
             labels.append(codes[batch.video])
             if sum(len(w) for w in weights) >= max_pairs:
                 break
-    return {"epoch": epoch, "weight": np.concatenate(weights)[:max_pairs], "cosine": np.concatenate(cosines)[:max_pairs],
-            "label": np.concatenate(labels)[:max_pairs], "class_names": class_names}
+    return {
+        "epoch": epoch,
+        "weight": np.concatenate(weights)[:max_pairs],
+        "cosine": np.concatenate(cosines)[:max_pairs],
+        "label": np.concatenate(labels)[:max_pairs],
+        "class_names": class_names,
+    }
 
 
 # --------------------------------------------------------------------------- embedding map and Grad-CAM
+
 
 @dataclass
 class FrameFeatures:
@@ -560,7 +629,9 @@ def _gradcam_section(section: Section, encoder: Any, data: FrameFeatures, store:
     confidence = probabilities.max(axis=1)
     correct = np.flatnonzero(predicted == truth)
     wrong = np.flatnonzero(predicted != truth)
-    chosen = [(i, True) for i in _spread(correct, truth, confidence)] + [(i, False) for i in _spread(wrong, truth, confidence)]
+    chosen = [(i, True) for i in _spread(correct, truth, confidence)] + [
+        (i, False) for i in _spread(wrong, truth, confidence)
+    ]
     frames = np.array([test_frames[i] for i, _ in chosen], dtype=np.int64)
     images = (resize_to(torch.from_numpy(store.gather(frames)), encoder.size) - encoder.mean) / encoder.std
     if encoder.channels == 3:
@@ -575,11 +646,14 @@ def _gradcam_section(section: Section, encoder: Any, data: FrameFeatures, store:
     for (i, ok), image, cam, frame in zip(chosen, images, cams, frames):
         video = store.videos[int(store.frame_video[frame])]
         mark = "✓" if ok else "✗"
-        items.append({
-            "image": (image[0] * encoder.std + encoder.mean).clamp(0, 1).numpy(), "cam": cam.numpy(),
-            "title": f"{mark} true {data.class_names[truth[i]]}, predicted {data.class_names[predicted[i]]} "
-                     f"({100 * confidence[i]:.0f} %)\n{video.id} frame {int(store.frame_in_video[frame])}",
-        })
+        items.append(
+            {
+                "image": (image[0] * encoder.std + encoder.mean).clamp(0, 1).numpy(),
+                "cam": cam.numpy(),
+                "title": f"{mark} true {data.class_names[truth[i]]}, predicted {data.class_names[predicted[i]]} "
+                f"({100 * confidence[i]:.0f} %)\n{video.id} frame {int(store.frame_in_video[frame])}",
+            }
+        )
     accuracy = float((predicted == truth).mean())
     section.figure(
         figures.png_bytes(figures.gradcam_grid(items)),
@@ -592,8 +666,10 @@ def _gradcam_section(section: Section, encoder: Any, data: FrameFeatures, store:
         f"layer4 is a {grid[0]}×{grid[1]} grid, which sets how coarse the maps are.",
     )
     if min(grid) < 3:
-        section.note(f"At this input size ({encoder.size} px) layer4 has only {grid[0]}×{grid[1]} cells: the maps are "
-                     "nearly uniform and say little about where the encoder looks.")
+        section.note(
+            f"At this input size ({encoder.size} px) layer4 has only {grid[0]}×{grid[1]} cells: the maps are "
+            "nearly uniform and say little about where the encoder looks."
+        )
     if not len(wrong):
         section.note("Every held-out frame was classified correctly: no wrong examples to show.")
 
@@ -635,10 +711,14 @@ def _linear_head(classifier: Any, scaler: Any, num_classes: int) -> Any:
 # ------------------------------------------------------------------------------------------ evaluation
 
 METRIC_COLUMNS = (
-    ("video acc", "video", "accuracy"), ("frame acc", "frame", "accuracy"),
-    ("video bal. acc", "video", "balanced_accuracy"), ("video macro-F1", "video", "macro_f1"),
-    ("video AUC", "video", "macro_auc"), ("frame bal. acc", "frame", "balanced_accuracy"),
-    ("frame macro-F1", "frame", "macro_f1"), ("frame AUC", "frame", "macro_auc"),
+    ("video acc", "video", "accuracy"),
+    ("frame acc", "frame", "accuracy"),
+    ("video bal. acc", "video", "balanced_accuracy"),
+    ("video macro-F1", "video", "macro_f1"),
+    ("video AUC", "video", "macro_auc"),
+    ("frame bal. acc", "frame", "balanced_accuracy"),
+    ("frame macro-F1", "frame", "macro_f1"),
+    ("frame AUC", "frame", "macro_auc"),
 )
 
 
@@ -662,37 +742,64 @@ def evaluation_section(path: Path, ctx: Context) -> Section:
     rows = []
     for entry in inits:
         cells = [percent(entry.get("summary", {}).get(level, {}).get(key, {})) for _, level, key in METRIC_COLUMNS]
-        pooled = [f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in ("frame", "video") if level in entry.get("pooled", {})]
+        pooled = [
+            f"{100 * entry['pooled'][level]['accuracy']:.1f}"
+            for level in ("frame", "video")
+            if level in entry.get("pooled", {})
+        ]
         rows.append([entry["label"] + (" (optimistic)" if entry.get("optimistic") else ""), *cells, *pooled])
     table = Section(_anchor("table", path), "Comparison table")
-    table.table(["init", *[name for name, _, _ in METRIC_COLUMNS], "pooled frame acc", "pooled video acc"], rows,
-                caption=f"Mean ± std over {runs} fold runs, in %. Pooled = accuracy of the confusion matrix summed over "
-                        "folds and seeds.")
+    table.table(
+        ["init", *[name for name, _, _ in METRIC_COLUMNS], "pooled frame acc", "pooled video acc"],
+        rows,
+        caption=f"Mean ± std over {runs} fold runs, in %. Pooled = accuracy of the confusion matrix summed over "
+        "folds and seeds.",
+    )
     section.children.append(table)
     if not inits:
         table.note("results.json lists no inits yet.")
         return section
 
     confusion = Section(_anchor("confusion", path), "Confusion matrices")
-    matrices = [(f"{entry['label']}, {level} level", np.asarray(entry["pooled"][level]["confusion"]))
-                for entry in inits for level in ("frame", "video") if level in entry.get("pooled", {})]
-    confusion.figure(figures.png_bytes(figures.confusion_matrices(matrices, classes)),
-                     "Pooled over folds (and seeds): rows are the true class, columns the predicted one; each cell "
-                     "shows the count and the share of its row (the class's recall on the diagonal).")
+    matrices = [
+        (f"{entry['label']}, {level} level", np.asarray(entry["pooled"][level]["confusion"]))
+        for entry in inits
+        for level in ("frame", "video")
+        if level in entry.get("pooled", {})
+    ]
+    confusion.figure(
+        figures.png_bytes(figures.confusion_matrices(matrices, classes)),
+        "Pooled over folds (and seeds): rows are the true class, columns the predicted one; each cell "
+        "shows the count and the share of its row (the class's recall on the diagonal).",
+    )
     section.children.append(confusion)
 
     folds = Section(_anchor("folds", path), "Per-fold scores")
-    scores = {entry["label"]: {f"{level} accuracy": [100 * run[level]["accuracy"] for run in entry.get("runs", [])
-                                                      if run.get(level, {}).get("accuracy") is not None]
-                               for level in ("video", "frame")} for entry in inits}
-    folds.figure(figures.png_bytes(figures.per_fold_scores(scores)),
-                 "Accuracy of every fold run (folds × seeds) at the video level (mean of the frame probabilities) and "
-                 "the frame level; the bar is their mean. A wide spread says the table's mean rests on few videos.")
-    curves = {entry["label"]: [run.get("test_accuracy_by_epoch") or [] for run in entry.get("runs", [])] for entry in inits}
+    scores = {
+        entry["label"]: {
+            f"{level} accuracy": [
+                100 * run[level]["accuracy"]
+                for run in entry.get("runs", [])
+                if run.get(level, {}).get("accuracy") is not None
+            ]
+            for level in ("video", "frame")
+        }
+        for entry in inits
+    }
+    folds.figure(
+        figures.png_bytes(figures.per_fold_scores(scores)),
+        "Accuracy of every fold run (folds × seeds) at the video level (mean of the frame probabilities) and "
+        "the frame level; the bar is their mean. A wide spread says the table's mean rests on few videos.",
+    )
+    curves = {
+        entry["label"]: [run.get("test_accuracy_by_epoch") or [] for run in entry.get("runs", [])] for entry in inits
+    }
     if any(any(r) for r in curves.values()):
-        folds.figure(figures.png_bytes(figures.accuracy_by_epoch(curves)),
-                     "Test-fold frame accuracy after each fine-tuning epoch (thin: each fold run; thick: their mean). "
-                     "Shown for diagnosis only: choosing an epoch from it would select on the test folds.")
+        folds.figure(
+            figures.png_bytes(figures.accuracy_by_epoch(curves)),
+            "Test-fold frame accuracy after each fine-tuning epoch (thin: each fold run; thick: their mean). "
+            "Shown for diagnosis only: choosing an epoch from it would select on the test folds.",
+        )
     section.children.append(folds)
 
     roc = Section(_anchor("roc", path), "ROC curves")
@@ -701,9 +808,11 @@ def evaluation_section(path: Path, ctx: Context) -> Section:
     if predictions.is_file():
         per_init = roc_from_predictions(predictions, classes)
         if per_init:
-            roc.figure(figures.png_bytes(figures.roc_curves(per_init)),
-                       "Frame-level one-vs-rest ROC from predictions.csv, pooled over folds (and seeds): each test "
-                       "frame's predicted probability of the class against whether it belongs to it.")
+            roc.figure(
+                figures.png_bytes(figures.roc_curves(per_init)),
+                "Frame-level one-vs-rest ROC from predictions.csv, pooled over folds (and seeds): each test "
+                "frame's predicted probability of the class against whether it belongs to it.",
+            )
         else:
             roc.note("predictions.csv has no rows with two classes present.")
     else:
@@ -711,7 +820,9 @@ def evaluation_section(path: Path, ctx: Context) -> Section:
     return section
 
 
-def roc_from_predictions(path: Path, classes: Sequence[str]) -> dict[str, list[tuple[str, np.ndarray, np.ndarray, float]]]:
+def roc_from_predictions(
+    path: Path, classes: Sequence[str]
+) -> dict[str, list[tuple[str, np.ndarray, np.ndarray, float]]]:
     """Per init, per class present among the labels: (class, fpr, tpr, AUC) from ``predictions.csv``."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -736,6 +847,7 @@ def roc_from_predictions(path: Path, classes: Sequence[str]) -> dict[str, list[t
 
 # ---------------------------------------------------------------------------------------- segmentation
 
+
 def segmentation_section(path: Path, ctx: Context) -> Section:
     from sonocl.report import figures
 
@@ -744,8 +856,10 @@ def segmentation_section(path: Path, ctx: Context) -> Section:
     config = results.get("config", {})
     inits = results.get("inits", [])
     section = Section(_anchor("seg", path), f"Segmentation: {path.name}")
-    section.text(f"{data.get('num_images')} images in {data.get('num_groups')} groups, {config.get('folds')}-fold grouped "
-                 f"CV, input {config.get('size')} px, {config.get('epochs')} epochs; last-epoch model on each test fold.")
+    section.text(
+        f"{data.get('num_images')} images in {data.get('num_groups')} groups, {config.get('folds')}-fold grouped "
+        f"CV, input {config.get('size')} px, {config.get('epochs')} epochs; last-epoch model on each test fold."
+    )
     hd = "hd95_mm" if data.get("hd95_unit") == "mm" else "hd95_px"
     header = ["init", "Dice", "IoU", "HD95 (mm)" if hd == "hd95_mm" else "HD95 (px)"]
     has_hc = bool(data.get("hc_available"))
@@ -754,18 +868,31 @@ def segmentation_section(path: Path, ctx: Context) -> Section:
     rows = []
     for entry in inits:
         summary = entry.get("summary", {})
-        cells = [entry.get("name"), _mean_std(summary.get("dice"), 3), _mean_std(summary.get("iou"), 3), _mean_std(summary.get(hd), 2)]
+        cells = [
+            entry.get("name"),
+            _mean_std(summary.get("dice"), 3),
+            _mean_std(summary.get("iou"), 3),
+            _mean_std(summary.get(hd), 2),
+        ]
         if has_hc:
             cells.append(_mean_std(summary.get("hc_abs_error_mm"), 2))
         rows.append(cells)
     section.table(header, rows, caption="Mean ± std over folds of each fold's mean.")
     if data.get("skipped"):
         section.note(f"{len(data['skipped'])} image(s) were skipped (no usable mask); see results.json.")
-    per_fold = {entry.get("name"): [fold["metrics"]["dice"]["mean"] for fold in entry.get("folds", [])
-                                    if fold.get("metrics", {}).get("dice", {}).get("mean") is not None] for entry in inits}
+    per_fold = {
+        entry.get("name"): [
+            fold["metrics"]["dice"]["mean"]
+            for fold in entry.get("folds", [])
+            if fold.get("metrics", {}).get("dice", {}).get("mean") is not None
+        ]
+        for entry in inits
+    }
     if any(per_fold.values()):
-        section.figure(figures.png_bytes(figures.segmentation_scores(per_fold)),
-                       "Mean Dice of each test fold (points) and their mean (bar).")
+        section.figure(
+            figures.png_bytes(figures.segmentation_scores(per_fold)),
+            "Mean Dice of each test fold (points) and their mean (bar).",
+        )
     overlays = Section(_anchor("overlays", path), "Segmentation overlays")
     section.children.append(overlays)
     folders = sorted(p for p in (path / "overlays").glob("*") if p.is_dir()) if (path / "overlays").is_dir() else []
@@ -774,7 +901,7 @@ def segmentation_section(path: Path, ctx: Context) -> Section:
     for folder in folders:
         pngs = sorted(folder.glob("*.png"))[:SEGMENTATION_OVERLAYS]
         parts = [figure_html(png.read_bytes(), png.stem, f"{folder.name}: {png.stem}") for png in pngs]
-        overlays.body.append(f"<h4>{html.escape(folder.name)}</h4><div class=\"gallery\">{''.join(parts)}</div>")
+        overlays.body.append(f'<h4>{html.escape(folder.name)}</h4><div class="gallery">{"".join(parts)}</div>')
     if folders:
         overlays.text("Ground-truth contour in green, predicted contour in red, at each image's original size.")
     return section
@@ -788,6 +915,7 @@ def _mean_std(stats: dict[str, Any] | None, digits: int) -> str:
 
 # --------------------------------------------------------------------------------------------- command
 
+
 def build_report(paths: Sequence[Path], out: Path, ctx: Context | None = None, title: str | None = None) -> Path:
     """Write the report of ``paths`` to ``out`` (atomically) and return ``out``."""
     from sonocl.data.store import atomic_write_text
@@ -797,7 +925,9 @@ def build_report(paths: Sequence[Path], out: Path, ctx: Context | None = None, t
     builders = {"run": run_section, "evaluation": evaluation_section, "segmentation": segmentation_section}
     sections = [builders[kind](path, ctx) for path, kind in kinds]
     created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    intro = [f"sonocl {__version__}, {created}. Inputs: " + "; ".join(f"{kind} {path.resolve()}" for path, kind in kinds)]
+    intro = [
+        f"sonocl {__version__}, {created}. Inputs: " + "; ".join(f"{kind} {path.resolve()}" for path, kind in kinds)
+    ]
     page = render_page(title or "sonocl report: " + ", ".join(path.name for path, _ in kinds), intro, sections)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, page)
@@ -805,12 +935,23 @@ def build_report(paths: Sequence[Path], out: Path, ctx: Context | None = None, t
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                        help="pretraining run directory, `sonocl evaluate` or `sonocl segment` output (any number)")
-    parser.add_argument("--out", type=Path, default=Path("report.html"), help="HTML file to write (default: %(default)s)")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="pretraining run directory, `sonocl evaluate` or `sonocl segment` output (any number)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("report.html"), help="HTML file to write (default: %(default)s)"
+    )
     parser.add_argument("--title", help="page title (default: the inputs' names)")
-    parser.add_argument("--max-points", type=int, default=MAX_MAP_POINTS,
-                        help="frames in the embedding map and the Grad-CAM pool (default: %(default)s)")
+    parser.add_argument(
+        "--max-points",
+        type=int,
+        default=MAX_MAP_POINTS,
+        help="frames in the embedding map and the Grad-CAM pool (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the map and the frame subsampling (default: 0)")
     parser.add_argument("--device", default="cpu", help="device for the encoder passes (default: %(default)s)")
 
@@ -825,6 +966,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     size = out.stat().st_size / 1e6
     parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in ctx.timings.items())
-    print(f"sonocl report: wrote {out} ({size:.1f} MB, {time.perf_counter() - started:.0f} s{': ' + parts if parts else ''})",
-          file=sys.stderr)
+    print(
+        f"sonocl report: wrote {out} ({size:.1f} MB, {time.perf_counter() - started:.0f} s{': ' + parts if parts else ''})",
+        file=sys.stderr,
+    )
     return 0

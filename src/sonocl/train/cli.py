@@ -72,18 +72,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "RUN/config.yaml holds the resolved configuration. Distributed: torchrun --nproc-per-node N -m sonocl pretrain …"
     )
     parser.add_argument("--store", help="frame store directory (sonocl ingest)")
-    parser.add_argument("--method", choices=method_names(), help="pretraining method (its preset is the base configuration): "
-                        + "; ".join(f"{m.name}: {m.summary}" for m in registry().values()))
+    parser.add_argument(
+        "--method",
+        choices=method_names(),
+        help="pretraining method (its preset is the base configuration): "
+        + "; ".join(f"{m.name}: {m.summary}" for m in registry().values()),
+    )
     parser.add_argument("--out", required=True, type=Path, help="run directory for checkpoints, logs and the encoder")
     parser.add_argument("--config", type=Path, help="YAML configuration (full or partial) applied over the preset")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
-    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
-                        help="set any configuration key, dotted (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any configuration key, dotted (repeatable)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     g = parser.add_argument_group("overrides")
     g.add_argument("--epochs", type=int, help="passes over the training videos (or frames); --steps replaces it")
-    g.add_argument("--steps", type=int, help="budget in optimiser steps of --batch-size pairs each: equal steps and batch "
-                                             "give methods equal budgets (pairs seen), whatever their epoch length")
+    g.add_argument(
+        "--steps",
+        type=int,
+        help="budget in optimiser steps of --batch-size pairs each: equal steps and batch "
+        "give methods equal budgets (pairs seen), whatever their epoch length",
+    )
     g.add_argument("--batch-size", type=int, help="global batch (split over processes)")
     g.add_argument("--size", type=int, help="image side the store's frames are resized to on the device")
     g.add_argument("--lr", type=float, help="learning rate (× batch/256 for presets with linear scaling)")
@@ -97,16 +111,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--val-fraction", type=float, help="share of videos (by group) held out for validation")
     g.add_argument("--workers", type=int, help="DataLoader workers gathering frames from the store")
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
-    g.add_argument("--deterministic", action="store_true", default=None,
-                   help="deterministic algorithms and one CPU thread (bit-exact resume on CPU)")
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="deterministic algorithms and one CPU thread (bit-exact resume on CPU)",
+    )
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument("--checkpoint-every-steps", type=int, help="also write last.pt every N steps")
     g.add_argument("--sync-bn", action="store_true", default=None, help="synchronise BatchNorm across processes (CUDA)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     m = parser.add_argument_group("method options (each applies to the methods named in its help)")
     for name, (kind, help_text, owners) in _method_flags().items():
-        m.add_argument("--" + name.replace("_", "-"), dest=_OPTION_PREFIX + name, type=kind,
-                       help=f"{', '.join(owners)}: {help_text}")
+        m.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=_OPTION_PREFIX + name,
+            type=kind,
+            help=f"{', '.join(owners)}: {help_text}",
+        )
 
 
 def resolve_config(args: argparse.Namespace) -> PretrainConfig:
@@ -128,7 +150,9 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
         cfg = merge(cfg, {"method": args.method})
     updates: dict[str, Any] = {}
     flags = {dest: key for dest, key in OVERRIDES.items()}
-    flags.update({dest: "options." + dest[len(_OPTION_PREFIX):] for dest in vars(args) if dest.startswith(_OPTION_PREFIX)})
+    flags.update(
+        {dest: "options." + dest[len(_OPTION_PREFIX) :] for dest in vars(args) if dest.startswith(_OPTION_PREFIX)}
+    )
     for dest, key in flags.items():
         value = getattr(args, dest, None)
         if value is not None:
@@ -140,8 +164,11 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     try:
         cfg = merge(cfg, updates)
     except ConfigError as error:
-        given = [f"--{dest[len(_OPTION_PREFIX):].replace('_', '-')}" for dest in flags
-                 if dest.startswith(_OPTION_PREFIX) and getattr(args, dest) is not None]
+        given = [
+            f"--{dest[len(_OPTION_PREFIX) :].replace('_', '-')}"
+            for dest in flags
+            if dest.startswith(_OPTION_PREFIX) and getattr(args, dest) is not None
+        ]
         raise ConfigError(f"{error} (flags given: {' '.join(given)})" if given else str(error)) from None
     for assignment in args.assignments:
         cfg = merge(cfg, parse_assignment(assignment))
@@ -167,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if os.environ.get("RANK", "0") == "0":
         best = f", best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
-        print(f"sonocl pretrain: done ({result.global_step} steps{best}); encoder: {args.out / 'encoder.safetensors'}",
-              file=sys.stderr)
+        print(
+            f"sonocl pretrain: done ({result.global_step} steps{best}); encoder: {args.out / 'encoder.safetensors'}",
+            file=sys.stderr,
+        )
     return 0

@@ -57,12 +57,19 @@ class ModelConfig:
     """``torch.compile`` the backbone (in place, so checkpoint keys do not change)."""
 
     def __post_init__(self) -> None:
-        _raise_problems([
-            *_choice("backbone", self.backbone, BACKBONES),
-            *_choice("channels", self.channels, (1, 3)),
-            *([] if self.projection_hidden >= 1 and self.projection_dim >= 1 else
-              [f"projection_hidden and projection_dim must be ≥ 1 (got {self.projection_hidden}, {self.projection_dim})"]),
-        ])
+        _raise_problems(
+            [
+                *_choice("backbone", self.backbone, BACKBONES),
+                *_choice("channels", self.channels, (1, 3)),
+                *(
+                    []
+                    if self.projection_hidden >= 1 and self.projection_dim >= 1
+                    else [
+                        f"projection_hidden and projection_dim must be ≥ 1 (got {self.projection_hidden}, {self.projection_dim})"
+                    ]
+                ),
+            ]
+        )
 
 
 @dataclass
@@ -79,13 +86,19 @@ class OptimConfig:
     """Clip the global gradient norm to this value (None: no clipping)."""
 
     def __post_init__(self) -> None:
-        _raise_problems([
-            *_choice("name", self.name, OPTIMIZERS),
-            *_choice("lr_scaling", self.lr_scaling, LR_SCALINGS),
-            *([] if self.lr > 0 else [f"lr must be > 0, not {self.lr}"]),
-            *([] if self.weight_decay >= 0 else [f"weight_decay must be ≥ 0, not {self.weight_decay}"]),
-            *([] if self.clip_grad is None or self.clip_grad > 0 else [f"clip_grad must be > 0, not {self.clip_grad}"]),
-        ])
+        _raise_problems(
+            [
+                *_choice("name", self.name, OPTIMIZERS),
+                *_choice("lr_scaling", self.lr_scaling, LR_SCALINGS),
+                *([] if self.lr > 0 else [f"lr must be > 0, not {self.lr}"]),
+                *([] if self.weight_decay >= 0 else [f"weight_decay must be ≥ 0, not {self.weight_decay}"]),
+                *(
+                    []
+                    if self.clip_grad is None or self.clip_grad > 0
+                    else [f"clip_grad must be > 0, not {self.clip_grad}"]
+                ),
+            ]
+        )
 
 
 @dataclass
@@ -109,15 +122,23 @@ class ScheduleConfig:
     """Momentum at the last step (cosine from ``ema_start``); None: constant ``ema_start``."""
 
     def __post_init__(self) -> None:
-        _raise_problems([
-            *_choice("warmup", self.warmup, ("linear", "constant", "exponential")),
-            *_choice("decay", self.decay, ("cosine", "none")),
-            *_choice("cosine_span", self.cosine_span, ("after_warmup", "total")),
-            *([] if 0 <= self.warmup_fraction < 1 else [f"warmup_fraction must lie in [0, 1), not {self.warmup_fraction}"]),
-            *[f"{name} must lie in [0, 1], not {value}" for name, value in (("ema_start", self.ema_start),
-                                                                              ("ema_end", self.ema_end))
-              if value is not None and not 0 <= value <= 1],
-        ])
+        _raise_problems(
+            [
+                *_choice("warmup", self.warmup, ("linear", "constant", "exponential")),
+                *_choice("decay", self.decay, ("cosine", "none")),
+                *_choice("cosine_span", self.cosine_span, ("after_warmup", "total")),
+                *(
+                    []
+                    if 0 <= self.warmup_fraction < 1
+                    else [f"warmup_fraction must lie in [0, 1), not {self.warmup_fraction}"]
+                ),
+                *[
+                    f"{name} must lie in [0, 1], not {value}"
+                    for name, value in (("ema_start", self.ema_start), ("ema_end", self.ema_end))
+                    if value is not None and not 0 <= value <= 1
+                ],
+            ]
+        )
 
 
 @dataclass
@@ -170,10 +191,15 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """The checks across sections (each section checks its own values when built)."""
-        problems = [*_choice("method", self.method, method_names()), *_choice("precision", self.precision, PRECISIONS),
-                    *_choice("export", self.export, ("best", "last"))]
+        problems = [
+            *_choice("method", self.method, method_names()),
+            *_choice("precision", self.precision, PRECISIONS),
+            *_choice("export", self.export, ("best", "last")),
+        ]
         if self.epochs < 1 or self.batch_size < 1 or self.size < 8:
-            problems.append(f"need epochs ≥ 1, batch_size ≥ 1 and size ≥ 8 (got {self.epochs}, {self.batch_size}, {self.size})")
+            problems.append(
+                f"need epochs ≥ 1, batch_size ≥ 1 and size ≥ 8 (got {self.epochs}, {self.batch_size}, {self.size})"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"val_fraction must lie in [0, 1), not {self.val_fraction}")
         if self.steps is not None and self.steps < 1:
@@ -181,8 +207,10 @@ class PretrainConfig:
         if self.checkpoint_every_steps < 0 or self.monitor_every < 0 or self.checkpoint_every_seconds < 0:
             problems.append("checkpoint_every_steps, checkpoint_every_seconds and monitor_every must be ≥ 0")
         if not problems and type(self.options) is not get_method(self.method).options:
-            problems.append(f"options are {type(self.options).__name__}, not {self.method}'s "
-                            f"{get_method(self.method).options.__name__}")
+            problems.append(
+                f"options are {type(self.options).__name__}, not {self.method}'s "
+                f"{get_method(self.method).options.__name__}"
+            )
         _raise_problems(problems)
 
     def to_dict(self) -> dict[str, Any]:
@@ -211,6 +239,7 @@ def _plain(value: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------- presets
 
+
 def preset(method: str) -> PretrainConfig:
     """The original defaults of ``method``: its module's preset (``sonocl/methods/<method>.py``)."""
     return get_method(method).preset()
@@ -222,6 +251,7 @@ def replace(cfg: PretrainConfig, **changes: Any) -> PretrainConfig:
 
 
 # --------------------------------------------------------------------------------------- dict / YAML
+
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -292,8 +322,10 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(hints))
     if unknown:
         owners = _option_owners(unknown) if issubclass(cls, Options) else ""
-        raise ConfigError(f"unknown configuration key(s) {', '.join(prefix + u for u in unknown)}{owners}; "
-                          f"valid keys here: {', '.join(prefix + k for k in hints)}")
+        raise ConfigError(
+            f"unknown configuration key(s) {', '.join(prefix + u for u in unknown)}{owners}; "
+            f"valid keys here: {', '.join(prefix + k for k in hints)}"
+        )
     values = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**values)

@@ -44,8 +44,12 @@ def init_distributed(device_name: str) -> tuple[DistributedContext, torch.device
     context = DistributedContext(rank, world_size, local_rank)
     if context.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(minutes=30),
-                                **({"device_id": device} if device.type == "cuda" else {}))
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            timeout=datetime.timedelta(minutes=30),
+            **({"device_id": device} if device.type == "cuda" else {}),
+        )
     return context, device
 
 

@@ -24,7 +24,11 @@ class MetricsLog:
                 reader = csv.DictReader(handle)
                 self.fields = list(reader.fieldnames or []) or None
                 for row in reader:
-                    keep = int(row["step"]) <= resume_step if row["kind"] == "step" else int(row["epoch"]) <= (resume_epoch or 0)
+                    keep = (
+                        int(row["step"]) <= resume_step
+                        if row["kind"] == "step"
+                        else int(row["epoch"]) <= (resume_epoch or 0)
+                    )
                     if keep:
                         self.rows.append(row)
             self._rewrite()

@@ -172,6 +172,7 @@ class Run:
 
 # ---------------------------------------------------------------------------------------------- main
 
+
 def pretrain(cfg: PretrainConfig, out: str | os.PathLike[str], resume: bool = False) -> PretrainResult:
     """Pretrain ``cfg.method`` on ``cfg.store``, writing everything under ``out`` (see the module docstring)."""
     cfg.validate()
@@ -187,8 +188,11 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike[str], resume: bool = Fa
                 if context.is_main:
                     save_checkpoint(checkpoint_state(run), run.last_path)
                     export_encoder(run)
-                    print(f"\ninterrupted: {run.last_path} saved at epoch {run.epoch + 1}, step {run.step_in_epoch}; "
-                          f"continue with --resume", file=sys.stderr)
+                    print(
+                        f"\ninterrupted: {run.last_path} saved at epoch {run.epoch + 1}, step {run.step_in_epoch}; "
+                        f"continue with --resume",
+                        file=sys.stderr,
+                    )
                 raise
             finally:
                 run.progress.close()
@@ -198,23 +202,30 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike[str], resume: bool = Fa
             if context.is_main:
                 export_encoder(run)
             ddp.barrier(context)
-            return PretrainResult(run.out, run.data.total_steps, run.data.num_epochs, run.best_val_loss, run.epoch_metrics)
+            return PretrainResult(
+                run.out, run.data.total_steps, run.data.num_epochs, run.best_val_loss, run.epoch_metrics
+            )
     finally:
         ddp.shutdown(context)
 
 
 # --------------------------------------------------------------------------------------------- setup
 
+
 def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.DistributedContext, device: torch.device) -> Run:
     """Build the `Run`: data, model, objective, optimiser, scaler, schedules, logs; restored from ``last.pt`` on resume."""
     last_path = out / "checkpoints" / "last.pt"
     if resume and not last_path.exists():
         if context.is_main:  # killed before its first checkpoint: nothing to continue from, so start over
-            print(f"sonocl pretrain: {last_path} does not exist yet; starting {out} from the beginning", file=sys.stderr)
+            print(
+                f"sonocl pretrain: {last_path} does not exist yet; starting {out} from the beginning", file=sys.stderr
+            )
         resume = False
     remove_stale_temporaries(last_path.parent)
     if not resume and last_path.exists():
-        raise ConfigError(f"{out} already holds a run ({last_path}); pass --resume to continue it or choose a new --out")
+        raise ConfigError(
+            f"{out} already holds a run ({last_path}); pass --resume to continue it or choose a new --out"
+        )
     if cfg.batch_size % context.world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} does not split over {context.world_size} processes")
     method = get_method(cfg.method)
@@ -230,7 +241,9 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
     model = build_model(cfg, num_classes)
     if cfg.model.sync_bn and context.enabled:
         if device.type != "cuda":
-            raise ConfigError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); use model.freeze_bn on CPU")
+            raise ConfigError(
+                "--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); use model.freeze_bn on CPU"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format)
     if cfg.model.compile:
@@ -240,14 +253,28 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
     lr = base_lr(cfg)
     total_steps = data.total_steps
     run = Run(
-        cfg=cfg, out=out, method=method, context=context, device=device, precision=precision,
-        memory_format=memory_format, data=data, model=model, objective=objective,
+        cfg=cfg,
+        out=out,
+        method=method,
+        context=context,
+        device=device,
+        precision=precision,
+        memory_format=memory_format,
+        data=data,
+        model=model,
+        objective=objective,
         optimizer=make_optimizer(cfg, params, lr),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), params=params,
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        params=params,
         lrs=lr_schedule(lr, total_steps, cfg.schedule),
-        momenta=(momentum_schedule(cfg.schedule.ema_start, cfg.schedule.ema_end, total_steps)
-                 if cfg.schedule.ema_start is not None else None),
-        augment=build_augment(cfg), generator=torch.Generator(device=device), gather=ddp.make_gather(context),
+        momenta=(
+            momentum_schedule(cfg.schedule.ema_start, cfg.schedule.ema_end, total_steps)
+            if cfg.schedule.ema_start is not None
+            else None
+        ),
+        augment=build_augment(cfg),
+        generator=torch.Generator(device=device),
+        gather=ddp.make_gather(context),
     )
 
     # ---- resume, logs
@@ -255,20 +282,38 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
         restore(run, load_checkpoint(last_path))
     global_step = run.epoch * data.steps_per_epoch + run.step_in_epoch
     run.batches = iter(_loader(data, global_step, cfg.workers, device, cfg.seed + global_step))
-    run.progress = progress_report(data.total_steps, f"pretrain {cfg.method}", "step", initial=global_step,
-                                   enabled=context.is_main and cfg.progress)
+    run.progress = progress_report(
+        data.total_steps,
+        f"pretrain {cfg.method}",
+        "step",
+        initial=global_step,
+        enabled=context.is_main and cfg.progress,
+    )
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
-        provenance.write(out, provenance.record(
-            data.store, data.kept, data.sampler.labelled_videos, data.held, method=cfg.method,
-            label_columns=data.sampler.label_columns, steps=total_steps, batch_size=cfg.batch_size))
+        provenance.write(
+            out,
+            provenance.record(
+                data.store,
+                data.kept,
+                data.sampler.labelled_videos,
+                data.held,
+                method=cfg.method,
+                label_columns=data.sampler.label_columns,
+                steps=total_steps,
+                batch_size=cfg.batch_size,
+            ),
+        )
         run.log = MetricsLog(out / "metrics.csv", global_step if resume else None, run.epoch if resume else None)
         run.writer = tensorboard(out / "tb", global_step if resume else None)
-        print(f"sonocl pretrain: {cfg.method} on {data.store.num_videos} videos ({len(data.kept)} train, "
-              f"{len(data.held)} held out), {total_steps} steps ({data.steps_per_epoch}/epoch, {data.num_epochs} "
-              f"epochs) of batch {cfg.batch_size} = {total_steps * cfg.batch_size} pairs, {precision}, {device}" + (f", {context.world_size} processes" if context.enabled else ""),
-              file=sys.stderr)
+        print(
+            f"sonocl pretrain: {cfg.method} on {data.store.num_videos} videos ({len(data.kept)} train, "
+            f"{len(data.held)} held out), {total_steps} steps ({data.steps_per_epoch}/epoch, {data.num_epochs} "
+            f"epochs) of batch {cfg.batch_size} = {total_steps * cfg.batch_size} pairs, {precision}, {device}"
+            + (f", {context.world_size} processes" if context.enabled else ""),
+            file=sys.stderr,
+        )
     return run
 
 
@@ -280,8 +325,10 @@ def build_data(cfg: PretrainConfig, method: Method, context: ddp.DistributedCont
     try:
         sampler = training_sampler(cfg, store, kept, batch_size, context.rank, context.world_size)
     except ValueError as error:  # e.g. fewer training items than one batch
-        raise ConfigError(f"{cfg.store}: {error} ({len(kept)} training videos of {store.num_videos}, --batch-size "
-                          f"{cfg.batch_size}); use a smaller --batch-size or more videos") from None
+        raise ConfigError(
+            f"{cfg.store}: {error} ({len(kept)} training videos of {store.num_videos}, --batch-size "
+            f"{cfg.batch_size}); use a smaller --batch-size or more videos"
+        ) from None
     meta_sampler = None
     if method.meta_sampler is not None:
         meta_sampler = method.meta_sampler(cfg, store, held, cfg.batch_size, context.rank, context.world_size)
@@ -290,14 +337,22 @@ def build_data(cfg: PretrainConfig, method: Method, context: ddp.DistributedCont
     query, query_labels = monitor_frames(store, held, codes, cfg.knn_frames_per_video)
     collapse, _ = monitor_frames(store, held if len(held) else kept, np.zeros_like(codes), cfg.knn_frames_per_video)
     bank, bank_labels, query, query_labels, collapse = (
-        a[:MONITOR_MAX_FRAMES] for a in (bank, bank_labels, query, query_labels, collapse))
+        a[:MONITOR_MAX_FRAMES] for a in (bank, bank_labels, query, query_labels, collapse)
+    )
     val_batches = validation_batches(cfg, store, held) if context.is_main else []
     monitored = len(bank) + len(query) + len(collapse) + 2 * sum(len(b) for b in val_batches)
     trained = 2 * batch_size * context.world_size * len(sampler)
     return RunData(
-        store=store, kept=kept, held=held, sampler=sampler, total_steps=cfg.steps or cfg.epochs * len(sampler),
+        store=store,
+        kept=kept,
+        held=held,
+        sampler=sampler,
+        total_steps=cfg.steps or cfg.epochs * len(sampler),
         monitor_every=cfg.monitor_every or max(1, math.ceil(3 * monitored / trained)),
-        val_batches=val_batches, meta_sampler=meta_sampler, bank=(bank, bank_labels), query=(query, query_labels),
+        val_batches=val_batches,
+        meta_sampler=meta_sampler,
+        bank=(bank, bank_labels),
+        query=(query, query_labels),
         collapse_frames=collapse,
     )
 
@@ -325,6 +380,7 @@ def base_lr(cfg: PretrainConfig) -> float:
 
 # ------------------------------------------------------------------------------------ checkpoints
 
+
 def checkpoint_state(run: Run) -> dict[str, Any]:
     """Every stateful object by key (`Run.stateful`), the position in the run, RNG states and metadata."""
     return {
@@ -343,19 +399,35 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
     }
 
 
-CHECKPOINT_KEYS = frozenset({"format", "config", *STATEFUL, *POSITION, "global_step", "steps_per_epoch", "world_size",
-                             "metrics", "rng", "encoder_metadata"})
+CHECKPOINT_KEYS = frozenset(
+    {
+        "format",
+        "config",
+        *STATEFUL,
+        *POSITION,
+        "global_step",
+        "steps_per_epoch",
+        "world_size",
+        "metrics",
+        "rng",
+        "encoder_metadata",
+    }
+)
 
 
 def restore(run: Run, state: dict[str, Any]) -> None:
     """Load ``state`` into ``run`` by key; a missing or unexpected key is an error that names it."""
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{run.last_path}: checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}; it was "
-                          f"written by another sonocl version")
+        raise ConfigError(
+            f"{run.last_path}: checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}; it was "
+            f"written by another sonocl version"
+        )
     missing, unexpected = sorted(CHECKPOINT_KEYS - set(state)), sorted(set(state) - CHECKPOINT_KEYS)
     if missing or unexpected:
-        raise ConfigError(f"{run.last_path}: checkpoint keys do not match this sonocl (missing: {missing or 'none'}; "
-                          f"unexpected: {unexpected or 'none'})")
+        raise ConfigError(
+            f"{run.last_path}: checkpoint keys do not match this sonocl (missing: {missing or 'none'}; "
+            f"unexpected: {unexpected or 'none'})"
+        )
     _check_resumable(run.cfg, state, run.context)
     for name, obj in run.stateful().items():
         obj.load_state_dict(state[name])
@@ -367,19 +439,26 @@ def restore(run: Run, state: dict[str, Any]) -> None:
 
 def _check_resumable(cfg: PretrainConfig, state: dict[str, Any], context: ddp.DistributedContext) -> None:
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}; it was written by another sonocl")
+        raise ConfigError(
+            f"checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}; it was written by another sonocl"
+        )
     saved = state["config"]
     for key in ("method", "store", "batch_size", "size", "seed", "epochs", "steps"):
         if saved.get(key) != getattr(cfg, key):
-            print(f"sonocl pretrain: resuming with {key} {getattr(cfg, key)!r} (the run used {saved.get(key)!r}); "
-                  f"the result will differ from an uninterrupted run", file=sys.stderr)
+            print(
+                f"sonocl pretrain: resuming with {key} {getattr(cfg, key)!r} (the run used {saved.get(key)!r}); "
+                f"the result will differ from an uninterrupted run",
+                file=sys.stderr,
+            )
     if state.get("world_size", 1) != context.world_size:
-        print(f"sonocl pretrain: resuming on {context.world_size} processes (the run used {state.get('world_size')})",
-              file=sys.stderr)
-
+        print(
+            f"sonocl pretrain: resuming on {context.world_size} processes (the run used {state.get('world_size')})",
+            file=sys.stderr,
+        )
 
 
 # --------------------------------------------------------------------------------------------- train
+
 
 def train_one_epoch(run: Run, epoch: int) -> None:
     """The epoch's remaining steps: each one seeded from (seed, rank, step), so a resumed run draws the same."""
@@ -405,10 +484,20 @@ def train_one_epoch(run: Run, epoch: int) -> None:
         with torch.no_grad():
             view1, view2 = make_views(batch["frames"], batch["mix"], augment_first, run.augment, run.generator, extra)
         targets = BatchTensors(batch["positive_group"], batch["weight"], batch["label"], batch["video"])
-        step_context = StepContext(step=global_step, optimizer=run.optimizer, lr=lr, gather=run.gather,
-                                   meta_views=_meta_views(run, epoch, step_in_epoch))
-        values = train_step(run, view1.contiguous(memory_format=run.memory_format),
-                            view2.contiguous(memory_format=run.memory_format), targets, step_context)
+        step_context = StepContext(
+            step=global_step,
+            optimizer=run.optimizer,
+            lr=lr,
+            gather=run.gather,
+            meta_views=_meta_views(run, epoch, step_in_epoch),
+        )
+        values = train_step(
+            run,
+            view1.contiguous(memory_format=run.memory_format),
+            view2.contiguous(memory_format=run.memory_format),
+            targets,
+            step_context,
+        )
         run.objective.after_step(run.model, momentum)
         run.epoch, run.step_in_epoch = epoch, step_in_epoch + 1
 
@@ -417,8 +506,13 @@ def train_one_epoch(run: Run, epoch: int) -> None:
         tick = now
         if run.context.is_main:
             _log_step(run, epoch, global_step, lr, momentum, values, images_per_s)
-            run.progress.set_postfix(epoch=epoch + 1, loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}",
-                                     img_s=f"{images_per_s:.0f}", refresh=False)
+            run.progress.set_postfix(
+                epoch=epoch + 1,
+                loss=f"{values['loss']:.4f}",
+                lr=f"{lr:.3g}",
+                img_s=f"{images_per_s:.0f}",
+                refresh=False,
+            )
         run.progress.update(1)
         every = cfg.checkpoint_every_steps
         if run.context.is_main and every and run.step_in_epoch % every == 0 and run.step_in_epoch < last:
@@ -440,8 +534,11 @@ def train_step(run: Run, view1: Tensor, view2: Tensor, targets: BatchTensors, co
     if not math.isfinite(values[0]):
         detail = ", ".join(f"{n}={v:.6g}" for n, v in zip(names, values[1:]))
         epoch, step = divmod(context.step, run.data.steps_per_epoch)
-        saved = (f"; {run.last_path} holds the last good state" if run.last_path.exists() else
-                 "; no checkpoint was written before it")
+        saved = (
+            f"; {run.last_path} holds the last good state"
+            if run.last_path.exists()
+            else "; no checkpoint was written before it"
+        )
         raise NonFiniteLossError(
             f"non-finite loss {values[0]} at step {context.step + 1} (epoch {epoch + 1}, step {step + 1} of "
             f"{run.data.steps_per_epoch}, lr {context.lr:.3g}); loss parts: {detail or 'none'}. Try a lower --lr, "
@@ -469,24 +566,49 @@ def _meta_views(run: Run, epoch: int, step: int) -> Callable[[], tuple[Tensor, T
         with torch.no_grad():
             view1, view2 = make_views(frames, batch.mix, batch.augment_first, run.augment, run.generator)
         group = torch.from_numpy(batch.positive_group).to(run.device)
-        return (view1.contiguous(memory_format=run.memory_format), view2.contiguous(memory_format=run.memory_format),
-                group)
+        return (
+            view1.contiguous(memory_format=run.memory_format),
+            view2.contiguous(memory_format=run.memory_format),
+            group,
+        )
 
     return views
 
 
-def _log_step(run: Run, epoch: int, global_step: int, lr: float, momentum: float | None, values: dict[str, float],
-              images_per_s: float) -> None:
+def _log_step(
+    run: Run,
+    epoch: int,
+    global_step: int,
+    lr: float,
+    momentum: float | None,
+    values: dict[str, float],
+    images_per_s: float,
+) -> None:
     parts = {f"part_{n}": v for n, v in values.items() if n != "loss"}
-    run.log.write({"kind": "step", "epoch": epoch + 1, "step": global_step + 1, "lr": lr,
-                   "momentum": momentum if momentum is not None else "", "loss": values["loss"], **parts,
-                   "images_per_s": images_per_s, "seconds": time.perf_counter() - run.started})
-    for name, value in (("loss", values["loss"]), ("lr", lr), ("images_per_s", images_per_s),
-                        *((n, v) for n, v in values.items() if n != "loss")):
+    run.log.write(
+        {
+            "kind": "step",
+            "epoch": epoch + 1,
+            "step": global_step + 1,
+            "lr": lr,
+            "momentum": momentum if momentum is not None else "",
+            "loss": values["loss"],
+            **parts,
+            "images_per_s": images_per_s,
+            "seconds": time.perf_counter() - run.started,
+        }
+    )
+    for name, value in (
+        ("loss", values["loss"]),
+        ("lr", lr),
+        ("images_per_s", images_per_s),
+        *((n, v) for n, v in values.items() if n != "loss"),
+    ):
         run.writer.add_scalar(f"train/{name}", value, global_step + 1)
 
 
 # ------------------------------------------------------------------------------------- end of epoch
+
 
 def end_of_epoch(run: Run, epoch: int) -> None:
     """Every ``monitor_every`` epochs and after the last (rank 0): validation and monitors, then ``last.pt`` (and
@@ -506,13 +628,23 @@ def end_of_epoch(run: Run, epoch: int) -> None:
         if improved:
             link_checkpoint(run.last_path, run.best_path)
         step = min(done * data.steps_per_epoch, data.total_steps)
-        run.log.write({"kind": "epoch", "epoch": done, "step": step, **run.epoch_metrics,
-                       "seconds": time.perf_counter() - run.started})
+        run.log.write(
+            {
+                "kind": "epoch",
+                "epoch": done,
+                "step": step,
+                **run.epoch_metrics,
+                "seconds": time.perf_counter() - run.started,
+            }
+        )
         for name, value in run.epoch_metrics.items():
             run.writer.add_scalar(f"val/{name}", value, step)
         run.writer.flush()
-        run.progress.write(f"epoch {done}/{data.num_epochs} (step {step}): "
-                           + ", ".join(f"{k} {v:.4f}" for k, v in run.epoch_metrics.items()), file=sys.stderr)
+        run.progress.write(
+            f"epoch {done}/{data.num_epochs} (step {step}): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in run.epoch_metrics.items()),
+            file=sys.stderr,
+        )
     elif run.context.is_main and time.perf_counter() - run.saved_at >= run.cfg.checkpoint_every_seconds:
         save_checkpoint(checkpoint_state(run), run.last_path)
         run.saved_at = time.perf_counter()
@@ -538,13 +670,24 @@ def monitors(run: Run) -> dict[str, float]:
                 label=torch.from_numpy(batch.label).to(device),
             )
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = run.objective.validation_loss(model, view1.contiguous(memory_format=run.memory_format),
-                                                     view2.contiguous(memory_format=run.memory_format), targets)
+                loss = run.objective.validation_loss(
+                    model,
+                    view1.contiguous(memory_format=run.memory_format),
+                    view2.contiguous(memory_format=run.memory_format),
+                    targets,
+                )
             total += float(loss) * len(batch)
             count += len(batch)
         metrics["val_loss"] = total / count
-    features = dict(size=cfg.size, mean=cfg.augment.mean, std=cfg.augment.std, channels=cfg.model.channels,
-                    device=device, memory_format=run.memory_format, autocast_dtype=dtype)
+    features = dict(
+        size=cfg.size,
+        mean=cfg.augment.mean,
+        std=cfg.augment.std,
+        channels=cfg.model.channels,
+        device=device,
+        memory_format=run.memory_format,
+        autocast_dtype=dtype,
+    )
     if len(data.collapse_frames) >= 2:
         h = backbone_features(model.backbone, data.store, data.collapse_frames, **features)
         metrics["embedding_std"] = embedding_std(model.projector(h.to(device)).float())
@@ -552,12 +695,14 @@ def monitors(run: Run) -> dict[str, float]:
     if len(bank_frames) and len(query_frames):
         bank_h = backbone_features(model.backbone, data.store, bank_frames, **features)
         query_h = backbone_features(model.backbone, data.store, query_frames, **features)
-        metrics["knn_acc"] = knn_accuracy(bank_h, torch.from_numpy(bank_labels), query_h, torch.from_numpy(query_labels),
-                                          k=cfg.knn_k)
+        metrics["knn_acc"] = knn_accuracy(
+            bank_h, torch.from_numpy(bank_labels), query_h, torch.from_numpy(query_labels), k=cfg.knn_k
+        )
     return metrics
 
 
 # ----------------------------------------------------------------------------------------- parts
+
 
 class _RunBatches(torch.utils.data.Dataset):
     """Every remaining step of the run as one dataset: item i = the batch of global step ``first + i``, frames gathered.
@@ -713,5 +858,3 @@ def _reproducibility(cfg: PretrainConfig) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
         torch.set_num_threads(previous_threads)
-
-

@@ -171,7 +171,9 @@ class _BatchNormBatchStats(torch.autograd.Function):
         ctx.save_for_forward(x_hat, invstd, inputs[1])
 
     @staticmethod
-    def jvp(ctx, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None, _eps_t: None) -> tuple[Tensor, None, None]:  # type: ignore[no-untyped-def, override]
+    def jvp(
+        ctx, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None, _eps_t: None
+    ) -> tuple[Tensor, None, None]:  # type: ignore[no-untyped-def, override]
         x_hat, invstd, weight = ctx.saved_tensors
         shape, dims = invstd.shape, _channel_reduction_dims(x_hat)
         scale = invstd if weight is None else invstd * weight.view(shape)
@@ -205,8 +207,14 @@ class _BatchStatisticsNormJvp(TorchFunctionMode):
 
 
 def _batch_norm(
-    default: Callable[..., Tensor], input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False, momentum: float = 0.1,
+    default: Callable[..., Tensor],
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
     """``F.batch_norm``'s signature: batch statistics without buffers go to `_BatchNormBatchStats`."""
@@ -260,7 +268,9 @@ def cmw_meta_gradient(
     # Step 3: the virtual SGD step θ' = θ − lr·(c·(g + wd·θ) + r·m).
     steps = virtual_sgd_steps(optimizer, params, inner_lr)
     with torch.no_grad():
-        virtual = {name: steps[name].apply(p.detach(), g).requires_grad_() for (name, p), g in zip(params.items(), grads)}
+        virtual = {
+            name: steps[name].apply(p.detach(), g).requires_grad_() for (name, p), g in zip(params.items(), grads)
+        }
 
     # Step 4: the unweighted meta loss at θ' and its gradient v = ∂L_meta/∂θ'.
     meta_z1, meta_z2 = _network_z(model, virtual, (meta_view1, meta_view2))

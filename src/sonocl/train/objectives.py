@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from sonocl.losses import GroupInfoNCE, semi_supervised_ce
 from sonocl.train import meta
 
+
 @dataclass
 class BatchTensors:
     """The `sonocl.pairs.PairBatch` fields the losses need, as tensors on the training device."""
@@ -82,8 +83,15 @@ class Objective(nn.Module):
             return self.info_nce(z1, z2, positive_group=batch.positive_group, weight=weight)
         gathered = (context.gather(z1), context.gather(z2), context.gather(batch.positive_group))
         weight_sum = None if weight is None else context.gather(weight.detach().float()).sum()
-        return self.info_nce(z1, z2, positive_group=batch.positive_group, weight=weight, gathered=gathered,
-                             offset=dist.get_rank() * z1.shape[0], weight_sum=weight_sum)
+        return self.info_nce(
+            z1,
+            z2,
+            positive_group=batch.positive_group,
+            weight=weight,
+            gathered=gathered,
+            offset=dist.get_rank() * z1.shape[0],
+            weight_sum=weight_sum,
+        )
 
 
 class GroupContrastive(Objective):
@@ -93,7 +101,9 @@ class GroupContrastive(Objective):
     (§1.6), computed from the same z as the contrastive term (one forward per view, quirk 9).
     """
 
-    def __init__(self, temperature: float = 0.5, base_temperature: float | None = None, semi_weight: float = 0.0) -> None:
+    def __init__(
+        self, temperature: float = 0.5, base_temperature: float | None = None, semi_weight: float = 0.0
+    ) -> None:
         super().__init__(temperature, base_temperature)
         self.semi_weight = semi_weight
 

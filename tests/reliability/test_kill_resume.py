@@ -254,3 +254,67 @@ def test_resumed_pretraining_ends_with_the_uninterrupted_weights(
 
 def test_resumed_run_leaves_no_temporary_checkpoint(killed_mid_checkpoint: Path) -> None:
     assert not [path.name for path in killed_mid_checkpoint.rglob("*.tmp")]
+
+
+# ---- evaluate: killed between folds, resumed at the first unfinished one --------------------------------------------
+
+
+def _evaluate_command(store: Path, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "sonocl",
+        "evaluate",
+        "--store",
+        str(store),
+        "--init",
+        "random",
+        "--protocol",
+        "last-block",
+        "--folds",
+        "3",
+        "--epochs",
+        "2",
+        "--size",
+        "32",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+
+
+@pytest.mark.parametrize("finished", [1, 2])
+def test_evaluation_killed_between_folds_resumes_at_the_first_unfinished_fold(finished: int, tmp_path: Path) -> None:
+    """SIGKILL once ``finished`` fold runs are kept; the rerun reads them back, runs the rest, and its tables equal
+    an uninterrupted evaluation's."""
+    import json
+
+    store = random_store(tmp_path / "store", ["a", "b", "c"] * 4, frames=4)
+    straight = tmp_path / "straight"
+    subprocess.run(_evaluate_command(store, straight), env=_single_thread(), check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _evaluate_command(store, killed),
+        env=_single_thread(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    folds = killed / "folds" / "random"
+    deadline = time.monotonic() + 240
+    while (
+        len(list(folds.glob("seed*_fold*.npz"))) < finished and process.poll() is None and time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
+    if process.poll() is not None:
+        pytest.skip("the evaluation finished before it could be killed")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    kept = {path.name: path.stat().st_mtime_ns for path in folds.glob("seed*_fold*.npz")}
+    assert len(kept) >= finished and not list(killed.rglob("*.tmp*"))
+    subprocess.run(_evaluate_command(store, killed), env=_single_thread(), check=True, capture_output=True)
+    assert {name: (folds / name).stat().st_mtime_ns for name in kept} == kept  # read back, not recomputed
+    a, b = (json.loads((run / "results.json").read_text())["inits"][0] for run in (straight, killed))
+    assert [r["video"]["accuracy"] for r in a["runs"]] == pytest.approx([r["video"]["accuracy"] for r in b["runs"]])
+    assert (straight / "predictions.csv").read_text() == (killed / "predictions.csv").read_text()

@@ -214,6 +214,46 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike[str], resume: bool = Fa
 
 def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.DistributedContext, device: torch.device) -> Run:
     """Build the `Run`: data, model, objective, optimiser, scaler, schedules, logs; restored from ``last.pt`` on resume."""
+    resume = _check_run_directory(out, resume, context)
+    if cfg.batch_size % context.world_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not split over {context.world_size} processes")
+    method = get_method(cfg.method)
+    precision = resolve_precision(cfg.precision, device)
+    channels_last = cfg.model.channels_last if cfg.model.channels_last is not None else device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    # ---- data: grouped hold-out of videos, samplers, monitor frames
+    data = build_data(cfg, method, context)
+
+    # ---- model, objective, optimiser, schedules
+    model = build_run_model(cfg, data, context, device, memory_format)
+    objective = method.objective(cfg, model, data.sampler).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr, total = base_lr(cfg), data.total_steps
+    momenta = cfg.schedule.ema_start is not None
+    run = Run(
+        cfg=cfg, out=out, method=method, context=context, device=device, precision=precision,
+        memory_format=memory_format, data=data, model=model, objective=objective, params=params,
+        optimizer=make_optimizer(cfg, params, lr), scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        lrs=lr_schedule(lr, total, cfg.schedule),
+        momenta=momentum_schedule(cfg.schedule.ema_start, cfg.schedule.ema_end, total) if momenta else None,
+        augment=build_augment(cfg), generator=torch.Generator(device=device), gather=ddp.make_gather(context),
+    )  # fmt: skip
+
+    # ---- resume, loader, logs
+    if resume:
+        restore(run, load_checkpoint(run.last_path))
+    global_step = run.epoch * data.steps_per_epoch + run.step_in_epoch
+    run.batches = iter(_loader(data, global_step, cfg.workers, device, cfg.seed + global_step))
+    run.progress = progress_report(total, f"pretrain {cfg.method}", "step", initial=global_step,
+                                   enabled=context.is_main and cfg.progress)  # fmt: skip
+    if context.is_main:
+        _start_logs(run, global_step, resume)
+    return run
+
+
+def _check_run_directory(out: Path, resume: bool, context: ddp.DistributedContext) -> bool:
+    """Whether to resume: a run without ``last.pt`` starts over; a new run never overwrites an old one."""
     last_path = out / "checkpoints" / "last.pt"
     if resume and not last_path.exists():
         if context.is_main:  # killed before its first checkpoint: nothing to continue from, so start over
@@ -226,17 +266,12 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
         raise ConfigError(
             f"{out} already holds a run ({last_path}); pass --resume to continue it or choose a new --out"
         )
-    if cfg.batch_size % context.world_size:
-        raise ConfigError(f"batch_size {cfg.batch_size} does not split over {context.world_size} processes")
-    method = get_method(cfg.method)
-    precision = resolve_precision(cfg.precision, device)
-    channels_last = cfg.model.channels_last if cfg.model.channels_last is not None else device.type == "cuda"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return resume
 
-    # ---- data: grouped hold-out of videos, samplers, monitor frames
-    data = build_data(cfg, method, context)
 
-    # ---- model, objective, optimiser, schedules
+def build_run_model(cfg: PretrainConfig, data: RunData, context: ddp.DistributedContext, device: torch.device,
+                    memory_format: torch.memory_format) -> nn.Module:  # fmt: skip
+    """The `ContrastiveModel` on the device (a classifier over the sampler's classes when the method has one)."""
     num_classes = len(getattr(data.sampler, "class_names", ())) if cfg.model.classifier else 0
     model = build_model(cfg, num_classes)
     if cfg.model.sync_bn and context.enabled:
@@ -248,73 +283,25 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
     model = model.to(device, memory_format=memory_format)
     if cfg.model.compile:
         model.backbone.compile()
-    objective = method.objective(cfg, model, data.sampler).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    lr = base_lr(cfg)
-    total_steps = data.total_steps
-    run = Run(
-        cfg=cfg,
-        out=out,
-        method=method,
-        context=context,
-        device=device,
-        precision=precision,
-        memory_format=memory_format,
-        data=data,
-        model=model,
-        objective=objective,
-        optimizer=make_optimizer(cfg, params, lr),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        params=params,
-        lrs=lr_schedule(lr, total_steps, cfg.schedule),
-        momenta=(
-            momentum_schedule(cfg.schedule.ema_start, cfg.schedule.ema_end, total_steps)
-            if cfg.schedule.ema_start is not None
-            else None
-        ),
-        augment=build_augment(cfg),
-        generator=torch.Generator(device=device),
-        gather=ddp.make_gather(context),
-    )
+    return model
 
-    # ---- resume, logs
-    if resume:
-        restore(run, load_checkpoint(last_path))
-    global_step = run.epoch * data.steps_per_epoch + run.step_in_epoch
-    run.batches = iter(_loader(data, global_step, cfg.workers, device, cfg.seed + global_step))
-    run.progress = progress_report(
-        data.total_steps,
-        f"pretrain {cfg.method}",
-        "step",
-        initial=global_step,
-        enabled=context.is_main and cfg.progress,
-    )
-    if context.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
-        provenance.write(
-            out,
-            provenance.record(
-                data.store,
-                data.kept,
-                data.sampler.labelled_videos,
-                data.held,
-                method=cfg.method,
-                label_columns=data.sampler.label_columns,
-                steps=total_steps,
-                batch_size=cfg.batch_size,
-            ),
-        )
-        run.log = MetricsLog(out / "metrics.csv", global_step if resume else None, run.epoch if resume else None)
-        run.writer = tensorboard(out / "tb", global_step if resume else None)
-        print(
-            f"sonocl pretrain: {cfg.method} on {data.store.num_videos} videos ({len(data.kept)} train, "
-            f"{len(data.held)} held out), {total_steps} steps ({data.steps_per_epoch}/epoch, {data.num_epochs} "
-            f"epochs) of batch {cfg.batch_size} = {total_steps * cfg.batch_size} pairs, {precision}, {device}"
-            + (f", {context.world_size} processes" if context.enabled else ""),
-            file=sys.stderr,
-        )
-    return run
+
+def _start_logs(run: Run, global_step: int, resume: bool) -> None:
+    """``config.yaml``, ``provenance.json``, ``metrics.csv`` and TensorBoard (rank 0), and the run's first line."""
+    cfg, data, out = run.cfg, run.data, run.out
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "config.yaml")
+    record = provenance.record(data.store, data.kept, data.sampler.labelled_videos, data.held, method=cfg.method,
+                               label_columns=data.sampler.label_columns, steps=data.total_steps,
+                               batch_size=cfg.batch_size)  # fmt: skip
+    provenance.write(out, record)
+    run.log = MetricsLog(out / "metrics.csv", global_step if resume else None, run.epoch if resume else None)
+    run.writer = tensorboard(out / "tb", global_step if resume else None)
+    processes = f", {run.context.world_size} processes" if run.context.enabled else ""
+    print(f"sonocl pretrain: {cfg.method} on {data.store.num_videos} videos ({len(data.kept)} train, {len(data.held)} "
+          f"held out), {data.total_steps} steps ({data.steps_per_epoch}/epoch, {data.num_epochs} epochs) of batch "
+          f"{cfg.batch_size} = {data.total_steps * cfg.batch_size} pairs, {run.precision}, {run.device}{processes}",
+          file=sys.stderr)  # fmt: skip
 
 
 def build_data(cfg: PretrainConfig, method: Method, context: ddp.DistributedContext) -> RunData:

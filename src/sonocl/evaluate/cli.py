@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import datetime
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -19,18 +20,7 @@ from typing import Any
 from sonocl import __version__
 from sonocl.data.store import atomic_write, atomic_write_text
 from sonocl.errors import ConfigError
-from sonocl.evaluate.metrics import percent
-
-_METRIC_COLUMNS = (
-    ("video acc", "video", "accuracy"),
-    ("frame acc", "frame", "accuracy"),
-    ("video bal. acc", "video", "balanced_accuracy"),
-    ("video macro-F1", "video", "macro_f1"),
-    ("video AUC", "video", "macro_auc"),
-    ("frame bal. acc", "frame", "balanced_accuracy"),
-    ("frame macro-F1", "frame", "macro_f1"),
-    ("frame AUC", "frame", "macro_auc"),
-)
+from sonocl.evaluate.metrics import METRIC_COLUMNS, percent
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,26 +193,10 @@ def _run(args: argparse.Namespace) -> int:
     first = data_at(inits[0][4]["size"])
     warn_small_classes(first, config.group_by == "group")
     stamps = {label: leak_stamp(spec, first, config, args.allow_label_leak) for label, spec, *_ in inits}
-    counts = {name: int((first.video_labels == c).sum()) for c, name in enumerate(first.class_names)}
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {
-        "schema": "sonocl.evaluate/1",
-        "sonocl_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "sonocl evaluate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["evaluate"] else None,
-        "store": str(store.root.resolve()),
-        "classes": first.class_names,
-        "num_videos": len(first.video_ids),
-        "num_frames": int(len(first.frame_video)),
-        "videos_per_class": counts,
-        "grouping": grouping,
-        "config": _config_dict(config),
-        "optimistic": config.selection == "max-test",
-        "inits": [],
-        "timing": {"jobs": args.jobs},
-    }
+    results = results_header("evaluate", store, first, config, grouping)
+    results["timing"] = {"jobs": args.jobs}
     predictions = [
         [
             "init",
@@ -277,6 +251,27 @@ def _run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def results_header(command: str, store: Any, data: Any, config: Any, grouping: str) -> dict[str, Any]:
+    """The fields of ``results.json`` (schema ``sonocl.evaluate/1``) that describe the data and the settings."""
+    counts = {name: int((data.video_labels == c).sum()) for c, name in enumerate(data.class_names)}
+    called = sys.argv[1:2] == [command]
+    return {
+        "schema": "sonocl.evaluate/1",
+        "sonocl_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": f"sonocl {command} " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if called else None,
+        "store": str(store.root.resolve()),
+        "classes": data.class_names,
+        "num_videos": len(data.video_ids),
+        "num_frames": int(len(data.frame_video)),
+        "videos_per_class": counts,
+        "grouping": grouping,
+        "config": _config_dict(config),
+        "optimistic": config.selection == "max-test",
+        "inits": [],
+    }
 
 
 def evaluation_config(args: argparse.Namespace, store: Any) -> tuple[Any, str]:
@@ -452,7 +447,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             "as the USCL / Meta-USCL papers do. Use `--selection last` or `inner-val` for unbiased numbers.",
             "",
         ]
-    header = ["init", *[name for name, _, _ in _METRIC_COLUMNS], "pooled frame acc", "pooled video acc"]
+    header = ["init", *[name for name, _, _ in METRIC_COLUMNS], "pooled frame acc", "pooled video acc"]
     lines += [
         f"Mean ± std over {runs} fold runs, in %. Pooled = accuracy of the confusion matrix summed over folds "
         'and seeds (the papers\' "Total acc").',
@@ -461,7 +456,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "|" + "---|" * len(header),
     ]
     for entry in results["inits"]:
-        cells = [percent(entry["summary"][level][key]) for _, level, key in _METRIC_COLUMNS]
+        cells = [percent(entry["summary"][level][key]) for _, level, key in METRIC_COLUMNS]
         pooled = [f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in ("frame", "video")]
         overlap = entry.get("pretraining_overlap", {}).get("note", "")
         label = entry["label"] + (" (optimistic)" if entry["optimistic"] else "") + (f" [{overlap}]" if overlap else "")

@@ -139,6 +139,19 @@ def pooled_metrics(matrices: Sequence[np.ndarray], class_names: Sequence[str] | 
     return metrics_from_confusion(np.sum(np.asarray(matrices, dtype=np.int64), axis=0), class_names)
 
 
+METRIC_COLUMNS = (
+    ("video acc", "video", "accuracy"),
+    ("frame acc", "frame", "accuracy"),
+    ("video bal. acc", "video", "balanced_accuracy"),
+    ("video macro-F1", "video", "macro_f1"),
+    ("video AUC", "video", "macro_auc"),
+    ("frame bal. acc", "frame", "balanced_accuracy"),
+    ("frame macro-F1", "frame", "macro_f1"),
+    ("frame AUC", "frame", "macro_auc"),
+)
+"""(table heading, level, metric) of the comparison tables of ``results.md`` and the report."""
+
+
 def percent(stats: Mapping[str, Any] | None) -> str:
     """``"87.5 ± 4.2"`` (mean ± std of a `summarize` entry, in %), ``"87.5"`` without a std, ``"–"`` without a mean."""
     if not stats or stats.get("mean") is None:

@@ -164,6 +164,7 @@ class SegmentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON values (paths as strings, tuples as lists)."""
+
         def plain(value: Any) -> Any:
             if isinstance(value, Path):
                 return str(value)
@@ -192,51 +193,103 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `SegmentConfig`, with its defaults."""
     data = parser.add_argument_group("data")
     data.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
-    data.add_argument("--masks", type=Path, default=None,
-                      help="folder of masks: a parallel tree, or the image folder itself (default: --images)")
-    data.add_argument("--group-regex", default=None,
-                      help="regex on each image's relative path without extension; its first group (else the whole "
-                           "match) is the group id, e.g. '^(\\d+)' for HC18. Default: every image is its own group")
-    data.add_argument("--pixel-size", type=Path, default=None,
-                      help="CSV with 'filename', 'pixel size(mm)' and optionally 'head circumference (mm)' (HC18): "
-                           "HD95 in mm and the head-circumference error")
-    data.add_argument("--skip-bad-masks", action="store_true",
-                      help="run without the images whose mask is missing or mis-sized (listed; exit 3) instead of stopping")
+    data.add_argument(
+        "--masks",
+        type=Path,
+        default=None,
+        help="folder of masks: a parallel tree, or the image folder itself (default: --images)",
+    )
+    data.add_argument(
+        "--group-regex",
+        default=None,
+        help="regex on each image's relative path without extension; its first group (else the whole "
+        "match) is the group id, e.g. '^(\\d+)' for HC18. Default: every image is its own group",
+    )
+    data.add_argument(
+        "--pixel-size",
+        type=Path,
+        default=None,
+        help="CSV with 'filename', 'pixel size(mm)' and optionally 'head circumference (mm)' (HC18): "
+        "HD95 in mm and the head-circumference error",
+    )
+    data.add_argument(
+        "--skip-bad-masks",
+        action="store_true",
+        help="run without the images whose mask is missing or mis-sized (listed; exit 3) instead of stopping",
+    )
     model = parser.add_argument_group("model")
-    model.add_argument("--init", nargs="+", action="extend", required=True,
-                       help="random | imagenet | a sonocl run directory, checkpoint or encoder.safetensors | a USCL/Meta-USCL file; "
-                            "several give one comparison table")
-    model.add_argument("--name", nargs="+", action="extend", default=None, help="table label of each --init (default: derived)")
+    model.add_argument(
+        "--init",
+        nargs="+",
+        action="extend",
+        required=True,
+        help="random | imagenet | a sonocl run directory, checkpoint or encoder.safetensors | a USCL/Meta-USCL file; "
+        "several give one comparison table",
+    )
+    model.add_argument(
+        "--name", nargs="+", action="extend", default=None, help="table label of each --init (default: derived)"
+    )
     model.add_argument("--backbone", default=_default("backbone"), choices=tuple(ARCHITECTURES))
-    model.add_argument("--channels", type=int, default=_default("channels"), choices=(1, 3),
-                       help="stem channels (grey is copied to 3)")
-    model.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (encoder frozen, BN in eval mode)")
-    model.add_argument("--mean", type=float, default=None,
-                       help=f"normalisation mean of [0, 1] pixels (default: the encoder file's, else {DEFAULT_MEAN})")
-    model.add_argument("--std", type=float, default=None, help=f"normalisation std (default: the encoder file's, else {DEFAULT_STD})")
+    model.add_argument(
+        "--channels", type=int, default=_default("channels"), choices=(1, 3), help="stem channels (grey is copied to 3)"
+    )
+    model.add_argument(
+        "--freeze-encoder", action="store_true", help="train the decoder only (encoder frozen, BN in eval mode)"
+    )
+    model.add_argument(
+        "--mean",
+        type=float,
+        default=None,
+        help=f"normalisation mean of [0, 1] pixels (default: the encoder file's, else {DEFAULT_MEAN})",
+    )
+    model.add_argument(
+        "--std", type=float, default=None, help=f"normalisation std (default: the encoder file's, else {DEFAULT_STD})"
+    )
     train = parser.add_argument_group("training")
     train.add_argument("--folds", type=int, default=_default("folds"))
-    train.add_argument("--size", type=int, default=_default("size"),
-                       help="square network input; masks are scored at the original size (default: %(default)s)")
+    train.add_argument(
+        "--size",
+        type=int,
+        default=_default("size"),
+        help="square network input; masks are scored at the original size (default: %(default)s)",
+    )
     train.add_argument("--epochs", type=int, default=_default("epochs"), help="(default: %(default)s)")
     train.add_argument("--batch-size", type=int, default=_default("batch_size"), help="(default: %(default)s)")
-    train.add_argument("--lr", type=float, default=_default("lr"), help="Adam learning rate, cosine decay to 0 (default: %(default)s)")
+    train.add_argument(
+        "--lr", type=float, default=_default("lr"), help="Adam learning rate, cosine decay to 0 (default: %(default)s)"
+    )
     train.add_argument("--weight-decay", type=float, default=_default("weight_decay"))
     train.add_argument("--seed", type=int, default=_default("seed"), help="folds, initialisation and augmentation")
     train.add_argument("--device", default=_default("device"), help="auto | cpu | cuda | cuda:N")
-    train.add_argument("--jobs", type=int, default=_default("jobs"),
-                       help="fold runs trained and scored side by side in spawned worker processes, sharing torch's "
-                            "threads; same results as one process (default: %(default)s)")
+    train.add_argument(
+        "--jobs",
+        type=int,
+        default=_default("jobs"),
+        help="fold runs trained and scored side by side in spawned worker processes, sharing torch's "
+        "threads; same results as one process (default: %(default)s)",
+    )
     output = parser.add_argument_group("output")
-    output.add_argument("--out", required=True, type=Path, help="output folder (results.json, results.md, per_image.csv, overlays/)")
-    output.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=_default("postprocess"),
-                        help="keep the largest predicted component and fill its holes before scoring (default: on when "
-                             "--pixel-size gives head circumferences, else off)")
-    output.add_argument("--threshold", type=float, default=_default("threshold"),
-                        help="foreground probability threshold (default: calibrated per fold on the training images: "
-                             f"the one of {THRESHOLDS[0]:.2f}, {THRESHOLDS[1]:.2f}, …, {THRESHOLDS[-1]:.2f} with the best "
-                             "mean Dice of the scored masks)")
-    output.add_argument("--overlays", type=int, default=_default("overlays"), help="overlay PNGs per init (the first N images by name)")
+    output.add_argument(
+        "--out", required=True, type=Path, help="output folder (results.json, results.md, per_image.csv, overlays/)"
+    )
+    output.add_argument(
+        "--postprocess",
+        action=argparse.BooleanOptionalAction,
+        default=_default("postprocess"),
+        help="keep the largest predicted component and fill its holes before scoring (default: on when "
+        "--pixel-size gives head circumferences, else off)",
+    )
+    output.add_argument(
+        "--threshold",
+        type=float,
+        default=_default("threshold"),
+        help="foreground probability threshold (default: calibrated per fold on the training images: "
+        f"the one of {THRESHOLDS[0]:.2f}, {THRESHOLDS[1]:.2f}, …, {THRESHOLDS[-1]:.2f} with the best "
+        "mean Dice of the scored masks)",
+    )
+    output.add_argument(
+        "--overlays", type=int, default=_default("overlays"), help="overlay PNGs per init (the first N images by name)"
+    )
 
 
 def image_groups(relatives: list[str], regex: str | None) -> list[str]:
@@ -326,7 +379,9 @@ class SegmentData:
         return np.unpackbits(self.truth_bits[index], count=height * width).reshape(height, width).view(bool)
 
 
-def _squashed(pairs: list[MaskPair], size: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], list[np.ndarray]]:
+def _squashed(
+    pairs: list[MaskPair], size: int
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], list[np.ndarray]]:
     """Images (N, 1, S, S) uint8 and masks (N, 1, S, S) uint8 {0, 1} squashed to S², each original (H, W) and
     each original mask bit-packed."""
     images = np.empty((len(pairs), 1, size, size), dtype=np.uint8)
@@ -361,17 +416,27 @@ def load_data(config: SegmentConfig) -> SegmentData:
     groups = image_groups([pair.relative for pair in pairs], config.group_regex)
     pixels = [
         (pixel_table.get(pair.image.name) or pixel_table.get(pair.relative) or pixel_table.get(pair.image.stem))
-        if pixel_table is not None else None
+        if pixel_table is not None
+        else None
         for pair in pairs
     ]
     if pixel_table is not None:
         missing = [pair.image.name for pair, pixel in zip(pairs, pixels) if pixel is None]
         if missing:
-            print(f"sonocl segment: {len(missing)} image(s) not in {config.pixel_size} (no mm metrics for them), "
-                  f"e.g. {missing[:3]}", file=sys.stderr)
+            print(
+                f"sonocl segment: {len(missing)} image(s) not in {config.pixel_size} (no mm metrics for them), "
+                f"e.g. {missing[:3]}",
+                file=sys.stderr,
+            )
     images, masks, shapes, truth_bits = _squashed(pairs, config.size)
     return SegmentData(
-        pairs=pairs, groups=groups, pixels=pixels, images=images, masks=masks, shapes=shapes, truth_bits=truth_bits,
+        pairs=pairs,
+        groups=groups,
+        pixels=pixels,
+        images=images,
+        masks=masks,
+        shapes=shapes,
+        truth_bits=truth_bits,
         skipped=pairing.errors,
         hd95_unit="mm" if pixel_table is not None and all(p is not None for p in pixels) else "px",
         hc_available=pixel_table is not None and any(p is not None and "hc_mm" in p for p in pixels),
@@ -404,10 +469,14 @@ def train_fold(
     if batches_per_epoch == 0:
         raise SegmentDataError(f"{n} training image(s) in a fold: BatchNorm needs at least 2; use fewer --folds")
     total_steps = config.epochs * batches_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    )
     augment = JointAugment(config.size)
     epoch_loss = float("nan")
-    with tqdm(total=total_steps, desc=description, unit="step", file=sys.stderr, leave=False, position=bar_position) as bar:
+    with tqdm(
+        total=total_steps, desc=description, unit="step", file=sys.stderr, leave=False, position=bar_position
+    ) as bar:
         for epoch in range(config.epochs):
             model.train()
             if config.freeze_encoder:
@@ -415,7 +484,7 @@ def train_fold(
             order = torch.randperm(n, generator=generator)
             losses = []
             for step in range(batches_per_epoch):
-                index = order[step * batch_size:(step + 1) * batch_size]
+                index = order[step * batch_size : (step + 1) * batch_size]
                 x = images[index].to(device).float().div_(255.0)
                 y = masks[index].to(device).float()
                 x, y = augment(x, y, generator)
@@ -424,8 +493,10 @@ def train_fold(
                     x = x.expand(-1, config.channels, -1, -1)
                 loss = dice_bce_loss(model(x), y)
                 if not torch.isfinite(loss):
-                    raise ConfigError(f"--lr {config.lr}: {description}: non-finite loss at epoch {epoch + 1}, "
-                                      f"step {step + 1}; lower --lr")
+                    raise ConfigError(
+                        f"--lr {config.lr}: {description}: non-finite loss at epoch {epoch + 1}, "
+                        f"step {step + 1}; lower --lr"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -450,7 +521,7 @@ def predict(
     model.eval()
     outputs = []
     for start in range(0, images.shape[0], batch_size):
-        x = _normalise(images[start:start + batch_size].to(device), mean, std, channels)
+        x = _normalise(images[start : start + batch_size].to(device), mean, std, channels)
         outputs.append(torch.sigmoid(model(x).float()).cpu())
     return torch.cat(outputs)
 
@@ -466,7 +537,9 @@ def scored_mask(probability: np.ndarray, threshold: float, postprocess: bool) ->
     return sm.largest_component(mask) if postprocess else mask
 
 
-def calibrate_threshold(probabilities: torch.Tensor, images: np.ndarray, data: SegmentData) -> tuple[float, list[float]]:
+def calibrate_threshold(
+    probabilities: torch.Tensor, images: np.ndarray, data: SegmentData
+) -> tuple[float, list[float]]:
     """The threshold of `THRESHOLDS` with the best mean Dice of ``probability > threshold`` (before post-processing)
     on the given (training) images at their original size, and the mean Dice of each.
 
@@ -571,7 +644,9 @@ class FoldResult:
     rows: list[dict[str, Any]]
 
 
-def run_fold(data: SegmentData, init: InitSpec, config: SegmentConfig, task: FoldTask, bar_position: int = 0) -> FoldResult:
+def run_fold(
+    data: SegmentData, init: InitSpec, config: SegmentConfig, task: FoldTask, bar_position: int = 0
+) -> FoldResult:
     """Train, predict and score one fold; seeded by (seed, fold) only, so any process gives the same run."""
     device = resolve_device(config.device)
     seed = config.seed * 1000 + task.fold
@@ -580,41 +655,76 @@ def run_fold(data: SegmentData, init: InitSpec, config: SegmentConfig, task: Fol
     model = UNet(backbone).to(device)
     description = f"{init.label} fold {task.fold + 1}/{config.folds}"
     started = time.perf_counter()
-    final_loss = train_fold(model, data.images[task.train], data.masks[task.train], config, init.mean, init.std, device,
-                            torch.Generator().manual_seed(seed), description, bar_position)
+    final_loss = train_fold(
+        model,
+        data.images[task.train],
+        data.masks[task.train],
+        config,
+        init.mean,
+        init.std,
+        device,
+        torch.Generator().manual_seed(seed),
+        description,
+        bar_position,
+    )
     trained = time.perf_counter()
     threshold, train_dice = config.threshold, None
     if threshold is None:
-        train_probabilities = predict(model, data.images[task.train], init.mean, init.std, config.channels, device,
-                                      config.batch_size)
+        train_probabilities = predict(
+            model, data.images[task.train], init.mean, init.std, config.channels, device, config.batch_size
+        )
         threshold, train_dice = calibrate_threshold(train_probabilities, task.train, data)
     calibrated = time.perf_counter()
-    probabilities = predict(model, data.images[task.test], init.mean, init.std, config.channels, device, config.batch_size)
+    probabilities = predict(
+        model, data.images[task.test], init.mean, init.std, config.channels, device, config.batch_size
+    )
     predicted = time.perf_counter()
     rows = []
     for j, i in enumerate(task.test):
-        prediction = scored_mask(to_original_size(probabilities[j], data.shapes[i]), threshold, bool(config.postprocess))
+        prediction = scored_mask(
+            to_original_size(probabilities[j], data.shapes[i]), threshold, bool(config.postprocess)
+        )
         truth = data.truth(i)
-        row = {"init": init.label, "fold": task.fold, "image": data.pairs[i].relative, "group": data.groups[i],
-               "height": data.shapes[i][0], "width": data.shapes[i][1]}
+        row = {
+            "init": init.label,
+            "fold": task.fold,
+            "image": data.pairs[i].relative,
+            "group": data.groups[i],
+            "height": data.shapes[i][0],
+            "width": data.shapes[i][1],
+        }
         row.update(score_image(prediction, truth, data.pixels[i]))
         rows.append(row)
         if i < config.overlays:
-            write_overlay(config.out / "overlays" / _safe_name(init.label) / f"{_safe_name(data.pairs[i].relative)}.png",
-                          read_grey(data.pairs[i].image), truth, prediction)
+            write_overlay(
+                config.out / "overlays" / _safe_name(init.label) / f"{_safe_name(data.pairs[i].relative)}.png",
+                read_grey(data.pairs[i].image),
+                truth,
+                prediction,
+            )
     scored = time.perf_counter()
     entry = {
-        "fold": task.fold, "num_train": int(len(task.train)), "num_test": int(len(task.test)),
-        "final_train_loss": final_loss, "threshold": threshold, "train_dice_by_threshold": train_dice,
-        "train_seconds": round(trained - started, 2), "calibrate_seconds": round(calibrated - trained, 2),
-        "predict_seconds": round(predicted - calibrated, 2), "score_seconds": round(scored - predicted, 2),
+        "fold": task.fold,
+        "num_train": int(len(task.train)),
+        "num_test": int(len(task.test)),
+        "final_train_loss": final_loss,
+        "threshold": threshold,
+        "train_dice_by_threshold": train_dice,
+        "train_seconds": round(trained - started, 2),
+        "calibrate_seconds": round(calibrated - trained, 2),
+        "predict_seconds": round(predicted - calibrated, 2),
+        "score_seconds": round(scored - predicted, 2),
         "metrics": _summary_of_images(rows),
     }
-    tqdm.write(f"{description}: Dice {entry['metrics']['dice']['mean']:.3f} ({scored - started:.0f} s)", file=sys.stderr)
+    tqdm.write(
+        f"{description}: Dice {entry['metrics']['dice']['mean']:.3f} ({scored - started:.0f} s)", file=sys.stderr
+    )
     return FoldResult(task, entry, rows)
 
 
-def run_folds(data: SegmentData, inits: list[InitSpec], config: SegmentConfig, tasks: list[FoldTask]) -> list[FoldResult]:
+def run_folds(
+    data: SegmentData, inits: list[InitSpec], config: SegmentConfig, tasks: list[FoldTask]
+) -> list[FoldResult]:
     """Every fold run, in the order of ``tasks``; with ``config.jobs > 1`` in that many spawned worker processes,
     each with an equal share of torch's threads (the worker setup of `sonocl evaluate --jobs`). A run's result
     does not depend on the process that ran it, up to float rounding from a different thread count."""
@@ -661,7 +771,11 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
     has_hc = results["data"]["hc_available"]
     columns = [("dice", "Dice", 3), ("iou", "IoU", 3), (hd_metric, hd_label, 2)]
     columns += [("hc_abs_error_mm", "HC abs. error (mm)", 2)] if has_hc else []
-    header = ["init"] + [label for _, label, _ in columns] + [f"{label} median" for metric, label, _ in columns if metric != "iou"]
+    header = (
+        ["init"]
+        + [label for _, label, _ in columns]
+        + [f"{label} median" for metric, label, _ in columns if metric != "iou"]
+    )
     config = results["config"]
     lines = [
         f"# sonocl segment — {config['folds']}-fold grouped CV, {results['data']['num_images']} images, "
@@ -680,8 +794,13 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
         cells += [_median(init["pooled"][metric], digits) for metric, _, digits in columns if metric != "iou"]
         lines.append("| " + " | ".join(cells) + " |")
     folds = config["folds"]
-    lines += ["", "Dice per fold:", "", "| init | " + " | ".join(f"fold {k + 1}" for k in range(folds)) + " | pooled (images) |",
-              "|---|" + "---|" * (folds + 1)]
+    lines += [
+        "",
+        "Dice per fold:",
+        "",
+        "| init | " + " | ".join(f"fold {k + 1}" for k in range(folds)) + " | pooled (images) |",
+        "|---|" + "---|" * (folds + 1),
+    ]
     for init in results["inits"]:
         per_fold = [f"{fold['metrics']['dice']['mean']:.3f}" for fold in init["folds"]]
         lines.append(f"| {init['name']} | " + " | ".join(per_fold) + f" | {_format(init['pooled']['dice'], 3)} |")
@@ -691,12 +810,20 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
         f"Backbone {config['backbone']} ({config['channels']}-channel stem), input {config['size']}², "
         f"{config['epochs']} epochs, batch {config['batch_size']}, Adam lr {config['lr']} (cosine), "
         f"{'frozen' if config['freeze_encoder'] else 'fine-tuned'} encoder, seed {config['seed']}.",
-        "Post-processing: " + ("the largest predicted component, holes filled, is scored."
-                               if config["postprocess"] else "none (every predicted pixel is scored)."),
-        "Threshold: " + (f"{config['threshold']} (fixed)." if config["threshold"] is not None else
-                         "calibrated per fold on the training images (best mean Dice): "
-                         + ", ".join(f"{fold['threshold']:.2f}" for fold in results["inits"][0]["folds"])
-                         + (" for the first init." if len(results["inits"]) > 1 else ".")),
+        "Post-processing: "
+        + (
+            "the largest predicted component, holes filled, is scored."
+            if config["postprocess"]
+            else "none (every predicted pixel is scored)."
+        ),
+        "Threshold: "
+        + (
+            f"{config['threshold']} (fixed)."
+            if config["threshold"] is not None
+            else "calibrated per fold on the training images (best mean Dice): "
+            + ", ".join(f"{fold['threshold']:.2f}" for fold in results["inits"][0]["folds"])
+            + (" for the first init." if len(results["inits"]) > 1 else ".")
+        ),
         "Dice/IoU = 1 and HD95 = 0 when prediction and truth are both empty; HD95 = image diagonal when exactly one is.",
     ]
     if has_hc:
@@ -774,7 +901,7 @@ def pretraining_overlap(spec: str, pairs: list[MaskPair]) -> dict[str, Any]:
         return {"test_images": len(pairs), "seen": 0, "note": "", "provenance": "none"}
     hashes = [hashlib.sha256(pair.image.read_bytes()).hexdigest() for pair in pairs]
     stamp = summarise([check_fold(provenance, hashes)])
-    stamp["note"] = (f"transductive: {stamp['seen']} of {len(pairs)} images seen in pretraining" if stamp["seen"] else "")
+    stamp["note"] = f"transductive: {stamp['seen']} of {len(pairs)} images seen in pretraining" if stamp["seen"] else ""
     stamp["provenance"] = "recorded"
     if stamp["note"]:
         print(f"{spec}: {stamp['note']}", file=sys.stderr)
@@ -792,9 +919,14 @@ def segment(config: SegmentConfig) -> int:
     load_seconds = time.perf_counter() - started
     if config.postprocess is None:
         config = dataclasses.replace(config, postprocess=data.hc_available)
-    splits = grouped_stratified_kfold(np.zeros(len(data.pairs), dtype=np.int64), np.asarray(data.groups), config.folds, config.seed)
-    tasks = [FoldTask(init, k, np.asarray(train), np.asarray(test))
-             for init in range(len(inits)) for k, (train, test) in enumerate(splits)]
+    splits = grouped_stratified_kfold(
+        np.zeros(len(data.pairs), dtype=np.int64), np.asarray(data.groups), config.folds, config.seed
+    )
+    tasks = [
+        FoldTask(init, k, np.asarray(train), np.asarray(test))
+        for init in range(len(inits))
+        for k, (train, test) in enumerate(splits)
+    ]
     config.out.mkdir(parents=True, exist_ok=True)
     fold_results = run_folds(data, inits, config, tasks)
 
@@ -811,8 +943,12 @@ def segment(config: SegmentConfig) -> int:
             "hc_available": data.hc_available,
             "skipped": [{"image": image, "error": message} for image, message in data.skipped],
             "folds": [
-                {"fold": k, "num_train": int(len(train)), "num_test": int(len(test)),
-                 "test_images": [relatives[i] for i in test]}
+                {
+                    "fold": k,
+                    "num_train": int(len(train)),
+                    "num_test": int(len(test)),
+                    "test_images": [relatives[i] for i in test],
+                }
                 for k, (train, test) in enumerate(splits)
             ],
         },
@@ -822,16 +958,26 @@ def segment(config: SegmentConfig) -> int:
     for index, (init, report) in enumerate(zip(inits, reports)):
         mine = [result for result in fold_results if result.task.init == index]
         entries = [result.entry for result in mine]
-        results["inits"].append({
-            "name": init.label, "init": init.spec, "init_report": report, "mean": init.mean, "std": init.std,
-            "folds": entries, "summary": _across_folds(entries),
-            "pooled": _summary_of_images([row for result in mine for row in result.rows]),
-            "seconds": round(sum(e[f"{part}_seconds"] for e in entries for part in FOLD_PARTS), 1),
-            "pretraining_overlap": pretraining_overlap(init.spec, data.pairs),
-        })
+        results["inits"].append(
+            {
+                "name": init.label,
+                "init": init.spec,
+                "init_report": report,
+                "mean": init.mean,
+                "std": init.std,
+                "folds": entries,
+                "summary": _across_folds(entries),
+                "pooled": _summary_of_images([row for result in mine for row in result.rows]),
+                "seconds": round(sum(e[f"{part}_seconds"] for e in entries for part in FOLD_PARTS), 1),
+                "pretraining_overlap": pretraining_overlap(init.spec, data.pairs),
+            }
+        )
     if config.pixel_size is not None:
-        method_errors = [abs(row["hc_fit_on_truth_mm"] - row["hc_true_mm"]) for row in rows
-                         if row["init"] == inits[0].label and math.isfinite(row["hc_true_mm"])]
+        method_errors = [
+            abs(row["hc_fit_on_truth_mm"] - row["hc_true_mm"])
+            for row in rows
+            if row["init"] == inits[0].label and math.isfinite(row["hc_true_mm"])
+        ]
         results["data"]["hc_fit_on_truth_abs_error_mm"] = sm.summarize(method_errors)
     entries = [result.entry for result in fold_results]
     results["timing"] = {

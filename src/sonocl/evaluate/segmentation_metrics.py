@@ -66,7 +66,10 @@ def bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, slice] | Non
     rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
         return None
-    return (slice(max(rows[0] - margin, 0), rows[-1] + margin + 1), slice(max(columns[0] - margin, 0), columns[-1] + margin + 1))
+    return (
+        slice(max(rows[0] - margin, 0), rows[-1] + margin + 1),
+        slice(max(columns[0] - margin, 0), columns[-1] + margin + 1),
+    )
 
 
 def surface_distances(source: np.ndarray, target: np.ndarray, spacing: float = 1.0) -> np.ndarray:

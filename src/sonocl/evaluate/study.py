@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import datetime
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from sonocl import __version__
+from sonocl.data.store import atomic_write_text
 from sonocl.errors import ConfigError
 
 
@@ -71,12 +70,7 @@ def pretrain_config(options: str, store: str, run_dir: Path, exclude: list[str])
 def run(args: argparse.Namespace) -> int:
     from sonocl.data.store import FrameStore
     from sonocl.evaluate.classify import fold_tasks, init_entry
-    from sonocl.evaluate.cli import (
-        _config_dict,
-        _write_json,
-        evaluation_config,
-        render_markdown,
-    )
+    from sonocl.evaluate.cli import _write_json, evaluation_config, render_markdown, results_header
     from sonocl.evaluate.data import load_eval_data
 
     started = time.perf_counter()
@@ -108,27 +102,11 @@ def run(args: argparse.Namespace) -> int:
     entry.update(
         input=settings, pretraining_overlap=overlap, pretraining={"protocol": "per fold", "options": args.pretrain}
     )
-    counts = {name: int((data.video_labels == c).sum()) for c, name in enumerate(data.class_names)}
-    results = {
-        "schema": "sonocl.evaluate/1",
-        "sonocl_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "sonocl study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-        if sys.argv[1:2] == ["study"]
-        else None,
-        "store": str(store.root.resolve()),
-        "classes": data.class_names,
-        "num_videos": len(data.video_ids),
-        "num_frames": int(len(data.frame_video)),
-        "videos_per_class": counts,
-        "grouping": grouping,
-        "config": _config_dict(config),
-        "optimistic": config.selection == "max-test",
-        "inits": [entry],
-        "timing": {"total_seconds": round(time.perf_counter() - started, 2)},
-    }
+    results = results_header("study", store, data, config, grouping)
+    results["inits"].append(entry)
+    results["timing"] = {"total_seconds": round(time.perf_counter() - started, 2)}
     _write_json(out / "results.json", results)
-    (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
+    atomic_write_text(out / "results.md", render_markdown(results))
     _write_predictions(out / "predictions.csv", label, data, results_of_folds)
     print(
         f"sonocl study: {label}: video acc {100 * entry['summary']['video']['accuracy']['mean']:.1f} ± "
@@ -143,14 +121,9 @@ def fold_run(
     args: argparse.Namespace, store: Any, config: Any, base: Any, data_by_size: dict[int, Any], task: Any, out: Path
 ) -> tuple[Any, Any, dict[str, Any], Any]:
     """One (seed, fold): pretrain without its test videos (or resume), check the provenance, evaluate; cached."""
-    from sonocl.evaluate.classify import (
-        fold_key,
-        load_eval_data,
-        load_fold_result,
-        run_fold,
-        save_fold_result,
-    )
+    from sonocl.evaluate.classify import fold_key, load_fold_result, run_fold, save_fold_result
     from sonocl.evaluate.cli import input_settings
+    from sonocl.evaluate.data import load_eval_data
     from sonocl.evaluate.inits import load_init
     from sonocl.provenance import check_fold, find
     from sonocl.train.loop import pretrain

@@ -20,6 +20,7 @@ DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 def encoder_channels(backbone: nn.Module) -> tuple[int, int, int, int, int]:
     """Channels of the stem, layer1 … layer4 outputs of a torchvision ResNet."""
+
     def out_channels(layer: nn.Sequential) -> int:
         block = layer[-1]
         last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
@@ -135,7 +136,9 @@ class JointAugment:
         Random numbers come from ``generator`` (a CPU generator gives the same augmentation on every device).
         """
         if images.shape[-2:] != (self.size, self.size) or masks.shape[-2:] != images.shape[-2:]:
-            raise ValueError(f"expected images and masks of {self.size}×{self.size}, got {tuple(images.shape)} and {tuple(masks.shape)}")
+            raise ValueError(
+                f"expected images and masks of {self.size}×{self.size}, got {tuple(images.shape)} and {tuple(masks.shape)}"
+            )
         n, channels, device = images.shape[0], images.shape[1], images.device
         both = self.geometry._crop_flip(torch.cat([images, masks.to(images.dtype)], dim=1), generator)
         images, masks = both[:, :channels], (both[:, channels:] > 0.5).to(masks.dtype)

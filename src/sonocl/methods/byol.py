@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sonocl.data.store import FrameStore
 from sonocl.losses import byol_loss
 from sonocl.methods.base import Method, Options
 from sonocl.methods.moco import key_momentum
 from sonocl.methods.simclr import SIMCLR_AUGMENT
-from sonocl.pairs import InstanceSampler, PairSampler
+from sonocl.methods.simclr import sampler as instance_sampler
+from sonocl.pairs import PairSampler
 from sonocl.train import meta
 from sonocl.train.config import ModelConfig, OptimConfig, PretrainConfig, ScheduleConfig
 from sonocl.train.objectives import BatchTensors, MomentumEncoder, Objective, StepContext
@@ -68,12 +67,6 @@ def preset() -> PretrainConfig:
     )
 
 
-def sampler(
-    cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
-) -> PairSampler:
-    return InstanceSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items)
-
-
 def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
     return BYOL(model, momentum=key_momentum(cfg), temperature=cfg.options.temperature)
 
@@ -84,6 +77,6 @@ METHOD = Method(
     paper="Grill et al., Bootstrap Your Own Latent, NeurIPS 2020",
     options=Options,
     preset=preset,
-    sampler=sampler,
+    sampler=instance_sampler,
     objective=objective,
 )

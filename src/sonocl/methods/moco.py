@@ -15,15 +15,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sonocl.data.store import FrameStore
 from sonocl.methods.base import Method, Options, option
 from sonocl.methods.simclr import SIMCLR_AUGMENT
-from sonocl.pairs import InstanceSampler, PairSampler
+from sonocl.methods.simclr import sampler as instance_sampler
+from sonocl.pairs import PairSampler
 from sonocl.train import meta
 from sonocl.train.config import ModelConfig, OptimConfig, PretrainConfig, ScheduleConfig
 from sonocl.train.objectives import BatchTensors, MomentumEncoder, Objective, StepContext
@@ -131,12 +130,6 @@ def preset() -> PretrainConfig:
     )
 
 
-def sampler(
-    cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
-) -> PairSampler:
-    return InstanceSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items)
-
-
 def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
     queue = cfg.options.queue_size or min(MAX_QUEUE, max(2 * cfg.batch_size, sampler.num_items // 10))
     return MoCo(model, cfg.options.temperature, queue, momentum=key_momentum(cfg))
@@ -155,6 +148,6 @@ METHOD = Method(
     paper="Chen et al., Improved Baselines with Momentum Contrastive Learning, arXiv 2003.04297, 2020",
     options=MoCoOptions,
     preset=preset,
-    sampler=sampler,
+    sampler=instance_sampler,
     objective=objective,
 )

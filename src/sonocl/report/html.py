@@ -37,7 +37,7 @@ import numpy as np
 
 from sonocl import __version__
 from sonocl.errors import UserError
-from sonocl.evaluate.metrics import percent
+from sonocl.evaluate.metrics import METRIC_COLUMNS, percent
 
 GALLERY_PAIRS = 6
 GRADCAM_PER_KIND = 4
@@ -709,17 +709,6 @@ def _linear_head(classifier: Any, scaler: Any, num_classes: int) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-
-METRIC_COLUMNS = (
-    ("video acc", "video", "accuracy"),
-    ("frame acc", "frame", "accuracy"),
-    ("video bal. acc", "video", "balanced_accuracy"),
-    ("video macro-F1", "video", "macro_f1"),
-    ("video AUC", "video", "macro_auc"),
-    ("frame bal. acc", "frame", "balanced_accuracy"),
-    ("frame macro-F1", "frame", "macro_f1"),
-    ("frame AUC", "frame", "macro_auc"),
-)
 
 
 def evaluation_section(path: Path, ctx: Context) -> Section:

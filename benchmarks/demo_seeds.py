@@ -39,13 +39,21 @@ def run_seed(seed: int, work: Path) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     with open(log, "w", encoding="utf-8") as handle:
-        subprocess.run([sys.executable, "-m", "sonocl", "demo", "--seed", str(seed), "--out", str(out)],
-                       stdout=handle, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "sonocl", "demo", "--seed", str(seed), "--out", str(out)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            check=True,
+        )
     wall = time.perf_counter() - started
     scores = {protocol: video_accuracy(out / f"evaluation-{protocol}") for protocol, _ in PROTOCOLS}
     return {
-        "seed": seed, "wall_seconds": round(wall, 1), "load_before": load_before, "load_after": os.getloadavg()[0],
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "log": str(log),
+        "seed": seed,
+        "wall_seconds": round(wall, 1),
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "log": str(log),
         "video_accuracy": scores,
         "leads": scores["knn"]["simclr"]["mean"] > scores["knn"]["random"]["mean"],
     }
@@ -53,20 +61,30 @@ def run_seed(seed: int, work: Path) -> dict[str, Any]:
 
 def _table(runs: list[dict[str, Any]]) -> list[str]:
     protocols = [protocol for protocol, _ in PROTOCOLS]
-    lines = [f"{'seed':>4}  {'wall s':>6}  {'load':>9}  " + "  ".join(f"{p + ' random → simclr':>30}" for p in protocols)]
+    lines = [
+        f"{'seed':>4}  {'wall s':>6}  {'load':>9}  " + "  ".join(f"{p + ' random → simclr':>30}" for p in protocols)
+    ]
     for run in runs:
         cells = []
         for protocol in protocols:
             random, simclr = (run["video_accuracy"][protocol][label] for label in ("random", "simclr"))
-            cells.append(f"{100 * random['mean']:5.1f}±{100 * random['std']:4.1f} → {100 * simclr['mean']:5.1f}±{100 * simclr['std']:4.1f}")
-        lines.append(f"{run['seed']:>4}  {run['wall_seconds']:>6.0f}  {run['load_before']:>4.1f}–{run['load_after']:<4.1f}  "
-                     + "  ".join(f"{cell:>30}" for cell in cells))
+            cells.append(
+                f"{100 * random['mean']:5.1f}±{100 * random['std']:4.1f} → {100 * simclr['mean']:5.1f}±{100 * simclr['std']:4.1f}"
+            )
+        lines.append(
+            f"{run['seed']:>4}  {run['wall_seconds']:>6.0f}  {run['load_before']:>4.1f}–{run['load_after']:<4.1f}  "
+            + "  ".join(f"{cell:>30}" for cell in cells)
+        )
     for protocol in protocols:
-        gains = [100 * (r["video_accuracy"][protocol]["simclr"]["mean"] - r["video_accuracy"][protocol]["random"]["mean"])
-                 for r in runs]
+        gains = [
+            100 * (r["video_accuracy"][protocol]["simclr"]["mean"] - r["video_accuracy"][protocol]["random"]["mean"])
+            for r in runs
+        ]
         spread = f" (sd {statistics.stdev(gains):.1f})" if len(gains) > 1 else ""
-        lines.append(f"{protocol}: gain over seeds {min(gains):+.1f} … {max(gains):+.1f} points, mean {statistics.mean(gains):+.1f}"
-                     + spread)
+        lines.append(
+            f"{protocol}: gain over seeds {min(gains):+.1f} … {max(gains):+.1f} points, mean {statistics.mean(gains):+.1f}"
+            + spread
+        )
     return lines
 
 

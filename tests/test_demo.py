@@ -12,7 +12,9 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys) -> None:
     code = main(["demo", "--out", str(out), "--videos", "12", "--frames", "12", "--steps", "2", "--eval-epochs", "1"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "Report: " in printed and "kNN on frozen features (headline)" in printed and "last-block fine-tuning" in printed
+    assert (
+        "Report: " in printed and "kNN on frozen features (headline)" in printed and "last-block fine-tuning" in printed
+    )
     assert "What the numbers are:" in printed and "On your own data" in printed
 
     info = json.loads((out / "store" / "ingest_report.json").read_text())

@@ -78,8 +78,18 @@ def test_threshold_calibration_finds_the_contour_of_an_outward_biased_prediction
     radius = np.hypot(ys - 20.0, xs - 20.0)
     truth = radius <= 10
     probability = torch.sigmoid(torch.from_numpy((12.0 - radius) / 1.5).float())[None]
-    data = SegmentData(pairs=[], groups=[], pixels=[], images=torch.empty(0), masks=torch.empty(0), shapes=[(40, 40)] * 3,
-                       truth_bits=[np.packbits(truth)] * 3, skipped=[], hd95_unit="px", hc_available=False)
+    data = SegmentData(
+        pairs=[],
+        groups=[],
+        pixels=[],
+        images=torch.empty(0),
+        masks=torch.empty(0),
+        shapes=[(40, 40)] * 3,
+        truth_bits=[np.packbits(truth)] * 3,
+        skipped=[],
+        hd95_unit="px",
+        hc_available=False,
+    )
     threshold, dice = calibrate_threshold(torch.stack([probability] * 3), np.arange(3), data)
     assert threshold == 0.8 and dice[THRESHOLDS.index(0.8)] > 0.97 and dice[THRESHOLDS.index(0.5)] < 0.9
     assert np.array_equal(data.truth(1), truth)
@@ -132,8 +142,21 @@ def _synthetic_dataset(root: Path, count: int = 16, width: int = 56, height: int
 def test_missing_mask_stops_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     images, masks, _ = _synthetic_dataset(tmp_path, count=4)
     (masks / "01_1_Mask.png").unlink()
-    code = main(["segment", "--images", str(images), "--masks", str(masks), "--init", "random", "--folds", "2",
-                 "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "segment",
+            "--images",
+            str(images),
+            "--masks",
+            str(masks),
+            "--init",
+            "random",
+            "--folds",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "01_1.png" in err and "01_1_Mask.png" in err and "--skip-bad-masks" in err
@@ -144,11 +167,38 @@ def test_end_to_end_on_synthetic_ellipses(tmp_path: Path) -> None:
     images, masks, pixel_csv = _synthetic_dataset(tmp_path / "data")
     Image.fromarray(np.zeros((48, 56), dtype=np.uint8)).save(images / "99_orphan.png")  # no mask: skipped, exit 3
     out = tmp_path / "out"
-    code = main([
-        "segment", "--images", str(images), "--masks", str(masks), "--init", "random", "--folds", "2",
-        "--group-regex", r"^(\d+)", "--pixel-size", str(pixel_csv), "--size", "32", "--epochs", "4",
-        "--batch-size", "4", "--lr", "3e-3", "--overlays", "2", "--skip-bad-masks", "--device", "cpu", "--out", str(out),
-    ])
+    code = main(
+        [
+            "segment",
+            "--images",
+            str(images),
+            "--masks",
+            str(masks),
+            "--init",
+            "random",
+            "--folds",
+            "2",
+            "--group-regex",
+            r"^(\d+)",
+            "--pixel-size",
+            str(pixel_csv),
+            "--size",
+            "32",
+            "--epochs",
+            "4",
+            "--batch-size",
+            "4",
+            "--lr",
+            "3e-3",
+            "--overlays",
+            "2",
+            "--skip-bad-masks",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 3  # finished, one image skipped
 
     results = json.loads((out / "results.json").read_text())
@@ -196,20 +246,49 @@ def test_init_from_a_saved_encoder_file(tmp_path: Path) -> None:
     run_dir = tmp_path / "run_simclr"
     run_dir.mkdir()
     torch.manual_seed(0)
-    save_encoder(build_backbone("resnet18", 1), run_dir / "encoder.safetensors",
-                 {"arch": "resnet18", "channels": 1, "size": 32, "mean": 0.4, "std": 0.3, "method": "simclr"})
+    save_encoder(
+        build_backbone("resnet18", 1),
+        run_dir / "encoder.safetensors",
+        {"arch": "resnet18", "channels": 1, "size": 32, "mean": 0.4, "std": 0.3, "method": "simclr"},
+    )
     out = tmp_path / "out"
-    code = main([
-        "segment", "--images", str(images), "--masks", str(masks), "--init", str(run_dir / "encoder.safetensors"),
-        str(run_dir), "--name", "file", "run", "--folds", "2", "--size", "32", "--epochs", "1", "--batch-size", "4",
-        "--overlays", "0", "--freeze-encoder", "--threshold", "0.5", "--out", str(out),
-    ])
+    code = main(
+        [
+            "segment",
+            "--images",
+            str(images),
+            "--masks",
+            str(masks),
+            "--init",
+            str(run_dir / "encoder.safetensors"),
+            str(run_dir),
+            "--name",
+            "file",
+            "run",
+            "--folds",
+            "2",
+            "--size",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--overlays",
+            "0",
+            "--freeze-encoder",
+            "--threshold",
+            "0.5",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert [init["name"] for init in results["inits"]] == ["file", "run"]
     assert results["config"]["postprocess"] is False  # no head circumferences: every predicted pixel is scored
-    assert {(fold["threshold"], fold["train_dice_by_threshold"]) for init in results["inits"] for fold in init["folds"]} \
-        == {(0.5, None)}  # a fixed threshold is not calibrated
+    assert {
+        (fold["threshold"], fold["train_dice_by_threshold"]) for init in results["inits"] for fold in init["folds"]
+    } == {(0.5, None)}  # a fixed threshold is not calibrated
     for init in results["inits"]:
         assert init["init_report"]["kind"] == "sonocl" and init["init_report"]["loaded"] > 0
         assert (init["mean"], init["std"]) == (pytest.approx(0.4), pytest.approx(0.3))
@@ -225,8 +304,20 @@ def test_config_is_checked_when_built_and_names_the_option(tmp_path: Path, capsy
         SegmentConfig(images=tmp_path, init=("random",), out=tmp_path / "out", group_regex="(")
     with pytest.raises(ConfigError, match="--pixel-size .*no such file"):
         SegmentConfig(images=tmp_path, init=("random",), out=tmp_path / "out", pixel_size=tmp_path / "px.csv")
-    code = main(["segment", "--images", str(tmp_path), "--init", "random", "random", "--jobs", "0",
-                 "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "segment",
+            "--images",
+            str(tmp_path),
+            "--init",
+            "random",
+            "random",
+            "--jobs",
+            "0",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     [line] = capsys.readouterr().err.strip().splitlines()  # one line, no traceback, before anything is read
     assert line.startswith("sonocl segment: ") and "--jobs 0: must be ≥ 1" in line and "labels" in line
@@ -236,9 +327,31 @@ def test_parallel_jobs_give_the_same_scores_as_one_process(tmp_path: Path) -> No
     """--jobs 2 trains and scores the fold runs in 2 spawned single-thread workers: the same per-image scores, in
     the same order, as one single-thread process."""
     images, masks, pixel_csv = _synthetic_dataset(tmp_path / "data", count=8)
-    common = ["segment", "--images", str(images), "--masks", str(masks), "--init", "random", "--folds", "2",
-              "--group-regex", r"^(\d+)", "--pixel-size", str(pixel_csv), "--size", "32", "--epochs", "1",
-              "--batch-size", "4", "--overlays", "1", "--device", "cpu"]
+    common = [
+        "segment",
+        "--images",
+        str(images),
+        "--masks",
+        str(masks),
+        "--init",
+        "random",
+        "--folds",
+        "2",
+        "--group-regex",
+        r"^(\d+)",
+        "--pixel-size",
+        str(pixel_csv),
+        "--size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--overlays",
+        "1",
+        "--device",
+        "cpu",
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -21,7 +21,9 @@ def _image(size: tuple[int, int] = (12, 10)) -> np.ndarray:
     return np.full((size[1], size[0]), 90, dtype=np.uint8)
 
 
-def _mask(size: tuple[int, int] = (12, 10), box: tuple[int, int, int, int] = (2, 2, 6, 6), value: int = 255) -> np.ndarray:
+def _mask(
+    size: tuple[int, int] = (12, 10), box: tuple[int, int, int, int] = (2, 2, 6, 6), value: int = 255
+) -> np.ndarray:
     mask = np.zeros((size[1], size[0]), dtype=np.uint8)
     x0, y0, x1, y1 = box
     mask[y0:y1, x0:x1] = value

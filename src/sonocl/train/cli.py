@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    started = time.perf_counter()
     try:
         result = pretrain(cfg, args.out, resume=args.resume)
     except NonFiniteLossError as error:
@@ -194,8 +196,12 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if os.environ.get("RANK", "0") == "0":
         best = f", best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+        knn = result.last_epoch_metrics.get("knn_acc")
+        monitor = f", kNN accuracy {100 * knn:.1f} %" if knn is not None else ""
         print(
-            f"sonocl pretrain: done ({result.global_step} steps{best}); encoder: {args.out / 'encoder.safetensors'}",
+            f"sonocl pretrain: done in {time.perf_counter() - started:.0f} s ({result.global_step} steps of "
+            f"{cfg.batch_size}{best}{monitor}); wrote {args.out / 'encoder.safetensors'} ({cfg.export} checkpoint), "
+            f"metrics.csv, provenance.json and checkpoints/ in {args.out}",
             file=sys.stderr,
         )
     return 0

@@ -39,8 +39,10 @@ CROSS = ndimage.generate_binary_structure(2, 1)
 
 def _reference_hd95(prediction: np.ndarray, truth: np.ndarray, spacing: float) -> float:
     borders = [mask & ~ndimage.binary_erosion(mask, structure=CROSS, border_value=0) for mask in (prediction, truth)]
-    distances = [ndimage.distance_transform_edt(~target, sampling=spacing)[source]
-                 for source, target in ((borders[0], borders[1]), (borders[1], borders[0]))]
+    distances = [
+        ndimage.distance_transform_edt(~target, sampling=spacing)[source]
+        for source, target in ((borders[0], borders[1]), (borders[1], borders[0]))
+    ]
     return float(np.percentile(np.concatenate(distances), 95))
 
 
@@ -62,13 +64,18 @@ def reference_score(probability: torch.Tensor, mask_file: Path, spacing: float) 
     truth = read_mask(mask_file)
     upsampled = F.interpolate(probability[None], size=truth.shape, mode="bilinear", align_corners=False)[0, 0]
     prediction = _reference_largest_component((upsampled > 0.5).numpy())
-    return {"dice": sm.dice(prediction, truth), "iou": sm.iou(prediction, truth),
-            "hd95_px": _reference_hd95(prediction, truth, 1.0),
-            "hc_pred_mm": _reference_circumference(prediction, spacing),
-            "hc_fit_on_truth_mm": _reference_circumference(truth, spacing)}
+    return {
+        "dice": sm.dice(prediction, truth),
+        "iou": sm.iou(prediction, truth),
+        "hd95_px": _reference_hd95(prediction, truth, 1.0),
+        "hc_pred_mm": _reference_circumference(prediction, spacing),
+        "hc_fit_on_truth_mm": _reference_circumference(truth, spacing),
+    }
 
 
-def sonocl_score(probability: torch.Tensor, truth_bits: np.ndarray, shape: tuple[int, int], spacing: float) -> dict[str, float]:
+def sonocl_score(
+    probability: torch.Tensor, truth_bits: np.ndarray, shape: tuple[int, int], spacing: float
+) -> dict[str, float]:
     truth = np.unpackbits(truth_bits, count=shape[0] * shape[1]).reshape(shape).view(bool)
     prediction = scored_mask(to_original_size(probability, shape), 0.5, postprocess=True)
     return score_image(prediction, truth, {"pixel_size_mm": spacing})
@@ -84,8 +91,9 @@ def main() -> int:
     truths = [read_mask(path) for path in mask_files]
     probabilities = []
     for truth in truths:
-        small = F.interpolate(torch.from_numpy(truth.astype(np.float32))[None, None], size=(64, 64), mode="bilinear",
-                              antialias=True)[0]
+        small = F.interpolate(
+            torch.from_numpy(truth.astype(np.float32))[None, None], size=(64, 64), mode="bilinear", antialias=True
+        )[0]
         small[0, 5:8, 5:8] = 1.0  # a stray region for the post-processing to remove
         probabilities.append(small)
     packed = [np.packbits(truth) for truth in truths]
@@ -98,8 +106,10 @@ def main() -> int:
                 raise AssertionError(f"{mask_files[j].name}: {key} {ours[key]} (sonocl) != {value} (reference)")
     rounds: dict[str, list[float]] = {"sonocl_ms_per_image": [], "reference_ms_per_image": []}
     for _ in range(args.rounds):
-        for name, score in (("sonocl_ms_per_image", lambda j: sonocl_score(probabilities[j], packed[j], truths[j].shape, spacing)),
-                            ("reference_ms_per_image", lambda j: reference_score(probabilities[j], mask_files[j], spacing))):
+        for name, score in (
+            ("sonocl_ms_per_image", lambda j: sonocl_score(probabilities[j], packed[j], truths[j].shape, spacing)),
+            ("reference_ms_per_image", lambda j: reference_score(probabilities[j], mask_files[j], spacing)),
+        ):
             start = time.perf_counter()
             for j in range(len(truths)):
                 score(j)
@@ -107,9 +117,15 @@ def main() -> int:
         print(", ".join(f"{name} {values[-1]}" for name, values in rounds.items()), flush=True)
     medians = {name: statistics.median(values) for name, values in rounds.items()}
     report = {
-        "benchmark": "segment_scoring", "date": time.strftime("%Y-%m-%d"), "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(), "images": len(truths), "image_size": list(truths[0].shape),
-        "same_values": True, "rounds": rounds, "medians": medians,
+        "benchmark": "segment_scoring",
+        "date": time.strftime("%Y-%m-%d"),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "images": len(truths),
+        "image_size": list(truths[0].shape),
+        "same_values": True,
+        "rounds": rounds,
+        "medians": medians,
         "speed_up": round(medians["reference_ms_per_image"] / medians["sonocl_ms_per_image"], 2),
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)

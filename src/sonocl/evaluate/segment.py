@@ -726,8 +726,8 @@ def run_folds(
     data: SegmentData, inits: list[InitSpec], config: SegmentConfig, tasks: list[FoldTask]
 ) -> list[FoldResult]:
     """Every fold run, in the order of ``tasks``; with ``config.jobs > 1`` in that many spawned worker processes,
-    each with an equal share of torch's threads (`sonocl.workers.map_unordered`, as `sonocl evaluate --jobs`). A run's result
-    does not depend on the process that ran it, up to float rounding from a different thread count."""
+    each with an equal share of torch's threads (`sonocl.workers.map_unordered`, as `sonocl evaluate --jobs`). A
+    run's result does not depend on the process that ran it, up to float rounding from a different thread count."""
     if config.jobs == 1:
         return [run_fold(data, inits[task.init], config, task) for task in tasks]
     order = {(task.init, task.fold): position for position, task in enumerate(tasks)}

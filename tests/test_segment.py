@@ -302,6 +302,8 @@ def test_config_is_checked_when_built_and_names_the_option(tmp_path: Path, capsy
         SegmentConfig(images=tmp_path, init=("random",), out=tmp_path / "out", name=("a", "b"))
     with pytest.raises(ConfigError, match="--group-regex .*not a regular expression"):
         SegmentConfig(images=tmp_path, init=("random",), out=tmp_path / "out", group_regex="(")
+    with pytest.raises(ConfigError, match="--device 'tpu': use auto, cpu, cuda or cuda:N"):
+        SegmentConfig(images=tmp_path, init=("random",), out=tmp_path / "out", device="tpu")
     with pytest.raises(ConfigError, match="--pixel-size .*no such file"):
         SegmentConfig(images=tmp_path, init=("random",), out=tmp_path / "out", pixel_size=tmp_path / "px.csv")
     code = main(

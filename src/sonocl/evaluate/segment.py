@@ -116,6 +116,10 @@ class SegmentConfig:
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, field, tuple(value))
         problems = [f"{_option(field)} {getattr(self, field)!r}: {rule}" for field, rule in self._failed_rules()]
+        try:
+            resolve_device(self.device)  # the one check of --device, whose message names it
+        except ConfigError as error:
+            problems.append(str(error))
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -148,9 +152,6 @@ class SegmentConfig:
                 re.compile(self.group_regex)
             except re.error as error:
                 failed.append(("group_regex", f"not a regular expression ({error})"))
-        device_problem = _device_problem(self.device)
-        if device_problem:
-            failed.append(("device", device_problem))
         return failed
 
     @property
@@ -171,18 +172,6 @@ class SegmentConfig:
             return list(value) if isinstance(value, tuple) else value
 
         return {field.name: plain(getattr(self, field.name)) for field in dataclasses.fields(self)}
-
-
-def _device_problem(spec: str) -> str | None:
-    if spec == "auto":
-        return None
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        return "must be auto, cpu, cuda or cuda:N"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return "CUDA is not available here; use --device cpu or auto"
-    return None
 
 
 def _default(field: str) -> Any:

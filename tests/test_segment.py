@@ -232,7 +232,8 @@ def test_end_to_end_on_synthetic_ellipses(tmp_path: Path) -> None:
     assert "Dice median | HD95 (mm) median | HC abs. error (mm) median |" in table
     assert "largest predicted component" in table
     timing = results["timing"]
-    assert timing["jobs"] == 1 and timing["score_seconds"] > 0 and timing["train_seconds"] > 0
+    assert timing["jobs"] == 1 and timing["train_seconds"] > 0  # scoring 8 tiny images may round to 0.0 s
+    assert all(timing[f"{part}_seconds"] >= 0 for part in ("load", "calibrate", "predict", "score"))
     overlays = sorted(p.relative_to(out).as_posix() for p in (out / "overlays").rglob("*.png"))
     assert overlays == ["overlays/random/00_0.png", "overlays/random/00_1.png"]
     overlay = np.asarray(Image.open(out / "overlays" / "random" / "00_0.png"))

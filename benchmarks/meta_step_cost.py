@@ -68,7 +68,12 @@ def _train_steps(state: dict, count: int) -> float:
     _synchronize(device)
     start = time.perf_counter()
     for _ in range(count):
-        context = StepContext(step=state["step"], optimizer=optimizer, lr=0.1, meta_views=lambda: (views[2], views[3]))
+        context = StepContext(
+            step=state["step"],
+            optimizer=optimizer,
+            lr=0.1,
+            meta_views=lambda: (views[2], views[3], state["batch"].positive_group),
+        )
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss, _ = objective(model, views[0], views[1], state["batch"], context)
         optimizer.zero_grad(set_to_none=True)

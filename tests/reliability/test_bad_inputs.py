@@ -260,15 +260,19 @@ def test_csv_that_cannot_be_used_is_refused_by_name(
     assert not (three_videos.parent / "store").exists()
 
 
-def test_conflicting_groups_are_refused_without_showing_the_patient_ids(
+def test_conflicting_groups_keep_the_video_as_its_own_group_without_showing_the_patient_ids(
     three_videos: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """One recording listed under two patients (POCUS's `Reg-nephropocus`): the label is kept, the group dropped."""
     csv = three_videos.parent / "labels.csv"
     csv.write_text("file,label,patient\na,covid,PATIENT-1111\nb,regular,PATIENT-2222\na,covid,PATIENT-3333\n")
     code, err, _ = _ingest_with_csv(capsys, three_videos, csv)
-    assert code == 2
-    assert "differ in the group column" in line_naming(err, csv)
+    assert code == 0
+    assert "different groups" in line_naming(err, csv) and "its own" in line_naming(err, csv)
     assert "PATIENT-" not in err
+    store = FrameStore.open(three_videos.parent / "store")
+    video = next(v for v in store.videos if v.id.startswith("a"))
+    assert video.label == "covid" and video.group == video.id
 
 
 def test_class_with_a_single_video_is_named_by_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ import collections
 import csv
 import dataclasses
 import hashlib
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -133,7 +134,11 @@ class LabelTable:
                 continue
             self._ids.append(row[id_column].strip())
             if value in first_seen:
-                _check_same_row(path, row[id_column].strip(), first_seen[value], (line, entry))
+                kept = _check_same_row(path, row[id_column].strip(), first_seen[value], (line, entry))
+                if kept is not first_seen[value][1]:
+                    first_seen[value] = (first_seen[value][0], kept)
+                    for key in _value_keys(value):
+                        self._index[key] = kept
                 continue
             first_seen[value] = (line, entry)
             for key in _value_keys(value):
@@ -191,14 +196,15 @@ class LabelTable:
         return None
 
 
-def _check_same_row(path: Path, value: str, first: tuple[int, CsvLabels], again: tuple[int, CsvLabels]) -> None:
-    """Two rows may name one file only if they agree: which label would be right cannot be guessed.
+def _check_same_row(path: Path, value: str, first: tuple[int, CsvLabels], again: tuple[int, CsvLabels]) -> CsvLabels:
+    """The row to keep for a file named twice. Rows that differ in a label cannot both be right: an error. Rows that
+    differ only in the group (the same recording listed under two patients) keep the label and drop the group,
+    with a note: the video is then its own group, which no split can leak through.
 
-    The message names the differing columns and shows label values, never group values (patient IDs).
+    Messages name the differing columns and show label values, never group values (patient IDs).
     """
     (first_line, a), (line, b) = first, again
     differences = [f"label {a.label!r} vs {b.label!r}"] if a.label != b.label else []
-    differences += ["the group column"] if a.group != b.group else []
     differences += [
         repr(column) for column in sorted(set(a.extra) | set(b.extra)) if a.extra.get(column) != b.extra.get(column)
     ]
@@ -206,6 +212,11 @@ def _check_same_row(path: Path, value: str, first: tuple[int, CsvLabels], again:
         raise LabelError(
             f"{path}: {value!r} is on lines {first_line} and {line}, which differ in {', '.join(differences)}; keep one row per file"
         )
+    if a.group == b.group:
+        return a
+    print(f"sonocl: note: {path}: {value!r} is on lines {first_line} and {line} with different groups; its video is "
+          f"kept as a group of its own", file=sys.stderr)  # fmt: skip
+    return dataclasses.replace(a, group=None)
 
 
 def _fold(value: str) -> str:

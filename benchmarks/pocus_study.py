@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -57,7 +58,13 @@ class Row:
     per_fold: bool = False
     protocols: tuple[str, ...] = ("knn", "linear")
     note: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
+    evaluate: list[str] = field(default_factory=list)
+    """Extra `sonocl evaluate` options of this row."""
+
+    @property
+    def slug(self) -> str:
+        """The row's directory name: ``uscl-semi (per fold)`` → ``uscl-semi-per-fold``."""
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
 
 
 ROWS = [
@@ -69,6 +76,12 @@ ROWS = [
     Row("byol", ["--method", "byol", *BUDGET]),
     Row("ivpp", ["--method", "ivpp", *BUDGET]),
     Row("uscl-ssl (per fold)", ["--method", "uscl", "--label-rate", "0", *BUDGET], per_fold=True),
+    Row(
+        "uscl-semi (label leak)",
+        ["--method", "uscl", *BUDGET],
+        evaluate=["--allow-label-leak"],
+        note="λ 0.2 on every video's label, test folds included: the leak the guard refuses (issue 10's table)",
+    ),
     Row(
         "uscl-semi (per fold)",
         ["--method", "uscl", *BUDGET],
@@ -137,7 +150,7 @@ def labels_csv(path: Path) -> None:
 
 def run_row(row: Row, root: Path, store: Path, protocols: tuple[str, ...]) -> None:
     """Pretrain (once, or per fold inside `sonocl study`) and evaluate the row with those of ``protocols`` it has."""
-    slug = row.name.replace(" ", "").replace("(perfold)", "-perfold")
+    slug = row.slug
     log = root / "logs" / f"{slug}.log"
     if row.pretrain is not None and not row.per_fold:
         run = root / "pretrain" / slug
@@ -152,7 +165,7 @@ def run_row(row: Row, root: Path, store: Path, protocols: tuple[str, ...]) -> No
         out = root / "eval" / protocol / slug
         if (out / "results.md").exists():
             continue
-        common = ["--store", str(store), *EVALUATION, *PROTOCOLS[protocol], "--out", str(out)]
+        common = ["--store", str(store), *EVALUATION, *PROTOCOLS[protocol], *row.evaluate, "--out", str(out)]
         if row.per_fold:
             sonocl(
                 "study",
@@ -177,7 +190,7 @@ def collect(root: Path) -> list[dict]:
     """One record per row × protocol × seed × fold from every results.json of the study."""
     records = []
     for row in ROWS:
-        slug = row.name.replace(" ", "").replace("(perfold)", "-perfold")
+        slug = row.slug
         for protocol in row.protocols:
             path = root / "eval" / protocol / slug / "results.json"
             if not path.exists():
@@ -283,7 +296,7 @@ def tables(records: list[dict], root: Path) -> str:
 
 
 def _wall(root: Path, row: Row) -> str:
-    slug = row.name.replace(" ", "").replace("(perfold)", "-perfold")
+    slug = row.slug
     if row.pretrain is None:
         return "–"
     if row.per_fold:
@@ -324,10 +337,21 @@ def write_outputs(root: Path) -> None:
     print(f"wrote {study} ({len(records)} records) and the tables in {results}")
 
 
+def _chosen(names: list[str] | None) -> list[Row]:
+    """The rows named (in the order given), or every row."""
+    if not names:
+        return ROWS
+    by_name = {row.name: row for row in ROWS}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; the rows are {list(by_name)}")
+    return [by_name[name] for name in names]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "pocus-study")
-    parser.add_argument("--only", nargs="+", help="rows to run (default: all, in order)")
+    parser.add_argument("--only", nargs="+", help="rows to run, in this order (default: all)")
     parser.add_argument("--tables-only", action="store_true", help="only collect the results and write the tables")
     args = parser.parse_args()
     root: Path = args.root
@@ -357,9 +381,7 @@ def main() -> int:
             (root / "store.done").write_text("")
         # The cheap protocols for every row first, then the last-block fine-tuning (3 seeds) of LAST_BLOCK.
         for phase in (("knn", "linear"), ("last-block",)):
-            for row in ROWS:
-                if args.only and row.name not in args.only:
-                    continue
+            for row in _chosen(args.only):
                 run_row(row, root, store, phase)
                 write_outputs(root)
     write_outputs(root)

@@ -176,9 +176,10 @@ class LabelTable:
             id_column = _detect_id_column(path, header, rows, relatives)
         if label_column is None:
             label_column = next((c for c in header if _fold(c) in LABEL_COLUMN_NAMES and c != id_column), None)
-            if label_column is None:
+            if label_column is None and not extra_columns:  # a CSV of extra columns only (AWCL's anatomy) is fine
                 raise LabelError(
-                    f"{path}: no label column found (looked for {', '.join(LABEL_COLUMN_NAMES)}); name it with --label-column"
+                    f"{path}: no label column found (looked for {', '.join(LABEL_COLUMN_NAMES)}); name it with "
+                    "--label-column (or name the columns to keep with --extra-columns)"
                 )
         if group_column is None:
             group_column = _detect_group_column(header, exclude=(id_column, label_column))

@@ -154,13 +154,12 @@ def run_row(row: Row, root: Path, store: Path, protocols: tuple[str, ...]) -> No
     log = root / "logs" / f"{slug}.log"
     if row.pretrain is not None and not row.per_fold:
         run = root / "pretrain" / slug
-        resume = ["--resume"] if (run / "checkpoints" / "last.pt").exists() else []
-        if not (run / "encoder.safetensors").exists() or resume:
-            started = time.perf_counter()
+        if not (run / "finished").exists():
+            resume = ["--resume"] if (run / "checkpoints" / "last.pt").exists() else []
             sonocl(
                 "pretrain", "--store", str(store), "--out", str(run), "--no-progress", *row.pretrain, *resume, log=log
             )
-            (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
+            (run / "finished").write_text("")  # the wall time is metrics.csv's, resumed parts included
     for protocol in (p for p in row.protocols if p in protocols):
         out = root / "eval" / protocol / slug
         if (out / "results.md").exists():
@@ -303,8 +302,8 @@ def _wall(root: Path, row: Row) -> str:
         runs = sorted((root / "pretrain" / slug).glob("seed*_fold*/metrics.csv"))
         seconds = [_last_seconds(p) for p in runs]
         return f"{sum(seconds) / 60:.0f} min ({len(runs)} runs)" if seconds else "–"
-    path = root / "pretrain" / slug / "wall_seconds.txt"
-    return f"{float(path.read_text()) / 60:.1f} min" if path.exists() else "–"
+    metrics = root / "pretrain" / slug / "metrics.csv"
+    return f"{_last_seconds(metrics) / 60:.1f} min" if metrics.exists() else "–"
 
 
 def _last_seconds(metrics: Path) -> float:

@@ -11,6 +11,7 @@ with exactly the weights of an uninterrupted run (CPU, ``--deterministic``).
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -254,6 +255,22 @@ def test_resumed_pretraining_ends_with_the_uninterrupted_weights(
 
 def test_resumed_run_leaves_no_temporary_checkpoint(killed_mid_checkpoint: Path) -> None:
     assert not [path.name for path in killed_mid_checkpoint.rglob("*.tmp")]
+
+
+def test_resuming_a_finished_run_trains_nothing(pretrain_store: Path, tmp_path: Path) -> None:
+    """``--resume`` on a complete run whose last epoch is short (``--steps`` not a multiple of an epoch) exits 0."""
+    run = tmp_path / "run"
+    command = [*_pretrain_command(pretrain_store, run), "--steps", "7"]
+    assert subprocess.run(command, capture_output=True, env=_single_thread()).returncode == 0
+    steps = [row for row in csv.DictReader(open(run / "metrics.csv")) if row["kind"] == "step"]
+    per_epoch = sum(row["epoch"] == "1" for row in steps)
+    assert len(steps) == 7 and 7 % per_epoch, f"{per_epoch} steps an epoch: the last epoch is not short"
+    before = _encoder_tensors(run)
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, env=_single_thread())
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert "nothing left to train" in resumed.stderr.decode()
+    after = _encoder_tensors(run)
+    assert all(torch.equal(before[name], after[name]) for name in before)
 
 
 # ---- evaluate: killed between folds, resumed at the first unfinished one --------------------------------------------

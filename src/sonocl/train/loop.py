@@ -21,8 +21,8 @@ over the run), ``lr``, ``momentum`` (target-network momentum, MoCo/BYOL), ``loss
 averaged over ranks), ``part_<name>`` (each loss part the objective reports), ``images_per_s`` (encoder images,
 2 views × global batch, per second of wall time, data waiting included), ``val_loss`` (unweighted InfoNCE on
 held-out videos, fixed seed), ``knn_acc`` (k-NN accuracy of held-out labelled frames against training ones),
-``embedding_std`` (collapse metric of held-out z), ``seconds`` (wall time since the run started). Step rows
-leave the epoch columns empty and the other way round.
+``embedding_std`` (collapse metric of held-out z), ``seconds`` (wall time of the run, its resumed parts
+included). Step rows leave the epoch columns empty and the other way round.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ from sonocl.train.objectives import BatchTensors, Objective, StepContext
 from sonocl.train.replay import build_augment, split_videos, step_seed, training_sampler
 from sonocl.train.schedules import lr_schedule, momentum_schedule
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 STATEFUL = ("model", "objective", "optimizer", "scaler")
 """The objects a checkpoint saves and restores by key (their ``state_dict``)."""
-POSITION = ("epoch", "step_in_epoch", "best_val_loss")
+POSITION = ("epoch", "step_in_epoch", "best_val_loss", "elapsed_seconds")
 MONITOR_MAX_FRAMES = 4096
 _VALIDATION_SEED = 0x5EED
 
@@ -140,9 +140,9 @@ class Run:
     generator: torch.Generator
     gather: Callable[[Tensor], Tensor] | None
     batches: Iterator[dict[str, Tensor]] | None = None
+    """The run's one loader over every remaining step (workers persist across epochs)."""
     progress: Progress | None = None
     """One report over the whole run: a bar on a terminal, a line every tenth or 30 s in a log."""
-    """The run's one loader over every remaining step (workers persist across epochs)."""
     log: MetricsLog | None = None
     writer: Any = field(default_factory=NullWriter)
     epoch: int = 0
@@ -151,7 +151,18 @@ class Run:
     best_val_loss: float | None = None
     epoch_metrics: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    """When the run started, moved back on resume by the seconds it had run before (``elapsed_seconds``)."""
     saved_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def global_step(self) -> int:
+        """Steps done; never past the total, since the last epoch of a ``--steps`` budget may be short."""
+        return min(self.epoch * self.data.steps_per_epoch + self.step_in_epoch, self.data.total_steps)
+
+    @property
+    def elapsed_seconds(self) -> float:
+        """Wall time of the run so far, over every process that continued it."""
+        return time.perf_counter() - self.started
 
     @property
     def last_path(self) -> Path:
@@ -243,7 +254,9 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
     # ---- resume, loader, logs
     if resume:
         restore(run, load_checkpoint(run.last_path))
-    global_step = run.epoch * data.steps_per_epoch + run.step_in_epoch
+    global_step = run.global_step
+    if resume and global_step == total and context.is_main:
+        print(f"sonocl pretrain: {out} is complete ({total} steps); nothing left to train", file=sys.stderr)
     run.batches = iter(_loader(data, global_step, cfg.workers, device, cfg.seed + global_step))
     run.progress = progress_report(total, f"pretrain {cfg.method}", "step", initial=global_step,
                                    enabled=context.is_main and cfg.progress)  # fmt: skip
@@ -377,7 +390,8 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "epoch": run.epoch,
         "step_in_epoch": run.step_in_epoch,
         "best_val_loss": run.best_val_loss,
-        "global_step": run.epoch * run.data.steps_per_epoch + run.step_in_epoch,
+        "elapsed_seconds": run.elapsed_seconds,
+        "global_step": run.global_step,
         "steps_per_epoch": run.data.steps_per_epoch,
         "world_size": run.context.world_size,
         "metrics": run.epoch_metrics,
@@ -418,7 +432,8 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     _check_resumable(run.cfg, state, run.context)
     for name, obj in run.stateful().items():
         obj.load_state_dict(state[name])
-    run.epoch, run.step_in_epoch, run.best_val_loss = (state[key] for key in POSITION)
+    run.epoch, run.step_in_epoch, run.best_val_loss, elapsed = (state[key] for key in POSITION)
+    run.started = time.perf_counter() - elapsed
     run.epoch_metrics = dict(state["metrics"])
     if run.context.world_size == 1:
         set_rng_state(state["rng"], {"augment": run.generator})
@@ -582,7 +597,7 @@ def _log_step(
             "loss": values["loss"],
             **parts,
             "images_per_s": images_per_s,
-            "seconds": time.perf_counter() - run.started,
+            "seconds": run.elapsed_seconds,
         }
     )
     for name, value in (
@@ -621,7 +636,7 @@ def end_of_epoch(run: Run, epoch: int) -> None:
                 "epoch": done,
                 "step": step,
                 **run.epoch_metrics,
-                "seconds": time.perf_counter() - run.started,
+                "seconds": run.elapsed_seconds,
             }
         )
         for name, value in run.epoch_metrics.items():

@@ -62,7 +62,15 @@ from sonocl.train.config import PretrainConfig, replace, save_yaml
 from sonocl.train.logs import MetricsLog, NullWriter, tensorboard
 from sonocl.train.monitor import backbone_features, embedding_std, knn_accuracy, monitor_frames
 from sonocl.train.objectives import BatchTensors, Objective, StepContext
-from sonocl.train.replay import build_augment, split_videos, step_seed, training_sampler
+from sonocl.train.replay import (
+    StepBatches,
+    batch_tensors,
+    build_augment,
+    split_videos,
+    step_seed,
+    step_views,
+    training_sampler,
+)
 from sonocl.train.schedules import lr_schedule, momentum_schedule
 
 CHECKPOINT_FORMAT = 3
@@ -477,14 +485,10 @@ def train_one_epoch(run: Run, epoch: int) -> None:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         momentum = float(run.momenta[global_step]) if run.momenta is not None else None
-        seed = step_seed(cfg.seed, run.context.rank, global_step)
-        run.generator.manual_seed(seed)
-        torch.manual_seed(seed)
+        torch.manual_seed(step_seed(cfg.seed, run.context.rank, global_step))
 
         batch = _to_device(host_batch, run.device)
-        extra = batch["label"] >= 0 if cfg.augment.gamma > 0 else None
-        with torch.no_grad():
-            view1, view2 = make_views(batch["frames"], batch["mix"], augment_first, run.augment, run.generator, extra)
+        view1, view2 = step_views(cfg, run.augment, run.generator, batch, augment_first, global_step, run.context.rank)
         targets = BatchTensors(batch["positive_group"], batch["weight"], batch["label"], batch["video"])
         step_context = StepContext(
             step=global_step,
@@ -715,25 +719,14 @@ class _RunBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, data: RunData, first: int) -> None:
-        self.store, self.sampler, self.first, self.total = data.store, data.sampler, first, data.total_steps
-        self._epoch: tuple[int, list[PairBatch]] | None = None
+        self.store, self.first, self.total = data.store, first, data.total_steps
+        self.batch_of = StepBatches(data.sampler)
 
     def __len__(self) -> int:
         return self.total - self.first
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        epoch, step = divmod(self.first + index, len(self.sampler))
-        if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = (epoch, self.sampler.batches(epoch))
-        batch = self._epoch[1][step]
-        return {
-            "frames": torch.from_numpy(self.store.gather(batch.frames)),
-            "mix": torch.from_numpy(np.ascontiguousarray(batch.mix)),
-            "video": torch.from_numpy(batch.video),
-            "positive_group": torch.from_numpy(batch.positive_group),
-            "weight": torch.from_numpy(batch.weight),
-            "label": torch.from_numpy(batch.label),
-        }
+        return batch_tensors(self.store, self.batch_of(self.first + index))
 
 
 def _seed_worker(worker_id: int) -> None:

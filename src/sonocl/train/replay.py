@@ -1,19 +1,26 @@
-"""What a run drew, re-created from its configuration: the video split, the pair sampler and each step's seed.
+"""What a run drew, re-created from its configuration: the video split, the pair sampler, the batch of each global
+step and the two views the step augmented from it.
 
 The training loop and the report both call these, so "which videos were held out, which pairs were drawn at
-step s" has one answer. Everything here is a pure function of the configuration and the store.
+step s, which views the encoder saw there" has one answer: the loop's loader hands it `batch_tensors` of
+`StepBatches`' batch, and its step turns that into views with `step_views`; `replay_step` does the same on the CPU.
+Everything here is a pure function of the configuration and the store.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
 
-from sonocl.augment import BatchAugment
+import numpy as np
+import torch
+from torch import Tensor
+
+from sonocl.augment import BatchAugment, make_views
 from sonocl.data.splits import grouped_holdout
 from sonocl.data.store import FrameStore
 from sonocl.errors import ConfigError
 from sonocl.methods import get_method
-from sonocl.pairs import PairSampler
+from sonocl.pairs import PairBatch, PairSampler
 from sonocl.train.config import PretrainConfig
 
 
@@ -45,3 +52,98 @@ def build_augment(cfg: PretrainConfig) -> BatchAugment:
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed of the augmentation draw at a global step (the loop re-seeds with it before every step)."""
     return (seed * 1_000_003 + rank * 7_919 + step * 104_729 + 12_345) % (2**63 - 1)
+
+
+class StepBatches:
+    """The sampler's batch of each global step: step s is batch ``s mod n`` of epoch ``s // n`` (n batches per
+    epoch). An epoch's batches are drawn once (the sampler is a pure function of the epoch) and kept while its steps
+    are asked for, so the loop's loader workers draw each epoch once."""
+
+    def __init__(self, sampler: PairSampler) -> None:
+        self.sampler = sampler
+        self._epoch: tuple[int, list[PairBatch]] | None = None
+
+    def __call__(self, step: int) -> PairBatch:
+        epoch, index = divmod(step, len(self.sampler))
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self.sampler.batches(epoch))
+        return self._epoch[1][index]
+
+
+def batch_tensors(store: FrameStore, batch: PairBatch) -> dict[str, Tensor]:
+    """A batch as the loader hands it to the step: its frames gathered from the store (uint8), its arrays as tensors."""
+    return {
+        "frames": torch.from_numpy(store.gather(batch.frames)),
+        "mix": torch.from_numpy(np.ascontiguousarray(batch.mix)),
+        "video": torch.from_numpy(batch.video),
+        "positive_group": torch.from_numpy(batch.positive_group),
+        "weight": torch.from_numpy(batch.weight),
+        "label": torch.from_numpy(batch.label),
+    }
+
+
+def step_views(
+    cfg: PretrainConfig,
+    augment: BatchAugment,
+    generator: torch.Generator,
+    batch: dict[str, Tensor],
+    augment_first: bool,
+    step: int,
+    rank: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The two views of global ``step``'s batch (`batch_tensors`, on the generator's device): ``generator``
+    re-seeded with `step_seed`, then `make_views`, with the extra gamma (``augment.gamma`` > 0, AWCL) on the
+    batch's labelled items."""
+    generator.manual_seed(step_seed(cfg.seed, rank, step))
+    extra = batch["label"] >= 0 if cfg.augment.gamma > 0 else None
+    with torch.no_grad():
+        return make_views(batch["frames"], batch["mix"], augment_first, augment, generator, extra)
+
+
+@dataclass
+class ReplayedStep:
+    """What one global step of a run drew: the video split, the step's batch and the two views made of it."""
+
+    step: int
+    kept: np.ndarray
+    """Training videos (sorted indices)."""
+    held: np.ndarray
+    """Held-out videos."""
+    batch: PairBatch
+    view1: Tensor
+    """``(B, C, size, size)`` normalised, as the encoder got them (drawn on the CPU)."""
+    view2: Tensor
+
+
+class RunReplay:
+    """A run's split, sampler and augmentation re-built from its configuration and store, for rank ``rank`` of
+    ``world_size`` (per-rank batch ``batch_size // world_size``, as the loop's); `step` replays any global step.
+
+    The views are drawn on the CPU: a run trained on a GPU drew its augmentation from the GPU's generator, so there
+    the replayed batch is the same and the views are another draw from the same distribution.
+    """
+
+    def __init__(self, cfg: PretrainConfig, store: FrameStore, rank: int = 0, world_size: int = 1) -> None:
+        self.cfg, self.store, self.rank = cfg, store, rank
+        self.kept, self.held = split_videos(cfg, store)
+        self.sampler = training_sampler(cfg, store, self.kept, cfg.batch_size // world_size, rank, world_size)
+        self.batch_of = StepBatches(self.sampler)
+        self.augment = build_augment(cfg)
+        self.generator = torch.Generator()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.sampler)
+
+    def step(self, step: int) -> ReplayedStep:
+        batch = self.batch_of(step)
+        tensors = batch_tensors(self.store, batch)
+        augment_first = type(self.sampler).augment_first
+        view1, view2 = step_views(self.cfg, self.augment, self.generator, tensors, augment_first, step, self.rank)
+        return ReplayedStep(step, self.kept, self.held, batch, view1, view2)
+
+
+def replay_step(cfg: PretrainConfig, store: FrameStore, step: int, rank: int = 0, world_size: int = 1) -> ReplayedStep:
+    """The held-out and training videos, the batch drawn at global ``step`` (0-based) and its two views, as the
+    loop made them (see `RunReplay`)."""
+    return RunReplay(cfg, store, rank, world_size).step(step)

@@ -150,6 +150,8 @@ def test_per_fold_pretraining_never_sees_its_test_videos_and_resumes(phantom_sto
     results = json.loads((tmp_path / "results.json").read_text())
     entry = results["inits"][0]
     assert entry["label"] == "uscl (per fold)" and entry["pretraining_overlap"]["seen"] == 0
+    header = (tmp_path / "predictions.csv").read_text().splitlines()[0].split(",")
+    assert header[-2:] == ["predicted", "selection"]  # the columns `sonocl evaluate` writes
     config = EvalConfig.from_recipe(
         "meta-uscl", protocol="knn", folds=3, fps=0, frames_per_video=4, device="cpu", group_by="group"
     )  # the phantom has patients: the study groups by them

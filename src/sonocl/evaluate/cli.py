@@ -197,41 +197,15 @@ def _run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = results_header("evaluate", store, first, config, grouping)
     results["timing"] = {"jobs": args.jobs}
-    predictions = [
-        [
-            "init",
-            "video_id",
-            "frame_index",
-            "fold",
-            "seed",
-            "label",
-            *[f"p_{name}" for name in first.class_names],
-            "predicted",
-            "selection",
-        ]
-    ]
-    selection = _selection_text(config.selection)
+    predictions = [prediction_header(first.class_names)]
+    selection = selection_text(config.selection)
     for label, _, backbone, report, settings in inits:  # the tables are written once, atomically, at the end
         data = data_at(settings["size"])
 
         def write_init(
             entry: dict[str, Any], folds: list[FoldResult], data: Any = data, settings: dict[str, Any] = settings
         ) -> None:
-            for result in folds:
-                for frame, probabilities in zip(result.test_frames, result.probabilities):
-                    predictions.append(
-                        [
-                            entry["label"],
-                            data.video_ids[data.frame_video[frame]],
-                            int(data.frame_index[frame]),
-                            result.task.fold,
-                            result.task.seed,
-                            data.class_names[data.frame_labels[frame]],
-                            *[f"{p:.6f}" for p in probabilities],
-                            data.class_names[int(probabilities.argmax())],
-                            selection,
-                        ]
-                    )
+            predictions.extend(prediction_rows(entry["label"], data, folds, selection))
             entry["input"] = settings
             entry["pretraining_overlap"] = stamps[entry["label"]]
             results["inits"].append(entry)
@@ -244,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
             data, [(label, backbone, report)], init_config, jobs=args.jobs, on_init=write_init, cache=out / "folds"
         )
     atomic_write_text(out / "results.md", render_markdown(results))
-    atomic_write(out / "predictions.csv", lambda handle: handle.write(_csv_bytes(predictions)))
+    write_predictions(out / "predictions.csv", predictions)
     print(
         f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'predictions.csv'} "
         f"({results['timing']['total_seconds']:.0f} s)",
@@ -362,12 +336,38 @@ def leak_stamp(spec: str, data: Any, config: Any, allow_leak: bool) -> dict[str,
     return stamp
 
 
-def _csv_bytes(rows: list[list[Any]]) -> bytes:
+def prediction_header(class_names: list[str]) -> list[str]:
+    """The columns of ``predictions.csv`` (evaluate and study write the same file)."""
+    return ["init", "video_id", "frame_index", "fold", "seed", "label", *[f"p_{name}" for name in class_names],
+            "predicted", "selection"]  # fmt: skip
+
+
+def prediction_rows(label: str, data: Any, folds: list[Any], selection: str) -> list[list[Any]]:
+    """One row per test frame of each fold run of one init: the truth, every class probability, the prediction."""
+    return [
+        [
+            label,
+            data.video_ids[data.frame_video[frame]],
+            int(data.frame_index[frame]),
+            result.task.fold,
+            result.task.seed,
+            data.class_names[data.frame_labels[frame]],
+            *[f"{p:.6f}" for p in probabilities],
+            data.class_names[int(probabilities.argmax())],
+            selection,
+        ]
+        for result in folds
+        for frame, probabilities in zip(result.test_frames, result.probabilities)
+    ]
+
+
+def write_predictions(path: Path, rows: list[list[Any]]) -> None:
+    """``predictions.csv``, written atomically (a killed run leaves the previous file or none)."""
     import io
 
     text = io.StringIO()
     csv.writer(text).writerows(rows)
-    return text.getvalue().encode("utf-8")
+    atomic_write(path, lambda handle: handle.write(text.getvalue().encode("utf-8")))
 
 
 def warn_small_classes(data: Any, by_group: bool) -> None:
@@ -392,7 +392,7 @@ def _config_dict(config: Any) -> dict[str, Any]:
     return values
 
 
-def _selection_text(selection: str) -> str:
+def selection_text(selection: str) -> str:
     from sonocl.evaluate.config import OPTIMISTIC
 
     return f"{selection}: {OPTIMISTIC}" if selection == "max-test" else selection

@@ -15,7 +15,6 @@ continues from its last checkpoint. ``OUT/results.json``, ``results.md`` and ``p
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import shlex
 import sys
@@ -70,7 +69,16 @@ def pretrain_config(options: str, store: str, run_dir: Path, exclude: list[str])
 def run(args: argparse.Namespace) -> int:
     from sonocl.data.store import FrameStore
     from sonocl.evaluate.classify import fold_tasks, init_entry
-    from sonocl.evaluate.cli import _write_json, evaluation_config, render_markdown, results_header
+    from sonocl.evaluate.cli import (
+        _write_json,
+        evaluation_config,
+        prediction_header,
+        prediction_rows,
+        render_markdown,
+        results_header,
+        selection_text,
+        write_predictions,
+    )
     from sonocl.evaluate.data import load_eval_data
 
     started = time.perf_counter()
@@ -107,7 +115,11 @@ def run(args: argparse.Namespace) -> int:
     results["timing"] = {"total_seconds": round(time.perf_counter() - started, 2)}
     _write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", render_markdown(results))
-    _write_predictions(out / "predictions.csv", label, data, results_of_folds)
+    selection = selection_text(config.selection)
+    write_predictions(
+        out / "predictions.csv",
+        [prediction_header(data.class_names), *prediction_rows(label, data, results_of_folds, selection)],
+    )
     print(
         f"sonocl study: {label}: video acc {100 * entry['summary']['video']['accuracy']['mean']:.1f} ± "
         f"{100 * entry['summary']['video']['accuracy']['std']:.1f} % over {len(tasks)} fold runs; "
@@ -153,34 +165,3 @@ def fold_run(
         result = run_fold(data, backbone, name, init_config, task)
         save_fold_result(cached, result, key)
     return result, report, settings, check
-
-
-def _write_predictions(path: Path, label: str, data: Any, folds: list[Any]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "init",
-                "video_id",
-                "frame_index",
-                "fold",
-                "seed",
-                "label",
-                *[f"p_{name}" for name in data.class_names],
-                "predicted",
-            ]
-        )
-        for result in folds:
-            for frame, probabilities in zip(result.test_frames, result.probabilities):
-                writer.writerow(
-                    [
-                        label,
-                        data.video_ids[data.frame_video[frame]],
-                        int(data.frame_index[frame]),
-                        result.task.fold,
-                        result.task.seed,
-                        data.class_names[data.frame_labels[frame]],
-                        *[f"{p:.6f}" for p in probabilities],
-                        data.class_names[int(probabilities.argmax())],
-                    ]
-                )

@@ -256,7 +256,9 @@ def test_uscl_outputs_checkpoint_and_encoder_export(uscl_run: Path) -> None:
 
     _assert_outputs(uscl_run)
     rows = _step_rows(uscl_run)
-    assert {"part_contrastive", "part_semi_supervised", "lr", "epoch", "step"} <= set(rows[0])
+    assert {"part_contrastive", "part_semi_supervised", "lr", "epoch", "step", "step_seconds"} <= set(rows[0])
+    training = sum(float(row["step_seconds"]) for row in rows)  # the run's efficiency: training share of its wall time
+    assert 0 < training < float(rows[-1]["seconds"])
     state = load_checkpoint(uscl_run / "checkpoints" / "best.pt")  # weights_only=True
     for key in (
         "model",

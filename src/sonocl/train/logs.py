@@ -49,7 +49,8 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         if self.fields is None:
             parts = [k for k in row if k.startswith("part_")]
-            self.fields = ["kind", "epoch", "step", *STEP_COLUMNS, *parts, "images_per_s", *EPOCH_COLUMNS, "seconds"]
+            self.fields = ["kind", "epoch", "step", *STEP_COLUMNS, *parts, "images_per_s", "step_seconds", *EPOCH_COLUMNS,
+                           "seconds"]  # fmt: skip
             self._rewrite()
             if not self.path.exists():
                 with open(self.path, "w", newline="", encoding="utf-8") as handle:

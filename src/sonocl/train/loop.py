@@ -19,10 +19,12 @@ whose labels it used, which it held out: `sonocl.provenance`), ``metrics.csv``, 
 ``metrics.csv`` columns: ``kind`` (``step`` or ``epoch``), ``epoch`` (1-based), ``step`` (optimiser steps done,
 over the run), ``lr``, ``momentum`` (target-network momentum, MoCo/BYOL), ``loss`` (the objective's total,
 averaged over ranks), ``part_<name>`` (each loss part the objective reports), ``images_per_s`` (encoder images,
-2 views × global batch, per second of wall time, data waiting included), ``val_loss`` (unweighted InfoNCE on
-held-out videos, fixed seed), ``knn_acc`` (k-NN accuracy of held-out labelled frames against training ones),
-``embedding_std`` (collapse metric of held-out z), ``seconds`` (wall time of the run, its resumed parts
-included). Step rows leave the epoch columns empty and the other way round.
+2 views × global batch, per second of wall time, data waiting included), ``step_seconds`` (the optimiser step
+alone: forward, backward, update), ``val_loss`` (unweighted InfoNCE on held-out videos, fixed seed), ``knn_acc``
+(k-NN accuracy of held-out labelled frames against training ones), ``embedding_std`` (collapse metric of held-out
+z), ``seconds`` (wall time of the run, its resumed parts included). Step rows leave the epoch columns empty and
+the other way round. The sum of ``step_seconds`` over the last ``seconds`` is the run's efficiency: the share of
+its wall time spent training rather than waiting for data, monitoring or checkpointing.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ from sonocl.train.schedules import lr_schedule, momentum_schedule
 CHECKPOINT_FORMAT = 3
 STATEFUL = ("model", "objective", "optimizer", "scaler")
 """The objects a checkpoint saves and restores by key (their ``state_dict``)."""
-POSITION = ("epoch", "step_in_epoch", "best_val_loss", "elapsed_seconds")
+POSITION = ("epoch", "step_in_epoch", "best_val_loss", "elapsed_seconds", "training_seconds")
 MONITOR_MAX_FRAMES = 4096
 _VALIDATION_SEED = 0x5EED
 
@@ -92,6 +94,10 @@ class PretrainResult:
     epochs_done: int
     best_val_loss: float | None
     last_epoch_metrics: dict[str, float]
+    seconds: float
+    """Wall time of the run, resumed parts included."""
+    training_seconds: float
+    """The part of it inside the optimiser steps; ``training_seconds / seconds`` is the run's efficiency."""
 
 
 @dataclass
@@ -158,6 +164,8 @@ class Run:
     step_in_epoch: int = 0
     best_val_loss: float | None = None
     epoch_metrics: dict[str, float] = field(default_factory=dict)
+    training_seconds: float = 0.0
+    """Wall time inside the optimiser steps (forward, backward, update): the model-only share of the run."""
     started: float = field(default_factory=time.perf_counter)
     """When the run started, moved back on resume by the seconds it had run before (``elapsed_seconds``)."""
     saved_at: float = field(default_factory=time.perf_counter)
@@ -221,9 +229,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike[str], resume: bool = Fa
             if context.is_main:
                 export_encoder(run)
             ddp.barrier(context)
-            return PretrainResult(
-                run.out, run.data.total_steps, run.data.num_epochs, run.best_val_loss, run.epoch_metrics
-            )
+            return PretrainResult(run.out, run.data.total_steps, run.data.num_epochs, run.best_val_loss,
+                                  run.epoch_metrics, run.elapsed_seconds, run.training_seconds)  # fmt: skip
     finally:
         ddp.shutdown(context)
 
@@ -399,6 +406,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "step_in_epoch": run.step_in_epoch,
         "best_val_loss": run.best_val_loss,
         "elapsed_seconds": run.elapsed_seconds,
+        "training_seconds": run.training_seconds,
         "global_step": run.global_step,
         "steps_per_epoch": run.data.steps_per_epoch,
         "world_size": run.context.world_size,
@@ -440,7 +448,7 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     _check_resumable(run.cfg, state, run.context)
     for name, obj in run.stateful().items():
         obj.load_state_dict(state[name])
-    run.epoch, run.step_in_epoch, run.best_val_loss, elapsed = (state[key] for key in POSITION)
+    run.epoch, run.step_in_epoch, run.best_val_loss, elapsed, run.training_seconds = (state[key] for key in POSITION)
     run.started = time.perf_counter() - elapsed
     run.epoch_metrics = dict(state["metrics"])
     if run.context.world_size == 1:
@@ -497,21 +505,20 @@ def train_one_epoch(run: Run, epoch: int) -> None:
             gather=run.gather,
             meta_views=_meta_views(run, epoch, step_in_epoch),
         )
-        values = train_step(
-            run,
-            view1.contiguous(memory_format=run.memory_format),
-            view2.contiguous(memory_format=run.memory_format),
-            targets,
-            step_context,
-        )
+        view1 = view1.contiguous(memory_format=run.memory_format)
+        view2 = view2.contiguous(memory_format=run.memory_format)
+        started = _synchronised_clock(run.device)
+        values = train_step(run, view1, view2, targets, step_context)
         run.objective.after_step(run.model, momentum)
+        step_seconds = _synchronised_clock(run.device) - started
+        run.training_seconds += step_seconds
         run.epoch, run.step_in_epoch = epoch, step_in_epoch + 1
 
         now = time.perf_counter()
         images_per_s = 2 * cfg.batch_size / max(now - tick, 1e-9)
         tick = now
         if run.context.is_main:
-            _log_step(run, epoch, global_step, lr, momentum, values, images_per_s)
+            _log_step(run, epoch, global_step, lr, momentum, values, images_per_s, step_seconds)
             run.progress.set_postfix(
                 epoch=epoch + 1,
                 loss=f"{values['loss']:.4f}",
@@ -589,6 +596,7 @@ def _log_step(
     momentum: float | None,
     values: dict[str, float],
     images_per_s: float,
+    step_seconds: float,
 ) -> None:
     parts = {f"part_{n}": v for n, v in values.items() if n != "loss"}
     run.log.write(
@@ -601,6 +609,7 @@ def _log_step(
             "loss": values["loss"],
             **parts,
             "images_per_s": images_per_s,
+            "step_seconds": step_seconds,
             "seconds": run.elapsed_seconds,
         }
     )
@@ -752,6 +761,13 @@ def _loader(data: RunData, first: int, workers: int, device: torch.device, seed:
 
 def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def _synchronised_clock(device: torch.device) -> float:
+    """``perf_counter`` once the device's queued work is done (on CUDA, kernels run after the call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}

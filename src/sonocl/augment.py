@@ -162,7 +162,7 @@ class BatchAugment(nn.Module):
         n, device = images.shape[0], images.device
         if cfg.gamma > 0:
             images = self._gamma(images, generator, extra)
-        images = self._crop_flip(images, generator)
+        images = self.crop_flip(images, generator)
         if cfg.jitter_p > 0 and (cfg.brightness > 0 or cfg.contrast > 0):
             images = self._jitter(images, generator)
         if cfg.blur_p > 0:
@@ -199,8 +199,11 @@ class BatchAugment(nn.Module):
         left = torch.floor(_uniform(n, 0.0, 1.0, generator, device) * (size - width + 1)).clamp_(max=size - width)
         return torch.stack([top, left, height, width], dim=1)
 
-    def _crop_flip(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
-        """One ``grid_sample`` for all crops: the output pixel centres map into each sample's crop box.
+    def crop_flip(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Random resized crop (`crop_boxes`) and horizontal flip (``flip_p``) of ``(N, C, H, W)`` to
+        ``(N, C, size, size)``, bilinear: one ``grid_sample`` for all crops, the output pixel centres mapped into
+        each sample's crop box. Every channel of a sample gets the same geometry (segmentation stacks its mask as a
+        channel: `sonocl.evaluate.unet.JointAugment`).
 
         The box is in pixels of the ``size`` image, i.e. in normalised coordinates of the whole frame, so the
         input may have any resolution. The grid is axis-aligned, so it is built from two broadcast vectors

@@ -109,9 +109,9 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.
 class JointAugment:
     """Random resized crop and horizontal flip on image and mask together, brightness/contrast jitter on the image.
 
-    The crop + flip is `sonocl.augment.BatchAugment`'s (torchvision's RandomResizedCrop semantics, the same sampler
-    as pretraining), applied once to the image and its mask stacked as channels of one tensor, so both see exactly the same
-    geometry: the image is resampled bilinearly, the mask too and then thresholded at 0.5.
+    The crop + flip is `sonocl.augment.BatchAugment.crop_flip` (torchvision's RandomResizedCrop semantics, the same
+    sampler as pretraining), applied once to the image and its mask stacked as channels of one tensor, so both see
+    exactly the same geometry: the image is resampled bilinearly, the mask too and then thresholded at 0.5.
     """
 
     def __init__(
@@ -140,7 +140,7 @@ class JointAugment:
                 f"expected images and masks of {self.size}×{self.size}, got {tuple(images.shape)} and {tuple(masks.shape)}"
             )
         n, channels, device = images.shape[0], images.shape[1], images.device
-        both = self.geometry._crop_flip(torch.cat([images, masks.to(images.dtype)], dim=1), generator)
+        both = self.geometry.crop_flip(torch.cat([images, masks.to(images.dtype)], dim=1), generator)
         images, masks = both[:, :channels], (both[:, channels:] > 0.5).to(masks.dtype)
         gain = 1 + (self._uniform(n, generator, device) * 2 - 1) * self.contrast
         offset = (self._uniform(n, generator, device) * 2 - 1) * self.brightness

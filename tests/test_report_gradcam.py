@@ -77,14 +77,14 @@ def test_linear_head_reproduces_the_logistic_regression(classes: int) -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from sonocl.report.html import _linear_head
+    from sonocl.report.analysis import linear_head
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(classes), 20)
     features = rng.normal(size=(len(labels), 6)) * 3 + labels[:, None] + 5
     scaler = StandardScaler().fit(features)
     classifier = LogisticRegression(max_iter=1000).fit(scaler.transform(features), labels)
-    head = _linear_head(classifier, scaler, classes)
+    head = linear_head(classifier, scaler, classes)
     with torch.no_grad():
         probabilities = torch.softmax(head(torch.from_numpy(features).float()), dim=1).numpy()
     np.testing.assert_allclose(probabilities, classifier.predict_proba(scaler.transform(features)), atol=1e-4)

@@ -38,12 +38,10 @@ import numpy as np
 from sonocl import __version__
 from sonocl.errors import UserError
 from sonocl.evaluate.metrics import METRIC_COLUMNS, percent
+from sonocl.report import analysis
+from sonocl.report.analysis import GALLERY_PAIRS, GRADCAM_PER_KIND, MAX_MAP_POINTS
 
-GALLERY_PAIRS = 6
-GRADCAM_PER_KIND = 4
 SEGMENTATION_OVERLAYS = 6
-MAX_MAP_POINTS = 600
-CMW_PAIRS = 256
 
 
 class ReportError(UserError, ValueError):
@@ -229,29 +227,7 @@ def run_section(path: Path, ctx: Context) -> Section:
         except ConfigError as error:
             section.note(f"config.yaml cannot be read ({error}); only the logged metrics are shown.")
     if cfg is not None:
-        section.table(
-            ["setting", "value"],
-            [
-                ("method", cfg.method),
-                ("store", cfg.store),
-                ("backbone", f"{cfg.model.backbone}, {cfg.model.channels}-channel stem, init {cfg.model.init}"),
-                (
-                    "budget",
-                    f"{cfg.steps} steps × batch {cfg.batch_size} = {cfg.steps * cfg.batch_size} pairs"
-                    if cfg.steps
-                    else f"{cfg.epochs} epochs × batch {cfg.batch_size}",
-                ),
-                ("input size", f"{cfg.size} px"),
-                (
-                    "optimiser",
-                    f"{cfg.optim.name}, lr {cfg.optim.lr:g} ({cfg.optim.lr_scaling} scaling), wd {cfg.optim.weight_decay:g}",
-                ),
-                ("temperature", f"{cfg.options.temperature:g}"),
-                ("seed", cfg.seed),
-                ("held-out share of videos", cfg.val_fraction),
-            ],
-            caption=f"{path / 'config.yaml'}",
-        )
+        section.table(["setting", "value"], _settings_rows(cfg), caption=f"{path / 'config.yaml'}")
 
     steps: dict[str, np.ndarray] = {}
     epochs: dict[str, np.ndarray] = {}
@@ -298,7 +274,9 @@ def run_section(path: Path, ctx: Context) -> Section:
         for part in (embedding, gradcam):
             part.note(f"Skipped: the run's encoder cannot be loaded ({error}).")
         return section
-    features = _timed(ctx, "features", lambda: _encoder_features(encoder, store, ctx))
+    features = _timed(
+        ctx, "features", lambda: analysis.encoder_features(encoder, store, ctx.max_points, ctx.seed, ctx.device)
+    )
     _timed(
         ctx,
         "embedding",
@@ -306,6 +284,29 @@ def run_section(path: Path, ctx: Context) -> Section:
     )
     _timed(ctx, "gradcam", lambda: _gradcam_section(gradcam, encoder, features, store, ctx))
     return section
+
+
+def _settings_rows(cfg: Any) -> list[tuple[str, Any]]:
+    """The run's main settings, one (name, value) row each."""
+    return [
+        ("method", cfg.method),
+        ("store", cfg.store),
+        ("backbone", f"{cfg.model.backbone}, {cfg.model.channels}-channel stem, init {cfg.model.init}"),
+        (
+            "budget",
+            f"{cfg.steps} steps × batch {cfg.batch_size} = {cfg.steps * cfg.batch_size} pairs"
+            if cfg.steps
+            else f"{cfg.epochs} epochs × batch {cfg.batch_size}",
+        ),
+        ("input size", f"{cfg.size} px"),
+        (
+            "optimiser",
+            f"{cfg.optim.name}, lr {cfg.optim.lr:g} ({cfg.optim.lr_scaling} scaling), wd {cfg.optim.weight_decay:g}",
+        ),
+        ("temperature", f"{cfg.options.temperature:g}"),
+        ("seed", cfg.seed),
+        ("held-out share of videos", cfg.val_fraction),
+    ]
 
 
 def _timed(ctx: Context, name: str, work: Any) -> Any:
@@ -357,42 +358,28 @@ def _pair_gallery(section: Section, cfg: Any, store: Any) -> None:
     """The first items of epoch 1's first batch with exactly the training step's augmentation draw."""
     import torch
 
-    from sonocl.augment import make_views
     from sonocl.report import figures
-    from sonocl.train.replay import build_augment, split_videos, step_seed, training_sampler
 
-    kept, _ = split_videos(cfg, store)
     try:
-        batch = training_sampler(cfg, store, kept, cfg.batch_size).batches(0)[0]
-    except (ValueError, IndexError) as error:
-        section.note(f"Skipped: the sampler gives no batch here ({error}).")
+        gallery = analysis.gallery_pairs(cfg, store, GALLERY_PAIRS)
+    except analysis.Skipped as skipped:
+        section.note(f"Skipped: {skipped}")
         return
-    augment = build_augment(cfg)
-    generator = torch.Generator().manual_seed(step_seed(cfg.seed, 0, 0))
-    extra = torch.from_numpy(batch.label >= 0) if cfg.augment.gamma > 0 else None
-    view1, view2 = make_views(
-        torch.from_numpy(store.gather(batch.frames)), batch.mix, batch.augment_first, augment, generator, extra
-    )
-    shown = min(GALLERY_PAIRS, len(batch))
+    batch, shown = gallery.batch, len(gallery.batch)
     items = []
     for b in range(shown):
         frames = batch.frames[b]
         video = store.videos[int(batch.video[b])]
-        sources = [store.frames[int(f)] for f in frames]
-        source_titles = [
-            f"f{j + 1}: frame {int(store.frame_in_video[f])}\nt = {store.frame_time[f]:.2f} s"
-            for j, f in enumerate(frames)
-        ]
-        views = [_display(view1[b], cfg.augment), _display(view2[b], cfg.augment)]
-        view_titles = [f"view {v + 1} = " + _mix_text(batch.mix[b, v]) for v in range(2)]
-        label = video.label or "unlabelled"
         items.append(
             {
-                "sources": sources,
-                "source_titles": source_titles,
-                "views": views,
-                "view_titles": view_titles,
-                "title": f"{video.id}\n({label})",
+                "sources": [store.frames[int(f)] for f in frames],
+                "source_titles": [
+                    f"f{j + 1}: frame {int(store.frame_in_video[f])}\nt = {store.frame_time[f]:.2f} s"
+                    for j, f in enumerate(frames)
+                ],
+                "views": list(gallery.views[b]),
+                "view_titles": [f"view {v + 1} = " + _mix_text(batch.mix[b, v]) for v in range(2)],
+                "title": f"{video.id}\n({video.label or 'unlabelled'})",
             }
         )
     order = (
@@ -402,7 +389,7 @@ def _pair_gallery(section: Section, cfg: Any, store: Any) -> None:
     )
     section.figure(
         figures.png_bytes(figures.pair_gallery(items)),
-        f"{cfg.method}: the first {shown} of the {len(batch)} pairs of training step 1 (epoch 1, seed {cfg.seed}), "
+        f"{cfg.method}: the first {shown} of the {gallery.total} pairs of training step 1 (epoch 1, seed {cfg.seed}), "
         f"re-created with the run's sampler and augmentation ({order}) and the step's augmentation seed. Left: the "
         f"source frames f1…fk at the store's {store.size} px with their position in the video; right: the two views "
         f"at {cfg.size} px as the encoder sees them (de-normalised for display), with the mixing weights.",
@@ -412,10 +399,6 @@ def _pair_gallery(section: Section, cfg: Any, store: Any) -> None:
             "Drawn on the CPU: a run trained on a GPU drew its augmentation from the GPU's generator, so the "
             "crops and jitter here are from the same distribution but not the identical draw."
         )
-
-
-def _display(view: Any, augment: Any) -> np.ndarray:
-    return (view[0] * augment.std + augment.mean).clamp(0, 1).numpy()
 
 
 def _mix_text(weights: np.ndarray) -> str:
@@ -429,7 +412,9 @@ def _cmw_section(
     from sonocl.report import figures
 
     if _has(steps, "part_weight_mean"):
-        epoch, mean, std = _per_epoch(steps["epoch"], steps["part_weight_mean"], steps.get("part_weight_std"))
+        epoch, mean, std = analysis.per_epoch_mean(
+            steps["epoch"], steps["part_weight_mean"], steps.get("part_weight_std")
+        )
         section.figure(
             figures.png_bytes(figures.cmw_weight_summary(epoch, mean, std)),
             "From metrics.csv: each step logs the mean and std of its batch's CMW-Net weights; shown per "
@@ -442,30 +427,21 @@ def _cmw_section(
     if not checkpoints:
         section.note("Per-pair weights skipped: no checkpoint holds the CMW-Net.")
         return
-    histograms: dict[str, np.ndarray] = {}
-    scatter = None
-    seen_epochs = set()
-    for checkpoint_path in checkpoints:
-        result = cmw_pair_weights(checkpoint_path, cfg, store)
-        if result is None or result["epoch"] in seen_epochs:
-            continue
-        seen_epochs.add(result["epoch"])
-        histograms[f"after epoch {result['epoch']} ({checkpoint_path.name})"] = result["weight"]
-        scatter = scatter or result
-    if scatter is None:
+    results = analysis.cmw_weights_of_checkpoints(checkpoints, cfg, store)
+    if not results:
         section.note("Per-pair weights skipped: the checkpoints hold no CMW-Net.")
         return
+    histograms = {f"after epoch {r.epoch} ({r.checkpoint.name})": r.weight for r in results}
+    scatter = results[0]
     section.figure(
         figures.png_bytes(figures.weight_histograms(histograms)),
-        f"Computed here, not logged: the CMW-Net of each checkpoint weighs {len(scatter['weight'])} pairs of "
+        f"Computed here, not logged: the CMW-Net of each checkpoint weighs {len(scatter.weight)} pairs of "
         "the epoch it ended (the run's sampler, augmentation and step seeds; backbone in training mode as in "
         "the step, nothing updated). Only the checkpoints' epochs are available.",
     )
     section.figure(
-        figures.png_bytes(
-            figures.weight_vs_cosine(scatter["cosine"], scatter["weight"], scatter["label"], scatter["class_names"])
-        ),
-        f"Each pair's weight (CMW-Net after epoch {scatter['epoch']}) against the cosine similarity of the "
+        figures.png_bytes(figures.weight_vs_cosine(scatter.cosine, scatter.weight, scatter.label, scatter.class_names)),
+        f"Each pair's weight (CMW-Net after epoch {scatter.epoch}) against the cosine similarity of the "
         "backbone features h of its two views (the CMW-Net's input), coloured by the video's class.",
     )
 
@@ -474,108 +450,21 @@ def _has(columns: dict[str, np.ndarray], key: str) -> bool:
     return key in columns and bool(np.isfinite(columns[key]).any())
 
 
-def _per_epoch(
-    epoch: np.ndarray, mean: np.ndarray, std: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    epochs = np.unique(epoch[np.isfinite(epoch)])
-    means, stds = [], []
-    for e in epochs:
-        chosen = (epoch == e) & np.isfinite(mean)
-        means.append(float(mean[chosen].mean()) if chosen.any() else math.nan)
-        stds.append(float(np.nanmean(std[chosen])) if std is not None and chosen.any() else 0.0)
-    return epochs, np.array(means), np.array(stds)
-
-
-def cmw_pair_weights(checkpoint_path: Path, cfg: Any, store: Any, max_pairs: int = CMW_PAIRS) -> dict[str, Any] | None:
-    """CMW-Net weights and feature cosine similarities of pairs of the checkpoint's last epoch, or None without a CMW-Net."""
-    import torch
-    import torch.nn.functional as F
-
-    from sonocl.augment import make_views
-    from sonocl.models import CMWNet, build_backbone, checkpoint_backbone_state, feature_dim
-    from sonocl.train.replay import build_augment, split_videos, step_seed, training_sampler
-
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    cmw_state = {k[len("cmw.") :]: v for k, v in checkpoint.get("objective", {}).items() if k.startswith("cmw.")}
-    if not cmw_state:
-        return None
-    cmw = CMWNet(feature_dim(cfg.model.backbone), cfg.options.cmw_hidden)
-    cmw.load_state_dict(cmw_state)
-    backbone = build_backbone(cfg.model.backbone, cfg.model.channels, checkpoint_backbone_state(checkpoint))
-    codes, class_names = store.label_codes(cfg.label_column)
-    sampler = training_sampler(cfg, store, split_videos(cfg, store)[0], cfg.batch_size)
-    epoch = max(int(checkpoint.get("epoch", 1)), 1)
-    steps_per_epoch = len(sampler)
-    augment = build_augment(cfg)
-    generator = torch.Generator()
-    weights, cosines, labels = [], [], []
-    with torch.no_grad():
-        for step, batch in enumerate(sampler.batches(epoch - 1)):
-            generator.manual_seed(step_seed(cfg.seed, 0, (epoch - 1) * steps_per_epoch + step))
-            view1, view2 = make_views(
-                torch.from_numpy(store.gather(batch.frames)), batch.mix, batch.augment_first, augment, generator
-            )
-            backbone.train(len(batch) > 1)
-            h1, h2 = backbone(view1).flatten(1), backbone(view2).flatten(1)
-            weights.append((cmw(h1, h2) * torch.from_numpy(batch.weight)).numpy())
-            cosines.append(F.cosine_similarity(h1, h2, dim=1).numpy())
-            labels.append(codes[batch.video])
-            if sum(len(w) for w in weights) >= max_pairs:
-                break
-    return {
-        "epoch": epoch,
-        "weight": np.concatenate(weights)[:max_pairs],
-        "cosine": np.concatenate(cosines)[:max_pairs],
-        "label": np.concatenate(labels)[:max_pairs],
-        "class_names": class_names,
-    }
-
-
 # --------------------------------------------------------------------------- embedding map and Grad-CAM
 
 
-@dataclass
-class FrameFeatures:
-    frames: np.ndarray
-    features: np.ndarray
-    labels: np.ndarray
-    """class code per frame, −1 unlabelled"""
-    class_names: list[str]
-    videos: np.ndarray
-
-
-def _encoder_features(encoder: Any, store: Any, ctx: Context) -> FrameFeatures:
-    from sonocl.report.embed import frame_features, select_frames
-
-    per_video = max(2, ctx.max_points // max(store.num_videos, 1))
-    frames = select_frames(store, max_per_video=per_video)
-    if len(frames) > ctx.max_points:
-        frames = np.sort(np.random.default_rng(ctx.seed).choice(frames, ctx.max_points, replace=False))
-    codes, class_names = store.label_codes()
-    videos = store.frame_video[frames]
-    features = frame_features(encoder, store, frames, ctx.device, batch_size=64)
-    return FrameFeatures(frames, features, codes[videos], class_names, videos)
-
-
-def _embedding_section(section: Section, data: FrameFeatures, store: Any, ctx: Context, source: str) -> None:
+def _embedding_section(section: Section, data: analysis.FrameFeatures, store: Any, ctx: Context, source: str) -> None:
     from sonocl.report import figures
 
     if len(data.frames) < 5:
         section.note(f"Skipped: only {len(data.frames)} frames.")
         return
-    unit = data.features / np.maximum(np.linalg.norm(data.features, axis=1, keepdims=True), 1e-12)
-    maps = [("t-SNE", _tsne(unit, ctx.seed))]
-    try:
-        import umap  # optional
-
-        maps.append(("UMAP", umap.UMAP(n_components=2, random_state=ctx.seed).fit_transform(unit)))
-    except ImportError:
-        pass
+    maps = analysis.embedding_maps(data, ctx.seed)
     for name, xy in maps:
         section.figure(
             figures.png_bytes(figures.embedding_map(xy, data.labels, data.class_names, data.videos, name)),
             f"{name} of the backbone features h (L2-normalised) of {len(data.frames)} frames (evenly spaced, at most "
-            f"{max(2, ctx.max_points // max(store.num_videos, 1))} per video) of {len(np.unique(data.videos))} videos "
+            f"{analysis.frames_per_video(store, ctx.max_points)} per video) of {len(np.unique(data.videos))} videos "
             f"from {source}. Left: by class; right: by video. Frames of one video clustering apart from their class "
             "means the encoder tells videos apart more than classes.",
         )
@@ -583,137 +472,53 @@ def _embedding_section(section: Section, data: FrameFeatures, store: Any, ctx: C
         section.note("UMAP is not installed (pip install umap-learn); t-SNE only.")
 
 
-def _tsne(points: np.ndarray, seed: int) -> np.ndarray:
-    from sklearn.manifold import TSNE
-
-    perplexity = float(min(30.0, max(2.0, (len(points) - 1) / 3)))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
-
-
-def _gradcam_section(section: Section, encoder: Any, data: FrameFeatures, store: Any, ctx: Context) -> None:
-    """A linear head fitted on frozen features of some videos; Grad-CAM of its prediction on frames of the others."""
-    import torch
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    from sonocl.augment import resize_to
-    from sonocl.data.splits import grouped_holdout
+def _gradcam_section(section: Section, encoder: Any, data: analysis.FrameFeatures, store: Any, ctx: Context) -> None:
+    """Grad-CAM of a linear head fitted on frozen features of some videos, on frames of the others
+    (`analysis.gradcam_probe`), with what the head is."""
     from sonocl.report import figures
-    from sonocl.report.gradcam import BackboneClassifier, GradCAM
 
-    labelled = data.labels >= 0
-    video_codes = np.full(store.num_videos, -1)
-    video_codes[data.videos[labelled]] = data.labels[labelled]
-    if len(np.unique(data.labels[labelled])) < 2:
-        section.note("Skipped: Grad-CAM needs labelled frames of at least two classes.")
-        return
-    videos = np.flatnonzero(video_codes >= 0)
     try:
-        train_videos, test_videos = grouped_holdout(video_codes[videos], store.group_codes()[videos], 0.3, ctx.seed)
-    except ValueError as error:
-        section.note(f"Skipped: no grouped split of the labelled videos ({error}).")
+        probe = analysis.gradcam_probe(encoder, data, store, ctx.seed)
+    except analysis.Skipped as skipped:
+        section.note(f"Skipped: {skipped}")
         return
-    train_videos, test_videos = videos[train_videos], videos[test_videos]
-    train = labelled & np.isin(data.videos, train_videos)
-    test = labelled & np.isin(data.videos, test_videos)
-    if len(np.unique(data.labels[train])) < 2 or not test.any():
-        section.note("Skipped: the grouped split leaves fewer than two classes for training or no test frames.")
-        return
-    scaler = StandardScaler().fit(data.features[train])
-    classifier = LogisticRegression(max_iter=2000).fit(scaler.transform(data.features[train]), data.labels[train])
-    head = _linear_head(classifier, scaler, len(data.class_names))
-    probabilities = classifier.predict_proba(scaler.transform(data.features[test]))
-    predicted = classifier.classes_[probabilities.argmax(axis=1)]
-    truth = data.labels[test]
-    test_frames = data.frames[test]
-    confidence = probabilities.max(axis=1)
-    correct = np.flatnonzero(predicted == truth)
-    wrong = np.flatnonzero(predicted != truth)
-    chosen = [(i, True) for i in _spread(correct, truth, confidence)] + [
-        (i, False) for i in _spread(wrong, truth, confidence)
-    ]
-    frames = np.array([test_frames[i] for i, _ in chosen], dtype=np.int64)
-    images = (resize_to(torch.from_numpy(store.gather(frames)), encoder.size) - encoder.mean) / encoder.std
-    if encoder.channels == 3:
-        images = images.expand(-1, 3, -1, -1)
-    model = BackboneClassifier(encoder.backbone.to("cpu").eval(), head).eval()
-    cams, _ = GradCAM(model, model[0].layer4)(images, torch.from_numpy(predicted[[i for i, _ in chosen]]))
-    cells = encoder.size
-    for _ in range(5):  # the ResNet stem and layers 2–4 each halve the side, rounding up
-        cells = (cells + 1) // 2
-    grid = (cells, cells)
     items = []
-    for (i, ok), image, cam, frame in zip(chosen, images, cams, frames):
-        video = store.videos[int(store.frame_video[frame])]
-        mark = "✓" if ok else "✗"
+    for example in probe.examples:
+        video = store.videos[int(store.frame_video[example.frame])]
+        mark = "✓" if example.correct else "✗"
         items.append(
             {
-                "image": (image[0] * encoder.std + encoder.mean).clamp(0, 1).numpy(),
-                "cam": cam.numpy(),
-                "title": f"{mark} true {data.class_names[truth[i]]}, predicted {data.class_names[predicted[i]]} "
-                f"({100 * confidence[i]:.0f} %)\n{video.id} frame {int(store.frame_in_video[frame])}",
+                "image": example.image,
+                "cam": example.cam,
+                "title": f"{mark} true {data.class_names[example.truth]}, predicted "
+                f"{data.class_names[example.predicted]} ({100 * example.confidence:.0f} %)\n{video.id} frame "
+                f"{int(store.frame_in_video[example.frame])}",
             }
         )
-    accuracy = float((predicted == truth).mean())
+    grid = probe.grid
     section.figure(
         figures.png_bytes(figures.gradcam_grid(items)),
-        f"Grad-CAM on layer4 for the predicted class, {min(GRADCAM_PER_KIND, len(correct))} correctly "
-        f"(✓) and {min(GRADCAM_PER_KIND, len(wrong))} wrongly (✗) classified frames, the most confident of each kind "
-        f"spread over the classes. The evaluation saves no fine-tuned models, so the classifier is a linear head "
-        f"(logistic regression) fitted here on frozen features of {len(np.unique(data.videos[train]))} labelled videos "
-        f"and applied to frames of {len(np.unique(data.videos[test]))} other videos (grouped split, frame accuracy "
-        f"{100 * accuracy:.0f} %). Bright = the regions that raise the predicted class's score. At {encoder.size} px "
-        f"layer4 is a {grid[0]}×{grid[1]} grid, which sets how coarse the maps are.",
+        f"Grad-CAM on layer4 for the predicted class, {min(GRADCAM_PER_KIND, probe.correct)} correctly "
+        f"(✓) and {min(GRADCAM_PER_KIND, probe.wrong)} wrongly (✗) classified frames, the most confident of each "
+        f"kind spread over the classes. The evaluation saves no fine-tuned models, so the classifier is a linear head "
+        f"(logistic regression) fitted here on frozen features of {probe.train_videos} labelled videos "
+        f"and applied to frames of {probe.test_videos} other videos (grouped split, frame accuracy "
+        f"{100 * probe.accuracy:.0f} %). Bright = the regions that raise the predicted class's score. At "
+        f"{encoder.size} px layer4 is a {grid[0]}×{grid[1]} grid, which sets how coarse the maps are.",
     )
     if min(grid) < 3:
         section.note(
             f"At this input size ({encoder.size} px) layer4 has only {grid[0]}×{grid[1]} cells: the maps are "
             "nearly uniform and say little about where the encoder looks."
         )
-    if not len(wrong):
+    if not probe.wrong:
         section.note("Every held-out frame was classified correctly: no wrong examples to show.")
-
-
-def _spread(indices: np.ndarray, truth: np.ndarray, confidence: np.ndarray, count: int = GRADCAM_PER_KIND) -> list[int]:
-    """Up to ``count`` of ``indices``, most confident first, taking the classes in turn."""
-    by_class: dict[int, list[int]] = {}
-    for i in sorted(indices, key=lambda j: -confidence[j]):
-        by_class.setdefault(int(truth[i]), []).append(int(i))
-    out: list[int] = []
-    while len(out) < count and any(by_class.values()):
-        for queue in by_class.values():
-            if queue and len(out) < count:
-                out.append(queue.pop(0))
-    return out
-
-
-def _linear_head(classifier: Any, scaler: Any, num_classes: int) -> Any:
-    """The logistic regression (on standardised features) as one ``nn.Linear`` on raw features, one logit per class."""
-    import torch
-    from torch import nn
-
-    coef = classifier.coef_ / scaler.scale_[None, :]
-    intercept = classifier.intercept_ - (classifier.coef_ * (scaler.mean_ / scaler.scale_)[None, :]).sum(axis=1)
-    if coef.shape[0] == 1:  # binary: one logit z for classes_[1]; softmax([−z/2, z/2]) gives the same probabilities
-        coef = np.concatenate([-coef / 2, coef / 2])
-        intercept = np.concatenate([-intercept / 2, intercept / 2])
-    weight = np.zeros((num_classes, coef.shape[1]))
-    bias = np.full(num_classes, -1e4)  # classes absent from training are never predicted
-    weight[classifier.classes_] = coef
-    bias[classifier.classes_] = intercept
-    head = nn.Linear(coef.shape[1], num_classes)
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(weight))
-        head.bias.copy_(torch.from_numpy(bias))
-    return head
 
 
 # ------------------------------------------------------------------------------------------ evaluation
 
 
 def evaluation_section(path: Path, ctx: Context) -> Section:
-    from sonocl.report import figures
-
     results = _read_json(path / "results.json")
     config = results.get("config", {})
     inits = results.get("inits", [])
@@ -727,7 +532,20 @@ def evaluation_section(path: Path, ctx: Context) -> Section:
     )
     if results.get("optimistic"):
         section.note("Optimistic numbers: each fold reports its best epoch by test accuracy (the papers' selection).")
-    runs = config.get("folds", 0) * config.get("seeds", 0)
+    table = _comparison_table(path, inits, config.get("folds", 0) * config.get("seeds", 0))
+    section.children.append(table)
+    if not inits:
+        table.note("results.json lists no inits yet.")
+        return section
+    section.children += [
+        _confusion_section(path, inits, classes),
+        _per_fold_section(path, inits),
+        _roc_section(path, classes),
+    ]
+    return section
+
+
+def _comparison_table(path: Path, inits: list[dict[str, Any]], runs: int) -> Section:
     rows = []
     for entry in inits:
         cells = [percent(entry.get("summary", {}).get(level, {}).get(key, {})) for _, level, key in METRIC_COLUMNS]
@@ -744,10 +562,11 @@ def evaluation_section(path: Path, ctx: Context) -> Section:
         caption=f"Mean ± std over {runs} fold runs, in %. Pooled = accuracy of the confusion matrix summed over "
         "folds and seeds.",
     )
-    section.children.append(table)
-    if not inits:
-        table.note("results.json lists no inits yet.")
-        return section
+    return table
+
+
+def _confusion_section(path: Path, inits: list[dict[str, Any]], classes: list[str]) -> Section:
+    from sonocl.report import figures
 
     confusion = Section(_anchor("confusion", path), "Confusion matrices")
     matrices = [
@@ -761,7 +580,11 @@ def evaluation_section(path: Path, ctx: Context) -> Section:
         "Pooled over folds (and seeds): rows are the true class, columns the predicted one; each cell "
         "shows the count and the share of its row (the class's recall on the diagonal).",
     )
-    section.children.append(confusion)
+    return confusion
+
+
+def _per_fold_section(path: Path, inits: list[dict[str, Any]]) -> Section:
+    from sonocl.report import figures
 
     folds = Section(_anchor("folds", path), "Per-fold scores")
     scores = {
@@ -789,24 +612,27 @@ def evaluation_section(path: Path, ctx: Context) -> Section:
             "Test-fold frame accuracy after each fine-tuning epoch (thin: each fold run; thick: their mean). "
             "Shown for diagnosis only: choosing an epoch from it would select on the test folds.",
         )
-    section.children.append(folds)
+    return folds
+
+
+def _roc_section(path: Path, classes: list[str]) -> Section:
+    from sonocl.report import figures
 
     roc = Section(_anchor("roc", path), "ROC curves")
-    section.children.append(roc)
     predictions = path / "predictions.csv"
-    if predictions.is_file():
-        per_init = roc_from_predictions(predictions, classes)
-        if per_init:
-            roc.figure(
-                figures.png_bytes(figures.roc_curves(per_init)),
-                "Frame-level one-vs-rest ROC from predictions.csv, pooled over folds (and seeds): each test "
-                "frame's predicted probability of the class against whether it belongs to it.",
-            )
-        else:
-            roc.note("predictions.csv has no rows with two classes present.")
-    else:
+    if not predictions.is_file():
         roc.note(f"{predictions} is missing: no ROC curves.")
-    return section
+        return roc
+    per_init = roc_from_predictions(predictions, classes)
+    if per_init:
+        roc.figure(
+            figures.png_bytes(figures.roc_curves(per_init)),
+            "Frame-level one-vs-rest ROC from predictions.csv, pooled over folds (and seeds): each test "
+            "frame's predicted probability of the class against whether it belongs to it.",
+        )
+    else:
+        roc.note("predictions.csv has no rows with two classes present.")
+    return roc
 
 
 def roc_from_predictions(

@@ -117,7 +117,7 @@ class GroupInfoNCE(nn.Module):
         if gathered is None or weight_sum is None:
             denominator, ranks = weight.sum(), 1.0
         else:
-            denominator, ranks = torch.as_tensor(weight_sum, dtype=torch.float32, device=anchors.device), total / n
+            denominator, ranks = torch.as_tensor(weight_sum, dtype=anchors.dtype, device=anchors.device), total / n
         return (torch.cat([weight, weight]) * per_anchor).sum() / (2 * denominator) * ranks
 
 

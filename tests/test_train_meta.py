@@ -23,10 +23,13 @@ def _tiny_model() -> ContrastiveModel:
     return ContrastiveModel(backbone, FEAT, projection_hidden=5, projection_dim=4).double()
 
 
-def _tiny_forward(theta: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tiny model written out by hand (batch-norm with batch statistics, as in training mode)."""
+def _tiny_forward(theta: dict[str, torch.Tensor], x: torch.Tensor, running=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiny model written out by hand (batch-norm with batch statistics, as in training mode, or with the
+    ``running`` (mean, var) statistics, as in eval mode)."""
     h = F.linear(x.flatten(1), theta["backbone.1.weight"], theta["backbone.1.bias"])
-    h = F.relu(F.batch_norm(h, None, None, theta["backbone.2.weight"], theta["backbone.2.bias"], training=True))
+    mean, var = running if running is not None else (None, None)
+    weight, bias = theta["backbone.2.weight"], theta["backbone.2.bias"]
+    h = F.relu(F.batch_norm(h, mean, var, weight, bias, training=running is None))
     z = F.relu(F.linear(h, theta["projector.0.weight"], theta["projector.0.bias"]))
     return h, F.linear(z, theta["projector.2.weight"], theta["projector.2.bias"])
 
@@ -60,11 +63,11 @@ def _prime_momentum(model: nn.Module, optimizer: torch.optim.Optimizer, data: di
     optimizer.zero_grad()
 
 
-def _reference_cmw_grad(model, optimizer, cmw, loss, data, inner_lr):
+def _reference_cmw_grad(model, optimizer, cmw, loss, data, inner_lr, running=None):
     """∂L_meta/∂α by explicit parameter copies, autograd.grad(create_graph=True) and a hand-written SGD step."""
     theta = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
-    h1, z1 = _tiny_forward(theta, data["v1"])
-    h2, z2 = _tiny_forward(theta, data["v2"])
+    h1, z1 = _tiny_forward(theta, data["v1"], running)
+    h2, z2 = _tiny_forward(theta, data["v2"], running)
     weight = cmw(h1.detach(), h2.detach()) * data["prior"]
     weighted = loss(z1, z2, positive_group=data["group"], weight=weight)
     grads = torch.autograd.grad(weighted, list(theta.values()), create_graph=True)
@@ -80,8 +83,8 @@ def _reference_cmw_grad(model, optimizer, cmw, loss, data, inner_lr):
             buf = d if buf is None else mu * buf + (1 - damp) * d
             d = d + mu * buf if nesterov else buf
         virtual[name] = t.detach() - lr * d
-    _, mz1 = _tiny_forward(virtual, data["m1"])
-    _, mz2 = _tiny_forward(virtual, data["m2"])
+    _, mz1 = _tiny_forward(virtual, data["m1"], running)
+    _, mz2 = _tiny_forward(virtual, data["m2"], running)
     meta_loss = loss(mz1, mz2, positive_group=data["meta_group"])
     return torch.autograd.grad(meta_loss, list(cmw.parameters())), meta_loss
 
@@ -235,15 +238,75 @@ def test_meta_every_runs_the_meta_step_every_k_steps() -> None:
     assert calls == [0, 3]
 
 
-def test_meta_uscl_refuses_distributed_and_missing_meta_views() -> None:
+def test_meta_uscl_refuses_missing_meta_views_and_wrapped_models() -> None:
+    """Under torchrun the loop passes the plain module and StepContext.gather (tests/test_meta_ddp.py); a wrapper
+    would hide the parameters the meta step swaps in."""
     model, data = _tiny_model(), _data()
     optimizer = _optimizer(model, momentum=0.9)
     objective = _objective(model)
-    context = StepContext(step=0, optimizer=optimizer, lr=0.1, gather=lambda t: t)
-    with pytest.raises(NotImplementedError, match="single-process"):
-        objective(model, data["v1"], data["v2"], _batch(data), context)
     with pytest.raises(ValueError, match="meta_views"):
         objective(model, data["v1"], data["v2"], _batch(data), StepContext(step=0, optimizer=optimizer, lr=0.1))
+    with pytest.raises(NotImplementedError, match="plain module"):
+        _meta_grad(nn.DataParallel(model), optimizer, CMWNet(FEAT).double(), GroupInfoNCE(0.5), data, None)
+
+
+def test_frozen_batch_norm_virtual_passes_use_running_statistics() -> None:
+    """With model.freeze_bn the real forward normalises with running statistics; so do the virtual passes (before,
+    they used batch statistics: the virtual network was not the real one)."""
+    torch.manual_seed(5)
+    model, data = _tiny_model(), _data(5)
+    bn = model.backbone[2]
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.eval()
+    running = (bn.running_mean.clone(), bn.running_var.clone())
+    cmw = CMWNet(FEAT, hidden_dim=10).double()
+    optimizer = _optimizer(model, momentum=0.9, weight_decay=1e-2)
+    _prime_momentum(model, optimizer, data)
+    loss = GroupInfoNCE(0.5)
+    expected, expected_meta = _reference_cmw_grad(model, optimizer, cmw, loss, data, None, running)
+    batch_statistics, _ = _reference_cmw_grad(model, optimizer, cmw, loss, data, None)
+    result = _meta_grad(model, optimizer, cmw, loss, data, None)
+    torch.testing.assert_close(result.meta_loss, expected_meta.detach(), rtol=1e-8, atol=1e-10)
+    for got, want, other in zip(result.cmw_grads, expected, batch_statistics):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10 * max(1.0, float(want.abs().max())))
+        assert not torch.allclose(want, other, rtol=1e-3)  # the two normalisations do differ here
+    assert torch.equal(bn.running_mean, running[0]) and torch.equal(bn.running_var, running[1])
+
+
+def _conv_model() -> ContrastiveModel:
+    backbone = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+    return ContrastiveModel(backbone, 4, projection_hidden=6, projection_dim=5)
+
+
+def test_meta_step_under_bf16_autocast_runs_in_float32() -> None:
+    """Issue 10: the bf16 hypergradient is far off the fp32 one (benchmarks/meta_bf16.py), so under autocast the
+    meta step runs in float32 on its own float32 forward; it then equals the meta step without autocast."""
+    torch.manual_seed(6)
+    model = _conv_model().train()
+    cmw = CMWNet(4, hidden_dim=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    views = [torch.randn(8, 1, 8, 8) for _ in range(4)]
+    group, prior = torch.tensor([0, 1, 2, 2, 3, 4, 5, 6]), torch.rand(8) + 0.5
+
+    def meta_step(autocast: bool) -> meta.MetaGradient:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            h1, z1 = model(views[0])
+            h2, z2 = model(views[1])
+            assert (z1.dtype == torch.bfloat16) == autocast
+            return meta.cmw_meta_gradient(
+                model, cmw, GroupInfoNCE(0.5), views[0], views[1], h1, h2, z1, z2, group, prior, views[2],
+                views[3], optimizer, meta_positive_group=torch.arange(8),
+            )  # fmt: skip
+
+    fp32, bf16 = meta_step(False), meta_step(True)
+    assert fp32.meta_loss.dtype == bf16.meta_loss.dtype == torch.float32
+    torch.testing.assert_close(bf16.meta_loss, fp32.meta_loss, rtol=1e-6, atol=1e-7)
+    for got, want in zip(bf16.cmw_grads, fp32.cmw_grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * max(1.0, float(want.abs().max())))
 
 
 def test_meta_step_on_a_small_resnet_keeps_batchnorm_statistics() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from sonocl.data.store import FrameStore
@@ -145,7 +146,8 @@ class MetaUSCL(Objective):
     ``no_grad``. Between meta steps only the weighted loss runs. The CMW-Net input is the detached backbone
     features [h₁, h₂]. ``inner_lr`` None uses the main optimizer's current LR per group (what the reference
     effectively does, quirk 16). The CMW-Net's Adam state is in ``state_dict()`` (``_extra_state``).
-    Single-process only for now (a clear error under DDP).
+    Under torchrun (``context.gather``) the meta step is the one-process step on the global training and meta
+    batches and moves the CMW-Net the same on every rank; the CMW-Net is broadcast from rank 0 when built.
     """
 
     def __init__(
@@ -161,6 +163,10 @@ class MetaUSCL(Objective):
         plain = meta.unwrap_model(model)
         parameter = next(plain.parameters())
         self.cmw = CMWNet(plain.projector[0].in_features, cmw_hidden).to(device=parameter.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            with torch.no_grad():  # every rank must start from the same CMW-Net (its updates are then identical)
+                for p in self.cmw.parameters():
+                    dist.broadcast(p, src=0)
         self.cmw_optimizer = torch.optim.Adam(self.cmw.parameters(), lr=cmw_lr)
         self.inner_lr = inner_lr
         self.meta_every = meta_every
@@ -168,8 +174,6 @@ class MetaUSCL(Objective):
     def forward(  # type: ignore[override]
         self, model: nn.Module, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
     ) -> tuple[Tensor, dict[str, float]]:
-        if context.gather is not None:
-            raise NotImplementedError("meta-uscl is single-process for now; run it without torchrun")
         h1, z1 = model(view1)
         h2, z2 = model(view2)
         parts: dict[str, float] = {}
@@ -194,16 +198,18 @@ class MetaUSCL(Objective):
                 context.optimizer,
                 self.inner_lr,
                 meta_positive_group=meta_group,
+                gather=context.gather,
             )
             meta.apply_meta_gradient(self.cmw, self.cmw_optimizer, result)
             parts["meta"] = float(result.meta_loss)
         with torch.no_grad():
             weight = meta.pair_weight(self.cmw, h1, h2, batch.weight)
-        loss = self.info_nce(z1, z2, positive_group=batch.positive_group, weight=weight)
+        loss = self._contrastive(z1, z2, batch, weight, context)
+        every = weight if context.gather is None else context.gather(weight)  # the global batch's weights
         parts.update(
             contrastive=float(loss.detach()),
-            weight_mean=float(weight.mean()),
-            weight_std=float(weight.std(correction=0)),
+            weight_mean=float(every.mean()),
+            weight_std=float(every.std(correction=0)),
         )
         return loss, parts
 
@@ -256,6 +262,11 @@ def meta_sampler(
 
 def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
     o = cfg.options
+    if not cfg.model.freeze_bn and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        raise ConfigError(
+            "meta-uscl does not support --sync-bn: its virtual passes have no synchronised forward-mode batch-norm "
+            "(per-rank batch-norm, the default, or model.freeze_bn work under torchrun)"
+        )
     return MetaUSCL(model, o.temperature, o.cmw_hidden, o.cmw_lr, o.inner_lr, o.meta_every)
 
 

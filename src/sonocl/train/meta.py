@@ -18,8 +18,27 @@ Every term is exact (the test compares with the create-graph unrolled version to
 second-order work is one forward-mode pass over the training batch (``torch.func.jvp``) instead of a
 ``create_graph`` backward plus a backward through that graph, and the only graph that depends on α is the
 small one from the weights through the loss. Parameters are swapped in with ``torch.func.functional_call``;
-the virtual passes get ``None`` for every buffer, so batch-norm normalises with batch statistics (as in
-training mode) and the real model's running statistics are never touched by them.
+the virtual passes normalise as the real forward does and touch no running statistics: batch-norm in training
+mode gets ``None`` buffers (batch statistics), batch-norm in eval mode (``model.freeze_bn``) keeps its running
+statistics (read only). Before, every virtual pass used batch statistics, so with ``freeze_bn`` the virtual
+network was not the real one.
+
+DDP (torchrun, ``gather`` given; no wrapper, the loop averages gradients itself): rank r holds shard r of the
+training batch and of the meta batch, and the step is the one-process step on the global batches. The detached
+features, groups and prior weights of every rank are gathered (the pair weights of all pairs normalise the loss);
+g is the real step's convention, each rank's share of the gathered loss back-propagated through
+``gather_with_grad`` and averaged over ranks, so every rank has the same g and the same θ'; the meta loss is the
+InfoNCE over the gathered meta batch and v its gradient averaged likewise; ż_r is the JVP of the local views only;
+the hypergradient Σ_r ∂/∂α [∇_{z_r} L_w(z_all; w_all(α)) · ż_r] is one term per rank (the loss over the gathered
+z, as leaves), summed by an all-reduce, so Adam moves the CMW-Net the same on every rank (it starts the same:
+``MetaUSCL`` broadcasts it from rank 0). Batch-norm in training mode then uses per-rank batch statistics, as the
+real forward does; ``--sync-bn`` in training mode is refused (no synchronised forward-mode batch-norm here).
+
+Under autocast (``--precision bf16`` / ``fp16``) the step runs in float32: autocast off, its own float32 forward
+of the training views (the real forward's ``h, z`` are in the autocast dtype), meta views cast to float32. The
+bf16 hypergradient is not usable: against float32 on a ResNet-18 at 32 px, batch 16, its cosine similarity is
+0.25–0.51 and its relative L2 error 0.92–1.23 (three seeds, ``benchmarks/meta_bf16.py``). The fp32 path is
+unchanged (no extra pass).
 
 Cost (benchmarks/meta_step_cost.py): the real forward, g's backward, the meta forward and backward, the JVP and
 the real backward are all needed; what is trimmed is the number of passes over tensors, which on a shared
@@ -44,6 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
@@ -55,7 +75,8 @@ LossFn = Callable[..., Tensor]
 
 @dataclass
 class MetaGradient:
-    """What one meta step computed: the CMW-Net gradient (same order as ``cmw.parameters()``) and the meta loss."""
+    """What one meta step computed: the CMW-Net gradient (same order as ``cmw.parameters()``) and the meta loss
+    (under DDP, both of the global batches and the same on every rank)."""
 
     cmw_grads: list[Tensor]
     meta_loss: Tensor
@@ -66,11 +87,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def _check_single_process(model: nn.Module) -> None:
-    if isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(model, nn.DataParallel):
+def _check_plain_module(model: nn.Module) -> None:
+    """The meta step swaps parameters into the plain module; DDP runs pass ``gather`` instead of a wrapper."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise NotImplementedError(
-            "meta-uscl is single-process for now: the bilevel step needs the unwrapped model; "
-            "run it without torchrun / DataParallel"
+            "meta-uscl's bilevel step needs the plain module, not a DistributedDataParallel / DataParallel wrapper: "
+            "under torchrun the training loop averages gradients itself and passes the gather (StepContext.gather)"
+        )
+    if any(isinstance(m, nn.SyncBatchNorm) and m.training for m in model.modules()):
+        raise NotImplementedError(
+            "meta-uscl with --sync-bn: the virtual passes normalise with per-rank batch statistics and have no "
+            "synchronised forward-mode batch-norm; use per-rank batch-norm or model.freeze_bn"
         )
 
 
@@ -223,10 +250,51 @@ def _batch_norm(
     return default(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
+def _virtual_buffers(model: nn.Module) -> dict[str, None]:
+    """The buffers the virtual passes replace by None: those of modules in training mode.
+
+    Batch-norm in training mode then normalises with batch statistics, as the real forward does, and updates
+    nothing; batch-norm in eval mode (``model.freeze_bn``) keeps its running statistics and normalises with
+    them, as the real forward does then (read only: eval mode never updates them).
+    """
+    return {
+        f"{prefix}.{name}" if prefix else name: None
+        for prefix, module in model.named_modules()
+        if module.training
+        for name, _ in module.named_buffers(recurse=False)
+    }
+
+
 def _network_z(model: nn.Module, params: dict[str, Tensor], views: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """The projections z of each view with ``params`` swapped in and no buffers (batch statistics, nothing updated)."""
-    no_buffers = {name: None for name, _ in model.named_buffers()}
-    return tuple(functional_call(model, (params, no_buffers), (view,))[1] for view in views)
+    """The projections z of each view with ``params`` swapped in, normalised as the real forward (nothing updated)."""
+    buffers = _virtual_buffers(model)
+    return tuple(functional_call(model, (params, buffers), (view,))[1] for view in views)
+
+
+@dataclass(frozen=True)
+class _Shards:
+    """DDP: where this rank's shard sits in the gathered batches, and the collectives of the meta step."""
+
+    gather: Callable[[Tensor], Tensor]
+    """`sonocl.train.distributed.gather_with_grad` (the loop's ``StepContext.gather``)."""
+    rank: int
+    world_size: int
+
+    def rows(self, local: int) -> slice:
+        return slice(self.rank * local, (self.rank + 1) * local)
+
+    @torch.no_grad()
+    def all_reduce(self, tensors: list[Tensor], mean: bool) -> list[Tensor]:
+        """The sum (or mean) over ranks of each detached tensor, with one flat all-reduce; identical on every rank."""
+        flat = torch.cat([t.detach().reshape(-1).to(tensors[0].dtype) for t in tensors])
+        dist.all_reduce(flat)
+        if mean:
+            flat /= self.world_size
+        out, offset = [], 0
+        for t in tensors:  # narrow, not split: the views are modified in place later (the tangents)
+            out.append(flat.narrow(0, offset, t.numel()).view(t.shape).to(t.dtype))
+            offset += t.numel()
+        return out
 
 
 def cmw_meta_gradient(
@@ -246,6 +314,7 @@ def cmw_meta_gradient(
     optimizer: torch.optim.Optimizer,
     inner_lr: float | None = None,
     meta_positive_group: Tensor | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
 ) -> MetaGradient:
     """∂L_meta(θ'(α))/∂α for the CMW-Net, given the real forward ``(h, z)`` of ``model`` on ``view1, view2``.
 
@@ -253,19 +322,76 @@ def cmw_meta_gradient(
     ``meta_positive_group`` marks meta pairs of one video as positives of each other (a meta batch larger than the
     held-out set repeats videos). Changes nothing: not the model's parameters or buffers, not the optimizer, not the
     CMW-Net.
+
+    ``gather`` (DDP: the loop's ``StepContext.gather``, every rank calling with its shard of the training and meta
+    batches, equal shards): the step of one process on the gathered global batches, the same CMW-Net gradient on
+    every rank, and ``meta_loss`` the meta loss of the global meta batch. Under autocast the step runs in float32
+    with its own float32 forward of the training views (the given ``h, z`` are not used; see the module docstring).
     """
-    _check_single_process(model)
+    _check_plain_module(model)
     model = unwrap_model(model)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    features = (h1.detach(), h2.detach())
+    shards = None if gather is None else _Shards(gather, dist.get_rank(), dist.get_world_size())
+    device_type = view1.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _meta_gradient(
+            model, params, cmw, loss, (view1, view2), (h1, h2), (z1, z2), positive_group, prior_weight,
+            (meta_view1, meta_view2), optimizer, inner_lr, meta_positive_group, shards,
+        )  # fmt: skip
+    with torch.autocast(device_type, enabled=False):
+        views = (view1.float(), view2.float())
+        buffers = _virtual_buffers(model)
+        (h1, z1), (h2, z2) = (functional_call(model, (params, buffers), (view,)) for view in views)
+        return _meta_gradient(
+            model, params, cmw, loss, views, (h1, h2), (z1, z2), positive_group, prior_weight,
+            (meta_view1.float(), meta_view2.float()), optimizer, inner_lr, meta_positive_group, shards,
+        )  # fmt: skip
+
+
+def _meta_gradient(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    cmw: nn.Module,
+    loss: LossFn,
+    views: tuple[Tensor, Tensor],
+    h: tuple[Tensor, Tensor],
+    z: tuple[Tensor, Tensor],
+    positive_group: Tensor | None,
+    prior_weight: Tensor | None,
+    meta_views: tuple[Tensor, Tensor],
+    optimizer: torch.optim.Optimizer,
+    inner_lr: float | None,
+    meta_positive_group: Tensor | None,
+    shards: _Shards | None,
+) -> MetaGradient:
+    """`cmw_meta_gradient` in the dtype it is given (steps as in the module docstring)."""
+    features = (h[0].detach(), h[1].detach())
+    if shards is None:
+        all_features, all_group, all_prior = features, positive_group, prior_weight
+    else:  # the pair weights of every rank's pairs: the loss is normalised over them and weighs them all
+        all_features = (shards.gather(features[0]), shards.gather(features[1]))
+        all_group = None if positive_group is None else shards.gather(positive_group)
+        all_prior = None if prior_weight is None else shards.gather(prior_weight.detach())
+        rows = shards.rows(z[0].shape[0])
 
     # Step 2: the gradient of the weighted training loss at θ (values only; the α-dependence comes later).
     with torch.no_grad():
-        weight = _pair_weight(cmw, features, prior_weight)
-    weighted = loss(z1, z2, positive_group=positive_group, weight=weight)
+        weight = _pair_weight(cmw, all_features, all_prior)
+    if shards is None:
+        weighted = loss(*z, positive_group=positive_group, weight=weight)
+    else:  # this rank's share, as the real step's loss: the mean over ranks of the gradients is the global one
+        z_all = (shards.gather(z[0]), shards.gather(z[1]))
+        weighted = loss(
+            *z, positive_group=positive_group, weight=weight[rows], gathered=(*z_all, all_group),
+            offset=rows.start, weight_sum=weight.sum(),
+        )  # fmt: skip
     grads = torch.autograd.grad(weighted, list(params.values()), retain_graph=True, allow_unused=True)
+    if shards is not None:
+        grads = shards.all_reduce(
+            [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)], mean=True
+        )
 
-    # Step 3: the virtual SGD step θ' = θ − lr·(c·(g + wd·θ) + r·m).
+    # Step 3: the virtual SGD step θ' = θ − lr·(c·(g + wd·θ) + r·m), the same on every rank.
     steps = virtual_sgd_steps(optimizer, params, inner_lr)
     with torch.no_grad():
         virtual = {
@@ -273,9 +399,22 @@ def cmw_meta_gradient(
         }
 
     # Step 4: the unweighted meta loss at θ' and its gradient v = ∂L_meta/∂θ'.
-    meta_z1, meta_z2 = _network_z(model, virtual, (meta_view1, meta_view2))
-    meta_loss = loss(meta_z1, meta_z2, positive_group=meta_positive_group)
+    meta_z = _network_z(model, virtual, meta_views)
+    if shards is None:
+        meta_loss = loss(*meta_z, positive_group=meta_positive_group)
+    else:
+        meta_group_all = None if meta_positive_group is None else shards.gather(meta_positive_group)
+        meta_loss = loss(
+            *meta_z, positive_group=meta_positive_group,
+            gathered=(shards.gather(meta_z[0]), shards.gather(meta_z[1]), meta_group_all),
+            offset=shards.rank * meta_z[0].shape[0],
+        )  # fmt: skip
     meta_grads = torch.autograd.grad(meta_loss, list(virtual.values()), allow_unused=True)
+    if shards is not None:
+        *meta_grads, meta_loss = shards.all_reduce(
+            [*(torch.zeros_like(p) if v is None else v for p, v in zip(params.values(), meta_grads)), meta_loss],
+            mean=True,
+        )
 
     # Hypergradient: tangent t = −lr·c·v; ż = (∂z/∂θ)·t by forward mode; then ∂/∂α [∇_z L_w · ż].
     primals = {name: p.detach() for name, p in params.items()}
@@ -284,14 +423,22 @@ def cmw_meta_gradient(
         for (name, p), v in zip(params.items(), meta_grads)
     }
     with _BatchStatisticsNormJvp():
-        _, z_dot = jvp(lambda ps: _network_z(model, ps, (view1, view2)), (primals,), (tangents,))
-    z_leaf = (z1.detach().requires_grad_(), z2.detach().requires_grad_())
-    weighted_alpha = loss(*z_leaf, positive_group=positive_group, weight=_pair_weight(cmw, features, prior_weight))
-    dz = torch.autograd.grad(weighted_alpha, z_leaf, create_graph=True)
+        _, z_dot = jvp(lambda ps: _network_z(model, ps, views), (primals,), (tangents,))
+    alpha_weight = _pair_weight(cmw, all_features, all_prior)
+    if shards is None:
+        z_leaf = (z[0].detach().requires_grad_(), z[1].detach().requires_grad_())
+        weighted_alpha = loss(*z_leaf, positive_group=positive_group, weight=alpha_weight)
+        dz = torch.autograd.grad(weighted_alpha, z_leaf, create_graph=True)
+    else:  # this rank's term Σ ∇_{z_r} L_w(z_all; w_all(α)) · ż_r of the global directional derivative
+        z_leaf = (z_all[0].detach().requires_grad_(), z_all[1].detach().requires_grad_())
+        weighted_alpha = loss(*z_leaf, positive_group=all_group, weight=alpha_weight)
+        dz = [d[rows] for d in torch.autograd.grad(weighted_alpha, z_leaf, create_graph=True)]
     directional = sum((a * b.to(a.dtype)).sum() for a, b in zip(dz, z_dot))
     cmw_params = list(cmw.parameters())
     cmw_grads = torch.autograd.grad(directional, cmw_params, allow_unused=True)
     cmw_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(cmw_params, cmw_grads)]
+    if shards is not None:
+        cmw_grads = shards.all_reduce(cmw_grads, mean=False)
     return MetaGradient(cmw_grads=cmw_grads, meta_loss=meta_loss.detach())
 
 

@@ -5,7 +5,6 @@ A tiny run on the phantom records, at every optimiser step, the views and batch 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -13,36 +12,8 @@ import pytest
 import torch
 
 from sonocl.train import loop
-from sonocl.train.cli import add_arguments, resolve_config
 from sonocl.train.replay import RunReplay, replay_step
-
-TWO_EPOCHS = [
-    "--epochs",
-    "2",
-    "--batch-size",
-    "4",
-    "--size",
-    "32",
-    "--precision",
-    "fp32",
-    "--device",
-    "cpu",
-    "--workers",
-    "0",
-    "--no-progress",
-    "--set",
-    "options.items=videos",
-    "--set",
-    "model.projection_hidden=64",
-    "--set",
-    "knn_frames_per_video=4",
-]
-
-
-def _config(argv: list[str]):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return resolve_config(parser.parse_args(argv))
+from test_train import TINY, _config
 
 
 @pytest.mark.parametrize("method", ["uscl", "awcl", "simclr"])  # augment first; extra gamma on labelled; mix first
@@ -55,7 +26,8 @@ def test_replay_step_gives_the_views_the_loop_trained_on(method: str, phantom_st
         return train_step(run, view1, view2, targets, context)
 
     monkeypatch.setattr(loop, "train_step", recording)
-    cfg = _config(["--store", str(phantom_store.root), "--method", method, "--out", str(tmp_path), *TWO_EPOCHS])
+    argv = ["--store", str(phantom_store.root), "--method", method, "--out", str(tmp_path), *TINY]
+    cfg = _config([*argv, "--epochs", "2", "--device", "cpu"])
     if method == "awcl":
         assert cfg.augment.gamma > 0
     loop.pretrain(cfg, tmp_path)

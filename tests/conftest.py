@@ -37,6 +37,18 @@ def pocus_dir() -> Path:
     return path
 
 
+def tiny_pretrain(*extra: str, epochs: int = 1, batch_size: int = 4, size: int = 32) -> list[str]:
+    """``sonocl pretrain`` options of a run small enough for a test: fp32, no loader workers, no progress bar."""
+    return ["--epochs", str(epochs), "--batch-size", str(batch_size), "--size", str(size), "--precision", "fp32",
+            "--workers", "0", "--no-progress", *extra]  # fmt: skip
+
+
+def tiny_sets(knn_frames: int = 4) -> list[str]:
+    """``--set`` options of the tiny runs: one item per video, a 64-wide projector, few kNN monitor frames."""
+    sets = ["options.items=videos", "model.projection_hidden=64", f"knn_frames_per_video={knn_frames}"]
+    return [arg for value in sets for arg in ("--set", value)]
+
+
 def method_config(method: str, **changes: object):
     """The preset of ``method`` with ``changes`` merged in (nested mappings, e.g. ``options={"queue_size": 16}``)."""
     from sonocl.train.config import merge, preset

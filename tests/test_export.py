@@ -15,26 +15,13 @@ import torchvision
 from safetensors.torch import load_file
 
 import sonocl
+from conftest import tiny_pretrain
 from sonocl.cli import main
 from sonocl.evaluate.inits import load_init
 from sonocl.models import encoder_metadata, read_state_dict
 from test_segment import _synthetic_dataset
 
-TINY_RUN = [
-    "--epochs",
-    "1",
-    "--batch-size",
-    "8",
-    "--size",
-    "32",
-    "--threads",
-    "1",
-    "--workers",
-    "0",
-    "--precision",
-    "fp32",
-    "--no-progress",
-]
+TINY_RUN = tiny_pretrain("--threads", "1", batch_size=8)
 
 
 @pytest.fixture(scope="module")

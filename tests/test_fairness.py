@@ -9,29 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tiny_pretrain, tiny_sets
 from sonocl.cli import main
 
-PRETRAIN = [
-    "--epochs",
-    "1",
-    "--batch-size",
-    "4",
-    "--size",
-    "32",
-    "--precision",
-    "fp32",
-    "--workers",
-    "0",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--set",
-    "options.items=videos",
-    "--set",
-    "model.projection_hidden=64",
-    "--set",
-    "knn_frames_per_video=2",
-]
+PRETRAIN = tiny_pretrain("--threads", "1", *tiny_sets(knn_frames=2))
 EVALUATE = ["--protocol", "knn", "--folds", "3", "--fps", "0", "--frames-per-video", "4", "--device", "cpu"]
 
 

@@ -19,29 +19,12 @@ import pytest
 import torch
 import torchvision
 
+from conftest import tiny_pretrain, tiny_sets
 from sonocl.train.cli import add_arguments, resolve_config
 from sonocl.train.config import ConfigError, PretrainConfig, merge, parse_assignment, preset
 from sonocl.train.schedules import lr_schedule, momentum_schedule
 
-TINY = [
-    "--epochs",
-    "1",
-    "--batch-size",
-    "4",
-    "--size",
-    "32",
-    "--precision",
-    "fp32",
-    "--workers",
-    "0",
-    "--no-progress",
-    "--set",
-    "options.items=videos",
-    "--set",
-    "model.projection_hidden=64",
-    "--set",
-    "knn_frames_per_video=4",
-]
+TINY = tiny_pretrain(*tiny_sets())
 TINY_OPTIONS = {"meta-uscl": ["--meta-batch-size", "4"], "moco": ["--queue-size", "64"]}
 
 

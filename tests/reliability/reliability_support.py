@@ -48,24 +48,16 @@ INIT_COMMANDS = ("pretrain", "evaluate", "embed")
 """The commands that load an encoder given with ``--init``."""
 
 
+def smallest_pretrain(run: Path, epochs: int = 1) -> list[str | Path]:
+    """``sonocl pretrain`` options of the smallest SimCLR run on the CPU, writing ``run`` (add ``--store``)."""
+    return ["--method", "simclr", "--out", run, "--epochs", str(epochs), "--size", "32", "--batch-size", "4",
+            "--threads", "1", "--no-progress", "--device", "cpu"]  # fmt: skip
+
+
 def with_init(command: str, store: Path, init: Path, out: Path) -> list[str | Path]:
     """Arguments of a smallest run of ``sonocl COMMAND --init INIT`` on ``store``, writing under ``out`` (CPU)."""
     tail: dict[str, list[str | Path]] = {
-        "pretrain": [
-            "--method",
-            "simclr",
-            "--out",
-            out / "run",
-            "--epochs",
-            "1",
-            "--size",
-            "32",
-            "--batch-size",
-            "4",
-            "--threads",
-            "1",
-            "--no-progress",
-        ],
+        "pretrain": smallest_pretrain(out / "run"),
         "evaluate": ["--protocol", "knn", "--folds", "2", "--out", out / "eval"],
         "embed": ["--out", out / "embed.npz"],
     }

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reliability_support import good_video, ingest, random_store
+from reliability_support import good_video, ingest, random_store, smallest_pretrain
 from safetensors.torch import load_file
 
 from sonocl.data.ingest import TEMP_DIR
@@ -158,25 +158,6 @@ def test_sigkill_at_a_random_moment_then_rerun_completes(
 
 # ---- pretraining: killed, resumed with --resume, ends where an uninterrupted run ends ---------------------------
 
-PRETRAIN = [
-    "--method",
-    "simclr",
-    "--epochs",
-    "2",
-    "--size",
-    "32",
-    "--batch-size",
-    "4",
-    "--threads",
-    "1",
-    "--no-progress",
-    "--device",
-    "cpu",
-    "--deterministic",
-    "--checkpoint-every-steps",
-    "3",
-]
-
 
 @pytest.fixture(scope="module")
 def pretrain_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -200,7 +181,8 @@ def _single_thread() -> dict[str, str]:
 
 
 def _pretrain_command(store: Path, run: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "sonocl", "pretrain", "--store", str(store), "--out", str(run), *PRETRAIN, *extra]
+    options = [*smallest_pretrain(run, epochs=2), "--deterministic", "--checkpoint-every-steps", "3", *extra]
+    return [sys.executable, "-m", "sonocl", "pretrain", "--store", str(store), *map(str, options)]
 
 
 def _kill_and_resume(store: Path, run: Path, moment: str, wait: float) -> Path:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from reliability_support import random_store, run_cli
+from reliability_support import random_store, run_cli, smallest_pretrain
 
 from sonocl.augment import BatchAugment
 from sonocl.losses import GroupInfoNCE, byol_loss, semi_supervised_ce
@@ -25,21 +25,7 @@ def _pretrain(capsys: pytest.CaptureFixture[str], store: Path, run: Path, *extra
         "pretrain",
         "--store",
         store,
-        "--method",
-        "simclr",
-        "--out",
-        run,
-        "--epochs",
-        "2",
-        "--size",
-        "32",
-        "--batch-size",
-        "4",
-        "--threads",
-        "1",
-        "--no-progress",
-        "--device",
-        "cpu",
+        *smallest_pretrain(run, epochs=2),
         *extra,
     )
 

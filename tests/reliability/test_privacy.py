@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image, ImageDraw
-from reliability_support import ingest, run_cli
+from reliability_support import ingest, run_cli, smallest_pretrain
 
 from sonocl.data.labels import hashed_group
 from sonocl.data.phantom import CLASS_PREFIX, make_phantom, make_phantom_video, write_dicom_cine, write_mp4
@@ -77,26 +77,7 @@ def test_no_planted_identity_reaches_any_written_file_or_output(
         ],
         ["info", out / "store"],
         ["info", out / "store", "--json"],
-        [
-            "pretrain",
-            "--store",
-            out / "store",
-            "--method",
-            "simclr",
-            "--out",
-            out / "run",
-            "--epochs",
-            "1",
-            "--size",
-            "32",
-            "--batch-size",
-            "4",
-            "--threads",
-            "1",
-            "--no-progress",
-            "--device",
-            "cpu",
-        ],
+        ["pretrain", "--store", out / "store", *smallest_pretrain(out / "run")],
         [
             "evaluate",
             "--store",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reliability_support import good_video, ingest, line_naming, random_store, run_cli, stored_ids
+from reliability_support import good_video, ingest, line_naming, random_store, run_cli, smallest_pretrain, stored_ids
 
 import sonocl.data.ingest as ingest_module
 import sonocl.data.store as store_module
@@ -258,21 +258,7 @@ def test_checkpoint_write_fails_with_one_line_naming_it(
         "pretrain",
         "--store",
         store,
-        "--method",
-        "simclr",
-        "--out",
-        tmp_path / "run",
-        "--epochs",
-        "1",
-        "--size",
-        "32",
-        "--batch-size",
-        "4",
-        "--threads",
-        "1",
-        "--no-progress",
-        "--device",
-        "cpu",
+        *smallest_pretrain(tmp_path / "run"),
     )
     assert result.code == 1
     assert "No space left on device" in line_naming(result.err, "last.pt")

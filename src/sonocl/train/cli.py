@@ -128,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "--" + name.replace("_", "-"),
             dest=_OPTION_PREFIX + name,
             type=kind,
-            help=f"{', '.join(owners)}: {help_text}",
+            help=f"{', '.join(owners)}: {help_text}".replace("%", "%%"),  # argparse formats help with %
         )
 
 

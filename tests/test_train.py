@@ -109,6 +109,16 @@ def test_linear_warmup_awcl_constant_and_momentum_schedules() -> None:
     assert np.all(momentum_schedule(0.999, None, 7) == 0.999)
 
 
+@pytest.mark.parametrize("method", ["simclr", "byol", "moco", "meta-uscl", "uscl"])
+@pytest.mark.parametrize("total", [7, 240, 333, 500])
+def test_warmup_never_exceeds_the_base_lr(method: str, total: int) -> None:
+    """BYOL's 1 % warm-up over 240 steps is 2.4 steps: the linear ramp stops at the base LR, never above it."""
+    lr = lr_schedule(0.5, total, preset(method).schedule)
+    assert lr.max() <= 0.5 and lr[0] > 0
+    peak = int(np.argmax(lr))
+    assert np.all(np.diff(lr[: peak + 1]) >= 0)
+
+
 # ------------------------------------------------------------------------------------------- config
 
 

@@ -21,7 +21,8 @@ def lr_schedule(base_lr: float, total_steps: int, config: ScheduleConfig) -> np.
     With ``p = step / total_steps`` and the warm-up share ``W = warmup_fraction`` (the papers' warm-up epochs over
     their epochs, so a run of any budget keeps the paper's shape), during warm-up (p < W):
 
-    - ``linear``: ``lr · (step + 1) / (W · total_steps)`` (never 0 at the first step);
+    - ``linear``: ``lr · min(1, (step + 1) / (W · total_steps))`` (never 0 at the first step, never above ``lr``
+      when the warm-up is not a whole number of steps);
     - ``constant``: ``lr`` (USCL: CosineAnnealingLR is stepped only from epoch 10 on, quirk 11);
     - ``exponential``: ``lr · (0.1 + 0.9·exp(−5·(1 − p/W)²))`` (Meta-USCL's LambdaLR).
 
@@ -38,7 +39,7 @@ def lr_schedule(base_lr: float, total_steps: int, config: ScheduleConfig) -> np.
     lr = np.full(total_steps, float(base_lr))
     if warmup > 0:
         if config.warmup == "linear":
-            lr[warm] = base_lr * (step[warm] + 1) / (warmup * total_steps)
+            lr[warm] = base_lr * np.minimum(1.0, (step[warm] + 1) / (warmup * total_steps))
         elif config.warmup == "exponential":
             lr[warm] = base_lr * (0.1 + 0.9 * np.exp(-5.0 * (1.0 - progress[warm] / warmup) ** 2))
     if config.decay == "cosine":

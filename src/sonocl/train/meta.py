@@ -60,7 +60,7 @@ Choices made explicit (the reference leaves them implicit, see quirks 16–18 an
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -365,31 +365,10 @@ def _meta_gradient(
     shards: _Shards | None,
 ) -> MetaGradient:
     """`cmw_meta_gradient` in the dtype it is given (steps as in the module docstring)."""
-    features = (h[0].detach(), h[1].detach())
-    if shards is None:
-        all_features, all_group, all_prior = features, positive_group, prior_weight
-    else:  # the pair weights of every rank's pairs: the loss is normalised over them and weighs them all
-        all_features = (shards.gather(features[0]), shards.gather(features[1]))
-        all_group = None if positive_group is None else shards.gather(positive_group)
-        all_prior = None if prior_weight is None else shards.gather(prior_weight.detach())
-        rows = shards.rows(z[0].shape[0])
+    pairs = _TrainingPairs.of(h, z, positive_group, prior_weight, shards)
 
     # Step 2: the gradient of the weighted training loss at θ (values only; the α-dependence comes later).
-    with torch.no_grad():
-        weight = _pair_weight(cmw, all_features, all_prior)
-    if shards is None:
-        weighted = loss(*z, positive_group=positive_group, weight=weight)
-    else:  # this rank's share, as the real step's loss: the mean over ranks of the gradients is the global one
-        z_all = (shards.gather(z[0]), shards.gather(z[1]))
-        weighted = loss(
-            *z, positive_group=positive_group, weight=weight[rows], gathered=(*z_all, all_group),
-            offset=rows.start, weight_sum=weight.sum(),
-        )  # fmt: skip
-    grads = torch.autograd.grad(weighted, list(params.values()), retain_graph=True, allow_unused=True)
-    if shards is not None:
-        grads = shards.all_reduce(
-            [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)], mean=True
-        )
+    grads = _weighted_gradient(loss, cmw, pairs, params, shards)
 
     # Step 3: the virtual SGD step θ' = θ − lr·(c·(g + wd·θ) + r·m), the same on every rank.
     steps = virtual_sgd_steps(optimizer, params, inner_lr)
@@ -399,47 +378,127 @@ def _meta_gradient(
         }
 
     # Step 4: the unweighted meta loss at θ' and its gradient v = ∂L_meta/∂θ'.
-    meta_z = _network_z(model, virtual, meta_views)
-    if shards is None:
-        meta_loss = loss(*meta_z, positive_group=meta_positive_group)
-    else:
-        meta_group_all = None if meta_positive_group is None else shards.gather(meta_positive_group)
-        meta_loss = loss(
-            *meta_z, positive_group=meta_positive_group,
-            gathered=(shards.gather(meta_z[0]), shards.gather(meta_z[1]), meta_group_all),
-            offset=shards.rank * meta_z[0].shape[0],
-        )  # fmt: skip
-    meta_grads = torch.autograd.grad(meta_loss, list(virtual.values()), allow_unused=True)
-    if shards is not None:
-        *meta_grads, meta_loss = shards.all_reduce(
-            [*(torch.zeros_like(p) if v is None else v for p, v in zip(params.values(), meta_grads)), meta_loss],
-            mean=True,
-        )
+    meta_grads, meta_loss = _meta_loss_gradient(model, loss, virtual, meta_views, meta_positive_group, shards)
 
     # Hypergradient: tangent t = −lr·c·v; ż = (∂z/∂θ)·t by forward mode; then ∂/∂α [∇_z L_w · ż].
-    primals = {name: p.detach() for name, p in params.items()}
     tangents = {
         name: torch.zeros_like(p) if v is None else v.mul_(steps[name].gradient_scale)
         for (name, p), v in zip(params.items(), meta_grads)
     }
+    cmw_grads = _cmw_hypergradient(model, cmw, loss, params, tangents, views, pairs, shards)
+    return MetaGradient(cmw_grads=cmw_grads, meta_loss=meta_loss.detach())
+
+
+@dataclass(frozen=True)
+class _TrainingPairs:
+    """The real forward's pairs: this rank's ``z`` and groups, and what every rank's pairs weigh the loss with."""
+
+    z: tuple[Tensor, Tensor]
+    positive_group: Tensor | None
+    all_features: tuple[Tensor, Tensor]
+    """Detached backbone features of every pair of the global batch (the CMW-Net's input)."""
+    all_group: Tensor | None
+    all_prior: Tensor | None
+    z_all: tuple[Tensor, Tensor] | None = None
+    """DDP: the gathered projections (None in one process)."""
+    rows: slice = field(default_factory=lambda: slice(None))
+    """Where this rank's pairs sit in the global batch."""
+
+    @classmethod
+    def of(
+        cls,
+        h: tuple[Tensor, Tensor],
+        z: tuple[Tensor, Tensor],
+        positive_group: Tensor | None,
+        prior_weight: Tensor | None,
+        shards: _Shards | None,
+    ) -> _TrainingPairs:
+        features = (h[0].detach(), h[1].detach())
+        if shards is None:
+            return cls(z, positive_group, features, positive_group, prior_weight)
+        # the pair weights of every rank's pairs: the loss is normalised over them and weighs them all
+        return cls(
+            z, positive_group, (shards.gather(features[0]), shards.gather(features[1])),
+            None if positive_group is None else shards.gather(positive_group),
+            None if prior_weight is None else shards.gather(prior_weight.detach()),
+            (shards.gather(z[0]), shards.gather(z[1])), shards.rows(z[0].shape[0]),
+        )  # fmt: skip
+
+
+def _weighted_gradient(
+    loss: LossFn, cmw: nn.Module, pairs: _TrainingPairs, params: dict[str, nn.Parameter], shards: _Shards | None
+) -> list[Tensor | None]:
+    """g = ∇_θ L_w at θ with the current CMW-Net weights; under DDP the mean over ranks (the real step's rule)."""
+    with torch.no_grad():
+        weight = _pair_weight(cmw, pairs.all_features, pairs.all_prior)
+    if shards is None:
+        weighted = loss(*pairs.z, positive_group=pairs.positive_group, weight=weight)
+    else:  # this rank's share, as the real step's loss: the mean over ranks of the gradients is the global one
+        weighted = loss(
+            *pairs.z, positive_group=pairs.positive_group, weight=weight[pairs.rows],
+            gathered=(*pairs.z_all, pairs.all_group), offset=pairs.rows.start, weight_sum=weight.sum(),
+        )  # fmt: skip
+    grads = torch.autograd.grad(weighted, list(params.values()), retain_graph=True, allow_unused=True)
+    if shards is None:
+        return list(grads)
+    return shards.all_reduce([torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)], True)
+
+
+def _meta_loss_gradient(
+    model: nn.Module,
+    loss: LossFn,
+    virtual: dict[str, Tensor],
+    meta_views: tuple[Tensor, Tensor],
+    meta_positive_group: Tensor | None,
+    shards: _Shards | None,
+) -> tuple[list[Tensor | None], Tensor]:
+    """v = ∂L_meta/∂θ' and L_meta: the unweighted InfoNCE of the (global) meta batch at the virtual parameters."""
+    meta_z = _network_z(model, virtual, meta_views)
+    if shards is None:
+        meta_loss = loss(*meta_z, positive_group=meta_positive_group)
+        return list(torch.autograd.grad(meta_loss, list(virtual.values()), allow_unused=True)), meta_loss
+    meta_group_all = None if meta_positive_group is None else shards.gather(meta_positive_group)
+    meta_loss = loss(
+        *meta_z, positive_group=meta_positive_group,
+        gathered=(shards.gather(meta_z[0]), shards.gather(meta_z[1]), meta_group_all),
+        offset=shards.rank * meta_z[0].shape[0],
+    )  # fmt: skip
+    meta_grads = torch.autograd.grad(meta_loss, list(virtual.values()), allow_unused=True)
+    *meta_grads, meta_loss = shards.all_reduce(
+        [*(torch.zeros_like(p) if v is None else v for p, v in zip(virtual.values(), meta_grads)), meta_loss],
+        mean=True,
+    )
+    return meta_grads, meta_loss
+
+
+def _cmw_hypergradient(
+    model: nn.Module,
+    cmw: nn.Module,
+    loss: LossFn,
+    params: dict[str, nn.Parameter],
+    tangents: dict[str, Tensor],
+    views: tuple[Tensor, Tensor],
+    pairs: _TrainingPairs,
+    shards: _Shards | None,
+) -> list[Tensor]:
+    """∂/∂α [∇_z L_w(α) · ż] with ż = (∂z/∂θ)·t by forward mode; under DDP the sum of every rank's term."""
+    primals = {name: p.detach() for name, p in params.items()}
     with _BatchStatisticsNormJvp():
         _, z_dot = jvp(lambda ps: _network_z(model, ps, views), (primals,), (tangents,))
-    alpha_weight = _pair_weight(cmw, all_features, all_prior)
+    alpha_weight = _pair_weight(cmw, pairs.all_features, pairs.all_prior)
     if shards is None:
-        z_leaf = (z[0].detach().requires_grad_(), z[1].detach().requires_grad_())
-        weighted_alpha = loss(*z_leaf, positive_group=positive_group, weight=alpha_weight)
+        z_leaf = (pairs.z[0].detach().requires_grad_(), pairs.z[1].detach().requires_grad_())
+        weighted_alpha = loss(*z_leaf, positive_group=pairs.positive_group, weight=alpha_weight)
         dz = torch.autograd.grad(weighted_alpha, z_leaf, create_graph=True)
     else:  # this rank's term Σ ∇_{z_r} L_w(z_all; w_all(α)) · ż_r of the global directional derivative
-        z_leaf = (z_all[0].detach().requires_grad_(), z_all[1].detach().requires_grad_())
-        weighted_alpha = loss(*z_leaf, positive_group=all_group, weight=alpha_weight)
-        dz = [d[rows] for d in torch.autograd.grad(weighted_alpha, z_leaf, create_graph=True)]
+        z_leaf = (pairs.z_all[0].detach().requires_grad_(), pairs.z_all[1].detach().requires_grad_())
+        weighted_alpha = loss(*z_leaf, positive_group=pairs.all_group, weight=alpha_weight)
+        dz = [d[pairs.rows] for d in torch.autograd.grad(weighted_alpha, z_leaf, create_graph=True)]
     directional = sum((a * b.to(a.dtype)).sum() for a, b in zip(dz, z_dot))
     cmw_params = list(cmw.parameters())
     cmw_grads = torch.autograd.grad(directional, cmw_params, allow_unused=True)
     cmw_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(cmw_params, cmw_grads)]
-    if shards is not None:
-        cmw_grads = shards.all_reduce(cmw_grads, mean=False)
-    return MetaGradient(cmw_grads=cmw_grads, meta_loss=meta_loss.detach())
+    return cmw_grads if shards is None else shards.all_reduce(cmw_grads, mean=False)
 
 
 def _pair_weight(cmw: nn.Module, features: tuple[Tensor, Tensor], prior_weight: Tensor | None) -> Tensor:

@@ -132,87 +132,27 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"== Making {args.videos} synthetic lung-ultrasound videos (mp4 and DICOM cine) in {data}", flush=True)
     write_phantom_dataset(data, num_videos=args.videos, frames_per_video=args.frames, size=128, seed=args.seed)
-    _step(
-        "Ingest",
-        [
-            "ingest",
-            str(data / "videos"),
-            "--out",
-            str(store),
-            "--size",
-            "64",
-            "--labels",
-            str(data / "labels.csv"),
-            "--extra-columns",
-            "anatomy,b_lines,consolidation",
-        ],
-    )
+    _step("Ingest", ["ingest", str(data / "videos"), "--out", str(store), "--size", "64",
+                     "--labels", str(data / "labels.csv"), "--extra-columns", "anatomy,b_lines,consolidation"])  # fmt: skip
     _step("Store summary", ["info", str(store)])
     common = ["--size", str(args.size), "--seed", str(args.seed)]
     pretrain_started = time.perf_counter()
-    _step(
-        "Pretrain SimCLR (no labels)",
-        [
-            "pretrain",
-            "--store",
-            str(store),
-            "--method",
-            "simclr",
-            "--out",
-            str(pretrained),
-            "--steps",
-            str(args.steps),
-            "--batch-size",
-            "32",
-            "--items",
-            "frames",
-            "--set",
-            "optim.name=adam",
-            "--lr",
-            "1e-3",
-            "--set",
-            "optim.lr_scaling=none",
-            "--no-progress",
-            *common,
-        ],
-    )
+    _step("Pretrain SimCLR (no labels)", [
+        "pretrain", "--store", str(store), "--method", "simclr", "--out", str(pretrained), "--steps", str(args.steps),
+        "--batch-size", "32", "--items", "frames", "--set", "optim.name=adam", "--lr", "1e-3",
+        "--set", "optim.lr_scaling=none", "--no-progress", *common,
+    ])  # fmt: skip
     pretrain_seconds = time.perf_counter() - pretrain_started
     folds = ["--folds", "5", "--fps", "0", "--batch-size", "32", *common]
     inits = ["--init", "random", str(pretrained), "--name", "random", "simclr"]
-    _step(
-        "Evaluate (headline): kNN on frozen features, 5 folds grouped by patient",
-        [
-            "evaluate",
-            "--store",
-            str(store),
-            *inits,
-            "--protocol",
-            "knn",
-            "--frames-per-video",
-            "16",
-            *folds,
-            "--out",
-            str(evaluations["knn"]),
-        ],
-    )
-    _step(
-        f"Evaluate (beside): last-block fine-tuning, {args.eval_epochs} epochs per fold",
-        [
-            "evaluate",
-            "--store",
-            str(store),
-            *inits,
-            "--protocol",
-            "last-block",
-            "--epochs",
-            str(args.eval_epochs),
-            "--frames-per-video",
-            "8",
-            *folds,
-            "--out",
-            str(evaluations["last-block"]),
-        ],
-    )
+    _step("Evaluate (headline): kNN on frozen features, 5 folds grouped by patient", [
+        "evaluate", "--store", str(store), *inits, "--protocol", "knn", "--frames-per-video", "16", *folds,
+        "--out", str(evaluations["knn"]),
+    ])  # fmt: skip
+    _step(f"Evaluate (beside): last-block fine-tuning, {args.eval_epochs} epochs per fold", [
+        "evaluate", "--store", str(store), *inits, "--protocol", "last-block", "--epochs", str(args.eval_epochs),
+        "--frames-per-video", "8", *folds, "--out", str(evaluations["last-block"]),
+    ])  # fmt: skip
     _step("Report", ["report", str(pretrained), *map(str, evaluations.values()), "--out", str(report)])
 
     print(f"\nsonocl demo finished in {time.perf_counter() - started:.0f} s.")

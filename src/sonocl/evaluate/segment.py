@@ -897,6 +897,44 @@ def pretraining_overlap(spec: str, pairs: list[MaskPair]) -> dict[str, Any]:
     return stamp
 
 
+def _data_section(data: Any, splits: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """results.json's ``data``: the images, groups, units, skipped files and each fold's test images."""
+    return {
+        "num_images": len(data.pairs),
+        "num_groups": len(set(data.groups)),
+        "hd95_unit": data.hd95_unit,
+        "hc_available": data.hc_available,
+        "skipped": [{"image": image, "error": message} for image, message in data.skipped],
+        "folds": [
+            {
+                "fold": k,
+                "num_train": int(len(train)),
+                "num_test": int(len(test)),
+                "test_images": [data.relatives[i] for i in test],
+            }
+            for k, (train, test) in enumerate(splits)
+        ],  # fmt: skip
+    }
+
+
+def _init_entry(index: int, init: Any, report: Any, fold_results: list[Any], data: Any) -> dict[str, Any]:
+    """results.json's entry of one init: its folds, their summary, the pooled images, time and pretraining overlap."""
+    mine = [result for result in fold_results if result.task.init == index]
+    entries = [result.entry for result in mine]
+    return {
+        "name": init.label,
+        "init": init.spec,
+        "init_report": report,
+        "mean": init.mean,
+        "std": init.std,
+        "folds": entries,
+        "summary": _across_folds(entries),
+        "pooled": _summary_of_images([row for result in mine for row in result.rows]),
+        "seconds": round(sum(e[f"{part}_seconds"] for e in entries for part in FOLD_PARTS), 1),
+        "pretraining_overlap": pretraining_overlap(init.spec, data.pairs),
+    }
+
+
 def segment(config: SegmentConfig) -> int:
     """Run the cross-validation of ``config``; writes results.json, results.md, per_image.csv and overlays.
 
@@ -919,48 +957,16 @@ def segment(config: SegmentConfig) -> int:
     config.out.mkdir(parents=True, exist_ok=True)
     fold_results = run_folds(data, inits, config, tasks)
 
-    relatives = data.relatives
     results: dict[str, Any] = {
         "schema": SCHEMA,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": {**config.to_dict(), "device": str(device)},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)},
-        "data": {
-            "num_images": len(data.pairs),
-            "num_groups": len(set(data.groups)),
-            "hd95_unit": data.hd95_unit,
-            "hc_available": data.hc_available,
-            "skipped": [{"image": image, "error": message} for image, message in data.skipped],
-            "folds": [
-                {
-                    "fold": k,
-                    "num_train": int(len(train)),
-                    "num_test": int(len(test)),
-                    "test_images": [relatives[i] for i in test],
-                }
-                for k, (train, test) in enumerate(splits)
-            ],
-        },
-        "inits": [],
-    }
+        "data": _data_section(data, splits),
+        "inits": [_init_entry(index, init, report, fold_results, data) for index, (init, report) in
+                  enumerate(zip(inits, reports))],
+    }  # fmt: skip
     rows = [row for result in fold_results for row in result.rows]
-    for index, (init, report) in enumerate(zip(inits, reports)):
-        mine = [result for result in fold_results if result.task.init == index]
-        entries = [result.entry for result in mine]
-        results["inits"].append(
-            {
-                "name": init.label,
-                "init": init.spec,
-                "init_report": report,
-                "mean": init.mean,
-                "std": init.std,
-                "folds": entries,
-                "summary": _across_folds(entries),
-                "pooled": _summary_of_images([row for result in mine for row in result.rows]),
-                "seconds": round(sum(e[f"{part}_seconds"] for e in entries for part in FOLD_PARTS), 1),
-                "pretraining_overlap": pretraining_overlap(init.spec, data.pairs),
-            }
-        )
     if config.pixel_size is not None:
         method_errors = [
             abs(row["hc_fit_on_truth_mm"] - row["hc_true_mm"])

@@ -19,7 +19,7 @@ from conftest import tiny_pretrain
 from sonocl.cli import main
 from sonocl.evaluate.inits import load_init
 from sonocl.models import encoder_metadata, read_state_dict
-from test_segment import _synthetic_dataset
+from test_segment import _synthetic_dataset, tiny_segment
 
 TINY_RUN = tiny_pretrain("--threads", "1", batch_size=8)
 
@@ -179,29 +179,18 @@ def test_evaluate_and_segment_take_the_bundle_as_init(phantom_store, bundle: Pat
     images, masks, _ = _synthetic_dataset(tmp_path / "seg", count=8)
     assert (
         main(
-            [
-                "segment",
-                "--images",
-                str(images),
-                "--masks",
-                str(masks),
+            tiny_segment(
+                images,
+                masks,
                 "--init",
                 str(bundle),
-                "--folds",
-                "2",
-                "--size",
-                "32",
-                "--epochs",
-                "1",
-                "--batch-size",
-                "4",
                 "--overlays",
                 "0",
                 "--freeze-encoder",
                 "--out",
                 str(tmp_path / "segment"),
-            ]
-        )
+            )
+        )  # fmt: skip
         == 0
     )
     [init] = json.loads((tmp_path / "segment" / "results.json").read_text())["inits"]

@@ -139,6 +139,12 @@ def _synthetic_dataset(root: Path, count: int = 16, width: int = 56, height: int
     return images, masks, csv_path
 
 
+def tiny_segment(images: Path, masks: Path, *extra: str, epochs: int = 1) -> list[str]:
+    """``sonocl segment`` arguments of a run small enough for a test: 2 folds at 32 px, batch 4, on the CPU."""
+    return ["segment", "--images", str(images), "--masks", str(masks), "--folds", "2", "--size", "32",
+            "--epochs", str(epochs), "--batch-size", "4", "--device", "cpu", *extra]  # fmt: skip
+
+
 def test_missing_mask_stops_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     images, masks, _ = _synthetic_dataset(tmp_path, count=4)
     (masks / "01_1_Mask.png").unlink()
@@ -168,37 +174,9 @@ def test_end_to_end_on_synthetic_ellipses(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((48, 56), dtype=np.uint8)).save(images / "99_orphan.png")  # no mask: skipped, exit 3
     out = tmp_path / "out"
     code = main(
-        [
-            "segment",
-            "--images",
-            str(images),
-            "--masks",
-            str(masks),
-            "--init",
-            "random",
-            "--folds",
-            "2",
-            "--group-regex",
-            r"^(\d+)",
-            "--pixel-size",
-            str(pixel_csv),
-            "--size",
-            "32",
-            "--epochs",
-            "4",
-            "--batch-size",
-            "4",
-            "--lr",
-            "3e-3",
-            "--overlays",
-            "2",
-            "--skip-bad-masks",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-        ]
-    )
+        tiny_segment(images, masks, "--init", "random", "--group-regex", r"^(\d+)", "--pixel-size", str(pixel_csv),
+                     "--lr", "3e-3", "--overlays", "2", "--skip-bad-masks", "--out", str(out), epochs=4)
+    )  # fmt: skip
     assert code == 3  # finished, one image skipped
 
     results = json.loads((out / "results.json").read_text())
@@ -254,35 +232,9 @@ def test_init_from_a_saved_encoder_file(tmp_path: Path) -> None:
     )
     out = tmp_path / "out"
     code = main(
-        [
-            "segment",
-            "--images",
-            str(images),
-            "--masks",
-            str(masks),
-            "--init",
-            str(run_dir / "encoder.safetensors"),
-            str(run_dir),
-            "--name",
-            "file",
-            "run",
-            "--folds",
-            "2",
-            "--size",
-            "32",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--overlays",
-            "0",
-            "--freeze-encoder",
-            "--threshold",
-            "0.5",
-            "--out",
-            str(out),
-        ]
-    )
+        tiny_segment(images, masks, "--init", str(run_dir / "encoder.safetensors"), str(run_dir), "--name", "file",
+                     "run", "--overlays", "0", "--freeze-encoder", "--threshold", "0.5", "--out", str(out))
+    )  # fmt: skip
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert [init["name"] for init in results["inits"]] == ["file", "run"]
@@ -330,31 +282,8 @@ def test_parallel_jobs_give_the_same_scores_as_one_process(tmp_path: Path) -> No
     """--jobs 2 trains and scores the fold runs in 2 spawned single-thread workers: the same per-image scores, in
     the same order, as one single-thread process."""
     images, masks, pixel_csv = _synthetic_dataset(tmp_path / "data", count=8)
-    common = [
-        "segment",
-        "--images",
-        str(images),
-        "--masks",
-        str(masks),
-        "--init",
-        "random",
-        "--folds",
-        "2",
-        "--group-regex",
-        r"^(\d+)",
-        "--pixel-size",
-        str(pixel_csv),
-        "--size",
-        "32",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--overlays",
-        "1",
-        "--device",
-        "cpu",
-    ]
+    common = tiny_segment(images, masks, "--init", "random", "--group-regex", r"^(\d+)", "--pixel-size", str(pixel_csv),
+                          "--overlays", "1")  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

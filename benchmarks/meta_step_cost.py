@@ -4,20 +4,24 @@ A full step is the objective's forward (for Meta-USCL: the bilevel meta step on 
 weighted loss), backward, the SGD step and ``after_step``, on random tensors already in memory (no data
 path). USCL, Meta-USCL with a meta step every step, and Meta-USCL with ``--meta-every K`` (K consecutive
 steps, one of them a meta step) are interleaved in each repeat so that load on the shared machine hits all
-three alike; the figures are medians over repeats. Targets: ≤ 4× per step, ≤ 1.7× with ``--meta-every 5``
-(the reference code reports 6.58 s vs 0.097 s, 68×).
+three alike; the figures are medians over repeats. Targets (issue 13): ≤ 3× per step, ≤ 1.4× with
+``--meta-every 5`` (the reference code reports 6.58 s vs 0.097 s, 68×). ``--phases`` also times the meta step's
+parts (g, the meta batch's forward and backward, the hypergradient's JVP), each against a USCL step.
 
-    .venv/bin/python benchmarks/meta_step_cost.py --sizes 64 112 --repeats 5
+    .venv/bin/python benchmarks/meta_step_cost.py --sizes 64 112 --repeats 5 [--phases]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,8 +94,51 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PHASES = {
+    "_weighted_gradient": "g: backward of the weighted loss at θ",
+    "_meta_loss_gradient": "meta batch: forward and backward at θ'",
+    "_cmw_hypergradient": "hypergradient: forward-mode JVP of the training views, then ∂/∂α",
+}
+"""The parts of the meta step `--phases` times (functions of `sonocl.train.meta`); the rest of a Meta-USCL step is
+the real forward, backward and SGD step, which a USCL step also has."""
+
+
+@contextlib.contextmanager
+def phase_timers(device: torch.device) -> Iterator[dict[str, list[float]]]:
+    """Time each call of the `PHASES` functions (device-synchronised) while the block runs."""
+    from sonocl.train import meta
+
+    times: dict[str, list[float]] = {name: [] for name in PHASES}
+    originals = {name: getattr(meta, name) for name in PHASES}
+
+    def timed(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            _synchronize(device)
+            start = time.perf_counter()
+            out = originals[name](*args, **kwargs)
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+            return out
+
+        return call
+
+    for name in PHASES:
+        setattr(meta, name, timed(name))
+    try:
+        yield times
+    finally:
+        for name, original in originals.items():
+            setattr(meta, name, original)
+
+
 def measure(
-    size: int, batch: int, repeats: int, meta_every: int, device: torch.device, autocast: torch.dtype | None
+    size: int,
+    batch: int,
+    repeats: int,
+    meta_every: int,
+    device: torch.device,
+    autocast: torch.dtype | None,
+    phases: bool = False,
 ) -> dict:
     uscl = _setup("uscl", size, batch, 1, 0, device, autocast)
     meta = _setup("meta-uscl", size, batch, 1, 0, device, autocast)
@@ -100,16 +147,27 @@ def measure(
         _train_steps(state, 1)
     _train_steps(meta_k, meta_every)
     times: dict[str, list[float]] = {"uscl": [], "meta_uscl": [], f"meta_uscl_every_{meta_every}": []}
+    phase_times: dict[str, list[float]] = {name: [] for name in PHASES}
     for _ in range(repeats):
         times["uscl"].append(_train_steps(uscl, 1))
-        times["meta_uscl"].append(_train_steps(meta, 1))
+        with phase_timers(device) if phases else contextlib.nullcontext({}) as timed:
+            times["meta_uscl"].append(_train_steps(meta, 1))
+        for name, seconds in timed.items():
+            phase_times[name] += seconds
         times[f"meta_uscl_every_{meta_every}"].append(_train_steps(meta_k, meta_every) / meta_every)
         print(f"size {size}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), flush=True)
     medians = {name: statistics.median(values) for name, values in times.items()}
     # Ratios per repeat (each from one interleaved round) and of the medians.
     per_round = [m / u for m, u in zip(times["meta_uscl"], times["uscl"])]
     per_round_k = [m / u for m, u in zip(times[f"meta_uscl_every_{meta_every}"], times["uscl"])]
+    uscl_median = medians["uscl"]
+    breakdown = {
+        PHASES[name]: {"seconds": statistics.median(v), "x_uscl_step": statistics.median(v) / uscl_median}
+        for name, v in phase_times.items()
+        if v
+    }
     return {
+        "meta_step_phases": breakdown,
         "size": size,
         "batch": batch,
         "repeats": repeats,
@@ -135,6 +193,7 @@ def main() -> None:
         "--device", default="cpu", help="cpu | cuda | cuda:N (benchmark 4: cuda --precision bf16 --sizes 224)"
     )
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--phases", action="store_true", help="also time the parts of the meta step (synchronised)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "meta_step_cost.json")
     args = parser.parse_args()
     keep_freed_memory()  # as the sonocl command line does
@@ -143,7 +202,8 @@ def main() -> None:
     device = torch.device(args.device)
     results = []
     for size in args.sizes:
-        result = measure(size, args.batch, args.repeats, args.meta_every, device, AUTOCAST_DTYPES.get(args.precision))
+        autocast = AUTOCAST_DTYPES.get(args.precision)
+        result = measure(size, args.batch, args.repeats, args.meta_every, device, autocast, args.phases)
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "seconds_per_step"}, indent=1))
     report = {

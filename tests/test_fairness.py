@@ -95,7 +95,10 @@ def test_a_transductive_run_is_stamped_and_uses_its_own_normalisation(
         == f"transductive: {seen['seen']} of {seen['test_videos']} test videos seen in pretraining (without labels)"
     )
     assert random_init["pretraining_overlap"]["note"] == ""
-    assert seen["note"] in (out / "results.md").read_text()
+    provenance = json.loads((unlabelled_run / "provenance.json").read_text())["budget"]
+    assert seen["budget"] == f"uscl: {provenance['steps']} steps × 4 = {provenance['pairs']} pairs"
+    markdown = (out / "results.md").read_text()
+    assert seen["note"] in markdown and f"| {seen['budget']} |" in markdown and "| random | – |" in markdown
     # each encoder as it was trained: USCL's 32 px and 0.5 / 0.25; random init gets the recipe's 64 px and 0.18 / 0.24
     assert (uscl["input"]["size"], uscl["input"]["mean"], uscl["input"]["std"]) == (32, 0.5, 0.25)
     assert uscl["input"]["source"].startswith("encoder")
@@ -131,6 +134,7 @@ def test_per_fold_pretraining_never_sees_its_test_videos_and_resumes(phantom_sto
     results = json.loads((tmp_path / "results.json").read_text())
     entry = results["inits"][0]
     assert entry["label"] == "uscl (per fold)" and entry["pretraining_overlap"]["seen"] == 0
+    assert entry["pretraining_overlap"]["budget"].endswith(" pairs per fold")
     header = (tmp_path / "predictions.csv").read_text().splitlines()[0].split(",")
     assert header[-2:] == ["predicted", "selection"]  # the columns `sonocl evaluate` writes
     config = EvalConfig.from_recipe(

@@ -123,6 +123,14 @@ def summarise(checks: list[FoldCheck]) -> dict[str, Any]:
     return {"test_videos": total, "labels_seen": labels_seen, "seen": seen, "note": note}
 
 
+def budget_note(provenance: dict[str, Any] | None) -> str:
+    """A run's pretraining budget for tables, ``uscl: 500 steps × 32 = 16,000 pairs``; "" without provenance."""
+    if provenance is None or "budget" not in provenance:
+        return ""
+    budget = provenance["budget"]
+    return f"{provenance['method']}: {budget['steps']:,} steps × {budget['batch_size']} = {budget['pairs']:,} pairs"
+
+
 def leak_message(init: str, labels_seen: int, total: int) -> str:
     return (
         f"--init {init}: pretraining used the labels of {labels_seen} of the {total} test videos of these folds, "

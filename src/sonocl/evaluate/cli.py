@@ -313,13 +313,7 @@ def input_settings(config: Any, report: Any, mode: str) -> dict[str, Any]:
 def leak_stamp(spec: str, data: Any, config: Any, allow_leak: bool) -> dict[str, Any]:
     """The init's overlap with every fold's test videos (`sonocl.provenance`); refuses a label leak unless allowed."""
     from sonocl.evaluate.data import fold_splits
-    from sonocl.provenance import (
-        LabelLeakError,
-        check_fold,
-        find,
-        leak_message,
-        summarise,
-    )
+    from sonocl.provenance import LabelLeakError, budget_note, check_fold, find, leak_message, summarise
 
     provenance = find(spec)
     checks = [
@@ -329,6 +323,7 @@ def leak_stamp(spec: str, data: Any, config: Any, allow_leak: bool) -> dict[str,
     ]
     stamp = summarise(checks)
     stamp["provenance"] = "recorded" if provenance is not None else "none (random, ImageNet or a foreign checkpoint)"
+    stamp["budget"] = budget_note(provenance)
     if stamp["labels_seen"] and not allow_leak:
         raise LabelLeakError(leak_message(spec, stamp["labels_seen"], stamp["test_videos"]))
     if stamp["note"]:
@@ -447,7 +442,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             "as the USCL / Meta-USCL papers do. Use `--selection last` or `inner-val` for unbiased numbers.",
             "",
         ]
-    header = ["init", *[name for name, _, _ in METRIC_COLUMNS], "pooled frame acc", "pooled video acc"]
+    header = ["init", "pretraining budget", *[name for name, _, _ in METRIC_COLUMNS], "pooled frame acc",
+              "pooled video acc"]  # fmt: skip
     lines += [
         f"Mean ± std over {runs} fold runs, in %. Pooled = accuracy of the confusion matrix summed over folds "
         'and seeds (the papers\' "Total acc").',
@@ -460,7 +456,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         pooled = [f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in ("frame", "video")]
         overlap = entry.get("pretraining_overlap", {}).get("note", "")
         label = entry["label"] + (" (optimistic)" if entry["optimistic"] else "") + (f" [{overlap}]" if overlap else "")
-        lines.append("| " + " | ".join([label, *cells, *pooled]) + " |")
+        budget = entry.get("pretraining_overlap", {}).get("budget") or "–"
+        lines.append("| " + " | ".join([label, budget, *cells, *pooled]) + " |")
     lines += ["", "## Pooled confusion matrices (rows: true class, columns: predicted)", ""]
     classes = results["classes"]
     for entry in results["inits"]:

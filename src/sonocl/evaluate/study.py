@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         checks.append(check)
         report, settings = fold_report, fold_settings
         label = label or f"{fold_report.metadata.get('method', 'pretrained')} (per fold)"
-    from sonocl.provenance import summarise
+    from sonocl.provenance import budget_note, find, summarise
 
     data = data_by_size[settings["size"]]
     init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     overlap = summarise(checks)
     overlap.update(
         provenance="recorded per fold",
+        budget=budget_note(find(str(fold_run_dir(args, out, tasks[0])))) + " per fold",
         note=f"per-fold pretraining: {overlap['seen']} of {overlap['test_videos']} test videos seen in pretraining",
     )
     entry.update(
@@ -129,6 +130,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def fold_run_dir(args: argparse.Namespace, out: Path, task: Any) -> Path:
+    """The pretraining run of one (seed, fold): ``--runs`` (default ``OUT/pretrain``) / ``seedS_foldK``."""
+    return (args.runs or out / "pretrain") / f"seed{task.seed}_fold{task.fold}"
+
+
 def fold_run(
     args: argparse.Namespace, store: Any, config: Any, base: Any, data_by_size: dict[int, Any], task: Any, out: Path
 ) -> tuple[Any, Any, dict[str, Any], Any]:
@@ -141,7 +147,7 @@ def fold_run(
     from sonocl.train.loop import pretrain
 
     name = f"seed{task.seed}_fold{task.fold}"
-    run_dir, cached = (args.runs or out / "pretrain") / name, out / "folds" / f"{name}.npz"
+    run_dir, cached = fold_run_dir(args, out, task), out / "folds" / f"{name}.npz"
     test_hashes = [base.video_hashes[v] for v in task.test_videos]
     cfg, resume = pretrain_config(args.pretrain, str(store.root), run_dir, test_hashes)
     if not (cached.exists() and (run_dir / "encoder.safetensors").exists()):

@@ -167,7 +167,8 @@ class Run:
     training_seconds: float = 0.0
     """Wall time inside the optimiser steps (forward, backward, update): the model-only share of the run."""
     started: float = field(default_factory=time.perf_counter)
-    """When the run started, moved back on resume by the seconds it had run before (``elapsed_seconds``)."""
+    """When this process began the run (before `setup`), moved back on resume by the seconds the run had been
+    going at its last checkpoint (``elapsed_seconds``)."""
     saved_at: float = field(default_factory=time.perf_counter)
 
     @property
@@ -202,11 +203,12 @@ class Run:
 
 def pretrain(cfg: PretrainConfig, out: str | os.PathLike[str], resume: bool = False) -> PretrainResult:
     """Pretrain ``cfg.method`` on ``cfg.store``, writing everything under ``out`` (see the module docstring)."""
+    started = time.perf_counter()  # the run's wall time includes building it
     cfg.validate()
     context, device = ddp.init_distributed(cfg.device)
     try:
         with _reproducibility(cfg), _run_lock(Path(out), context):
-            run = setup(cfg, Path(out), resume, context, device)
+            run = setup(cfg, Path(out), resume, context, device, started)
             try:
                 for epoch in range(run.epoch, run.data.num_epochs):
                     train_one_epoch(run, epoch)
@@ -238,7 +240,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike[str], resume: bool = Fa
 # --------------------------------------------------------------------------------------------- setup
 
 
-def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.DistributedContext, device: torch.device) -> Run:
+def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.DistributedContext, device: torch.device,
+          started: float) -> Run:  # fmt: skip
     """Build the `Run`: data, model, objective, optimiser, scaler, schedules, logs; restored from ``last.pt`` on resume."""
     resume = _check_run_directory(out, resume, context)
     if cfg.batch_size % context.world_size:
@@ -264,6 +267,7 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
         lrs=lr_schedule(lr, total, cfg.schedule),
         momenta=momentum_schedule(cfg.schedule.ema_start, cfg.schedule.ema_end, total) if momenta else None,
         augment=build_augment(cfg), generator=torch.Generator(device=device), gather=ddp.make_gather(context),
+        started=started,
     )  # fmt: skip
 
     # ---- resume, loader, logs
@@ -449,7 +453,7 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     for name, obj in run.stateful().items():
         obj.load_state_dict(state[name])
     run.epoch, run.step_in_epoch, run.best_val_loss, elapsed, run.training_seconds = (state[key] for key in POSITION)
-    run.started = time.perf_counter() - elapsed
+    run.started -= elapsed
     run.epoch_metrics = dict(state["metrics"])
     if run.context.world_size == 1:
         set_rng_state(state["rng"], {"augment": run.generator})

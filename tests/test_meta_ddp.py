@@ -4,8 +4,6 @@ batch (step losses, meta losses, the CMW-Net and its Adam state)."""
 
 from __future__ import annotations
 
-import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +17,7 @@ from sonocl.losses import GroupInfoNCE
 from sonocl.models import CMWNet, ContrastiveModel
 from sonocl.train import distributed as ddp
 from sonocl.train import meta
+from test_train import IDENTITY_AUGMENT, _env, _step_rows
 
 B, IN, FEAT, WORLD = 8, 12, 6, 2
 CASES = [
@@ -103,28 +102,6 @@ def test_two_process_meta_step_equals_one_process_on_the_global_batch(tmp_path: 
 
 
 # ------------------------------------------------------------------------------------------ end to end
-
-IDENTITY_AUGMENT = [
-    "--set",
-    "augment.crop_scale=[1.0, 1.0]",
-    "--set",
-    "augment.crop_ratio=[1.0, 1.0]",
-    "--set",
-    "augment.flip_p=0.0",
-    "--set",
-    "augment.jitter_p=0.0",
-    "--set",
-    "augment.blur_p=0.0",
-]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def _step_rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv", newline="") as handle:
-        return [row for row in csv.DictReader(handle) if row["kind"] == "step"]
 
 
 def test_two_process_meta_uscl_pretrain_matches_one_process(phantom_store, tmp_path: Path) -> None:

@@ -299,6 +299,24 @@ def test_parallel_jobs_give_the_same_scores_as_one_process(tmp_path: Path) -> No
     assert (tmp_path / "two" / "overlays" / "random" / "00_0.png").exists()
 
 
+def test_a_rerun_resumes_at_the_first_unfinished_fold(tmp_path: Path) -> None:
+    """Each fold run is saved as it finishes (OUT/folds); a rerun reads the finished ones back and runs the rest,
+    and ends with the tables of an uninterrupted run. Changed settings are not read back."""
+    images, masks, pixel_csv = _synthetic_dataset(tmp_path / "data", count=8)
+    common = tiny_segment(images, masks, "--init", "random", "--group-regex", r"^(\d+)", "--pixel-size", str(pixel_csv),
+                          "--overlays", "0", "--out", str(tmp_path / "out"))  # fmt: skip
+    assert main(common) == 0
+    folds = tmp_path / "out" / "folds"
+    first = (folds / "init0_fold0.json").stat().st_mtime_ns
+    uninterrupted = (tmp_path / "out" / "per_image.csv").read_text()
+    (folds / "init0_fold1.json").unlink()  # as if killed while the second fold was training
+    assert main(common) == 0
+    assert (folds / "init0_fold0.json").stat().st_mtime_ns == first and (folds / "init0_fold1.json").exists()
+    assert (tmp_path / "out" / "per_image.csv").read_text() == uninterrupted
+    assert main([*common, "--lr", "5e-3"]) == 0  # another learning rate: every fold runs again
+    assert (folds / "init0_fold0.json").stat().st_mtime_ns != first
+
+
 def test_an_encoder_pretrained_on_the_segmented_images_is_stamped(tmp_path: Path) -> None:
     """Images a run pretrained on (matched by the file's sha256) are counted and the table says so."""
     import hashlib

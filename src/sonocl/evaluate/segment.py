@@ -22,6 +22,7 @@ import argparse
 import csv
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import math
 import re
@@ -38,6 +39,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from sonocl.data.splits import grouped_stratified_kfold
+from sonocl.data.store import atomic_write_text
 from sonocl.errors import ConfigError, UserError
 from sonocl.evaluate import segmentation_metrics as sm
 from sonocl.evaluate.inits import default_label, load_init
@@ -717,11 +719,56 @@ def run_folds(
     """Every fold run, in the order of ``tasks``; with ``config.jobs > 1`` in that many spawned worker processes,
     each with an equal share of torch's threads (`sonocl.workers.map_unordered`, as `sonocl evaluate --jobs`). A
     run's result does not depend on the process that ran it, up to float rounding from a different thread count."""
-    if config.jobs == 1:
-        return [run_fold(data, inits[task.init], config, task) for task in tasks]
-    order = {(task.init, task.fold): position for position, task in enumerate(tasks)}
-    results = map_unordered(_fold_in_worker, tasks, config.jobs, {"data": data, "models": inits, "config": config})
-    return sorted(results, key=lambda result: order[(result.task.init, result.task.fold)])
+    done = {(t.init, t.fold): r for t in tasks if (r := load_fold(config, inits[t.init], t)) is not None}
+    todo = [task for task in tasks if (task.init, task.fold) not in done]
+    if done:
+        print(f"sonocl segment: {len(done)} of {len(tasks)} fold runs read back from {config.out / 'folds'}",
+              file=sys.stderr)  # fmt: skip
+    if config.jobs == 1 or len(todo) <= 1:
+        results = (run_fold(data, inits[task.init], config, task) for task in todo)
+    else:
+        results = map_unordered(_fold_in_worker, todo, config.jobs, {"data": data, "models": inits, "config": config})
+    for result in results:  # each saved as it finishes: a killed run resumes at the first unfinished fold
+        save_fold(config, inits[result.task.init], result)
+        done[(result.task.init, result.task.fold)] = result
+    return [done[(task.init, task.fold)] for task in tasks]
+
+
+def _fold_path(config: SegmentConfig, task: FoldTask) -> Path:
+    return config.out / "folds" / f"init{task.init}_fold{task.fold}.json"
+
+
+def _fold_key(config: SegmentConfig, init: InitSpec, task: FoldTask) -> str:
+    """What a fold run depends on: the settings (not where or how many at once it ran), the init, its test images."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("out", "jobs", "device")}
+    text = json.dumps({"config": settings, "init": dataclasses.asdict(init), "test": task.test.tolist()},
+                      sort_keys=True, default=str)  # fmt: skip
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def save_fold(config: SegmentConfig, init: InitSpec, result: FoldResult) -> None:
+    """One finished fold run, written atomically (a kill leaves it absent or complete)."""
+    path = _fold_path(config, result.task)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"key": _fold_key(config, init, result.task), "entry": result.entry, "rows": result.rows}
+    atomic_write_text(path, json.dumps(record, allow_nan=True, default=_json_number))
+
+
+def load_fold(config: SegmentConfig, init: InitSpec, task: FoldTask) -> FoldResult | None:
+    """The saved run of ``task`` if it was made with the same settings, init and test images, else None."""
+    path = _fold_path(config, task)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("key") != _fold_key(config, init, task):
+        return None
+    return FoldResult(task, record["entry"], record["rows"])
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
 def _fold_in_worker(task: FoldTask, state: dict[str, Any]) -> FoldResult:

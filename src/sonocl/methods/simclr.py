@@ -1,8 +1,10 @@
 """SimCLR (Chen, Kornblith, Norouzi, Hinton; ICML 2020): two augmentations of one frame, every other view a negative.
 
-Preset: the paper's recipe with SGD standing in for LARS (no LARS at the batch sizes this tool runs at),
-τ 0.5, projection feature → 512 → 128, 10-epoch linear warm-up then cosine, the paper's strong crop (0.08–1),
-jitter with p 0.8 and blur with p 0.5 (saturation and hue have no effect on grey frames).
+Preset: the paper's recipe with Adam 1e-3 standing in for LARS (no LARS at the batch sizes this tool runs at:
+at batch 32 on the phantom, Adam 1e-3 led SGD with the paper's linear and square-root scaling on both seeds,
+``docs/methods.md`` §5, ``benchmarks/baseline_lr_sweep.py``), τ 0.5, projection feature → 512 → 128, 10-epoch
+linear warm-up then cosine, the paper's strong crop (0.08–1), jitter with p 0.8 and blur with p 0.5 (saturation
+and hue have no effect on grey frames).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def preset() -> PretrainConfig:
         size=224,
         model=ModelConfig(projection_hidden=512, projection_dim=128),
         augment=SIMCLR_AUGMENT,
-        optim=OptimConfig(name="sgd", lr=0.3, lr_scaling="linear", momentum=0.9, weight_decay=1e-6),
+        optim=OptimConfig(name="adam", lr=1e-3, lr_scaling="none", weight_decay=1e-6),
         schedule=ScheduleConfig(warmup_fraction=10 / 100, warmup="linear", decay="cosine"),
         options=Options(),
     )

@@ -418,6 +418,21 @@ def _summary_line(entry: dict[str, Any]) -> str:
     )
 
 
+def confusion_markdown(label: str, level: str, pooled: dict[str, Any], classes: list[str]) -> list[str]:
+    """The pooled confusion matrix of one init at one level, with each class's recall and precision."""
+    lines = [
+        f"**{label}**, {level} level ({pooled['n']} {level}s, accuracy {100 * pooled['accuracy']:.1f} %):",
+        "",
+        "| true \\ predicted | " + " | ".join(classes) + " | recall |",
+        "|" + "---|" * (len(classes) + 2),
+    ]
+    for name, row in zip(classes, pooled["confusion"]):
+        recall = 100 * pooled["per_class"][name]["recall"]
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + f" | {recall:.1f} |")
+    precision = " | ".join(f"{100 * pooled['per_class'][n]['precision']:.1f}" for n in classes)
+    return [*lines, f"| precision | {precision} | |"]
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """results.md: settings, the init × metric table (mean ± std in %), pooled confusion matrices, init reports."""
     from sonocl.evaluate.config import OPTIMISTIC
@@ -459,28 +474,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         budget = entry.get("pretraining_overlap", {}).get("budget") or "–"
         lines.append("| " + " | ".join([label, budget, *cells, *pooled]) + " |")
     lines += ["", "## Pooled confusion matrices (rows: true class, columns: predicted)", ""]
-    classes = results["classes"]
     for entry in results["inits"]:
         for level in ("frame", "video"):
-            pooled = entry["pooled"][level]
-            lines += [
-                f"**{entry['label']}**, {level} level ({pooled['n']} {level}s, accuracy "
-                f"{100 * pooled['accuracy']:.1f} %):",
-                "",
-                "| true \\ predicted | " + " | ".join(classes) + " | recall |",
-                "|" + "---|" * (len(classes) + 2),
-            ]
-            for name, row in zip(classes, pooled["confusion"]):
-                lines.append(
-                    f"| {name} | "
-                    + " | ".join(str(v) for v in row)
-                    + f" | {100 * pooled['per_class'][name]['recall']:.1f} |"
-                )
-            lines.append(
-                "| precision | "
-                + " | ".join(f"{100 * pooled['per_class'][n]['precision']:.1f}" for n in classes)
-                + " | |"
-            )
+            lines += confusion_markdown(entry["label"], level, entry["pooled"][level], results["classes"])
             lines.append("")
     lines += ["## Inits", ""]
     for entry in results["inits"]:

@@ -84,27 +84,24 @@ def run_setting(method: str, setting: str, seed: int, store: Path, work: Path) -
            "--out", str(evaluation), log=log)  # fmt: skip
     results = json.loads((evaluation / "results.json").read_text())
     accuracies = [r["video"]["accuracy"] for r in results["inits"][0]["runs"]]
-    epochs = [row for row in csv.DictReader(open(run / "metrics.csv")) if row["kind"] == "epoch"]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    steps = [row for row in rows if row["kind"] == "step"]
+    epochs = [row for row in rows if row["kind"] == "epoch"]
     return {
         "method": method,
         "setting": setting,
         "seed": seed,
-        "lr": _effective_lr(run),
+        "lr": max(float(row["lr"]) for row in steps),  # the peak learning rate the run used
         "optimizer": _optimizer(run),
         "knn_video_accuracy": statistics.mean(accuracies),
         "knn_video_accuracy_folds": accuracies,
         "monitor_knn": float(epochs[-1]["knn_acc"]) if epochs and epochs[-1]["knn_acc"] else None,
         "embedding_std": float(epochs[-1]["embedding_std"]) if epochs and epochs[-1]["embedding_std"] else None,
-        "final_loss": float([r for r in csv.DictReader(open(run / "metrics.csv")) if r["kind"] == "step"][-1]["loss"]),
+        "final_loss": float(steps[-1]["loss"]),
         "pretrain_seconds": round(pretrain_seconds, 1),
         "load": os.getloadavg()[0],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _effective_lr(run: Path) -> float:
-    """The peak learning rate the run used (metrics.csv's largest ``lr``)."""
-    return max(float(r["lr"]) for r in csv.DictReader(open(run / "metrics.csv")) if r["kind"] == "step")
 
 
 def _optimizer(run: Path) -> str:

@@ -196,7 +196,7 @@ def collect(root: Path) -> list[dict]:
                 continue
             results = json.loads(path.read_text())
             for entry in results["inits"]:
-                budget = _budget(root, row, slug)
+                budget = _budget(row)
                 for run in entry["runs"]:
                     by_epoch = run.get("test_accuracy_by_epoch") or []
                     records.append(
@@ -223,10 +223,8 @@ def collect(root: Path) -> list[dict]:
     return records
 
 
-def _budget(root: Path, row: Row, slug: str) -> int | None:
-    if row.pretrain is None:
-        return None
-    return STEPS * BATCH
+def _budget(row: Row) -> int | None:
+    return None if row.pretrain is None else STEPS * BATCH
 
 
 def _pretraining(row: Row, entry: dict) -> str:

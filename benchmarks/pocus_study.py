@@ -8,7 +8,10 @@ run into ``docs/study/pocus.json`` and writes the tables into ``docs/results.md`
 
 Rows: random init; SimCLR, MoCo v2, BYOL, IVPP, USCL self-supervised and Meta-USCL pretrained once on every video
 (transductive: stamped); USCL self-supervised, USCL semi-supervised and AWCL (fine findings / coarse diagnosis)
-pretrained per fold (`sonocl study`). Every pretraining row has the same budget in pairs (``STEPS`` × ``BATCH``).
+pretrained per fold (`sonocl study`). Every pretraining row of the main tables has the same budget in pairs
+(``STEPS`` × ``BATCH``). Two ablations of the budget: USCL self-supervised at other step counts (the budget curve,
+its own table), and USCL self-supervised with Meta-USCL's optimiser (SGD 0.1, exponential warm-up), which separates
+what Meta-USCL's preset does from what its pair weighting does.
 Protocols: kNN and linear probe for every row; last-block fine-tuning (the papers') over 3 seeds for the rows
 in ``LAST_BLOCK``. Data: the convex videos of ``../shared/data/pocus``, 3 classes, folds grouped by patient.
 """
@@ -47,7 +50,20 @@ PROTOCOLS = {
     "last-block": ["--protocol", "last-block", "--seeds", "3", "--test-every-epoch", "--jobs", "2"],
 }
 LAST_BLOCK = ("random", "simclr", "uscl-ssl", "meta-uscl")
-BUDGET = ["--steps", str(STEPS), "--batch-size", str(BATCH), "--size", str(SIZE)]
+CURVE_STEPS = (250, 1000, 2000)
+"""The budget curve: USCL self-supervised at these step counts besides ``STEPS``."""
+META_OPTIMISER = [
+    *("--set", "optim.name=sgd", "--set", "optim.lr=0.1", "--set", "optim.momentum=0.9"),
+    *("--set", "schedule.warmup=exponential", "--set", "schedule.cosine_span=after_warmup"),
+]
+"""Meta-USCL's preset optimiser and schedule (`sonocl pretrain --method meta-uscl --print-config`)."""
+
+
+def budget(steps: int = STEPS) -> list[str]:
+    return ["--steps", str(steps), "--batch-size", str(BATCH), "--size", str(SIZE)]
+
+
+BUDGET = budget()
 
 
 @dataclass
@@ -60,6 +76,8 @@ class Row:
     note: str = ""
     evaluate: list[str] = field(default_factory=list)
     """Extra `sonocl evaluate` options of this row."""
+    steps: int = STEPS
+    """Pretraining steps (``pretrain`` holds them too); rows off ``STEPS`` go to the budget-curve table only."""
 
     @property
     def slug(self) -> str:
@@ -99,6 +117,22 @@ ROWS = [
         ["--method", "awcl", "--channels", "1", "--anatomy-level", "coarse", "--coarse-column", "label", *BUDGET],
         per_fold=True,
         note="coarse anatomy = diagnosis",
+    ),
+]
+ROWS += [
+    Row(
+        "uscl-ssl (meta-uscl's optimiser)",
+        ["--method", "uscl", "--label-rate", "0", *META_OPTIMISER, *BUDGET],
+        note="USCL self-supervised with SGD 0.1, momentum 0.9, exponential warm-up: Meta-USCL's preset optimiser",
+    ),
+    *(
+        Row(
+            f"uscl-ssl @ {steps:,} steps",
+            ["--method", "uscl", "--label-rate", "0", *budget(steps)],
+            steps=steps,
+            note="budget curve",
+        )
+        for steps in CURVE_STEPS
     ),
 ]
 for row in ROWS:
@@ -224,7 +258,7 @@ def collect(root: Path) -> list[dict]:
 
 
 def _budget(row: Row) -> int | None:
-    return None if row.pretrain is None else STEPS * BATCH
+    return None if row.pretrain is None else row.steps * BATCH
 
 
 def _pretraining(row: Row, entry: dict) -> str:
@@ -242,7 +276,7 @@ def tables(records: list[dict], root: Path) -> str:
     """The markdown of the study: one table per protocol, paired differences against random init."""
     lines = []
     for protocol in PROTOCOLS:
-        chosen = [r for r in records if r["protocol"] == protocol]
+        chosen = [r for r in records if r["protocol"] == protocol and r["budget_pairs"] in (None, STEPS * BATCH)]
         if not chosen:
             continue
         rows = [row for row in ROWS if any(r["row"] == row.name for r in chosen)]
@@ -262,18 +296,7 @@ def tables(records: list[dict], root: Path) -> str:
                 values = [r[key] for r in mine if r[key] is not None]
                 mean, std = _mean_std(values) if values else (math.nan, math.nan)
                 cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}" if values else "–")
-            pairs = [
-                r["video_accuracy"] - baseline[(r["seed"], r["fold"])]
-                for r in mine
-                if (r["seed"], r["fold"]) in baseline
-            ]
-            if row.name != "random" and len(pairs) > 1:
-                mean, std = _mean_std(pairs)
-                se = std / math.sqrt(len(pairs))
-                verdict = "inside the noise" if abs(mean) < 2 * se else ("better" if mean > 0 else "worse")
-                delta = f"{100 * mean:+.1f} ± {100 * se:.1f} ({verdict})"
-            else:
-                delta = "–"
+            delta = _paired_delta(mine, baseline) if row.name != "random" else "–"
             wall = _wall(root, row)
             cell = [
                 row.name,
@@ -289,7 +312,50 @@ def tables(records: list[dict], root: Path) -> str:
                 cell.append(f"{100 * _mean_std(best)[0]:.1f}" if best else "–")
             lines.append("| " + " | ".join(cell) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _curve_table(records, root))
+
+
+def _paired_delta(mine: list[dict], baseline: dict[tuple[int, int], float]) -> str:
+    """Mean video-accuracy difference against random init, paired by (seed, fold), ± its standard error."""
+    pairs = [r["video_accuracy"] - baseline[(r["seed"], r["fold"])] for r in mine if (r["seed"], r["fold"]) in baseline]
+    if len(pairs) < 2:
+        return "–"
+    mean, std = _mean_std(pairs)
+    se = std / math.sqrt(len(pairs))
+    verdict = "inside the noise" if abs(mean) < 2 * se else ("better" if mean > 0 else "worse")
+    return f"{100 * mean:+.1f} ± {100 * se:.1f} ({verdict})"
+
+
+def _curve_table(records: list[dict], root: Path) -> list[str]:
+    """USCL self-supervised over its budgets (kNN and linear probe), random init as step 0."""
+    curve = [row for row in ROWS if row.name == "random" or row.name.startswith("uscl-ssl @") or row.name == "uscl-ssl"]
+    curve.sort(key=lambda row: 0 if row.pretrain is None else row.steps)
+    measured = [row for row in curve if any(r["row"] == row.name for r in records)]
+    if len(measured) < 3:
+        return []
+    lines = [
+        "### budget curve (USCL self-supervised, transductive)",
+        "",
+        "| steps | pairs | kNN video acc | Δ kNN vs random (paired, ± SE) | linear video acc "
+        "| Δ linear vs random (paired, ± SE) | pretrain wall |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in measured:
+        cells = [str(0 if row.pretrain is None else row.steps), f"{0 if row.pretrain is None else row.steps * BATCH:,}"]
+        for protocol in ("knn", "linear"):
+            chosen = [r for r in records if r["protocol"] == protocol]
+            baseline = {(r["seed"], r["fold"]): r["video_accuracy"] for r in chosen if r["row"] == "random"}
+            mine = [r for r in chosen if r["row"] == row.name]
+            if not mine:
+                cells += ["–", "–"]
+                continue
+            mean, std = _mean_std([r["video_accuracy"] for r in mine])
+            cells += [
+                f"{100 * mean:.1f} ± {100 * std:.1f}",
+                "–" if row.pretrain is None else _paired_delta(mine, baseline),
+            ]
+        lines.append("| " + " | ".join([*cells, _wall(root, row)]) + " |")
+    return [*lines, ""]
 
 
 def _wall(root: Path, row: Row) -> str:

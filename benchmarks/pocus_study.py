@@ -2,7 +2,8 @@
 
 Runs every row of the study with sonocl's own commands, each step resumable (a rerun skips what is done and
 continues an interrupted pretraining run or evaluation at its last checkpoint or fold), then collects every fold
-run into ``docs/study/pocus.json`` and writes the tables into ``docs/results.md`` between the study's markers.
+run into ``docs/study/pocus.json`` and writes the tables into ``docs/results.md`` between the study's markers,
+and writes `sonocl report` of the best row to ``ROOT/report.html``.
 
     python benchmarks/pocus_study.py [--root runs/pocus-study] [--only ROW ...] [--tables-only]
 
@@ -375,6 +376,34 @@ def _last_seconds(metrics: Path) -> float:
     return float(rows[-1]["seconds"]) if rows else 0.0
 
 
+def best_row(records: list[dict]) -> Row | None:
+    """The pretraining row of the main tables with the highest mean kNN video accuracy, label-leak rows excluded.
+
+    It only picks which run the HTML report shows; no number of the tables is selected this way."""
+    scores: dict[str, list[float]] = {}
+    for r in records:
+        leaks = "LEAK" in r["pretraining"]
+        if r["protocol"] == "knn" and r["init"] == "pretrained" and r["budget_pairs"] == STEPS * BATCH and not leaks:
+            scores.setdefault(r["row"], []).append(r["video_accuracy"])
+    if not scores:
+        return None
+    name = max(scores, key=lambda n: sum(scores[n]) / len(scores[n]))
+    return next(row for row in ROWS if row.name == name)
+
+
+def write_report(root: Path, row: Row) -> Path:
+    """`sonocl report` of the row's pretraining run (fold 0's for a per-fold row) and its linear-probe evaluation.
+
+    The page shows real POCUS frames, so it stays in ``root`` (not committed: no data from ../shared is)."""
+    run = root / "pretrain" / row.slug
+    runs = sorted(run.glob("seed*_fold*")) if row.per_fold else [run]
+    out = root / "report.html"
+    title = f"POCUS study, best row: {row.name} ({row.steps} steps × {BATCH} pairs, {SIZE} px)"
+    sonocl("report", str(runs[0]), str(root / "eval" / "linear" / row.slug), "--out", str(out), "--title", title,
+           log=root / "logs" / "report.log")  # fmt: skip
+    return out
+
+
 def write_outputs(root: Path) -> None:
     records = collect(root)
     study = REPO / "docs" / "study" / "pocus.json"
@@ -448,6 +477,9 @@ def main() -> int:
                 run_row(row, root, store, phase)
                 write_outputs(root)
     write_outputs(root)
+    best = best_row(collect(root))
+    if best is not None and not args.tables_only:
+        print(f"wrote {write_report(root, best)} (the best row: {best.name})")
     return 0
 
 

@@ -1,0 +1,84 @@
+"""The POCUS study's tables (benchmarks/pocus_study.py): paired differences, equal budgets, the best row."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pocus_study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("pocus_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pocus_study"] = module  # its dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["pocus_study"]
+
+
+def _records(study, row: str, accuracies: list[float], protocol: str = "knn", **extra) -> list[dict]:
+    pretrained = row != "random"
+    steps = extra.pop("steps", study.STEPS)
+    return [
+        {
+            "row": row,
+            "init": "pretrained" if pretrained else "random",
+            "protocol": protocol,
+            "budget_pairs": steps * study.BATCH if pretrained else None,
+            "pretraining": extra.get("pretraining", "transductive" if pretrained else "none"),
+            "seed": 0,
+            "fold": fold,
+            "video_accuracy": accuracy,
+            "frame_accuracy": accuracy,
+            "video_balanced_accuracy": accuracy,
+            "video_macro_f1": accuracy,
+            "video_auc": None,
+            "max_test_frame_accuracy": None,
+        }
+        for fold, accuracy in enumerate(accuracies)
+    ]
+
+
+def test_paired_delta_is_the_mean_fold_difference_with_its_standard_error(study) -> None:
+    random = _records(study, "random", [0.70, 0.80, 0.75, 0.60])
+    mine = _records(study, "uscl-ssl", [0.90, 0.86, 0.95, 0.70])
+    baseline = {(r["seed"], r["fold"]): r["video_accuracy"] for r in random}
+    differences = [0.20, 0.06, 0.20, 0.10]  # mean +14.0, SE 3.6 points
+    mean = sum(differences) / 4
+    se = math.sqrt(sum((d - mean) ** 2 for d in differences) / 3) / 2
+    assert study._paired_delta(mine, baseline) == f"{100 * mean:+.1f} ± {100 * se:.1f} (better)"
+    noisy = _records(study, "simclr", [0.60, 0.90, 0.70, 0.70])  # differences −0.1, +0.1, −0.05, +0.1
+    assert study._paired_delta(noisy, baseline).endswith("(inside the noise)")
+
+
+def test_main_tables_hold_one_budget_and_the_curve_its_own_table(study, tmp_path: Path) -> None:
+    records = [
+        *_records(study, "random", [0.70, 0.80, 0.75]),
+        *_records(study, "uscl-ssl", [0.90, 0.85, 0.95]),
+        *_records(study, "uscl-ssl @ 250 steps", [0.80, 0.82, 0.84], steps=250),
+        *_records(study, "uscl-ssl @ 1,000 steps", [0.91, 0.86, 0.97], steps=1000),
+    ]
+    text = study.tables(records, tmp_path)
+    main, curve = text.split("### budget curve")
+    assert "uscl-ssl @" not in main  # rows of another budget never share a table with the 500-step rows
+    assert "| uscl-ssl | transductive | 16,000 | 3 |" in main
+    steps_column = [line.split(" | ")[0] for line in curve.splitlines() if line.startswith("| ") and "---" not in line]
+    assert steps_column[1:] == ["| 0", "| 250", "| 500", "| 1000"]  # random init as step 0, then by budget
+
+
+def test_the_best_row_ignores_leaks_and_other_budgets(study) -> None:
+    records = [
+        *_records(study, "random", [0.99, 0.99]),
+        *_records(study, "uscl-semi (label leak)", [0.97, 0.97], pretraining="LABEL LEAK: …"),
+        *_records(study, "uscl-ssl @ 2,000 steps", [0.96, 0.96], steps=2000),
+        *_records(study, "uscl-ssl", [0.85, 0.87]),
+        *_records(study, "simclr", [0.80, 0.95], protocol="linear"),  # only kNN picks the row
+        *_records(study, "simclr", [0.70, 0.72]),
+    ]
+    assert study.best_row(records).name == "uscl-ssl"

@@ -51,6 +51,14 @@ PROTOCOLS = {
     "last-block": ["--protocol", "last-block", "--seeds", "3", "--test-every-epoch", "--jobs", "2"],
 }
 LAST_BLOCK = ("random", "simclr", "uscl-ssl", "meta-uscl")
+ORDERINGS = (
+    ("uscl-ssl", "simclr", "USCL ≥ SimCLR (USCL paper)"),
+    ("meta-uscl", "uscl-ssl", "Meta-USCL ≥ USCL (Meta-USCL paper)"),
+    ("awcl-fine (per fold)", "awcl-coarse (per fold)", "AWCL fine ≥ coarse (AWCL paper)"),
+    ("uscl-ssl (per fold)", "uscl-ssl", "per-fold USCL against the transductive run"),
+    ("uscl-ssl (meta-uscl's optimiser)", "uscl-ssl", "USCL with Meta-USCL's optimiser against its own"),
+)
+"""(row, against, claim): the comparisons the papers make, and the study's own checks, paired by seed and fold."""
 CURVE_STEPS = (250, 1000, 2000)
 """The budget curve: USCL self-supervised at these step counts besides ``STEPS``."""
 META_OPTIMISER = [
@@ -313,11 +321,30 @@ def tables(records: list[dict], root: Path) -> str:
                 cell.append(f"{100 * _mean_std(best)[0]:.1f}" if best else "–")
             lines.append("| " + " | ".join(cell) + " |")
         lines.append("")
-    return "\n".join(lines + _curve_table(records, root))
+    return "\n".join(lines + _orderings_table(records) + _curve_table(records, root))
+
+
+def _orderings_table(records: list[dict]) -> list[str]:
+    """Each of ``ORDERINGS`` whose two rows are measured: row − against, paired by (seed, fold), per protocol."""
+    protocols = [p for p in PROTOCOLS if any(r["protocol"] == p for r in records)]
+    lines = []
+    for row, against, claim in ORDERINGS:
+        cells = []
+        for protocol in protocols:
+            chosen = [r for r in records if r["protocol"] == protocol]
+            baseline = {(r["seed"], r["fold"]): r["video_accuracy"] for r in chosen if r["row"] == against}
+            mine = [r for r in chosen if r["row"] == row]
+            cells.append(_paired_delta(mine, baseline) if mine and baseline else "–")
+        if any(cell != "–" for cell in cells):
+            lines.append(f"| {claim} | {row} − {against} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    head = "| claim | difference | " + " | ".join(f"Δ {p} video acc (paired, ± SE)" for p in protocols) + " |"
+    return ["### the papers' orderings, paired by fold", "", head, "|" + "---|" * (2 + len(protocols)), *lines, ""]
 
 
 def _paired_delta(mine: list[dict], baseline: dict[tuple[int, int], float]) -> str:
-    """Mean video-accuracy difference against random init, paired by (seed, fold), ± its standard error."""
+    """Mean video-accuracy difference against a baseline row, paired by (seed, fold), ± its standard error."""
     pairs = [r["video_accuracy"] - baseline[(r["seed"], r["fold"])] for r in mine if (r["seed"], r["fold"]) in baseline]
     if len(pairs) < 2:
         return "–"

@@ -82,3 +82,14 @@ def test_the_best_row_ignores_leaks_and_other_budgets(study) -> None:
         *_records(study, "simclr", [0.70, 0.72]),
     ]
     assert study.best_row(records).name == "uscl-ssl"
+
+
+def test_orderings_pair_the_two_rows_by_fold_and_skip_unmeasured_ones(study) -> None:
+    records = [
+        *_records(study, "simclr", [0.70, 0.80, 0.75]),
+        *_records(study, "uscl-ssl", [0.90, 0.86, 0.95]),  # differences +0.20, +0.06, +0.20
+    ]
+    lines = study._orderings_table(records)
+    rows = [line for line in lines if line.startswith("| USCL")]
+    assert rows == ["| USCL ≥ SimCLR (USCL paper) | uscl-ssl − simclr | +15.3 ± 4.7 (better) |"]
+    assert not any("Meta-USCL ≥ USCL" in line for line in lines)  # meta-uscl not measured: no row

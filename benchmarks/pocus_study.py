@@ -53,6 +53,7 @@ PROTOCOLS = {
 LAST_BLOCK = ("random", "simclr", "uscl-ssl", "meta-uscl")
 ORDERINGS = (
     ("uscl-ssl", "simclr", "USCL ≥ SimCLR (USCL paper)"),
+    ("uscl-ssl", "ivpp", "USCL's mixed frames against plain temporal-window pairs"),
     ("meta-uscl", "uscl-ssl", "Meta-USCL ≥ USCL (Meta-USCL paper)"),
     ("awcl-fine (per fold)", "awcl-coarse (per fold)", "AWCL fine ≥ coarse (AWCL paper)"),
     ("uscl-ssl (per fold)", "uscl-ssl", "per-fold USCL against the transductive run"),

@@ -34,6 +34,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = (REPO / ".." / "shared" / "data" / "pocus").resolve()
+HC18 = (REPO / ".." / "shared" / "data" / "hc18").resolve()
+SEGMENT = [
+    *("--folds", "5", "--group-regex", r"^(\d+)", "--pixel-size", str(HC18 / "pixel_size_and_HC.csv")),
+    *("--size", "128", "--epochs", "15", "--jobs", "2"),
+]
+"""HC18's protocol of docs/results.md (random init: Dice 0.960, HC error 3.03 mm)."""
 CLASSES = "covid,pneumonia,regular"
 STEPS, BATCH, SIZE = 500, 32, 64
 FINDINGS = ("B-lines", "A-lines", "Consolidations", "Effusion", "Pleural line irregularities")
@@ -322,7 +328,7 @@ def tables(records: list[dict], root: Path) -> str:
                 cell.append(f"{100 * _mean_std(best)[0]:.1f}" if best else "–")
             lines.append("| " + " | ".join(cell) + " |")
         lines.append("")
-    return "\n".join(lines + _orderings_table(records) + _curve_table(records, root))
+    return "\n".join(lines + _orderings_table(records) + _curve_table(records, root) + _transfer_table(root))
 
 
 def _orderings_table(records: list[dict]) -> list[str]:
@@ -432,6 +438,52 @@ def write_report(root: Path, row: Row) -> Path:
     return out
 
 
+def transfer(root: Path, row: Row) -> None:
+    """HC18 segmentation from random init and from the row's POCUS encoder (fold 0's for a per-fold row: HC18
+    shares no image with POCUS), the same grouped folds; resumes by fold."""
+    run = root / "pretrain" / row.slug
+    encoder = sorted(run.glob("seed*_fold*"))[0] if row.per_fold else run
+    sonocl(
+        "segment", "--images", str(HC18 / "images"), "--masks", str(HC18 / "masks"),
+        "--init", "random", str(encoder), "--name", "random", f"{row.name} (POCUS)", *SEGMENT,
+        "--out", str(root / "transfer"), log=root / "logs" / "transfer.log",
+    )  # fmt: skip
+
+
+def _transfer_table(root: Path) -> list[str]:
+    """The HC18 transfer: each init's fold means (± std over folds; median over all images), and each encoder against
+    random init, paired by fold."""
+    path = root / "transfer" / "results.json"
+    if not path.exists():
+        return []
+    inits = json.loads(path.read_text())["inits"]
+    metrics = {"dice": ("Dice", 3), "hd95_mm": ("HD95 (mm)", 2), "hc_abs_error_mm": ("HC abs. error (mm)", 2)}
+    lines = [
+        "### transfer: HC18 segmentation (128 px, 15 epochs, 5 grouped folds)",
+        "",
+        "| init | " + " | ".join(f"{label} (median)" for label, _ in metrics.values()) + " | "
+        "Δ Dice vs random (paired, ± SE) | Δ HC error vs random (paired, ± SE) |",
+        "|---|---|---|---|---|---|",
+    ]
+    fold_means = {e["name"]: {key: [f["metrics"][key]["mean"] for f in e["folds"]] for key in metrics} for e in inits}
+    for entry in inits:
+        mine = fold_means[entry["name"]]
+        cells = []
+        for key, (_, digits) in metrics.items():
+            mean, std = _mean_std(mine[key])
+            cells.append(f"{mean:.{digits}f} ± {std:.{digits}f} ({entry['pooled'][key]['median']:.{digits}f})")
+        for key in ("dice", "hc_abs_error_mm"):
+            if entry["name"] == "random" or "random" not in fold_means:
+                cells.append("–")
+                continue
+            differences = [a - b for a, b in zip(mine[key], fold_means["random"][key])]
+            mean, std = _mean_std(differences)
+            digits = metrics[key][1]
+            cells.append(f"{mean:+.{digits}f} ± {std / math.sqrt(len(differences)):.{digits}f}")
+        lines.append(f"| {entry['name']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_outputs(root: Path) -> None:
     records = collect(root)
     study = REPO / "docs" / "study" / "pocus.json"
@@ -473,6 +525,9 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "pocus-study")
     parser.add_argument("--only", nargs="+", help="rows to run, in this order (default: all)")
     parser.add_argument("--tables-only", action="store_true", help="only collect the results and write the tables")
+    parser.add_argument(
+        "--transfer", action="store_true", help="also the HC18 transfer of the best row (about 35–50 min on 2 cores)"
+    )
     args = parser.parse_args()
     root: Path = args.root
     store = root / "store"
@@ -508,6 +563,9 @@ def main() -> int:
     best = best_row(collect(root))
     if best is not None and not args.tables_only:
         print(f"wrote {write_report(root, best)} (the best row: {best.name})")
+        if args.transfer:
+            transfer(root, best)
+            write_outputs(root)
     return 0
 
 

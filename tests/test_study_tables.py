@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -93,3 +94,24 @@ def test_orderings_pair_the_two_rows_by_fold_and_skip_unmeasured_ones(study) -> 
     rows = [line for line in lines if line.startswith("| USCL")]
     assert rows == ["| USCL ≥ SimCLR (USCL paper) | uscl-ssl − simclr | +15.3 ± 4.7 (better) |"]
     assert not any("Meta-USCL ≥ USCL" in line for line in lines)  # meta-uscl not measured: no row
+
+
+def test_transfer_table_pairs_the_encoder_with_random_init_by_fold(study, tmp_path: Path) -> None:
+    def init(name: str, hc_errors: list[float], dice: list[float]) -> dict:
+        folds = [
+            {"fold": k, "metrics": {"dice": {"mean": d}, "hd95_mm": {"mean": 2.0}, "hc_abs_error_mm": {"mean": e}}}
+            for k, (e, d) in enumerate(zip(hc_errors, dice))
+        ]
+        pooled = {"dice": {"median": 0.97}, "hd95_mm": {"median": 1.5}, "hc_abs_error_mm": {"median": 1.6}}
+        return {"name": name, "folds": folds, "pooled": pooled}
+
+    results = {"inits": [init("random", [3.0, 4.0], [0.95, 0.96]), init("uscl (POCUS)", [2.0, 3.5], [0.96, 0.96])]}
+    (tmp_path / "transfer").mkdir()
+    (tmp_path / "transfer" / "results.json").write_text(json.dumps(results))
+    rows = [
+        line for line in study._transfer_table(tmp_path) if line.startswith("| random") or line.startswith("| uscl")
+    ]
+    assert rows[0] == "| random | 0.955 ± 0.007 (0.970) | 2.00 ± 0.00 (1.50) | 3.50 ± 0.71 (1.60) | – | – |"
+    # differences by fold: Dice +0.01, 0.00 (mean +0.005, SE 0.005); HC −1.0, −0.5 (mean −0.75, SE 0.25)
+    assert rows[1].endswith("| +0.005 ± 0.005 | -0.75 ± 0.25 |")
+    assert study._transfer_table(tmp_path / "nowhere") == []

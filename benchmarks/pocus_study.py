@@ -63,6 +63,7 @@ ORDERINGS = (
     ("meta-uscl", "uscl-ssl", "Meta-USCL ≥ USCL (Meta-USCL paper)"),
     ("awcl-fine (per fold)", "awcl-coarse (per fold)", "AWCL fine ≥ coarse (AWCL paper)"),
     ("uscl-ssl (per fold)", "uscl-ssl", "per-fold USCL against the transductive run"),
+    ("uscl-semi (per fold)", "uscl-ssl (per fold)", "USCL's semi-supervised term, both pretrained per fold"),
     ("uscl-ssl (meta-uscl's optimiser)", "uscl-ssl", "USCL with Meta-USCL's optimiser against its own"),
 )
 """(row, against, claim): the comparisons the papers make, and the study's own checks, paired by seed and fold."""

@@ -65,6 +65,7 @@ ORDERINGS = (
     ("uscl-ssl (per fold)", "uscl-ssl", "per-fold USCL against the transductive run"),
     ("uscl-semi (per fold)", "uscl-ssl (per fold)", "USCL's semi-supervised term, both pretrained per fold"),
     ("uscl-ssl (meta-uscl's optimiser)", "uscl-ssl", "USCL with Meta-USCL's optimiser against its own"),
+    ("meta-uscl", "uscl-ssl (meta-uscl's optimiser)", "Meta-USCL against USCL with the same optimiser"),
 )
 """(row, against, claim): the comparisons the papers make, and the study's own checks, paired by seed and fold."""
 CURVE_STEPS = (250, 1000, 2000)

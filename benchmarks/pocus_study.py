@@ -349,7 +349,14 @@ def _orderings_table(records: list[dict]) -> list[str]:
     if not lines:
         return []
     head = "| claim | difference | " + " | ".join(f"Δ {p} video acc (paired, ± SE)" for p in protocols) + " |"
-    return ["### the papers' orderings, paired by fold", "", head, "|" + "---|" * (2 + len(protocols)), *lines, ""]
+    return [
+        "### the papers' orderings and the ablations, paired by fold",
+        "",
+        head,
+        "|" + "---|" * (2 + len(protocols)),
+        *lines,
+        "",
+    ]
 
 
 def _paired_delta(mine: list[dict], baseline: dict[tuple[int, int], float]) -> str:

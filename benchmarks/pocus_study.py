@@ -298,7 +298,7 @@ def tables(records: list[dict], root: Path) -> str:
         if not chosen:
             continue
         rows = [row for row in ROWS if any(r["row"] == row.name for r in chosen)]
-        baseline = {(r["seed"], r["fold"]): r["video_accuracy"] for r in chosen if r["row"] == "random"}
+        baseline = _by_fold(chosen, "random")
         lines += [
             f"### {protocol}",
             "",
@@ -341,7 +341,7 @@ def _orderings_table(records: list[dict]) -> list[str]:
         cells = []
         for protocol in protocols:
             chosen = [r for r in records if r["protocol"] == protocol]
-            baseline = {(r["seed"], r["fold"]): r["video_accuracy"] for r in chosen if r["row"] == against}
+            baseline = _by_fold(chosen, against)
             mine = [r for r in chosen if r["row"] == row]
             cells.append(_paired_delta(mine, baseline) if mine and baseline else "–")
         if any(cell != "–" for cell in cells):
@@ -357,6 +357,11 @@ def _orderings_table(records: list[dict]) -> list[str]:
         *lines,
         "",
     ]
+
+
+def _by_fold(records: list[dict], row: str) -> dict[tuple[int, int], float]:
+    """The row's video accuracy by (seed, fold): the baseline that `_paired_delta` pairs with."""
+    return {(r["seed"], r["fold"]): r["video_accuracy"] for r in records if r["row"] == row}
 
 
 def _paired_delta(mine: list[dict], baseline: dict[tuple[int, int], float]) -> str:
@@ -388,7 +393,7 @@ def _curve_table(records: list[dict], root: Path) -> list[str]:
         cells = [str(0 if row.pretrain is None else row.steps), f"{0 if row.pretrain is None else row.steps * BATCH:,}"]
         for protocol in ("knn", "linear"):
             chosen = [r for r in records if r["protocol"] == protocol]
-            baseline = {(r["seed"], r["fold"]): r["video_accuracy"] for r in chosen if r["row"] == "random"}
+            baseline = _by_fold(chosen, "random")
             mine = [r for r in chosen if r["row"] == row.name]
             if not mine:
                 cells += ["–", "–"]

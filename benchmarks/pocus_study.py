@@ -13,8 +13,8 @@ pretrained per fold (`sonocl study`). Every pretraining row of the main tables h
 (``STEPS`` × ``BATCH``). Two ablations of the budget: USCL self-supervised at other step counts (the budget curve,
 its own table), and USCL self-supervised with Meta-USCL's optimiser (SGD 0.1, exponential warm-up), which separates
 what Meta-USCL's preset does from what its pair weighting does.
-Protocols: kNN and linear probe for every row; last-block fine-tuning (the papers') over 3 seeds for the rows
-in ``LAST_BLOCK``. Data: the convex videos of ``../shared/data/pocus``, 3 classes, folds grouped by patient.
+Protocols: kNN and linear probe for every row; last-block fine-tuning (the papers') over 3 seeds
+(``--last-block-seeds``) for the rows in ``LAST_BLOCK``. Data: the convex videos of ``../shared/data/pocus``, 3 classes, folds grouped by patient.
 """
 
 from __future__ import annotations
@@ -54,9 +54,11 @@ EVALUATION = ["--recipe", "meta-uscl", "--size", str(SIZE), "--folds", "5", "--c
 PROTOCOLS = {
     "knn": ["--protocol", "knn"],
     "linear": ["--protocol", "linear"],
-    "last-block": ["--protocol", "last-block", "--seeds", "3", "--test-every-epoch", "--jobs", "2"],
+    "last-block": ["--protocol", "last-block", "--test-every-epoch", "--jobs", "2"],
 }
-LAST_BLOCK = ("random", "simclr", "uscl-ssl", "meta-uscl")
+LAST_BLOCK = ("random", "simclr", "uscl-ssl", "meta-uscl", "ivpp")
+"""The last-block rows: the issue's four and the best other row by kNN (IVPP)."""
+LAST_BLOCK_SEEDS = 3
 ORDERINGS = (
     ("uscl-ssl", "simclr", "USCL ≥ SimCLR (USCL paper)"),
     ("uscl-ssl", "ivpp", "USCL's mixed frames against plain temporal-window pairs"),
@@ -200,8 +202,17 @@ def labels_csv(path: Path) -> None:
         writer.writerows(out)
 
 
-def run_row(row: Row, root: Path, store: Path, protocols: tuple[str, ...]) -> None:
-    """Pretrain (once, or per fold inside `sonocl study`) and evaluate the row with those of ``protocols`` it has."""
+def _seeds_done(out: Path) -> int:
+    """How many fold splits (seeds) the evaluation in ``out`` has finished: 0 when it has not."""
+    if not (out / "results.md").exists():
+        return 0
+    runs = json.loads((out / "results.json").read_text(encoding="utf-8"))["inits"][0]["runs"]
+    return len({run["seed"] for run in runs})
+
+
+def run_row(row: Row, root: Path, store: Path, protocols: tuple[str, ...], seeds: int = LAST_BLOCK_SEEDS) -> None:
+    """Pretrain (once, or per fold inside `sonocl study`) and evaluate the row with those of ``protocols`` it has;
+    last-block over ``seeds`` fold splits (a rerun with more reads the finished ones back and adds the rest)."""
     slug = row.slug
     log = root / "logs" / f"{slug}.log"
     if row.pretrain is not None and not row.per_fold:
@@ -214,9 +225,11 @@ def run_row(row: Row, root: Path, store: Path, protocols: tuple[str, ...]) -> No
             (run / "finished").write_text("")  # the wall time is metrics.csv's, resumed parts included
     for protocol in (p for p in row.protocols if p in protocols):
         out = root / "eval" / protocol / slug
-        if (out / "results.md").exists():
+        wanted = seeds if protocol == "last-block" else 1
+        if _seeds_done(out) >= wanted:
             continue
-        common = ["--store", str(store), *EVALUATION, *PROTOCOLS[protocol], *row.evaluate, "--out", str(out)]
+        common = ["--store", str(store), *EVALUATION, *PROTOCOLS[protocol], "--seeds", str(wanted)]
+        common += [*row.evaluate, "--out", str(out)]
         if row.per_fold:
             sonocl(
                 "study",
@@ -540,6 +553,12 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", help="rows to run, in this order (default: all)")
     parser.add_argument("--tables-only", action="store_true", help="only collect the results and write the tables")
     parser.add_argument(
+        "--last-block-seeds",
+        type=int,
+        default=LAST_BLOCK_SEEDS,
+        help="fold splits of the last-block rows (default: %(default)s; a rerun with more adds the missing ones)",
+    )
+    parser.add_argument(
         "--transfer", action="store_true", help="also the HC18 transfer of the best row (about 35–50 min on 2 cores)"
     )
     args = parser.parse_args()
@@ -568,10 +587,10 @@ def main() -> int:
                 log=root / "logs" / "ingest.log",
             )
             (root / "store.done").write_text("")
-        # The cheap protocols for every row first, then the last-block fine-tuning (3 seeds) of LAST_BLOCK.
+        # The cheap protocols for every row first, then the last-block fine-tuning of LAST_BLOCK.
         for phase in (("knn", "linear"), ("last-block",)):
             for row in _chosen(args.only):
-                run_row(row, root, store, phase)
+                run_row(row, root, store, phase, args.last_block_seeds)
                 write_outputs(root)
     write_outputs(root)
     best = best_row(collect(root))

@@ -371,3 +371,19 @@ def test_still_images_and_bad_init(tmp_path, capsys):
     assert results["num_frames"] == 9 and results["inits"][0]["pooled"]["frame"]["n"] == 9
     assert main([*args, "--init", str(tmp_path / "missing.pth")]) == 2
     assert "missing.pth" in capsys.readouterr().err
+
+
+def test_a_rerun_with_more_seeds_reads_back_the_finished_ones(phantom_store, tmp_path):
+    """The fold cache does not depend on --seeds: going from 1 seed to 2 computes only seed 1's folds."""
+    common = ["evaluate", "--store", str(phantom_store.root), "--init", "random", "--protocol", "knn", "--size", "32"]
+    common += ["--folds", "2", "--fps", "0", "--frames-per-video", "4", "--device", "cpu", "--out", str(tmp_path)]
+    assert main([*common, "--seeds", "1"]) == 0
+    cached = tmp_path / "folds" / "random" / "seed0_fold0.npz"
+    first, before = cached.stat().st_mtime_ns, json.loads((tmp_path / "results.json").read_text())["inits"][0]
+    assert main([*common, "--seeds", "2"]) == 0
+    after = json.loads((tmp_path / "results.json").read_text())["inits"][0]
+    assert cached.stat().st_mtime_ns == first
+    assert sorted(path.name for path in cached.parent.iterdir()) == [
+        f"seed{seed}_fold{fold}.npz" for seed in (0, 1) for fold in (0, 1)
+    ]
+    assert len(after["runs"]) == 2 * len(before["runs"]) and after["runs"][: len(before["runs"])] == before["runs"]

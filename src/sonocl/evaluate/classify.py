@@ -153,11 +153,15 @@ def run_fold(
 
 
 def fold_key(config: EvalConfig, init: str) -> str:
-    """What a cached fold result depends on: the evaluation settings and the init (a changed one is recomputed)."""
+    """What a cached fold result depends on: the evaluation settings and the init (a changed one is recomputed).
+
+    Not the number of seeds: a (seed, fold) run does not depend on how many others there are, so a rerun with
+    ``--seeds 3`` reads back the seed-0 runs of an earlier ``--seeds 1``."""
     import hashlib
     import json
 
-    text = json.dumps({"config": dataclasses.asdict(config), "init": init}, sort_keys=True, default=str)
+    settings = {name: value for name, value in dataclasses.asdict(config).items() if name != "seeds"}
+    text = json.dumps({"config": settings, "init": init}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 

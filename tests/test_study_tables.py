@@ -40,7 +40,8 @@ def _records(study, row: str, accuracies: list[float], protocol: str = "knn", **
             "video_balanced_accuracy": accuracy,
             "video_macro_f1": accuracy,
             "video_auc": None,
-            "max_test_frame_accuracy": None,
+            "max_test_frame_accuracy": extra.get("max_test"),
+            "test_frames": extra.get("test_frames", 100),
         }
         for fold, accuracy in enumerate(accuracies)
     ]
@@ -71,6 +72,14 @@ def test_main_tables_hold_one_budget_and_the_curve_its_own_table(study, tmp_path
     assert "| uscl-ssl | transductive | 16,000 | 3 |" in main
     steps_column = [line.split(" | ")[0] for line in curve.splitlines() if line.startswith("| ") and "---" not in line]
     assert steps_column[1:] == ["| 0", "| 250", "| 500", "| 1000"]  # random init as step 0, then by budget
+
+
+def test_the_papers_max_test_number_pools_the_frames_of_every_fold_run(study) -> None:
+    """USCL's number sums the best-epoch confusion matrices: a fold with more frames weighs more."""
+    small = _records(study, "uscl-ssl", [0.8], protocol="last-block", max_test=0.5, test_frames=100)
+    large = _records(study, "uscl-ssl", [0.9], protocol="last-block", max_test=0.9, test_frames=300)
+    assert study._pooled_max_test(small + large) == "80.0"  # (50 + 270) / 400, not the fold mean 70.0
+    assert study._pooled_max_test(_records(study, "random", [0.7], protocol="last-block")) == "–"
 
 
 def test_the_best_row_ignores_leaks_and_other_budgets(study) -> None:

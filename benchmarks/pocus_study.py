@@ -394,7 +394,7 @@ def _paired_delta(mine: list[dict], baseline: dict[tuple[int, int], float]) -> s
         return "–"
     mean, std = _mean_std(pairs)
     se = std / math.sqrt(len(pairs))
-    verdict = "inside the noise" if abs(mean) < 2 * se else ("better" if mean > 0 else "worse")
+    verdict = "inside the noise" if abs(mean) <= 2 * se else ("better" if mean > 0 else "worse")
     return f"{100 * mean:+.1f} ± {100 * se:.1f} ({verdict})"
 
 

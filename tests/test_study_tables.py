@@ -57,6 +57,7 @@ def test_paired_delta_is_the_mean_fold_difference_with_its_standard_error(study)
     assert study._paired_delta(mine, baseline) == f"{100 * mean:+.1f} ± {100 * se:.1f} (better)"
     noisy = _records(study, "simclr", [0.60, 0.90, 0.70, 0.70])  # differences −0.1, +0.1, −0.05, +0.1
     assert study._paired_delta(noisy, baseline).endswith("(inside the noise)")
+    assert study._paired_delta(random, baseline) == "+0.0 ± 0.0 (inside the noise)"  # the same accuracy on every fold
 
 
 def test_main_tables_hold_one_budget_and_the_curve_its_own_table(study, tmp_path: Path) -> None:

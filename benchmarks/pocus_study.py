@@ -14,7 +14,8 @@ pretrained per fold (`sonocl study`). Every pretraining row of the main tables h
 its own table), and USCL self-supervised with Meta-USCL's optimiser (SGD 0.1, exponential warm-up), which separates
 what Meta-USCL's preset does from what its pair weighting does.
 Protocols: kNN and linear probe for every row; last-block fine-tuning (the papers') over 3 seeds
-(``--last-block-seeds``) for the rows in ``LAST_BLOCK``. Data: the convex videos of ``../shared/data/pocus``, 3 classes, folds grouped by patient.
+(``--last-block-seeds``) for the rows in ``LAST_BLOCK``. Data: the convex videos of ``../shared/data/pocus``,
+3 classes, folds grouped by patient.
 """
 
 from __future__ import annotations

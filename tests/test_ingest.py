@@ -385,7 +385,7 @@ def test_class_folder_rule(tmp_path: Path) -> None:
     ("extra", "message"),
     [
         (["--label-from-name", "cov"], "PREFIX=LABEL"),
-        (["--size", "0"], "--size must be at least 1"),
+        (["--size", "0"], "--size must be at least 8"),
         (["--id-column", "file"], "needs --labels"),
         (["--labels", "missing.csv"], "labels CSV not found"),
     ],

@@ -37,6 +37,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _escape_unencodable_output() -> None:
+    """A message naming a file whose name is not UTF-8 (held as surrogates) is printed escaped, never a crash: strict
+    text streams (stdout in a UTF-8 locale, a capture) are set to escape what they cannot encode, as stderr does."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a closed or detached stream: nothing will be printed to it
+                pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -50,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sonocl: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, summary = COMMANDS[name]
+    _escape_unencodable_output()
     keep_freed_memory()
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"sonocl {name}", description=summary)

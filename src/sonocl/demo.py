@@ -23,7 +23,9 @@ import shutil
 import time
 from pathlib import Path
 
+from sonocl import outputs
 from sonocl.cli import main as sonocl_main
+from sonocl.options import MIN_IMAGE_SIDE, integer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,21 +33,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=Path("sonocl-demo"),
-        help="working folder; the demo's own outputs in it are replaced (default: %(default)s)",
-    )
-    parser.add_argument("--videos", type=int, default=30, help="phantom videos to make (default: %(default)s)")
-    parser.add_argument("--frames", type=int, default=32, help="frames per phantom video (default: %(default)s)")
-    parser.add_argument(
-        "--steps", type=int, default=240, help="SimCLR pretraining steps of batch 32 (default: %(default)s)"
+        help="working folder: new, empty or an earlier demo's, whose outputs are replaced (default: %(default)s)",
     )
     parser.add_argument(
-        "--eval-epochs", type=int, default=6, help="last-block fine-tuning epochs per fold (default: %(default)s)"
+        "--videos",
+        type=integer(10, "the phantom gives a patient 2 videos, and 5 folds grouped by patient need 5 patients"),
+        default=30,
+        help="phantom videos to make (default: %(default)s)",
+    )
+    parser.add_argument("--frames", type=integer(1), default=32, help="frames per phantom video (default: %(default)s)")
+    parser.add_argument(
+        "--steps", type=integer(1), default=240, help="SimCLR pretraining steps of batch 32 (default: %(default)s)"
     )
     parser.add_argument(
-        "--size", type=int, default=32, help="image size for pretraining and evaluation (default: %(default)s)"
+        "--eval-epochs",
+        type=integer(1),
+        default=6,
+        help="last-block fine-tuning epochs per fold (default: %(default)s)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="phantom videos, folds, initialisations (default: %(default)s)"
+        "--size",
+        type=integer(MIN_IMAGE_SIDE, f"frames under {MIN_IMAGE_SIDE} px are not an ultrasound image"),
+        default=32,
+        help="image size for pretraining and evaluation (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=integer(0), default=0, help="phantom videos, folds, initialisations (default: %(default)s)"
     )
 
 
@@ -117,20 +130,42 @@ def _explanation(args: argparse.Namespace, evaluations: dict[str, Path], pretrai
     ]
 
 
+def _remove_earlier_demo(folders: list[tuple[Path, outputs.Kind]], report: Path) -> None:
+    """A rerun starts afresh (`pretrain` refuses a used --out; a stale store or evaluation would mislead), removing
+    only what an earlier demo made: each folder marked as its kind and holding nothing else, and its report. Anything
+    else there stops the demo before it removes a thing."""
+    from sonocl.report.html import is_report
+
+    present = [folder for folder, _ in folders if folder.exists()]
+    foreign = [folder for folder, kind in folders if folder.exists() and not outputs.removable(folder, kind)]
+    if report.exists() and not is_report(report):
+        foreign.append(report)
+    if foreign:
+        raise outputs.OutputError(
+            f"{foreign[0]}: not made by an earlier `sonocl demo` (or it holds other files), and the demo would "
+            "replace it; move it away or choose another --out"
+        )
+    for folder in present:
+        shutil.rmtree(folder)
+    report.unlink(missing_ok=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from sonocl.data.phantom import write_phantom_dataset
 
     started = time.perf_counter()
-    out: Path = args.out
+    out = outputs.claim(args.out, outputs.DEMO)
     data, store, pretrained = out / "data", out / "store", out / "pretrain-simclr"
     evaluations = {protocol: out / f"evaluation-{protocol}" for protocol, _ in PROTOCOLS}
     report = out / "report.html"
-    # A rerun starts afresh: `pretrain` refuses a used --out, and a stale store or evaluation would mislead.
-    for previous in (data, store, pretrained, *evaluations.values()):
-        shutil.rmtree(previous, ignore_errors=True)
-    report.unlink(missing_ok=True)
+    _remove_earlier_demo(
+        [(data, outputs.PHANTOM), (store, outputs.STORE), (pretrained, outputs.RUN)]
+        + [(evaluation, outputs.EVALUATION) for evaluation in evaluations.values()],
+        report,
+    )
 
     print(f"== Making {args.videos} synthetic lung-ultrasound videos (mp4 and DICOM cine) in {data}", flush=True)
+    outputs.claim(data, outputs.PHANTOM)
     write_phantom_dataset(data, num_videos=args.videos, frames_per_video=args.frames, size=128, seed=args.seed)
     _step("Ingest", ["ingest", str(data / "videos"), "--out", str(store), "--size", "64",
                      "--labels", str(data / "labels.csv"), "--extra-columns", "anatomy,b_lines,consolidation"])  # fmt: skip

@@ -27,7 +27,6 @@ import csv
 import datetime
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -36,10 +35,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sonocl import __version__
 from sonocl.errors import UserError
+from sonocl.options import load_yaml_text
+from sonocl.outputs import BUNDLE, add_overwrite_argument, claim
 from sonocl.provenance import BUNDLE_FILE, PROVENANCE_FILE
 
 SCHEMA = "sonocl.encoder/1"
@@ -76,9 +75,18 @@ def read_run_config(run: Path) -> dict[str, Any]:
     path = run / "config.yaml"
     if not path.is_file():
         raise ExportError(f"{path}: not found; RUN must be a `sonocl pretrain --out` directory")
-    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    from sonocl.train.config import ConfigError, load_run_config
+
+    try:
+        config = load_yaml_text(path.read_text(encoding="utf-8"), str(path))  # no aliases: a YAML bomb never expands
+    except UnicodeDecodeError:
+        raise ExportError(f"{path}: cannot read the configuration (not UTF-8 text)") from None
     if not isinstance(config, dict):
         raise ExportError(f"{path}: not a configuration mapping; was it written by `sonocl pretrain`?")
+    try:  # a valid configuration, as --resume and report read it: a damaged key is named, never half-used
+        load_run_config(path)
+    except ConfigError as error:
+        raise ExportError(str(error)) from None
     return config
 
 
@@ -115,9 +123,16 @@ def _wall_seconds(run: Path) -> float | None:
     path = run / "metrics.csv"
     if not path.is_file():
         return None
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = [row for row in csv.DictReader(handle) if row.get("seconds")]
-    return float(rows[-1]["seconds"]) if rows else None
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.DictReader(handle) if row.get("seconds")]
+        return float(rows[-1]["seconds"]) if rows else None
+    except (UnicodeDecodeError, csv.Error, ValueError) as error:
+        reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else " ".join(str(error).split())
+        raise ExportError(
+            f"{path}: the run's log is damaged ({reason}); restore it, or move it away to export without the "
+            "training wall time"
+        ) from None
 
 
 def training_budget(run: Path, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -153,10 +168,12 @@ def _summary_value(value: Any) -> Any:
 def read_provenance(run: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """``RUN/provenance.json`` (`sonocl.provenance`) whole, None when the run recorded none, and its summary: each
     list of video hashes as a count, other values as they are (one level of nesting flattened as ``key.sub``)."""
+    from sonocl.provenance import _read as read_provenance_file  # its shape checked, as evaluate's leak guard reads it
+
     path = run / PROVENANCE_FILE
     if not path.is_file():
         return None, {}
-    provenance = _read_json(path, "the run's data provenance, written by `sonocl pretrain`")
+    provenance = read_provenance_file(path)
     summary: dict[str, Any] = {}
     for key, value in provenance.items():
         if isinstance(value, Mapping):
@@ -430,9 +447,10 @@ def model_card(metadata: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------ export
 
 
-def export(run: Path, out: Path, evaluation: Path | None = None) -> dict[str, Any]:
-    """Write the bundle of ``run`` into ``out`` (created; the three files replaced atomically); its metadata."""
-    from sonocl.data.store import atomic_write_text
+def export(run: Path, out: Path, evaluation: Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Write the bundle of ``run`` into ``out`` (new, empty or a bundle; the three files replaced atomically); its
+    metadata. ``overwrite`` writes into a folder sonocl did not make (`sonocl.outputs`)."""
+    from sonocl.data.store import atomic_write, atomic_write_text
     from sonocl.models import ENCODER_FILE, WeightsError, load_encoder
 
     run, out = Path(run), Path(out)
@@ -451,19 +469,24 @@ def export(run: Path, out: Path, evaluation: Path | None = None) -> dict[str, An
     except WeightsError as error:
         raise ExportError(str(error)) from error
     metadata = bundle_metadata(run, source, evaluation)  # every input read before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / ENCODER_FILE
-    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
-    shutil.copyfile(source, tmp)  # byte for byte: save_encoder already wrote torchvision names and a 3-channel stem
-    os.replace(tmp, weights)
+    claim(out, BUNDLE, overwrite=overwrite)
+    # byte for byte (save_encoder already wrote torchvision names and a 3-channel stem), through the one atomic writer:
+    # a full disk is one line naming the file, with the previous bundle's file intact and no temporary left
+    atomic_write(out / ENCODER_FILE, lambda handle: _copy_into(source, handle))
     atomic_write_text(out / BUNDLE_FILE, json.dumps(metadata, indent=2) + "\n")
     atomic_write_text(out / CARD_FILE, model_card(metadata))
     return metadata
 
 
+def _copy_into(source: Path, handle: Any) -> None:
+    with open(source, "rb") as original:
+        shutil.copyfileobj(original, handle, 1 << 20)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, metavar="RUN", help="a `sonocl pretrain --out` directory")
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write (created)")
+    add_overwrite_argument(parser)
     parser.add_argument(
         "--eval",
         dest="evaluation",
@@ -475,7 +498,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    metadata = export(args.run, args.out, args.evaluation)
+    metadata = export(args.run, args.out, args.evaluation, overwrite=args.overwrite)
     budget = metadata["budget"]
     out = args.out
     print(

@@ -19,9 +19,12 @@ from typing import Any
 
 import torch
 import torchvision
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from sonocl.data.store import atomic_write
 from sonocl.errors import UserError
 
 ARCHITECTURES: dict[str, tuple[Any, int, Any]] = {
@@ -30,6 +33,8 @@ ARCHITECTURES: dict[str, tuple[Any, int, Any]] = {
     "resnet50": (torchvision.models.resnet50, 2048, torchvision.models.ResNet50_Weights.IMAGENET1K_V2),
 }
 ENCODER_FILE = "encoder.safetensors"
+RECORDED_KEYS = ("arch", "channels", "size", "mean", "std", "method")
+"""Metadata keys sonocl writes (JSON-encoded) into an encoder file's header (`save_encoder`)."""
 
 
 class WeightsError(UserError, RuntimeError):
@@ -73,9 +78,23 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
+    _refuse_empty(path)
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise WeightsError(_unreadable_safetensors(path, error)) from None
     return safe_torch_load(path, WeightsError)
+
+
+def _refuse_empty(path: Path) -> None:
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: empty file (0 bytes), not weights; copy or export it again")
+
+
+def _unreadable_safetensors(path: Path, error: Exception) -> str:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"{path}: not a readable safetensors file ({reason}): cut short or damaged; copy or export it again"
 
 
 def safe_torch_load(path: Path, error_type: type[Exception]) -> Any:
@@ -125,22 +144,86 @@ def build_backbone(
     model.fc = nn.Identity()
     if state is not None:
         backbone_state = {k: v for k, v in _fit_stem(state, channels).items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(backbone_state, strict=False)
-        if missing or unexpected:
-            raise WeightsError(
-                f"weights do not fit {arch}: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
-            )
+        misfit = _misfit(arch, _shapes(model), backbone_state)
+        if misfit:
+            raise WeightsError(f"{misfit}; {_fit_hint(backbone_state, channels)}")
+        model.load_state_dict(backbone_state)
     return model
 
 
-def init_backbone(init: str, arch: str = "resnet18", channels: int = 1) -> torchvision.models.ResNet:
-    """``random``, ``imagenet`` or the path of a sonocl run, checkpoint or encoder file."""
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def _misfit(arch: str, shapes: Mapping[str, tuple[int, ...]], state: Mapping[str, torch.Tensor]) -> str:
+    """Why ``state`` does not load into a backbone of these tensor ``shapes`` (one line), "" when it does: the first
+    tensor of another shape, else the tensors missing, else those it has no place for."""
+    for key, shape in shapes.items():
+        if key in state and tuple(state[key].shape) != shape:
+            return f"tensor {key} is {tuple(state[key].shape)} in the file but {shape} in a {arch}"
+    missing = [key for key in shapes if key not in state]
+    if missing:
+        return f"{_count(missing)} of a {arch} missing from the file ({_some(missing)})"
+    unexpected = [key for key in state if key not in shapes]
+    if unexpected:
+        return f"the file holds {_count(unexpected)} a {arch} has no place for ({_some(unexpected)})"
+    return ""
+
+
+def _count(keys: list[str]) -> str:
+    return f"{len(keys)} tensor{'s' if len(keys) != 1 else ''}"
+
+
+def _some(keys: list[str], limit: int = 3) -> str:
+    return ", ".join(keys[:limit]) + (f" … (+{len(keys) - limit})" if len(keys) > limit else "")
+
+
+def _fit_hint(state: Mapping[str, torch.Tensor], channels: int) -> str:
+    """Which backbone ``state`` is, as the fix: ``pass --backbone resnet50``; else a question."""
+    for arch in ARCHITECTURES:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation work
+            shapes = _shapes(build_backbone(arch, channels))
+        needed = {
+            key: shape for key, shape in shapes.items() if not key.endswith("num_batches_tracked") or key in state
+        }
+        if not _misfit(arch, needed, state):
+            return f"the file holds a {arch}: pass --backbone {arch}"
+    return "is --backbone right?"
+
+
+def init_backbone(init: str, arch: str | None = None, channels: int = 1) -> torchvision.models.ResNet:
+    """``random``, ``imagenet`` or the path of a sonocl run, checkpoint or encoder file; ``arch`` as `init_arch`."""
     if init == "random":
-        return build_backbone(arch, channels)
+        return build_backbone(arch or "resnet18", channels)
     if init == "imagenet":
-        return build_backbone(arch, channels, load_imagenet_state(arch))
+        return build_backbone(arch or "resnet18", channels, load_imagenet_state(arch or "resnet18"))
     return load_encoder(init, channels=channels, arch=arch)
+
+
+def init_arch(init: str, arch: str | None = None) -> str:
+    """The backbone that starting from ``init`` builds: a sonocl encoder's recorded one, else ``arch``, else resnet18.
+
+    ``arch`` is what the user asked for (None: nothing); one that contradicts the encoder's record is a
+    `WeightsError` naming the file, its backbone and the option (as `load_encoder`)."""
+    if init in ("random", "imagenet"):
+        return arch or "resnet18"
+    located = locate_encoder(Path(init))
+    return _encoder_arch(located, read_encoder_metadata(located), arch)
+
+
+def _encoder_arch(path: Path, metadata: Mapping[str, Any], arch: str | None) -> str:
+    recorded = metadata.get("arch")
+    if recorded is not None and recorded not in ARCHITECTURES:
+        raise WeightsError(
+            f"{path}: records the backbone {recorded!r}, which is none of {', '.join(ARCHITECTURES)}; the file is "
+            "damaged or from another program: export it again"
+        )
+    if arch and recorded and arch != recorded:
+        raise WeightsError(
+            f"{path}: is a {recorded} encoder (the backbone it records), so --backbone {arch} does not fit it; "
+            f"leave --backbone out to use the encoder's own, or pass --backbone {recorded}"
+        )
+    return arch or recorded or "resnet18"
 
 
 class ProjectionHead(nn.Sequential):
@@ -207,17 +290,34 @@ def export_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_encoder(backbone: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, Any]) -> None:
-    """Write ``encoder.safetensors`` atomically; ``metadata`` (arch, channels, mean, std, size, method…) goes in its header."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(export_state(backbone), str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
+    """Write ``encoder.safetensors`` through `sonocl.data.store.atomic_write` (a failed write is a `WriteFailedError`
+    naming it, the previous file intact); ``metadata`` (arch, channels, mean, std, size, method…) goes in its header."""
+    data = safetensors_bytes(export_state(backbone), metadata={k: json.dumps(v) for k, v in metadata.items()})
+    atomic_write(Path(path), lambda handle: handle.write(data))
 
 
 def encoder_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    with safe_open(str(path), framework="pt") as handle:
-        raw = handle.metadata() or {}
-    return {k: json.loads(v) for k, v in raw.items()}
+    """The header metadata of a ``.safetensors`` file, sonocl's keys decoded from JSON (other keys, as other programs
+    write them, kept where they are not JSON); a file or a sonocl key that cannot be read is a `WeightsError`."""
+    path = Path(path)
+    _refuse_empty(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise WeightsError(_unreadable_safetensors(path, error)) from None
+    metadata: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            metadata[key] = json.loads(value)
+        except json.JSONDecodeError:
+            if key in RECORDED_KEYS:
+                raise WeightsError(
+                    f"{path}: its sonocl metadata is damaged ({key} = {value[:40]!r} is not JSON); export the "
+                    "encoder again"
+                ) from None
+            metadata[key] = value
+    return metadata
 
 
 def locate_encoder(path: Path) -> Path:
@@ -256,7 +356,8 @@ def load_encoder(
 ) -> torchvision.models.ResNet:
     """The torchvision ResNet (``fc = Identity``) of a sonocl run directory, training checkpoint or ``encoder.safetensors``.
 
-    ``channels`` defaults to what the encoder was trained with; ``arch`` to what the file says (else resnet18).
+    ``channels`` defaults to what the encoder was trained with; ``arch`` to what the file records (else resnet18): an
+    ``arch`` that contradicts the record is a `WeightsError` naming the file, its backbone and ``--backbone``.
     """
     located = locate_encoder(Path(path))
     if located.suffix == ".safetensors":
@@ -270,6 +371,11 @@ def load_encoder(
             raise WeightsError(
                 f"{located}: no 'backbone.*' weights; for checkpoints of other code use `sonocl evaluate --init`"
             )
-    arch = arch or metadata.get("arch", "resnet18")
-    channels = channels or int(metadata.get("channels", state["conv1.weight"].shape[1]))
-    return build_backbone(arch, channels, state)
+    arch = _encoder_arch(located, metadata, arch)
+    recorded = metadata.get("channels", state["conv1.weight"].shape[1] if "conv1.weight" in state else 1)
+    if recorded not in (1, 3):
+        raise WeightsError(f"{located}: records {recorded!r} input channels (1 or 3 expected); export it again")
+    try:
+        return build_backbone(arch, channels or int(recorded), state)
+    except WeightsError as error:
+        raise WeightsError(f"{located}: {error}") from None

@@ -8,6 +8,11 @@ of the videos it trained on, of those whose labels (class or anatomy) training r
 trained with is a leak (the evaluation refuses unless explicitly overridden, and then says so on every table);
 a test video seen *without* labels (self-supervised pretraining on the same store) is transductive, allowed and
 stamped. Videos are matched by content hash, so a video re-ingested into another store still matches.
+
+The record only grows over a run's life: a resumed run keeps what it saw before (`combine`: every store, video and
+label column of every part), and a run started from another's encoder (``--init``) saw what that one saw
+(`inherit`: its lists joined in, the ancestor named in ``initialised_from``). What any ancestor saw, the descendant
+saw, so a label-trained encoder cannot lose its labels by being resumed or fine-tuned with other options.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from sonocl.data.store import FrameStore, atomic_write_text
 from sonocl.errors import UserError
 
 PROVENANCE_FILE = "provenance.json"
-SCHEMA = "sonocl.provenance/1"
+SCHEMA = "sonocl.provenance/2"
+"""/2 added ``stores`` and ``initialised_from``; /1 records (one ``store``) are read as they are."""
 BUNDLE_FILE = "sonocl_encoder.json"
 """An exported bundle's metadata file (``sonocl export``); its ``provenance`` key holds the run's record."""
 
@@ -47,20 +53,55 @@ def record(
     def hashes(videos: Iterable[int]) -> list[str]:
         return sorted({store.videos[int(v)].content_hash for v in videos})
 
+    root = str(store.root.resolve())
     return {
         "schema": SCHEMA,
-        "store": str(store.root.resolve()),
+        "store": root,
+        "stores": [root],
         "method": method,
         "label_columns": label_columns,
         "budget": {"steps": steps, "batch_size": batch_size, "pairs": steps * batch_size},
         "trained_on": hashes(trained),
         "labels_used": hashes(labelled),
         "held_out": hashes(held_out),
+        "initialised_from": [],
     }
+
+
+SEEN_LISTS = ("stores", "label_columns", "trained_on", "labels_used", "held_out", "initialised_from")
+"""The lists that only grow: what a run, its earlier parts and its ancestors saw."""
+
+
+def combine(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """``later`` (this part of a run: its store, method and budget) with every list joined to ``earlier``'s."""
+    merged = dict(later)
+    for key in SEEN_LISTS:
+        before = earlier.get(key) or ([earlier["store"]] if key == "stores" and "store" in earlier else [])
+        merged[key] = _joined(before, later.get(key, []), keep_order=key in ("stores", "initialised_from"))
+    return merged
+
+
+def inherit(run: dict[str, Any], ancestor: dict[str, Any], init: str) -> dict[str, Any]:
+    """``run``'s record when it started from the encoder ``init`` whose pretraining recorded ``ancestor``."""
+    named = f"{init} ({_own_budget(ancestor) or 'pretrained'})"
+    merged = combine(ancestor, run)
+    merged["initialised_from"] = _joined([named], merged["initialised_from"], keep_order=True)
+    return merged
+
+
+def _joined(first: list[Any], second: list[Any], keep_order: bool) -> list[Any]:
+    values = list(dict.fromkeys([*first, *second]))
+    return values if keep_order else sorted(values)
 
 
 def write(run_dir: Path, provenance: dict[str, Any]) -> None:
     atomic_write_text(run_dir / PROVENANCE_FILE, json.dumps(provenance, indent=1) + "\n")
+
+
+def read(run_dir: Path) -> dict[str, Any] | None:
+    """``RUN/provenance.json``, None when the run has none yet."""
+    path = run_dir / PROVENANCE_FILE
+    return _read(path) if path.is_file() else None
 
 
 def find(spec: str) -> dict[str, Any] | None:
@@ -81,12 +122,44 @@ def find(spec: str) -> dict[str, Any] | None:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    """``path`` (a run's ``provenance.json``, or a bundle's metadata holding one under ``provenance``) as a dict, its
+    record's shape checked: ``trained_on``, ``labels_used`` and ``held_out`` are lists of strings (the leak guard
+    compares them as sets, and a string would be a set of characters that passes it unnoticed), so are the other
+    lists, and the budget is numbers. Anything else is one `UserError` line naming the file and the key."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: cannot read the pretraining provenance ({error})") from None
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8 text
+        reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else " ".join(str(error).split())
+        raise UserError(f"{path}: cannot read the pretraining provenance ({reason})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: the pretraining provenance is not a JSON object")
+    record = data.get("provenance") if path.name == BUNDLE_FILE else data
+    if record is None:
+        return data
+    where = "its provenance " if record is not data else ""
+    problems: list[str] = []
+    if not isinstance(record, dict):
+        problems.append(f"{where}is not a JSON object")
+    else:
+        lists = ("trained_on", "labels_used", "held_out")
+        problems += [f"no {key} list" for key in lists if key not in record]
+        for key in (*lists, "stores", "label_columns", "initialised_from"):
+            value = record.get(key, [])
+            if not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+                problems.append(f"{key} is {type(value).__name__} {str(value)[:24]!r}, not a list of strings")
+        budget = record.get("budget", {})
+        numbers = isinstance(budget, dict) and all(
+            isinstance(budget.get(key), (int, float)) and not isinstance(budget.get(key), bool)
+            for key in ("steps", "batch_size", "pairs")
+        )
+        if "budget" in record and not (numbers and isinstance(record.get("method"), str)):
+            problems.append("budget is not steps, batch_size and pairs as numbers beside a method name")
+    if problems:
+        raise UserError(
+            f"{path}: the pretraining provenance is damaged ({'; '.join(problems)}): it must be a JSON object whose "
+            "trained_on, labels_used and held_out are lists of video hashes, as `sonocl pretrain` writes it; restore "
+            "it from a copy (an exported bundle keeps one under 'provenance')"
+        )
     return data
 
 
@@ -124,7 +197,17 @@ def summarise(checks: list[FoldCheck]) -> dict[str, Any]:
 
 
 def budget_note(provenance: dict[str, Any] | None) -> str:
-    """A run's pretraining budget for tables, ``uscl: 500 steps × 32 = 16,000 pairs``; "" without provenance."""
+    """A run's pretraining budget for tables, ``uscl: 500 steps × 32 = 16,000 pairs``, and the encoder it started
+    from when it had one; "" without provenance."""
+    note = _own_budget(provenance)
+    ancestors = (provenance or {}).get("initialised_from") or []
+    if note and ancestors:
+        earlier = f" and {len(ancestors) - 1} earlier" if len(ancestors) > 1 else ""
+        note += f", initialised from {ancestors[0]}{earlier}"
+    return note
+
+
+def _own_budget(provenance: dict[str, Any] | None) -> str:
     if provenance is None or "budget" not in provenance:
         return ""
     budget = provenance["budget"]

@@ -5,6 +5,10 @@ so that memory stays bounded whatever the length of a recording. A `Frame` carri
 pixels and presentation time; its colour saturation is computed only when asked for (the crop
 finder asks for a few frames per video), because most of the time colour is thrown away.
 
+Decoding is capped (``max_pixels``, `check_frame_size`): a frame larger than the cap is refused from
+the header of the image, video stream or DICOM file, before its pixels are decoded, except a JPEG
+still, which is decoded at 1/2, 1/4 or 1/8 scale to fit (``Image.draft``), with a note in `notes`.
+
 Anything wrong with a file surfaces as `DecodeError` naming the file and the reason. Nothing is
 read from DICOM headers except frame timing, the pixel-data description, and the patient ID, which
 callers may only use through a salted hash (see `sonocl.data.ingest`).
@@ -32,6 +36,11 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mpeg", ".mpg", ".mkv", ".gif"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Default cap on the pixels of one decoded frame (width × height), see ``sonocl ingest --max-pixels``."""
+JPEG_REDUCTIONS = (2, 4, 8)
+"""Scales at which a JPEG can be decoded reduced (``Image.draft``)."""
 
 _DICOM_MAGIC_OFFSET = 128
 _DICOM_MAGIC = b"DICM"
@@ -70,6 +79,16 @@ def _has_dicom_preamble(path: Path) -> bool:
     except OSError:
         return False
     return head[_DICOM_MAGIC_OFFSET:] == _DICOM_MAGIC
+
+
+def check_frame_size(path: Path, width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse frames of more than ``max_pixels`` pixels: called on the size a header announces, before decoding."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise DecodeError(
+            path,
+            f"frames of {width}×{height} = {width * height} pixels are over --max-pixels {max_pixels}; not decoded "
+            "(raise --max-pixels to ingest it)",
+        )
 
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
@@ -193,6 +212,8 @@ class MediaSource(abc.ABC):
     fps: float | None = None
     patient_id: str | None = None
     """Only DICOM sets this; callers must hash it with the store salt and never write it anywhere."""
+    notes: tuple[str, ...] = ()
+    """What a user should know about how the file was decoded (a JPEG decoded reduced), one line each."""
 
     @abc.abstractmethod
     def frames(self) -> Iterator[Frame]:
@@ -217,8 +238,9 @@ class VideoSource(MediaSource):
     otherwise idle: with one ingest worker per core it costs about a fifth more CPU for nothing.
     """
 
-    def __init__(self, path: Path, threads: int = 1) -> None:
+    def __init__(self, path: Path, threads: int = 1, max_pixels: int | None = None) -> None:
         self.path = path
+        self._max_pixels = max_pixels
         try:
             self._container = av.open(str(path))
         except av.FFmpegError as error:
@@ -229,6 +251,11 @@ class VideoSource(MediaSource):
             self._container.close()
             raise DecodeError(path, "the file holds no video stream")
         self._stream = self._container.streams.video[0]
+        try:
+            check_frame_size(path, self._stream.codec_context.width, self._stream.codec_context.height, max_pixels)
+        except DecodeError:
+            self._container.close()
+            raise
         if threads > 1:
             self._stream.thread_type = "AUTO"
         self._stream.thread_count = threads
@@ -242,6 +269,7 @@ class VideoSource(MediaSource):
         count = 0
         try:
             for frame in self._container.decode(self._stream):
+                check_frame_size(self.path, frame.width, frame.height, self._max_pixels)  # a stream without a size
                 time = frame.time
                 if time is None:
                     time = previous + interval
@@ -289,11 +317,20 @@ def _to_uint8(pixels: np.ndarray, bits: int) -> np.ndarray:
     return np.rint(scaled).astype(np.uint8)
 
 
+_GREY_BLOCK_PIXELS = 1 << 20
+"""Pixels converted from colour to grey at a time (`_grey_and_rgb`)."""
+
+
 def _grey_and_rgb(pixels: np.ndarray, bits: int, monochrome1: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Grey uint8 image and (for colour pixels) the RGB uint8 image, from a DICOM or image array."""
     if pixels.ndim == 3:
         rgb = _to_uint8(pixels[..., :3], bits)
-        grey = np.rint(rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).astype(np.uint8)
+        weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        grey = np.empty(rgb.shape[:2], dtype=np.uint8)
+        # Blocks of rows: a float copy of a whole large image would take 12 bytes a pixel.
+        rows = max(1, _GREY_BLOCK_PIXELS // max(1, rgb.shape[1]))
+        for top in range(0, rgb.shape[0], rows):
+            grey[top : top + rows] = np.rint(rgb[top : top + rows] @ weights)
         return grey, rgb
     grey = _to_uint8(pixels, bits)
     return (255 - grey if monochrome1 else grey), None
@@ -307,8 +344,9 @@ class DicomSource(MediaSource):
     that bright always means echo; palette colour is expanded before greying.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_pixels: int | None = None) -> None:
         self.path = path
+        self._max_pixels = max_pixels
         # pydicom warns about malformed values by quoting them, and a quoted patient field must never reach stderr.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -335,6 +373,7 @@ class DicomSource(MediaSource):
                 f"DICOM transfer syntax {syntax.name} ({syntax}) needs a pixel-data plugin that is not "
                 "installed (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or python-gdcm)",
             )
+        check_frame_size(path, int(header.get("Columns", 0) or 0), int(header.get("Rows", 0) or 0), self._max_pixels)
         self._deflated = syntax == DeflatedExplicitVRLittleEndian
         if not syntax.is_encapsulated and not self._deflated:
             _check_native_pixel_data(path, header)
@@ -425,37 +464,61 @@ def _dicom_fps(header: pydicom.Dataset, times: list[float]) -> float | None:
     return None
 
 
-def image_grey(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Grey uint8 pixels of a still image and its RGB pixels when it is in colour.
+def image_grey(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Grey uint8 pixels of a still image, its RGB pixels when it is in colour, and the reduction it was decoded at.
 
     8-bit images keep their values; 16-bit and 32-bit greyscale images are scaled from their own
     minimum…maximum to 0…255 (their nominal range is rarely used, so a fixed scale would leave them
     nearly black). Palette and RGBA images are converted to RGB first (alpha is dropped).
+
+    The size is checked on the header, before any pixel is decoded, as Pillow's decompression-bomb check
+    does (and that check still refuses more than twice ``Image.MAX_IMAGE_PIXELS``, whatever ``max_pixels``):
+    over ``max_pixels``, a JPEG is decoded at the smallest reduction (1/2, 1/4, 1/8) that fits, anything
+    else is refused (`check_frame_size`).
     """
+    reduction = 1
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # Pillow warns (several lines on stderr) from MAX_IMAGE_PIXELS on; the size is checked below instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels and image.format == "JPEG":
+                reduction = next(
+                    (s for s in JPEG_REDUCTIONS if -(-width // s) * -(-height // s) <= max_pixels), JPEG_REDUCTIONS[-1]
+                )
+                image.draft(image.mode, (width // reduction, height // reduction))
+            check_frame_size(path, *image.size, max_pixels)
             image.load()
             if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                pixels = np.asarray(image, dtype=np.float64)
+                pixels = np.array(image, dtype=np.float64)  # scaled in place: one float copy, not three
                 low, high = float(pixels.min()), float(pixels.max())
-                scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
-                return np.rint(scaled).astype(np.uint8), None
+                pixels -= low
+                pixels *= 255.0 / (high - low) if high > low else 0.0
+                return np.rint(pixels, out=pixels).astype(np.uint8), None, reduction
             if image.mode in ("L", "1", "LA"):
-                return np.asarray(image.convert("L")), None
-            rgb = np.asarray(image.convert("RGB"))
+                return np.asarray(image.convert("L")), None, reduction
+            rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except UnidentifiedImageError as error:
         raise DecodeError(path, "not a readable image (no image format recognised in its content)") from error
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
         raise DecodeError(path, f"not a readable image ({error})") from error
-    return _grey_and_rgb(rgb, 8, monochrome1=False)
+    return (*_grey_and_rgb(rgb, 8, monochrome1=False), reduction)
+
+
+def _reduction_note(reduction: int, shape: tuple[int, ...], max_pixels: int | None) -> str:
+    return f"decoded at 1/{reduction} scale ({shape[1]}×{shape[0]} pixels) to stay under --max-pixels {max_pixels}"
 
 
 class ImageSource(MediaSource):
     """A still image: a one-frame video at time 0 without a frame rate."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_pixels: int | None = None) -> None:
         self.path = path
-        self._grey, self._rgb = image_grey(path)
+        self._grey, self._rgb, reduction = image_grey(path, max_pixels)
+        if reduction > 1:
+            self.notes = (_reduction_note(reduction, self._grey.shape, max_pixels),)
 
     def frames(self) -> Iterator[Frame]:
         yield Frame(self._grey, 0.0, rgb=self._rgb)
@@ -467,28 +530,34 @@ class FrameFolderSource(MediaSource):
     A frame folder has no timing, so frame *i* gets time *i* seconds and the clip has no frame rate.
     """
 
-    def __init__(self, path: Path, files: Sequence[Path]) -> None:
+    def __init__(self, path: Path, files: Sequence[Path], max_pixels: int | None = None) -> None:
         self.path = path
         self._files = sorted(files, key=lambda file: natural_key(file.name))
+        self._max_pixels = max_pixels
 
     def frames(self) -> Iterator[Frame]:
         first_shape: tuple[int, ...] | None = None
         for index, file in enumerate(self._files):
-            grey, rgb = image_grey(file)
+            grey, rgb, reduction = image_grey(file, self._max_pixels)
             if first_shape is None:
                 first_shape = grey.shape
+                if reduction > 1:
+                    self.notes = (_reduction_note(reduction, grey.shape, self._max_pixels),)
             elif grey.shape != first_shape:
                 raise DecodeError(file, f"frame of size {grey.shape} in a clip of {first_shape} frames")
             yield Frame(grey, float(index), rgb=rgb)
 
 
-def open_media(path: Path, frame_files: Sequence[Path] | None = None, threads: int = 1) -> MediaSource:
+def open_media(
+    path: Path, frame_files: Sequence[Path] | None = None, threads: int = 1, max_pixels: int | None = None
+) -> MediaSource:
     """Open a file by its kind, or a frame folder when ``frame_files`` lists its frames.
 
-    ``threads``: decoder threads for a video (see `VideoSource`).
+    ``threads``: decoder threads for a video (see `VideoSource`); ``max_pixels``: cap on a frame's pixels
+    (`check_frame_size`; ``None``: no cap).
     """
     if frame_files is not None:
-        return FrameFolderSource(path, frame_files)
+        return FrameFolderSource(path, frame_files, max_pixels)
     try:
         empty = path.stat().st_size == 0
     except OSError as error:
@@ -497,9 +566,9 @@ def open_media(path: Path, frame_files: Sequence[Path] | None = None, threads: i
         raise DecodeError(path, "empty file (0 bytes)")
     kind = media_kind(path)
     if kind == "video":
-        return VideoSource(path, threads)
+        return VideoSource(path, threads, max_pixels)
     if kind == "dicom":
-        return DicomSource(path)
+        return DicomSource(path, max_pixels)
     if kind == "image":
-        return ImageSource(path)
+        return ImageSource(path, max_pixels)
     raise DecodeError(path, "not a video, DICOM or image file")

@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -32,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sonocl.data.decode import (
+    DEFAULT_MAX_PIXELS,
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
     VIDEO_SUFFIXES,
@@ -53,11 +55,14 @@ from sonocl.data.labels import (
 from sonocl.data.mask_names import in_mask_folder, is_mask_name
 from sonocl.data.preprocess import FramePreparer, select_frames
 from sonocl.data.store import META_FILE, REPORT_FILE, FrameStoreWriter, StoreError, WriteFailedError, atomic_write_text
+from sonocl.outputs import STORE, add_overwrite_argument, claim
 from sonocl.progress import Progress, progress_report
 
 TEMP_DIR = ".ingest-tmp"
 """Workers' frame files, inside the store so that appending them never crosses a file system."""
 DEFAULT_SIZE = 256
+DEFAULT_MAX_FRAMES = 20_000
+"""``--max-frames`` default: 11 minutes at 30 frames/s, far longer than an ultrasound clip; 1.3 GB stored at 256²."""
 TASKS_IN_FLIGHT_PER_WORKER = 4
 EXIT_OK, EXIT_USAGE, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 2, 3, 130
 _HASH_CHUNK = 1 << 20
@@ -75,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, type=Path, metavar="STORE", help="frame store directory (created, or appended to)"
     )
+    add_overwrite_argument(parser)
     frames = parser.add_argument_group("frames")
     frames.add_argument(
         "--size",
@@ -89,7 +95,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     frames.add_argument(
         "--fps", type=float, default=None, metavar="F", help="keep at most F frames per second of real time"
     )
-    frames.add_argument("--max-frames", type=int, default=None, metavar="N", help="keep at most N frames per video")
+    frames.add_argument(
+        "--max-frames",
+        type=int,
+        default=DEFAULT_MAX_FRAMES,
+        metavar="N",
+        help=f"keep at most N frames per video: a longer one keeps its first N, with a note naming it, and the rest is "
+        f"not decoded (default {DEFAULT_MAX_FRAMES}: 11 minutes at 30 frames/s, far beyond an ultrasound clip, "
+        "and a bound on the decoding time a small file can cost)",
+    )
+    frames.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="P",
+        help=f"refuse frames of more than P pixels (width × height), from the file's header, before decoding: the "
+        "file is skipped and listed in the report, except a JPEG still, decoded at 1/2, 1/4 or 1/8 scale to fit, "
+        f"with a note (default {DEFAULT_MAX_PIXELS}: 6 times a 4K frame, under 1 GB for one frame in one worker; "
+        "Pillow refuses stills over 179 million pixels whatever P is)",
+    )
     frames.add_argument(
         "--crop", choices=("auto", "none"), default="auto", help="auto: keep only the ultrasound region (default)"
     )
@@ -162,6 +186,7 @@ class DecodeTask:
     max_frames: int | None
     salt: str
     decoder_threads: int
+    max_pixels: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +200,8 @@ class Decoded:
     timestamps: list[float]
     patient_group: str | None
     """Salted hash of the DICOM patient ID, if any."""
+    notes: tuple[str, ...] = ()
+    """How the file was decoded where a user should know it: kept its first frames only, decoded reduced."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,15 +253,23 @@ def decode_to_file(task: DecodeTask) -> Decoded | Failed:
     """
     preparer = FramePreparer(task.size, task.auto_crop)
     count = 0
+    truncated: list[str] = []
+
+    def on_limit() -> None:
+        truncated.append(
+            f"kept the first {task.max_frames} frames (--max-frames {task.max_frames}); the rest is not decoded"
+        )
+
     try:
         with (
-            open_media(task.source.path, task.source.frame_files, task.decoder_threads) as media,
+            open_media(task.source.path, task.source.frame_files, task.decoder_threads, task.max_pixels) as media,
             _FrameFile(task.temp_path) as out,
         ):
-            for frame in preparer.prepare(select_frames(media.frames(), task.stride, task.max_fps, task.max_frames)):
+            selected = select_frames(media.frames(), task.stride, task.max_fps, task.max_frames, on_limit)
+            for frame in preparer.prepare(selected):
                 out.write(frame)
                 count += 1
-            fps, patient_id = media.fps, media.patient_id
+            fps, patient_id, notes = media.fps, media.patient_id, (*media.notes, *truncated)
     except DecodeError as error:
         return _failed(task, error.reason)
     except _FrameFileError as error:
@@ -250,6 +285,7 @@ def decode_to_file(task: DecodeTask) -> Decoded | Failed:
         crop_box=preparer.crop_box.as_tuple(),
         timestamps=preparer.timestamps,
         patient_group=hashed_group(task.salt, patient_id) if patient_id else None,
+        notes=notes,
     )
 
 
@@ -465,6 +501,7 @@ class Ingest:
                 max_frames=self.args.max_frames,
                 salt=self.writer.meta["salt"],
                 decoder_threads=self.decoder_threads,
+                max_pixels=self.args.max_pixels,
             )
             tasks.append((size, task))
         tasks.sort(key=lambda sized: sized[0], reverse=True)
@@ -508,6 +545,8 @@ class Ingest:
             return
         finally:
             task.temp_path.unlink(missing_ok=True)
+        for note in outcome.notes:
+            self.progress.write(f"sonocl ingest: note: {shown(task.source.path)}: {note}", file=sys.stderr)
         self.summary.added += 1
         self.progress.update()
 
@@ -611,6 +650,7 @@ def _write_report(
             "stride": args.stride,
             "fps": args.fps,
             "max_frames": args.max_frames,
+            "max_pixels": args.max_pixels,
             "crop": args.crop,
         },
         "counts": {"added": summary.added, "already_present": summary.already_present, "skipped": len(summary.skipped)},
@@ -650,12 +690,19 @@ def _usage_error(message: str) -> int:
 
 
 def _check_options(args: argparse.Namespace) -> str | None:
-    for name in ("size", "stride", "max_frames", "workers"):
+    from sonocl.data.preprocess import MIN_SOURCE_SIDE  # the floor of a source's frames is the floor of --size
+
+    if args.size is not None and args.size < MIN_SOURCE_SIDE:
+        return (
+            f"--size must be at least {MIN_SOURCE_SIDE}, not {args.size}: frames under {MIN_SOURCE_SIDE} px are not "
+            "an ultrasound image"
+        )
+    for name in ("size", "stride", "max_frames", "max_pixels", "workers"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return f"--{name.replace('_', '-')} must be at least 1, not {value}"
-    if args.fps is not None and args.fps <= 0:
-        return f"--fps must be positive, not {args.fps}"
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        return f"--fps must be positive and finite, not {args.fps}"
     missing = [str(path) for path in args.sources if not path.exists()]
     if missing:
         return f"no such file or folder: {', '.join(missing)}"
@@ -682,6 +729,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         table = _load_table(args, sources)
         size = args.size if args.size is not None or (store_root / META_FILE).exists() else DEFAULT_SIZE
+        claim(store_root, STORE, overwrite=args.overwrite)
         writer = FrameStoreWriter(store_root, size)
     except (LabelError, StoreError) as error:
         return _usage_error(str(error))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import av
 import numpy as np
@@ -83,29 +83,38 @@ class CropBox:
 
 
 def select_frames(
-    frames: Iterable[Frame], stride: int = 1, max_fps: float | None = None, max_frames: int | None = None
+    frames: Iterable[Frame],
+    stride: int = 1,
+    max_fps: float | None = None,
+    max_frames: int | None = None,
+    on_limit: Callable[[], None] | None = None,
 ) -> Iterator[Frame]:
     """Frames kept by ``--stride`` (every Nth decoded frame), then ``--fps`` and ``--max-frames``.
 
     ``max_fps`` keeps a frame only when its timestamp reaches the next slot of a ``1/max_fps`` grid
     started at the first kept frame, so at most ``max_fps`` frames are kept in any second of real time
-    whatever the irregularity of the source timing. Decoding stops once ``max_frames`` are kept.
+    whatever the irregularity of the source timing. Decoding stops once ``max_frames`` are kept, at the
+    next frame that would have been kept; ``on_limit`` is then called (the video was truncated).
     """
     kept = 0
     next_slot = 0
     first_time: float | None = None
     for index, frame in enumerate(frames):
-        if max_frames is not None and kept >= max_frames:
-            return
         if index % stride:
             continue
+        slot = next_slot
         if max_fps is not None:
             if first_time is None:
                 first_time = frame.time
             elapsed = (frame.time - first_time) * max_fps
             if elapsed < next_slot - 1e-6:
                 continue
-            next_slot = int(np.floor(elapsed + 1e-6)) + 1
+            slot = int(np.floor(elapsed + 1e-6)) + 1
+        if max_frames is not None and kept >= max_frames:
+            if on_limit is not None:
+                on_limit()
+            return
+        next_slot = slot
         kept += 1
         yield frame
 

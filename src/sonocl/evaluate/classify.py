@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 import torchvision
 
 from sonocl.errors import ConfigError
+from sonocl.evaluate import cache
 from sonocl.evaluate.config import OPTIMISTIC, EvalConfig
 from sonocl.evaluate.data import EvalData, fold_splits, inner_validation
 from sonocl.evaluate.finetune import FineTuneModel, FoldTrainer
@@ -152,47 +152,51 @@ def run_fold(
     return FoldResult(task, run, test, outcome.test_probabilities, confusion)
 
 
-def fold_key(config: EvalConfig, init: str) -> str:
-    """What a cached fold result depends on: the evaluation settings and the init (a changed one is recomputed).
+def fold_key(config: EvalConfig, data: EvalData, report: InitReport) -> dict[str, str]:
+    """What a kept fold run depends on (`sonocl.evaluate.cache`): the evaluation settings, the frames evaluated with
+    their labels and groups, and the encoder's bytes; a run made with any other is computed again.
 
     Not the number of seeds: a (seed, fold) run does not depend on how many others there are, so a rerun with
     ``--seeds 3`` reads back the seed-0 runs of an earlier ``--seeds 1``."""
-    import hashlib
-    import json
-
     settings = {name: value for name, value in dataclasses.asdict(config).items() if name != "seeds"}
-    text = json.dumps({"config": settings, "init": init}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return cache.fold_key(settings, data.digest, cache.init_digest(report))
 
 
-def save_fold_result(path: Path, result: FoldResult, key: str) -> None:
+def save_fold_result(path: Path, result: FoldResult, key: dict[str, str]) -> None:
     """One finished fold run, written atomically (a kill leaves the previous state: absent or complete)."""
     import json
 
+    from sonocl.data.store import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(
-        partial,
-        key=key,
-        run=json.dumps(result.run, default=_json_value),
-        test_frames=result.test_frames,
-        probabilities=result.probabilities,
-    )
-    os.replace(partial, path)
+    arrays = {
+        "key": cache.encode(key),
+        "run": json.dumps(result.run, default=_json_value),
+        "test_frames": result.test_frames,
+        "probabilities": result.probabilities,
+    }
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
-def load_fold_result(path: Path, task: FoldTask, key: str) -> FoldResult | None:
-    """The cached fold run at ``path`` if it was made with ``key``, else None."""
+def load_fold_result(path: Path, task: FoldTask, key: dict[str, str]) -> FoldResult | None:
+    """The cached fold run at ``path`` if it was made with ``key``, else None (and a line saying what changed)."""
     import json
+    import sys
+    import zipfile
 
     if not path.is_file():
         return None
-    with np.load(path) as saved:
-        if str(saved["key"]) != key:
-            return None
-        run = json.loads(str(saved["run"]))
-        confusion = {level: np.asarray(run[level]["confusion"]) for level in ("frame", "video")}
-        return FoldResult(task, run, saved["test_frames"], saved["probabilities"], confusion)
+    try:  # a kept run is a cache: a damaged one (cut short, overwritten) is computed again, with a line naming it
+        with np.load(path) as saved:
+            if not cache.matches(str(saved["key"]), key, path):
+                return None
+            run = json.loads(str(saved["run"]))
+            confusion = {level: np.asarray(run[level]["confusion"]) for level in ("frame", "video")}
+            return FoldResult(task, run, saved["test_frames"], saved["probabilities"], confusion)
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f"{path}: a damaged kept fold run ({reason}); computing it again", file=sys.stderr)
+        return None
 
 
 def _json_value(value: Any) -> Any:
@@ -252,7 +256,7 @@ def evaluate_inits(
     all_tasks = fold_tasks(data, config, len(inits))
     results: list[list[FoldResult]] = [[] for _ in inits]
     entries: list[dict[str, Any]] = []
-    keys = [fold_key(config, report.spec) for _, _, report in inits]
+    keys = [fold_key(config, data, report) for _, _, report in inits]
 
     def cached(task: FoldTask) -> Path | None:
         return None if cache is None else cache / inits[task.init][0] / f"seed{task.seed}_fold{task.fold}.npz"

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from sonocl import __version__
-from sonocl.data.store import atomic_write, atomic_write_text
+from sonocl.data.store import atomic_write_text
 from sonocl.errors import ConfigError
 from sonocl.evaluate.metrics import METRIC_COLUMNS, percent
+from sonocl.outputs import EVALUATION, add_overwrite_argument, claim
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "says LABEL LEAK (default: refuse)",
     )
     parser.add_argument("--out", required=True, help="output directory")
+    add_overwrite_argument(parser)
 
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +139,9 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--channels", type=int, choices=(1, 3), default=1, help="stem input channels (default: %(default)s)"
     )
-    parser.add_argument("--backbone", choices=tuple(ARCHITECTURES), default="resnet18")
+    parser.add_argument(
+        "--backbone", choices=tuple(ARCHITECTURES), help="architecture (default: a sonocl encoder's own, else resnet18)"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     parser.add_argument(
         "--jobs",
@@ -171,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
     torch.manual_seed(config.seed)  # the random init's weights
     inits = []
     for label, spec in zip(labels, args.init):  # resolve every init before any training: a bad path fails in seconds
-        backbone, report = load_init(spec, config.backbone, config.channels)
+        backbone, report = load_init(spec, args.backbone, config.channels)  # a sonocl encoder: its own backbone
         print(report, file=sys.stderr)
         inits.append((label, spec, backbone, report, input_settings(config, report, args.input)))
 
@@ -193,8 +197,7 @@ def _run(args: argparse.Namespace) -> int:
     first = data_at(inits[0][4]["size"])
     warn_small_classes(first, config.group_by == "group")
     stamps = {label: leak_stamp(spec, first, config, args.allow_label_leak) for label, spec, *_ in inits}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim(args.out, EVALUATION, overwrite=args.overwrite)
     results = results_header("evaluate", store, first, config, grouping)
     results["timing"] = {"jobs": args.jobs}
     predictions = [prediction_header(first.class_names)]
@@ -357,12 +360,13 @@ def prediction_rows(label: str, data: Any, folds: list[Any], selection: str) -> 
 
 
 def write_predictions(path: Path, rows: list[list[Any]]) -> None:
-    """``predictions.csv``, written atomically (a killed run leaves the previous file or none)."""
+    """``predictions.csv``, written atomically (a killed run leaves the previous file or none) in UTF-8, a byte of a
+    video id that was not UTF-8 escaped (`atomic_write_text`)."""
     import io
 
     text = io.StringIO()
     csv.writer(text).writerows(rows)
-    atomic_write(path, lambda handle: handle.write(text.getvalue().encode("utf-8")))
+    atomic_write_text(path, text.getvalue())
 
 
 def warn_small_classes(data: Any, by_group: bool) -> None:

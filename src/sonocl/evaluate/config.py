@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from sonocl.errors import ConfigError
+from sonocl.options import number_rule
 
 PROTOCOLS = ("linear", "last-block", "full", "knn")
 
@@ -99,20 +100,35 @@ class EvalConfig:
             f"protocol in {PROTOCOLS}": self.protocol in PROTOCOLS,
             f"selection in {SELECTIONS}": self.selection in SELECTIONS,
             f"group_by in {GROUP_BY}": self.group_by in GROUP_BY,
-            "folds ≥ 2": self.folds >= 2,
-            "seeds ≥ 1": self.seeds >= 1,
-            "epochs ≥ 1": self.epochs >= 1,
-            "batch_size ≥ 2": self.batch_size >= 2,
-            "size ≥ 16": self.size >= 16,
             "channels 1 or 3": self.channels in (1, 3),
-            "fps ≥ 0": self.fps >= 0,
-            "frames_per_video ≥ 0": self.frames_per_video >= 0,
-            "knn_k ≥ 1": self.knn_k >= 1,
             "0 < full_backbone_lr_scale ≤ 1": 0 < self.full_backbone_lr_scale <= 1,
-            "0 < inner_val_fraction < 1": 0 < self.inner_val_fraction < 1,
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
             raise ConfigError(f"invalid evaluation settings: {', '.join(failed)}")
+        # Every number of the command line, named by its option: in range and finite, before any data is read.
+        rules: dict[str, tuple[Any, dict[str, float]]] = {
+            "folds": (self.folds, {"at_least": 2}),
+            "seeds": (self.seeds, {"at_least": 1}),
+            "seed": (self.seed, {"at_least": 0}),
+            "epochs": (self.epochs, {"at_least": 1}),
+            "batch_size": (self.batch_size, {"at_least": 2}),  # BatchNorm needs two images a batch
+            "lr": (self.lr, {"above": 0}),
+            "weight_decay": (self.weight_decay, {"at_least": 0}),
+            "size": (self.size, {"at_least": 16}),
+            "mean": (self.mean, {}),
+            "std": (self.std, {"above": 0}),
+            "fps": (self.fps, {"at_least": 0}),
+            "frames_per_video": (self.frames_per_video, {"at_least": 0}),
+            "knn_k": (self.knn_k, {"at_least": 1}),
+            "inner_val_fraction": (self.inner_val_fraction, {"above": 0, "below": 1}),
+        }
+        problems = [
+            f"--{name.replace('_', '-')} {value!r}: {problem}"
+            for name, (value, bounds) in rules.items()
+            if (problem := number_rule(value, **bounds))
+        ]
+        if problems:
+            raise ConfigError("; ".join(problems))
         if self.protocol == "knn" and self.selection != "last":
             raise ConfigError("knn has no epochs to select: use --selection last")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import torch
@@ -51,6 +52,15 @@ class EvalData:
     def frame_labels(self) -> np.ndarray:
         return self.video_labels[self.frame_video]
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """The identity of what is evaluated, by content (`sonocl.evaluate.cache`): the frames as resized, the videos
+        they come from, their labels, class names and groups."""
+        from sonocl.evaluate.cache import array_digest, digest
+
+        arrays = (self.images.numpy(), self.frame_video, self.frame_index, self.video_labels, self.video_groups)
+        return digest([array_digest(*arrays), self.class_names, self.video_ids, self.video_hashes])
+
     def frames_of(self, videos: np.ndarray) -> np.ndarray:
         """Frame indices (into ``images``) of the given evaluated videos."""
         return np.flatnonzero(np.isin(self.frame_video, videos))
@@ -76,6 +86,7 @@ def load_eval_data(store: FrameStore, config: EvalConfig) -> EvalData:
     lookup = {name: code for code, name in enumerate(class_names)}
     kept = [v for v, value in enumerate(values) if value in lookup]
     groups = store.group_codes()
+    check_folds(config, len(set(groups[kept].tolist())) if config.group_by == "group" else len(kept), str(store.root))
     frame_video, frame_index, global_index = [], [], []
     for position, v in enumerate(kept):
         start, stop = store.video_offsets[v], store.video_offsets[v + 1]
@@ -116,11 +127,24 @@ def check_disjoint(train: np.ndarray, test: np.ndarray, data: EvalData, by_group
             raise AssertionError(f"groups in both train and test of a fold: {shared_groups[:5].tolist()}")
 
 
+def check_folds(config: EvalConfig, count: int, source: str) -> None:
+    """Refuse ``--folds`` above the ``count`` of groups (or videos) to split, naming ``source`` and what works."""
+    if config.folds <= count:
+        return
+    unit = "patient/source group" if config.group_by == "group" else "video"
+    fix = f"use --folds {count} or fewer" if count >= 2 else "k-fold needs at least 2; add labelled videos"
+    raise ConfigError(
+        f"{source}: --folds {config.folds} needs {config.folds} or more {unit}s, each kept in one fold, but there "
+        f"are {count} labelled {unit}{'s' if count != 1 else ''}; {fix}"
+    )
+
+
 def fold_splits(data: EvalData, config: EvalConfig, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified folds over the evaluated videos, grouped by video or by group id; checked disjoint."""
     from sonocl.data.splits import grouped_stratified_kfold
 
     groups = data.video_groups if config.group_by == "group" else np.arange(len(data.video_ids))
+    check_folds(config, len(np.unique(groups)), "the evaluated videos")
     folds = grouped_stratified_kfold(data.video_labels, groups, config.folds, seed)
     for train, test in folds:
         check_disjoint(np.asarray(train), np.asarray(test), data, config.group_by == "group")

@@ -110,11 +110,16 @@ def default_label(spec: str) -> str:
     return path.stem
 
 
-def load_init(spec: str, arch: str = "resnet18", channels: int = 1) -> tuple[torchvision.models.ResNet, InitReport]:
-    """The backbone described by ``spec`` (see the module docstring) and the report of what it loaded."""
+def load_init(spec: str, arch: str | None = None, channels: int = 1) -> tuple[torchvision.models.ResNet, InitReport]:
+    """The backbone described by ``spec`` (see the module docstring) and the report of what it loaded.
+
+    ``arch`` is the ``--backbone`` the user gave, None when none: a sonocl encoder is then built as the backbone it
+    records (one that contradicts a given ``arch`` is a `WeightsError` naming both), anything else as a resnet18."""
     if spec == "random":
+        arch = arch or "resnet18"
         return build_backbone(arch, channels), InitReport(spec, "random", arch, channels)
     if spec == "imagenet":
+        arch = arch or "resnet18"
         state = load_imagenet_state(arch)
         model, report = _load_foreign_state(state, spec, arch, channels)
         report.kind, report.source, report.layout = "imagenet", str(imagenet_weights_path(arch)), "torchvision"
@@ -139,11 +144,14 @@ def _is_sonocl_file(path: Path, raw: Mapping[str, Any]) -> bool:
     return isinstance(model, Mapping) and any(str(k).startswith("backbone.") for k in model)
 
 
-def _load_sonocl(path: Path, spec: str, arch: str, channels: int) -> tuple[torchvision.models.ResNet, InitReport]:
-    """A sonocl run directory, checkpoint or encoder file."""
+def _load_sonocl(
+    path: Path, spec: str, arch: str | None, channels: int
+) -> tuple[torchvision.models.ResNet, InitReport]:
+    """A sonocl run directory, checkpoint or encoder file, built as the backbone it records unless ``arch`` is given."""
     model = load_encoder(path, channels=channels, arch=arch)
     located = locate_encoder(path)
     metadata = read_encoder_metadata(located)
+    arch = arch or str(metadata.get("arch", "resnet18"))
     loaded = len(model.state_dict())
     report = InitReport(
         spec,
@@ -215,9 +223,13 @@ def map_foreign_keys(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch
 
 
 def _load_foreign_state(
-    raw: Mapping[str, Any], spec: str, arch: str, channels: int
+    raw: Mapping[str, Any], spec: str, arch: str | None, channels: int
 ) -> tuple[torchvision.models.ResNet, InitReport]:
-    tensors, stripped = _unwrap(raw)
+    arch = arch or "resnet18"
+    try:
+        tensors, stripped = _unwrap(raw)
+    except WeightsError as error:
+        raise WeightsError(f"--init {spec}: {error}") from None
     backbone_state, ignored, unknown, layout = map_foreign_keys(tensors)
     if unknown:
         raise WeightsError(
@@ -228,17 +240,12 @@ def _load_foreign_state(
     defaulted = [k for k in expected if k not in backbone_state and k.endswith("num_batches_tracked")]
     for key in defaulted:
         backbone_state[key] = expected[key].clone()
-    missing = [k for k in expected if k not in backbone_state]
-    if missing:
-        raise WeightsError(
-            f"--init {spec}: {len(missing)} backbone tensors of {arch} are missing from the checkpoint "
-            f"({_abbreviate(missing)}); found {len(backbone_state) - len(defaulted)} backbone tensors "
-            f"in {layout} layout — is --backbone right?"
-        )
-    try:
+    try:  # the first tensor of another shape (e.g. resnet50 weights into a resnet18) with both shapes, else the
+        # tensors missing or left over, and the backbone the file holds when it is one
         model = build_backbone(arch, channels, backbone_state)
-    except RuntimeError as error:  # shape mismatch (e.g. resnet50 weights into resnet18)
-        raise WeightsError(f"--init {spec}: weights do not fit {arch} ({error}); is --backbone right?") from error
+    except WeightsError as error:
+        found = f"{len(backbone_state) - len(defaulted)} backbone tensors in {layout} layout"
+        raise WeightsError(f"--init {spec}: {error} (found {found})") from None
     report = InitReport(
         spec,
         "foreign",

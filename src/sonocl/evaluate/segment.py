@@ -22,7 +22,8 @@ import argparse
 import csv
 import dataclasses
 import datetime as dt
-import hashlib
+import functools
+import io
 import json
 import math
 import re
@@ -41,11 +42,15 @@ from tqdm import tqdm
 from sonocl.data.splits import grouped_stratified_kfold
 from sonocl.data.store import atomic_write_text
 from sonocl.errors import ConfigError, UserError
+from sonocl.evaluate import cache
 from sonocl.evaluate import segmentation_metrics as sm
 from sonocl.evaluate.inits import default_label, load_init
 from sonocl.evaluate.masks import MaskError, MaskPair, pair_images, read_grey, read_mask
 from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss
 from sonocl.models import ARCHITECTURES
+from sonocl.options import number_rule
+from sonocl.outputs import SEGMENTATION, add_overwrite_argument, claim
+from sonocl.progress import progress_report
 from sonocl.runtime import resolve_device
 from sonocl.workers import map_unordered
 
@@ -87,7 +92,8 @@ class SegmentConfig:
     skip_bad_masks: bool = False
     name: tuple[str, ...] | None = None
     """Table label of each init (default: derived from the init)."""
-    backbone: str = "resnet18"
+    backbone: str | None = None
+    """Architecture of every init; None: a sonocl encoder's own (the backbone it records), anything else a resnet18."""
     channels: int = 1
     freeze_encoder: bool = False
     mean: float | None = None
@@ -107,6 +113,8 @@ class SegmentConfig:
     """Foreground probability threshold; None: calibrated per fold on the training images (`calibrate_threshold`)."""
     jobs: int = 1
     overlays: int = 6
+    overwrite: bool = False
+    """Write into an --out that sonocl did not make (`sonocl.outputs`)."""
 
     def __post_init__(self) -> None:
         for field in ("images", "out", "masks", "pixel_size"):
@@ -131,12 +139,17 @@ class SegmentConfig:
             "epochs": (self.epochs >= 1, "must be ≥ 1"),
             "batch_size": (self.batch_size >= 2, "must be ≥ 2 (BatchNorm needs two images a batch)"),
             "folds": (self.folds >= 2, "must be ≥ 2"),
-            "lr": (self.lr > 0, "must be > 0"),
-            "weight_decay": (self.weight_decay >= 0, "must be ≥ 0"),
-            "std": (self.std is None or self.std > 0, "must be > 0"),
+            "seed": (self.seed >= 0, "must be ≥ 0"),
+            "lr": (number_rule(self.lr, above=0) is None, "must be > 0 and finite"),
+            "weight_decay": (number_rule(self.weight_decay, at_least=0) is None, "must be ≥ 0 and finite"),
+            "mean": (self.mean is None or number_rule(self.mean) is None, "must be finite"),
+            "std": (self.std is None or number_rule(self.std, above=0) is None, "must be > 0 and finite"),
             "threshold": (self.threshold is None or 0 < self.threshold < 1, "must be in (0, 1)"),
             "channels": (self.channels in (1, 3), "must be 1 or 3"),
-            "backbone": (self.backbone in ARCHITECTURES, f"must be one of {', '.join(ARCHITECTURES)}"),
+            "backbone": (
+                self.backbone is None or self.backbone in ARCHITECTURES,
+                f"must be one of {', '.join(ARCHITECTURES)}",
+            ),
             "jobs": (self.jobs >= 1, "must be ≥ 1"),
             "overlays": (self.overlays >= 0, "must be ≥ 0"),
             "init": (len(self.init) >= 1, "give at least one init"),
@@ -220,7 +233,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--name", nargs="+", action="extend", default=None, help="table label of each --init (default: derived)"
     )
-    model.add_argument("--backbone", default=_default("backbone"), choices=tuple(ARCHITECTURES))
+    model.add_argument(
+        "--backbone",
+        default=_default("backbone"),
+        choices=tuple(ARCHITECTURES),
+        help="architecture (default: a sonocl encoder's own, else resnet18)",
+    )
     model.add_argument(
         "--channels", type=int, default=_default("channels"), choices=(1, 3), help="stem channels (grey is copied to 3)"
     )
@@ -263,6 +281,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument(
         "--out", required=True, type=Path, help="output folder (results.json, results.md, per_image.csv, overlays/)"
     )
+    add_overwrite_argument(output)
     output.add_argument(
         "--postprocess",
         action=argparse.BooleanOptionalAction,
@@ -364,6 +383,13 @@ class SegmentData:
     def relatives(self) -> list[str]:
         return [pair.relative for pair in self.pairs]
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """The identity of what is segmented, by content (`sonocl.evaluate.cache`): images and masks as squashed,
+        the original masks, the images' names, groups and pixel sizes."""
+        arrays = (self.images.numpy(), self.masks.numpy(), *self.truth_bits)
+        return cache.digest([cache.array_digest(*arrays), self.relatives, self.groups, self.pixels, self.shapes])
+
     def truth(self, index: int) -> np.ndarray:
         """The ground-truth mask of image ``index`` at its original size, bool (H, W)."""
         height, width = self.shapes[index]
@@ -378,14 +404,16 @@ def _squashed(
     images = np.empty((len(pairs), 1, size, size), dtype=np.uint8)
     masks = np.empty((len(pairs), 1, size, size), dtype=np.uint8)
     shapes, truth_bits = [], []
-    for i, pair in enumerate(tqdm(pairs, desc="loading", unit="image", leave=False)):
-        grey = read_grey(pair.image)
-        mask = read_mask(pair.masks)
-        shapes.append(grey.shape)
-        truth_bits.append(np.packbits(mask))
-        images[i, 0] = np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
-        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
-        masks[i, 0] = np.asarray(resized) > 127
+    with progress_report(len(pairs), "loading", "image", leave=False) as progress:  # whole lines in a log
+        for i, pair in enumerate(pairs):
+            grey = read_grey(pair.image)
+            mask = read_mask(pair.masks)
+            shapes.append(grey.shape)
+            truth_bits.append(np.packbits(mask))
+            images[i, 0] = np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
+            resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
+            masks[i, 0] = np.asarray(resized) > 127
+            progress.update(1)
     return torch.from_numpy(images), torch.from_numpy(masks), shapes, truth_bits
 
 
@@ -405,6 +433,15 @@ def load_data(config: SegmentConfig) -> SegmentData:
     if not pairs:
         raise MaskError(f"{config.images}: no image with a mask found")
     groups = image_groups([pair.relative for pair in pairs], config.group_regex)
+    if config.folds > len(set(groups)):  # refused before any image is read
+        count = len(set(groups))
+        unit = "group" if config.group_regex else "image"
+        unit += ("s" if count != 1 else "") + ("" if config.group_regex else ", each its own group")
+        fix = f"use --folds {count} or fewer" if count >= 2 else "k-fold needs at least 2 groups"
+        raise SegmentDataError(
+            f"{config.images}: --folds {config.folds} needs {config.folds} or more groups, each kept in one fold, "
+            f"but there are {count} {unit}; {fix}"
+        )
     pixels = [
         (pixel_table.get(pair.image.name) or pixel_table.get(pair.relative) or pixel_table.get(pair.image.stem))
         if pixel_table is not None
@@ -465,9 +502,7 @@ def train_fold(
     )
     augment = JointAugment(config.size)
     epoch_loss = float("nan")
-    with tqdm(
-        total=total_steps, desc=description, unit="step", file=sys.stderr, leave=False, position=bar_position
-    ) as bar:
+    with progress_report(total_steps, description, "step", leave=False, position=bar_position) as bar:
         for epoch in range(config.epochs):
             model.train()
             if config.freeze_encoder:
@@ -614,6 +649,8 @@ class InitSpec:
     spec: str
     mean: float
     std: float
+    weights: str = ""
+    """The identity of the weights loaded (`sonocl.evaluate.cache.init_digest`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -719,7 +756,7 @@ def run_folds(
     """Every fold run, in the order of ``tasks``; with ``config.jobs > 1`` in that many spawned worker processes,
     each with an equal share of torch's threads (`sonocl.workers.map_unordered`, as `sonocl evaluate --jobs`). A
     run's result does not depend on the process that ran it, up to float rounding from a different thread count."""
-    done = {(t.init, t.fold): r for t in tasks if (r := load_fold(config, inits[t.init], t)) is not None}
+    done = {(t.init, t.fold): r for t in tasks if (r := load_fold(config, inits[t.init], t, data)) is not None}
     todo = [task for task in tasks if (task.init, task.fold) not in done]
     if done:
         print(f"sonocl segment: {len(done)} of {len(tasks)} fold runs read back from {config.out / 'folds'}",
@@ -729,7 +766,7 @@ def run_folds(
     else:
         results = map_unordered(_fold_in_worker, todo, config.jobs, {"data": data, "models": inits, "config": config})
     for result in results:  # each saved as it finishes: a killed run resumes at the first unfinished fold
-        save_fold(config, inits[result.task.init], result)
+        save_fold(config, inits[result.task.init], result, data)
         done[(result.task.init, result.task.fold)] = result
     return [done[(task.init, task.fold)] for task in tasks]
 
@@ -738,31 +775,41 @@ def _fold_path(config: SegmentConfig, task: FoldTask) -> Path:
     return config.out / "folds" / f"init{task.init}_fold{task.fold}.json"
 
 
-def _fold_key(config: SegmentConfig, init: InitSpec, task: FoldTask) -> str:
-    """What a fold run depends on: the settings (not where or how many at once it ran), the init, its test images."""
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("out", "jobs", "device")}
-    text = json.dumps({"config": settings, "init": dataclasses.asdict(init), "test": task.test.tolist()},
-                      sort_keys=True, default=str)  # fmt: skip
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+def _fold_key(config: SegmentConfig, init: InitSpec, task: FoldTask, data: SegmentData) -> dict[str, str]:
+    """What a fold run depends on (`sonocl.evaluate.cache`): the settings (not where or how many at once it ran) and
+    its test images, the images and masks, the init's weights."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("out", "jobs", "device", "overwrite")}
+    init_settings = {k: v for k, v in dataclasses.asdict(init).items() if k != "weights"}
+    return cache.fold_key({"config": settings, "init": init_settings, "test": task.test.tolist()}, data.digest,
+                          init.weights)  # fmt: skip
 
 
-def save_fold(config: SegmentConfig, init: InitSpec, result: FoldResult) -> None:
+def save_fold(config: SegmentConfig, init: InitSpec, result: FoldResult, data: SegmentData) -> None:
     """One finished fold run, written atomically (a kill leaves it absent or complete)."""
     path = _fold_path(config, result.task)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"key": _fold_key(config, init, result.task), "entry": result.entry, "rows": result.rows}
+    key = cache.encode(_fold_key(config, init, result.task, data))
+    record = {"key": key, "entry": result.entry, "rows": result.rows}
     atomic_write_text(path, json.dumps(record, allow_nan=True, default=_json_number))
 
 
-def load_fold(config: SegmentConfig, init: InitSpec, task: FoldTask) -> FoldResult | None:
-    """The saved run of ``task`` if it was made with the same settings, init and test images, else None."""
+def load_fold(config: SegmentConfig, init: InitSpec, task: FoldTask, data: SegmentData) -> FoldResult | None:
+    """The saved run of ``task`` if it was made with the same settings, init, images and masks, else None."""
     path = _fold_path(config, task)
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
-    if record.get("key") != _fold_key(config, init, task):
+    try:  # a kept run is a cache: a damaged one (cut short, overwritten) is computed again, with a line naming it
+        record = json.loads(path.read_text(encoding="utf-8"))
+        saved, entry, rows = str(record.get("key")), record["entry"], record["rows"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        reason = (
+            "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else str(error).strip() or type(error).__name__
+        )
+        print(f"{path}: a damaged kept fold run ({reason.splitlines()[0]}); computing it again", file=sys.stderr)
         return None
-    return FoldResult(task, record["entry"], record["rows"])
+    if not cache.matches(saved, _fold_key(config, init, task, data), path):
+        return None
+    return FoldResult(task, entry, rows)
 
 
 def _json_number(value: Any) -> Any:
@@ -843,7 +890,7 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
     timing = results["timing"]
     lines += [
         "",
-        f"Backbone {config['backbone']} ({config['channels']}-channel stem), input {config['size']}², "
+        f"Backbone {config['backbone'] or 'of each encoder (else resnet18)'} ({config['channels']}-channel stem), input {config['size']}², "
         f"{config['epochs']} epochs, batch {config['batch_size']}, Adam lr {config['lr']} (cosine), "
         f"{'frozen' if config['freeze_encoder'] else 'fine-tuned'} encoder, seed {config['seed']}.",
         "Post-processing: "
@@ -876,7 +923,7 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
     )
     if results["data"]["skipped"]:
         lines.append(f"**{len(results['data']['skipped'])} image(s) skipped** (no usable mask): see results.json.")
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -891,17 +938,16 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
             return clean(value.item())
         return value
 
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(clean(payload), indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(clean(payload), indent=2) + "\n")
 
 
 def _write_per_image(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+    atomic_write_text(path, text.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------------- run
@@ -920,7 +966,7 @@ def _resolve_inits(config: SegmentConfig) -> tuple[list[InitSpec], list[dict[str
         meta_mean, meta_std = _encoder_normalisation(report.metadata)
         mean = config.mean if config.mean is not None else (meta_mean if meta_mean is not None else DEFAULT_MEAN)
         std = config.std if config.std is not None else (meta_std if meta_std is not None else DEFAULT_STD)
-        inits.append(InitSpec(label, spec, mean, std))
+        inits.append(InitSpec(label, spec, mean, std, cache.init_digest(report)))
         reports.append(report.to_dict())
     return inits, reports
 
@@ -1001,7 +1047,7 @@ def segment(config: SegmentConfig) -> int:
         for init in range(len(inits))
         for k, (train, test) in enumerate(splits)
     ]
-    config.out.mkdir(parents=True, exist_ok=True)
+    claim(config.out, SEGMENTATION, overwrite=config.overwrite)
     fold_results = run_folds(data, inits, config, tasks)
 
     results: dict[str, Any] = {

@@ -24,6 +24,7 @@ from typing import Any
 
 from sonocl.data.store import atomic_write_text
 from sonocl.errors import ConfigError
+from sonocl.outputs import STUDY, add_overwrite_argument, claim
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_evaluation_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="output directory (rerun the command to resume)")
+    add_overwrite_argument(parser)
 
 
 def pretrain_config(options: str, store: str, run_dir: Path, exclude: list[str]) -> Any:
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     data_by_size: dict[int, Any] = {config.size: load_eval_data(store, config)}
     base = data_by_size[config.size]
     tasks = fold_tasks(base, config, 1)
-    out: Path = args.out
+    out = claim(args.out, STUDY, overwrite=args.overwrite)
     results_of_folds, checks, report, settings, label = [], [], None, None, args.name
     for task in tasks:
         result, fold_report, fold_settings, check = fold_run(args, store, config, base, data_by_size, task, out)
@@ -130,6 +132,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_ENVIRONMENT = frozenset(
+    {"device", "workers", "threads", "progress", "checkpoint_every_steps", "checkpoint_every_seconds", "model.compile"}
+)
+"""Pretraining settings that change where and how a run is computed, not what it learns."""
+
+
+def check_same_pretraining(run_dir: Path, cfg: Any) -> None:
+    """A fold run already in ``run_dir`` must have been made with the options asked for now: a study rerun with
+    another budget or method into the same --out would otherwise report the old runs under the new options."""
+    from sonocl.train.config import load_yaml
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved, wanted = _flat(load_yaml(saved_path)), _flat(cfg.to_dict())
+    differ = [
+        key for key in sorted((saved.keys() | wanted.keys()) - RUN_ENVIRONMENT) if saved.get(key) != wanted.get(key)
+    ]
+    if differ:
+        shown = ", ".join(f"{key} {saved.get(key)!r} (now {wanted.get(key)!r})" for key in differ[:3])
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise ConfigError(
+            f"{run_dir}: this fold's run was pretrained with {shown}{more}; choose a new --out (or --runs) for "
+            "these --pretrain options, or move that run away"
+        )
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def fold_run_dir(args: argparse.Namespace, out: Path, task: Any) -> Path:
     """The pretraining run of one (seed, fold): ``--runs`` (default ``OUT/pretrain``) / ``seedS_foldK``."""
     return (args.runs or out / "pretrain") / f"seed{task.seed}_fold{task.fold}"
@@ -150,6 +189,7 @@ def fold_run(
     run_dir, cached = fold_run_dir(args, out, task), out / "folds" / f"{name}.npz"
     test_hashes = [base.video_hashes[v] for v in task.test_videos]
     cfg, resume = pretrain_config(args.pretrain, str(store.root), run_dir, test_hashes)
+    check_same_pretraining(run_dir, cfg)
     if not (cached.exists() and (run_dir / "encoder.safetensors").exists()):
         print(
             f"sonocl study: {name}: pretraining {cfg.method} without the fold's {len(test_hashes)} test videos",
@@ -159,13 +199,13 @@ def fold_run(
     check = check_fold(find(str(run_dir)), test_hashes)
     if check.seen:
         raise AssertionError(f"{run_dir}: the per-fold run saw {check.seen} of its test videos")
-    backbone, report = load_init(str(run_dir), config.backbone, config.channels)
+    backbone, report = load_init(str(run_dir), args.backbone, config.channels)
     settings = input_settings(config, report, "encoder")
     if settings["size"] not in data_by_size:
         data_by_size[settings["size"]] = load_eval_data(store, dataclasses.replace(config, size=settings["size"]))
     data = data_by_size[settings["size"]]
     init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
-    key = fold_key(init_config, str(run_dir))
+    key = fold_key(init_config, data, report)
     result = load_fold_result(cached, task, key)
     if result is None:
         result = run_fold(data, backbone, name, init_config, task)

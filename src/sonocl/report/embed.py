@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from sonocl.options import MIN_IMAGE_SIDE, finite, integer, non_negative, positive
+from sonocl.outputs import add_overwrite_argument, claim_file
+
 DEFAULT_SIZE = 224
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25
 IMAGENET_GREY_MEAN, IMAGENET_GREY_STD = 0.449, 0.226
@@ -173,16 +176,16 @@ def frame_table(store: Any, frames: np.ndarray) -> dict[str, np.ndarray]:
 def write_embeddings(
     path: Path, table: Mapping[str, np.ndarray], embeddings: np.ndarray, metadata: Mapping[str, Any]
 ) -> None:
-    """Parquet or ``.npz`` by the extension (written to a temporary file, then renamed)."""
-    import os
+    """Parquet or ``.npz`` by the extension, written atomically (`sonocl.data.store.atomic_write`)."""
+    from sonocl.data.store import atomic_write
 
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise ValueError(f"{path}: the output must end in .parquet or .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{suffix}")
     if suffix == ".npz":
-        np.savez(tmp, **table, embeddings=embeddings, metadata=np.array(json.dumps(dict(metadata))))
+        arrays = {**table, "embeddings": embeddings, "metadata": np.array(json.dumps(dict(metadata)))}
+        atomic_write(path, lambda handle: np.savez(handle, **arrays))
     else:
         try:
             import pyarrow as pa
@@ -195,8 +198,21 @@ def write_embeddings(
         columns = {name: pa.array(values) for name, values in table.items()}
         columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim)
         schema_metadata = {"sonocl": json.dumps(dict(metadata))}
-        pq.write_table(pa.table(columns).replace_schema_metadata(schema_metadata), tmp)
-    os.replace(tmp, path)
+        frame = pa.table(columns).replace_schema_metadata(schema_metadata)
+        atomic_write(path, lambda handle: pq.write_table(frame, handle))
+
+
+def is_embedding_file(path: Path) -> bool:
+    """Whether ``path`` is a table `write_embeddings` wrote (its metadata names sonocl), which a rerun may replace."""
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path) as saved:
+                return {"metadata", "embeddings"} <= set(saved.files)
+        import pyarrow.parquet as pq
+
+        return b"sonocl" in (pq.read_schema(path).metadata or {})
+    except Exception:  # any unreadable file is not one of ours
+        return False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,22 +224,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "USCL/Meta-USCL/torchvision checkpoint",
     )
     parser.add_argument("--out", required=True, type=Path, help="output file: .parquet or .npz")
-    parser.add_argument("--batch-size", type=int, default=128, help="frames per forward pass (default: %(default)s)")
-    parser.add_argument("--size", type=int, help="input size in pixels (default: the encoder's, else 224)")
+    add_overwrite_argument(parser, file=True)
+    parser.add_argument(
+        "--batch-size", type=integer(1), default=128, help="frames per forward pass (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--size",
+        type=integer(MIN_IMAGE_SIDE, f"frames under {MIN_IMAGE_SIDE} px are not an ultrasound image"),
+        help="input size in pixels (default: the encoder's, else 224)",
+    )
     parser.add_argument(
         "--fps",
-        type=float,
+        type=non_negative,
         default=0.0,
         help="sample frames at this rate from the timestamps; 0 = every frame (default)",
     )
-    parser.add_argument("--every", type=int, default=1, help="then keep every N-th frame (default: %(default)s)")
-    parser.add_argument("--max-frames-per-video", type=int, default=0, help="at most this many, evenly spaced; 0 = all")
+    parser.add_argument("--every", type=integer(1), default=1, help="then keep every N-th frame (default: %(default)s)")
+    parser.add_argument(
+        "--max-frames-per-video", type=integer(0), default=0, help="at most this many, evenly spaced; 0 = all"
+    )
     parser.add_argument("--backbone", help="architecture (default: the encoder's, else resnet18)")
     parser.add_argument(
         "--channels", type=int, choices=(1, 3), help="stem input channels (default: the encoder's, else 1)"
     )
-    parser.add_argument("--mean", type=float, help="normalisation mean (default: the encoder's)")
-    parser.add_argument("--std", type=float, help="normalisation std (default: the encoder's)")
+    parser.add_argument("--mean", type=finite, help="normalisation mean (default: the encoder's)")
+    parser.add_argument("--std", type=positive, help="normalisation std (default: the encoder's)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -243,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() not in FORMATS:
         print(f"sonocl embed: {args.out}: the output must end in .parquet or .npz", file=sys.stderr)
         return 2
+    claim_file(args.out, is_embedding_file, overwrite=args.overwrite)
     try:
         store = FrameStore.open(args.store)
         encoder = load_encoder_for_features(args.init, args.backbone, args.channels, args.size, args.mean, args.std)

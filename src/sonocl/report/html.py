@@ -38,6 +38,8 @@ import numpy as np
 from sonocl import __version__
 from sonocl.errors import UserError
 from sonocl.evaluate.metrics import METRIC_COLUMNS, percent
+from sonocl.options import integer
+from sonocl.outputs import add_overwrite_argument, claim_file
 from sonocl.report import analysis
 from sonocl.report.analysis import GALLERY_PAIRS, GRADCAM_PER_KIND, MAX_MAP_POINTS
 
@@ -102,6 +104,9 @@ def table_html(header: Sequence[str], rows: Iterable[Sequence[Any]], caption: st
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+GENERATOR = '<meta name="generator" content="sonocl report">'
+"""The page's mark: `is_report` recognises a page sonocl wrote, which a rerun may replace."""
+
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1200px;
        padding: 0 24px 48px; color: #1a1a1a; line-height: 1.45; }
@@ -132,7 +137,7 @@ def render_page(title: str, intro: list[str], sections: list[Section]) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+        f"{GENERATOR}\n<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n{paragraphs}\n<nav><ul>{toc}</ul></nav>\n{body}\n</body>\n</html>\n"
     )
 
@@ -216,24 +221,35 @@ def open_store(spec: str, relative_to: Path) -> Any:
 # ------------------------------------------------------------------------------------------------- run
 
 
+def _left_out(section: Section, problem: str, without: str) -> None:
+    """A damaged run file: the report goes on without it, says so in ``section`` and in one line on stderr."""
+    section.note(f"{problem}; {without}.")
+    print(f"sonocl report: {problem}; the report shows the run without it ({without})", file=sys.stderr)
+
+
 def run_section(path: Path, ctx: Context) -> Section:
-    from sonocl.train.config import ConfigError, from_dict, load_yaml
+    from sonocl.train.config import ConfigError, load_run_config
 
     section = Section(_anchor("run", path), f"Pretraining run: {path.name}")
     cfg = None
     if (path / "config.yaml").is_file():
         try:
-            cfg = from_dict(load_yaml(path / "config.yaml"))
+            cfg = load_run_config(path / "config.yaml")  # as --resume and export read it
         except ConfigError as error:
-            section.note(f"config.yaml cannot be read ({error}); only the logged metrics are shown.")
+            _left_out(section, str(error), "only the logged metrics are shown")
     if cfg is not None:
         section.table(["setting", "value"], _settings_rows(cfg), caption=f"{path / 'config.yaml'}")
 
     steps: dict[str, np.ndarray] = {}
     epochs: dict[str, np.ndarray] = {}
     if (path / "metrics.csv").is_file():
-        steps, epochs = read_metrics(path / "metrics.csv")
-        section.children.append(_training_section(path, steps, epochs))
+        try:
+            steps, epochs = read_metrics(path / "metrics.csv")
+        except (UnicodeDecodeError, csv.Error) as error:
+            reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else " ".join(str(error).split())
+            _left_out(section, f"{path / 'metrics.csv'}: the run's log is damaged ({reason})", "no training curves")
+        else:
+            section.children.append(_training_section(path, steps, epochs))
     else:
         section.note(f"{path / 'metrics.csv'} is missing: no training curves.")
 
@@ -270,9 +286,10 @@ def run_section(path: Path, ctx: Context) -> Section:
         from sonocl.report.embed import load_encoder_for_features
 
         encoder = load_encoder_for_features(str(path))
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, UserError) as error:
         for part in (embedding, gradcam):
             part.note(f"Skipped: the run's encoder cannot be loaded ({error}).")
+        print(f"sonocl report: {error}; the report shows the run without its encoder's parts", file=sys.stderr)
         return section
     features = _timed(
         ctx, "features", lambda: analysis.encoder_features(encoder, store, ctx.max_points, ctx.seed, ctx.device)
@@ -731,9 +748,23 @@ def _mean_std(stats: dict[str, Any] | None, digits: int) -> str:
 # --------------------------------------------------------------------------------------------- command
 
 
-def build_report(paths: Sequence[Path], out: Path, ctx: Context | None = None, title: str | None = None) -> Path:
-    """Write the report of ``paths`` to ``out`` (atomically) and return ``out``."""
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is a page `build_report` wrote (its head names sonocl as the generator)."""
+    try:
+        with open(path, "rb") as handle:
+            return GENERATOR.encode("utf-8") in handle.read(4096)
+    except OSError:
+        return False
+
+
+def build_report(
+    paths: Sequence[Path], out: Path, ctx: Context | None = None, title: str | None = None, overwrite: bool = False
+) -> Path:
+    """Write the report of ``paths`` to ``out`` (atomically) and return ``out``. An existing ``out`` is replaced only
+    when it is a sonocl report, or with ``overwrite`` (`sonocl.outputs.claim_file`)."""
     from sonocl.data.store import atomic_write_text
+
+    claim_file(out, is_report, overwrite=overwrite)
 
     ctx = ctx or Context()
     kinds = [(Path(p), classify_path(Path(p))) for p in paths]
@@ -744,7 +775,6 @@ def build_report(paths: Sequence[Path], out: Path, ctx: Context | None = None, t
         f"sonocl {__version__}, {created}. Inputs: " + "; ".join(f"{kind} {path.resolve()}" for path, kind in kinds)
     ]
     page = render_page(title or "sonocl report: " + ", ".join(path.name for path, _ in kinds), intro, sections)
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, page)
     return out
 
@@ -761,13 +791,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=Path("report.html"), help="HTML file to write (default: %(default)s)"
     )
     parser.add_argument("--title", help="page title (default: the inputs' names)")
+    add_overwrite_argument(parser, file=True)
     parser.add_argument(
         "--max-points",
-        type=int,
+        type=integer(1),
         default=MAX_MAP_POINTS,
         help="frames in the embedding map and the Grad-CAM pool (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the map and the frame subsampling (default: 0)")
+    parser.add_argument(
+        "--seed", type=integer(0), default=0, help="seed of the map and the frame subsampling (default: 0)"
+    )
     parser.add_argument("--device", default="cpu", help="device for the encoder passes (default: %(default)s)")
 
 
@@ -775,7 +808,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = Context(device=args.device, seed=args.seed, max_points=args.max_points)
     started = time.perf_counter()
     try:
-        out = build_report(args.paths, args.out, ctx, args.title)
+        out = build_report(args.paths, args.out, ctx, args.title, overwrite=args.overwrite)
     except ReportError as error:
         print(f"sonocl report: error: {error}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sonocl.data.store import atomic_write
+from sonocl.data.store import atomic_write, write_failed
 from sonocl.errors import UserError
 from sonocl.models import safe_torch_load
 
@@ -44,9 +44,19 @@ def link_checkpoint(source: Path, target: Path) -> None:
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    except OSError:  # no hard links here: a copy, written as every checkpoint is
+        atomic_write(target, lambda handle: _copy_into(source, handle))
+        return
+    try:
+        os.replace(tmp, target)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(target, error) from error
+
+
+def _copy_into(source: Path, handle: Any) -> None:
+    with open(source, "rb") as original:
+        shutil.copyfileobj(original, handle, 1 << 20)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from sonocl.methods import method_names, registry
+from sonocl.outputs import add_overwrite_argument
 from sonocl.train.config import (
     BACKBONES,
     PRECISIONS,
     ConfigError,
     PretrainConfig,
+    load_run_config,
     load_yaml,
     merge,
     parse_assignment,
@@ -82,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="run directory for checkpoints, logs and the encoder")
     parser.add_argument("--config", type=Path, help="YAML configuration (full or partial) applied over the preset")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    add_overwrite_argument(parser)
     parser.add_argument(
         "--set",
         dest="assignments",
@@ -136,8 +139,7 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     """Preset (or the run's saved config with --resume) → --config → flags → --set."""
     saved = args.out / "config.yaml"
     if args.resume and saved.exists():
-        data = load_yaml(saved)
-        cfg = merge(preset(data.get("method", "uscl")), data)
+        cfg = load_run_config(saved)  # a damaged file is one line naming it
     else:
         method = args.method
         file_data = load_yaml(args.config) if args.config else {}
@@ -173,10 +175,36 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
         raise ConfigError(f"{error} (flags given: {' '.join(given)})" if given else str(error)) from None
     for assignment in args.assignments:
         cfg = merge(cfg, parse_assignment(assignment))
+    if not (args.resume and saved.exists()):  # a resumed run's saved configuration has its backbone already
+        cfg = _with_init_backbone(cfg, args)
     if not cfg.store:
         raise ConfigError("--store is required")
     cfg = merge(cfg, {"store": str(Path(cfg.store).resolve())})  # the run's config.yaml stays usable from anywhere
     return cfg
+
+
+def _with_init_backbone(cfg: PretrainConfig, args: argparse.Namespace) -> PretrainConfig:
+    """``cfg`` built as its ``--init`` encoder: a sonocl encoder is trained on as the backbone it records (as every
+    command loads one, `sonocl.models.init_arch`); a ``--backbone`` (or ``--set model.backbone``) that contradicts it
+    is one line naming the file. A note says so when the encoder's backbone replaces the configured one."""
+    if cfg.model.init in ("random", "imagenet"):
+        return cfg
+    from sonocl.models import init_arch
+
+    requested = args.backbone
+    for assignment in args.assignments:
+        model = parse_assignment(assignment).get("model")
+        if isinstance(model, dict) and "backbone" in model:
+            requested = model["backbone"]
+    arch = init_arch(cfg.model.init, requested)
+    if arch == cfg.model.backbone:
+        return cfg
+    print(
+        f"sonocl pretrain: --init {cfg.model.init} is a {arch} encoder, so the run is a {arch} (not the configured "
+        f"{cfg.model.backbone})",
+        file=sys.stderr,
+    )
+    return merge(cfg, {"model": {"backbone": arch}})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -188,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     started = time.perf_counter()
     try:
-        result = pretrain(cfg, args.out, resume=args.resume)
+        result = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     except NonFiniteLossError as error:
         print(f"sonocl pretrain: {error}", file=sys.stderr)
         return 1

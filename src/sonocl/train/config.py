@@ -12,6 +12,7 @@ options dataclass (`sonocl.methods.base.Options` and its subclasses).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from sonocl.augment import AugmentConfig
 from sonocl.data.store import atomic_write_text
 from sonocl.errors import ConfigError
 from sonocl.methods import Options, get_method, method_names
+from sonocl.options import MIN_IMAGE_SIDE, load_yaml_text, number_rule
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -90,13 +92,11 @@ class OptimConfig:
             [
                 *_choice("name", self.name, OPTIMIZERS),
                 *_choice("lr_scaling", self.lr_scaling, LR_SCALINGS),
-                *([] if self.lr > 0 else [f"lr must be > 0, not {self.lr}"]),
-                *([] if self.weight_decay >= 0 else [f"weight_decay must be ≥ 0, not {self.weight_decay}"]),
-                *(
-                    []
-                    if self.clip_grad is None or self.clip_grad > 0
-                    else [f"clip_grad must be > 0, not {self.clip_grad}"]
-                ),
+                *_number("lr", self.lr, "--lr", above=0),
+                *_number("weight_decay", self.weight_decay, at_least=0),
+                *_number("momentum", self.momentum, at_least=0, below=1),
+                *[problem for beta in self.betas for problem in _number("betas", beta, at_least=0, below=1)][:1],
+                *([] if self.clip_grad is None else _number("clip_grad", self.clip_grad, "--clip-grad", above=0)),
             ]
         )
 
@@ -137,6 +137,7 @@ class ScheduleConfig:
                     for name, value in (("ema_start", self.ema_start), ("ema_end", self.ema_end))
                     if value is not None and not 0 <= value <= 1
                 ],
+                *_number("min_lr", self.min_lr, at_least=0),
             ]
         )
 
@@ -196,16 +197,27 @@ class PretrainConfig:
             *_choice("precision", self.precision, PRECISIONS),
             *_choice("export", self.export, ("best", "last")),
         ]
-        if self.epochs < 1 or self.batch_size < 1 or self.size < 8:
+        if self.batch_size < 2:
             problems.append(
-                f"need epochs ≥ 1, batch_size ≥ 1 and size ≥ 8 (got {self.epochs}, {self.batch_size}, {self.size})"
+                f"batch_size (--batch-size) {self.batch_size}: must be ≥ 2: contrastive learning contrasts each pair "
+                "with the batch's other pairs, so a batch needs at least 2"
             )
-        if not 0.0 <= self.val_fraction < 1.0:
-            problems.append(f"val_fraction must lie in [0, 1), not {self.val_fraction}")
-        if self.steps is not None and self.steps < 1:
-            problems.append(f"steps must be ≥ 1, not {self.steps}")
-        if self.checkpoint_every_steps < 0 or self.monitor_every < 0 or self.checkpoint_every_seconds < 0:
-            problems.append("checkpoint_every_steps, checkpoint_every_seconds and monitor_every must be ≥ 0")
+        problems += [
+            *_number("epochs", self.epochs, "--epochs", at_least=1),
+            *([] if self.steps is None else _number("steps", self.steps, "--steps", at_least=1)),
+            *_number("size", self.size, "--size", at_least=MIN_IMAGE_SIDE),
+            *_number("val_fraction", self.val_fraction, "--val-fraction", at_least=0, below=1),
+            *_number("seed", self.seed, "--seed", at_least=0),
+            *([] if self.threads is None else _number("threads", self.threads, "--threads", at_least=1)),
+            *_number("workers", self.workers, "--workers", at_least=0),
+            *_number("checkpoint_every_steps", self.checkpoint_every_steps, "--checkpoint-every-steps", at_least=0),
+            *_number("checkpoint_every_seconds", self.checkpoint_every_seconds, at_least=0),
+            *_number("monitor_every", self.monitor_every, at_least=0),
+            *_number("knn_k", self.knn_k, at_least=1),
+            *_number("knn_frames_per_video", self.knn_frames_per_video, at_least=1),
+        ]
+        # The sections checked in their own modules (the method's options, augmentation): no NaN or infinity either.
+        problems += [*_non_finite("options", self.options, flags=True), *_non_finite("augment", self.augment)]
         if not problems and type(self.options) is not get_method(self.method).options:
             problems.append(
                 f"options are {type(self.options).__name__}, not {self.method}'s "
@@ -222,6 +234,25 @@ class PretrainConfig:
 
 def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> list[str]:
     return [] if value in allowed else [f"{name} {value!r} is not one of {', '.join(map(str, allowed))}"]
+
+
+def _number(key: str, value: Any, flag: str | None = None, **bounds: float) -> list[str]:
+    """``["key (--flag) value: must be …"]`` when ``value`` is not finite or out of ``bounds`` (`number_rule`)."""
+    problem = number_rule(value, **bounds)
+    return [f"{key}{f' ({flag})' if flag else ''} {value!r}: {problem}"] if problem else []
+
+
+def _non_finite(section: str, values: Any, flags: bool = False) -> list[str]:
+    """``section.key (--key) nan: must be finite`` for each float of the dataclass ``values`` that is NaN or infinite."""
+    if not dataclasses.is_dataclass(values):
+        return []
+    problems = []
+    for name, value in dataclasses.asdict(values).items():
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(number, float) and not math.isfinite(number) for number in numbers):
+            flag = f" (--{name.replace('_', '-')})" if flags else ""
+            problems.append(f"{section}.{name}{flag} {value!r}: must be finite")
+    return problems
 
 
 def _raise_problems(problems: list[str]) -> None:
@@ -374,12 +405,32 @@ def from_dict(data: dict[str, Any]) -> PretrainConfig:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"{path}: cannot read the configuration ({error})") from error
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{path}: cannot read the configuration ({reason})") from error
+    data = load_yaml_text(text, str(path)) or {}  # refuses aliases: a YAML bomb never expands
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the configuration must be a mapping of keys to values")
     return data
+
+
+def load_run_config(path: str | Path) -> PretrainConfig:
+    """A run's saved ``config.yaml`` (`save_yaml`) as its configuration: what ``--resume``, ``sonocl export`` and
+    ``sonocl report`` read. A file that cannot be read, or is not a valid configuration, is one `ConfigError` line
+    naming it, the key and the fix."""
+    path = Path(path)
+    data = load_yaml(path)  # its errors name the file
+    try:
+        method = data.get("method", "uscl")
+        if not isinstance(method, str):
+            raise ConfigError(f"method: expected a string, got {method!r}")
+        return merge(preset(method), data)
+    except ConfigError as error:
+        raise ConfigError(
+            f"{path}: {error}; this run's configuration is damaged: correct that key (each of its checkpoints "
+            "keeps the configuration under 'config')"
+        ) from None
 
 
 def parse_assignment(text: str) -> dict[str, Any]:
@@ -387,10 +438,7 @@ def parse_assignment(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.weight_decay=1e-5")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--set {text!r}: cannot parse the value ({error})") from error
+    value = load_yaml_text(raw, f"--set {key.strip()}") if raw.strip() else ""
     out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sonocl import provenance
+from sonocl import outputs, provenance
 from sonocl.augment import BatchAugment, make_views
 from sonocl.data.store import FrameStore, directory_lock
 from sonocl.errors import ConfigError
@@ -201,12 +201,18 @@ class Run:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def pretrain(cfg: PretrainConfig, out: str | os.PathLike[str], resume: bool = False) -> PretrainResult:
-    """Pretrain ``cfg.method`` on ``cfg.store``, writing everything under ``out`` (see the module docstring)."""
+def pretrain(
+    cfg: PretrainConfig, out: str | os.PathLike[str], resume: bool = False, overwrite: bool = False
+) -> PretrainResult:
+    """Pretrain ``cfg.method`` on ``cfg.store``, writing everything under ``out`` (see the module docstring).
+
+    ``out`` must be new, empty or a run directory (`sonocl.outputs`); ``overwrite`` writes into another folder."""
     started = time.perf_counter()  # the run's wall time includes building it
     cfg.validate()
     context, device = ddp.init_distributed(cfg.device)
     try:
+        if context.is_main:
+            outputs.claim(out, outputs.RUN, overwrite=overwrite)
         with _reproducibility(cfg), _run_lock(Path(out), context):
             run = setup(cfg, Path(out), resume, context, device, started)
             try:
@@ -286,7 +292,14 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
 
 def _check_run_directory(out: Path, resume: bool, context: ddp.DistributedContext) -> bool:
     """Whether to resume: a run without ``last.pt`` starts over; a new run never overwrites an old one."""
+    from sonocl.models import ENCODER_FILE
+
     last_path = out / "checkpoints" / "last.pt"
+    if not last_path.exists() and (out / ENCODER_FILE).exists():
+        raise ConfigError(
+            f"{out} holds a finished run ({out / ENCODER_FILE}) without its checkpoints/last.pt, so it can be neither "
+            "resumed nor replaced; choose a new --out"
+        )
     if resume and not last_path.exists():
         if context.is_main:  # killed before its first checkpoint: nothing to continue from, so start over
             print(
@@ -323,10 +336,7 @@ def _start_logs(run: Run, global_step: int, resume: bool) -> None:
     cfg, data, out = run.cfg, run.data, run.out
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
-    record = provenance.record(data.store, data.kept, data.sampler.labelled_videos, data.held, method=cfg.method,
-                               label_columns=data.sampler.label_columns, steps=data.total_steps,
-                               batch_size=cfg.batch_size)  # fmt: skip
-    provenance.write(out, record)
+    provenance.write(out, run_provenance(run, resume))
     run.log = MetricsLog(out / "metrics.csv", global_step if resume else None, run.epoch if resume else None)
     run.writer = tensorboard(out / "tb", global_step if resume else None)
     processes = f", {run.context.world_size} processes" if run.context.enabled else ""
@@ -334,6 +344,22 @@ def _start_logs(run: Run, global_step: int, resume: bool) -> None:
           f"held out), {data.total_steps} steps ({data.steps_per_epoch}/epoch, {data.num_epochs} epochs) of batch "
           f"{cfg.batch_size} = {data.total_steps * cfg.batch_size} pairs, {run.precision}, {run.device}{processes}",
           file=sys.stderr)  # fmt: skip
+
+
+def run_provenance(run: Run, resume: bool) -> dict[str, Any]:
+    """What this part of the run sees, joined to what its earlier parts (on resume) and its ``--init``'s
+    pretraining saw: the record only grows (`sonocl.provenance`)."""
+    cfg, data = run.cfg, run.data
+    record = provenance.record(data.store, data.kept, data.sampler.labelled_videos, data.held, method=cfg.method,
+                               label_columns=data.sampler.label_columns, steps=data.total_steps,
+                               batch_size=cfg.batch_size)  # fmt: skip
+    earlier = provenance.read(run.out) if resume else None
+    if earlier is not None:
+        record = provenance.combine(earlier, record)
+    ancestor = provenance.find(cfg.model.init)
+    if ancestor is not None:
+        record = provenance.inherit(record, ancestor, cfg.model.init)
+    return record
 
 
 def build_data(cfg: PretrainConfig, method: Method, context: ddp.DistributedContext) -> RunData:

@@ -8,11 +8,14 @@ what is wrong. `run_cli` and `line_naming` do that; the writers make the inputs.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
+import os
 import struct
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -140,3 +143,32 @@ def random_store(root: Path, labels: Sequence[str | None], frames: int = 4, size
                 content_hash=hashlib.sha256(pixels.tobytes()).hexdigest(),
             )
     return root
+
+
+DISK_FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class FillingFile:
+    """A file handle that writes ``room`` bytes, then half of the next write, then fails as a full disk does."""
+
+    def __init__(self, handle: Any, room: int) -> None:
+        self._handle, self._room = handle, room
+
+    def write(self, data: Any) -> int:
+        data = bytes(data)
+        if len(data) > self._room:
+            self._handle.write(data[: max(self._room, len(data) // 2)])
+            self._handle.flush()
+            self._room = 0
+            raise DISK_FULL
+        self._room -= len(data)
+        return self._handle.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+    def __enter__(self) -> FillingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -39,7 +38,15 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-from reliability_support import INIT_COMMANDS, line_naming, random_store, run_cli, smallest_pretrain, with_init
+from reliability_support import (
+    INIT_COMMANDS,
+    FillingFile,
+    line_naming,
+    random_store,
+    run_cli,
+    smallest_pretrain,
+    with_init,
+)
 from safetensors.torch import load_file, save_file
 
 import sonocl.data.store as store_module
@@ -47,9 +54,6 @@ from sonocl.cli import main
 from sonocl.data.store import WriteFailedError
 from sonocl.models import ENCODER_FILE, build_backbone, save_encoder
 from sonocl.train.checkpoint import save_checkpoint
-
-DISK_FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
 
 # ---- shared inputs ---------------------------------------------------------------------------------------------
 
@@ -149,31 +153,6 @@ def _files_limited_to(size: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
-class _FillingFile:
-    """A file handle that writes ``room`` bytes, then half of the next write, then fails as a full disk does."""
-
-    def __init__(self, handle: Any, room: int) -> None:
-        self._handle, self._room = handle, room
-
-    def write(self, data: Any) -> int:
-        data = bytes(data)
-        if len(data) > self._room:
-            self._handle.write(data[: max(self._room, len(data) // 2)])
-            self._room = 0
-            raise DISK_FULL
-        self._room -= len(data)
-        return self._handle.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._handle, name)
-
-    def __enter__(self) -> _FillingFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.close()
-
-
 # ---- 1. writes failing inside torch's and safetensors' writers --------------------------------------------------
 
 
@@ -189,7 +168,7 @@ def test_checkpoint_write_failing_inside_torch_save_is_one_line(
         handle = real_open(file, mode, *args, **kwargs)
         if "w" in mode and Path(file).name.startswith(".last.pt."):
             filled.append(file)
-            return _FillingFile(handle, room=4096)
+            return FillingFile(handle, room=4096)
         return handle
 
     monkeypatch.setattr(store_module, "open", open_filling, raising=False)

@@ -52,37 +52,14 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _commands(store: Path, run: Path, images: Path, sources: Path, out: Path) -> dict[str, list[str | Path]]:
     """Each command that writes a folder, writing it to ``out``."""
+    study = "--method simclr --steps 1 --batch-size 4 --size 32"
+    segment = "--init random --folds 2 --size 32 --epochs 1 --device cpu".split()
     return {
         "ingest": ["ingest", sources, "--out", out, "--size", "32", "--workers", "1"],
         "pretrain": ["pretrain", "--store", store, *smallest_pretrain(out)],
         "evaluate": ["evaluate", "--store", store, "--init", "random", *KNN, "--out", out],
-        "study": [
-            "study",
-            "--store",
-            store,
-            "--pretrain",
-            "--method simclr --steps 1 --batch-size 4 --size 32",
-            *KNN,
-            "--out",
-            out,
-        ],  # fmt: skip
-        "segment": [
-            "segment",
-            "--images",
-            images,
-            "--init",
-            "random",
-            "--folds",
-            "2",
-            "--size",
-            "32",
-            "--epochs",
-            "1",
-            "--device",
-            "cpu",
-            "--out",
-            out,
-        ],  # fmt: skip
+        "study": ["study", "--store", store, "--pretrain", study, *KNN, "--out", out],
+        "segment": ["segment", "--images", images, *segment, "--out", out],
         "export": ["export", run, "--out", out],
         "demo": ["demo", "--out", out, "--videos", "10", "--frames", "4", "--steps", "1"],
     }

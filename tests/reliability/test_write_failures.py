@@ -8,7 +8,6 @@ stays readable with every video committed before the failure, and a rerun once s
 from __future__ import annotations
 
 import builtins
-import errno
 import hashlib
 import os
 from collections.abc import Callable
@@ -16,7 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reliability_support import good_video, ingest, line_naming, random_store, run_cli, smallest_pretrain, stored_ids
+from reliability_support import (
+    DISK_FULL,
+    FillingFile,
+    good_video,
+    ingest,
+    line_naming,
+    random_store,
+    run_cli,
+    smallest_pretrain,
+    stored_ids,
+)
 
 import sonocl.data.ingest as ingest_module
 import sonocl.data.store as store_module
@@ -29,8 +38,6 @@ from sonocl.data.store import (
     WriteFailedError,
     atomic_write_text,
 )
-
-DISK_FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def _fail_replace_onto(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
@@ -45,32 +52,6 @@ def _fail_replace_onto(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setattr(os, "replace", replace)
 
 
-class _FillingFile:
-    """A file handle that writes ``room`` bytes, then half of the next write, then fails as a full disk does."""
-
-    def __init__(self, handle: Any, room: int) -> None:
-        self._handle = handle
-        self._room = room
-
-    def write(self, data: Any) -> int:
-        if len(data) > self._room:
-            self._handle.write(data[: max(self._room, len(data) // 2)])
-            self._handle.flush()
-            self._room = 0
-            raise DISK_FULL
-        self._room -= len(data)
-        return self._handle.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._handle, name)
-
-    def __enter__(self) -> _FillingFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.close()
-
-
 def _fill_on_open(
     monkeypatch: pytest.MonkeyPatch, module: Any, wanted: Callable[[Path], bool], room: int
 ) -> list[Path]:
@@ -81,7 +62,7 @@ def _fill_on_open(
         handle = builtins.open(file, mode, *args, **kwargs)
         if any(flag in mode for flag in "wa") and wanted(Path(file)):
             filled.append(Path(file))
-            return _FillingFile(handle, room)
+            return FillingFile(handle, room)
         return handle
 
     monkeypatch.setattr(module, "open", fake_open, raising=False)
@@ -238,7 +219,7 @@ def test_evaluate_tables_write_fails_and_the_previous_tables_stay(
         handle = real_open(file, mode, *args, **kwargs)
         name = Path(str(file)).name  # the table itself, or the temporary file that will replace it
         if "w" in mode and any(name == table or name.startswith(f".{table}.") for table in before):
-            return _FillingFile(handle, room=10)
+            return FillingFile(handle, room=10)
         return handle
 
     monkeypatch.setattr(builtins, "open", open_filling)

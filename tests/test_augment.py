@@ -107,9 +107,22 @@ def test_brightness_scales_within_range_and_contrast_keeps_the_mean():
 def test_gamma_only_on_marked_samples():
     images = _images(6, 16)
     extra = torch.tensor([True, False] * 3)
-    out = BatchAugment(AugmentConfig(**IDENTITY, gamma=0.25), 16)(images, _gen(6), extra)
+    out = BatchAugment(AugmentConfig(**IDENTITY, gamma=0.25), 16).extra_gamma(images, _gen(6), extra)
     torch.testing.assert_close(out[~extra], images[~extra], atol=1e-5, rtol=0)
     assert (out[extra] - images[extra]).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+
+
+def test_the_extra_gamma_is_drawn_per_frame_so_both_views_share_it():
+    """AWCL's reference applies gamma and brightness to a labelled frame, then makes its two views from it."""
+    frames = (255 * _images(8, 16)).to(torch.uint8).view(8, 1, 16, 16)
+    extra = torch.tensor([True, False] * 4)
+    augment = BatchAugment(AugmentConfig(**IDENTITY, gamma=0.25, mean=0.0, std=1.0), 16)
+    mix = torch.ones(8, 2, 1)  # both views from the item's one frame (instance items)
+    view1, view2 = make_views(frames, mix, False, augment, _gen(7), extra)
+    torch.testing.assert_close(view1, view2)
+    unit = frames.float() / 255
+    torch.testing.assert_close(view1[~extra], unit[~extra], atol=1e-5, rtol=0)
+    assert (view1[extra] - unit[extra]).abs().amax(dim=(1, 2, 3)).min() > 1e-3
 
 
 def test_blur_smooths_and_speckle_adds_noise():

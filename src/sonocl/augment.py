@@ -150,9 +150,9 @@ class BatchAugment(nn.Module):
         self.channels = channels
         """3: the normalised grey image is copied to three channels (ImageNet-style stems)."""
 
-    def forward(self, images: Tensor, generator: torch.Generator | None = None, extra: Tensor | None = None) -> Tensor:
-        """Augment ``images`` ``(N, 1, H, W)``; ``extra`` ``(N,)`` bool marks the samples that get the gamma transform
-        (AWCL's labelled frames; all samples when None)."""
+    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Augment ``images`` ``(N, 1, H, W)``, each sample with its own draws (AWCL's extra gamma is `extra_gamma`,
+        applied by `make_views` to the frames before their views are made)."""
         if images.dim() != 4 or images.shape[1] != 1 or not images.is_floating_point():
             raise ValueError(
                 f"BatchAugment expects (N, 1, H, W) float images, got {tuple(images.shape)} {images.dtype}"
@@ -160,8 +160,6 @@ class BatchAugment(nn.Module):
         cfg = self.config
         images = _shrink(images, self.size)
         n, device = images.shape[0], images.device
-        if cfg.gamma > 0:
-            images = self._gamma(images, generator, extra)
         images = self.crop_flip(images, generator)
         if cfg.jitter_p > 0 and (cfg.brightness > 0 or cfg.contrast > 0):
             images = self._jitter(images, generator)
@@ -240,7 +238,11 @@ class BatchAugment(nn.Module):
             images.mul_(scale[:, None, None, None]).add_((shift * mean)[:, None, None, None]).clamp_(0.0, 1.0)
         return images
 
-    def _gamma(self, images: Tensor, generator: torch.Generator | None, extra: Tensor | None) -> Tensor:
+    def extra_gamma(self, images: Tensor, generator: torch.Generator | None, extra: Tensor | None) -> Tensor:
+        """AWCL's extra gamma and brightness, each U(1−g, 1+g) per sample, on the samples ``extra`` marks (all when
+        None); the identity when ``gamma`` is 0."""
+        if self.config.gamma <= 0:
+            return images
         g, n, device = self.config.gamma, images.shape[0], images.device
         gamma = _uniform(n, 1 - g, 1 + g, generator, device)
         gain = _uniform(n, 1 - g, 1 + g, generator, device)
@@ -291,7 +293,9 @@ def make_views(
     same). With
     ``augment_first`` each of the B·k frames is augmented once and then mixed, so a frame shared by both
     views (USCL's f2) enters both with the same crop and jitter; otherwise the raw frames are mixed and each
-    of the 2B mixed images is augmented independently. ``extra`` ``(B,)`` marks items for the gamma transform.
+    of the 2B mixed images is augmented independently. ``extra`` ``(B,)`` marks the items whose frames get the extra
+    gamma (`BatchAugment.extra_gamma`), drawn once per frame before anything else, as AWCL's reference transforms a
+    labelled frame before it makes the two views: both views of an item share it.
     """
     if frames_u8.dim() != 4 or frames_u8.dtype != torch.uint8:
         raise ValueError(f"frames_u8 must be (B, k, S, S) uint8, got {tuple(frames_u8.shape)} {frames_u8.dtype}")
@@ -302,12 +306,12 @@ def make_views(
     size = augment.size
     frames = _unit_float(frames_u8.reshape(b * k, 1, height, width), size)
     height, width = frames.shape[-2:]
+    per_frame = None if extra is None else extra.to(frames.device).repeat_interleave(k)
+    frames = augment.extra_gamma(frames, generator, per_frame)
     if augment_first:
-        per_frame = None if extra is None else extra.to(frames.device).repeat_interleave(k)
-        frames = augment(frames, generator, per_frame).view(b, k, size, size)
+        frames = augment(frames, generator).view(b, k, size, size)
         views = torch.einsum("bvk,bkhw->bvhw", mix, frames)
     else:
         mixed = torch.einsum("bvk,bkhw->bvhw", mix, frames.view(b, k, height, width))
-        per_view = None if extra is None else extra.to(frames.device).repeat_interleave(2)
-        views = augment(mixed.reshape(2 * b, 1, height, width), generator, per_view).view(b, 2, size, size)
+        views = augment(mixed.reshape(2 * b, 1, height, width), generator).view(b, 2, size, size)
     return augment.normalize(views[:, 0:1]), augment.normalize(views[:, 1:2])

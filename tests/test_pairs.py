@@ -34,7 +34,7 @@ def _write_store(path, lengths, fps=10.0, labels=None, anatomy=None, size=8):
                 original_size=(size, size),
                 crop_box=(0, 0, size, size),
                 content_hash=f"h{v}",
-                timestamps=[i / fps for i in range(length)],
+                timestamps=[i / (fps or 1.0) for i in range(length)],
                 extra_labels=extra,
             )
     return FrameStore.open(path)
@@ -202,6 +202,15 @@ def test_ivpp_lone_frame_pairs_with_itself(tmp_path):
     store = _write_store(tmp_path / "sparse", [3, 3], fps=0.2)  # frames 5 s apart
     batch = make_sampler("ivpp", store, np.arange(2), batch_size=2, seed=0).batches(0)[0]
     assert np.all(batch.frames[:, 0] == batch.frames[:, 1]) and np.all(batch.weight == 1)
+
+
+def test_ivpp_refuses_videos_without_a_frame_rate_naming_them(tmp_path):
+    """Times of a video whose rate is unknown count frames: δt in seconds would silently be δt frames."""
+    from sonocl.errors import ConfigError
+
+    store = _write_store(tmp_path / "no-rate", [4, 4, 1], fps=None)  # two clips and a still
+    with pytest.raises(ConfigError, match=r"2 videos record no frame rate \(v00, v01\).*--frame-rate"):
+        make_sampler("ivpp", store, np.arange(3), batch_size=2, seed=0)
 
 
 def test_awcl_positives_by_anatomy_and_unlabelled_never_share_a_group(store):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from reliability_support import good_video, ingest, line_naming, stored_ids
+from reliability_support import good_video, ingest, line_naming, run_cli, stored_ids
 
 from sonocl.data.store import REPORT_FILE, FrameStore
 
@@ -122,3 +122,26 @@ def test_a_folder_whose_files_are_all_unreadable_says_the_store_is_empty(
     assert result.code == 3
     assert f"no file under {tmp_path / 'junk'} could be read; the store is empty" in result.err
     assert FrameStore.open(tmp_path / "store").num_videos == 0
+
+
+def test_a_frame_folder_takes_its_rate_from_frame_rate_and_ivpp_refuses_one_without(tmp_path: Path, capsys) -> None:
+    """Frame folders record no rate: stored as such (ivpp refuses them, naming --frame-rate), or at --frame-rate."""
+    clip = tmp_path / "sources" / "clip"
+    clip.mkdir(parents=True)
+    for index in range(6):
+        Image.fromarray(np.full((32, 32), 40 * index, dtype=np.uint8)).save(clip / f"frame{index}.png")
+    good_video(tmp_path / "sources" / "scan.mp4")
+    unknown, timed = tmp_path / "unknown", tmp_path / "timed"
+    assert ingest(capsys, tmp_path / "sources", "--out", unknown, "--size", "32").code == 0
+    assert ingest(capsys, tmp_path / "sources", "--out", timed, "--size", "32", "--frame-rate", "10").code == 0
+    stored = {video.id: video for video in FrameStore.open(unknown).videos}
+    assert stored["clip"].fps is None and stored["scan"].fps
+    clip_timed = next(video for video in FrameStore.open(timed).videos if video.id == "clip")
+    assert clip_timed.fps == 10 and list(clip_timed.timestamps) == pytest.approx([i / 10 for i in range(6)])
+
+    pretrain = ["pretrain", "--method", "ivpp", "--size", "32", "--batch-size", "2", "--steps", "1", "--device", "cpu",
+                "--no-progress", "--val-fraction", "0"]  # fmt: skip
+    outcome = run_cli(capsys, *pretrain, "--store", unknown, "--out", tmp_path / "run")
+    assert outcome.code == 2
+    assert "record no frame rate (clip)" in line_naming(outcome.err, unknown) and "--frame-rate" in outcome.err
+    assert run_cli(capsys, *pretrain, "--store", timed, "--out", tmp_path / "run-timed").code == 0

@@ -38,6 +38,7 @@ from sonocl.data.decode import (
     IMAGE_SUFFIXES,
     VIDEO_SUFFIXES,
     DecodeError,
+    Frame,
     is_frame_folder,
     media_kind,
     natural_key,
@@ -55,6 +56,7 @@ from sonocl.data.labels import (
 from sonocl.data.mask_names import in_mask_folder, is_mask_name
 from sonocl.data.preprocess import FramePreparer, select_frames
 from sonocl.data.store import META_FILE, REPORT_FILE, FrameStoreWriter, StoreError, WriteFailedError, atomic_write_text
+from sonocl.options import positive
 from sonocl.outputs import STORE, add_overwrite_argument, claim
 from sonocl.progress import Progress, progress_report
 
@@ -103,6 +105,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"keep at most N frames per video: a longer one keeps its first N, with a note naming it, and the rest is "
         f"not decoded (default {DEFAULT_MAX_FRAMES}: 11 minutes at 30 frames/s, far beyond an ultrasound clip, "
         "and a bound on the decoding time a small file can cost)",
+    )
+    frames.add_argument(
+        "--frame-rate",
+        type=positive,
+        metavar="F",
+        help="frames per second of the sources that record no rate (frame folders, DICOM without Frame Time): their "
+        "frame i is at i / F seconds. Without it such videos store no rate, and temporal methods (ivpp) refuse them",
     )
     frames.add_argument(
         "--max-pixels",
@@ -187,6 +196,8 @@ class DecodeTask:
     salt: str
     decoder_threads: int
     max_pixels: int | None = None
+    frame_rate: float | None = None
+    """``--frame-rate``: the rate of a source that records none (its frame i is then at i / rate seconds)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,11 +276,15 @@ def decode_to_file(task: DecodeTask) -> Decoded | Failed:
             open_media(task.source.path, task.source.frame_files, task.decoder_threads, task.max_pixels) as media,
             _FrameFile(task.temp_path) as out,
         ):
-            selected = select_frames(media.frames(), task.stride, task.max_fps, task.max_frames, on_limit)
+            frames = media.frames()
+            assumed = task.frame_rate if media.fps is None and task.frame_rate else None
+            if assumed:
+                frames = _at_rate(frames, assumed)
+            selected = select_frames(frames, task.stride, task.max_fps, task.max_frames, on_limit)
             for frame in preparer.prepare(selected):
                 out.write(frame)
                 count += 1
-            fps, patient_id, notes = media.fps, media.patient_id, (*media.notes, *truncated)
+            fps, patient_id, notes = assumed or media.fps, media.patient_id, (*media.notes, *truncated)
     except DecodeError as error:
         return _failed(task, error.reason)
     except _FrameFileError as error:
@@ -287,6 +302,13 @@ def decode_to_file(task: DecodeTask) -> Decoded | Failed:
         patient_group=hashed_group(task.salt, patient_id) if patient_id else None,
         notes=notes,
     )
+
+
+def _at_rate(frames: Iterator[Frame], rate: float) -> Iterator[Frame]:
+    """The frames of a source that records no rate, timed at ``rate``: frame i at i / rate seconds."""
+    for index, frame in enumerate(frames):
+        frame.time = index / rate
+        yield frame
 
 
 def _failed(task: DecodeTask, reason: str, fatal: bool = False) -> Failed:
@@ -502,6 +524,7 @@ class Ingest:
                 salt=self.writer.meta["salt"],
                 decoder_threads=self.decoder_threads,
                 max_pixels=self.args.max_pixels,
+                frame_rate=self.args.frame_rate,
             )
             tasks.append((size, task))
         tasks.sort(key=lambda sized: sized[0], reverse=True)
@@ -651,6 +674,7 @@ def _write_report(
             "fps": args.fps,
             "max_frames": args.max_frames,
             "max_pixels": args.max_pixels,
+            "frame_rate": args.frame_rate,
             "crop": args.crop,
         },
         "counts": {"added": summary.added, "already_present": summary.already_present, "skipped": len(summary.skipped)},

@@ -15,6 +15,7 @@ import numpy as np
 from torch import nn
 
 from sonocl.data.store import FrameStore
+from sonocl.errors import ConfigError
 from sonocl.methods.base import Method, Options, option
 from sonocl.methods.simclr import preset as simclr_preset
 from sonocl.pairs import PairSampler
@@ -41,7 +42,9 @@ class IVPPSampler(PairSampler):
     ``[1/(Δmax+1), 1]``). So a store ingested with ``--fps``/``--stride`` weighs a pair as the full-rate video
     does for the same two moments (counting stored frames there would flatten the weights). The first frame is
     the item's frame (``items="frames"``) or uniform in its video; a frame with no neighbour within ``delta_t``
-    is paired with itself (weight 1). fps is the source video's, else estimated from its median frame interval.
+    is paired with itself (weight 1). fps is the source video's as ingest recorded it; a video of several frames
+    whose rate is unknown (a frame folder, DICOM without Frame Time) is refused, naming it and ``--frame-rate``:
+    its stored times count frames, not seconds, and δt would silently be a number of frames.
     """
 
     k = 2
@@ -52,13 +55,18 @@ class IVPPSampler(PairSampler):
         if delta_t <= 0:
             raise ValueError(f"delta_t must be > 0, not {delta_t}")
         self.delta_t = delta_t
-        time, offsets = self.store.frame_time, self.store.video_offsets
-        fps = np.ones(self.store.num_videos)
-        for v in self.videos:
-            stamps = time[offsets[v] : offsets[v + 1]]
-            recorded = self.store.videos[v].fps
-            interval = float(np.median(np.diff(stamps))) if len(stamps) > 1 else 0.0
-            fps[v] = recorded if recorded else (1.0 / interval if interval > 0 else 1.0)
+        time = self.store.frame_time
+        records = [self.store.videos[int(v)] for v in self.videos]
+        unknown = [record.id for record in records if not record.fps and record.num_frames > 1]
+        if unknown:
+            listed = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+            raise ConfigError(
+                f"{self.store.root}: ivpp pairs frames at most delta_t seconds apart, but {len(unknown)} videos record "
+                f"no frame rate ({listed}); ingest them again with --frame-rate F (their frames per second)"
+            )
+        fps = np.ones(self.store.num_videos)  # a still's: it pairs with itself, whatever the rate
+        for v, record in zip(self.videos, records):
+            fps[v] = record.fps or 1.0
         self._fps = fps
         self._max_frames = np.floor(delta_t * fps + 1e-9).astype(np.int64)
         # One sorted key over the whole store: within a video its time, videos apart by more than any window.

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from sonocl import outputs, provenance
 from sonocl.augment import BatchAugment, make_views
 from sonocl.data.store import FrameStore, directory_lock
-from sonocl.errors import ConfigError
+from sonocl.errors import ConfigError, UserError
 from sonocl.methods import Method, get_method
 from sonocl.pairs import PairBatch, PairSampler
 from sonocl.progress import Progress, progress_report
@@ -369,6 +369,8 @@ def build_data(cfg: PretrainConfig, method: Method, context: ddp.DistributedCont
     batch_size = cfg.batch_size // context.world_size
     try:
         sampler = training_sampler(cfg, store, kept, batch_size, context.rank, context.world_size)
+    except UserError:  # says what is wrong already (e.g. ivpp on videos without a frame rate)
+        raise
     except ValueError as error:  # e.g. fewer training items than one batch
         raise ConfigError(
             f"{cfg.store}: {error} ({len(kept)} training videos of {store.num_videos}, --batch-size "

@@ -48,9 +48,13 @@ fused passes per parameter. Measured and not taken: the literal create-graph dou
 batch-norm double backward is heavier than the JVP) and one backward for g and the real step (the real
 step's weights come from the CMW-Net *after* the update that needs g, so the two cannot share a pass).
 
-Choices made explicit (the reference leaves them implicit, see quirks 16–18 and 20):
-- the CMW-Net input is the *detached* backbone features of the real forward: the weights are a function of
-  the pair, not a path through which θ's gradient could lower the loss by re-weighting pairs;
+Where sonocl departs from the reference (``train.py::train_step`` of Meta-USCL) or makes explicit what it leaves
+implicit (quirks 16–18 and 20):
+- the CMW-Net input is the *detached* backbone features, in the virtual step as in the real one. The reference
+  computes the real step's weights under ``no_grad`` (detached in effect) but feeds the meta model's features to
+  the CMW-Net undetached in the virtual step, so there its g also holds θ's path through the pair weights. sonocl
+  detaches both, so that the weights are a function of the pair and never a path through which θ's gradient could
+  lower the loss by re-weighting pairs; the effect of this departure on results has not been measured;
 - the inner LR is ``inner_lr`` when given, else each parameter group's current LR of the main optimizer
   (what the reference effectively uses, since its ``--lr_meta`` is overwritten); momentum, dampening,
   Nesterov and weight decay come from the main optimizer's groups, the momentum buffers from its state;

@@ -430,3 +430,30 @@ def test_two_process_gloo_matches_one_process(phantom_store, tmp_path: Path) -> 
     loss_one = float(_step_rows(tmp_path / "one")[0]["loss"])
     loss_two = float(_step_rows(tmp_path / "two")[0]["loss"])
     assert abs(loss_one - loss_two) < 1e-5, (loss_one, loss_two)
+
+
+def test_the_best_checkpoint_is_chosen_among_every_epoch_not_only_monitored_ones(
+    phantom_store, tmp_path, monkeypatch
+) -> None:
+    """USCL's and Meta-USCL's reference code keep the epoch of lowest validation loss, checking every epoch; the
+    monitors (kNN, collapse) run only every ``monitor_every`` epochs. Here the held-out loss is lowest after epoch 2,
+    and only epoch 3 (the last) is monitored: best.pt and the encoder must be epoch 2's."""
+    from sonocl.models import checkpoint_backbone_state
+    from sonocl.train import loop
+    from sonocl.train.checkpoint import load_checkpoint
+
+    losses = iter([3.0, 1.0, 2.0])
+    monkeypatch.setattr(loop, "validation_loss", lambda run: next(losses))
+    out = tmp_path / "run"
+    argv = ["--store", str(phantom_store.root), "--out", str(out), *_tiny("uscl"), "--epochs", "3",
+            "--set", "monitor_every=10", "--label-rate", "0"]  # fmt: skip
+    loop.pretrain(_config(argv), out)
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert best["epoch"] == 2 and best["best_val_loss"] == 1.0 and last["epoch"] == 3
+    from safetensors.torch import load_file
+
+    encoder = load_file(str(out / "encoder.safetensors"))
+    expected = checkpoint_backbone_state(best)
+    assert not torch.equal(expected["layer4.1.conv2.weight"], checkpoint_backbone_state(last)["layer4.1.conv2.weight"])
+    torch.testing.assert_close(encoder["layer4.1.conv2.weight"], expected["layer4.1.conv2.weight"])

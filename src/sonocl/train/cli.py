@@ -227,10 +227,12 @@ def run(args: argparse.Namespace) -> int:
         knn = result.last_epoch_metrics.get("knn_acc")
         monitor = f", kNN accuracy {100 * knn:.1f} %" if knn is not None else ""
         share = result.training_seconds / max(result.seconds, 1e-9)
+        selected = cfg.export == "best" and result.best_val_loss is not None
+        chosen = "best checkpoint: the lowest held-out loss of every epoch" if selected else "last checkpoint"
         print(
             f"sonocl pretrain: done in {time.perf_counter() - started:.0f} s ({result.global_step} steps of "
             f"{cfg.batch_size}{best}{monitor}; {100 * share:.0f} % of the run's {result.seconds:.0f} s in optimiser "
-            f"steps); wrote {args.out / 'encoder.safetensors'} ({cfg.export} checkpoint), "
+            f"steps); wrote {args.out / 'encoder.safetensors'} ({chosen}), "
             f"metrics.csv, provenance.json and checkpoints/ in {args.out}",
             file=sys.stderr,
         )

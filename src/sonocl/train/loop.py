@@ -30,6 +30,7 @@ its wall time spent training rather than waiting for data, monitoring or checkpo
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import random
@@ -170,6 +171,8 @@ class Run:
     """When this process began the run (before `setup`), moved back on resume by the seconds the run had been
     going at its last checkpoint (``elapsed_seconds``)."""
     saved_at: float = field(default_factory=time.perf_counter)
+    best_snapshot: dict[str, Any] | None = None
+    """The checkpoint of a better epoch than ``best.pt`` holds, kept in memory until the next checkpoint write."""
 
     @property
     def global_step(self) -> int:
@@ -221,7 +224,7 @@ def pretrain(
                     end_of_epoch(run, epoch)
             except KeyboardInterrupt:
                 if context.is_main:
-                    save_checkpoint(checkpoint_state(run), run.last_path)
+                    save_checkpoints(run)
                     export_encoder(run)
                     print(
                         f"\ninterrupted: {run.last_path} saved at epoch {run.epoch + 1}, step {run.step_in_epoch}; "
@@ -561,8 +564,7 @@ def train_one_epoch(run: Run, epoch: int) -> None:
         run.progress.update(1)
         every = cfg.checkpoint_every_steps
         if run.context.is_main and every and run.step_in_epoch % every == 0 and run.step_in_epoch < last:
-            save_checkpoint(checkpoint_state(run), run.last_path)
-            run.saved_at = time.perf_counter()
+            save_checkpoints(run)
 
 
 def train_step(run: Run, view1: Tensor, view2: Tensor, targets: BatchTensors, context: StepContext) -> dict[str, float]:
@@ -658,74 +660,99 @@ def _log_step(
 
 
 def end_of_epoch(run: Run, epoch: int) -> None:
-    """Every ``monitor_every`` epochs and after the last (rank 0): validation and monitors, then ``last.pt`` (and
-    ``best.pt`` when the validation loss improved); between them ``last.pt`` every ``checkpoint_every_seconds``."""
+    """Rank 0: the held-out loss every epoch when the run exports its best checkpoint (the model selection of USCL's
+    and Meta-USCL's reference code), else with the monitors; the monitors every ``monitor_every`` epochs and after the
+    last, with ``last.pt`` (and ``best.pt``); between them ``last.pt`` every ``checkpoint_every_seconds``. A better
+    epoch between checkpoint writes is kept in memory (`Run.best_snapshot`) and written with the next ``last.pt``."""
     data, done = run.data, epoch + 1
     monitored = done % data.monitor_every == 0 or done == data.num_epochs
+    selecting = run.cfg.export == "best" and bool(data.val_batches)
     run.epoch, run.step_in_epoch = done, 0
-    if run.context.is_main and monitored:
-        run.epoch_metrics = monitors(run)
-        val_loss = run.epoch_metrics.get("val_loss")
+    if run.context.is_main and (monitored or selecting):
+        val_loss = validation_loss(run)
         # Without held-out pairs there is no model selection: best is the latest monitored epoch.
         improved = val_loss is None or run.best_val_loss is None or val_loss < run.best_val_loss
         if val_loss is not None and improved:
             run.best_val_loss = val_loss
-        save_checkpoint(checkpoint_state(run), run.last_path)
-        run.saved_at = time.perf_counter()
+        if monitored:
+            run.epoch_metrics = {**({"val_loss": val_loss} if val_loss is not None else {}), **monitors(run)}
+            if improved:
+                run.best_snapshot = None  # superseded: best.pt becomes this epoch's last.pt
+            save_checkpoints(run)
+            if improved:
+                link_checkpoint(run.last_path, run.best_path)
+            _log_epoch(run, done)
+            ddp.barrier(run.context)
+            return
         if improved:
-            link_checkpoint(run.last_path, run.best_path)
-        step = min(done * data.steps_per_epoch, data.total_steps)
-        run.log.write(
-            {
-                "kind": "epoch",
-                "epoch": done,
-                "step": step,
-                **run.epoch_metrics,
-                "seconds": run.elapsed_seconds,
-            }
-        )
-        for name, value in run.epoch_metrics.items():
-            run.writer.add_scalar(f"val/{name}", value, step)
-        run.writer.flush()
-        run.progress.write(
-            f"epoch {done}/{data.num_epochs} (step {step}): "
-            + ", ".join(f"{k} {v:.4f}" for k, v in run.epoch_metrics.items()),
-            file=sys.stderr,
-        )
-    elif run.context.is_main and time.perf_counter() - run.saved_at >= run.cfg.checkpoint_every_seconds:
-        save_checkpoint(checkpoint_state(run), run.last_path)
-        run.saved_at = time.perf_counter()
+            run.best_snapshot = copy.deepcopy(checkpoint_state(run))
+    if run.context.is_main and time.perf_counter() - run.saved_at >= run.cfg.checkpoint_every_seconds:
+        save_checkpoints(run)
     ddp.barrier(run.context)
+
+
+def _log_epoch(run: Run, done: int) -> None:
+    """The monitored epoch's row of ``metrics.csv``, its TensorBoard scalars and its line."""
+    data = run.data
+    step = min(done * data.steps_per_epoch, data.total_steps)
+    run.log.write({"kind": "epoch", "epoch": done, "step": step, **run.epoch_metrics, "seconds": run.elapsed_seconds})
+    for name, value in run.epoch_metrics.items():
+        run.writer.add_scalar(f"val/{name}", value, step)
+    run.writer.flush()
+    run.progress.write(
+        f"epoch {done}/{data.num_epochs} (step {step}): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in run.epoch_metrics.items()),
+        file=sys.stderr,
+    )
+
+
+def save_checkpoints(run: Run) -> None:
+    """``best.pt`` when a better epoch is held in memory, then ``last.pt`` (in that order: a kill between the two
+    leaves a ``best.pt`` at least as good as ``last.pt`` records)."""
+    if run.best_snapshot is not None:
+        save_checkpoint(run.best_snapshot, run.best_path)
+        run.best_snapshot = None
+    save_checkpoint(checkpoint_state(run), run.last_path)
+    run.saved_at = time.perf_counter()
+
+
+@torch.no_grad()
+def validation_loss(run: Run) -> float | None:
+    """The unweighted loss of the held-out pairs (eval mode, fixed seed); None without held-out pairs."""
+    cfg, data, model, device = run.cfg, run.data, run.model, run.device
+    if not data.val_batches:
+        return None
+    model.eval()
+    dtype = run.autocast_dtype
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + _VALIDATION_SEED)
+    total, count = 0.0, 0
+    for batch in data.val_batches:
+        frames = torch.from_numpy(data.store.gather(batch.frames)).to(device)
+        view1, view2 = make_views(frames, batch.mix, batch.augment_first, run.augment, generator)
+        targets = BatchTensors(
+            positive_group=torch.from_numpy(batch.positive_group).to(device),
+            weight=torch.ones(len(batch), device=device),
+            label=torch.from_numpy(batch.label).to(device),
+        )
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = run.objective.validation_loss(
+                model,
+                view1.contiguous(memory_format=run.memory_format),
+                view2.contiguous(memory_format=run.memory_format),
+                targets,
+            )
+        total += float(loss) * len(batch)
+        count += len(batch)
+    return total / count
 
 
 @torch.no_grad()
 def monitors(run: Run) -> dict[str, float]:
-    """Validation loss (unweighted InfoNCE, eval mode, fixed seed), kNN accuracy and the collapse metric."""
+    """The kNN accuracy and the collapse metric (eval mode); the held-out loss is `validation_loss`."""
     cfg, data, model, device = run.cfg, run.data, run.model, run.device
     model.eval()
     metrics: dict[str, float] = {}
     dtype = run.autocast_dtype
-    if data.val_batches:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed + _VALIDATION_SEED)
-        total, count = 0.0, 0
-        for batch in data.val_batches:
-            frames = torch.from_numpy(data.store.gather(batch.frames)).to(device)
-            view1, view2 = make_views(frames, batch.mix, batch.augment_first, run.augment, generator)
-            targets = BatchTensors(
-                positive_group=torch.from_numpy(batch.positive_group).to(device),
-                weight=torch.ones(len(batch), device=device),
-                label=torch.from_numpy(batch.label).to(device),
-            )
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = run.objective.validation_loss(
-                    model,
-                    view1.contiguous(memory_format=run.memory_format),
-                    view2.contiguous(memory_format=run.memory_format),
-                    targets,
-                )
-            total += float(loss) * len(batch)
-            count += len(batch)
-        metrics["val_loss"] = total / count
     features = dict(
         size=cfg.size,
         mean=cfg.augment.mean,

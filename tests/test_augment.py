@@ -125,6 +125,20 @@ def test_the_extra_gamma_is_drawn_per_frame_so_both_views_share_it():
     assert (view1[extra] - unit[extra]).abs().amax(dim=(1, 2, 3)).min() > 1e-3
 
 
+def test_the_second_view_takes_its_own_blur_and_solarisation_probabilities():
+    """BYOL's two pipelines: here view 1 always blurred and never solarised, view 2 the opposite."""
+    frames = (255 * _images(6, 16)).to(torch.uint8)
+    config = AugmentConfig(**IDENTITY, blur_p=1.0, view2_blur_p=0.0, view2_solarize_p=1.0, mean=0.0, std=1.0)
+    view1, view2 = make_views(frames.view(6, 1, 16, 16), torch.ones(6, 2, 1), False, BatchAugment(config, 16), _gen())
+    unit = frames.float().view(6, 1, 16, 16) / 255
+    assert (view1.std(dim=(1, 2, 3)) < 0.8 * unit.std(dim=(1, 2, 3))).all()  # blurred
+    torch.testing.assert_close(view2, torch.where(unit >= 0.5, 1 - unit, unit), atol=1e-5, rtol=0)
+    # Without view-2 settings both views draw from one pipeline, as before.
+    same = BatchAugment(AugmentConfig(**IDENTITY, solarize_p=1.0, mean=0.0, std=1.0), 16)
+    view1, view2 = make_views(frames.view(6, 1, 16, 16), torch.ones(6, 2, 1), False, same, _gen())
+    torch.testing.assert_close(view1, view2)
+
+
 def test_blur_smooths_and_speckle_adds_noise():
     images = _images(4, 32)
     blurred = BatchAugment(AugmentConfig(**IDENTITY, blur_p=1.0, blur_sigma=(1.0, 2.0)), 32)(images, _gen())

@@ -185,3 +185,13 @@ def test_a_new_method_is_one_module(tmp_path: Path, monkeypatch, store) -> None:
     batch = BatchTensors(torch.arange(4), torch.ones(4), torch.full((4,), -1))
     loss, parts = objective(model, *views, batch, StepContext(0, torch.optim.SGD(model.parameters(), lr=0.1), 0.1))
     assert torch.isfinite(loss) and "contrastive" in parts
+
+
+def test_byol_preset_has_the_papers_two_pipelines_and_they_can_be_set() -> None:
+    """Grill et al. 2020, Table 6: blur p 1.0 / 0.1 and solarisation p 0.0 / 0.2 on the first / second view."""
+    from sonocl.train.config import merge, parse_assignment, preset
+
+    augment = preset("byol").augment
+    assert (augment.blur_p, augment.view2_blur_p, augment.solarize_p, augment.view2_solarize_p) == (1.0, 0.1, 0.0, 0.2)
+    changed = merge(preset("simclr"), parse_assignment("augment.view2_blur_p=0.3")).augment
+    assert changed.view2_blur_p == 0.3 and changed.view2_solarize_p is None

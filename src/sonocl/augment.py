@@ -5,7 +5,8 @@ at once on the device of its tensors, each sample with its own random parameters
 ``torch.Generator``: a single ``grid_sample`` does every random resized crop and flip, the intensity
 transforms are element-wise. The pipeline follows torchvision's (``docs/methods.md`` §1.4, §2.4, §3.3):
 Resize(size) → RandomResizedCrop(size, scale, ratio) → HorizontalFlip → ColorJitter(brightness, contrast)
-→ [Gaussian blur] → [speckle] → Normalize, with saturation and hue left out (no effect on grey images).
+→ [Gaussian blur] → [solarisation] → [speckle] → Normalize, with saturation and hue left out (no effect on grey
+images). Blur and solarisation may take other probabilities for the second view (BYOL's two pipelines).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from sonocl.errors import ConfigError
 
 _CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop.get_params
+VIEW2_FIELDS = ("view2_blur_p", "view2_solarize_p")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,12 @@ class AugmentConfig:
     """AWCL's extra gamma and brightness, each U(1−g, 1+g), applied first to the samples marked ``extra``."""
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    """Solarisation: grey values ≥ 0.5 inverted (x → 1 − x), torchvision's ``solarize`` at its threshold 128/255."""
+    view2_blur_p: float | None = None
+    view2_solarize_p: float | None = None
+    """The second view's blur and solarisation probabilities where they differ from the first's (BYOL's two
+    pipelines); None: the same. Only where each view is augmented on its own (not with ``augment_first``)."""
     speckle_p: float = 0.0
     speckle_std: float = 0.1
     """Multiplicative speckle: x · (1 + std · n), n ~ N(0, 1) per pixel."""
@@ -49,7 +57,11 @@ class AugmentConfig:
             "crop_scale": 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
             "crop_ratio": 0 < self.crop_ratio[0] <= self.crop_ratio[1],
             "blur_sigma": 0 < self.blur_sigma[0] <= self.blur_sigma[1],
-            **{name: 0 <= getattr(self, name) <= 1 for name in ("flip_p", "jitter_p", "blur_p", "speckle_p")},
+            **{
+                name: 0 <= getattr(self, name) <= 1
+                for name in ("flip_p", "jitter_p", "blur_p", "solarize_p", "speckle_p")
+            },
+            **{name: getattr(self, name) is None or 0 <= getattr(self, name) <= 1 for name in VIEW2_FIELDS},
             **{name: getattr(self, name) >= 0 for name in ("brightness", "contrast", "speckle_std")},
             "gamma": 0 <= self.gamma < 1,
             "std": self.std > 0,
@@ -79,8 +91,13 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator | None,
     return (low + (high - low) * torch.rand(n, generator=generator, device=source)).to(device)
 
 
-def _bernoulli(n: int, p: float, generator: torch.Generator | None, device: torch.device) -> Tensor:
+def _bernoulli(n: int, p: float | Tensor, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """n draws of Bernoulli(p); ``p`` a number or one probability per draw (on ``device``)."""
     return _uniform(n, 0.0, 1.0, generator, device) < p
+
+
+def _possible(p: float | Tensor) -> bool:
+    return bool((p > 0).any()) if isinstance(p, Tensor) else p > 0
 
 
 def resize_to(frames_u8: Tensor, size: int) -> Tensor:
@@ -150,9 +167,10 @@ class BatchAugment(nn.Module):
         self.channels = channels
         """3: the normalised grey image is copied to three channels (ImageNet-style stems)."""
 
-    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Augment ``images`` ``(N, 1, H, W)``, each sample with its own draws (AWCL's extra gamma is `extra_gamma`,
-        applied by `make_views` to the frames before their views are made)."""
+    def forward(self, images: Tensor, generator: torch.Generator | None = None, second: Tensor | None = None) -> Tensor:
+        """Augment ``images`` ``(N, 1, H, W)``, each sample with its own draws. ``second`` ``(N,)`` bool marks the
+        second views, which take the ``view2_*`` probabilities. AWCL's extra gamma is `extra_gamma`, applied by
+        `make_views` to the frames before their views are made."""
         if images.dim() != 4 or images.shape[1] != 1 or not images.is_floating_point():
             raise ValueError(
                 f"BatchAugment expects (N, 1, H, W) float images, got {tuple(images.shape)} {images.dtype}"
@@ -163,10 +181,14 @@ class BatchAugment(nn.Module):
         images = self.crop_flip(images, generator)
         if cfg.jitter_p > 0 and (cfg.brightness > 0 or cfg.contrast > 0):
             images = self._jitter(images, generator)
-        if cfg.blur_p > 0:
+        blur_p, solarize_p = (self._per_view(name, second, device) for name in ("blur_p", "solarize_p"))
+        if _possible(blur_p):
             images = torch.where(
-                _bernoulli(n, cfg.blur_p, generator, device)[:, None, None, None], self._blur(images, generator), images
+                _bernoulli(n, blur_p, generator, device)[:, None, None, None], self._blur(images, generator), images
             )
+        if _possible(solarize_p):
+            solarized = torch.where(images >= 0.5, 1.0 - images, images)
+            images = torch.where(_bernoulli(n, solarize_p, generator, device)[:, None, None, None], solarized, images)
         if cfg.speckle_p > 0:
             images = self._speckle(images, generator)
         return images
@@ -237,6 +259,13 @@ class BatchAugment(nn.Module):
             mean = images.mean(dim=(1, 2, 3))
             images.mul_(scale[:, None, None, None]).add_((shift * mean)[:, None, None, None]).clamp_(0.0, 1.0)
         return images
+
+    def _per_view(self, name: str, second: Tensor | None, device: torch.device) -> float | Tensor:
+        """The probability ``name`` of each sample: the second views' own where ``view2_<name>`` is set."""
+        first, other = getattr(self.config, name), getattr(self.config, f"view2_{name}")
+        if second is None or other is None or other == first:
+            return first
+        return torch.where(second.to(device=device, dtype=torch.bool), other, first)
 
     def extra_gamma(self, images: Tensor, generator: torch.Generator | None, extra: Tensor | None) -> Tensor:
         """AWCL's extra gamma and brightness, each U(1−g, 1+g) per sample, on the samples ``extra`` marks (all when
@@ -313,5 +342,6 @@ def make_views(
         views = torch.einsum("bvk,bkhw->bvhw", mix, frames)
     else:
         mixed = torch.einsum("bvk,bkhw->bvhw", mix, frames.view(b, k, height, width))
-        views = augment(mixed.reshape(2 * b, 1, height, width), generator).view(b, 2, size, size)
+        second = torch.tensor([False, True], device=frames.device).repeat(b)  # (b, 2) flattened: view 2 of each item
+        views = augment(mixed.reshape(2 * b, 1, height, width), generator, second).view(b, 2, size, size)
     return augment.normalize(views[:, 0:1]), augment.normalize(views[:, 1:2])

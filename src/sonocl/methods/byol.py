@@ -3,7 +3,8 @@ view; no negatives.
 
 Preset: SGD 0.2 × B/256 standing in for LARS, wd 1.5e-6, 10-epoch warm-up, cosine, target momentum 0.996 → 1
 (cosine; ``schedule.ema_start``/``ema_end``), projector 4096 (BN) → 256, predictor 4096 → 256, SimCLR's augmentation
-with jitter 0.4.
+with jitter 0.4 and the paper's two pipelines (its Table 6): Gaussian blur with p 1.0 on the first view and 0.1 on the
+second, solarisation with p 0 and 0.2.
 """
 
 from __future__ import annotations
@@ -58,7 +59,15 @@ def preset() -> PretrainConfig:
         model=ModelConfig(
             projection_hidden=4096, projection_dim=256, projection_batch_norm=True, predictor_hidden=4096
         ),
-        augment=dataclasses.replace(SIMCLR_AUGMENT, brightness=0.4, contrast=0.4),
+        augment=dataclasses.replace(
+            SIMCLR_AUGMENT,
+            brightness=0.4,
+            contrast=0.4,
+            blur_p=1.0,
+            view2_blur_p=0.1,
+            solarize_p=0.0,
+            view2_solarize_p=0.2,
+        ),
         optim=OptimConfig(name="sgd", lr=0.2, lr_scaling="linear", momentum=0.9, weight_decay=1.5e-6),
         schedule=ScheduleConfig(
             warmup_fraction=10 / 1000, warmup="linear", decay="cosine", ema_start=0.996, ema_end=1.0

@@ -43,6 +43,12 @@ REACHES = {
     "coarse_column": ("zone_coarse", lambda sampler, objective: sampler.label_columns[0]),
     "anatomy_ratio": (0.0, lambda sampler, objective: len(sampler.labelled_videos)),
     "queue_size": (16, lambda sampler, objective: objective.queue.shape[0]),
+    "objective": ("vicreg", lambda sampler, objective: getattr(objective, "name", "simclr")),
+    "pair_weights": ("uniform", lambda sampler, objective: sampler.pair_weights),
+    "vicreg_lambda": (3.0, None),  # reach checked with --objective vicreg in tests/test_ivpp_objectives.py
+    "vicreg_mu": (4.0, None),
+    "vicreg_nu": (0.5, None),
+    "barlow_lambda": (0.1, None),
 }
 
 

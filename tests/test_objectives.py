@@ -168,7 +168,7 @@ def test_byol_symmetric_regression_and_ema_target() -> None:
 
 def test_validation_loss_is_unweighted_group_infonce() -> None:
     model, (v1, v2), batch = _model(), _views(4), _batch()
-    objective = make_objective("ivpp", model)
+    objective = make_objective("ivpp", model, temperature=0.5)
     model.eval()
     with torch.no_grad():
         got = objective.validation_loss(model, v1, v2, batch)

@@ -1,7 +1,8 @@
 """Contrastive and auxiliary losses of the pretraining methods.
 
 One `GroupInfoNCE` serves SimCLR, SupCon/AWCL, USCL, Meta-USCL and IVPP (``docs/methods.md`` §1.6, §2.6,
-§3.5, §4): positives are defined by index (solo-learn style), every anchor may carry a weight.
+§3.5, §4): positives are defined by index (solo-learn style), every anchor may carry a weight. `VICRegLoss` and
+`BarlowTwinsLoss` are IVPP's other two objectives (§4).
 """
 
 from __future__ import annotations
@@ -149,3 +150,127 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
         raise ValueError(f"p and z must both be (N, D), got {tuple(p.shape)} and {tuple(z.shape)}")
     cosine = F.cosine_similarity(p.float(), z.detach().float(), dim=1)
     return (2 - 2 * cosine).mean()
+
+
+def _off_diagonal(matrix: Tensor) -> Tensor:
+    """The off-diagonal entries of a square matrix, flattened."""
+    return matrix[~torch.eye(matrix.shape[0], dtype=torch.bool, device=matrix.device)]
+
+
+def _check_pair(z1: Tensor, z2: Tensor, weight: Tensor | None) -> None:
+    if z1.dim() != 2 or z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if z1.shape[0] < 2:
+        raise ValueError(f"the batch statistics need N ≥ 2 pairs, got {z1.shape[0]}")
+    if weight is not None and weight.shape != (z1.shape[0],):
+        raise ValueError(f"weight must be (N,) = ({z1.shape[0]},), got {tuple(weight.shape)}")
+
+
+class VICRegLoss(nn.Module):
+    """VICReg (Bardes, Ponce, LeCun; ICLR 2022, §4.1) as IVPP's reference computes it (``docs/methods.md`` §4).
+
+    With the paper's terms on a batch of n pairs of d-dimensional projections: S(x) = √(Var(x) + ε) (unbiased
+    variance), v(Z) = 1/d Σ_j max(0, γ − S(z_j)), C(Z) the covariance matrix with 1/(n−1), c(Z) = 1/d Σ_{i≠j} C(Z)²_ij
+    and s(Z, Z') = 1/n Σ_i ‖z_i − z'_i‖², the loss is::
+
+        λ · s(Z, Z')/d  +  μ · ½[v(Z) + v(Z')]  +  ν · [c(Z) + c(Z')]
+
+    i.e. the normalisations of VICReg's released code, which the reference follows and for which λ = μ = 25, ν = 1
+    were chosen: the invariance is a mean over the n·d entries (the paper's s divided by d) and the two variance terms
+    are averaged (the paper sums them). With ``weight`` w (IVPP's pair weights) the invariance is the reference's
+    1/(n·d) Σ_i w_i ‖z_i − z'_i‖² (not divided by Σw); variance and covariance are unweighted, as there.
+    Computed in float32 at least, outside autocast.
+    """
+
+    def __init__(
+        self,
+        invariance_weight: float = 25.0,
+        variance_weight: float = 25.0,
+        covariance_weight: float = 1.0,
+        gamma: float = 1.0,
+        eps: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if min(invariance_weight, variance_weight, covariance_weight) < 0 or gamma <= 0 or eps < 0:
+            raise ValueError("VICReg's weights must be ≥ 0, γ > 0 and ε ≥ 0")
+        self.invariance_weight = invariance_weight
+        self.variance_weight = variance_weight
+        self.covariance_weight = covariance_weight
+        self.gamma = gamma
+        self.eps = eps
+
+    def terms(self, z1: Tensor, z2: Tensor, weight: Tensor | None = None) -> dict[str, Tensor]:
+        """The three terms before λ, μ, ν: ``invariance`` (s/d), ``variance`` (½[v(Z) + v(Z')]) and
+        ``covariance`` (c(Z) + c(Z')), of ``z1``, ``z2`` ``(N, D)`` and the optional pair weights ``(N,)``."""
+        _check_pair(z1, z2, weight)
+        with torch.autocast(z1.device.type, enabled=False):
+            z1, z2 = _at_least_float32(z1), _at_least_float32(z2)
+            squared = (z1 - z2).square()
+            if weight is not None:
+                squared = squared * weight.to(device=z1.device, dtype=z1.dtype)[:, None]
+            invariance = squared.mean()
+            n, d = z1.shape
+            variance = z1.new_zeros(())
+            covariance = z1.new_zeros(())
+            for z in (z1, z2):
+                centred = z - z.mean(dim=0)
+                std = torch.sqrt(centred.var(dim=0) + self.eps)
+                variance = variance + F.relu(self.gamma - std).mean() / 2
+                cov = centred.T @ centred / (n - 1)
+                covariance = covariance + _off_diagonal(cov).square().sum() / d
+        return {"invariance": invariance, "variance": variance, "covariance": covariance}
+
+    def total(self, parts: dict[str, Tensor]) -> Tensor:
+        """λ·invariance + μ·variance + ν·covariance of `terms`."""
+        return (
+            self.invariance_weight * parts["invariance"]
+            + self.variance_weight * parts["variance"]
+            + self.covariance_weight * parts["covariance"]
+        )
+
+    def forward(self, z1: Tensor, z2: Tensor, weight: Tensor | None = None) -> Tensor:
+        return self.total(self.terms(z1, z2, weight))
+
+
+class BarlowTwinsLoss(nn.Module):
+    """Barlow Twins (Zbontar, Jing, Misra, LeCun, Deny; ICML 2021, eq. 1–2) for IVPP (``docs/methods.md`` §4).
+
+    Each projection dimension is standardised over the batch (mean 0, biased variance 1: the paper's batch-centred
+    cosine of eq. 2, its code's affine-free BatchNorm, ε = 1e-5 inside the root), C = z̃₁ᵀ z̃₂ / n is the
+    cross-correlation matrix, and the loss is Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij². With ``weight`` w the mean,
+    variance and C are all w-weighted averages over the batch (a weighted correlation, which w = 1 reduces to the
+    paper's); IVPP's reference weights only the mean and variance (``docs/methods.md`` §4 says why not here).
+    Computed in float32 at least, outside autocast.
+    """
+
+    def __init__(self, redundancy_weight: float = 0.005, eps: float = 1e-5) -> None:
+        super().__init__()
+        if redundancy_weight < 0 or eps < 0:
+            raise ValueError(f"Barlow Twins needs λ ≥ 0 and ε ≥ 0, not {redundancy_weight} and {eps}")
+        self.redundancy_weight = redundancy_weight
+        self.eps = eps
+
+    def terms(self, z1: Tensor, z2: Tensor, weight: Tensor | None = None) -> dict[str, Tensor]:
+        """``invariance`` Σ_i (1 − C_ii)² and ``redundancy`` Σ_{i≠j} C_ij² of ``z1``, ``z2`` ``(N, D)``."""
+        _check_pair(z1, z2, weight)
+        with torch.autocast(z1.device.type, enabled=False):
+            z1, z2 = _at_least_float32(z1), _at_least_float32(z2)
+            if weight is None:
+                share = torch.full((z1.shape[0],), 1.0 / z1.shape[0], dtype=z1.dtype, device=z1.device)
+            else:
+                weight = weight.to(device=z1.device, dtype=z1.dtype)
+                share = weight / weight.sum()
+
+            def standardised(z: Tensor) -> Tensor:
+                centred = z - share @ z
+                return centred / torch.sqrt(share @ centred.square() + self.eps)
+
+            c = standardised(z1).T @ (share[:, None] * standardised(z2))
+        return {"invariance": (1 - torch.diagonal(c)).square().sum(), "redundancy": _off_diagonal(c).square().sum()}
+
+    def total(self, parts: dict[str, Tensor]) -> Tensor:
+        """invariance + λ·redundancy of `terms`."""
+        return parts["invariance"] + self.redundancy_weight * parts["redundancy"]
+
+    def forward(self, z1: Tensor, z2: Tensor, weight: Tensor | None = None) -> Tensor:
+        return self.total(self.terms(z1, z2, weight))

@@ -43,6 +43,8 @@ REACHES = {
     "coarse_column": ("zone_coarse", lambda sampler, objective: sampler.label_columns[0]),
     "anatomy_ratio": (0.0, lambda sampler, objective: len(sampler.labelled_videos)),
     "queue_size": (16, lambda sampler, objective: objective.queue.shape[0]),
+    "loss": ("symmetric", lambda sampler, objective: objective.loss),
+    "shuffle_bn_groups": (3, lambda sampler, objective: objective.shuffle_bn_groups),
     "objective": ("vicreg", lambda sampler, objective: getattr(objective, "name", "simclr")),
     "pair_weights": ("uniform", lambda sampler, objective: sampler.pair_weights),
     "vicreg_lambda": (3.0, None),  # reach checked with --objective vicreg in tests/test_ivpp_objectives.py

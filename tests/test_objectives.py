@@ -106,9 +106,10 @@ def _plain_moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau:
 
 
 def test_moco_queue_infonce_key_encoder_and_queue_update() -> None:
+    """The symmetric form without Shuffle-BN (sonocl's MoCo before 2026-12-03; v2's own is in tests/test_moco.py)."""
     model, (v1, v2) = _model(), _views(2)
     online = copy.deepcopy(model)
-    objective = make_objective("moco", model, queue_size=16, ema_start=0.9)
+    objective = make_objective("moco", model, queue_size=16, ema_start=0.9, loss="symmetric", shuffle_bn_groups=1)
     key = copy.deepcopy(objective.key_encoder)
     queue = objective.queue.clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -250,7 +251,7 @@ def test_moco_never_uses_a_key_of_the_query_s_own_video_as_a_negative() -> None:
     from sonocl.methods.moco import queue_info_nce
 
     model = _model()
-    objective = make_objective("moco", model, queue_size=2 * B, ema_start=0.9)
+    objective = make_objective("moco", model, queue_size=2 * B, ema_start=0.9, loss="symmetric", shuffle_bn_groups=1)
     videos = torch.tensor([0, 0, 1, 1, 2, 2])
     batch = BatchTensors(torch.arange(B), torch.ones(B), torch.full((B,), -1), videos)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -80,6 +80,11 @@ META_OPTIMISER = [
 """Meta-USCL's preset optimiser and schedule (`sonocl pretrain --method meta-uscl --print-config`)."""
 
 
+ISSUE_22 = "issue 22"
+"""The presets of issue 22 (2026-12-03): MoCo v2 with Shuffle-BN and its one-query loss, BYOL's two pipelines, IVPP's
+reference configuration, AWCL's gamma per sample."""
+
+
 def budget(steps: int = STEPS) -> list[str]:
     return ["--steps", str(steps), "--batch-size", str(BATCH), "--size", str(SIZE)]
 
@@ -99,11 +104,20 @@ class Row:
     """Extra `sonocl evaluate` options of this row."""
     steps: int = STEPS
     """Pretraining steps (``pretrain`` holds them too); rows off ``STEPS`` go to the budget-curve table only."""
+    preset: str = ""
+    """Which version of the method's preset the row trains ("" for the first): records of an earlier version are
+    kept as a retired row (``retired_name``), shown beside the new ones in the before/after table."""
 
     @property
     def slug(self) -> str:
-        """The row's directory name: ``uscl-semi (per fold)`` → ``uscl-semi-per-fold``."""
-        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+        """The row's directory name: ``uscl-semi (per fold)`` → ``uscl-semi-per-fold``; ``moco`` of preset
+        ``issue 22`` → ``moco-issue-22`` (a new preset never resumes or reuses an older preset's runs)."""
+        return re.sub(r"[^a-z0-9]+", "-", f"{self.name} {self.preset}".lower()).strip("-")
+
+
+def retired_name(name: str, preset: str) -> str:
+    """The row name that records of an earlier preset of row ``name`` keep in the study's JSON and tables."""
+    return f"{name} ({preset or 'first'} preset)"
 
 
 ROWS = [
@@ -111,9 +125,20 @@ ROWS = [
     Row("uscl-ssl", ["--method", "uscl", "--label-rate", "0", *BUDGET], note="USCL without its supervised term"),
     Row("meta-uscl", ["--method", "meta-uscl", *BUDGET]),
     Row("simclr", ["--method", "simclr", *BUDGET]),
-    Row("moco", ["--method", "moco", "--queue-size", "1024", *BUDGET], note="queue 1,024 keys (≈ 6 % of the frames)"),
-    Row("byol", ["--method", "byol", *BUDGET]),
-    Row("ivpp", ["--method", "ivpp", *BUDGET]),
+    Row(
+        "moco",
+        ["--method", "moco", "--queue-size", "1024", *BUDGET],
+        note="queue 1,024 keys (≈ 6 % of the frames); Shuffle-BN, one query view per pair",
+        preset=ISSUE_22,
+    ),
+    Row("byol", ["--method", "byol", *BUDGET], note="the paper's two augmentation pipelines", preset=ISSUE_22),
+    Row("ivpp", ["--method", "ivpp", *BUDGET], note="the reference's ncus_simclr", preset=ISSUE_22),
+    Row(
+        "ivpp (vicreg)",
+        ["--method", "ivpp", "--objective", "vicreg", *BUDGET],
+        note="the reference's default, ncus_vicreg",
+        preset=ISSUE_22,
+    ),
     Row("uscl-ssl (per fold)", ["--method", "uscl", "--label-rate", "0", *BUDGET], per_fold=True),
     Row(
         "uscl-semi (label leak)",
@@ -132,12 +157,14 @@ ROWS = [
         ["--method", "awcl", "--channels", "1", "--anatomy-column", "findings", *BUDGET],
         per_fold=True,
         note="fine anatomy = the video's findings pattern",
+        preset=ISSUE_22,
     ),
     Row(
         "awcl-coarse (per fold)",
         ["--method", "awcl", "--channels", "1", "--anatomy-level", "coarse", "--coarse-column", "label", *BUDGET],
         per_fold=True,
         note="coarse anatomy = diagnosis",
+        preset=ISSUE_22,
     ),
 ]
 ROWS += [
@@ -252,10 +279,11 @@ def run_row(row: Row, root: Path, store: Path, protocols: tuple[str, ...], seeds
 
 
 def collect(root: Path) -> list[dict]:
-    """One record per row × protocol × seed × fold from every results.json of the study."""
+    """One record per row × protocol × seed × fold from every results.json under ``root``."""
     records = []
     for row in ROWS:
         slug = row.slug
+        seconds, runs = _pretrain_seconds(root, row)
         for protocol in row.protocols:
             path = root / "eval" / protocol / slug / "results.json"
             if not path.exists():
@@ -268,6 +296,7 @@ def collect(root: Path) -> list[dict]:
                     records.append(
                         {
                             "row": row.name,
+                            "preset": row.preset,
                             "init": "random" if row.pretrain is None else "pretrained",
                             "method": None if row.pretrain is None else row.pretrain[1],
                             "protocol": protocol,
@@ -285,9 +314,28 @@ def collect(root: Path) -> list[dict]:
                             "test_frames": run["test_frames"],
                             "input": entry.get("input"),
                             "seconds": run["seconds"],
+                            "pretrain_seconds": seconds,
+                            "pretrain_runs": runs,
                         }
                     )
     return records
+
+
+def merge(measured: list[dict], stored: list[dict]) -> list[dict]:
+    """The study's records: those measured under ``--root``, and those of ``docs/study/pocus.json`` that it does not
+    hold (rows run on another machine or in an earlier session: the runs are not committed, the records are). Records
+    of an earlier preset of a row keep a retired name (``retired_name``) and never mix with the new preset's."""
+    presets = {row.name: row.preset for row in ROWS}
+    measured_rows = {(r["row"], r["protocol"]) for r in measured}
+    kept = []
+    for record in stored:
+        record = dict(record)
+        name, preset = record["row"], record.get("preset", "")
+        if name in presets and preset != presets[name]:
+            record.update(row=retired_name(name, preset), retired_from=name)
+        if (record["row"], record["protocol"]) not in measured_rows:
+            kept.append(record)
+    return kept + measured
 
 
 def _budget(row: Row) -> int | None:
@@ -305,14 +353,16 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
 
 
-def tables(records: list[dict], root: Path) -> str:
+def tables(records: list[dict]) -> str:
     """The markdown of the study: one table per protocol, paired differences against random init."""
     lines = []
     for protocol in PROTOCOLS:
         chosen = [r for r in records if r["protocol"] == protocol and r["budget_pairs"] in (None, STEPS * BATCH)]
         if not chosen:
             continue
-        rows = [row for row in ROWS if any(r["row"] == row.name for r in chosen)]
+        retired = {r["retired_from"]: r["row"] for r in chosen if r.get("retired_from")}
+        names = [name for row in ROWS for name in (retired.get(row.name), row.name) if name]
+        names = [name for name in names if any(r["row"] == name for r in chosen)]
         baseline = _by_fold(chosen, "random")
         lines += [
             f"### {protocol}",
@@ -322,17 +372,17 @@ def tables(records: list[dict], root: Path) -> str:
             + (" max-test frame acc, pooled (the papers' number: optimistic) |" if protocol == "last-block" else ""),
             "|" + "---|" * (11 + (protocol == "last-block")),
         ]
-        for row in rows:
-            mine = [r for r in chosen if r["row"] == row.name]
+        for name in names:
+            mine = [r for r in chosen if r["row"] == name]
             cells = []
             for key in ("video_accuracy", "frame_accuracy", "video_balanced_accuracy", "video_macro_f1", "video_auc"):
                 values = [r[key] for r in mine if r[key] is not None]
                 mean, std = _mean_std(values) if values else (math.nan, math.nan)
                 cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}" if values else "–")
-            delta = _paired_delta(mine, baseline) if row.name != "random" else "–"
-            wall = _wall(root, row)
+            delta = _paired_delta(mine, baseline) if name != "random" else "–"
+            wall = _wall(mine)
             cell = [
-                row.name,
+                name,
                 mine[0]["pretraining"],
                 f"{mine[0]['budget_pairs']:,}" if mine[0]["budget_pairs"] else "–",
                 str(len(mine)),
@@ -344,7 +394,7 @@ def tables(records: list[dict], root: Path) -> str:
                 cell.append(_pooled_max_test(mine))
             lines.append("| " + " | ".join(cell) + " |")
         lines.append("")
-    return "\n".join(lines + _orderings_table(records) + _curve_table(records, root) + _transfer_table(root))
+    return "\n".join(lines + _before_after_table(records) + _orderings_table(records) + _curve_table(records))
 
 
 def _pooled_max_test(records: list[dict]) -> str:
@@ -357,11 +407,53 @@ def _pooled_max_test(records: list[dict]) -> str:
     return f"{100 * correct / sum(r['test_frames'] for r in chosen):.1f}"
 
 
-def _orderings_table(records: list[dict]) -> list[str]:
-    """Each of ``ORDERINGS`` whose two rows are measured: row − against, paired by (seed, fold), per protocol."""
+def _before_after_table(records: list[dict]) -> list[str]:
+    """Each row whose preset changed: its earlier preset's records against the new ones, paired by (seed, fold)."""
+    retired = {r["retired_from"]: r["row"] for r in records if r.get("retired_from")}
     protocols = [p for p in PROTOCOLS if any(r["protocol"] == p for r in records)]
     lines = []
+    for row in ROWS:
+        if row.name not in retired:
+            continue
+        for protocol in protocols:
+            chosen = [r for r in records if r["protocol"] == protocol]
+            before = [r for r in chosen if r["row"] == retired[row.name]]
+            after = [r for r in chosen if r["row"] == row.name]
+            if not before or not after:
+                continue
+            cells = []
+            for mine in (before, after):
+                mean, std = _mean_std([r["video_accuracy"] for r in mine])
+                cells.append(f"{100 * mean:.1f} ± {100 * std:.1f} ({len(mine)})")
+            delta = _paired_delta(after, _by_fold(chosen, retired[row.name]))
+            lines.append(
+                f"| {row.name} | {protocol} | {cells[0]} | {cells[1]} | {delta} | {_wall(before)} | {_wall(after)} |"
+            )
+    if not lines:
+        return []
+    return [
+        "### before and after the presets changed, paired by fold",
+        "",
+        "| row | protocol | video acc before (runs) | video acc after (runs) | after − before (paired, ± SE) "
+        "| pretrain wall before | after |",
+        "|---|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
+
+
+def _orderings_table(records: list[dict]) -> list[str]:
+    """Each of ``ORDERINGS`` whose two rows are measured: row − against, paired by (seed, fold), per protocol; an
+    ordering with a row whose preset changed is shown again with the earlier preset's records."""
+    protocols = [p for p in PROTOCOLS if any(r["protocol"] == p for r in records)]
+    retired = {r["retired_from"]: r["row"] for r in records if r.get("retired_from")}
+    orderings = []
     for row, against, claim in ORDERINGS:
+        orderings.append((row, against, claim))
+        if row in retired or against in retired:
+            orderings.append((retired.get(row, row), retired.get(against, against), f"{claim}, earlier presets"))
+    lines = []
+    for row, against, claim in orderings:
         cells = []
         for protocol in protocols:
             chosen = [r for r in records if r["protocol"] == protocol]
@@ -399,7 +491,7 @@ def _paired_delta(mine: list[dict], baseline: dict[tuple[int, int], float]) -> s
     return f"{100 * mean:+.1f} ± {100 * se:.1f} ({verdict})"
 
 
-def _curve_table(records: list[dict], root: Path) -> list[str]:
+def _curve_table(records: list[dict]) -> list[str]:
     """USCL self-supervised over its budgets (kNN and linear probe), random init as step 0."""
     curve = [row for row in ROWS if row.name == "random" or row.name.startswith("uscl-ssl @") or row.name == "uscl-ssl"]
     curve.sort(key=lambda row: 0 if row.pretrain is None else row.steps)
@@ -427,20 +519,26 @@ def _curve_table(records: list[dict], root: Path) -> list[str]:
                 f"{100 * mean:.1f} ± {100 * std:.1f}",
                 "–" if row.pretrain is None else _paired_delta(mine, baseline),
             ]
-        lines.append("| " + " | ".join([*cells, _wall(root, row)]) + " |")
+        lines.append("| " + " | ".join([*cells, _wall([r for r in records if r["row"] == row.name])]) + " |")
     return [*lines, ""]
 
 
-def _wall(root: Path, row: Row) -> str:
-    slug = row.slug
+def _pretrain_seconds(root: Path, row: Row) -> tuple[float | None, int]:
+    """The row's pretraining wall time in seconds, summed over its runs (one, or one per fold), and the run count."""
     if row.pretrain is None:
+        return None, 0
+    pattern = "seed*_fold*/metrics.csv" if row.per_fold else "metrics.csv"
+    runs = sorted((root / "pretrain" / row.slug).glob(pattern))
+    return (sum(_last_seconds(p) for p in runs) if runs else None), len(runs)
+
+
+def _wall(records: list[dict]) -> str:
+    """The pretraining wall time the row's records carry: "7.0 min", or "25 min (5 runs)" for a per-fold row."""
+    seconds = next((r["pretrain_seconds"] for r in records if r.get("pretrain_seconds")), None)
+    if seconds is None:
         return "–"
-    if row.per_fold:
-        runs = sorted((root / "pretrain" / slug).glob("seed*_fold*/metrics.csv"))
-        seconds = [_last_seconds(p) for p in runs]
-        return f"{sum(seconds) / 60:.0f} min ({len(runs)} runs)" if seconds else "–"
-    metrics = root / "pretrain" / slug / "metrics.csv"
-    return f"{_last_seconds(metrics) / 60:.1f} min" if metrics.exists() else "–"
+    runs = next(r["pretrain_runs"] for r in records if r.get("pretrain_seconds"))
+    return f"{seconds / 60:.0f} min ({runs} runs)" if runs > 1 else f"{seconds / 60:.1f} min"
 
 
 def _last_seconds(metrics: Path) -> float:
@@ -457,6 +555,7 @@ def best_row(records: list[dict]) -> Row | None:
         leaks = "LEAK" in r["pretraining"]
         if r["protocol"] == "knn" and r["init"] == "pretrained" and r["budget_pairs"] == STEPS * BATCH and not leaks:
             scores.setdefault(r["row"], []).append(r["video_accuracy"])
+    scores = {name: values for name, values in scores.items() if name in {row.name for row in ROWS}}
     if not scores:
         return None
     name = max(scores, key=lambda n: sum(scores[n]) / len(scores[n]))
@@ -488,12 +587,12 @@ def transfer(root: Path, row: Row) -> None:
     )  # fmt: skip
 
 
-def _transfer_table(root: Path) -> list[str]:
+def _transfer_table(root: Path, stored: list[str]) -> list[str]:
     """The HC18 transfer: each init's fold means (± std over folds; median over all images), and each encoder against
-    random init, paired by fold."""
+    random init, paired by fold; without a transfer run under ``root``, the table ``docs/study/pocus.json`` keeps."""
     path = root / "transfer" / "results.json"
     if not path.exists():
-        return []
+        return stored
     inits = json.loads(path.read_text())["inits"]
     metrics = {"dice": ("Dice", 3), "hd95_mm": ("HD95 (mm)", 2), "hc_abs_error_mm": ("HC abs. error (mm)", 2)}
     lines = [
@@ -523,8 +622,10 @@ def _transfer_table(root: Path) -> list[str]:
 
 
 def write_outputs(root: Path) -> None:
-    records = collect(root)
     study = REPO / "docs" / "study" / "pocus.json"
+    stored = json.loads(study.read_text(encoding="utf-8")) if study.exists() else {}
+    records = merge(collect(root), stored.get("records", []))
+    transfer_lines = _transfer_table(root, stored.get("transfer_table", []))
     study.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "schema": "sonocl.study/1",
@@ -534,11 +635,11 @@ def write_outputs(root: Path) -> None:
         "updated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "budget": {"steps": STEPS, "batch_size": BATCH, "pairs": STEPS * BATCH, "size": SIZE},
     }
-    study.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
+    study.write_text(json.dumps({**meta, "records": records, "transfer_table": transfer_lines}, indent=1) + "\n")
     results = REPO / "docs" / "results.md"
     text = results.read_text()
     begin, end = "<!-- pocus-study:begin (written by benchmarks/pocus_study.py) -->", "<!-- pocus-study:end -->"
-    body = f"{begin}\n\nUpdated {meta['updated']}; {len(records)} fold runs in `docs/study/pocus.json`.\n\n{tables(records, root)}\n{end}"
+    body = f"{begin}\n\nUpdated {meta['updated']}; {len(records)} fold runs in `docs/study/pocus.json`.\n\n{tables(records)}\n{chr(10).join(transfer_lines)}\n{end}"
     if begin in text:
         text = text[: text.index(begin)] + body + text[text.index(end) + len(end) :]
     else:

@@ -62,8 +62,8 @@ def end_to_end_step_times(
 def model_only_step_times(size: int, batch_size: int, steps: int, device: str, precision: str) -> list[float]:
     """The same model, objective and optimiser as the loop's, on random views already on the device."""
     from sonocl.methods import get_method
-    from sonocl.train.loop import AUTOCAST_DTYPES, build_model
-    from sonocl.train.objectives import BatchTensors, StepContext
+    from sonocl.methods.objectives import BatchTensors, StepContext
+    from sonocl.train.model import AUTOCAST_DTYPES, build_model
 
     cfg = _config("", size, batch_size, 1, 0, device, precision)
     target = torch.device(device)

@@ -3,7 +3,7 @@
 Per seed: a ResNet-18 (1-channel stem) in train mode, random views and meta views, one SGD step taken first so
 the optimizer has momentum buffers; on the same state the meta step runs without autocast (fp32), then under bf16
 autocast with the real forward inside it, as the training loop calls it: ``raw`` is the step computed in bf16
-(`sonocl.train.meta._meta_gradient` on the bf16 forward, what `cmw_meta_gradient` did before issue 10), ``shipped``
+(`sonocl.methods.meta_step._meta_gradient` on the bf16 forward, what `cmw_meta_gradient` did before issue 10), ``shipped``
 is `cmw_meta_gradient` itself (float32 inside autocast). Prints the cosine similarity and relative L2 error of the
 flattened CMW-Net gradient against fp32, and the meta losses. CPU autocast (no GPU needed); seconds per seed.
 
@@ -17,8 +17,8 @@ import argparse
 import torch
 
 from sonocl.losses import GroupInfoNCE
+from sonocl.methods import meta_step
 from sonocl.models import CMWNet, ContrastiveModel, build_backbone
-from sonocl.train import meta
 
 
 def _hypergradient(model, cmw, optimizer, views, dtype: torch.dtype | None, raw: bool) -> tuple[torch.Tensor, float]:
@@ -29,12 +29,12 @@ def _hypergradient(model, cmw, optimizer, views, dtype: torch.dtype | None, raw:
         h2, z2 = model(views[1])
         if raw:
             params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-            result = meta._meta_gradient(
+            result = meta_step._meta_gradient(
                 model, params, cmw, loss, (views[0], views[1]), (h1, h2), (z1, z2), group, torch.ones(batch),
                 (views[2], views[3]), optimizer, None, group, None,
             )  # fmt: skip
         else:
-            result = meta.cmw_meta_gradient(
+            result = meta_step.cmw_meta_gradient(
                 model, cmw, loss, views[0], views[1], h1, h2, z1, z2, group, torch.ones(batch), views[2], views[3],
                 optimizer, meta_positive_group=group,
             )  # fmt: skip

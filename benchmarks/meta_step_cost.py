@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from sonocl.methods import get_method
+from sonocl.methods.objectives import BatchTensors, StepContext
 from sonocl.models import ContrastiveModel, build_backbone
 from sonocl.runtime import keep_freed_memory
 from sonocl.train.config import merge, preset
-from sonocl.train.loop import AUTOCAST_DTYPES
-from sonocl.train.objectives import BatchTensors, StepContext
+from sonocl.train.model import AUTOCAST_DTYPES
 
 
 def _setup(
@@ -99,17 +99,17 @@ PHASES = {
     "_meta_loss_gradient": "meta batch: forward and backward at θ'",
     "_cmw_hypergradient": "hypergradient: forward-mode JVP of the training views, then ∂/∂α",
 }
-"""The parts of the meta step `--phases` times (functions of `sonocl.train.meta`); the rest of a Meta-USCL step is
-the real forward, backward and SGD step, which a USCL step also has."""
+"""The parts of the meta step `--phases` times (functions of `sonocl.methods.meta_step`); the rest of a Meta-USCL
+step is the real forward, backward and SGD step, which a USCL step also has."""
 
 
 @contextlib.contextmanager
 def phase_timers(device: torch.device) -> Iterator[dict[str, list[float]]]:
     """Time each call of the `PHASES` functions (device-synchronised) while the block runs."""
-    from sonocl.train import meta
+    from sonocl.methods import meta_step
 
     times: dict[str, list[float]] = {name: [] for name in PHASES}
-    originals = {name: getattr(meta, name) for name in PHASES}
+    originals = {name: getattr(meta_step, name) for name in PHASES}
 
     def timed(name: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -123,12 +123,12 @@ def phase_timers(device: torch.device) -> Iterator[dict[str, list[float]]]:
         return call
 
     for name in PHASES:
-        setattr(meta, name, timed(name))
+        setattr(meta_step, name, timed(name))
     try:
         yield times
     finally:
         for name, original in originals.items():
-            setattr(meta, name, original)
+            setattr(meta_step, name, original)
 
 
 def measure(

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from naive_pipeline import dump_jpeg_folders, naive_loader  # noqa: E402
 from sonocl.augment import AugmentConfig, BatchAugment, make_views  # noqa: E402
 from sonocl.data.store import FrameStore  # noqa: E402
+from sonocl.methods import get_method  # noqa: E402
 from sonocl.runtime import keep_freed_memory  # noqa: E402
 from sonocl.train.config import merge, preset  # noqa: E402
 from sonocl.train.replay import training_sampler  # noqa: E402
@@ -95,7 +96,7 @@ def run(store_path: str | None, rounds: int, sizes: list[int], threads: int, dev
         store, source = _open_store(store_path, scratch)
         videos = np.array([v for v in range(store.num_videos) if store.videos[v].num_frames >= 3])
         jpeg_root = dump_jpeg_folders(store, videos, scratch / "jpeg")
-        sampler = training_sampler(merge(preset("uscl"), {"seed": 0}), store, videos, BATCH)
+        sampler = training_sampler(get_method("uscl"), merge(preset("uscl"), {"seed": 0}), store, videos, BATCH)
         start = time.perf_counter()
         batches = [b for epoch in range(max(1, 4000 // len(sampler))) for b in sampler.batches(epoch)]
         sampler_rate = len(batches) * BATCH / (time.perf_counter() - start)

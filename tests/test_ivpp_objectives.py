@@ -18,9 +18,9 @@ from conftest import make_objective, make_sampler, method_config, tiny_pretrain,
 from sonocl.cli import main
 from sonocl.losses import BarlowTwinsLoss, VICRegLoss
 from sonocl.methods import get_method
+from sonocl.methods.objectives import BatchTensors, GroupContrastive, StepContext
 from sonocl.models import ContrastiveModel
 from sonocl.train import distributed as ddp
-from sonocl.train.objectives import BatchTensors, GroupContrastive, StepContext
 
 N, D = 7, 5
 

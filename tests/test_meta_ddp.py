@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from sonocl.losses import GroupInfoNCE
+from sonocl.methods import meta_step
 from sonocl.models import CMWNet, ContrastiveModel
 from sonocl.train import distributed as ddp
-from sonocl.train import meta
 from test_train import IDENTITY_AUGMENT, _env, _step_rows
 
 B, IN, FEAT, WORLD = 8, 12, 6, 2
@@ -61,12 +61,12 @@ def _setup(case: dict, seed: int):
     return model, cmw, optimizer, data
 
 
-def _meta_step(case: dict, seed: int, rows: slice, gather) -> meta.MetaGradient:
+def _meta_step(case: dict, seed: int, rows: slice, gather) -> meta_step.MetaGradient:
     model, cmw, optimizer, data = _setup(case, seed)
     part = {k: None if v is None else v[rows] for k, v in data.items()}
     h1, z1 = model(part["v1"])
     h2, z2 = model(part["v2"])
-    return meta.cmw_meta_gradient(
+    return meta_step.cmw_meta_gradient(
         model, cmw, GroupInfoNCE(0.5), part["v1"], part["v2"], h1, h2, z1, z2, part["group"], part["prior"],
         part["m1"], part["m2"], optimizer, case["inner_lr"], meta_positive_group=part["meta_group"], gather=gather,
     )  # fmt: skip

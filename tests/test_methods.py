@@ -188,7 +188,7 @@ def test_a_new_method_is_one_module(tmp_path: Path, monkeypatch, store) -> None:
     assert np.all(batch_of_pairs.frames[:, 1] - batch_of_pairs.frames[:, 0] <= 1)
     objective = method.objective(cfg, model, sampler)
     views = torch.randn(4, 16), torch.randn(4, 16)
-    from sonocl.train.objectives import BatchTensors, StepContext
+    from sonocl.methods.objectives import BatchTensors, StepContext
 
     batch = BatchTensors(torch.arange(4), torch.ones(4), torch.full((4,), -1))
     loss, parts = objective(model, *views, batch, StepContext(0, torch.optim.SGD(model.parameters(), lr=0.1), 0.1))

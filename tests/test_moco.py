@@ -19,9 +19,9 @@ from torch import nn
 from conftest import make_objective, tiny_pretrain, tiny_sets
 from sonocl.cli import main
 from sonocl.methods.moco import shuffle_generator, shuffle_groups
+from sonocl.methods.objectives import BatchTensors, StepContext
 from sonocl.models import ContrastiveModel
 from sonocl.train import distributed as ddp
-from sonocl.train.objectives import BatchTensors, StepContext
 
 IN, FEAT, DIM, TAU = 12, 6, 4, 0.2
 

@@ -16,6 +16,7 @@ from sonocl.models import (
     encoder_metadata,
     imagenet_weights_path,
     init_backbone,
+    locate_encoder,
     save_encoder,
 )
 
@@ -101,3 +102,19 @@ def test_weights_that_do_not_fit_are_refused(tmp_path) -> None:
 def test_cmw_net_gives_one_weight_per_pair_in_unit_interval() -> None:
     weights = CMWNet(feature_dim=8)(torch.randn(5, 8), torch.randn(5, 8))
     assert weights.shape == (5,) and bool(((weights > 0) & (weights < 1)).all())
+
+
+@pytest.mark.parametrize(("export", "chosen"), [("best", "best.pt"), ("last", "last.pt")])
+def test_a_run_without_its_encoder_file_gives_the_checkpoint_its_export_setting_names(tmp_path, export, chosen) -> None:
+    """One rule picks the exported checkpoint (`exported_checkpoint`): the loop's, `sonocl export`'s and here."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    for name in ("best.pt", "last.pt"):
+        (checkpoints / name).write_bytes(b"")
+    (tmp_path / "config.yaml").write_text(f"method: uscl\nexport: {export}\n")
+    assert locate_encoder(tmp_path) == checkpoints / chosen
+    (checkpoints / "best.pt").unlink()
+    assert locate_encoder(tmp_path) == checkpoints / "last.pt"
+    (tmp_path / "config.yaml").write_text("export: [\n")
+    with pytest.raises(WeightsError, match=r"config\.yaml: cannot read the run's configuration"):
+        locate_encoder(tmp_path)

@@ -1,4 +1,4 @@
-"""Per-method objectives (sonocl.train.objectives) against hand-written references, and exact state round trips."""
+"""Per-method objectives (sonocl.methods.objectives) against hand-written references, and exact state round trips."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from torch import nn
 
 from conftest import make_objective
 from sonocl.losses import GroupInfoNCE, semi_supervised_ce
+from sonocl.methods.objectives import BatchTensors, StepContext
 from sonocl.models import ContrastiveModel
-from sonocl.train.objectives import BatchTensors, StepContext
 
 B, IN, FEAT, DIM = 6, 12, 6, 4
 

@@ -20,8 +20,9 @@ import torch
 import torchvision
 
 from conftest import tiny_pretrain, tiny_sets
+from sonocl.methods.config import PretrainConfig
 from sonocl.train.cli import add_arguments, resolve_config
-from sonocl.train.config import ConfigError, PretrainConfig, merge, parse_assignment, preset
+from sonocl.train.config import ConfigError, merge, parse_assignment, preset
 from sonocl.train.schedules import lr_schedule, momentum_schedule
 
 TINY = tiny_pretrain(*tiny_sets())
@@ -293,7 +294,7 @@ def test_uscl_outputs_checkpoint_and_encoder_export(uscl_run: Path) -> None:
 
 
 def test_nonfinite_loss_stops_with_step_and_parts(phantom_store, tmp_path: Path, monkeypatch) -> None:
-    from sonocl.train import objectives
+    from sonocl.methods import objectives
     from sonocl.train.loop import NonFiniteLossError, pretrain
 
     original = objectives.GroupContrastive.forward

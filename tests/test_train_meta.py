@@ -1,4 +1,4 @@
-"""Meta-USCL's bilevel meta step (sonocl.train.meta) against a slow hand-unrolled create-graph version."""
+"""Meta-USCL's bilevel meta step (sonocl.methods.meta_step) against a slow hand-unrolled create-graph version."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from torch import nn
 
 from conftest import make_objective
 from sonocl.losses import GroupInfoNCE
+from sonocl.methods import meta_step
+from sonocl.methods.objectives import BatchTensors, StepContext
 from sonocl.models import CMWNet, ContrastiveModel, build_backbone
-from sonocl.train import meta
-from sonocl.train.objectives import BatchTensors, StepContext
 
 B, IN, FEAT = 6, 12, 6
 
@@ -92,7 +92,7 @@ def _reference_cmw_grad(model, optimizer, cmw, loss, data, inner_lr, running=Non
 def _meta_grad(model, optimizer, cmw, loss, data, inner_lr):
     h1, z1 = model(data["v1"])
     h2, z2 = model(data["v2"])
-    return meta.cmw_meta_gradient(
+    return meta_step.cmw_meta_gradient(
         model,
         cmw,
         loss,
@@ -162,7 +162,7 @@ def _context(step: int, optimizer, data, calls: list[int] | None = None) -> Step
     return StepContext(step=step, optimizer=optimizer, lr=optimizer.param_groups[0]["lr"], meta_views=meta_views)
 
 
-def _objective(model: nn.Module, **options) -> meta.nn.Module:
+def _objective(model: nn.Module, **options) -> nn.Module:
     objective = make_objective("meta-uscl", model, cmw_lr=1e-2, **options)
     return objective.double()
 
@@ -291,17 +291,17 @@ def test_meta_step_under_bf16_autocast_runs_in_float32() -> None:
     views = [torch.randn(8, 1, 8, 8) for _ in range(4)]
     group, prior = torch.tensor([0, 1, 2, 2, 3, 4, 5, 6]), torch.rand(8) + 0.5
 
-    def meta_step(autocast: bool) -> meta.MetaGradient:
+    def step(autocast: bool) -> meta_step.MetaGradient:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             h1, z1 = model(views[0])
             h2, z2 = model(views[1])
             assert (z1.dtype == torch.bfloat16) == autocast
-            return meta.cmw_meta_gradient(
+            return meta_step.cmw_meta_gradient(
                 model, cmw, GroupInfoNCE(0.5), views[0], views[1], h1, h2, z1, z2, group, prior, views[2],
                 views[3], optimizer, meta_positive_group=torch.arange(8),
             )  # fmt: skip
 
-    fp32, bf16 = meta_step(False), meta_step(True)
+    fp32, bf16 = step(False), step(True)
     assert fp32.meta_loss.dtype == bf16.meta_loss.dtype == torch.float32
     torch.testing.assert_close(bf16.meta_loss, fp32.meta_loss, rtol=1e-6, atol=1e-7)
     for got, want in zip(bf16.cmw_grads, fp32.cmw_grads):
@@ -329,7 +329,7 @@ def test_lean_batch_norm_jvp_equals_torch_forward_mode() -> None:
     """The meta step's batch-norm forward-mode rule gives torch's own JVP (4-D activations, affine and not)."""
     from torch.func import jvp
 
-    from sonocl.train.meta import _BatchStatisticsNormJvp
+    from sonocl.methods.meta_step import _BatchStatisticsNormJvp
 
     torch.manual_seed(0)
     x, x_t = torch.randn(6, 3, 5, 4, dtype=torch.float64), torch.randn(6, 3, 5, 4, dtype=torch.float64)

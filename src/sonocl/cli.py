@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from sonocl import __version__
+from sonocl._version import __version__
 from sonocl.errors import UserError
 from sonocl.runtime import keep_freed_memory
 

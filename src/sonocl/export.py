@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sonocl import __version__
+from sonocl._version import __version__
 from sonocl.errors import UserError
 from sonocl.options import load_yaml_text
 from sonocl.outputs import BUNDLE, add_overwrite_argument, claim

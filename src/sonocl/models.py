@@ -26,6 +26,7 @@ from torch import nn
 
 from sonocl.data.store import atomic_write
 from sonocl.errors import UserError
+from sonocl.options import load_yaml_text
 
 ARCHITECTURES: dict[str, tuple[Any, int, Any]] = {
     "resnet18": (torchvision.models.resnet18, 512, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
@@ -320,15 +321,42 @@ def encoder_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return metadata
 
 
+def exported_checkpoint(run: Path, export: str) -> Path | None:
+    """The checkpoint a run's encoder is taken from, the one rule the loop, ``sonocl export`` and `locate_encoder`
+    follow: ``best.pt`` when ``export`` is ``best`` and the run wrote one, else ``last.pt``; None without either."""
+    checkpoints = run / "checkpoints"
+    names = ("best.pt", "last.pt") if export == "best" else ("last.pt",)
+    return next((checkpoints / name for name in names if (checkpoints / name).is_file()), None)
+
+
+def run_export_setting(run: Path) -> str:
+    """The run's ``export`` setting (``best`` or ``last``) from its ``config.yaml``; ``best``, the default, without
+    one. A file that cannot be read is a `WeightsError` naming it."""
+    path = run / "config.yaml"
+    if not path.is_file():
+        return "best"
+    try:
+        config = load_yaml_text(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError, UserError) as error:
+        raise WeightsError(f"{path}: cannot read the run's configuration ({error})") from None
+    export = config.get("export", "best") if isinstance(config, dict) else None
+    if export not in ("best", "last"):
+        raise WeightsError(f"{path}: export {export!r} is not best or last")
+    return export
+
+
 def locate_encoder(path: Path) -> Path:
-    """The weights file of a sonocl encoder: ``path`` itself, or a run directory's encoder file or checkpoint."""
+    """The weights file of a sonocl encoder: ``path`` itself, or a run directory's encoder file, else the checkpoint
+    its encoder is exported from (`exported_checkpoint`)."""
     if path.is_dir():
-        for candidate in (path / ENCODER_FILE, path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt"):
-            if candidate.exists():
-                return candidate
-        raise WeightsError(
-            f"{path}: no {ENCODER_FILE} or checkpoints/{{best,last}}.pt; is this a sonocl run directory?"
-        )
+        if (path / ENCODER_FILE).exists():
+            return path / ENCODER_FILE
+        checkpoint = exported_checkpoint(path, run_export_setting(path))
+        if checkpoint is None:
+            raise WeightsError(
+                f"{path}: no {ENCODER_FILE} or checkpoints/{{best,last}}.pt; is this a sonocl run directory?"
+            )
+        return checkpoint
     if not path.exists():
         raise WeightsError(f"{path}: no such file or directory")
     return path

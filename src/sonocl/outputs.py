@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sonocl import __version__
+from sonocl._version import __version__
 from sonocl.data.store import LOCK_FILE, WriteFailedError, atomic_write_text
 from sonocl.errors import UserError
 

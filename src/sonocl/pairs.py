@@ -22,7 +22,9 @@ from typing import ClassVar
 import numpy as np
 
 from sonocl.data.store import FrameStore
-from sonocl.methods.base import ITEM_KINDS
+
+ITEM_KINDS = ("videos", "frames")
+"""What one sampler item is: a video (its frames drawn inside) or a frame."""
 
 LABEL_DRAW_KEY = 0x5E1
 """Separates a run's one-off label draws (USCL label rate, AWCL anatomy ratio) from the per-epoch streams."""
@@ -138,6 +140,8 @@ class PairSampler:
         """Video indices whose labels the pairs carry (USCL's label rate, AWCL's anatomy): for the provenance."""
         self.label_columns: list[str] = []
         """The store columns those labels come from."""
+        self.class_names: list[str] = []
+        """The classes of the labels the pairs carry, by code (a classifier head has one output per class)."""
         if len(self) == 0:
             raise ValueError(
                 f"{len(self._item_video)} items ({items}) do not fill one global batch of "

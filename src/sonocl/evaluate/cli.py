@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sonocl import __version__
+from sonocl._version import __version__
 from sonocl.data.store import atomic_write_text
 from sonocl.errors import ConfigError
 from sonocl.evaluate.metrics import METRIC_COLUMNS, percent

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 
 from sonocl.errors import ConfigError
-from sonocl.methods.base import Method, Options, option
+from sonocl.methods.base import Method
+from sonocl.methods.config import Options, option
 
 _MODULES = ("simclr", "uscl", "meta_uscl", "awcl", "ivpp", "moco", "byol")
 """The method modules, in the order of ``sonocl pretrain --help`` (the one list to extend)."""

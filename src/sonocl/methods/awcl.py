@@ -15,18 +15,21 @@ import numpy as np
 from torch import nn
 
 from sonocl.data.store import FrameStore
-from sonocl.methods.base import Method, Options, fraction_problem, option
-from sonocl.pairs import LABEL_DRAW_KEY, PairSampler, simclr_mix
-from sonocl.train.config import (
+from sonocl.methods.base import Method
+from sonocl.methods.config import (
     IMAGENET_GREY_MEAN,
     IMAGENET_GREY_STD,
     AugmentConfig,
     ModelConfig,
     OptimConfig,
+    Options,
     PretrainConfig,
     ScheduleConfig,
+    fraction_problem,
+    option,
 )
-from sonocl.train.objectives import GroupContrastive, Objective
+from sonocl.methods.objectives import GroupContrastive, Objective
+from sonocl.pairs import LABEL_DRAW_KEY, PairSampler, simclr_mix
 
 LEVELS = ("fine", "coarse")
 

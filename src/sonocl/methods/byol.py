@@ -15,14 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from sonocl.losses import byol_loss
-from sonocl.methods.base import Method, Options
+from sonocl.methods.base import Method
+from sonocl.methods.config import ModelConfig, OptimConfig, Options, PretrainConfig, ScheduleConfig
 from sonocl.methods.moco import key_momentum
+from sonocl.methods.objectives import BatchTensors, MomentumEncoder, Objective, StepContext
 from sonocl.methods.simclr import SIMCLR_AUGMENT
 from sonocl.methods.simclr import sampler as instance_sampler
 from sonocl.pairs import PairSampler
-from sonocl.train import meta
-from sonocl.train.config import ModelConfig, OptimConfig, PretrainConfig, ScheduleConfig
-from sonocl.train.objectives import BatchTensors, MomentumEncoder, Objective, StepContext
 
 
 class BYOL(Objective):
@@ -30,15 +29,15 @@ class BYOL(Objective):
 
     def __init__(self, model: nn.Module, momentum: float, temperature: float) -> None:
         super().__init__(temperature)
-        if meta.unwrap_model(model).predictor is None:
+        if model.predictor is None:
             raise ValueError("byol needs a predictor head: build the ContrastiveModel with predictor_hidden > 0")
         self.momentum = momentum
-        self.target = MomentumEncoder(meta.unwrap_model(model))
+        self.target = MomentumEncoder(model)
 
     def forward(  # type: ignore[override]
         self, model: nn.Module, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
     ) -> tuple[Tensor, dict[str, float]]:
-        predictor = meta.unwrap_model(model).predictor
+        predictor = model.predictor
         _, z1 = model(view1)
         _, z2 = model(view2)
         self.target.train(model.training)
@@ -48,7 +47,7 @@ class BYOL(Objective):
         return loss, {"byol": float(loss.detach())}
 
     def after_step(self, model: nn.Module, momentum: float | None = None) -> None:
-        self.target.update(meta.unwrap_model(model), self.momentum if momentum is None else momentum)
+        self.target.update(model, self.momentum if momentum is None else momentum)
 
 
 def preset() -> PretrainConfig:

@@ -21,11 +21,19 @@ from torch import Tensor, nn
 from sonocl.data.store import FrameStore
 from sonocl.errors import ConfigError
 from sonocl.losses import BarlowTwinsLoss, VICRegLoss
-from sonocl.methods.base import Method, Options, option
+from sonocl.methods.base import Method
+from sonocl.methods.config import (
+    IMAGENET_GREY_MEAN,
+    IMAGENET_GREY_STD,
+    AugmentConfig,
+    Options,
+    PretrainConfig,
+    option,
+    replace,
+)
+from sonocl.methods.objectives import BatchTensors, GroupContrastive, Objective, StepContext
 from sonocl.methods.simclr import preset as simclr_preset
 from sonocl.pairs import PairSampler
-from sonocl.train.config import IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, AugmentConfig, PretrainConfig, replace
-from sonocl.train.objectives import BatchTensors, GroupContrastive, Objective, StepContext
 
 OBJECTIVE_DEFAULTS: dict[str, tuple[float, str]] = {
     "simclr": (1.5, "distance"),

@@ -18,12 +18,20 @@ from torch import Tensor, nn
 
 from sonocl.data.store import FrameStore
 from sonocl.errors import ConfigError
-from sonocl.methods.base import Method, Options, option
+from sonocl.methods import meta_step
+from sonocl.methods.base import Method
+from sonocl.methods.config import (
+    AugmentConfig,
+    ModelConfig,
+    OptimConfig,
+    Options,
+    PretrainConfig,
+    ScheduleConfig,
+    option,
+)
+from sonocl.methods.objectives import BatchTensors, Objective, StepContext
 from sonocl.models import CMWNet
 from sonocl.pairs import META_DRAW_KEY, PairBatch, PairSampler, distinct, simclr_mix
-from sonocl.train import meta
-from sonocl.train.config import AugmentConfig, ModelConfig, OptimConfig, PretrainConfig, ScheduleConfig
-from sonocl.train.objectives import BatchTensors, Objective, StepContext
 
 META_FRAMES = ("first", "random")
 
@@ -140,7 +148,7 @@ class MetaSetSampler:
 class MetaUSCL(Objective):
     """Group-InfoNCE weighted per pair by a meta-learned CMW-Net (§2.5–2.7).
 
-    Every ``meta_every`` steps a bilevel meta step (`sonocl.train.meta`) updates the CMW-Net with Adam against
+    Every ``meta_every`` steps a bilevel meta step (`sonocl.methods.meta_step`) updates the CMW-Net with Adam against
     the unweighted InfoNCE on a meta batch after a virtual SGD step; the returned loss is then the InfoNCE of
     the same forward (reused, one forward of the real batch per step) weighted by the *updated* CMW-Net under
     ``no_grad``. Between meta steps only the weighted loss runs. The CMW-Net input is the detached backbone
@@ -160,9 +168,8 @@ class MetaUSCL(Objective):
         meta_every: int,
     ) -> None:
         super().__init__(temperature)
-        plain = meta.unwrap_model(model)
-        parameter = next(plain.parameters())
-        self.cmw = CMWNet(plain.projector[0].in_features, cmw_hidden).to(device=parameter.device)
+        parameter = next(model.parameters())
+        self.cmw = CMWNet(model.projector[0].in_features, cmw_hidden).to(device=parameter.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             with torch.no_grad():  # every rank must start from the same CMW-Net (its updates are then identical)
                 for p in self.cmw.parameters():
@@ -181,7 +188,7 @@ class MetaUSCL(Objective):
             if context.meta_views is None:
                 raise ValueError("meta-uscl needs StepContext.meta_views (held-out meta batches)")
             meta_view1, meta_view2, meta_group = context.meta_views()
-            result = meta.cmw_meta_gradient(
+            result = meta_step.cmw_meta_gradient(
                 model,
                 self.cmw,
                 self.info_nce,
@@ -200,10 +207,10 @@ class MetaUSCL(Objective):
                 meta_positive_group=meta_group,
                 gather=context.gather,
             )
-            meta.apply_meta_gradient(self.cmw, self.cmw_optimizer, result)
+            meta_step.apply_meta_gradient(self.cmw, self.cmw_optimizer, result)
             parts["meta"] = float(result.meta_loss)
         with torch.no_grad():
-            weight = meta.pair_weight(self.cmw, h1, h2, batch.weight)
+            weight = meta_step.pair_weight(self.cmw, h1, h2, batch.weight)
         loss = self._contrastive(z1, z2, batch, weight, context)
         every = weight if context.gather is None else context.gather(weight)  # the global batch's weights
         parts.update(

@@ -26,13 +26,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sonocl.methods.base import Method, Options, option
+from sonocl.methods.base import Method
+from sonocl.methods.config import ModelConfig, OptimConfig, Options, PretrainConfig, ScheduleConfig, option
+from sonocl.methods.objectives import BatchTensors, MomentumEncoder, Objective, StepContext
 from sonocl.methods.simclr import SIMCLR_AUGMENT
 from sonocl.methods.simclr import sampler as instance_sampler
 from sonocl.pairs import PairSampler
-from sonocl.train import meta
-from sonocl.train.config import ModelConfig, OptimConfig, PretrainConfig, ScheduleConfig
-from sonocl.train.objectives import BatchTensors, MomentumEncoder, Objective, StepContext
 
 LOSSES = ("v2", "symmetric")
 
@@ -145,9 +144,9 @@ class MoCo(Objective):
         self.shuffle_bn_groups = shuffle_bn_groups
         """Sub-batches per process (None: automatic, `shuffle_groups`)."""
         self.seed = seed
-        self.key_encoder = MomentumEncoder(meta.unwrap_model(model))
+        self.key_encoder = MomentumEncoder(model)
         device = next(model.parameters()).device
-        dim = meta.unwrap_model(model).projector[-1].out_features
+        dim = model.projector[-1].out_features
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim, device=device), dim=1))
         self.register_buffer("queue_video", torch.full((queue_size,), -1, dtype=torch.long, device=device))
         """The video of each queued key (-1: a random initial key, never of a video)."""
@@ -201,7 +200,7 @@ class MoCo(Objective):
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, momentum: float | None = None) -> None:
-        self.key_encoder.update(meta.unwrap_model(model), self.momentum if momentum is None else momentum)
+        self.key_encoder.update(model, self.momentum if momentum is None else momentum)
         if self._pending is not None:
             self._enqueue(*self._pending)
             self._pending = None

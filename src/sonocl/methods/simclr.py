@@ -13,18 +13,19 @@ import numpy as np
 from torch import nn
 
 from sonocl.data.store import FrameStore
-from sonocl.methods.base import Method, Options
-from sonocl.pairs import InstanceSampler, PairSampler
-from sonocl.train.config import (
+from sonocl.methods.base import Method
+from sonocl.methods.config import (
     IMAGENET_GREY_MEAN,
     IMAGENET_GREY_STD,
     AugmentConfig,
     ModelConfig,
     OptimConfig,
+    Options,
     PretrainConfig,
     ScheduleConfig,
 )
-from sonocl.train.objectives import GroupContrastive, Objective
+from sonocl.methods.objectives import GroupContrastive, Objective
+from sonocl.pairs import InstanceSampler, PairSampler
 
 SIMCLR_AUGMENT = AugmentConfig(
     crop_scale=(0.08, 1.0),

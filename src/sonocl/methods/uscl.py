@@ -16,10 +16,19 @@ import numpy as np
 from torch import nn
 
 from sonocl.data.store import FrameStore
-from sonocl.methods.base import Method, Options, fraction_problem, option
+from sonocl.methods.base import Method
+from sonocl.methods.config import (
+    AugmentConfig,
+    ModelConfig,
+    OptimConfig,
+    Options,
+    PretrainConfig,
+    ScheduleConfig,
+    fraction_problem,
+    option,
+)
+from sonocl.methods.objectives import GroupContrastive, Objective
 from sonocl.pairs import LABEL_DRAW_KEY, PairSampler, distinct
-from sonocl.train.config import AugmentConfig, ModelConfig, OptimConfig, PretrainConfig, ScheduleConfig
-from sonocl.train.objectives import GroupContrastive, Objective
 
 
 @dataclass

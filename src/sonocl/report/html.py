@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from sonocl import __version__
+from sonocl._version import __version__
 from sonocl.errors import UserError
 from sonocl.evaluate.metrics import METRIC_COLUMNS, percent
 from sonocl.options import integer

@@ -1,4 +1,5 @@
-"""Checkpoints: a dict of every stateful object, written atomically, read with ``weights_only=True``.
+"""Checkpoints and the randomness they carry: one typed record (`Checkpoint`) of every stateful object, written
+atomically, read with ``weights_only=True``; the run's seeds (`reproducible`) and RNG states.
 
 So a checkpoint holds only tensors, dicts, lists, numbers, strings and None: RNG states are converted
 (Python's tuple state to a list, NumPy's array to a tensor) and restored from that form.
@@ -6,9 +7,13 @@ So a checkpoint holds only tensors, dicts, lists, numbers, strings and None: RNG
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import random
 import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +24,71 @@ from sonocl.data.store import atomic_write, write_failed
 from sonocl.errors import UserError
 from sonocl.models import safe_torch_load
 
+CHECKPOINT_FORMAT = 3
+STATEFUL = ("model", "objective", "optimizer", "scaler")
+"""The objects a checkpoint saves and restores by name (their ``state_dict``)."""
+
 
 class CheckpointError(UserError):
-    """A checkpoint that is missing or cannot be read safely; the message names the file."""
+    """A checkpoint that is missing, cannot be read safely or is not this sonocl's; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    """A training checkpoint (``RUN/checkpoints/{last,best}.pt``): what ``--resume`` restores and what
+    ``sonocl export`` reads. On disk it is one flat dict (`to_state`): ``format``, the fields, and each `STATEFUL`
+    object's state under its name."""
+
+    config: dict[str, Any]
+    """The run's resolved configuration (`PretrainConfig.to_dict`)."""
+    states: dict[str, Any]
+    """The ``state_dict`` of each `STATEFUL` object, by name."""
+    epoch: int
+    """Position: the epoch in progress (0-based) and the steps of it already done."""
+    step_in_epoch: int
+    best_val_loss: float | None
+    elapsed_seconds: float
+    """Wall time of the run so far, resumed parts included."""
+    training_seconds: float
+    """The part of it inside the optimiser steps."""
+    global_step: int
+    steps_per_epoch: int
+    world_size: int
+    metrics: dict[str, float]
+    """The last epoch's monitors."""
+    rng: dict[str, Any]
+    """`rng_state` with the run's augmentation generator."""
+    encoder_metadata: dict[str, Any]
+    """What the exported encoder records (arch, channels, size, mean, std, method)."""
+
+    def to_state(self) -> dict[str, Any]:
+        """The dict ``torch.save`` writes."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "states"}
+        return {"format": CHECKPOINT_FORMAT, **fields, **self.states}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], path: Path) -> Checkpoint:
+        """The record of a loaded checkpoint; another format, a missing or an unexpected key is a `CheckpointError`
+        naming ``path`` and the keys."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{path}: checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}; it was written by "
+                "another sonocl version"
+            )
+        names = {f.name for f in dataclasses.fields(cls)} - {"states"}
+        expected = {"format", *names, *STATEFUL}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path}: checkpoint keys do not match this sonocl (missing: {missing or 'none'}; "
+                f"unexpected: {unexpected or 'none'})"
+            )
+        return cls(states={name: state[name] for name in STATEFUL}, **{name: state[name] for name in names})
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        """`load_checkpoint` and `from_state`."""
+        return cls.from_state(load_checkpoint(path), Path(path))
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -91,3 +158,30 @@ def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] 
     for name, generator in (generators or {}).items():
         if name in state.get("generators", {}):
             generator.set_state(state["generators"][name])
+
+
+@contextlib.contextmanager
+def reproducible(seed: int, deterministic: bool, threads: int | None) -> Iterator[None]:
+    """Python's, NumPy's and torch's seeds; with ``deterministic``, deterministic algorithms and one thread unless
+    ``threads`` says otherwise (both restored afterwards); on CUDA otherwise, cuDNN autotuning and TF32."""
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    previous_threads = torch.get_num_threads()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    threads = threads if threads is not None else (1 if deterministic else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous_deterministic)
+        torch.set_num_threads(previous_threads)

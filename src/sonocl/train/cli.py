@@ -15,18 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from sonocl.methods import method_names, registry
+from sonocl.methods.config import BACKBONES, PRECISIONS, PretrainConfig
 from sonocl.outputs import add_overwrite_argument
-from sonocl.train.config import (
-    BACKBONES,
-    PRECISIONS,
-    ConfigError,
-    PretrainConfig,
-    load_run_config,
-    load_yaml,
-    merge,
-    parse_assignment,
-    preset,
-)
+from sonocl.train.config import ConfigError, load_run_config, load_yaml, merge, parse_assignment, preset
 
 # flag destination → configuration key (dotted), for the settings every method has; each method's own options
 # (``sonocl/methods/``) become flags of their own in `_method_flags`.

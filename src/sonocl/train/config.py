@@ -1,272 +1,24 @@
-"""Typed pretraining configuration, the per-method presets, YAML in and out.
+"""A run's configuration built from the method's preset, YAML and the command line, and resolved to its method.
 
-A run's configuration is resolved in this order, later wins: the method's preset (``sonocl/methods/``, the
-original paper or reference code defaults, ``docs/methods.md``) → ``--config YAML`` → the command-line overrides
-→ ``--set key=value``. The resolved configuration is written to ``RUN/config.yaml`` and into every checkpoint.
-
-One type per concept, each checking itself when built: a bad value (``augment.flip_p=2``) is a `ConfigError`
-naming its key when the configuration is loaded, before anything is built. ``options`` is the method's own
-options dataclass (`sonocl.methods.base.Options` and its subclasses).
+The order, later wins: the method's preset (``sonocl/methods/``, the original paper or reference code defaults,
+``docs/methods.md``) → ``--config YAML`` → the command-line overrides → ``--set key=value``. The resolved
+configuration (`sonocl.methods.config.PretrainConfig`) is written to ``RUN/config.yaml`` and into every checkpoint.
+A bad value is a `ConfigError` naming its key when the configuration is loaded, before anything is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sonocl.augment import AugmentConfig
 from sonocl.data.store import atomic_write_text
 from sonocl.errors import ConfigError
-from sonocl.methods import Options, get_method, method_names
-from sonocl.options import MIN_IMAGE_SIDE, load_yaml_text, number_rule
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCALINGS = ("none", "linear", "sqrt")
-BACKBONES = ("resnet18", "resnet34", "resnet50")
-IMAGENET_GREY_MEAN, IMAGENET_GREY_STD = 0.449, 0.226
-"""ImageNet statistics averaged over the colour channels (AWCL normalises grey-as-RGB with ImageNet's)."""
-
-
-@dataclass
-class ModelConfig:
-    backbone: str = "resnet18"
-    channels: int = 1
-    """1: a greyscale stem (a third of the stem's work); 3: grey copied to three channels."""
-    init: str = "random"
-    """``random``, ``imagenet`` or the path of a sonocl run, checkpoint or encoder file."""
-    projection_hidden: int = 512
-    projection_dim: int = 128
-    projection_batch_norm: bool = False
-    predictor_hidden: int = 0
-    """BYOL's predictor MLP width (0: none)."""
-    classifier: bool = False
-    """USCL's semi-supervised classifier on z (one output per class of the store's label column)."""
-    sync_bn: bool = False
-    """Synchronise BatchNorm statistics across ranks (DDP on CUDA only: torch's SyncBatchNorm needs a GPU)."""
-    freeze_bn: bool = False
-    """Keep every BatchNorm in eval mode (running statistics, not updated) while training."""
-    channels_last: bool | None = None
-    """None: on CUDA only."""
-    compile: bool = False
-    """``torch.compile`` the backbone (in place, so checkpoint keys do not change)."""
-
-    def __post_init__(self) -> None:
-        _raise_problems(
-            [
-                *_choice("backbone", self.backbone, BACKBONES),
-                *_choice("channels", self.channels, (1, 3)),
-                *(
-                    []
-                    if self.projection_hidden >= 1 and self.projection_dim >= 1
-                    else [
-                        f"projection_hidden and projection_dim must be ≥ 1 (got {self.projection_hidden}, {self.projection_dim})"
-                    ]
-                ),
-            ]
-        )
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adam"
-    """``adam``, ``adamw`` or ``sgd``."""
-    lr: float = 3e-4
-    lr_scaling: str = "none"
-    """``none``: ``lr`` is the learning rate; ``linear``: it is ``lr × global batch / 256`` (SimCLR, MoCo, BYOL)."""
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: float | None = None
-    """Clip the global gradient norm to this value (None: no clipping)."""
-
-    def __post_init__(self) -> None:
-        _raise_problems(
-            [
-                *_choice("name", self.name, OPTIMIZERS),
-                *_choice("lr_scaling", self.lr_scaling, LR_SCALINGS),
-                *_number("lr", self.lr, "--lr", above=0),
-                *_number("weight_decay", self.weight_decay, at_least=0),
-                *_number("momentum", self.momentum, at_least=0, below=1),
-                *[problem for beta in self.betas for problem in _number("betas", beta, at_least=0, below=1)][:1],
-                *([] if self.clip_grad is None else _number("clip_grad", self.clip_grad, "--clip-grad", above=0)),
-            ]
-        )
-
-
-@dataclass
-class ScheduleConfig:
-    """Per-step learning-rate schedule: a warm-up, then a decay, over the run's progress (`sonocl.train.schedules`)."""
-
-    warmup_fraction: float = 0.0
-    """Share of the run spent warming up: the paper's warm-up epochs over its epochs (USCL 10 / 300)."""
-    warmup: str = "linear"
-    """``linear`` (0 → lr), ``constant`` (USCL: lr, quirk 11) or ``exponential`` (Meta-USCL: 0.1 + 0.9·exp(−5(1−e/W)²))."""
-    decay: str = "cosine"
-    """``cosine`` or ``none``."""
-    cosine_span: str = "after_warmup"
-    """``after_warmup``: the cosine spans epochs − warm-up and ends at ``min_lr`` (Meta-USCL, SimCLR); ``total``: its
-    period is all epochs, started after the warm-up, so it stops short of ``min_lr`` (USCL's CosineAnnealingLR(300)
-    stepped from epoch 10)."""
-    min_lr: float = 0.0
-    ema_start: float | None = None
-    """Target-network momentum at step 0 (MoCo, BYOL); None: no momentum schedule."""
-    ema_end: float | None = None
-    """Momentum at the last step (cosine from ``ema_start``); None: constant ``ema_start``."""
-
-    def __post_init__(self) -> None:
-        _raise_problems(
-            [
-                *_choice("warmup", self.warmup, ("linear", "constant", "exponential")),
-                *_choice("decay", self.decay, ("cosine", "none")),
-                *_choice("cosine_span", self.cosine_span, ("after_warmup", "total")),
-                *(
-                    []
-                    if 0 <= self.warmup_fraction < 1
-                    else [f"warmup_fraction must lie in [0, 1), not {self.warmup_fraction}"]
-                ),
-                *[
-                    f"{name} must lie in [0, 1], not {value}"
-                    for name, value in (("ema_start", self.ema_start), ("ema_end", self.ema_end))
-                    if value is not None and not 0 <= value <= 1
-                ],
-                *_number("min_lr", self.min_lr, at_least=0),
-            ]
-        )
-
-
-@dataclass
-class PretrainConfig:
-    method: str = "uscl"
-    store: str = ""
-    epochs: int = 300
-    steps: int | None = None
-    """The budget in optimiser steps of ``batch_size`` pairs each (pairs seen = steps × batch_size); it replaces
-    ``epochs`` when set, so that methods whose epochs differ in length (videos or frames as items) get equal budgets."""
-    batch_size: int = 32
-    """Per-step batch over all ranks (each rank gets batch_size / world_size)."""
-    size: int = 224
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    """``auto``: bf16 on a CUDA device that supports it, else fp32."""
-    deterministic: bool = False
-    threads: int | None = None
-    """CPU threads for torch (None: torch's default; 1 with ``deterministic`` unless set)."""
-    workers: int = 2
-    exclude: list[str] = field(default_factory=list)
-    """Content hashes of videos this run must never see, not even held out (a fold's test videos, ``sonocl study``)."""
-    val_fraction: float = 0.2
-    export: str = "best"
-    """Which checkpoint ``encoder.safetensors`` holds: ``best`` (lowest validation InfoNCE, as USCL's and Meta-USCL's
-    reference code select) or ``last`` (the methods whose papers take the final model: the InfoNCE of held-out pairs
-    says nothing about BYOL, and AWCL's reference keeps every epoch without selecting)."""
-    checkpoint_every_steps: int = 0
-    """Also write ``last.pt`` every N steps (0: only at epoch ends, see ``checkpoint_every_seconds``)."""
-    checkpoint_every_seconds: float = 60.0
-    """Write ``last.pt`` at the end of an epoch once this long has passed since the last one (and after monitors)."""
-    monitor_every: int = 0
-    """Run the validation loss, kNN and collapse monitors every N epochs and after the last (0: automatic, so that
-    they cost about a tenth of the training compute: N = ⌈3 · monitor images / training images per epoch⌉)."""
-    label_column: str = "label"
-    """The store's class column: the kNN monitor's labels and USCL's semi-supervised classes."""
-    knn_k: int = 20
-    knn_frames_per_video: int = 8
-    progress: bool = True
-    model: ModelConfig = field(default_factory=ModelConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    options: Options = field(default_factory=Options)
-    """The method's own options: an instance of ``get_method(method).options``."""
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """The checks across sections (each section checks its own values when built)."""
-        problems = [
-            *_choice("method", self.method, method_names()),
-            *_choice("precision", self.precision, PRECISIONS),
-            *_choice("export", self.export, ("best", "last")),
-        ]
-        if self.batch_size < 2:
-            problems.append(
-                f"batch_size (--batch-size) {self.batch_size}: must be ≥ 2: contrastive learning contrasts each pair "
-                "with the batch's other pairs, so a batch needs at least 2"
-            )
-        problems += [
-            *_number("epochs", self.epochs, "--epochs", at_least=1),
-            *([] if self.steps is None else _number("steps", self.steps, "--steps", at_least=1)),
-            *_number("size", self.size, "--size", at_least=MIN_IMAGE_SIDE),
-            *_number("val_fraction", self.val_fraction, "--val-fraction", at_least=0, below=1),
-            *_number("seed", self.seed, "--seed", at_least=0),
-            *([] if self.threads is None else _number("threads", self.threads, "--threads", at_least=1)),
-            *_number("workers", self.workers, "--workers", at_least=0),
-            *_number("checkpoint_every_steps", self.checkpoint_every_steps, "--checkpoint-every-steps", at_least=0),
-            *_number("checkpoint_every_seconds", self.checkpoint_every_seconds, at_least=0),
-            *_number("monitor_every", self.monitor_every, at_least=0),
-            *_number("knn_k", self.knn_k, at_least=1),
-            *_number("knn_frames_per_video", self.knn_frames_per_video, at_least=1),
-        ]
-        # The sections checked in their own modules (the method's options, augmentation): no NaN or infinity either.
-        problems += [*_non_finite("options", self.options, flags=True), *_non_finite("augment", self.augment)]
-        if not problems and type(self.options) is not get_method(self.method).options:
-            problems.append(
-                f"options are {type(self.options).__name__}, not {self.method}'s "
-                f"{get_method(self.method).options.__name__}"
-            )
-        _raise_problems(problems)
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> list[str]:
-    return [] if value in allowed else [f"{name} {value!r} is not one of {', '.join(map(str, allowed))}"]
-
-
-def _number(key: str, value: Any, flag: str | None = None, **bounds: float) -> list[str]:
-    """``["key (--flag) value: must be …"]`` when ``value`` is not finite or out of ``bounds`` (`number_rule`)."""
-    problem = number_rule(value, **bounds)
-    return [f"{key}{f' ({flag})' if flag else ''} {value!r}: {problem}"] if problem else []
-
-
-def _non_finite(section: str, values: Any, flags: bool = False) -> list[str]:
-    """``section.key (--key) nan: must be finite`` for each float of the dataclass ``values`` that is NaN or infinite."""
-    if not dataclasses.is_dataclass(values):
-        return []
-    problems = []
-    for name, value in dataclasses.asdict(values).items():
-        numbers = value if isinstance(value, (list, tuple)) else [value]
-        if any(isinstance(number, float) and not math.isfinite(number) for number in numbers):
-            flag = f" (--{name.replace('_', '-')})" if flags else ""
-            problems.append(f"{section}.{name}{flag} {value!r}: must be finite")
-    return problems
-
-
-def _raise_problems(problems: list[str]) -> None:
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
+from sonocl.methods import Method, get_method, method_names, registry
+from sonocl.methods.config import Options, PretrainConfig, plain
+from sonocl.options import load_yaml_text
 
 # --------------------------------------------------------------------------------------------- presets
 
@@ -276,9 +28,12 @@ def preset(method: str) -> PretrainConfig:
     return get_method(method).preset()
 
 
-def replace(cfg: PretrainConfig, **changes: Any) -> PretrainConfig:
-    """``cfg`` with ``changes`` (validated, as every configuration is when built)."""
-    return dataclasses.replace(cfg, **changes)
+def resolve(cfg: PretrainConfig) -> Method:
+    """The method ``cfg`` names, checked against its options: what a run resolves once and passes along."""
+    method = get_method(cfg.method)
+    if type(cfg.options) is not method.options:
+        raise ConfigError(f"options are {type(cfg.options).__name__}, not {cfg.method}'s {method.options.__name__}")
+    return method
 
 
 # --------------------------------------------------------------------------------------- dict / YAML
@@ -366,8 +121,6 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def _option_owners(names: list[str]) -> str:
     """`` (max_dist is an option of meta-uscl)`` for option names that other methods have."""
-    from sonocl.methods import registry
-
     owners = {name: [m.name for m in registry().values() if name in m.option_names()] for name in names}
     said = [f"{name} is an option of {', '.join(methods)}" for name, methods in owners.items() if methods]
     return f" ({'; '.join(said)})" if said else ""
@@ -381,8 +134,10 @@ def merge(cfg: PretrainConfig, data: dict[str, Any]) -> PretrainConfig:
     base = cfg.to_dict()
     method = data.get("method", cfg.method)
     if method != cfg.method and method in method_names():
-        base["options"] = _plain(dataclasses.asdict(get_method(method).options()))
-    return _from_dict(PretrainConfig, _deep_update(base, data))
+        base["options"] = plain(dataclasses.asdict(get_method(method).options()))
+    merged = _from_dict(PretrainConfig, _deep_update(base, data))
+    resolve(merged)
+    return merged
 
 
 def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -19,9 +19,10 @@ from sonocl.augment import BatchAugment, make_views
 from sonocl.data.splits import grouped_holdout
 from sonocl.data.store import FrameStore
 from sonocl.errors import ConfigError
-from sonocl.methods import get_method
+from sonocl.methods import Method
+from sonocl.methods.config import PretrainConfig
 from sonocl.pairs import PairBatch, PairSampler
-from sonocl.train.config import PretrainConfig
+from sonocl.train.config import resolve
 
 
 def split_videos(cfg: PretrainConfig, store: FrameStore) -> tuple[np.ndarray, np.ndarray]:
@@ -39,10 +40,16 @@ def split_videos(cfg: PretrainConfig, store: FrameStore) -> tuple[np.ndarray, np
 
 
 def training_sampler(
-    cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1
+    method: Method,
+    cfg: PretrainConfig,
+    store: FrameStore,
+    videos: np.ndarray,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> PairSampler:
     """The method's pair sampler of ``videos`` (per-rank ``batch_size``), as the run builds it."""
-    return get_method(cfg.method).sampler(cfg, store, videos, batch_size, rank, world_size)
+    return method.sampler(cfg, store, videos, batch_size, rank, world_size)
 
 
 def build_augment(cfg: PretrainConfig) -> BatchAugment:
@@ -126,7 +133,8 @@ class RunReplay:
     def __init__(self, cfg: PretrainConfig, store: FrameStore, rank: int = 0, world_size: int = 1) -> None:
         self.cfg, self.store, self.rank = cfg, store, rank
         self.kept, self.held = split_videos(cfg, store)
-        self.sampler = training_sampler(cfg, store, self.kept, cfg.batch_size // world_size, rank, world_size)
+        method = resolve(cfg)
+        self.sampler = training_sampler(method, cfg, store, self.kept, cfg.batch_size // world_size, rank, world_size)
         self.batch_of = StepBatches(self.sampler)
         self.augment = build_augment(cfg)
         self.generator = torch.Generator()

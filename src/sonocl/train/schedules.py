@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from sonocl.train.config import ScheduleConfig
+from sonocl.methods.config import ScheduleConfig
 
 
 def lr_schedule(base_lr: float, total_steps: int, config: ScheduleConfig) -> np.ndarray:

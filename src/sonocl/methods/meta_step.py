@@ -86,11 +86,6 @@ class MetaGradient:
     meta_loss: Tensor
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under ``torch.compile`` (parameters are shared, names lose the ``_orig_mod.`` prefix)."""
-    return getattr(model, "_orig_mod", model)
-
-
 def _check_plain_module(model: nn.Module) -> None:
     """The meta step swaps parameters into the plain module; DDP runs pass ``gather`` instead of a wrapper."""
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -333,7 +328,6 @@ def cmw_meta_gradient(
     with its own float32 forward of the training views (the given ``h, z`` are not used; see the module docstring).
     """
     _check_plain_module(model)
-    model = unwrap_model(model)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     shards = None if gather is None else _Shards(gather, dist.get_rank(), dist.get_world_size())
     device_type = view1.device.type

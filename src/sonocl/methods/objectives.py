@@ -19,7 +19,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sonocl.losses import GroupInfoNCE, semi_supervised_ce
-from sonocl.train import meta
 
 
 @dataclass
@@ -113,7 +112,7 @@ class GroupContrastive(Objective):
         _, z1 = model(view1)
         _, z2 = model(view2)
         contrastive = self._contrastive(z1, z2, batch, batch.weight, context)
-        classifier = meta.unwrap_model(model).classifier
+        classifier = model.classifier
         if not self.semi_weight or classifier is None:
             return contrastive, {"contrastive": float(contrastive.detach())}
         semi = semi_supervised_ce(classifier(z1), classifier(z2), batch.label)

@@ -1,0 +1,104 @@
+"""A pretraining run's model and optimiser: the backbone with its heads on the device, the optimiser at the
+batch-scaled learning rate, the precision, and the encoder exported at the end."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sonocl.errors import ConfigError
+from sonocl.methods.config import PretrainConfig
+from sonocl.train import distributed as ddp
+from sonocl.train.checkpoint import load_checkpoint
+from sonocl.train.data import RunData
+
+
+def build_run_model(cfg: PretrainConfig, data: RunData, context: ddp.DistributedContext, device: torch.device,
+                    memory_format: torch.memory_format) -> nn.Module:  # fmt: skip
+    """The `ContrastiveModel` on the device (a classifier over the sampler's classes when the method has one)."""
+    num_classes = len(data.sampler.class_names) if cfg.model.classifier else 0
+    model = build_model(cfg, num_classes)
+    if cfg.model.sync_bn and context.enabled:
+        if device.type != "cuda":
+            raise ConfigError(
+                "--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); use model.freeze_bn on CPU"
+            )
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=memory_format)
+    if cfg.model.compile:
+        model.backbone.compile()
+    return model
+
+
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""The autocast dtype of each mixed precision (fp32 runs without autocast)."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def encoder_metadata(cfg: PretrainConfig) -> dict[str, Any]:
+    return {
+        "arch": cfg.model.backbone,
+        "channels": cfg.model.channels,
+        "size": cfg.size,
+        "mean": cfg.augment.mean,
+        "std": cfg.augment.std,
+        "method": cfg.method,
+    }
+
+
+def build_model(cfg: PretrainConfig, num_classes: int) -> nn.Module:
+    from sonocl.models import ContrastiveModel, feature_dim, init_backbone
+
+    backbone = init_backbone(cfg.model.init, cfg.model.backbone, cfg.model.channels)
+    return ContrastiveModel(
+        backbone,
+        feature_dim(cfg.model.backbone),
+        projection_hidden=cfg.model.projection_hidden,
+        projection_dim=cfg.model.projection_dim,
+        num_classes=num_classes,
+        projection_batch_norm=cfg.model.projection_batch_norm,
+        predictor_hidden=cfg.model.predictor_hidden,
+    )
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def make_optimizer(cfg: PretrainConfig, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
+    return torch.optim.Adam(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
+
+
+def export_encoder(cfg: PretrainConfig, out: Path) -> None:
+    """``OUT/encoder.safetensors`` from the checkpoint ``cfg.export`` picks (`sonocl.models.exported_checkpoint`),
+    with the encoder's metadata."""
+    from sonocl.models import ENCODER_FILE, build_backbone, checkpoint_backbone_state, exported_checkpoint, save_encoder
+
+    source = exported_checkpoint(out, cfg.export) or out / "checkpoints" / "last.pt"
+    state = checkpoint_backbone_state(load_checkpoint(source))
+    backbone = build_backbone(cfg.model.backbone, cfg.model.channels, state)
+    save_encoder(backbone, out / ENCODER_FILE, {**encoder_metadata(cfg), "checkpoint": source.name})
+
+
+def base_lr(cfg: PretrainConfig) -> float:
+    """``optim.lr`` scaled to the global batch: × B/256 (``linear``), × √(B/256) (``sqrt``), or as given."""
+    scale = {"none": 1.0, "linear": cfg.batch_size / 256, "sqrt": math.sqrt(cfg.batch_size / 256)}
+    return cfg.optim.lr * scale[cfg.optim.lr_scaling]

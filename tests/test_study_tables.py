@@ -60,14 +60,14 @@ def test_paired_delta_is_the_mean_fold_difference_with_its_standard_error(study)
     assert study._paired_delta(random, baseline) == "+0.0 ± 0.0 (inside the noise)"  # the same accuracy on every fold
 
 
-def test_main_tables_hold_one_budget_and_the_curve_its_own_table(study, tmp_path: Path) -> None:
+def test_main_tables_hold_one_budget_and_the_curve_its_own_table(study) -> None:
     records = [
         *_records(study, "random", [0.70, 0.80, 0.75]),
         *_records(study, "uscl-ssl", [0.90, 0.85, 0.95]),
         *_records(study, "uscl-ssl @ 250 steps", [0.80, 0.82, 0.84], steps=250),
         *_records(study, "uscl-ssl @ 1,000 steps", [0.91, 0.86, 0.97], steps=1000),
     ]
-    text = study.tables(records, tmp_path)
+    text = study.tables(records)
     main, curve = text.split("### budget curve")
     assert "uscl-ssl @" not in main  # rows of another budget never share a table with the 500-step rows
     assert "| uscl-ssl | transductive | 16,000 | 3 |" in main
@@ -119,9 +119,11 @@ def test_transfer_table_pairs_the_encoder_with_random_init_by_fold(study, tmp_pa
     (tmp_path / "transfer").mkdir()
     (tmp_path / "transfer" / "results.json").write_text(json.dumps(results))
     rows = [
-        line for line in study._transfer_table(tmp_path) if line.startswith("| random") or line.startswith("| uscl")
+        line for line in study._transfer_table(tmp_path, []) if line.startswith("| random") or line.startswith("| uscl")
     ]
     assert rows[0] == "| random | 0.955 ± 0.007 (0.970) | 2.00 ± 0.00 (1.50) | 3.50 ± 0.71 (1.60) | – | – |"
     # differences by fold: Dice +0.01, 0.00 (mean +0.005, SE 0.005); HC −1.0, −0.5 (mean −0.75, SE 0.25)
     assert rows[1].endswith("| +0.005 ± 0.005 | -0.75 ± 0.25 |")
-    assert study._transfer_table(tmp_path / "nowhere") == []
+    assert study._transfer_table(tmp_path / "nowhere", []) == []
+    stored = ["### transfer: HC18 segmentation", "| random | … |"]
+    assert study._transfer_table(tmp_path / "nowhere", stored) == stored  # no run here: the stored table stays

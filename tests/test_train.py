@@ -155,6 +155,17 @@ def test_config_resolution_yaml_round_trip_and_set(tmp_path: Path) -> None:
         merge(cfg, parse_assignment("epochs=abc"))
 
 
+def test_a_run_configuration_without_a_method_is_refused_naming_the_file(tmp_path: Path) -> None:
+    from sonocl.train.config import load_run_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(preset("simclr").to_yaml().replace("method: simclr\n", ""))
+    with pytest.raises(ConfigError, match=r"config.yaml: no method key; set one of .*simclr"):
+        load_run_config(path)  # never silently read as a USCL run
+    path.write_text(preset("simclr").to_yaml())
+    assert load_run_config(path) == preset("simclr")
+
+
 def test_presets_follow_the_papers() -> None:
     uscl, meta, awcl = preset("uscl"), preset("meta-uscl"), preset("awcl")
     assert (uscl.optim.name, uscl.optim.lr, uscl.optim.weight_decay, uscl.batch_size) == ("adam", 3e-4, 1e-4, 32)

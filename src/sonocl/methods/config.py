@@ -170,7 +170,8 @@ class ScheduleConfig:
 
 @dataclass
 class PretrainConfig:
-    method: str = "uscl"
+    method: str
+    """The registered method (`sonocl.methods.registry`); no default: a configuration names its method."""
     store: str = ""
     epochs: int = 300
     steps: int | None = None

@@ -102,7 +102,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """``cls(**data)`` with every value coerced to its field's type; errors name the dotted key."""
     hints = _field_types(cls)
     if cls is PretrainConfig and isinstance(data.get("options", {}), dict):
-        method = data.get("method", PretrainConfig.method)
+        method = data.get("method")
         if method in method_names():  # the options type is the method's; an unknown method is reported below
             hints["options"] = get_method(method).options
     unknown = sorted(set(data) - set(hints))
@@ -177,7 +177,9 @@ def load_run_config(path: str | Path) -> PretrainConfig:
     path = Path(path)
     data = load_yaml(path)  # its errors name the file
     try:
-        method = data.get("method", "uscl")
+        method = data.get("method")
+        if method is None:
+            raise ConfigError(f"no method key; set one of {', '.join(method_names())}")
         if not isinstance(method, str):
             raise ConfigError(f"method: expected a string, got {method!r}")
         return merge(preset(method), data)

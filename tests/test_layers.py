@@ -10,7 +10,15 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = (
-    ("sonocl._version", "sonocl.errors", "sonocl.options", "sonocl.progress", "sonocl.runtime", "sonocl.workers"),
+    (
+        "sonocl._version",
+        "sonocl.errors",
+        "sonocl.files",
+        "sonocl.options",
+        "sonocl.progress",
+        "sonocl.runtime",
+        "sonocl.workers",
+    ),
     ("sonocl.data", "sonocl.outputs"),
     ("sonocl.pairs", "sonocl.augment", "sonocl.models", "sonocl.losses", "sonocl.provenance"),
     ("sonocl.methods",),

@@ -26,7 +26,6 @@ import argparse
 import csv
 import datetime
 import hashlib
-import json
 import re
 import shutil
 import sys
@@ -37,6 +36,8 @@ from typing import Any
 
 from sonocl._version import __version__
 from sonocl.errors import UserError
+from sonocl.evaluate.metrics import percent
+from sonocl.files import read_json, write_json
 from sonocl.options import load_yaml_text
 from sonocl.outputs import BUNDLE, add_overwrite_argument, claim
 from sonocl.provenance import BUNDLE_FILE, PROVENANCE_FILE
@@ -56,18 +57,6 @@ _GROUPED_BY = {"group": "patient (the store's group)", "video": "video"}
 
 class ExportError(UserError):
     """A run or evaluation directory that cannot be exported; the message names the file and the fix."""
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise ExportError(f"{path}: not found; {what}") from error
-    except json.JSONDecodeError as error:
-        raise ExportError(f"{path}: not valid JSON ({error}); {what}") from error
-    if not isinstance(data, dict):
-        raise ExportError(f"{path}: expected a JSON object; {what}")
-    return data
 
 
 def read_run_config(run: Path) -> dict[str, Any]:
@@ -199,7 +188,7 @@ def read_evaluation(evaluation: Path, run: Path) -> dict[str, Any]:
     """The summary of ``EVAL/results.json`` (docs/evaluate.md): protocol, folds, seeds, selection and each init's
     mean ± std, with ``this_encoder`` marking the inits that are this run."""
     path = evaluation / "results.json"
-    results = _read_json(path, "EVAL_DIR must be a `sonocl evaluate --out` directory")
+    results = read_json(path, ExportError, "EVAL_DIR must be a `sonocl evaluate --out` directory")
     config = results.get("config", {})
     inits = [
         {
@@ -275,13 +264,6 @@ def bundle_metadata(run: Path, weights: Path, evaluation: Path | None = None) ->
 # ------------------------------------------------------------------------------------------ model card
 
 
-def _percent(stat: Mapping[str, Any] | None) -> str:
-    if not stat or stat.get("mean") is None:
-        return "–"
-    std = stat.get("std")
-    return f"{100 * stat['mean']:.1f} ± {100 * std:.1f}" if std is not None else f"{100 * stat['mean']:.1f}"
-
-
 def _evaluation_section(evaluation: Mapping[str, Any] | None) -> list[str]:
     if evaluation is None:
         return [
@@ -314,7 +296,7 @@ def _evaluation_section(evaluation: Mapping[str, Any] | None) -> list[str]:
     for entry in evaluation["inits"]:
         video = entry.get("summary", {}).get("video", {})
         label = f"**{entry['label']} (this encoder)**" if entry["this_encoder"] else str(entry["label"])
-        lines.append(f"| {label} | " + " | ".join(_percent(video.get(key)) for key, _ in EVALUATION_METRICS) + " |")
+        lines.append(f"| {label} | " + " | ".join(percent(video.get(key)) for key, _ in EVALUATION_METRICS) + " |")
     inputs = [
         f"{entry['label']} {put['size']} px, (x - {put['mean']:.3g}) / {put['std']:.3g} ({put.get('source', '')})"
         for entry in evaluation["inits"]
@@ -450,7 +432,7 @@ def model_card(metadata: Mapping[str, Any]) -> str:
 def export(run: Path, out: Path, evaluation: Path | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write the bundle of ``run`` into ``out`` (new, empty or a bundle; the three files replaced atomically); its
     metadata. ``overwrite`` writes into a folder sonocl did not make (`sonocl.outputs`)."""
-    from sonocl.data.store import atomic_write, atomic_write_text
+    from sonocl.files import atomic_write, atomic_write_text
     from sonocl.models import ENCODER_FILE, WeightsError, load_encoder
 
     run, out = Path(run), Path(out)
@@ -473,7 +455,7 @@ def export(run: Path, out: Path, evaluation: Path | None = None, overwrite: bool
     # byte for byte (save_encoder already wrote torchvision names and a 3-channel stem), through the one atomic writer:
     # a full disk is one line naming the file, with the previous bundle's file intact and no temporary left
     atomic_write(out / ENCODER_FILE, lambda handle: _copy_into(source, handle))
-    atomic_write_text(out / BUNDLE_FILE, json.dumps(metadata, indent=2) + "\n")
+    write_json(out / BUNDLE_FILE, metadata)
     atomic_write_text(out / CARD_FILE, model_card(metadata))
     return metadata
 

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from sonocl.data.store import atomic_write
 from sonocl.errors import UserError
+from sonocl.files import atomic_write
 from sonocl.options import load_yaml_text
 
 ARCHITECTURES: dict[str, tuple[Any, int, Any]] = {
@@ -291,7 +291,7 @@ def export_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_encoder(backbone: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, Any]) -> None:
-    """Write ``encoder.safetensors`` through `sonocl.data.store.atomic_write` (a failed write is a `WriteFailedError`
+    """Write ``encoder.safetensors`` through `sonocl.files.atomic_write` (a failed write is a `WriteFailedError`
     naming it, the previous file intact); ``metadata`` (arch, channels, mean, std, size, method…) goes in its header."""
     data = safetensors_bytes(export_state(backbone), metadata={k: json.dumps(v) for k, v in metadata.items()})
     atomic_write(Path(path), lambda handle: handle.write(data))

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sonocl._version import __version__
-from sonocl.data.store import LOCK_FILE, WriteFailedError, atomic_write_text
+from sonocl.data.store import LOCK_FILE
 from sonocl.errors import UserError
+from sonocl.files import WriteFailedError, write_json
 
 MARKER = ".sonocl.json"
 """The claim of a directory: ``{"kind": …, "id": …, "created": …, "sonocl": version}``."""
@@ -145,7 +146,7 @@ def claim(directory: str | Path, kind: Kind, *, overwrite: bool = False) -> Path
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "sonocl": __version__,
     }
-    atomic_write_text(directory / MARKER, json.dumps(marker, indent=1) + "\n")
+    write_json(directory / MARKER, marker)
     return directory
 
 

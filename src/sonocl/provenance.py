@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sonocl.data.store import FrameStore, atomic_write_text
+from sonocl.data.store import FrameStore
 from sonocl.errors import UserError
+from sonocl.files import write_json
 
 PROVENANCE_FILE = "provenance.json"
 SCHEMA = "sonocl.provenance/2"
@@ -95,7 +96,7 @@ def _joined(first: list[Any], second: list[Any], keep_order: bool) -> list[Any]:
 
 
 def write(run_dir: Path, provenance: dict[str, Any]) -> None:
-    atomic_write_text(run_dir / PROVENANCE_FILE, json.dumps(provenance, indent=1) + "\n")
+    write_json(run_dir / PROVENANCE_FILE, provenance)
 
 
 def read(run_dir: Path) -> dict[str, Any] | None:

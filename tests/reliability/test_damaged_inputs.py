@@ -49,9 +49,9 @@ from reliability_support import (
 )
 from safetensors.torch import load_file, save_file
 
-import sonocl.data.store as store_module
+import sonocl.files as files_module
 from sonocl.cli import main
-from sonocl.data.store import WriteFailedError
+from sonocl.files import WriteFailedError
 from sonocl.models import ENCODER_FILE, build_backbone, save_encoder
 from sonocl.train.checkpoint import save_checkpoint
 
@@ -171,7 +171,7 @@ def test_checkpoint_write_failing_inside_torch_save_is_one_line(
             return FillingFile(handle, room=4096)
         return handle
 
-    monkeypatch.setattr(store_module, "open", open_filling, raising=False)
+    monkeypatch.setattr(files_module, "open", open_filling, raising=False)
     run = tmp_path / "run"
     result = run_cli(capsys, "pretrain", "--store", store, *smallest_pretrain(run), "--steps", "2")
     assert filled and result.code == 1

@@ -29,15 +29,15 @@ from reliability_support import (
 
 import sonocl.data.ingest as ingest_module
 import sonocl.data.store as store_module
+import sonocl.files as files_module
 from sonocl.data.store import (
     FRAMES_FILE,
     META_FILE,
     REPORT_FILE,
     VIDEOS_FILE,
     FrameStore,
-    WriteFailedError,
-    atomic_write_text,
 )
+from sonocl.files import WriteFailedError, atomic_write_text
 
 
 def _fail_replace_onto(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
@@ -93,7 +93,7 @@ def test_atomic_write_keeps_the_previous_file(step: str, tmp_path: Path, monkeyp
     if step == "rename":
         _fail_replace_onto(monkeypatch, target.name)
     else:
-        _fill_on_open(monkeypatch, store_module, lambda path: path.name.endswith(".tmp"), room=4)
+        _fill_on_open(monkeypatch, files_module, lambda path: path.name.endswith(".tmp"), room=4)
     with pytest.raises(
         WriteFailedError, match=f"{target}: writing failed \\(No space left on device\\); the file is unchanged"
     ):

@@ -55,7 +55,8 @@ from sonocl.data.labels import (
 )
 from sonocl.data.mask_names import in_mask_folder, is_mask_name
 from sonocl.data.preprocess import FramePreparer, select_frames
-from sonocl.data.store import META_FILE, REPORT_FILE, FrameStoreWriter, StoreError, WriteFailedError, atomic_write_text
+from sonocl.data.store import META_FILE, REPORT_FILE, FrameStoreWriter, StoreError
+from sonocl.files import WriteFailedError, write_json
 from sonocl.options import positive
 from sonocl.outputs import STORE, add_overwrite_argument, claim
 from sonocl.progress import Progress, progress_report
@@ -687,7 +688,7 @@ def _write_report(
         "store": {"videos": len(writer.videos), "frames": writer.num_frames},
         "skipped": skipped,
     }
-    atomic_write_text(previous_path, json.dumps(report, indent=2) + "\n")
+    write_json(previous_path, report)
 
 
 def _joined(paths: Sequence[Path]) -> str:

@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
 from sonocl.errors import UserError
+from sonocl.files import WriteFailedError, write_json
 
 FORMAT_VERSION = 1
 META_FILE = "store.json"
@@ -52,12 +52,6 @@ class DirectoryLockedError(UserError):
 
 class StoreLockedError(StoreError, DirectoryLockedError):
     """Another process is writing to the store."""
-
-
-class WriteFailedError(UserError, OSError):
-    """A write failed (disk full, read-only, no permission): the message names the file, and what was there is intact."""
-
-    exit_code = 1
 
 
 @contextlib.contextmanager
@@ -133,90 +127,6 @@ class VideoRecord:
             timestamps=tuple(float(t) for t in data["timestamps"]),
             extra_labels=dict(data.get("extra_labels") or {}),
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
-    """Write a file through ``write(handle)`` so that readers see either the old or the new content, never a mix.
-
-    The content goes to a temporary file beside ``path``, is fsynced, and replaces ``path`` in one rename.
-    Any `OSError` (disk full, read-only file system), also one that a library's writer raises as a ``RuntimeError``
-    (``torch.save``), removes the temporary file and becomes a `WriteFailedError` naming ``path``; the previous file
-    is then untouched. Every checkpoint, encoder file and bundle is written through it.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    replaced = False
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        replaced = True
-        _fsync_dir(path.parent)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        failure = _write_failure(error)
-        if failure is None:
-            raise
-        raise write_failed(path, failure, replaced) from error
-
-
-_TORCH_WRITER = ("PytorchStreamWriter", "inline_container.cc")
-"""Words of the ``RuntimeError`` that ``torch.save``'s zip writer raises when a write under it fails."""
-
-
-def _write_failure(error: BaseException) -> OSError | RuntimeError | None:
-    """The failed write behind ``error``: itself when it is an `OSError`; for a ``RuntimeError`` (what torch's writer
-    raises around the `OSError` of a full disk) the `OSError` in its chain, else the error itself when it is torch's
-    writer failing; None for anything else (a bug, which keeps its traceback)."""
-    if isinstance(error, OSError):
-        return error
-    if not isinstance(error, RuntimeError):
-        return None
-    cause = error.__cause__ or error.__context__
-    for _ in range(8):  # follow the chain a few links (never round a cycle)
-        if cause is None or isinstance(cause, OSError):
-            break
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, OSError):
-        return cause
-    return error if any(word in str(error) for word in _TORCH_WRITER) else None
-
-
-def write_failed(path: Path, failure: OSError | RuntimeError, replaced: bool = False) -> WriteFailedError:
-    """The `WriteFailedError` of a failed write of ``path``: one line with the file, why, its state and the fix."""
-    if isinstance(failure, OSError):
-        reason = failure.strerror or str(failure)
-    else:  # torch's writer: "[enforce fail at inline_container.cc:N] . PytorchStreamWriter failed writing file …"
-        reason = (str(failure).strip().splitlines() or [type(failure).__name__])[0].split("] . ", 1)[-1]
-        with contextlib.suppress(OSError):
-            stats = os.statvfs(path.parent)
-            if stats.f_bavail * stats.f_frsize < 1 << 20:
-                reason = f"{os.strerror(errno.ENOSPC)}: {reason}"
-    state = (
-        "written, but may not survive a power cut"
-        if replaced
-        else "unchanged (its previous content, if any, is intact)"
-    )
-    return WriteFailedError(
-        f"{path}: writing failed ({reason}); the file is {state}. Free disk space or fix the permissions, then run again"
-    )
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """`atomic_write` of UTF-8 text. A character UTF-8 cannot hold (a file name's byte that was not UTF-8, which
-    Python keeps as a surrogate) is written escaped, ``scan\\udcff``, as JSON writes it: never a lost file."""
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8", "backslashreplace")))
 
 
 def _read_meta(root: Path) -> dict[str, Any]:
@@ -406,7 +316,7 @@ class FrameStoreWriter:
         if size is None:
             raise StoreError(f"{self.root}: a new store needs a frame size")
         meta = {"format": FORMAT_VERSION, "size": int(size), "salt": secrets.token_hex(16)}
-        atomic_write_text(self.root / META_FILE, json.dumps(meta, indent=2) + "\n")
+        write_json(self.root / META_FILE, meta)
         return meta
 
     def _repair(self, committed_bytes: int) -> None:

@@ -164,14 +164,12 @@ def fold_key(config: EvalConfig, data: EvalData, report: InitReport) -> dict[str
 
 def save_fold_result(path: Path, result: FoldResult, key: dict[str, str]) -> None:
     """One finished fold run, written atomically (a kill leaves the previous state: absent or complete)."""
-    import json
-
-    from sonocl.data.store import atomic_write
+    from sonocl.files import atomic_write, json_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
         "key": cache.encode(key),
-        "run": json.dumps(result.run, default=_json_value),
+        "run": json_text(result.run, nan=True),  # a cache: NaN kept, floats given back exactly
         "test_frames": result.test_frames,
         "probabilities": result.probabilities,
     }
@@ -197,14 +195,6 @@ def load_fold_result(path: Path, task: FoldTask, key: dict[str, str]) -> FoldRes
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         print(f"{path}: a damaged kept fold run ({reason}); computing it again", file=sys.stderr)
         return None
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
 def init_entry(

@@ -10,7 +10,6 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import json
 import shlex
 import sys
 import time
@@ -18,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from sonocl._version import __version__
-from sonocl.data.store import atomic_write_text
 from sonocl.errors import ConfigError
 from sonocl.evaluate.metrics import METRIC_COLUMNS, percent
+from sonocl.files import atomic_write_text, write_json
 from sonocl.outputs import EVALUATION, add_overwrite_argument, claim
 
 
@@ -213,7 +212,7 @@ def _run(args: argparse.Namespace) -> int:
             entry["pretraining_overlap"] = stamps[entry["label"]]
             results["inits"].append(entry)
             results["timing"]["total_seconds"] = round(time.perf_counter() - started, 2)
-            _write_json(out / "results.json", results)  # after each init: a long run keeps what it has done
+            write_json(out / "results.json", results)  # after each init: a long run keeps what it has done
             print(_summary_line(entry), file=sys.stderr)
 
         init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
@@ -395,20 +394,6 @@ def selection_text(selection: str) -> str:
     from sonocl.evaluate.config import OPTIMISTIC
 
     return f"{selection}: {OPTIMISTIC}" if selection == "max-test" else selection
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
 def _summary_line(entry: dict[str, Any]) -> str:

@@ -40,13 +40,13 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from sonocl.data.splits import grouped_stratified_kfold
-from sonocl.data.store import atomic_write_text
 from sonocl.errors import ConfigError, UserError
 from sonocl.evaluate import cache
 from sonocl.evaluate import segmentation_metrics as sm
 from sonocl.evaluate.inits import default_label, load_init
 from sonocl.evaluate.masks import MaskError, MaskPair, pair_images, read_grey, read_mask
 from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss
+from sonocl.files import atomic_write_text, json_text, write_json
 from sonocl.models import ARCHITECTURES
 from sonocl.options import number_rule
 from sonocl.outputs import SEGMENTATION, add_overwrite_argument, claim
@@ -790,7 +790,7 @@ def save_fold(config: SegmentConfig, init: InitSpec, result: FoldResult, data: S
     path.parent.mkdir(parents=True, exist_ok=True)
     key = cache.encode(_fold_key(config, init, result.task, data))
     record = {"key": key, "entry": result.entry, "rows": result.rows}
-    atomic_write_text(path, json.dumps(record, allow_nan=True, default=_json_number))
+    atomic_write_text(path, json_text(record, nan=True))  # NaN kept: the cache gives back the floats it was given
 
 
 def load_fold(config: SegmentConfig, init: InitSpec, task: FoldTask, data: SegmentData) -> FoldResult | None:
@@ -810,12 +810,6 @@ def load_fold(config: SegmentConfig, init: InitSpec, task: FoldTask, data: Segme
     if not cache.matches(saved, _fold_key(config, init, task, data), path):
         return None
     return FoldResult(task, entry, rows)
-
-
-def _json_number(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
 def _fold_in_worker(task: FoldTask, state: dict[str, Any]) -> FoldResult:
@@ -924,21 +918,6 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
     if results["data"]["skipped"]:
         lines.append(f"**{len(results['data']['skipped'])} image(s) skipped** (no usable mask): see results.json.")
     atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        if isinstance(value, (np.floating, np.integer)):
-            return clean(value.item())
-        return value
-
-    atomic_write_text(path, json.dumps(clean(payload), indent=2) + "\n")
 
 
 def _write_per_image(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -1076,7 +1055,7 @@ def segment(config: SegmentConfig) -> int:
     }
     results["wall_seconds"] = results["timing"]["wall_seconds"]
 
-    _write_json(config.out / "results.json", results)
+    write_json(config.out / "results.json", results)
     write_markdown(config.out / "results.md", results)
     _write_per_image(config.out / "per_image.csv", rows)
     print((config.out / "results.md").read_text())

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sonocl.data.store import atomic_write_text
 from sonocl.errors import ConfigError
+from sonocl.files import atomic_write_text, write_json
 from sonocl.outputs import STUDY, add_overwrite_argument, claim
 
 
@@ -72,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
     from sonocl.data.store import FrameStore
     from sonocl.evaluate.classify import fold_tasks, init_entry
     from sonocl.evaluate.cli import (
-        _write_json,
         evaluation_config,
         prediction_header,
         prediction_rows,
@@ -116,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     results = results_header("study", store, data, config, grouping)
     results["inits"].append(entry)
     results["timing"] = {"total_seconds": round(time.perf_counter() - started, 2)}
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", render_markdown(results))
     selection = selection_text(config.selection)
     write_predictions(

@@ -176,8 +176,8 @@ def frame_table(store: Any, frames: np.ndarray) -> dict[str, np.ndarray]:
 def write_embeddings(
     path: Path, table: Mapping[str, np.ndarray], embeddings: np.ndarray, metadata: Mapping[str, Any]
 ) -> None:
-    """Parquet or ``.npz`` by the extension, written atomically (`sonocl.data.store.atomic_write`)."""
-    from sonocl.data.store import atomic_write
+    """Parquet or ``.npz`` by the extension, written atomically (`sonocl.files.atomic_write`)."""
+    from sonocl.files import atomic_write
 
     suffix = path.suffix.lower()
     if suffix not in FORMATS:

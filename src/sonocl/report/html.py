@@ -22,7 +22,6 @@ import base64
 import csv
 import datetime
 import html
-import json
 import math
 import struct
 import sys
@@ -38,6 +37,7 @@ import numpy as np
 from sonocl._version import __version__
 from sonocl.errors import UserError
 from sonocl.evaluate.metrics import METRIC_COLUMNS, percent
+from sonocl.files import read_json
 from sonocl.options import integer
 from sonocl.outputs import add_overwrite_argument, claim_file
 from sonocl.report import analysis
@@ -149,7 +149,7 @@ def classify_path(path: Path) -> str:
     """``run``, ``evaluation`` or ``segmentation``; `ReportError` otherwise."""
     results = path / "results.json"
     if results.is_file():
-        schema = str(_read_json(results).get("schema", ""))
+        schema = str(read_json(results, ReportError).get("schema", ""))
         if schema.startswith("sonocl.evaluate"):
             return "evaluation"
         if schema.startswith("sonocl.segment"):
@@ -161,13 +161,6 @@ def classify_path(path: Path) -> str:
         f"{path}: not a sonocl pretraining run (metrics.csv, config.yaml), evaluation or segmentation "
         "output (results.json)"
     )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ReportError(f"{path}: cannot read ({error})") from error
 
 
 def read_metrics(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -536,7 +529,7 @@ def _gradcam_section(section: Section, encoder: Any, data: analysis.FrameFeature
 
 
 def evaluation_section(path: Path, ctx: Context) -> Section:
-    results = _read_json(path / "results.json")
+    results = read_json(path / "results.json", ReportError)
     config = results.get("config", {})
     inits = results.get("inits", [])
     classes = list(results.get("classes", []))
@@ -683,7 +676,7 @@ def roc_from_predictions(
 def segmentation_section(path: Path, ctx: Context) -> Section:
     from sonocl.report import figures
 
-    results = _read_json(path / "results.json")
+    results = read_json(path / "results.json", ReportError)
     data = results.get("data", {})
     config = results.get("config", {})
     inits = results.get("inits", [])
@@ -762,7 +755,7 @@ def build_report(
 ) -> Path:
     """Write the report of ``paths`` to ``out`` (atomically) and return ``out``. An existing ``out`` is replaced only
     when it is a sonocl report, or with ``overwrite`` (`sonocl.outputs.claim_file`)."""
-    from sonocl.data.store import atomic_write_text
+    from sonocl.files import atomic_write_text
 
     claim_file(out, is_report, overwrite=overwrite)
 

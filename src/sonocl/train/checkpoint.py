@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sonocl.data.store import atomic_write, write_failed
 from sonocl.errors import UserError
+from sonocl.files import atomic_write, write_failed
 from sonocl.models import safe_torch_load
 
 CHECKPOINT_FORMAT = 3
@@ -92,7 +92,7 @@ class Checkpoint:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """``torch.save`` through `sonocl.data.store.atomic_write`: a kill or a full disk leaves the previous file."""
+    """``torch.save`` through `sonocl.files.atomic_write`: a kill or a full disk leaves the previous file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda handle: torch.save(state, handle))

@@ -14,8 +14,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from sonocl.data.store import atomic_write_text
 from sonocl.errors import ConfigError
+from sonocl.files import atomic_write_text
 from sonocl.methods import Method, get_method, method_names, registry
 from sonocl.methods.config import Options, PretrainConfig, plain
 from sonocl.options import load_yaml_text

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 import sys
 from pathlib import Path
 from typing import Any
+
+from sonocl.files import atomic_write_text
 
 STEP_COLUMNS = ("lr", "momentum", "loss")
 EPOCH_COLUMNS = ("val_loss", "knn_acc", "embedding_std")
@@ -39,12 +41,11 @@ class MetricsLog:
     def _rewrite(self) -> None:
         if self.fields is None:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.fields)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, text.getvalue())
 
     def write(self, row: dict[str, Any]) -> None:
         if self.fields is None:

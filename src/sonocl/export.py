@@ -80,17 +80,17 @@ def read_run_config(run: Path) -> dict[str, Any]:
 
 
 def selected_checkpoint(run: Path, config: Mapping[str, Any]) -> Path:
-    """The checkpoint the run's ``encoder.safetensors`` was taken from: ``best.pt`` (when it exists) or ``last.pt``,
-    as the configuration's ``export`` says (the loop's rule)."""
-    names = ("best.pt", "last.pt") if config.get("export", "best") == "best" else ("last.pt",)
-    for name in names:
-        path = run / "checkpoints" / name
-        if path.is_file():
-            return path
-    raise ExportError(
-        f"{run / 'checkpoints'}: no best.pt or last.pt; has `sonocl pretrain --out {run}` run to the end "
-        "of an epoch? (`--resume` continues it)"
-    )
+    """The checkpoint the run's ``encoder.safetensors`` was taken from (`sonocl.models.exported_checkpoint`: the
+    loop's rule, as the configuration's ``export`` says)."""
+    from sonocl.models import exported_checkpoint
+
+    path = exported_checkpoint(run, str(config.get("export", "best")))
+    if path is None:
+        raise ExportError(
+            f"{run / 'checkpoints'}: no best.pt or last.pt; has `sonocl pretrain --out {run}` run to the end "
+            "of an epoch? (`--resume` continues it)"
+        )
+    return path
 
 
 def _checkpoint_position(path: Path) -> dict[str, Any]:

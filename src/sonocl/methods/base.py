@@ -14,7 +14,9 @@ method, never ``if method == …``:
   training sampler, for what depends on the data, e.g. MoCo's queue size);
 - ``meta_sampler`` (optional) — a sampler of held-out batches the objective reads each step (Meta-USCL);
 - ``validation_sampler`` (optional) — the held-out pairs of the validation loss (USCL: unmixed, as its reference);
-- ``uses_labels(cfg)`` — whether training reads any class or anatomy label (the evaluation's leak guard).
+- ``uses_labels(cfg)`` — whether training reads any class or anatomy label (the evaluation's leak guard);
+- ``learns_pair_weights`` — whether the objective learns a weight per pair (Meta-USCL's CMW-Net), which its
+  checkpoints hold and the report shows.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Method:
     validation_sampler: SamplerFactory | None = None
     """Held-out pairs for the validation loss and model selection (None: the training sampler's pairs)."""
     uses_labels: Callable[[PretrainConfig], bool] = lambda cfg: False
+    learns_pair_weights: bool = False
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]

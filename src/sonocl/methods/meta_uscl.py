@@ -287,4 +287,5 @@ METHOD = Method(
     sampler=sampler,
     objective=objective,
     meta_sampler=meta_sampler,
+    learns_pair_weights=True,
 )

@@ -38,6 +38,7 @@ from sonocl._version import __version__
 from sonocl.errors import UserError
 from sonocl.evaluate.metrics import METRIC_COLUMNS, percent
 from sonocl.files import read_json
+from sonocl.methods import get_method
 from sonocl.options import integer
 from sonocl.outputs import add_overwrite_argument, claim_file
 from sonocl.report import analysis
@@ -263,7 +264,7 @@ def run_section(path: Path, ctx: Context) -> Section:
     else:
         _timed(ctx, "pairs", lambda: _pair_gallery(gallery, cfg, store))
 
-    if cfg is not None and cfg.method == "meta-uscl":
+    if cfg is not None and get_method(cfg.method).learns_pair_weights:
         cmw = Section(_anchor("cmw", path), "Meta-USCL: CMW-Net pair weights")
         section.children.append(cmw)
         _timed(ctx, "cmw", lambda: _cmw_section(cmw, path, cfg, store, store_problem, steps))

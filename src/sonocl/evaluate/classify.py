@@ -42,7 +42,7 @@ import torchvision
 
 from sonocl.errors import ConfigError
 from sonocl.evaluate import cache
-from sonocl.evaluate.config import OPTIMISTIC, EvalConfig
+from sonocl.evaluate.config import OPTIMISTIC, EvalConfig, levels
 from sonocl.evaluate.data import EvalData, fold_splits, inner_validation
 from sonocl.evaluate.finetune import FineTuneModel, FoldTrainer
 from sonocl.evaluate.inits import InitReport
@@ -59,12 +59,15 @@ from sonocl.workers import map_unordered
 # ------------------------------------------------------------------------------------------------ evaluate
 
 
-def _fold_metrics(data: EvalData, test_frames: np.ndarray, probabilities: np.ndarray) -> tuple[dict, dict, dict]:
+def _fold_metrics(data: EvalData, test_frames: np.ndarray, probabilities: np.ndarray, unit: str) -> dict[str, dict]:
+    """The metrics of each level (`levels`): frames; videos and patients by the mean of their frames' probabilities."""
     labels = data.frame_labels[test_frames]
-    frame = classification_metrics(labels, probabilities, data.class_names)
-    _, video_labels, video_probabilities = video_level(probabilities, labels, data.frame_video[test_frames])
-    video = classification_metrics(video_labels, video_probabilities, data.class_names)
-    return frame, video, {"frame": np.asarray(frame["confusion"]), "video": np.asarray(video["confusion"])}
+    owners = {"video": data.frame_video[test_frames], "patient": data.video_groups[data.frame_video[test_frames]]}
+    metrics = {"frame": classification_metrics(labels, probabilities, data.class_names)}
+    for level in levels(unit)[1:]:
+        _, unit_labels, unit_probabilities = video_level(probabilities, labels, owners[level])
+        metrics[level] = classification_metrics(unit_labels, unit_probabilities, data.class_names)
+    return metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,23 +135,24 @@ def run_fold(
             outcome = trainer.knn(model, train, test)
         else:
             outcome = trainer.fit(model, train, test, val, progress)
-    frame, video, confusion = _fold_metrics(data, test, outcome.test_probabilities)
+    metrics = _fold_metrics(data, test, outcome.test_probabilities, config.unit)
     run = {
         "seed": task.seed,
         "fold": task.fold,
         "train_videos": int(len(train_videos)),
         "val_videos": int(len(val_videos)) if val_videos is not None else 0,
         "test_videos": int(len(task.test_videos)),
+        "test_patients": int(len(np.unique(data.video_groups[task.test_videos]))),
         "train_frames": int(len(train)),
         "test_frames": int(len(test)),
         "test_video_ids": [data.video_ids[v] for v in task.test_videos],
         "selected_epoch": outcome.selected_epoch,
         "test_accuracy_by_epoch": outcome.test_accuracy,
         "val_balanced_accuracy_by_epoch": outcome.val_balanced_accuracy,
-        "frame": frame,
-        "video": video,
+        **metrics,
         "seconds": round(time.perf_counter() - started, 2),
     }
+    confusion = {level: np.asarray(result["confusion"]) for level, result in metrics.items()}
     return FoldResult(task, run, test, outcome.test_probabilities, confusion)
 
 
@@ -189,7 +193,7 @@ def load_fold_result(path: Path, task: FoldTask, key: dict[str, str]) -> FoldRes
             if not cache.matches(str(saved["key"]), key, path):
                 return None
             run = json.loads(str(saved["run"]))
-            confusion = {level: np.asarray(run[level]["confusion"]) for level in ("frame", "video")}
+            confusion = {level: np.asarray(run[level]["confusion"]) for level in levels("patient") if level in run}
             return FoldResult(task, run, saved["test_frames"], saved["probabilities"], confusion)
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -202,7 +206,8 @@ def init_entry(
 ) -> dict[str, Any]:
     """The results.json entry of one init from its fold runs (in seed, fold order); ``seconds`` sums the runs'."""
     optimistic = config.selection == "max-test"
-    confusions = {level: [result.confusion[level] for result in folds] for level in ("frame", "video")}
+    scored = levels(config.unit)
+    confusions = {level: [result.confusion[level] for result in folds] for level in scored}
     runs = [result.run for result in folds]
     return {
         "label": label,
@@ -214,8 +219,9 @@ def init_entry(
         "selection_note": OPTIMISTIC if optimistic else "",
         "optimistic": optimistic,
         "runs": runs,
-        "summary": {level: summarize([run[level] for run in runs]) for level in ("frame", "video")},
-        "pooled": {level: pooled_metrics(confusions[level], class_names) for level in ("frame", "video")},
+        "unit": config.unit,
+        "summary": {level: summarize([run[level] for run in runs]) for level in scored},
+        "pooled": {level: pooled_metrics(confusions[level], class_names) for level in scored},
         "seconds": round(sum(run["seconds"] for run in runs), 2),
     }
 

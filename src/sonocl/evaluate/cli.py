@@ -18,7 +18,8 @@ from typing import Any
 
 from sonocl._version import __version__
 from sonocl.errors import ConfigError
-from sonocl.evaluate.metrics import METRIC_COLUMNS, percent
+from sonocl.evaluate.config import levels
+from sonocl.evaluate.metrics import metric_columns, percent
 from sonocl.files import atomic_write_text, write_json
 from sonocl.outputs import EVALUATION, add_overwrite_argument, claim
 
@@ -61,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     """The protocol, recipe, folds and sampling options (shared by ``sonocl evaluate`` and ``sonocl study``)."""
-    from sonocl.evaluate.config import GROUP_BY, PROTOCOLS, RECIPES, SELECTIONS
+    from sonocl.evaluate.config import GROUP_BY, PROTOCOLS, RECIPES, SELECTIONS, UNITS
     from sonocl.models import ARCHITECTURES
 
     parser.add_argument(
@@ -92,8 +93,18 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--classes",
-        type=lambda text: tuple(c for c in text.split(",") if c),
-        help="comma-separated classes to keep, in this order (videos with other labels are dropped)",
+        type=lambda text: tuple(c.strip() for c in text.split(",") if c.strip()),
+        help="comma-separated classes to keep, in this order (videos with other labels are dropped); A+B merges "
+        "labels A and B into one class, NAME=A+B names it (e.g. 'none=0,any=1+2+3'); a label that itself holds "
+        "+ or = is read as that label",
+    )
+    parser.add_argument(
+        "--unit",
+        choices=UNITS,
+        default="video",
+        help="what a prediction is scored for: video (default: the mean of its frames' probabilities) or patient "
+        "(the store's group: the mean over all frames of its videos), for a label that belongs to the patient; "
+        "every video of a patient must carry the same label",
     )
     parser.add_argument("--label-column", default="label", help="label column of the store (default: %(default)s)")
     parser.add_argument(
@@ -281,6 +292,7 @@ def evaluation_config(args: argparse.Namespace, store: Any) -> tuple[Any, str]:
         linear_augment=args.linear_augment,
         inner_val_fraction=args.inner_val_fraction,
         classes=args.classes,
+        unit=args.unit,
         label_column=args.label_column,
         device=args.device,
     )
@@ -397,12 +409,13 @@ def selection_text(selection: str) -> str:
 
 
 def _summary_line(entry: dict[str, Any]) -> str:
-    video, frame = entry["summary"]["video"], entry["summary"]["frame"]
+    unit = entry.get("unit", "video")
+    video, frame = entry["summary"][unit], entry["summary"]["frame"]
     note = f"  [{entry['selection_note']}]" if entry["optimistic"] else ""
     overlap = entry.get("pretraining_overlap", {}).get("note")
     note += f"  [{overlap}]" if overlap else ""
     return (
-        f"{entry['label']}: video acc {percent(video['accuracy'])} %, frame acc {percent(frame['accuracy'])} %, "
+        f"{entry['label']}: {unit} acc {percent(video['accuracy'])} %, frame acc {percent(frame['accuracy'])} %, "
         f"pooled frame acc {100 * entry['pooled']['frame']['accuracy']:.1f} % ({entry['seconds']:.0f} s){note}"
     )
 
@@ -428,6 +441,8 @@ def render_markdown(results: dict[str, Any]) -> str:
 
     config = results["config"]
     runs = config["folds"] * config["seeds"]
+    unit = config.get("unit", "video")
+    columns, scored = metric_columns(unit), levels(unit)
     lines = [
         f"# sonocl evaluate: {Path(results['store']).name}",
         "",
@@ -437,7 +452,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"`{config['selection']}`; {config['folds']} folds × {config['seeds']} seed(s), stratified, grouped "
         f"{results.get('grouping', 'by ' + config['group_by'])}; {results['num_videos']} videos, {results['num_frames']} frames "
         f"(≤ {config['frames_per_video'] or '∞'} per video, {str(config['fps']) + ' fps' if config['fps'] else 'every frame'}); classes "
-        f"{', '.join(results['classes'])}.",
+        f"{', '.join(results['classes'])}."
+        + (
+            " Scored per patient: a patient's prediction is the mean of its videos' frame probabilities."
+            if unit == "patient"
+            else ""
+        ),
         "",
     ]
     if results["optimistic"]:
@@ -446,8 +466,12 @@ def render_markdown(results: dict[str, Any]) -> str:
             "as the USCL / Meta-USCL papers do. Use `--selection last` or `inner-val` for unbiased numbers.",
             "",
         ]
-    header = ["init", "pretraining budget", *[name for name, _, _ in METRIC_COLUMNS], "pooled frame acc",
-              "pooled video acc"]  # fmt: skip
+    header = [
+        "init",
+        "pretraining budget",
+        *[name for name, _, _ in columns],
+        *[f"pooled {level} acc" for level in scored],
+    ]
     lines += [
         f"Mean ± std over {runs} fold runs, in %. Pooled = accuracy of the confusion matrix summed over folds "
         'and seeds (the papers\' "Total acc").',
@@ -456,15 +480,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         "|" + "---|" * len(header),
     ]
     for entry in results["inits"]:
-        cells = [percent(entry["summary"][level][key]) for _, level, key in METRIC_COLUMNS]
-        pooled = [f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in ("frame", "video")]
+        cells = [percent(entry["summary"][level][key]) for _, level, key in columns]
+        pooled = [f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in scored]
         overlap = entry.get("pretraining_overlap", {}).get("note", "")
         label = entry["label"] + (" (optimistic)" if entry["optimistic"] else "") + (f" [{overlap}]" if overlap else "")
         budget = entry.get("pretraining_overlap", {}).get("budget") or "–"
         lines.append("| " + " | ".join([label, budget, *cells, *pooled]) + " |")
     lines += ["", "## Pooled confusion matrices (rows: true class, columns: predicted)", ""]
     for entry in results["inits"]:
-        for level in ("frame", "video"):
+        for level in scored:
             lines += confusion_markdown(entry["label"], level, entry["pooled"][level], results["classes"])
             lines.append("")
     lines += ["## Inits", ""]

@@ -18,6 +18,16 @@ PROTOCOLS = ("linear", "last-block", "full", "knn")
 SELECTIONS = ("last", "inner-val", "max-test")
 
 
+UNITS = ("video", "patient")
+"""What a prediction is scored for: a video (its frames' mean probability) or a patient (the store's group: the mean
+over its videos' frames), the unit of a label that belongs to the patient."""
+
+
+def levels(unit: str) -> tuple[str, ...]:
+    """The levels an evaluation scores, the headline (``unit``) last: frame and video, and patient for that unit."""
+    return ("frame", "video", "patient") if unit == "patient" else ("frame", "video")
+
+
 GROUP_BY = ("video", "group")
 """``group``: the store's group ids (patients, from DICOM PatientID or a CSV group column) stay in one fold."""
 
@@ -83,7 +93,10 @@ class EvalConfig:
     linear_augment: bool = False
     inner_val_fraction: float = 0.2
     classes: tuple[str, ...] | None = None
+    """The classes kept, in order; ``A+B`` merges labels, ``NAME=A+B`` names the merge (`evaluate.data.class_members`)."""
     label_column: str = "label"
+    unit: str = "video"
+    """`UNITS`: ``patient`` adds patient-level metrics, the headline of every table."""
     device: str = "auto"
 
     @classmethod
@@ -100,6 +113,7 @@ class EvalConfig:
             f"protocol in {PROTOCOLS}": self.protocol in PROTOCOLS,
             f"selection in {SELECTIONS}": self.selection in SELECTIONS,
             f"group_by in {GROUP_BY}": self.group_by in GROUP_BY,
+            f"unit in {UNITS}": self.unit in UNITS,
             "channels 1 or 3": self.channels in (1, 3),
             "0 < full_backbone_lr_scale ≤ 1": 0 < self.full_backbone_lr_scale <= 1,
         }
@@ -130,5 +144,10 @@ class EvalConfig:
         ]
         if problems:
             raise ConfigError("; ".join(problems))
+        if self.unit == "patient" and self.group_by != "group":
+            raise ConfigError(
+                "--unit patient scores each patient, so its videos must stay in one fold: use --group-by group (or "
+                "auto) on a store with patient groups (`sonocl ingest --group-column`, or DICOM PatientID)"
+            )
         if self.protocol == "knn" and self.selection != "last":
             raise ConfigError("knn has no epochs to select: use --selection last")

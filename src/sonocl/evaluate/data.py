@@ -66,25 +66,68 @@ class EvalData:
         return np.flatnonzero(np.isin(self.frame_video, videos))
 
 
+def class_members(classes: tuple[str, ...], present: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """(class name, the store labels it holds) of each ``--classes`` entry: a label of the store as itself; ``A+B``
+    the labels A and B merged into a class named ``A+B``; ``NAME=A+B`` the same class named NAME."""
+    members = []
+    for entry in classes:
+        if entry in present:  # a label that itself holds "+" or "=" (e.g. findings "B-lines+A-lines") is that label
+            members.append((entry, (entry,)))
+            continue
+        name, _, merged = entry.rpartition("=")
+        labels = tuple(label.strip() for label in merged.split("+") if label.strip())
+        members.append((name.strip() or "+".join(labels), labels))
+    return members
+
+
+def _class_lookup(store: FrameStore, config: EvalConfig, present: list[str]) -> tuple[list[str], dict[str, int]]:
+    """The class names and, for every store label kept, its class code; one line naming what does not fit."""
+    where = f"{store.root}: column {config.label_column!r}"
+    if not config.classes:
+        return present, {name: code for code, name in enumerate(present)}
+    members = class_members(config.classes, present)
+    unknown = [label for _, labels in members for label in labels if label not in present]
+    if unknown:
+        raise ConfigError(f"{where}: no videos labelled {unknown}; labels are {present}")
+    lookup: dict[str, int] = {}
+    for code, (_, labels) in enumerate(members):
+        for label in labels:
+            if label in lookup:
+                raise ConfigError(f"{where}: label {label!r} is in two classes of --classes {','.join(config.classes)}")
+            lookup[label] = code
+    names = [name for name, _ in members]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: --classes names a class twice ({names})")
+    return names, lookup
+
+
+def _check_patient_labels(store: FrameStore, config: EvalConfig, kept: list[int], labels: list[int]) -> None:
+    """``unit="patient"``: every video of a patient (group) must be of one class."""
+    first: dict[str, tuple[int, int]] = {}
+    for video, label in zip(kept, labels):
+        group = store.videos[video].group
+        seen, code = first.setdefault(group, (video, label))
+        if code != label:
+            raise ConfigError(
+                f"{store.root}: --unit patient needs one {config.label_column!r} class per patient, but videos "
+                f"{store.videos[seen].id} and {store.videos[video].id} of one patient differ ("
+                f"{store.label_column(config.label_column)[seen]!r}, {store.label_column(config.label_column)[video]!r})"
+            )
+
+
 def load_eval_data(store: FrameStore, config: EvalConfig) -> EvalData:
-    """Labelled videos of ``store`` (only ``config.classes`` if given, in that order), frames sampled and resized."""
+    """Labelled videos of ``store`` (only ``config.classes`` if given, in that order, merged as they say), frames
+    sampled and resized."""
     values = store.label_column(config.label_column)
     present = sorted({v for v in values if v})
-    if config.classes:
-        unknown = [c for c in config.classes if c not in present]
-        if unknown:
-            raise ConfigError(
-                f"{store.root}: no videos labelled {unknown} in column {config.label_column!r}; labels are {present}"
-            )
-        class_names = list(config.classes)
-    else:
-        class_names = present
+    class_names, lookup = _class_lookup(store, config, present)
     if len(class_names) < 2:
         raise ConfigError(
             f"{store.root}: need at least 2 classes in column {config.label_column!r}, found {class_names}"
         )
-    lookup = {name: code for code, name in enumerate(class_names)}
     kept = [v for v, value in enumerate(values) if value in lookup]
+    if config.unit == "patient":
+        _check_patient_labels(store, config, kept, [lookup[values[v]] for v in kept])
     groups = store.group_codes()
     check_folds(config, len(set(groups[kept].tolist())) if config.group_by == "group" else len(kept), str(store.root))
     frame_video, frame_index, global_index = [], [], []

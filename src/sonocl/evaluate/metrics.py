@@ -152,6 +152,15 @@ METRIC_COLUMNS = (
 """(table heading, level, metric) of the comparison tables of ``results.md`` and the report."""
 
 
+def metric_columns(unit: str = "video") -> tuple[tuple[str, str, str], ...]:
+    """`METRIC_COLUMNS` of an evaluation scored per ``unit``: per patient, the patient-level columns come first."""
+    if unit != "patient":
+        return METRIC_COLUMNS
+    patient = tuple((heading.replace("video", "patient"), "patient", key) for heading, level, key in METRIC_COLUMNS[:5]
+                    if level == "video")  # fmt: skip
+    return (*patient, *METRIC_COLUMNS)
+
+
 def percent(stats: Mapping[str, Any] | None) -> str:
     """``"87.5 ± 4.2"`` (mean ± std of a `summarize` entry, in %), ``"87.5"`` without a std, ``"–"`` without a mean."""
     if not stats or stats.get("mean") is None:

@@ -123,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
         [prediction_header(data.class_names), *prediction_rows(label, data, results_of_folds, selection)],
     )
     print(
-        f"sonocl study: {label}: video acc {100 * entry['summary']['video']['accuracy']['mean']:.1f} ± "
-        f"{100 * entry['summary']['video']['accuracy']['std']:.1f} % over {len(tasks)} fold runs; "
+        f"sonocl study: {label}: {config.unit} acc {100 * entry['summary'][config.unit]['accuracy']['mean']:.1f} ± "
+        f"{100 * entry['summary'][config.unit]['accuracy']['std']:.1f} % over {len(tasks)} fold runs; "
         f"wrote {out / 'results.json'} ({results['timing']['total_seconds']:.0f} s)",
         file=sys.stderr,
     )

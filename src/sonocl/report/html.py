@@ -36,7 +36,8 @@ import numpy as np
 
 from sonocl._version import __version__
 from sonocl.errors import UserError
-from sonocl.evaluate.metrics import METRIC_COLUMNS, percent
+from sonocl.evaluate.config import levels
+from sonocl.evaluate.metrics import metric_columns, percent
 from sonocl.files import read_json
 from sonocl.methods import get_method
 from sonocl.options import integer
@@ -557,18 +558,18 @@ def evaluation_section(path: Path, ctx: Context) -> Section:
 
 
 def _comparison_table(path: Path, inits: list[dict[str, Any]], runs: int) -> Section:
+    unit = inits[0].get("unit", "video") if inits else "video"
+    columns, scored = metric_columns(unit), levels(unit)
     rows = []
     for entry in inits:
-        cells = [percent(entry.get("summary", {}).get(level, {}).get(key, {})) for _, level, key in METRIC_COLUMNS]
+        cells = [percent(entry.get("summary", {}).get(level, {}).get(key, {})) for _, level, key in columns]
         pooled = [
-            f"{100 * entry['pooled'][level]['accuracy']:.1f}"
-            for level in ("frame", "video")
-            if level in entry.get("pooled", {})
+            f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in scored if level in entry.get("pooled", {})
         ]
         rows.append([entry["label"] + (" (optimistic)" if entry.get("optimistic") else ""), *cells, *pooled])
     table = Section(_anchor("table", path), "Comparison table")
     table.table(
-        ["init", *[name for name, _, _ in METRIC_COLUMNS], "pooled frame acc", "pooled video acc"],
+        ["init", *[name for name, _, _ in columns], *[f"pooled {level} acc" for level in scored]],
         rows,
         caption=f"Mean ± std over {runs} fold runs, in %. Pooled = accuracy of the confusion matrix summed over "
         "folds and seeds.",

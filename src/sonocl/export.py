@@ -93,6 +93,13 @@ def selected_checkpoint(run: Path, config: Mapping[str, Any]) -> Path:
     return path
 
 
+def _as_list(value: Any) -> list[str]:
+    """A configuration's ``store``: a list of paths (one path in runs of sonocl before several stores)."""
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
 def _checkpoint_position(path: Path) -> dict[str, Any]:
     """Steps, epochs and monitors of a training checkpoint, without its tensors' meaning."""
     from sonocl.models import read_state_dict
@@ -253,7 +260,7 @@ def bundle_metadata(run: Path, weights: Path, evaluation: Path | None = None) ->
         },
         "method": header.get("method", config.get("method")),
         "budget": training_budget(run, config),
-        "store": config.get("store"),
+        "store": ", ".join(_as_list(config.get("store"))),
         "provenance": provenance,
         "provenance_summary": provenance_summary,
         "evaluation": read_evaluation(evaluation, run) if evaluation is not None else None,

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from sonocl.data.store import FrameStore
+from sonocl.data.store import VideoTable
 
 ITEM_KINDS = ("videos", "frames")
 """What one sampler item is: a video (its frames drawn inside) or a frame."""
@@ -97,7 +97,7 @@ class PairSampler:
 
     def __init__(
         self,
-        store: FrameStore,
+        store: VideoTable,
         videos: np.ndarray,
         batch_size: int,
         seed: int,
@@ -160,7 +160,7 @@ class PairSampler:
     def batches(self, epoch: int) -> list[PairBatch]:
         """This rank's batches of ``epoch``; deterministic in (seed, epoch), independent of rank and world size."""
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self._item_video))
+        order = self._epoch_order(rng)
         video = self._item_video[order]
         frame = self._item_frame[order] if self._item_frame is not None else None
         everything = self._draw(rng, video, frame, np.arange(len(order), dtype=np.int64))
@@ -170,6 +170,33 @@ class PairSampler:
             everything[step * global_batch + start : step * global_batch + start + self.batch_size]
             for step in range(len(self))
         ]
+
+    def source_items(self) -> np.ndarray:
+        """Items each store gives an epoch (`sonocl.data.union.StoreUnion`): the stores' shares of `num_items`, by
+        largest remainder over the stores this sampler's videos come from; one store gives them all."""
+        weights = np.asarray(self.store.source_weights, dtype=np.float64)
+        present = np.zeros(len(weights), dtype=bool)
+        present[np.unique(self.store.video_source[self._item_video])] = True
+        exact = self.num_items * np.where(present, weights, 0.0) / weights[present].sum()
+        counts = np.floor(exact).astype(np.int64)
+        remainder = np.argsort(-(exact - counts), kind="stable")[: self.num_items - counts.sum()]
+        counts[remainder] += 1
+        return counts
+
+    def _epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+        """The epoch's items in order: a permutation of them; from several stores, each store's `source_items` of its
+        own (its items shuffled, repeated or cut short to fill its share), shuffled together."""
+        if len(self.store.source_weights) == 1:
+            return rng.permutation(self.num_items)
+        source = self.store.video_source[self._item_video]
+        parts = []
+        for store, count in enumerate(self.source_items()):
+            members = np.flatnonzero(source == store)
+            if count:
+                rounds = -(-count // len(members))
+                parts.append(np.concatenate([rng.permutation(members) for _ in range(rounds)])[:count])
+        chosen = np.concatenate(parts)
+        return chosen[rng.permutation(len(chosen))]
 
     def _draw(
         self, rng: np.random.Generator, video: np.ndarray, frame: np.ndarray | None, position: np.ndarray

@@ -18,12 +18,14 @@ saw, so a label-trained encoder cannot lose its labels by being resumed or fine-
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sonocl.data.store import FrameStore
+import numpy as np
+
+from sonocl.data.store import VideoTable
 from sonocl.errors import UserError
 from sonocl.files import write_json
 
@@ -39,7 +41,7 @@ class LabelLeakError(UserError):
 
 
 def record(
-    store: FrameStore,
+    store: VideoTable,
     trained: Iterable[int],
     labelled: Iterable[int],
     held_out: Iterable[int],
@@ -48,17 +50,23 @@ def record(
     label_columns: list[str],
     steps: int,
     batch_size: int,
+    shares: Sequence[float] = (1.0,),
 ) -> dict[str, Any]:
-    """The provenance record of a run over ``store`` (video indices in, content hashes out)."""
+    """The provenance record of a run over ``store`` (one store, or several read as one: video indices in, content
+    hashes out), with each store's videos and ``shares`` of the pairs in ``per_store``."""
+    trained, labelled, held_out = (np.asarray(list(v), dtype=np.int64) for v in (trained, labelled, held_out))
 
-    def hashes(videos: Iterable[int]) -> list[str]:
+    def hashes(videos: np.ndarray) -> list[str]:
         return sorted({store.videos[int(v)].content_hash for v in videos})
 
-    root = str(store.root.resolve())
+    def of(videos: np.ndarray, source: int) -> np.ndarray:
+        return videos[store.video_source[videos] == source] if len(videos) else videos
+
+    roots = [str(root.resolve()) for root in store.roots]
     return {
         "schema": SCHEMA,
-        "store": root,
-        "stores": [root],
+        "store": roots[0],
+        "stores": roots,
         "method": method,
         "label_columns": label_columns,
         "budget": {"steps": steps, "batch_size": batch_size, "pairs": steps * batch_size},
@@ -66,6 +74,17 @@ def record(
         "labels_used": hashes(labelled),
         "held_out": hashes(held_out),
         "initialised_from": [],
+        "per_store": [
+            {
+                "store": root,
+                "videos": int((store.video_source == source).sum()),
+                "share_of_pairs": round(float(shares[source]), 6),
+                "trained_on": hashes(of(trained, source)),
+                "labels_used": hashes(of(labelled, source)),
+                "held_out": hashes(of(held_out, source)),
+            }
+            for source, root in enumerate(roots)
+        ],
     }
 
 

@@ -162,17 +162,17 @@ def _read_records(path: Path) -> tuple[list[VideoRecord], int]:
     return records, committed
 
 
-class FrameStore:
-    """Read-only random access to the frames and video table of a store.
+class VideoTable:
+    """The video table of frames laid out video after video: offsets, per-frame video and time, labels and groups.
 
-    ``store.frames`` is an ``(num_frames, size, size)`` uint8 memory map; ``store.videos`` the committed
-    `VideoRecord` list in commit order (video index = position in that list).
-    """
+    `FrameStore` is one store's table over its memory map; `sonocl.data.union.StoreUnion` is several stores' tables
+    read as one. ``video_source`` says which store each video is from (all 0 in one store), ``source_weights`` the
+    share of a pretraining epoch's items each store gives (`sonocl.pairs.PairSampler`)."""
 
-    def __init__(self, root: Path, meta: dict[str, Any], videos: list[VideoRecord]) -> None:
-        self.root = root
-        self.size: int = int(meta["size"])
-        self.salt: str = meta["salt"]
+    root: Path
+    size: int
+
+    def __init__(self, videos: list[VideoRecord], sources: np.ndarray | None = None) -> None:
         self.videos = videos
         self.num_videos = len(videos)
         counts = np.array([v.num_frames for v in videos], dtype=np.int64)
@@ -187,6 +187,58 @@ class FrameStore:
             (t for v in videos for t in v.timestamps), dtype=np.float64, count=self.num_frames
         )
         """Timestamp in seconds of every frame."""
+        self.video_source = np.zeros(len(videos), dtype=np.int64) if sources is None else sources
+        """Index of the store each video is from (`StoreUnion`); 0 in a single store."""
+        self.source_weights: tuple[float, ...] = (1.0,)
+        """Each store's share of a pretraining epoch's items (one store: all of them)."""
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    @property
+    def roots(self) -> list[Path]:
+        """The store directories the table reads, in the order of ``video_source``."""
+        return [self.root]
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """Frames at any array of global frame indices, shape ``indices.shape + (S, S)``."""
+        raise NotImplementedError
+
+    def label_column(self, column: str = "label") -> list[str | None]:
+        """Per-video values of the primary label (``"label"``) or of an extra label column."""
+        if column == "label":
+            return [v.label for v in self.videos]
+        return [v.extra_labels.get(column) for v in self.videos]
+
+    def label_codes(self, column: str = "label") -> tuple[np.ndarray, list[str]]:
+        """Per-video integer codes of a label column (-1 where unlabelled) and the sorted class names."""
+        values = self.label_column(column)
+        names = sorted({value for value in values if value not in (None, "")})
+        lookup = {name: code for code, name in enumerate(names)}
+        codes = np.array([lookup.get(value, -1) if value else -1 for value in values], dtype=np.int64)
+        return codes, names
+
+    def group_codes(self) -> np.ndarray:
+        """Per-video integer group ids (videos of one patient or source of one store share an id)."""
+        lookup: dict[tuple[int, str], int] = {}
+        return np.array(
+            [lookup.setdefault((int(s), v.group), len(lookup)) for s, v in zip(self.video_source, self.videos)],
+            dtype=np.int64,
+        )
+
+
+class FrameStore(VideoTable):
+    """Read-only random access to the frames and video table of a store.
+
+    ``store.frames`` is an ``(num_frames, size, size)`` uint8 memory map; ``store.videos`` the committed
+    `VideoRecord` list in commit order (video index = position in that list).
+    """
+
+    def __init__(self, root: Path, meta: dict[str, Any], videos: list[VideoRecord]) -> None:
+        super().__init__(videos)
+        self.root = root
+        self.size = int(meta["size"])
+        self.salt: str = meta["salt"]
         self._frames: np.memmap | None = None
         self._frames_pid: int | None = None
         self._check_offsets()
@@ -231,9 +283,6 @@ class FrameStore:
         state["_frames_pid"] = None
         return state
 
-    def __len__(self) -> int:
-        return self.num_frames
-
     def frame(self, index: int) -> np.ndarray:
         return np.asarray(self.frames[index])
 
@@ -245,25 +294,6 @@ class FrameStore:
     def video_frames(self, video: int) -> np.ndarray:
         start, stop = self.video_offsets[video], self.video_offsets[video + 1]
         return np.asarray(self.frames[start:stop])
-
-    def label_column(self, column: str = "label") -> list[str | None]:
-        """Per-video values of the primary label (``"label"``) or of an extra label column."""
-        if column == "label":
-            return [v.label for v in self.videos]
-        return [v.extra_labels.get(column) for v in self.videos]
-
-    def label_codes(self, column: str = "label") -> tuple[np.ndarray, list[str]]:
-        """Per-video integer codes of a label column (-1 where unlabelled) and the sorted class names."""
-        values = self.label_column(column)
-        names = sorted({value for value in values if value not in (None, "")})
-        lookup = {name: code for code, name in enumerate(names)}
-        codes = np.array([lookup.get(value, -1) if value else -1 for value in values], dtype=np.int64)
-        return codes, names
-
-    def group_codes(self) -> np.ndarray:
-        """Per-video integer group ids (videos of one patient or source share an id)."""
-        lookup: dict[str, int] = {}
-        return np.array([lookup.setdefault(v.group, len(lookup)) for v in self.videos], dtype=np.int64)
 
     def read_report(self) -> dict[str, Any] | None:
         path = self.root / REPORT_FILE

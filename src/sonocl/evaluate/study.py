@@ -38,6 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the `sonocl pretrain` options of every fold's run, quoted, without --store and --out, "
         "e.g. '--method uscl --steps 500 --size 64' or '--config uscl.yaml'",
     )
+    parser.add_argument(
+        "--also-store",
+        action="append",
+        default=[],
+        metavar="STORE",
+        help="pretrain every fold on this store too (repeatable; after --store, balanced as `sonocl pretrain --store "
+        "A --store B` is; --store-weights in --pretrain weighs them): the fold's test videos are left out of every "
+        "store, matched by content",
+    )
     parser.add_argument("--name", help="the row's label (default: METHOD (per fold))")
     parser.add_argument(
         "--runs",
@@ -50,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_overwrite_argument(parser)
 
 
-def pretrain_config(options: str, store: str, run_dir: Path, exclude: list[str]) -> Any:
-    """The fold's `PretrainConfig`: ``sonocl pretrain OPTIONS`` on ``store``, never seeing ``exclude``."""
+def pretrain_config(options: str, stores: list[str], run_dir: Path, exclude: list[str]) -> Any:
+    """The fold's `PretrainConfig`: ``sonocl pretrain OPTIONS`` on ``stores``, never seeing ``exclude``."""
     from sonocl.train import cli as pretrain_cli
     from sonocl.train.config import merge
 
@@ -61,7 +70,9 @@ def pretrain_config(options: str, store: str, run_dir: Path, exclude: list[str])
     if any(word in ("--store", "--out", "--resume") for word in words):
         raise ConfigError("--pretrain: leave out --store, --out and --resume (the study sets them per fold)")
     try:
-        args = parser.parse_args([*words, "--store", store, "--out", str(run_dir)])
+        args = parser.parse_args(
+            [*words, *(word for store in stores for word in ("--store", store)), "--out", str(run_dir)]
+        )
     except (argparse.ArgumentError, SystemExit) as error:
         raise ConfigError(f"--pretrain {options!r}: {error}") from None
     args.resume = (run_dir / "checkpoints" / "last.pt").exists()
@@ -187,7 +198,7 @@ def fold_run(
     name = f"seed{task.seed}_fold{task.fold}"
     run_dir, cached = fold_run_dir(args, out, task), out / "folds" / f"{name}.npz"
     test_hashes = [base.video_hashes[v] for v in task.test_videos]
-    cfg, resume = pretrain_config(args.pretrain, str(store.root), run_dir, test_hashes)
+    cfg, resume = pretrain_config(args.pretrain, [str(store.root), *args.also_store], run_dir, test_hashes)
     check_same_pretraining(run_dir, cfg)
     if not (cached.exists() and (run_dir / "encoder.safetensors").exists()):
         print(

@@ -172,7 +172,11 @@ class ScheduleConfig:
 class PretrainConfig:
     method: str
     """The registered method (`sonocl.methods.registry`); no default: a configuration names its method."""
-    store: str = ""
+    store: tuple[str, ...] = ()
+    """The frame stores pretrained on: one, or several read as one (`sonocl.data.union.StoreUnion`); a single path in
+    a YAML file is a list of one."""
+    store_weights: tuple[float, ...] = ()
+    """Each store's share of an epoch's items, in the order of ``store`` (normalised; empty: equal shares)."""
     epochs: int = 300
     steps: int | None = None
     """The budget in optimiser steps of ``batch_size`` pairs each (pairs seen = steps × batch_size); it replaces

@@ -195,22 +195,25 @@ class Context:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def open_store(spec: str, relative_to: Path) -> Any:
-    """The `FrameStore` at ``spec`` (as given, else relative to ``relative_to``); `ReportError` when unreachable."""
-    from sonocl.data.store import FrameStore, StoreError
+def open_store(specs: Sequence[str], relative_to: Path, weights: Sequence[float] = ()) -> Any:
+    """The run's stores (each as given, else relative to ``relative_to``), one or their union as the run read them;
+    `ReportError` when one is unreachable."""
+    from sonocl.data.store import StoreError
+    from sonocl.data.union import open_stores
 
-    if not spec:
+    if not specs:
         raise ReportError("no store path recorded")
-    candidates = [Path(spec)]
-    if not Path(spec).is_absolute():
-        candidates.append(relative_to / spec)
-    for candidate in candidates:
-        if candidate.is_dir():
-            try:
-                return FrameStore.open(candidate)
-            except StoreError as error:
-                raise ReportError(f"{candidate}: {error}") from error
-    raise ReportError(f"the frame store {spec} is not reachable from here")
+    found = []
+    for spec in specs:
+        candidates = [Path(spec)] if Path(spec).is_absolute() else [Path(spec), relative_to / spec]
+        reachable = next((candidate for candidate in candidates if candidate.is_dir()), None)
+        if reachable is None:
+            raise ReportError(f"the frame store {spec} is not reachable from here")
+        found.append(reachable)
+    try:
+        return open_stores(found, weights)
+    except StoreError as error:
+        raise ReportError(str(error)) from error
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -252,7 +255,7 @@ def run_section(path: Path, ctx: Context) -> Section:
     store_problem = ""
     if cfg is not None:
         try:
-            store = open_store(cfg.store, path)
+            store = open_store(cfg.store, path, cfg.store_weights)
         except ReportError as error:
             store_problem = str(error)
     else:
@@ -302,7 +305,7 @@ def _settings_rows(cfg: Any) -> list[tuple[str, Any]]:
     """The run's main settings, one (name, value) row each."""
     return [
         ("method", cfg.method),
-        ("store", cfg.store),
+        ("store", ", ".join(cfg.store)),
         ("backbone", f"{cfg.model.backbone}, {cfg.model.channels}-channel stem, init {cfg.model.init}"),
         (
             "budget",

@@ -23,6 +23,7 @@ from sonocl.train.config import ConfigError, load_run_config, load_yaml, merge, 
 # (``sonocl/methods/``) become flags of their own in `_method_flags`.
 OVERRIDES: dict[str, str] = {
     "store": "store",
+    "store_weights": "store_weights",
     "epochs": "epochs",
     "steps": "steps",
     "batch_size": "batch_size",
@@ -65,7 +66,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--set key=value override them (e.g. --set optim.weight_decay=1e-5 --set augment.blur_p=0.5). "
         "RUN/config.yaml holds the resolved configuration. Distributed: torchrun --nproc-per-node N -m sonocl pretrain …"
     )
-    parser.add_argument("--store", help="frame store directory (sonocl ingest)")
+    parser.add_argument(
+        "--store",
+        action="append",
+        help="frame store directory (sonocl ingest); give it again to pretrain on several stores at once, each giving "
+        "an equal share of every epoch's pairs unless --store-weights says otherwise",
+    )
+    parser.add_argument(
+        "--store-weights",
+        type=_weights,
+        metavar="W,W,…",
+        help="each --store's share of the pairs, in their order (e.g. 2,1; normalised)",
+    )
     parser.add_argument(
         "--method",
         choices=method_names(),
@@ -170,8 +182,19 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
         cfg = _with_init_backbone(cfg, args)
     if not cfg.store:
         raise ConfigError("--store is required")
-    cfg = merge(cfg, {"store": str(Path(cfg.store).resolve())})  # the run's config.yaml stays usable from anywhere
-    return cfg
+    if cfg.store_weights and len(cfg.store_weights) != len(cfg.store):
+        raise ConfigError(
+            f"--store-weights: {len(cfg.store_weights)} weights for {len(cfg.store)} stores; give one each"
+        )
+    stores = [str(Path(store).resolve()) for store in cfg.store]  # the run's config.yaml stays usable from anywhere
+    return merge(cfg, {"store": stores})
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas, e.g. 2,1") from None
 
 
 def _with_init_backbone(cfg: PretrainConfig, args: argparse.Namespace) -> PretrainConfig:

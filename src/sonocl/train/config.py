@@ -62,6 +62,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _from_dict(hint, value, key + ".")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # any length; one value is a list of one
+        values = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(values))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")

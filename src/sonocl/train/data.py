@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sonocl.data.store import FrameStore
+from sonocl.data.store import VideoTable
+from sonocl.data.union import open_stores
 from sonocl.errors import ConfigError, UserError
 from sonocl.methods import Method
 from sonocl.methods.config import PretrainConfig, replace
@@ -31,7 +32,7 @@ VALIDATION_SEED = 0x5EED
 class RunData:
     """The store, the video split and everything drawn from it: samplers, validation pairs, monitor frames."""
 
-    store: FrameStore
+    store: VideoTable
     kept: np.ndarray
     held: np.ndarray
     sampler: PairSampler
@@ -49,6 +50,12 @@ class RunData:
     """Epochs between monitors (``cfg.monitor_every``, or the automatic interval)."""
 
     @property
+    def store_shares(self) -> list[float]:
+        """Each store's share of the training pairs (`PairSampler.source_items`; one store: all of them)."""
+        counts = self.sampler.source_items()
+        return [float(count) / counts.sum() for count in counts]
+
+    @property
     def steps_per_epoch(self) -> int:
         return len(self.sampler)
 
@@ -60,7 +67,7 @@ class RunData:
 
 def build_data(cfg: PretrainConfig, method: Method, context: ddp.DistributedContext) -> RunData:
     """The store, the grouped hold-out of videos, the method's samplers and the monitors' frames."""
-    store = FrameStore.open(cfg.store)
+    store = open_stores(cfg.store, cfg.store_weights)
     kept, held = split_videos(cfg, store)
     batch_size = cfg.batch_size // context.world_size
     try:
@@ -69,7 +76,7 @@ def build_data(cfg: PretrainConfig, method: Method, context: ddp.DistributedCont
         raise
     except ValueError as error:  # e.g. fewer training items than one batch
         raise ConfigError(
-            f"{cfg.store}: {error} ({len(kept)} training videos of {store.num_videos}, --batch-size "
+            f"{', '.join(cfg.store)}: {error} ({len(kept)} training videos of {store.num_videos}, --batch-size "
             f"{cfg.batch_size}); use a smaller --batch-size or more videos"
         ) from None
     meta_sampler = None
@@ -100,7 +107,7 @@ def build_data(cfg: PretrainConfig, method: Method, context: ddp.DistributedCont
     )
 
 
-def validation_batches(cfg: PretrainConfig, method: Method, store: FrameStore, held: np.ndarray) -> list[PairBatch]:
+def validation_batches(cfg: PretrainConfig, method: Method, store: VideoTable, held: np.ndarray) -> list[PairBatch]:
     """The held-out videos' pairs, drawn once with a fixed seed so that every epoch's validation loss is comparable."""
     if len(held) < 2:
         return []

@@ -208,6 +208,11 @@ def _start_logs(run: Run, global_step: int, resume: bool) -> None:
           f"held out), {data.total_steps} steps ({data.steps_per_epoch}/epoch, {data.num_epochs} epochs) of batch "
           f"{cfg.batch_size} = {data.total_steps * cfg.batch_size} pairs, {run.precision}, {run.device}{processes}",
           file=sys.stderr)  # fmt: skip
+    if len(data.store.roots) > 1:
+        sources = data.store.video_source.tolist()
+        for source, (root, share) in enumerate(zip(data.store.roots, data.store_shares)):
+            print(f"sonocl pretrain:   {root}: {sources.count(source)} videos, {100 * share:.1f} % of the pairs",
+                  file=sys.stderr)  # fmt: skip
 
 
 def run_provenance(run: Run, resume: bool) -> dict[str, Any]:
@@ -216,7 +221,7 @@ def run_provenance(run: Run, resume: bool) -> dict[str, Any]:
     cfg, data = run.cfg, run.data
     record = provenance.record(data.store, data.kept, data.sampler.labelled_videos, data.held, method=cfg.method,
                                label_columns=data.sampler.label_columns, steps=data.total_steps,
-                               batch_size=cfg.batch_size)  # fmt: skip
+                               batch_size=cfg.batch_size, shares=data.store_shares)  # fmt: skip
     earlier = provenance.read(run.out) if resume else None
     if earlier is not None:
         record = provenance.combine(earlier, record)

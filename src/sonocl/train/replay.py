@@ -27,7 +27,7 @@ from sonocl.train.config import resolve
 
 def split_videos(cfg: PretrainConfig, store: FrameStore) -> tuple[np.ndarray, np.ndarray]:
     """``(training, held_out)`` sorted video indices: whole groups held out, ``val_fraction`` of the videos that
-    ``cfg.exclude`` leaves."""
+    ``cfg.exclude`` leaves, of each store on its own when the run reads several."""
     excluded = set(cfg.exclude)
     usable = np.array([v for v, video in enumerate(store.videos) if video.content_hash not in excluded], dtype=np.int64)
     if excluded and len(usable) == store.num_videos:
@@ -35,8 +35,14 @@ def split_videos(cfg: PretrainConfig, store: FrameStore) -> tuple[np.ndarray, np
     if cfg.val_fraction <= 0:
         return usable, np.zeros(0, dtype=np.int64)
     codes, _ = store.label_codes(cfg.label_column)
-    kept, held = grouped_holdout(codes[usable], store.group_codes()[usable], cfg.val_fraction, cfg.seed)
-    return np.sort(usable[np.asarray(kept, dtype=np.int64)]), np.sort(usable[np.asarray(held, dtype=np.int64)])
+    groups = store.group_codes()
+    kept, held = [], []
+    for source in np.unique(store.video_source[usable]):  # each store holds out its share: training sees every store
+        videos = usable[store.video_source[usable] == source]
+        train, val = grouped_holdout(codes[videos], groups[videos], cfg.val_fraction, cfg.seed + int(source))
+        kept.append(videos[np.asarray(train, dtype=np.int64)])
+        held.append(videos[np.asarray(val, dtype=np.int64)])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
 
 
 def training_sampler(

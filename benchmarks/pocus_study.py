@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = (REPO / ".." / "shared" / "data" / "pocus").resolve()
@@ -228,6 +229,21 @@ def labels_csv(path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=["file", "label", "patient", "findings"])
         writer.writeheader()
         writer.writerows(out)
+
+
+def ingest(root: Path) -> Path:
+    """The study's store, ``root/store``: the convex videos at 128 px with label, patient group and findings
+    (incremental: a rerun adds only what is missing)."""
+    store = root / "store"
+    if not (root / "store.done").exists():
+        labels_csv(root / "labels.csv")
+        sonocl(
+            "ingest", str(DATA / "pocus_videos" / "convex"), "--out", str(store), "--size", "128",
+            "--labels", str(root / "labels.csv"), "--id-column", "file", "--label-column", "label",
+            "--group-column", "patient", "--extra-columns", "findings", log=root / "logs" / "ingest.log",
+        )  # fmt: skip
+        (root / "store.done").write_text("")
+    return store
 
 
 def _seeds_done(out: Path) -> int:
@@ -621,30 +637,42 @@ def _transfer_table(root: Path, stored: list[str]) -> list[str]:
     return [*lines, ""]
 
 
+def study_meta(script: str) -> dict[str, Any]:
+    """What a study's JSON says of how and where it was made, and the budget of its pretrained rows."""
+    return {
+        "schema": "sonocl.study/1",
+        "command": f"python benchmarks/{script}",
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "updated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "budget": {"steps": STEPS, "batch_size": BATCH, "pairs": STEPS * BATCH, "size": SIZE},
+    }
+
+
+def write_section(name: str, script: str, body: str) -> Path:
+    """``body`` between the study's markers in docs/results.md (appended the first time); returns the file."""
+    results = REPO / "docs" / "results.md"
+    text = results.read_text(encoding="utf-8")
+    begin, end = f"<!-- {name}:begin (written by benchmarks/{script}) -->", f"<!-- {name}:end -->"
+    section = f"{begin}\n\n{body}\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    results.write_text(text, encoding="utf-8")
+    return results
+
+
 def write_outputs(root: Path) -> None:
     study = REPO / "docs" / "study" / "pocus.json"
     stored = json.loads(study.read_text(encoding="utf-8")) if study.exists() else {}
     records = merge(collect(root), stored.get("records", []))
     transfer_lines = _transfer_table(root, stored.get("transfer_table", []))
     study.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "schema": "sonocl.study/1",
-        "command": "python benchmarks/pocus_study.py",
-        "machine": platform.node(),
-        "cpus": os.cpu_count(),
-        "updated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "budget": {"steps": STEPS, "batch_size": BATCH, "pairs": STEPS * BATCH, "size": SIZE},
-    }
+    meta = study_meta("pocus_study.py")
     study.write_text(json.dumps({**meta, "records": records, "transfer_table": transfer_lines}, indent=1) + "\n")
-    results = REPO / "docs" / "results.md"
-    text = results.read_text()
-    begin, end = "<!-- pocus-study:begin (written by benchmarks/pocus_study.py) -->", "<!-- pocus-study:end -->"
-    body = f"{begin}\n\nUpdated {meta['updated']}; {len(records)} fold runs in `docs/study/pocus.json`.\n\n{tables(records)}\n{chr(10).join(transfer_lines)}\n{end}"
-    if begin in text:
-        text = text[: text.index(begin)] + body + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + body + "\n"
-    results.write_text(text)
+    body = f"Updated {meta['updated']}; {len(records)} fold runs in `docs/study/pocus.json`.\n\n{tables(records)}\n"
+    results = write_section("pocus-study", "pocus_study.py", body + "\n".join(transfer_lines))
     print(f"wrote {study} ({len(records)} records) and the tables in {results}")
 
 
@@ -677,28 +705,7 @@ def main() -> int:
     root: Path = args.root
     store = root / "store"
     if not args.tables_only:
-        if not (root / "store.done").exists():  # ingest is incremental: a rerun adds only what is missing
-            labels_csv(root / "labels.csv")
-            sonocl(
-                "ingest",
-                str(DATA / "pocus_videos" / "convex"),
-                "--out",
-                str(store),
-                "--size",
-                "128",
-                "--labels",
-                str(root / "labels.csv"),
-                "--id-column",
-                "file",
-                "--label-column",
-                "label",
-                "--group-column",
-                "patient",
-                "--extra-columns",
-                "findings",
-                log=root / "logs" / "ingest.log",
-            )
-            (root / "store.done").write_text("")
+        ingest(root)
         # The cheap protocols for every row first, then the last-block fine-tuning of LAST_BLOCK.
         for phase in (("knn", "linear"), ("last-block",)):
             for row in _chosen(args.only):

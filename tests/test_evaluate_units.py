@@ -123,3 +123,22 @@ def test_stray_spaces_of_a_label_csv_are_one_value(phantom_dataset: Path, tmp_pa
     assert main(argv) == 0
     values = FrameStore.open(store).label_column("b_lines")
     assert sorted(set(values)) == ["no", "yes"] and len(values) == len(rows)
+
+
+def test_the_folds_do_not_depend_on_the_order_ingest_committed_the_videos_in(tmp_path: Path) -> None:
+    """Ingest commits videos as its workers finish them: the same videos in another order give the same folds."""
+    from sonocl.evaluate.data import fold_splits
+
+    videos = make_phantom(12, 4, 32, seed=5)
+    folds = []
+    for name, order in (("forward", videos), ("backward", videos[::-1])):
+        with FrameStoreWriter(tmp_path / name, 32) as writer:
+            for video in order:
+                writer.add_video(
+                    video.frames, id=video.name, source=f"{video.name}.mp4", label=video.label,
+                    group=f"{name}-salted-{video.patient}", fps=video.fps, timestamps=np.arange(4) / video.fps,
+                    original_size=(32, 32), crop_box=(0, 0, 32, 32), content_hash=f"hash-{video.name}",
+                )  # fmt: skip
+        data = load_eval_data(FrameStore.open(tmp_path / name), _config(group_by="group"))
+        folds.append([sorted(data.video_ids[v] for v in test) for _, test in fold_splits(data, _config(), seed=0)])
+    assert folds[0] == folds[1]

@@ -33,7 +33,9 @@ def sample_frames(timestamps: np.ndarray, fps: float, max_frames: int) -> np.nda
 
 @dataclasses.dataclass
 class EvalData:
-    """The sampled frames of the evaluated videos, resized once, and their video table."""
+    """The sampled frames of the evaluated videos, resized once, and their video table: videos in the order of their
+    content hashes, groups numbered as they first appear in it, so that the same videos give the same folds in any
+    store they were ingested into."""
 
     images: torch.Tensor
     """``(N, 1, size, size)`` uint8 frames."""
@@ -125,10 +127,17 @@ def load_eval_data(store: FrameStore, config: EvalConfig) -> EvalData:
         raise ConfigError(
             f"{store.root}: need at least 2 classes in column {config.label_column!r}, found {class_names}"
         )
-    kept = [v for v, value in enumerate(values) if value in lookup]
+    # Content order, groups numbered as they first appear in it: the folds are a function of the videos, their labels
+    # and groups, never of the order in which ingest happened to commit them (its workers finish in any order).
+    kept = sorted(
+        (v for v, value in enumerate(values) if value in lookup),
+        key=lambda v: (store.videos[v].content_hash, store.videos[v].id),
+    )
     if config.unit == "patient":
         _check_patient_labels(store, config, kept, [lookup[values[v]] for v in kept])
-    groups = store.group_codes()
+    groups = np.zeros(store.num_videos, dtype=np.int64)
+    _, first, inverse = np.unique(store.group_codes()[kept], return_index=True, return_inverse=True)
+    groups[kept] = np.argsort(np.argsort(first))[inverse]
     check_folds(config, len(set(groups[kept].tolist())) if config.group_by == "group" else len(kept), str(store.root))
     frame_video, frame_index, global_index = [], [], []
     for position, v in enumerate(kept):

@@ -1,0 +1,297 @@
+"""The transfer study: do encoders pretrained on one lung-ultrasound corpus help on another? (``docs/results.md``)
+
+The seeds' own protocol (USCL pretrains once on US-4 and tests on POCUS): every method of the POCUS study is
+pretrained on one corpus at one budget and evaluated, frozen (kNN, linear probe), on the tasks of both corpora:
+
+- POCUS (``../shared/data/pocus``, convex videos): COVID-19 / pneumonia / regular, folds grouped by patient;
+- COVID-BLUES (``../shared/data/covid_blues``: 362 videos of 63 patients, one scanner): severity 0–3,
+  B-lines yes/no, folds grouped by patient.
+
+An encoder pretrained on the corpus it is tested on is the same-dataset row (transductive: its test videos seen
+without labels, as every table says); pretrained on the other corpus it has seen none of them. Each step resumes
+(a rerun skips what is done and continues an interrupted run at its last checkpoint or fold); the fold runs are
+collected into ``docs/study/transfer.json`` and the tables written into ``docs/results.md`` between the study's
+markers.
+
+    python benchmarks/transfer_study.py [--root runs/transfer-study] [--only METHOD ...] [--corpora blues pocus]
+
+Neither dataset nor anything derived from it is committed: the runs stay under ``--root``; the JSON holds metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pocus_study as pocus  # noqa: E402  (the POCUS study's store, rows, budget and paired statistics)
+
+REPO = pocus.REPO
+BLUES = (REPO / ".." / "shared" / "data" / "covid_blues").resolve()
+SIZE = pocus.SIZE
+COMMON = ["--recipe", "meta-uscl", "--size", str(SIZE), "--folds", "5", "--group-by", "group"]
+"""Every evaluation: the POCUS study's recipe and size, 5 folds grouped by patient."""
+PROTOCOLS = ("knn", "linear")
+METHODS = ("simclr", "moco", "byol", "ivpp", "uscl-ssl", "meta-uscl")
+"""The pretraining rows, with the POCUS study's options and budget (``pocus_study.ROWS``)."""
+CORPORA = ("blues", "pocus")
+"""Where an encoder is pretrained: BLUES first (its encoders answer the study's first question, BLUES → POCUS)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    corpus: str
+    """The store it is evaluated on."""
+    options: tuple[str, ...]
+    """`sonocl evaluate` options that define the task (classes, label column, unit)."""
+
+    @property
+    def unit(self) -> str:
+        return "patient" if "patient" in self.options else "video"
+
+
+TASKS = (
+    Task("POCUS 3-class", "pocus", ("--classes", pocus.CLASSES)),
+    Task("BLUES severity 0–3", "blues", ("--classes", "0,1,2,3")),
+    Task("BLUES severity 0 vs ≥ 1", "blues", ("--classes", "0,≥1=1+2+3")),
+    Task("BLUES B-lines", "blues", ("--label-column", "b_lines", "--classes", "no,yes")),
+    Task(
+        "BLUES COVID-19 per patient",
+        "blues",
+        ("--label-column", "covid", "--classes", "negative,positive", "--unit", "patient"),
+    ),
+)
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
+
+
+# ------------------------------------------------------------------------------------------------- stores
+
+
+def blues_labels(path: Path) -> None:
+    """One row per video of severity.csv: severity 0–3, A-lines and B-lines as the CSV writes them (stray spaces
+    included: the evaluation reads ``yes `` as ``yes``), the patient, and the patient's PCR result."""
+    covid = {}
+    with open(BLUES / "clinical_variables.csv", newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            covid[row["patient_id"].strip()] = {"1": "positive", "0": "negative"}.get(row["cov_test"].strip(), "")
+    out = []
+    with open(BLUES / "severity.csv", newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            patient = row["video_file"].split("_")[1]
+            severity = row["Severity Score"].strip()
+            out.append(
+                {
+                    "file": row["video_file"],
+                    "severity": str(int(float(severity))) if severity else "",
+                    "a_lines": row["A-lines"],
+                    "b_lines": row["B-lines"],
+                    "patient": patient,
+                    "covid": covid.get(patient, ""),
+                }
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(out[0]))
+        writer.writeheader()
+        writer.writerows(out)
+
+
+def ingest_blues(root: Path) -> Path:
+    """BLUES at 128 px (as the POCUS store): the label is the severity; B-lines, A-lines and COVID-19 extra columns."""
+    store = root / "blues-store"
+    if not (root / "blues-store.done").exists():
+        blues_labels(root / "blues-labels.csv")
+        pocus.sonocl(
+            "ingest", str(BLUES / "lus_videos"), "--out", str(store), "--size", "128",
+            "--labels", str(root / "blues-labels.csv"), "--id-column", "file", "--label-column", "severity",
+            "--group-column", "patient", "--extra-columns", "a_lines,b_lines,covid", log=root / "logs" / "ingest.log",
+        )  # fmt: skip
+        (root / "blues-store.done").write_text("")
+    return store
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+def pretrain_args(method: str) -> list[str]:
+    return next(row.pretrain for row in pocus.ROWS if row.name == method)
+
+
+def pretrain(root: Path, stores: dict[str, Path], method: str, corpus: str) -> Path:
+    """The encoder of ``method`` pretrained on ``corpus`` at the POCUS study's budget (resumed if interrupted)."""
+    run = root / "pretrain" / corpus / method
+    if not (run / "finished").exists():
+        resume = ["--resume"] if (run / "checkpoints" / "last.pt").exists() else []
+        pocus.sonocl(
+            "pretrain", "--store", str(stores[corpus]), "--out", str(run), "--no-progress",
+            *pretrain_args(method), *resume, log=root / "logs" / f"pretrain-{corpus}-{method}.log",
+        )  # fmt: skip
+        (run / "finished").write_text("")
+    return run
+
+
+def evaluate(root: Path, stores: dict[str, Path], task: Task, protocol: str, method: str, corpus: str) -> None:
+    """``method`` pretrained on ``corpus`` (``none``: random init) on ``task`` with ``protocol``; skipped when done."""
+    out = root / "eval" / slug(task.name) / protocol / f"{corpus}-{method}"
+    if (out / "results.md").exists():
+        return
+    init = "random" if corpus == "none" else str(root / "pretrain" / corpus / method)
+    pocus.sonocl(
+        "evaluate", "--init", init, "--name", method, "--store", str(stores[task.corpus]), *COMMON, *task.options,
+        "--protocol", protocol, "--seeds", "1", "--out", str(out), log=root / "logs" / f"eval-{slug(task.name)}.log",
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+
+def collect(root: Path) -> list[dict]:
+    """One record per task × protocol × encoder × fold from every results.json under ``root/eval``."""
+    records = []
+    for task in TASKS:
+        for protocol in PROTOCOLS:
+            for path in sorted((root / "eval" / slug(task.name) / protocol).glob("*/results.json")):
+                corpus, method = path.parent.name.split("-", 1)
+                results = json.loads(path.read_text(encoding="utf-8"))
+                entry = results["inits"][0]
+                overlap = entry.get("pretraining_overlap") or {}
+                seconds = _pretrain_seconds(root / "pretrain" / corpus / method)
+                for run in entry["runs"]:
+                    video = run[task.unit]
+                    records.append(
+                        {
+                            "task": task.name,
+                            "protocol": protocol,
+                            "method": "random" if corpus == "none" else method,
+                            "pretrained_on": corpus,
+                            "seen": overlap.get("seen", 0),
+                            "test_videos": overlap.get("test_videos", results["num_videos"]),
+                            "unit": task.unit,
+                            "seed": run["seed"],
+                            "fold": run["fold"],
+                            "accuracy": video["accuracy"],
+                            "balanced_accuracy": video["balanced_accuracy"],
+                            "macro_f1": video["macro_f1"],
+                            "auc": video.get("macro_auc"),
+                            "seconds": run["seconds"],
+                            "pretrain_seconds": seconds,
+                        }
+                    )
+    return records
+
+
+def _pretrain_seconds(run: Path) -> float | None:
+    metrics = run / "metrics.csv"
+    return pocus._last_seconds(metrics) if metrics.exists() else None
+
+
+def _cell(values: list[float]) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "–"
+    mean, std = pocus._mean_std(values)
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _pretraining(record: dict, corpus: str) -> str:
+    if record["pretrained_on"] == "none":
+        return "none"
+    where = {"blues": "COVID-BLUES", "pocus": "POCUS"}[record["pretrained_on"]]
+    kind = "same dataset" if record["pretrained_on"] == corpus else "other dataset"
+    return f"{where} ({kind}): {record['seen']} of {record['test_videos']} test videos seen"
+
+
+def tables(records: list[dict]) -> str:
+    """One table per task and protocol: each encoder against random init, paired by fold."""
+    lines = []
+    for task in TASKS:
+        for protocol in PROTOCOLS:
+            chosen = [r for r in records if r["task"] == task.name and r["protocol"] == protocol]
+            if not chosen:
+                continue
+            random = {(r["seed"], r["fold"]): r["accuracy"] for r in chosen if r["pretrained_on"] == "none"}
+            unit = task.unit
+            lines += [
+                f"### {task.name}, {protocol}",
+                "",
+                f"| method | pretrained on | folds | {unit} acc | {unit} bal. acc | {unit} macro-F1 | {unit} AUC | "
+                f"Δ {unit} acc vs random (paired, ± SE) | pretrain wall |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            encoders = sorted(
+                {(r["method"], r["pretrained_on"]) for r in chosen},
+                key=lambda e: (e[1] != "none", CORPORA.index(e[1]) if e[1] in CORPORA else -1, _order(e[0])),
+            )
+            for method, corpus in encoders:
+                mine = [r for r in chosen if (r["method"], r["pretrained_on"]) == (method, corpus)]
+                seconds = mine[0]["pretrain_seconds"]
+                cells = [
+                    method,
+                    _pretraining(mine[0], task.corpus),
+                    str(len(mine)),
+                    *(_cell([r[key] for r in mine]) for key in ("accuracy", "balanced_accuracy", "macro_f1", "auc")),
+                    "–" if corpus == "none" else _paired_delta(mine, random),
+                    "–" if seconds is None else f"{seconds / 60:.1f} min",
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _paired_delta(mine: list[dict], random: dict[tuple[int, int], float]) -> str:
+    """`pocus_study._paired_delta` of this study's records (their accuracy is the task's unit's)."""
+    return pocus._paired_delta([{**r, "video_accuracy": r["accuracy"]} for r in mine], random)
+
+
+def _order(method: str) -> int:
+    return METHODS.index(method) if method in METHODS else -1
+
+
+def write_outputs(root: Path) -> None:
+    records = collect(root)
+    study = REPO / "docs" / "study" / "transfer.json"
+    meta = pocus.study_meta("transfer_study.py")
+    study.parent.mkdir(parents=True, exist_ok=True)
+    study.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n", encoding="utf-8")
+    body = f"Updated {meta['updated']}; {len(records)} fold runs in `docs/study/transfer.json`.\n\n{tables(records)}"
+    results = pocus.write_section("transfer-study", "transfer_study.py", body)
+    print(f"wrote {study} ({len(records)} records) and the tables in {results}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=REPO / "runs" / "transfer-study")
+    parser.add_argument("--only", nargs="+", choices=METHODS, help="methods to pretrain (default: all)")
+    parser.add_argument("--corpora", nargs="+", choices=CORPORA, default=list(CORPORA), help="pretraining corpora")
+    parser.add_argument("--tables-only", action="store_true", help="only collect the results and write the tables")
+    args = parser.parse_args()
+    root: Path = args.root
+    if not args.tables_only:
+        stores = {"pocus": pocus.ingest(REPO / "runs" / "pocus-study"), "blues": ingest_blues(root)}
+        for task in TASKS:
+            for protocol in PROTOCOLS:
+                evaluate(root, stores, task, protocol, "random", "none")
+        write_outputs(root)
+        for corpus in args.corpora:
+            for method in args.only or METHODS:
+                pretrain(root, stores, method, corpus)
+                # the other corpus's tasks first: the transfer is the question, the same-dataset row the reference
+                for task in sorted(TASKS, key=lambda t: t.corpus == corpus):
+                    for protocol in PROTOCOLS:
+                        evaluate(root, stores, task, protocol, method, corpus)
+                write_outputs(root)
+    write_outputs(root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

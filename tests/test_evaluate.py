@@ -177,6 +177,7 @@ def test_selection_modes_on_one_run(data):
 def test_inner_val_tests_the_snapshot_of_its_selected_epoch(data):
     """inner-val predicts the test fold once, from the model saved at the selected epoch: the same predictions as
     testing after every epoch and picking that epoch (last-block, so BatchNorm buffers are part of the snapshot)."""
+    torch.manual_seed(0)  # the random init's weights: not those of whatever ran before
     backbone, report = load_init("random", "resnet18", 1)
     settings = dict(protocol="last-block", epochs=3, selection="inner-val", lr=0.001)
     once = evaluate_init(data, backbone, report, "random", _config(**settings))

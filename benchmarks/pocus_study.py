@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -328,6 +329,7 @@ def collect(root: Path) -> list[dict]:
                             "video_auc": run["video"].get("macro_auc"),
                             "max_test_frame_accuracy": max(by_epoch) if by_epoch else None,
                             "test_frames": run["test_frames"],
+                            "test_digest": test_digest(run),
                             "input": entry.get("input"),
                             "seconds": run["seconds"],
                             "pretrain_seconds": seconds,
@@ -410,7 +412,14 @@ def tables(records: list[dict]) -> str:
                 cell.append(_pooled_max_test(mine))
             lines.append("| " + " | ".join(cell) + " |")
         lines.append("")
-    return "\n".join(lines + _before_after_table(records) + _orderings_table(records) + _curve_table(records))
+    text = "\n".join(lines + _before_after_table(records) + _orderings_table(records) + _curve_table(records))
+    if UNPAIRED in text:
+        text += (
+            f"\n{UNPAIRED} Not known to be paired: the two rows' fold runs are not shown to have tested the same videos "
+            "(records made before each fold's test videos were kept, or two ingests of the store, which gave different "
+            "folds until the folds were ordered by content). Read such a difference as two unpaired means.\n"
+        )
+    return text
 
 
 def _pooled_max_test(records: list[dict]) -> str:
@@ -491,20 +500,32 @@ def _orderings_table(records: list[dict]) -> list[str]:
     ]
 
 
-def _by_fold(records: list[dict], row: str) -> dict[tuple[int, int], float]:
-    """The row's video accuracy by (seed, fold): the baseline that `_paired_delta` pairs with."""
-    return {(r["seed"], r["fold"]): r["video_accuracy"] for r in records if r["row"] == row}
+def _by_fold(records: list[dict], row: str) -> dict[tuple[int, int], tuple[float, str | None]]:
+    """The row's video accuracy and test-video digest by (seed, fold): the baseline that `_paired_delta` pairs with."""
+    return {(r["seed"], r["fold"]): (r["video_accuracy"], r.get("test_digest")) for r in records if r["row"] == row}
 
 
-def _paired_delta(mine: list[dict], baseline: dict[tuple[int, int], float]) -> str:
-    """Mean video-accuracy difference against a baseline row, paired by (seed, fold), ± its standard error."""
-    pairs = [r["video_accuracy"] - baseline[(r["seed"], r["fold"])] for r in mine if (r["seed"], r["fold"]) in baseline]
-    if len(pairs) < 2:
+UNPAIRED = "†"
+"""Marks a difference whose two rows' folds are not known to hold the same test videos (`test_digest`)."""
+
+
+def _paired_delta(mine: list[dict], baseline: dict[tuple[int, int], tuple[float, str | None]]) -> str:
+    """Mean video-accuracy difference against a baseline row, paired by (seed, fold), ± its standard error; marked
+    `UNPAIRED` unless every pair's two fold runs tested the same videos (records made before the digest was kept
+    cannot show it, and two ingests of one store gave different folds before the folds were ordered by content)."""
+    matched = [(r, baseline[(r["seed"], r["fold"])]) for r in mine if (r["seed"], r["fold"]) in baseline]
+    if len(matched) < 2:
         return "–"
-    mean, std = _mean_std(pairs)
-    se = std / math.sqrt(len(pairs))
+    mean, std = _mean_std([r["video_accuracy"] - accuracy for r, (accuracy, _) in matched])
+    se = std / math.sqrt(len(matched))
     verdict = "inside the noise" if abs(mean) <= 2 * se else ("better" if mean > 0 else "worse")
-    return f"{100 * mean:+.1f} ± {100 * se:.1f} ({verdict})"
+    same = all(r.get("test_digest") is not None and r.get("test_digest") == digest for r, (_, digest) in matched)
+    return f"{100 * mean:+.1f} ± {100 * se:.1f} ({verdict}){'' if same else ' ' + UNPAIRED}"
+
+
+def test_digest(run: dict) -> str:
+    """A fold run's test videos as a short digest of their sorted ids (names are stable across ingests)."""
+    return hashlib.sha256("\n".join(sorted(run["test_video_ids"])).encode()).hexdigest()[:12]
 
 
 def _curve_table(records: list[dict]) -> list[str]:

@@ -178,6 +178,7 @@ def collect(root: Path) -> list[dict]:
                             "unit": task.unit,
                             "seed": run["seed"],
                             "fold": run["fold"],
+                            "test_digest": pocus.test_digest(run),
                             "accuracy": video["accuracy"],
                             "balanced_accuracy": video["balanced_accuracy"],
                             "macro_f1": video["macro_f1"],
@@ -218,7 +219,11 @@ def tables(records: list[dict]) -> str:
             chosen = [r for r in records if r["task"] == task.name and r["protocol"] == protocol]
             if not chosen:
                 continue
-            random = {(r["seed"], r["fold"]): r["accuracy"] for r in chosen if r["pretrained_on"] == "none"}
+            random = {
+                (r["seed"], r["fold"]): (r["accuracy"], r["test_digest"])
+                for r in chosen
+                if r["pretrained_on"] == "none"
+            }
             unit = task.unit
             lines += [
                 f"### {task.name}, {protocol}",
@@ -247,7 +252,7 @@ def tables(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _paired_delta(mine: list[dict], random: dict[tuple[int, int], float]) -> str:
+def _paired_delta(mine: list[dict], random: dict[tuple[int, int], tuple[float, str]]) -> str:
     """`pocus_study._paired_delta` of this study's records (their accuracy is the task's unit's)."""
     return pocus._paired_delta([{**r, "video_accuracy": r["accuracy"]} for r in mine], random)
 

@@ -42,6 +42,7 @@ def _records(study, row: str, accuracies: list[float], protocol: str = "knn", **
             "video_auc": None,
             "max_test_frame_accuracy": extra.get("max_test"),
             "test_frames": extra.get("test_frames", 100),
+            "test_digest": extra.get("digest", f"fold{fold}"),
         }
         for fold, accuracy in enumerate(accuracies)
     ]
@@ -50,7 +51,7 @@ def _records(study, row: str, accuracies: list[float], protocol: str = "knn", **
 def test_paired_delta_is_the_mean_fold_difference_with_its_standard_error(study) -> None:
     random = _records(study, "random", [0.70, 0.80, 0.75, 0.60])
     mine = _records(study, "uscl-ssl", [0.90, 0.86, 0.95, 0.70])
-    baseline = {(r["seed"], r["fold"]): r["video_accuracy"] for r in random}
+    baseline = study._by_fold(random, "random")
     differences = [0.20, 0.06, 0.20, 0.10]  # mean +14.0, SE 3.6 points
     mean = sum(differences) / 4
     se = math.sqrt(sum((d - mean) ** 2 for d in differences) / 3) / 2
@@ -58,6 +59,24 @@ def test_paired_delta_is_the_mean_fold_difference_with_its_standard_error(study)
     noisy = _records(study, "simclr", [0.60, 0.90, 0.70, 0.70])  # differences −0.1, +0.1, −0.05, +0.1
     assert study._paired_delta(noisy, baseline).endswith("(inside the noise)")
     assert study._paired_delta(random, baseline) == "+0.0 ± 0.0 (inside the noise)"  # the same accuracy on every fold
+
+
+def test_a_difference_is_marked_unless_both_rows_tested_the_same_videos_in_each_fold(study) -> None:
+    random = _records(study, "random", [0.70, 0.80, 0.75, 0.60])
+    other_ingest = _records(study, "uscl-ssl", [0.90, 0.86, 0.95, 0.70], digest="another store's fold")
+    unknown = _records(study, "uscl-ssl", [0.90, 0.86, 0.95, 0.70], digest=None)
+    baseline = study._by_fold(random, "random")
+    for mine in (other_ingest, unknown):
+        assert study._paired_delta(mine, baseline).endswith("(better) †")
+    text = study.tables([*random, *unknown])
+    assert "| uscl-ssl |" in text and "† Not known to be paired" in text
+    assert "†" not in study.tables([*random, *_records(study, "uscl-ssl", [0.9, 0.86, 0.95, 0.7])])
+    run = {"test_video_ids": ["b", "a"]}
+    assert (
+        study.test_digest(run)
+        == study.test_digest({"test_video_ids": ["a", "b"]})
+        != study.test_digest({"test_video_ids": ["a"]})
+    )
 
 
 def test_main_tables_hold_one_budget_and_the_curve_its_own_table(study) -> None:

@@ -98,7 +98,8 @@ def test_a_transductive_run_is_stamped_and_uses_its_own_normalisation(
     provenance = json.loads((unlabelled_run / "provenance.json").read_text())["budget"]
     assert seen["budget"] == f"uscl: {provenance['steps']} steps × 4 = {provenance['pairs']} pairs"
     markdown = (out / "results.md").read_text()
-    assert seen["note"] in markdown and f"| {seen['budget']} |" in markdown and "| random | – |" in markdown
+    assert seen["note"] in markdown and f"| {seen['budget']} |" in markdown and "| random | none | – |" in markdown
+    assert f"| {phantom_store.root.name}; 12 of 12 test videos seen | {seen['budget']} |" in markdown  # where, and what
     # each encoder as it was trained: USCL's 32 px and 0.5 / 0.25; random init gets the recipe's 64 px and 0.18 / 0.24
     assert (uscl["input"]["size"], uscl["input"]["mean"], uscl["input"]["std"]) == (32, 0.5, 0.25)
     assert uscl["input"]["source"].startswith("encoder")

@@ -132,6 +132,7 @@ def test_the_leak_guard_matches_a_video_across_stores_by_content(stores, tmp_pat
     overlap = json.loads((out / "results.json").read_text())["inits"][0]["pretraining_overlap"]
     assert (overlap["seen"], overlap["test_videos"], overlap["labels_seen"]) == (1, 12, 0)
     assert "1 of 12 test videos seen" in overlap["note"]
+    assert "| a; 1 of 12 test videos seen |" in (out / "results.md").read_text()  # where it was pretrained, per row
     labelled = tmp_path / "labelled-on-a"  # USCL's semi-supervised term read A's labels: the copy in B is a leak
     assert main(["pretrain", "--store", str(a.root), "--method", "uscl", "--out", str(labelled), *PRETRAIN,
                  "--val-fraction", "0"]) == 0  # fmt: skip

@@ -216,6 +216,27 @@ def summarise(checks: list[FoldCheck]) -> dict[str, Any]:
     return {"test_videos": total, "labels_seen": labels_seen, "seen": seen, "note": note}
 
 
+def pretrained_on(provenance: dict[str, Any] | None, spec: str) -> str:
+    """Where an init was pretrained, for every table: its stores' directory names (``pocus, covid_blues``), ``none``
+    for random init, ``ImageNet``, or that a foreign checkpoint records nothing."""
+    if spec == "random":
+        return "none"
+    if spec == "imagenet":
+        return "ImageNet"
+    if provenance is None:
+        return "not recorded (a checkpoint made outside sonocl)"
+    stores = provenance.get("stores") or [provenance.get("store", "?")]
+    return ", ".join(Path(str(store)).name for store in stores)
+
+
+def where_pretrained(overlap: dict[str, Any]) -> str:
+    """A table's cell for an init's ``pretraining_overlap``: ``covid_blues; 0 of 121 test videos seen``."""
+    where = overlap.get("pretrained_on", "–")
+    if where in ("none", "ImageNet") or "test_videos" not in overlap:
+        return where
+    return f"{where}; {overlap['seen']} of {overlap['test_videos']} test videos seen"
+
+
 def budget_note(provenance: dict[str, Any] | None) -> str:
     """A run's pretraining budget for tables, ``uscl: 500 steps × 32 = 16,000 pairs``, and the encoder it started
     from when it had one; "" without provenance."""

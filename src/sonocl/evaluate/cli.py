@@ -22,6 +22,7 @@ from sonocl.evaluate.config import levels
 from sonocl.evaluate.metrics import metric_columns, percent
 from sonocl.files import atomic_write_text, write_json
 from sonocl.outputs import EVALUATION, add_overwrite_argument, claim
+from sonocl.provenance import where_pretrained
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -327,7 +328,7 @@ def input_settings(config: Any, report: Any, mode: str) -> dict[str, Any]:
 def leak_stamp(spec: str, data: Any, config: Any, allow_leak: bool) -> dict[str, Any]:
     """The init's overlap with every fold's test videos (`sonocl.provenance`); refuses a label leak unless allowed."""
     from sonocl.evaluate.data import fold_splits
-    from sonocl.provenance import LabelLeakError, budget_note, check_fold, find, leak_message, summarise
+    from sonocl.provenance import LabelLeakError, budget_note, check_fold, find, leak_message, pretrained_on, summarise
 
     provenance = find(spec)
     checks = [
@@ -338,6 +339,7 @@ def leak_stamp(spec: str, data: Any, config: Any, allow_leak: bool) -> dict[str,
     stamp = summarise(checks)
     stamp["provenance"] = "recorded" if provenance is not None else "none (random, ImageNet or a foreign checkpoint)"
     stamp["budget"] = budget_note(provenance)
+    stamp["pretrained_on"] = pretrained_on(provenance, spec)
     if stamp["labels_seen"] and not allow_leak:
         raise LabelLeakError(leak_message(spec, stamp["labels_seen"], stamp["test_videos"]))
     if stamp["note"]:
@@ -468,6 +470,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         ]
     header = [
         "init",
+        "pretrained on",
         "pretraining budget",
         *[name for name, _, _ in columns],
         *[f"pooled {level} acc" for level in scored],
@@ -485,7 +488,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         overlap = entry.get("pretraining_overlap", {}).get("note", "")
         label = entry["label"] + (" (optimistic)" if entry["optimistic"] else "") + (f" [{overlap}]" if overlap else "")
         budget = entry.get("pretraining_overlap", {}).get("budget") or "–"
-        lines.append("| " + " | ".join([label, budget, *cells, *pooled]) + " |")
+        where = where_pretrained(entry.get("pretraining_overlap") or {})
+        lines.append("| " + " | ".join([label, where, budget, *cells, *pooled]) + " |")
     lines += ["", "## Pooled confusion matrices (rows: true class, columns: predicted)", ""]
     for entry in results["inits"]:
         for level in scored:

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         checks.append(check)
         report, settings = fold_report, fold_settings
         label = label or f"{fold_report.metadata.get('method', 'pretrained')} (per fold)"
-    from sonocl.provenance import budget_note, find, summarise
+    from sonocl.provenance import budget_note, find, pretrained_on, summarise
 
     data = data_by_size[settings["size"]]
     init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     overlap.update(
         provenance="recorded per fold",
         budget=budget_note(find(str(fold_run_dir(args, out, tasks[0])))) + " per fold",
+        pretrained_on=pretrained_on(find(str(fold_run_dir(args, out, tasks[0]))), "per fold") + " (per fold)",
         note=f"per-fold pretraining: {overlap['seen']} of {overlap['test_videos']} test videos seen in pretraining",
     )
     entry.update(

@@ -42,6 +42,7 @@ from sonocl.files import read_json
 from sonocl.methods import get_method
 from sonocl.options import integer
 from sonocl.outputs import add_overwrite_argument, claim_file
+from sonocl.provenance import where_pretrained
 from sonocl.report import analysis
 from sonocl.report.analysis import GALLERY_PAIRS, GRADCAM_PER_KIND, MAX_MAP_POINTS
 
@@ -569,10 +570,11 @@ def _comparison_table(path: Path, inits: list[dict[str, Any]], runs: int) -> Sec
         pooled = [
             f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in scored if level in entry.get("pooled", {})
         ]
-        rows.append([entry["label"] + (" (optimistic)" if entry.get("optimistic") else ""), *cells, *pooled])
+        label = entry["label"] + (" (optimistic)" if entry.get("optimistic") else "")
+        rows.append([label, where_pretrained(entry.get("pretraining_overlap") or {}), *cells, *pooled])
     table = Section(_anchor("table", path), "Comparison table")
     table.table(
-        ["init", *[name for name, _, _ in columns], *[f"pooled {level} acc" for level in scored]],
+        ["init", "pretrained on", *[name for name, _, _ in columns], *[f"pooled {level} acc" for level in scored]],
         rows,
         caption=f"Mean ± std over {runs} fold runs, in %. Pooled = accuracy of the confusion matrix summed over "
         "folds and seeds.",

@@ -37,8 +37,9 @@ SIZE = pocus.SIZE
 COMMON = ["--recipe", "meta-uscl", "--size", str(SIZE), "--folds", "5", "--group-by", "group"]
 """Every evaluation: the POCUS study's recipe and size, 5 folds grouped by patient."""
 PROTOCOLS = ("knn", "linear")
-METHODS = ("simclr", "moco", "byol", "ivpp", "uscl-ssl", "meta-uscl")
-"""The pretraining rows, with the POCUS study's options and budget (``pocus_study.ROWS``)."""
+METHODS = ("uscl-ssl", "simclr", "ivpp", "meta-uscl", "moco", "byol")
+"""The pretraining rows, with the POCUS study's options and budget (``pocus_study.ROWS``), USCL (the seeds' claim)
+first."""
 CORPORA = ("blues", "pocus")
 """Where an encoder is pretrained: BLUES first (its encoders answer the study's first question, BLUES → POCUS)."""
 
@@ -132,7 +133,7 @@ def pretrain(root: Path, stores: dict[str, Path], method: str, corpus: str) -> P
     if not (run / "finished").exists():
         resume = ["--resume"] if (run / "checkpoints" / "last.pt").exists() else []
         pocus.sonocl(
-            "pretrain", "--store", str(stores[corpus]), "--out", str(run), "--no-progress",
+            "pretrain", "--store", str(stores[corpus]), "--out", str(run), "--no-progress", "--checkpoint-every-steps", "100",
             *pretrain_args(method), *resume, log=root / "logs" / f"pretrain-{corpus}-{method}.log",
         )  # fmt: skip
         (run / "finished").write_text("")
@@ -286,14 +287,15 @@ def main() -> int:
             for protocol in PROTOCOLS:
                 evaluate(root, stores, task, protocol, "random", "none")
         write_outputs(root)
-        for corpus in args.corpora:
-            for method in args.only or METHODS:
-                pretrain(root, stores, method, corpus)
-                # the other corpus's tasks first: the transfer is the question, the same-dataset row the reference
-                for task in sorted(TASKS, key=lambda t: t.corpus == corpus):
-                    for protocol in PROTOCOLS:
-                        evaluate(root, stores, task, protocol, method, corpus)
-                write_outputs(root)
+        # The transfer first (every encoder on the other corpus's tasks), then the same-dataset rows beside it.
+        for same_dataset in (False, True):
+            for corpus in args.corpora:
+                for method in args.only or METHODS:
+                    pretrain(root, stores, method, corpus)
+                    for task in (t for t in TASKS if (t.corpus == corpus) == same_dataset):
+                        for protocol in PROTOCOLS:
+                            evaluate(root, stores, task, protocol, method, corpus)
+                    write_outputs(root)
     write_outputs(root)
     return 0
 

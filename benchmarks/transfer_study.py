@@ -8,7 +8,9 @@ pretrained on one corpus at one budget and evaluated, frozen (kNN, linear probe)
   B-lines yes/no, folds grouped by patient.
 
 An encoder pretrained on the corpus it is tested on is the same-dataset row (transductive: its test videos seen
-without labels, as every table says); pretrained on the other corpus it has seen none of them. Each step resumes
+without labels, as every table says); pretrained on the other corpus it has seen none of them. Multi-source: the
+``--both`` methods are pretrained per fold on both corpora (`sonocl study --also-store`: the evaluated corpus without
+the fold's test videos), for POCUS 3-class and BLUES severity (``BOTH_TASKS``); they run last. Each step resumes
 (a rerun skips what is done and continues an interrupted run at its last checkpoint or fold); the fold runs are
 collected into ``docs/study/transfer.json`` and the tables written into ``docs/results.md`` between the study's
 markers.
@@ -40,6 +42,8 @@ PROTOCOLS = ("knn", "linear")
 METHODS = ("uscl-ssl", "simclr", "ivpp", "meta-uscl", "moco", "byol")
 """The pretraining rows, with the POCUS study's options and budget (``pocus_study.ROWS``), USCL (the seeds' claim)
 first."""
+BOTH = ("uscl-ssl",)
+"""The methods pretrained on both corpora (per fold, so that the evaluated corpus's test videos are never seen)."""
 CORPORA = ("blues", "pocus")
 """Where an encoder is pretrained: BLUES first (its encoders answer the study's first question, BLUES → POCUS)."""
 
@@ -68,6 +72,9 @@ TASKS = (
         ("--label-column", "covid", "--classes", "negative,positive", "--unit", "patient"),
     ),
 )
+
+
+BOTH_TASKS = ("POCUS 3-class", "BLUES severity 0–3")
 
 
 def slug(text: str) -> str:
@@ -152,6 +159,21 @@ def evaluate(root: Path, stores: dict[str, Path], task: Task, protocol: str, met
     )  # fmt: skip
 
 
+def evaluate_both(root: Path, stores: dict[str, Path], task: Task, protocol: str, method: str) -> None:
+    """``method`` pretrained per fold on both corpora (`sonocl study --also-store`): the evaluated corpus without the
+    fold's test videos, and the other corpus whole; the fold runs are shared by the protocols of one task."""
+    out = root / "eval" / slug(task.name) / protocol / f"both-{method}"
+    if (out / "results.md").exists():
+        return
+    other = next(corpus for corpus in CORPORA if corpus != task.corpus)
+    pocus.sonocl(
+        "study", "--store", str(stores[task.corpus]), "--also-store", str(stores[other]),
+        "--pretrain", " ".join(pretrain_args(method)), "--runs", str(root / "pretrain" / f"both-{slug(task.name)}" / method),
+        "--name", method, *COMMON, *task.options, "--protocol", protocol, "--seeds", "1", "--out", str(out),
+        log=root / "logs" / f"both-{slug(task.name)}-{method}.log",
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------- tables
 
 
@@ -165,7 +187,8 @@ def collect(root: Path) -> list[dict]:
                 results = json.loads(path.read_text(encoding="utf-8"))
                 entry = results["inits"][0]
                 overlap = entry.get("pretraining_overlap") or {}
-                seconds = _pretrain_seconds(root / "pretrain" / corpus / method)
+                runs = root / "pretrain" / (f"both-{slug(task.name)}" if corpus == "both" else corpus) / method
+                seconds = _pretrain_seconds(runs)
                 for run in entry["runs"]:
                     video = run[task.unit]
                     records.append(
@@ -192,8 +215,9 @@ def collect(root: Path) -> list[dict]:
 
 
 def _pretrain_seconds(run: Path) -> float | None:
-    metrics = run / "metrics.csv"
-    return pocus._last_seconds(metrics) if metrics.exists() else None
+    """The run's pretraining wall time; summed over the fold runs of a per-fold (``both``) row."""
+    metrics = sorted(run.glob("metrics.csv")) or sorted(run.glob("seed*_fold*/metrics.csv"))
+    return sum(pocus._last_seconds(path) for path in metrics) if metrics else None
 
 
 def _cell(values: list[float]) -> str:
@@ -207,6 +231,8 @@ def _cell(values: list[float]) -> str:
 def _pretraining(record: dict, corpus: str) -> str:
     if record["pretrained_on"] == "none":
         return "none"
+    if record["pretrained_on"] == "both":
+        return f"both corpora, per fold: {record['seen']} of {record['test_videos']} test videos seen"
     where = {"blues": "COVID-BLUES", "pocus": "POCUS"}[record["pretrained_on"]]
     kind = "same dataset" if record["pretrained_on"] == corpus else "other dataset"
     return f"{where} ({kind}): {record['seen']} of {record['test_videos']} test videos seen"
@@ -235,7 +261,7 @@ def tables(records: list[dict]) -> str:
             ]
             encoders = sorted(
                 {(r["method"], r["pretrained_on"]) for r in chosen},
-                key=lambda e: (e[1] != "none", CORPORA.index(e[1]) if e[1] in CORPORA else -1, _order(e[0])),
+                key=lambda e: (("none", *CORPORA, "both").index(e[1]), _order(e[0])),
             )
             for method, corpus in encoders:
                 mine = [r for r in chosen if (r["method"], r["pretrained_on"]) == (method, corpus)]
@@ -278,6 +304,13 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "transfer-study")
     parser.add_argument("--only", nargs="+", choices=METHODS, help="methods to pretrain (default: all)")
     parser.add_argument("--corpora", nargs="+", choices=CORPORA, default=list(CORPORA), help="pretraining corpora")
+    parser.add_argument(
+        "--both",
+        nargs="*",
+        choices=METHODS,
+        default=list(BOTH),
+        help="methods also pretrained per fold on both corpora, for the tasks in BOTH_TASKS (default: %(default)s)",
+    )
     parser.add_argument("--tables-only", action="store_true", help="only collect the results and write the tables")
     args = parser.parse_args()
     root: Path = args.root
@@ -296,6 +329,11 @@ def main() -> int:
                         for protocol in PROTOCOLS:
                             evaluate(root, stores, task, protocol, method, corpus)
                     write_outputs(root)
+        for method in args.both:  # multi-source, per fold: 5 pretraining runs per task, so the main tasks only
+            for task in (t for t in TASKS if t.name in BOTH_TASKS):
+                for protocol in PROTOCOLS:
+                    evaluate_both(root, stores, task, protocol, method)
+                write_outputs(root)
     write_outputs(root)
     return 0
 

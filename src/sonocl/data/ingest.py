@@ -56,6 +56,7 @@ from sonocl.data.labels import (
 from sonocl.data.mask_names import in_mask_folder, is_mask_name
 from sonocl.data.preprocess import FramePreparer, select_frames
 from sonocl.data.store import META_FILE, REPORT_FILE, FrameStoreWriter, StoreError
+from sonocl.errors import ConfigError
 from sonocl.files import WriteFailedError, write_json
 from sonocl.options import positive
 from sonocl.outputs import STORE, add_overwrite_argument, claim
@@ -67,7 +68,7 @@ DEFAULT_SIZE = 256
 DEFAULT_MAX_FRAMES = 20_000
 """``--max-frames`` default: 11 minutes at 30 frames/s, far longer than an ultrasound clip; 1.3 GB stored at 256²."""
 TASKS_IN_FLIGHT_PER_WORKER = 4
-EXIT_OK, EXIT_USAGE, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 3, 130
 _HASH_CHUNK = 1 << 20
 MISSING_IDS_SHOWN = 5
 
@@ -709,11 +710,6 @@ def _nothing_found(found: Discovery) -> str:
     )
 
 
-def _usage_error(message: str) -> int:
-    print(f"sonocl ingest: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def _check_options(args: argparse.Namespace) -> str | None:
     from sonocl.data.preprocess import MIN_SOURCE_SIDE  # the floor of a source's frames is the floor of --size
 
@@ -739,25 +735,21 @@ def _check_options(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``sonocl ingest``; bad input raises a `UserError` (LabelError, StoreError, ConfigError …), printed by
+    `sonocl.cli` as one line with exit code 2."""
     problem = _check_options(args)
     if problem is not None:
-        return _usage_error(problem)
-    try:
-        name_rules = parse_name_rules(args.label_from_name) if args.label_from_name else []
-    except LabelError as error:
-        return _usage_error(str(error))
+        raise ConfigError(problem)
+    name_rules = parse_name_rules(args.label_from_name) if args.label_from_name else []
     store_root = args.out.resolve()
     found = discover(args.sources, exclude=store_root, frame_folders=not args.no_frame_folders)
     sources, rejected = found.sources, found.rejected
     if found.empty_arguments:
-        return _usage_error(_nothing_found(found))
-    try:
-        table = _load_table(args, sources)
-        size = args.size if args.size is not None or (store_root / META_FILE).exists() else DEFAULT_SIZE
-        claim(store_root, STORE, overwrite=args.overwrite)
-        writer = FrameStoreWriter(store_root, size)
-    except (LabelError, StoreError) as error:
-        return _usage_error(str(error))
+        raise ConfigError(_nothing_found(found))
+    table = _load_table(args, sources)
+    size = args.size if args.size is not None or (store_root / META_FILE).exists() else DEFAULT_SIZE
+    claim(store_root, STORE, overwrite=args.overwrite)
+    writer = FrameStoreWriter(store_root, size)
     if table is not None:
         _note_ids_not_found(table, sources)
     with writer:

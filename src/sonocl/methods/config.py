@@ -54,7 +54,7 @@ def fraction_problem(name: str, value: float) -> list[str]:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
 LR_SCALINGS = ("none", "linear", "sqrt")
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 IMAGENET_GREY_MEAN, IMAGENET_GREY_STD = 0.449, 0.226
@@ -103,7 +103,8 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "adam"
-    """``adam``, ``adamw`` or ``sgd``."""
+    """``adam``, ``adamw``, ``sgd`` or ``lars`` (`sonocl.train.lars`: for large batches; no decay or trust ratio on
+    biases and normalisation weights)."""
     lr: float = 3e-4
     lr_scaling: str = "none"
     """``none``: ``lr`` is the learning rate; ``linear``: it is ``lr × global batch / 256`` (SimCLR, MoCo, BYOL)."""
@@ -112,6 +113,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float | None = None
     """Clip the global gradient norm to this value (None: no clipping)."""
+    trust_coefficient: float = 0.001
+    """LARS's η: the update of a weight is scaled to η·‖w‖/‖g + wd·w‖ of the weight (``lars`` only)."""
 
     def __post_init__(self) -> None:
         _raise_problems(
@@ -121,6 +124,7 @@ class OptimConfig:
                 *_number("lr", self.lr, "--lr", above=0),
                 *_number("weight_decay", self.weight_decay, at_least=0),
                 *_number("momentum", self.momentum, at_least=0, below=1),
+                *_number("trust_coefficient", self.trust_coefficient, above=0),
                 *[problem for beta in self.betas for problem in _number("betas", beta, at_least=0, below=1)][:1],
                 *([] if self.clip_grad is None else _number("clip_grad", self.clip_grad, "--clip-grad", above=0)),
             ]

@@ -84,6 +84,11 @@ def make_optimizer(cfg: PretrainConfig, params: list[nn.Parameter], lr: float) -
         return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
     if o.name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
+    if o.name == "lars":
+        from sonocl.train.lars import LARS, param_groups
+
+        groups = param_groups(params, o.weight_decay)
+        return LARS(groups, lr=lr, momentum=o.momentum, trust_coefficient=o.trust_coefficient)
     return torch.optim.Adam(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
 
 

@@ -177,3 +177,28 @@ def test_a_study_pretrains_each_fold_on_both_stores_without_the_folds_test_video
 def _test_ids(results: dict, name: str) -> set[str]:
     fold = int(name.rsplit("fold", 1)[1])
     return {i for run in results["inits"][0]["runs"] if run["fold"] == fold for i in run["test_video_ids"]}
+
+
+def test_two_ingests_in_other_orders_split_and_draw_the_same_videos(tmp_path: Path) -> None:
+    """Ingest commits videos as its workers finish: pretraining on either store holds out and draws the same videos."""
+    from conftest import make_sampler, method_config
+    from sonocl.train.replay import split_videos
+
+    videos = make_phantom(12, 4, 32, seed=7)
+    hashes_by_store = []
+    for name, order in (("forward", videos), ("backward", videos[::-1])):
+        with FrameStoreWriter(tmp_path / name, 32) as writer:
+            for video in order:
+                writer.add_video(
+                    video.frames, id=video.name, source=f"{video.name}.mp4", label=video.label, group=video.patient,
+                    fps=video.fps, timestamps=np.arange(4) / video.fps, original_size=(32, 32),
+                    crop_box=(0, 0, 32, 32), content_hash=f"hash-{video.name}",
+                )  # fmt: skip
+        store = FrameStore.open(tmp_path / name)
+        kept, held = split_videos(method_config("uscl"), store)
+        batches = make_sampler("uscl", store, kept, 4, seed=0).batches(0)
+        hash_of = [video.content_hash for video in store.videos]
+        hashes_by_store.append(
+            ([hash_of[v] for v in kept], [hash_of[v] for v in held], [[hash_of[v] for v in b.video] for b in batches])
+        )
+    assert hashes_by_store[0] == hashes_by_store[1]

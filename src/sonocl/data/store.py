@@ -218,6 +218,23 @@ class VideoTable:
         codes = np.array([lookup.get(value, -1) if value else -1 for value in values], dtype=np.int64)
         return codes, names
 
+    def content_order(self, videos: Iterable[int]) -> np.ndarray:
+        """``videos`` in the order of their content hashes (ids break ties): the order two ingests of the same files
+        share, whatever order ingest's workers committed them in. Splits and samplers that take videos in this order
+        draw the same videos from either store."""
+        return np.array(
+            sorted((int(v) for v in videos), key=lambda v: (self.videos[v].content_hash, self.videos[v].id)),
+            dtype=np.int64,
+        )
+
+    def group_codes_of(self, videos: np.ndarray) -> np.ndarray:
+        """The group ids of ``videos`` numbered as they first appear in that order (`group_codes` numbers them in the
+        store's order)."""
+        if len(videos) == 0:
+            return np.zeros(0, dtype=np.int64)
+        _, first, inverse = np.unique(self.group_codes()[videos], return_index=True, return_inverse=True)
+        return np.argsort(np.argsort(first))[inverse]
+
     def group_codes(self) -> np.ndarray:
         """Per-video integer group ids (videos of one patient or source of one store share an id)."""
         lookup: dict[tuple[int, str], int] = {}

@@ -129,15 +129,11 @@ def load_eval_data(store: FrameStore, config: EvalConfig) -> EvalData:
         )
     # Content order, groups numbered as they first appear in it: the folds are a function of the videos, their labels
     # and groups, never of the order in which ingest happened to commit them (its workers finish in any order).
-    kept = sorted(
-        (v for v, value in enumerate(values) if value in lookup),
-        key=lambda v: (store.videos[v].content_hash, store.videos[v].id),
-    )
+    kept = store.content_order(v for v, value in enumerate(values) if value in lookup).tolist()
     if config.unit == "patient":
         _check_patient_labels(store, config, kept, [lookup[values[v]] for v in kept])
     groups = np.zeros(store.num_videos, dtype=np.int64)
-    _, first, inverse = np.unique(store.group_codes()[kept], return_index=True, return_inverse=True)
-    groups[kept] = np.argsort(np.argsort(first))[inverse]
+    groups[kept] = store.group_codes_of(np.asarray(kept, dtype=np.int64))
     check_folds(config, len(set(groups[kept].tolist())) if config.group_by == "group" else len(kept), str(store.root))
     frame_video, frame_index, global_index = [], [], []
     for position, v in enumerate(kept):

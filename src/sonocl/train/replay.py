@@ -26,23 +26,24 @@ from sonocl.train.config import resolve
 
 
 def split_videos(cfg: PretrainConfig, store: FrameStore) -> tuple[np.ndarray, np.ndarray]:
-    """``(training, held_out)`` sorted video indices: whole groups held out, ``val_fraction`` of the videos that
-    ``cfg.exclude`` leaves, of each store on its own when the run reads several."""
+    """``(training, held_out)`` video indices in content order (`VideoTable.content_order`, so that two ingests of the
+    same files pretrain alike): whole groups held out, ``val_fraction`` of the videos that ``cfg.exclude`` leaves, of
+    each store on its own when the run reads several."""
     excluded = set(cfg.exclude)
-    usable = np.array([v for v, video in enumerate(store.videos) if video.content_hash not in excluded], dtype=np.int64)
+    usable = store.content_order(v for v, video in enumerate(store.videos) if video.content_hash not in excluded)
     if excluded and len(usable) == store.num_videos:
         raise ConfigError(f"{store.root}: none of the {len(excluded)} excluded videos is in this store")
     if cfg.val_fraction <= 0:
         return usable, np.zeros(0, dtype=np.int64)
     codes, _ = store.label_codes(cfg.label_column)
-    groups = store.group_codes()
     kept, held = [], []
     for source in np.unique(store.video_source[usable]):  # each store holds out its share: training sees every store
         videos = usable[store.video_source[usable] == source]
-        train, val = grouped_holdout(codes[videos], groups[videos], cfg.val_fraction, cfg.seed + int(source))
-        kept.append(videos[np.asarray(train, dtype=np.int64)])
-        held.append(videos[np.asarray(val, dtype=np.int64)])
-    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
+        groups = store.group_codes_of(videos)
+        train, val = grouped_holdout(codes[videos], groups, cfg.val_fraction, cfg.seed + int(source))
+        kept.append(videos[np.sort(np.asarray(train, dtype=np.int64))])
+        held.append(videos[np.sort(np.asarray(val, dtype=np.int64))])
+    return np.concatenate(kept), np.concatenate(held)
 
 
 def training_sampler(

@@ -10,7 +10,9 @@ pretrained on one corpus at one budget and evaluated, frozen (kNN, linear probe)
 An encoder pretrained on the corpus it is tested on is the same-dataset row (transductive: its test videos seen
 without labels, as every table says); pretrained on the other corpus it has seen none of them. Multi-source: the
 ``--both`` methods are pretrained per fold on both corpora (`sonocl study --also-store`: the evaluated corpus without
-the fold's test videos), for POCUS 3-class and BLUES severity (``BOTH_TASKS``); they run last. Each step resumes
+the fold's test videos), for POCUS 3-class and BLUES severity (``BOTH_TASKS``); then, for those two tasks, random
+init and the task's best row at 112 px (`RESOLUTION`; the best row is chosen on the 64 px test folds, as said
+where it is used). Each step resumes
 (a rerun skips what is done and continues an interrupted run at its last checkpoint or fold); the fold runs are
 collected into ``docs/study/transfer.json`` and the tables written into ``docs/results.md`` between the study's
 markers.
@@ -75,6 +77,8 @@ TASKS = (
 
 
 BOTH_TASKS = ("POCUS 3-class", "BLUES severity 0–3")
+RESOLUTION = 112
+"""The resolution step: random init and each task's best row again at this size (is resolution the lever?)."""
 
 
 REFERENCE_POINTS = {
@@ -143,29 +147,50 @@ def pretrain_args(method: str) -> list[str]:
     return next(row.pretrain for row in pocus.ROWS if row.name == method)
 
 
-def pretrain(root: Path, stores: dict[str, Path], method: str, corpus: str) -> Path:
-    """The encoder of ``method`` pretrained on ``corpus`` at the POCUS study's budget (resumed if interrupted)."""
-    run = root / "pretrain" / corpus / method
+def sized(corpus: str, size: int) -> str:
+    """The name of ``corpus``'s runs at ``size`` px: ``blues``, or ``blues@112`` off the study's size."""
+    return corpus if size == SIZE else f"{corpus}@{size}"
+
+
+def pretrain(root: Path, stores: dict[str, Path], method: str, corpus: str, size: int = SIZE) -> Path:
+    """The encoder of ``method`` pretrained on ``corpus`` at the POCUS study's budget, at ``size`` px (resumed if
+    interrupted)."""
+    run = root / "pretrain" / sized(corpus, size) / method
     if not (run / "finished").exists():
         resume = ["--resume"] if (run / "checkpoints" / "last.pt").exists() else []
         pocus.sonocl(
             "pretrain", "--store", str(stores[corpus]), "--out", str(run), "--no-progress", "--checkpoint-every-steps", "100",
-            *pretrain_args(method), *resume, log=root / "logs" / f"pretrain-{corpus}-{method}.log",
+            *pretrain_args(method), "--size", str(size), *resume, log=root / "logs" / f"pretrain-{sized(corpus, size)}-{method}.log",
         )  # fmt: skip
         (run / "finished").write_text("")
     return run
 
 
-def evaluate(root: Path, stores: dict[str, Path], task: Task, protocol: str, method: str, corpus: str) -> None:
-    """``method`` pretrained on ``corpus`` (``none``: random init) on ``task`` with ``protocol``; skipped when done."""
-    out = root / "eval" / slug(task.name) / protocol / f"{corpus}-{method}"
+def evaluate(
+    root: Path, stores: dict[str, Path], task: Task, protocol: str, method: str, corpus: str, size: int = SIZE
+) -> None:
+    """``method`` pretrained on ``corpus`` (``none``: random init) on ``task`` with ``protocol`` at ``size`` px;
+    skipped when done."""
+    out = root / "eval" / slug(task.name) / protocol / f"{sized(corpus, size)}-{method}"
     if (out / "results.md").exists():
         return
-    init = "random" if corpus == "none" else str(root / "pretrain" / corpus / method)
+    init = "random" if corpus == "none" else str(root / "pretrain" / sized(corpus, size) / method)
     pocus.sonocl(
         "evaluate", "--init", init, "--name", method, "--store", str(stores[task.corpus]), *COMMON, *task.options,
-        "--protocol", protocol, "--seeds", "1", "--out", str(out), log=root / "logs" / f"eval-{slug(task.name)}.log",
+        "--size", str(size), "--protocol", protocol, "--seeds", "1", "--out", str(out),
+        log=root / "logs" / f"eval-{slug(task.name)}.log",
     )  # fmt: skip
+
+
+def best_row(root: Path, task: Task) -> tuple[str, str] | None:
+    """The (method, corpus) of the task's best single-corpus row at the study's size, by mean linear-probe accuracy.
+    It is chosen on test folds, so its number at `RESOLUTION` answers "does resolution help the best row", not
+    "which row is best"."""
+    scores: dict[tuple[str, str], list[float]] = {}
+    for r in collect(root):
+        if r["task"] == task.name and r["protocol"] == "linear" and r["pretrained_on"] in CORPORA and r["size"] == SIZE:
+            scores.setdefault((r["method"], r["pretrained_on"]), []).append(r["accuracy"])
+    return max(scores, key=lambda key: sum(scores[key]) / len(scores[key])) if scores else None
 
 
 def evaluate_both(root: Path, stores: dict[str, Path], task: Task, protocol: str, method: str) -> None:
@@ -192,11 +217,12 @@ def collect(root: Path) -> list[dict]:
     for task in TASKS:
         for protocol in PROTOCOLS:
             for path in sorted((root / "eval" / slug(task.name) / protocol).glob("*/results.json")):
-                corpus, method = path.parent.name.split("-", 1)
+                runs_name, method = path.parent.name.split("-", 1)
+                corpus, _, size = runs_name.partition("@")
                 results = json.loads(path.read_text(encoding="utf-8"))
                 entry = results["inits"][0]
                 overlap = entry.get("pretraining_overlap") or {}
-                runs = root / "pretrain" / (f"both-{slug(task.name)}" if corpus == "both" else corpus) / method
+                runs = root / "pretrain" / (f"both-{slug(task.name)}" if corpus == "both" else runs_name) / method
                 seconds = _pretrain_seconds(runs)
                 for run in entry["runs"]:
                     video = run[task.unit]
@@ -206,6 +232,7 @@ def collect(root: Path) -> list[dict]:
                             "protocol": protocol,
                             "method": "random" if corpus == "none" else method,
                             "pretrained_on": corpus,
+                            "size": int(size or SIZE),
                             "seen": overlap.get("seen", 0),
                             "test_videos": overlap.get("test_videos", results["num_videos"]),
                             "unit": task.unit,
@@ -256,7 +283,7 @@ def tables(records: list[dict]) -> str:
             if not chosen:
                 continue
             random = {
-                (r["seed"], r["fold"]): (r["accuracy"], r["test_digest"])
+                (r["size"], r["seed"], r["fold"]): (r["accuracy"], r["test_digest"])
                 for r in chosen
                 if r["pretrained_on"] == "none"
             }
@@ -269,18 +296,19 @@ def tables(records: list[dict]) -> str:
                 "|---|---|---|---|---|---|---|---|---|",
             ]
             encoders = sorted(
-                {(r["method"], r["pretrained_on"]) for r in chosen},
-                key=lambda e: (("none", *CORPORA, "both").index(e[1]), _order(e[0])),
+                {(r["method"], r["pretrained_on"], r["size"]) for r in chosen},
+                key=lambda e: (e[2], ("none", *CORPORA, "both").index(e[1]), _order(e[0])),
             )
-            for method, corpus in encoders:
-                mine = [r for r in chosen if (r["method"], r["pretrained_on"]) == (method, corpus)]
+            for method, corpus, size in encoders:
+                mine = [r for r in chosen if (r["method"], r["pretrained_on"], r["size"]) == (method, corpus, size)]
+                baseline = {(seed, fold): value for (at, seed, fold), value in random.items() if at == size}
                 seconds = mine[0]["pretrain_seconds"]
                 cells = [
-                    method,
+                    method if size == SIZE else f"{method} @ {size} px",
                     _pretraining(mine[0], task.corpus),
                     str(len(mine)),
                     *(_cell([r[key] for r in mine]) for key in ("accuracy", "balanced_accuracy", "macro_f1", "auc")),
-                    "–" if corpus == "none" else _paired_delta(mine, random),
+                    "–" if corpus == "none" else _paired_delta(mine, baseline),
                     "–" if seconds is None else f"{seconds / 60:.1f} min",
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
@@ -291,7 +319,8 @@ def tables(records: list[dict]) -> str:
 
 
 def _paired_delta(mine: list[dict], random: dict[tuple[int, int], tuple[float, str]]) -> str:
-    """`pocus_study._paired_delta` of this study's records (their accuracy is the task's unit's)."""
+    """`pocus_study._paired_delta` of this study's records (their accuracy is the task's unit's) against random init
+    at the same size."""
     return pocus._paired_delta([{**r, "video_accuracy": r["accuracy"]} for r in mine], random)
 
 
@@ -345,6 +374,14 @@ def main() -> int:
                 for protocol in PROTOCOLS:
                     evaluate_both(root, stores, task, protocol, method)
                 write_outputs(root)
+        for task in (t for t in TASKS if t.name in BOTH_TASKS):  # the resolution step: random init and the best row
+            best = best_row(root, task)
+            for method, corpus in [("random", "none"), *([best] if best else [])]:
+                if corpus != "none":
+                    pretrain(root, stores, method, corpus, RESOLUTION)
+                for protocol in PROTOCOLS:
+                    evaluate(root, stores, task, protocol, method, corpus, RESOLUTION)
+            write_outputs(root)
     write_outputs(root)
     return 0
 

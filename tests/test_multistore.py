@@ -202,3 +202,15 @@ def test_two_ingests_in_other_orders_split_and_draw_the_same_videos(tmp_path: Pa
             ([hash_of[v] for v in kept], [hash_of[v] for v in held], [[hash_of[v] for v in b.video] for b in batches])
         )
     assert hashes_by_store[0] == hashes_by_store[1]
+
+
+def test_info_of_a_run_names_each_store_and_its_share(union_run: Path, stores, capsys) -> None:
+    a, b = stores
+    assert main(["info", str(union_run)]) == 0
+    text = capsys.readouterr().out
+    assert "uscl, " in text and f"  {a.root.resolve()}: 6 videos, " in text and "% of the pairs" in text
+    assert main(["info", str(union_run), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [entry["videos"] for entry in summary["stores"]] == [6, 12]
+    assert sum(entry["trained_on"] + entry["held_out"] for entry in summary["stores"]) == 18
+    assert summary["videos"]["labels_used"] == 0 and summary["method"] == "uscl"

@@ -17,7 +17,10 @@ from sonocl.runtime import keep_freed_memory
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("sonocl.data.ingest", "decode videos, DICOM cine and images into a frame store"),
-    "info": ("sonocl.data.info", "summarise a frame store: videos, frames, labels, groups, skipped files"),
+    "info": (
+        "sonocl.data.info",
+        "summarise a frame store (videos, frames, labels, groups, skipped files) or what a run saw",
+    ),
     "pretrain": ("sonocl.train.cli", "contrastive pretraining (simclr, uscl, meta-uscl, awcl, ivpp, moco, byol)"),
     "evaluate": ("sonocl.evaluate.cli", "grouped k-fold fine-tuning, linear probe and kNN evaluation"),
     "study": ("sonocl.evaluate.study", "per-fold pretraining and evaluation: no encoder sees its test videos"),

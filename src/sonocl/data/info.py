@@ -1,7 +1,9 @@
-"""``sonocl info STORE [--json]``: what a frame store holds.
+"""``sonocl info STORE|RUN [--json]``: what a frame store holds, or what a pretraining run saw.
 
-Videos, frames and frame size; videos and frames per label and per value of every extra label
+A store: videos, frames and frame size; videos and frames per label and per value of every extra label
 column; how many groups and how many videos per group; the last ingest and the files it skipped.
+A run (a directory with ``provenance.json``): its method and budget, each store it read with its videos and
+share of the pairs, and how many videos it trained on, held out and read the labels of.
 ``--json`` prints the same as one JSON object with stable keys (documented in ``docs/ingest.md``).
 """
 
@@ -16,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from sonocl.data.store import FrameStore, StoreError
+from sonocl.data.store import META_FILE, FrameStore, StoreError
+from sonocl.files import read_json
 
 UNLABELLED = "(unlabelled)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", type=Path, metavar="STORE", help="frame store directory")
+    parser.add_argument("store", type=Path, metavar="STORE|RUN", help="frame store or pretraining run directory")
     parser.add_argument("--json", action="store_true", help="print one JSON object for scripts")
 
 
@@ -103,7 +106,56 @@ def _print_text(summary: dict[str, Any]) -> None:
             print(f"  {entry['file']}: {entry['reason']}")
 
 
+def summarise_run(run: Path) -> dict[str, Any]:
+    """The JSON summary of a pretraining run's ``provenance.json`` (`sonocl.provenance` writes it)."""
+    record = read_json(run / "provenance.json", StoreError, "a pretraining run's record of what it saw")
+    counts = {key: len(record.get(key) or []) for key in ("trained_on", "held_out", "labels_used")}
+    per_store = record.get("per_store") or [{"store": store} for store in record.get("stores") or [record.get("store")]]
+    return {
+        "run": str(run.resolve()),
+        "method": record.get("method"),
+        "budget": record.get("budget", {}),
+        "videos": counts,
+        "label_columns": record.get("label_columns", []),
+        "stores": [
+            {
+                "store": entry.get("store"),
+                "videos": entry.get("videos"),
+                "share_of_pairs": entry.get("share_of_pairs"),
+                **{key: len(entry[key]) for key in ("trained_on", "held_out", "labels_used") if key in entry},
+            }
+            for entry in per_store
+        ],
+        "initialised_from": record.get("initialised_from", []),
+    }
+
+
+def _print_run(summary: dict[str, Any]) -> None:
+    budget, videos = summary["budget"], summary["videos"]
+    pairs = f"{budget['steps']} steps × {budget['batch_size']} = {budget['pairs']:,} pairs" if budget else "no budget"
+    print(f"{summary['run']}: {summary['method']}, {pairs}")
+    print(f"videos: {videos['trained_on']} trained on, {videos['held_out']} held out, labels of {videos['labels_used']} "
+          f"read" + (f" ({', '.join(summary['label_columns'])})" if summary["label_columns"] else ""))  # fmt: skip
+    print("stores:")
+    for entry in summary["stores"]:
+        share = (
+            f", {100 * entry['share_of_pairs']:.1f} % of the pairs" if entry.get("share_of_pairs") is not None else ""
+        )
+        seen = f" ({entry['trained_on']} trained on, {entry['held_out']} held out)" if "trained_on" in entry else ""
+        count = f": {entry['videos']} videos" if entry.get("videos") is not None else ""
+        print(f"  {entry['store']}{count}{share}{seen}")
+    for ancestor in summary["initialised_from"]:
+        print(f"initialised from {ancestor}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if (args.store / "provenance.json").is_file() and not (args.store / META_FILE).is_file():
+        summary = summarise_run(args.store)
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            _print_run(summary)
+        return 0
     try:
         store = FrameStore.open(args.store)
     except StoreError as error:

@@ -44,6 +44,7 @@ from sonocl.errors import ConfigError
 from sonocl.evaluate import cache
 from sonocl.evaluate.config import OPTIMISTIC, EvalConfig, levels
 from sonocl.evaluate.data import EvalData, fold_splits, inner_validation
+from sonocl.evaluate.engine import run_fold_tasks
 from sonocl.evaluate.finetune import FineTuneModel, FoldTrainer
 from sonocl.evaluate.inits import InitReport
 from sonocl.evaluate.metrics import (
@@ -54,7 +55,6 @@ from sonocl.evaluate.metrics import (
 )
 from sonocl.progress import progress_report
 from sonocl.runtime import resolve_device
-from sonocl.workers import map_unordered
 
 # ------------------------------------------------------------------------------------------------ evaluate
 
@@ -257,20 +257,18 @@ def evaluate_inits(
     def cached(task: FoldTask) -> Path | None:
         return None if cache is None else cache / inits[task.init][0] / f"seed{task.seed}_fold{task.fold}.npz"
 
-    tasks = []
-    for task in all_tasks:
+    def load(task: FoldTask) -> FoldResult | None:
         path = cached(task)
-        done = load_fold_result(path, task, keys[task.init]) if path is not None else None
-        if done is None:
-            tasks.append(task)
-        else:
-            results[task.init].append(done)
+        return load_fold_result(path, task, keys[task.init]) if path is not None else None
 
-    def keep(result: FoldResult) -> None:
-        results[result.task.init].append(result)
+    def save(result: FoldResult) -> None:
         path = cached(result.task)
         if path is not None:
             save_fold_result(path, result, keys[result.task.init])
+
+    def keep(result: FoldResult) -> None:
+        results[result.task.init].append(result)
+        finish_ready_inits()
 
     def finish_ready_inits() -> None:
         per_init = len(all_tasks) // len(inits)
@@ -282,17 +280,13 @@ def evaluate_inits(
             if on_init is not None:
                 on_init(entries[-1], folds)
 
-    finish_ready_inits()
-    if jobs == 1:
-        for task in tasks:
-            label, backbone, _ = inits[task.init]
-            keep(run_fold(data, backbone, label, config, task))
-            finish_ready_inits()
-        return entries
+    def run_here(task: FoldTask) -> FoldResult:
+        label, backbone, _ = inits[task.init]
+        return run_fold(data, backbone, label, config, task)
+
     shared = {"data": data, "models": [(label, backbone) for label, backbone, _ in inits], "config": config}
-    for result in map_unordered(_fold_in_worker, tasks, jobs, shared):
-        keep(result)
-        finish_ready_inits()
+    run_fold_tasks(all_tasks, load=load, run_here=run_here, worker=_fold_in_worker, shared=shared, jobs=jobs,
+                   save=save, on_result=keep)  # fmt: skip
     return entries
 
 

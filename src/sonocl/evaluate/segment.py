@@ -43,6 +43,7 @@ from sonocl.data.splits import grouped_stratified_kfold
 from sonocl.errors import ConfigError, UserError
 from sonocl.evaluate import cache
 from sonocl.evaluate import segmentation_metrics as sm
+from sonocl.evaluate.engine import run_fold_tasks
 from sonocl.evaluate.inits import default_label, load_init
 from sonocl.evaluate.masks import MaskError, MaskPair, pair_images, read_grey, read_mask
 from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss
@@ -52,7 +53,6 @@ from sonocl.options import number_rule
 from sonocl.outputs import SEGMENTATION, add_overwrite_argument, claim
 from sonocl.progress import progress_report
 from sonocl.runtime import resolve_device
-from sonocl.workers import map_unordered
 
 SCHEMA = "sonocl.segment/1"
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25
@@ -756,18 +756,27 @@ def run_folds(
     """Every fold run, in the order of ``tasks``; with ``config.jobs > 1`` in that many spawned worker processes,
     each with an equal share of torch's threads (`sonocl.workers.map_unordered`, as `sonocl evaluate --jobs`). A
     run's result does not depend on the process that ran it, up to float rounding from a different thread count."""
-    done = {(t.init, t.fold): r for t in tasks if (r := load_fold(config, inits[t.init], t, data)) is not None}
-    todo = [task for task in tasks if (task.init, task.fold) not in done]
-    if done:
-        print(f"sonocl segment: {len(done)} of {len(tasks)} fold runs read back from {config.out / 'folds'}",
-              file=sys.stderr)  # fmt: skip
-    if config.jobs == 1 or len(todo) <= 1:
-        results = (run_fold(data, inits[task.init], config, task) for task in todo)
-    else:
-        results = map_unordered(_fold_in_worker, todo, config.jobs, {"data": data, "models": inits, "config": config})
-    for result in results:  # each saved as it finishes: a killed run resumes at the first unfinished fold
-        save_fold(config, inits[result.task.init], result, data)
+    done: dict[tuple[int, int], FoldResult] = {}
+
+    def keep(result: FoldResult) -> None:
         done[(result.task.init, result.task.fold)] = result
+
+    def announce(read_back: int, total: int) -> None:
+        if read_back:
+            print(f"sonocl segment: {read_back} of {total} fold runs read back from {config.out / 'folds'}",
+                  file=sys.stderr)  # fmt: skip
+
+    run_fold_tasks(
+        tasks,
+        load=lambda task: load_fold(config, inits[task.init], task, data),
+        run_here=lambda task: run_fold(data, inits[task.init], config, task),
+        worker=_fold_in_worker,
+        shared={"data": data, "models": inits, "config": config},
+        jobs=config.jobs,
+        save=lambda result: save_fold(config, inits[result.task.init], result, data),
+        on_result=keep,
+        announce=announce,
+    )
     return [done[(task.init, task.fold)] for task in tasks]
 
 

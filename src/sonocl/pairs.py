@@ -1,7 +1,8 @@
 """Pair samplers: which frames form the two views of each item, how they are mixed, which items are positives.
 
-Pure index maths over a `FrameStore` (no pixels are read here). A sampler turns an epoch number into a list
-of `PairBatch` es; pixels are gathered and augmented afterwards (`sonocl.augment.make_views`).
+Pure index maths over a store's video table (`VideoTable`: one store, or several read as one; no pixels are read
+here). A sampler turns an epoch number into a list of `PairBatch` es; pixels are gathered and augmented afterwards
+(`sonocl.augment.make_views`).
 
 Determinism and sharding. Everything random in an epoch is drawn once for the *global* epoch order from
 ``numpy.random.default_rng([seed, epoch])``: the item permutation first, then every per-item draw for all

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from sonocl.data.store import FrameStore
+from sonocl.data.store import VideoTable
 from sonocl.methods.base import Method
 from sonocl.methods.config import (
     IMAGENET_GREY_MEAN,
@@ -137,7 +137,7 @@ def preset() -> PretrainConfig:
 
 
 def sampler(
-    cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
+    cfg: PretrainConfig, store: VideoTable, videos: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> PairSampler:
     o = cfg.options
     return AWCLSampler(

@@ -32,12 +32,12 @@ if TYPE_CHECKING:
     import numpy as np
     from torch import nn
 
-    from sonocl.data.store import FrameStore
+    from sonocl.data.store import VideoTable
     from sonocl.methods.objectives import Objective
     from sonocl.pairs import PairSampler
 
 
-SamplerFactory = Callable[["PretrainConfig", "FrameStore", "np.ndarray", int, int, int], "PairSampler"]
+SamplerFactory = Callable[["PretrainConfig", "VideoTable", "np.ndarray", int, int, int], "PairSampler"]
 ObjectiveFactory = Callable[["PretrainConfig", "nn.Module", "PairSampler"], "Objective"]
 
 

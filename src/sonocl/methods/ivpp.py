@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from sonocl.data.store import FrameStore
+from sonocl.data.store import VideoTable
 from sonocl.errors import ConfigError
 from sonocl.losses import BarlowTwinsLoss, VICRegLoss
 from sonocl.methods.base import Method
@@ -210,7 +210,7 @@ def preset() -> PretrainConfig:
 
 
 def sampler(
-    cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
+    cfg: PretrainConfig, store: VideoTable, videos: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> PairSampler:
     options = cfg.options
     return IVPPSampler(

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sonocl.data.store import FrameStore
+from sonocl.data.store import VideoTable
 from sonocl.errors import ConfigError
 from sonocl.methods import meta_step
 from sonocl.methods.base import Method
@@ -107,7 +107,7 @@ class MetaSetSampler:
 
     def __init__(
         self,
-        store: FrameStore,
+        store: VideoTable,
         videos: np.ndarray,
         batch_size: int,
         seed: int,
@@ -250,7 +250,7 @@ def preset() -> PretrainConfig:
 
 
 def sampler(
-    cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
+    cfg: PretrainConfig, store: VideoTable, videos: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> PairSampler:
     return MetaUSCLSampler(
         store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items, max_dist=cfg.options.max_dist
@@ -258,7 +258,7 @@ def sampler(
 
 
 def meta_sampler(
-    cfg: PretrainConfig, store: FrameStore, held_out: np.ndarray, batch_size: int, rank: int, world_size: int
+    cfg: PretrainConfig, store: VideoTable, held_out: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> MetaSetSampler:
     """The meta set: held-out videos (``val_fraction`` > 0), ``meta_batch_size`` pairs per step over all ranks."""
     if len(held_out) == 0:

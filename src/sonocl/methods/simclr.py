@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from sonocl.data.store import FrameStore
+from sonocl.data.store import VideoTable
 from sonocl.methods.base import Method
 from sonocl.methods.config import (
     IMAGENET_GREY_MEAN,
@@ -54,7 +54,7 @@ def preset() -> PretrainConfig:
 
 
 def sampler(
-    cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
+    cfg: PretrainConfig, store: VideoTable, videos: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> PairSampler:
     return InstanceSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items)
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from sonocl.data.store import FrameStore
+from sonocl.data.store import VideoTable
 from sonocl.methods.base import Method
 from sonocl.methods.config import (
     AugmentConfig,
@@ -122,7 +122,7 @@ def _label_rate(cfg: PretrainConfig) -> float:
 
 
 def sampler(
-    cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
+    cfg: PretrainConfig, store: VideoTable, videos: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> PairSampler:
     return USCLSampler(
         store,
@@ -138,7 +138,7 @@ def sampler(
 
 
 def validation_sampler(
-    cfg: PretrainConfig, store: FrameStore, videos: np.ndarray, batch_size: int, rank: int, world_size: int
+    cfg: PretrainConfig, store: VideoTable, videos: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> PairSampler:
     """Held-out pairs as the reference validates and selects (§1.7): two augmented frames of a video, unmixed."""
     return USCLSampler(

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sonocl.data.store import FrameStore
+from sonocl.data.store import VideoTable
 
 
 def embedding_std(z: Tensor) -> float:
@@ -28,7 +28,7 @@ def embedding_std(z: Tensor) -> float:
 
 
 def monitor_frames(
-    store: FrameStore, videos: np.ndarray, codes: np.ndarray, per_video: int
+    store: VideoTable, videos: np.ndarray, codes: np.ndarray, per_video: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``per_video`` evenly spaced frames of each labelled video in ``videos``, and their labels."""
     frames, labels = [], []
@@ -47,7 +47,7 @@ def monitor_frames(
 @torch.no_grad()
 def backbone_features(
     backbone: nn.Module,
-    store: FrameStore,
+    store: VideoTable,
     frame_indices: np.ndarray,
     size: int,
     mean: float,

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from sonocl.augment import BatchAugment, make_views
 from sonocl.data.splits import grouped_holdout
-from sonocl.data.store import FrameStore
+from sonocl.data.store import VideoTable
 from sonocl.errors import ConfigError
 from sonocl.methods import Method
 from sonocl.methods.config import PretrainConfig
@@ -25,7 +25,7 @@ from sonocl.pairs import PairBatch, PairSampler
 from sonocl.train.config import resolve
 
 
-def split_videos(cfg: PretrainConfig, store: FrameStore) -> tuple[np.ndarray, np.ndarray]:
+def split_videos(cfg: PretrainConfig, store: VideoTable) -> tuple[np.ndarray, np.ndarray]:
     """``(training, held_out)`` video indices in content order (`VideoTable.content_order`, so that two ingests of the
     same files pretrain alike): whole groups held out, ``val_fraction`` of the videos that ``cfg.exclude`` leaves, of
     each store on its own when the run reads several."""
@@ -49,7 +49,7 @@ def split_videos(cfg: PretrainConfig, store: FrameStore) -> tuple[np.ndarray, np
 def training_sampler(
     method: Method,
     cfg: PretrainConfig,
-    store: FrameStore,
+    store: VideoTable,
     videos: np.ndarray,
     batch_size: int,
     rank: int = 0,
@@ -84,7 +84,7 @@ class StepBatches:
         return self._epoch[1][index]
 
 
-def batch_tensors(store: FrameStore, batch: PairBatch) -> dict[str, Tensor]:
+def batch_tensors(store: VideoTable, batch: PairBatch) -> dict[str, Tensor]:
     """A batch as the loader hands it to the step: its frames gathered from the store (uint8), its arrays as tensors."""
     return {
         "frames": torch.from_numpy(store.gather(batch.frames)),
@@ -137,7 +137,7 @@ class RunReplay:
     the replayed batch is the same and the views are another draw from the same distribution.
     """
 
-    def __init__(self, cfg: PretrainConfig, store: FrameStore, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, cfg: PretrainConfig, store: VideoTable, rank: int = 0, world_size: int = 1) -> None:
         self.cfg, self.store, self.rank = cfg, store, rank
         self.kept, self.held = split_videos(cfg, store)
         method = resolve(cfg)
@@ -158,7 +158,7 @@ class RunReplay:
         return ReplayedStep(step, self.kept, self.held, batch, view1, view2)
 
 
-def replay_step(cfg: PretrainConfig, store: FrameStore, step: int, rank: int = 0, world_size: int = 1) -> ReplayedStep:
+def replay_step(cfg: PretrainConfig, store: VideoTable, step: int, rank: int = 0, world_size: int = 1) -> ReplayedStep:
     """The held-out and training videos, the batch drawn at global ``step`` (0-based) and its two views, as the
     loop made them (see `RunReplay`)."""
     return RunReplay(cfg, store, rank, world_size).step(step)

@@ -203,3 +203,14 @@ def test_byol_preset_has_the_papers_two_pipelines_and_they_can_be_set() -> None:
     assert (augment.blur_p, augment.view2_blur_p, augment.solarize_p, augment.view2_solarize_p) == (1.0, 0.1, 0.0, 0.2)
     changed = merge(preset("simclr"), parse_assignment("augment.view2_blur_p=0.3")).augment
     assert changed.view2_blur_p == 0.3 and changed.view2_solarize_p is None
+
+
+def test_a_method_reads_its_own_options_typed_and_refuses_another_methods() -> None:
+    from sonocl.errors import ConfigError
+    from sonocl.methods.config import options_of
+    from sonocl.methods.uscl import USCLOptions
+    from sonocl.train.config import preset
+
+    assert options_of(preset("uscl"), USCLOptions).semi_weight == 0.2
+    with pytest.raises(ConfigError, match="simclr: options are Options, not USCLOptions"):
+        options_of(preset("simclr"), USCLOptions)

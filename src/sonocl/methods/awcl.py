@@ -27,6 +27,7 @@ from sonocl.methods.config import (
     ScheduleConfig,
     fraction_problem,
     option,
+    options_of,
 )
 from sonocl.methods.objectives import GroupContrastive, Objective
 from sonocl.pairs import LABEL_DRAW_KEY, PairSampler, simclr_mix
@@ -139,7 +140,7 @@ def preset() -> PretrainConfig:
 def sampler(
     cfg: PretrainConfig, store: VideoTable, videos: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> PairSampler:
-    o = cfg.options
+    o = options_of(cfg, AWCLOptions)
     return AWCLSampler(
         store,
         videos,
@@ -156,7 +157,8 @@ def sampler(
 
 
 def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
-    return GroupContrastive(cfg.options.temperature, cfg.options.base_temperature)
+    options = options_of(cfg, AWCLOptions)
+    return GroupContrastive(options.temperature, options.base_temperature)
 
 
 METHOD = Method(
@@ -167,5 +169,5 @@ METHOD = Method(
     preset=preset,
     sampler=sampler,
     objective=objective,
-    uses_labels=lambda cfg: cfg.options.anatomy_ratio > 0,
+    uses_labels=lambda cfg: options_of(cfg, AWCLOptions).anatomy_ratio > 0,
 )

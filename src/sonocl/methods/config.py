@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -301,3 +301,14 @@ def plain(value: Any) -> Any:
 def replace(cfg: PretrainConfig, **changes: Any) -> PretrainConfig:
     """``cfg`` with ``changes`` (validated, as every configuration is when built)."""
     return dataclasses.replace(cfg, **changes)
+
+
+OptionsType = TypeVar("OptionsType", bound=Options)
+
+
+def options_of(cfg: PretrainConfig, kind: type[OptionsType]) -> OptionsType:
+    """``cfg.options`` as the method's own options class ``kind``, typed (`sonocl.train.config.resolve` checks the
+    same once per run); a configuration of another method is a `ConfigError` naming both classes."""
+    if not isinstance(cfg.options, kind):
+        raise ConfigError(f"{cfg.method}: options are {type(cfg.options).__name__}, not {kind.__name__}")
+    return cfg.options

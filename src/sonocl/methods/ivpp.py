@@ -29,6 +29,7 @@ from sonocl.methods.config import (
     Options,
     PretrainConfig,
     option,
+    options_of,
     replace,
 )
 from sonocl.methods.objectives import BatchTensors, GroupContrastive, Objective, StepContext
@@ -212,7 +213,7 @@ def preset() -> PretrainConfig:
 def sampler(
     cfg: PretrainConfig, store: VideoTable, videos: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> PairSampler:
-    options = cfg.options
+    options = options_of(cfg, IVPPOptions)
     return IVPPSampler(
         store,
         videos,
@@ -227,7 +228,7 @@ def sampler(
 
 
 def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
-    options = cfg.options
+    options = options_of(cfg, IVPPOptions)
     if options.objective == "vicreg":
         loss = VICRegLoss(options.vicreg_lambda, options.vicreg_mu, options.vicreg_nu)
         return RedundancyReduction("vicreg", loss, options.temperature)

@@ -28,6 +28,7 @@ from sonocl.methods.config import (
     PretrainConfig,
     ScheduleConfig,
     option,
+    options_of,
 )
 from sonocl.methods.objectives import BatchTensors, Objective, StepContext
 from sonocl.models import CMWNet
@@ -252,8 +253,9 @@ def preset() -> PretrainConfig:
 def sampler(
     cfg: PretrainConfig, store: VideoTable, videos: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> PairSampler:
+    options = options_of(cfg, MetaUSCLOptions)
     return MetaUSCLSampler(
-        store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items, max_dist=cfg.options.max_dist
+        store, videos, batch_size, cfg.seed, rank, world_size, items=options.items, max_dist=options.max_dist
     )
 
 
@@ -263,12 +265,13 @@ def meta_sampler(
     """The meta set: held-out videos (``val_fraction`` > 0), ``meta_batch_size`` pairs per step over all ranks."""
     if len(held_out) == 0:
         raise ConfigError("meta-uscl draws its meta set from the held-out videos; set --val-fraction > 0")
-    per_rank = max(1, cfg.options.meta_batch_size // world_size)
-    return MetaSetSampler(store, held_out, per_rank, cfg.seed + 2, rank, world_size, meta_frame=cfg.options.meta_frame)
+    options = options_of(cfg, MetaUSCLOptions)
+    per_rank = max(1, options.meta_batch_size // world_size)
+    return MetaSetSampler(store, held_out, per_rank, cfg.seed + 2, rank, world_size, meta_frame=options.meta_frame)
 
 
 def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
-    o = cfg.options
+    o = options_of(cfg, MetaUSCLOptions)
     if not cfg.model.freeze_bn and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
         raise ConfigError(
             "meta-uscl does not support --sync-bn: its virtual passes have no synchronised forward-mode batch-norm "

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sonocl.methods.base import Method
-from sonocl.methods.config import ModelConfig, OptimConfig, Options, PretrainConfig, ScheduleConfig, option
+from sonocl.methods.config import ModelConfig, OptimConfig, Options, PretrainConfig, ScheduleConfig, option, options_of
 from sonocl.methods.objectives import BatchTensors, MomentumEncoder, Objective, StepContext
 from sonocl.methods.simclr import SIMCLR_AUGMENT
 from sonocl.methods.simclr import sampler as instance_sampler
@@ -228,7 +228,7 @@ def preset() -> PretrainConfig:
 
 
 def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
-    options = cfg.options
+    options = options_of(cfg, MoCoOptions)
     queue = options.queue_size or min(MAX_QUEUE, max(2 * cfg.batch_size, sampler.num_items // 10))
     return MoCo(
         model,

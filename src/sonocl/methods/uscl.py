@@ -26,6 +26,7 @@ from sonocl.methods.config import (
     ScheduleConfig,
     fraction_problem,
     option,
+    options_of,
 )
 from sonocl.methods.objectives import GroupContrastive, Objective
 from sonocl.pairs import LABEL_DRAW_KEY, PairSampler, distinct
@@ -118,7 +119,8 @@ def preset() -> PretrainConfig:
 
 def _label_rate(cfg: PretrainConfig) -> float:
     """The label rate in effect: none is read when the semi-supervised term is off."""
-    return cfg.options.label_rate if cfg.options.semi_weight > 0 and cfg.model.classifier else 0.0
+    options = options_of(cfg, USCLOptions)
+    return options.label_rate if options.semi_weight > 0 and cfg.model.classifier else 0.0
 
 
 def sampler(
@@ -142,12 +144,21 @@ def validation_sampler(
 ) -> PairSampler:
     """Held-out pairs as the reference validates and selects (§1.7): two augmented frames of a video, unmixed."""
     return USCLSampler(
-        store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items, label_rate=0.0, mixed=False
+        store,
+        videos,
+        batch_size,
+        cfg.seed,
+        rank,
+        world_size,
+        items=cfg.options.items,
+        label_rate=0.0,
+        mixed=False,
     )
 
 
 def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
-    return GroupContrastive(cfg.options.temperature, semi_weight=cfg.options.semi_weight)
+    options = options_of(cfg, USCLOptions)
+    return GroupContrastive(options.temperature, semi_weight=options.semi_weight)
 
 
 METHOD = Method(

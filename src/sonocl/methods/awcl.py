@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from sonocl.data.store import VideoTable
 from sonocl.methods.base import Method
@@ -30,6 +29,7 @@ from sonocl.methods.config import (
     options_of,
 )
 from sonocl.methods.objectives import GroupContrastive, Objective
+from sonocl.models import ContrastiveModel
 from sonocl.pairs import LABEL_DRAW_KEY, PairSampler, simclr_mix
 
 LEVELS = ("fine", "coarse")
@@ -156,7 +156,7 @@ def sampler(
     )
 
 
-def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
+def objective(cfg: PretrainConfig, model: ContrastiveModel, sampler: PairSampler) -> Objective:
     options = options_of(cfg, AWCLOptions)
     return GroupContrastive(options.temperature, options.base_temperature)
 

@@ -30,15 +30,15 @@ from sonocl.methods.config import Options, PretrainConfig
 
 if TYPE_CHECKING:
     import numpy as np
-    from torch import nn
 
     from sonocl.data.store import VideoTable
     from sonocl.methods.objectives import Objective
+    from sonocl.models import ContrastiveModel
     from sonocl.pairs import PairSampler
 
 
 SamplerFactory = Callable[["PretrainConfig", "VideoTable", "np.ndarray", int, int, int], "PairSampler"]
-ObjectiveFactory = Callable[["PretrainConfig", "nn.Module", "PairSampler"], "Objective"]
+ObjectiveFactory = Callable[["PretrainConfig", "ContrastiveModel", "PairSampler"], "Objective"]
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from sonocl.methods.moco import key_momentum
 from sonocl.methods.objectives import BatchTensors, MomentumEncoder, Objective, StepContext
 from sonocl.methods.simclr import SIMCLR_AUGMENT
 from sonocl.methods.simclr import sampler as instance_sampler
+from sonocl.models import ContrastiveModel
 from sonocl.pairs import PairSampler
 
 
@@ -75,7 +76,7 @@ def preset() -> PretrainConfig:
     )
 
 
-def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
+def objective(cfg: PretrainConfig, model: ContrastiveModel, sampler: PairSampler) -> Objective:
     return BYOL(model, momentum=key_momentum(cfg), temperature=cfg.options.temperature)
 
 

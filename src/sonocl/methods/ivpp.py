@@ -34,6 +34,7 @@ from sonocl.methods.config import (
 )
 from sonocl.methods.objectives import BatchTensors, GroupContrastive, Objective, StepContext
 from sonocl.methods.simclr import preset as simclr_preset
+from sonocl.models import ContrastiveModel
 from sonocl.pairs import PairSampler
 
 OBJECTIVE_DEFAULTS: dict[str, tuple[float, str]] = {
@@ -227,7 +228,7 @@ def sampler(
     )
 
 
-def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
+def objective(cfg: PretrainConfig, model: ContrastiveModel, sampler: PairSampler) -> Objective:
     options = options_of(cfg, IVPPOptions)
     if options.objective == "vicreg":
         loss = VICRegLoss(options.vicreg_lambda, options.vicreg_mu, options.vicreg_nu)

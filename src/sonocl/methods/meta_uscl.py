@@ -31,7 +31,7 @@ from sonocl.methods.config import (
     options_of,
 )
 from sonocl.methods.objectives import BatchTensors, Objective, StepContext
-from sonocl.models import CMWNet
+from sonocl.models import CMWNet, ContrastiveModel
 from sonocl.pairs import META_DRAW_KEY, PairBatch, PairSampler, distinct, simclr_mix
 
 META_FRAMES = ("first", "random")
@@ -270,7 +270,7 @@ def meta_sampler(
     return MetaSetSampler(store, held_out, per_rank, cfg.seed + 2, rank, world_size, meta_frame=options.meta_frame)
 
 
-def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
+def objective(cfg: PretrainConfig, model: ContrastiveModel, sampler: PairSampler) -> Objective:
     o = options_of(cfg, MetaUSCLOptions)
     if not cfg.model.freeze_bn and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
         raise ConfigError(

@@ -31,6 +31,7 @@ from sonocl.methods.config import ModelConfig, OptimConfig, Options, PretrainCon
 from sonocl.methods.objectives import BatchTensors, MomentumEncoder, Objective, StepContext
 from sonocl.methods.simclr import SIMCLR_AUGMENT
 from sonocl.methods.simclr import sampler as instance_sampler
+from sonocl.models import ContrastiveModel
 from sonocl.pairs import PairSampler
 
 LOSSES = ("v2", "symmetric")
@@ -125,9 +126,16 @@ class MoCo(Objective):
     ``_batch_shuffle_ddp``).
     """
 
+    queue: Tensor
+    """``(queue_size, dim)`` normalised keys (a buffer: saved with the objective's state)."""
+    queue_video: Tensor
+    """The video of each queued key (−1: none yet); a key of the query's own video is never its negative."""
+    queue_ptr: Tensor
+    """Where the next keys go, as a 0-dimensional long tensor."""
+
     def __init__(
         self,
-        model: nn.Module,
+        model: ContrastiveModel,
         temperature: float,
         queue_size: int,
         momentum: float,
@@ -146,7 +154,7 @@ class MoCo(Objective):
         self.seed = seed
         self.key_encoder = MomentumEncoder(model)
         device = next(model.parameters()).device
-        dim = model.projector[-1].out_features
+        dim = model.projector.out_dim
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim, device=device), dim=1))
         self.register_buffer("queue_video", torch.full((queue_size,), -1, dtype=torch.long, device=device))
         """The video of each queued key (-1: a random initial key, never of a video)."""
@@ -227,7 +235,7 @@ def preset() -> PretrainConfig:
     )
 
 
-def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
+def objective(cfg: PretrainConfig, model: ContrastiveModel, sampler: PairSampler) -> Objective:
     options = options_of(cfg, MoCoOptions)
     queue = options.queue_size or min(MAX_QUEUE, max(2 * cfg.batch_size, sampler.num_items // 10))
     return MoCo(

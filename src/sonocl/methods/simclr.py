@@ -10,7 +10,6 @@ and hue have no effect on grey frames).
 from __future__ import annotations
 
 import numpy as np
-from torch import nn
 
 from sonocl.data.store import VideoTable
 from sonocl.methods.base import Method
@@ -25,6 +24,7 @@ from sonocl.methods.config import (
     ScheduleConfig,
 )
 from sonocl.methods.objectives import GroupContrastive, Objective
+from sonocl.models import ContrastiveModel
 from sonocl.pairs import InstanceSampler, PairSampler
 
 SIMCLR_AUGMENT = AugmentConfig(
@@ -59,7 +59,7 @@ def sampler(
     return InstanceSampler(store, videos, batch_size, cfg.seed, rank, world_size, items=cfg.options.items)
 
 
-def objective(cfg: PretrainConfig, model: nn.Module, sampler: PairSampler) -> Objective:
+def objective(cfg: PretrainConfig, model: ContrastiveModel, sampler: PairSampler) -> Objective:
     return GroupContrastive(cfg.options.temperature)
 
 

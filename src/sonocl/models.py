@@ -236,6 +236,7 @@ class ProjectionHead(nn.Sequential):
             layers.append(nn.BatchNorm1d(hidden_dim))
         layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
         super().__init__(*layers)
+        self.in_dim = in_dim
         self.out_dim = out_dim
 
 

@@ -12,7 +12,7 @@ method, never ``if method == …``:
   training videos;
 - ``objective(cfg, model, sampler)`` — the `sonocl.methods.objectives.Objective` of one step (``sampler``: the
   training sampler, for what depends on the data, e.g. MoCo's queue size);
-- ``meta_sampler`` (optional) — a sampler of held-out batches the objective reads each step (Meta-USCL);
+- ``meta_sampler`` (optional) — a `MetaBatches` of held-out batches the objective reads each step (Meta-USCL);
 - ``validation_sampler`` (optional) — the held-out pairs of the validation loss (USCL: unmixed, as its reference);
 - ``uses_labels(cfg)`` — whether training reads any class or anatomy label (the evaluation's leak guard);
 - ``learns_pair_weights`` — whether the objective learns a weight per pair (Meta-USCL's CMW-Net), which its
@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sonocl.methods.config import Options, PretrainConfig
 
@@ -34,10 +34,17 @@ if TYPE_CHECKING:
     from sonocl.data.store import VideoTable
     from sonocl.methods.objectives import Objective
     from sonocl.models import ContrastiveModel
-    from sonocl.pairs import PairSampler
+    from sonocl.pairs import PairBatch, PairSampler
+
+
+class MetaBatches(Protocol):
+    """What a method's ``meta_sampler`` builds: a fresh held-out batch for each training step."""
+
+    def batch(self, epoch: int, step: int) -> PairBatch: ...
 
 
 SamplerFactory = Callable[["PretrainConfig", "VideoTable", "np.ndarray", int, int, int], "PairSampler"]
+MetaSamplerFactory = Callable[["PretrainConfig", "VideoTable", "np.ndarray", int, int, int], MetaBatches]
 ObjectiveFactory = Callable[["PretrainConfig", "ContrastiveModel", "PairSampler"], "Objective"]
 
 
@@ -54,7 +61,7 @@ class Method:
     preset: Callable[[], PretrainConfig]
     sampler: SamplerFactory
     objective: ObjectiveFactory
-    meta_sampler: SamplerFactory | None = None
+    meta_sampler: MetaSamplerFactory | None = None
     validation_sampler: SamplerFactory | None = None
     """Held-out pairs for the validation loss and model selection (None: the training sampler's pairs)."""
     uses_labels: Callable[[PretrainConfig], bool] = lambda cfg: False

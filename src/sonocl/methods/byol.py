@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from sonocl.losses import byol_loss
 from sonocl.methods.base import Method
@@ -28,17 +28,18 @@ from sonocl.pairs import PairSampler
 class BYOL(Objective):
     """Loss = byol_loss(q(z₁), z'₂) + byol_loss(q(z₂), z'₁) with the predictor q = ``model.predictor``."""
 
-    def __init__(self, model: nn.Module, momentum: float, temperature: float) -> None:
+    def __init__(self, model: ContrastiveModel, momentum: float, temperature: float) -> None:
         super().__init__(temperature)
         if model.predictor is None:
             raise ValueError("byol needs a predictor head: build the ContrastiveModel with predictor_hidden > 0")
         self.momentum = momentum
         self.target = MomentumEncoder(model)
 
-    def forward(  # type: ignore[override]
-        self, model: nn.Module, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
+    def forward(
+        self, model: ContrastiveModel, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
     ) -> tuple[Tensor, dict[str, float]]:
         predictor = model.predictor
+        assert predictor is not None, "byol needs a predictor head (checked when the objective is built)"
         _, z1 = model(view1)
         _, z2 = model(view2)
         self.target.train(model.training)
@@ -47,7 +48,7 @@ class BYOL(Objective):
         loss = byol_loss(predictor(z1), t2) + byol_loss(predictor(z2), t1)
         return loss, {"byol": float(loss.detach())}
 
-    def after_step(self, model: nn.Module, momentum: float | None = None) -> None:
+    def after_step(self, model: ContrastiveModel, momentum: float | None = None) -> None:
         self.target.update(model, self.momentum if momentum is None else momentum)
 
 

@@ -273,7 +273,7 @@ def _number(key: str, value: Any, flag: str | None = None, **bounds: float) -> l
 
 def _non_finite(section: str, values: Any, flags: bool = False) -> list[str]:
     """``section.key (--key) nan: must be finite`` for each float of the dataclass ``values`` that is NaN or infinite."""
-    if not dataclasses.is_dataclass(values):
+    if not dataclasses.is_dataclass(values) or isinstance(values, type):  # values: an instance, not a class
         return []
     problems = []
     for name, value in dataclasses.asdict(values).items():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from torch import Tensor, nn
+from torch import Tensor
 
 from sonocl.data.store import VideoTable
 from sonocl.errors import ConfigError
@@ -170,8 +170,8 @@ class RedundancyReduction(Objective):
         self.name = name
         self.loss = loss
 
-    def forward(  # type: ignore[override]
-        self, model: nn.Module, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
+    def forward(
+        self, model: ContrastiveModel, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
     ) -> tuple[Tensor, dict[str, float]]:
         _, z1 = model(view1)
         _, z2 = model(view2)

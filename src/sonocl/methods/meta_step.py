@@ -63,7 +63,7 @@ implicit (quirks 16–18 and 20):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -136,7 +136,7 @@ class VirtualStep:
 
 
 def virtual_sgd_steps(
-    optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], inner_lr: float | None
+    optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], inner_lr: float | None
 ) -> dict[str, VirtualStep]:
     """Per parameter, the `VirtualStep` that ``torch.optim.SGD`` would take from its current state.
 
@@ -183,7 +183,7 @@ class _BatchNormBatchStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         var, mean = torch.var_mean(x, dim=_channel_reduction_dims(x), correction=0, keepdim=True)
         invstd = (var + eps).rsqrt_()
         x_hat = (x - mean).mul_(invstd)
@@ -191,7 +191,7 @@ class _BatchNormBatchStats(torch.autograd.Function):
         return (y if bias is None else y + bias.view(invstd.shape)), x_hat, invstd
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def, override]
+    def setup_context(ctx, inputs, output) -> None:
         _, x_hat, invstd = output
         ctx.mark_non_differentiable(x_hat, invstd)
         ctx.save_for_forward(x_hat, invstd, inputs[1])
@@ -199,7 +199,7 @@ class _BatchNormBatchStats(torch.autograd.Function):
     @staticmethod
     def jvp(
         ctx, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None, _eps_t: None
-    ) -> tuple[Tensor, None, None]:  # type: ignore[no-untyped-def, override]
+    ) -> tuple[Tensor, None, None]:
         x_hat, invstd, weight = ctx.saved_tensors
         shape, dims = invstd.shape, _channel_reduction_dims(x_hat)
         scale = invstd if weight is None else invstd * weight.view(shape)
@@ -225,7 +225,7 @@ class _BatchStatisticsNormJvp(TorchFunctionMode):
     batch-norm with running statistics, runs unchanged.
     """
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def, override]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.batch_norm:
             return _batch_norm(func, *args, **kwargs)
@@ -267,7 +267,15 @@ def _virtual_buffers(model: nn.Module) -> dict[str, None]:
 def _network_z(model: nn.Module, params: dict[str, Tensor], views: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """The projections z of each view with ``params`` swapped in, normalised as the real forward (nothing updated)."""
     buffers = _virtual_buffers(model)
-    return tuple(functional_call(model, (params, buffers), (view,))[1] for view in views)
+    return tuple(_virtual_forward(model, params, buffers, view)[1] for view in views)
+
+
+def _virtual_forward(
+    model: nn.Module, params: dict[str, Tensor], buffers: dict[str, None], view: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The model's ``(h, z)`` of ``view`` with ``params`` and the ``buffers`` of `_virtual_buffers` swapped in."""
+    # functional_call's annotation allows only tensors as values; a None buffer is swapped in as None all the same
+    return functional_call(model, (params, buffers), (view,))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -328,7 +336,7 @@ def cmw_meta_gradient(
     with its own float32 forward of the training views (the given ``h, z`` are not used; see the module docstring).
     """
     _check_plain_module(model)
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params: dict[str, Tensor] = {name: p for name, p in model.named_parameters() if p.requires_grad}
     shards = None if gather is None else _Shards(gather, dist.get_rank(), dist.get_world_size())
     device_type = view1.device.type
     if not torch.is_autocast_enabled(device_type):
@@ -339,7 +347,7 @@ def cmw_meta_gradient(
     with torch.autocast(device_type, enabled=False):
         views = (view1.float(), view2.float())
         buffers = _virtual_buffers(model)
-        (h1, z1), (h2, z2) = (functional_call(model, (params, buffers), (view,)) for view in views)
+        (h1, z1), (h2, z2) = (_virtual_forward(model, params, buffers, view) for view in views)
         return _meta_gradient(
             model, params, cmw, loss, views, (h1, h2), (z1, z2), positive_group, prior_weight,
             (meta_view1.float(), meta_view2.float()), optimizer, inner_lr, meta_positive_group, shards,
@@ -348,7 +356,7 @@ def cmw_meta_gradient(
 
 def _meta_gradient(
     model: nn.Module,
-    params: dict[str, nn.Parameter],
+    params: Mapping[str, Tensor],
     cmw: nn.Module,
     loss: LossFn,
     views: tuple[Tensor, Tensor],
@@ -397,8 +405,8 @@ class _TrainingPairs:
     """Detached backbone features of every pair of the global batch (the CMW-Net's input)."""
     all_group: Tensor | None
     all_prior: Tensor | None
-    z_all: tuple[Tensor, Tensor] | None = None
-    """DDP: the gathered projections (None in one process)."""
+    z_all: tuple[Tensor, Tensor]
+    """The projections of every pair of the global batch (DDP: gathered; one process: ``z``)."""
     rows: slice = field(default_factory=lambda: slice(None))
     """Where this rank's pairs sit in the global batch."""
 
@@ -413,7 +421,7 @@ class _TrainingPairs:
     ) -> _TrainingPairs:
         features = (h[0].detach(), h[1].detach())
         if shards is None:
-            return cls(z, positive_group, features, positive_group, prior_weight)
+            return cls(z, positive_group, features, positive_group, prior_weight, z)
         # the pair weights of every rank's pairs: the loss is normalised over them and weighs them all
         return cls(
             z, positive_group, (shards.gather(features[0]), shards.gather(features[1])),
@@ -424,8 +432,8 @@ class _TrainingPairs:
 
 
 def _weighted_gradient(
-    loss: LossFn, cmw: nn.Module, pairs: _TrainingPairs, params: dict[str, nn.Parameter], shards: _Shards | None
-) -> list[Tensor | None]:
+    loss: LossFn, cmw: nn.Module, pairs: _TrainingPairs, params: Mapping[str, Tensor], shards: _Shards | None
+) -> Sequence[Tensor | None]:
     """g = ∇_θ L_w at θ with the current CMW-Net weights; under DDP the mean over ranks (the real step's rule)."""
     with torch.no_grad():
         weight = _pair_weight(cmw, pairs.all_features, pairs.all_prior)
@@ -449,7 +457,7 @@ def _meta_loss_gradient(
     meta_views: tuple[Tensor, Tensor],
     meta_positive_group: Tensor | None,
     shards: _Shards | None,
-) -> tuple[list[Tensor | None], Tensor]:
+) -> tuple[Sequence[Tensor | None], Tensor]:
     """v = ∂L_meta/∂θ' and L_meta: the unweighted InfoNCE of the (global) meta batch at the virtual parameters."""
     meta_z = _network_z(model, virtual, meta_views)
     if shards is None:
@@ -461,9 +469,9 @@ def _meta_loss_gradient(
         gathered=(shards.gather(meta_z[0]), shards.gather(meta_z[1]), meta_group_all),
         offset=shards.rank * meta_z[0].shape[0],
     )  # fmt: skip
-    meta_grads = torch.autograd.grad(meta_loss, list(virtual.values()), allow_unused=True)
+    local_grads = torch.autograd.grad(meta_loss, list(virtual.values()), allow_unused=True)
     *meta_grads, meta_loss = shards.all_reduce(
-        [*(torch.zeros_like(p) if v is None else v for p, v in zip(virtual.values(), meta_grads)), meta_loss],
+        [*(torch.zeros_like(p) if v is None else v for p, v in zip(virtual.values(), local_grads)), meta_loss],
         mean=True,
     )
     return meta_grads, meta_loss
@@ -473,7 +481,7 @@ def _cmw_hypergradient(
     model: nn.Module,
     cmw: nn.Module,
     loss: LossFn,
-    params: dict[str, nn.Parameter],
+    params: Mapping[str, Tensor],
     tangents: dict[str, Tensor],
     views: tuple[Tensor, Tensor],
     pairs: _TrainingPairs,
@@ -482,20 +490,20 @@ def _cmw_hypergradient(
     """∂/∂α [∇_z L_w(α) · ż] with ż = (∂z/∂θ)·t by forward mode; under DDP the sum of every rank's term."""
     primals = {name: p.detach() for name, p in params.items()}
     with _BatchStatisticsNormJvp():
-        _, z_dot = jvp(lambda ps: _network_z(model, ps, views), (primals,), (tangents,))
+        z_dot = jvp(lambda ps: _network_z(model, ps, views), (primals,), (tangents,))[1]
     alpha_weight = _pair_weight(cmw, pairs.all_features, pairs.all_prior)
     if shards is None:
         z_leaf = (pairs.z[0].detach().requires_grad_(), pairs.z[1].detach().requires_grad_())
         weighted_alpha = loss(*z_leaf, positive_group=pairs.positive_group, weight=alpha_weight)
-        dz = torch.autograd.grad(weighted_alpha, z_leaf, create_graph=True)
+        dz: Sequence[Tensor] = torch.autograd.grad(weighted_alpha, z_leaf, create_graph=True)
     else:  # this rank's term Σ ∇_{z_r} L_w(z_all; w_all(α)) · ż_r of the global directional derivative
         z_leaf = (pairs.z_all[0].detach().requires_grad_(), pairs.z_all[1].detach().requires_grad_())
         weighted_alpha = loss(*z_leaf, positive_group=pairs.all_group, weight=alpha_weight)
         dz = [d[pairs.rows] for d in torch.autograd.grad(weighted_alpha, z_leaf, create_graph=True)]
     directional = sum((a * b.to(a.dtype)).sum() for a, b in zip(dz, z_dot))
     cmw_params = list(cmw.parameters())
-    cmw_grads = torch.autograd.grad(directional, cmw_params, allow_unused=True)
-    cmw_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(cmw_params, cmw_grads)]
+    grads = torch.autograd.grad(directional, cmw_params, allow_unused=True)
+    cmw_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(cmw_params, grads)]
     return cmw_grads if shards is None else shards.all_reduce(cmw_grads, mean=False)
 
 

@@ -161,7 +161,7 @@ class MetaUSCL(Objective):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: ContrastiveModel,
         temperature: float,
         cmw_hidden: int,
         cmw_lr: float,
@@ -170,7 +170,7 @@ class MetaUSCL(Objective):
     ) -> None:
         super().__init__(temperature)
         parameter = next(model.parameters())
-        self.cmw = CMWNet(model.projector[0].in_features, cmw_hidden).to(device=parameter.device)
+        self.cmw = CMWNet(model.projector.in_dim, cmw_hidden).to(device=parameter.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             with torch.no_grad():  # every rank must start from the same CMW-Net (its updates are then identical)
                 for p in self.cmw.parameters():
@@ -179,8 +179,8 @@ class MetaUSCL(Objective):
         self.inner_lr = inner_lr
         self.meta_every = meta_every
 
-    def forward(  # type: ignore[override]
-        self, model: nn.Module, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
+    def forward(
+        self, model: ContrastiveModel, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
     ) -> tuple[Tensor, dict[str, float]]:
         h1, z1 = model(view1)
         h2, z2 = model(view2)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from sonocl.methods.base import Method
 from sonocl.methods.config import ModelConfig, OptimConfig, Options, PretrainConfig, ScheduleConfig, option, options_of
@@ -129,7 +129,8 @@ class MoCo(Objective):
     queue: Tensor
     """``(queue_size, dim)`` normalised keys (a buffer: saved with the objective's state)."""
     queue_video: Tensor
-    """The video of each queued key (−1: none yet); a key of the query's own video is never its negative."""
+    """The video of each queued key (-1: a random initial key, never of a video); a key of the query's own video is
+    never its negative."""
     queue_ptr: Tensor
     """Where the next keys go, as a 0-dimensional long tensor."""
 
@@ -157,12 +158,11 @@ class MoCo(Objective):
         dim = model.projector.out_dim
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim, device=device), dim=1))
         self.register_buffer("queue_video", torch.full((queue_size,), -1, dtype=torch.long, device=device))
-        """The video of each queued key (-1: a random initial key, never of a video)."""
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long, device=device))
         self._pending: tuple[Tensor, Tensor] | None = None
 
-    def forward(  # type: ignore[override]
-        self, model: nn.Module, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
+    def forward(
+        self, model: ContrastiveModel, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
     ) -> tuple[Tensor, dict[str, float]]:
         self.key_encoder.train(model.training)
         generator = shuffle_generator(self.seed, context.step)
@@ -207,7 +207,7 @@ class MoCo(Objective):
         return F.normalize(_at_least_float32(torch.cat(parts)), dim=1)
 
     @torch.no_grad()
-    def after_step(self, model: nn.Module, momentum: float | None = None) -> None:
+    def after_step(self, model: ContrastiveModel, momentum: float | None = None) -> None:
         self.key_encoder.update(model, self.momentum if momentum is None else momentum)
         if self._pending is not None:
             self._enqueue(*self._pending)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sonocl.losses import GroupInfoNCE, semi_supervised_ce
+from sonocl.models import ContrastiveModel
 
 
 @dataclass
@@ -58,17 +59,17 @@ class Objective(nn.Module):
         super().__init__()
         self.info_nce = GroupInfoNCE(temperature, base_temperature)
 
-    def forward(  # type: ignore[override]
-        self, model: nn.Module, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
+    def forward(
+        self, model: ContrastiveModel, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
     ) -> tuple[Tensor, dict[str, float]]:
         """The loss the loop back-propagates, and its named parts (floats, for logging)."""
         raise NotImplementedError
 
-    def after_step(self, model: nn.Module, momentum: float | None = None) -> None:
+    def after_step(self, model: ContrastiveModel, momentum: float | None = None) -> None:
         """Called after the optimizer step (momentum networks, queues). ``momentum`` overrides the EMA momentum
         for this step (the loop's schedule); None keeps the objective's own."""
 
-    def validation_loss(self, model: nn.Module, view1: Tensor, view2: Tensor, batch: BatchTensors) -> Tensor:
+    def validation_loss(self, model: ContrastiveModel, view1: Tensor, view2: Tensor, batch: BatchTensors) -> Tensor:
         """Unweighted group-InfoNCE of the model's projections (call in eval mode, under ``no_grad``)."""
         _, z1 = model(view1)
         _, z2 = model(view2)
@@ -106,8 +107,8 @@ class GroupContrastive(Objective):
         super().__init__(temperature, base_temperature)
         self.semi_weight = semi_weight
 
-    def forward(  # type: ignore[override]
-        self, model: nn.Module, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
+    def forward(
+        self, model: ContrastiveModel, view1: Tensor, view2: Tensor, batch: BatchTensors, context: StepContext
     ) -> tuple[Tensor, dict[str, float]]:
         _, z1 = model(view1)
         _, z2 = model(view2)
@@ -123,7 +124,7 @@ class GroupContrastive(Objective):
 class MomentumEncoder(nn.Module):
     """A momentum copy of the online backbone + projector: ``x → z``, never trained by gradient."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: ContrastiveModel) -> None:
         super().__init__()
         self.backbone = copy.deepcopy(model.backbone)
         self.projector = copy.deepcopy(model.projector)
@@ -133,7 +134,7 @@ class MomentumEncoder(nn.Module):
         return self.projector(self.backbone(images).flatten(1))
 
     @torch.no_grad()
-    def update(self, model: nn.Module, momentum: float) -> None:
+    def update(self, model: ContrastiveModel, momentum: float) -> None:
         """θ_k ← m·θ_k + (1 − m)·θ_q over the parameters (buffers follow the encoder's own forwards)."""
         online = [*model.backbone.parameters(), *model.projector.parameters()]
         for target, source in zip(self.parameters(), online):

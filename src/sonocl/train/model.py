@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from sonocl.errors import ConfigError
 from sonocl.methods.config import PretrainConfig
+from sonocl.models import ContrastiveModel, feature_dim, init_backbone
 from sonocl.train import distributed as ddp
 from sonocl.train.checkpoint import load_checkpoint
 from sonocl.train.data import RunData
 
 
 def build_run_model(cfg: PretrainConfig, data: RunData, context: ddp.DistributedContext, device: torch.device,
-                    memory_format: torch.memory_format) -> nn.Module:  # fmt: skip
+                    memory_format: torch.memory_format) -> ContrastiveModel:  # fmt: skip
     """The `ContrastiveModel` on the device (a classifier over the sampler's classes when the method has one)."""
     num_classes = len(data.sampler.class_names) if cfg.model.classifier else 0
     model = build_model(cfg, num_classes)
@@ -27,7 +28,7 @@ def build_run_model(cfg: PretrainConfig, data: RunData, context: ddp.Distributed
             raise ConfigError(
                 "--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); use model.freeze_bn on CPU"
             )
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = cast(ContrastiveModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))  # converted in place
     model = model.to(device, memory_format=memory_format)
     if cfg.model.compile:
         model.backbone.compile()
@@ -55,9 +56,7 @@ def encoder_metadata(cfg: PretrainConfig) -> dict[str, Any]:
     }
 
 
-def build_model(cfg: PretrainConfig, num_classes: int) -> nn.Module:
-    from sonocl.models import ContrastiveModel, feature_dim, init_backbone
-
+def build_model(cfg: PretrainConfig, num_classes: int) -> ContrastiveModel:
     backbone = init_backbone(cfg.model.init, cfg.model.backbone, cfg.model.channels)
     return ContrastiveModel(
         backbone,

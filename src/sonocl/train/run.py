@@ -17,6 +17,7 @@ from sonocl.augment import BatchAugment
 from sonocl.methods import Method
 from sonocl.methods.config import PretrainConfig
 from sonocl.methods.objectives import Objective
+from sonocl.models import ContrastiveModel
 from sonocl.progress import Progress
 from sonocl.train import distributed as ddp
 from sonocl.train.checkpoint import STATEFUL, Checkpoint, rng_state, set_rng_state
@@ -50,7 +51,7 @@ class Run:
     precision: str
     memory_format: torch.memory_format
     data: RunData
-    model: nn.Module
+    model: ContrastiveModel
     objective: Objective
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler

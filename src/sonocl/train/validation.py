@@ -3,7 +3,9 @@ accuracy, collapse), each in eval mode on its own fixed-seed draw, never touchin
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from sonocl.augment import make_views
 from sonocl.methods.objectives import BatchTensors
@@ -49,22 +51,18 @@ def monitors(run: Run) -> dict[str, float]:
     model.eval()
     metrics: dict[str, float] = {}
     dtype = run.autocast_dtype
-    features = dict(
-        size=cfg.size,
-        mean=cfg.augment.mean,
-        std=cfg.augment.std,
-        channels=cfg.model.channels,
-        device=device,
-        memory_format=run.memory_format,
-        autocast_dtype=dtype,
-    )
+
+    def features(frames: np.ndarray) -> Tensor:
+        return backbone_features(model.backbone, data.store, frames, size=cfg.size, mean=cfg.augment.mean,
+                                 std=cfg.augment.std, channels=cfg.model.channels, device=device,
+                                 memory_format=run.memory_format, autocast_dtype=dtype)  # fmt: skip
+
     if len(data.collapse_frames) >= 2:
-        h = backbone_features(model.backbone, data.store, data.collapse_frames, **features)
+        h = features(data.collapse_frames)
         metrics["embedding_std"] = embedding_std(model.projector(h.to(device)).float())
     (bank_frames, bank_labels), (query_frames, query_labels) = data.bank, data.query
     if len(bank_frames) and len(query_frames):
-        bank_h = backbone_features(model.backbone, data.store, bank_frames, **features)
-        query_h = backbone_features(model.backbone, data.store, query_frames, **features)
+        bank_h, query_h = features(bank_frames), features(query_frames)
         metrics["knn_acc"] = knn_accuracy(
             bank_h, torch.from_numpy(bank_labels), query_h, torch.from_numpy(query_labels), k=cfg.knn_k
         )

@@ -18,7 +18,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
-# The formatter and linter (pyproject.toml [tool.ruff]); .ci/run runs this before the tests.
+# The formatter, the linter and the type checker (pyproject.toml [tool.ruff], [tool.mypy]); .ci/run runs this before
+# the tests.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy

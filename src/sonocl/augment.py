@@ -15,6 +15,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -116,14 +117,16 @@ def _needs_resize(height: int, width: int, size: int, always: bool) -> bool:
 
 def _unit_float(frames_u8: Tensor, size: int, always: bool = False) -> Tensor:
     """``(N, 1, H, W)`` uint8 → float in [0, 1], resized to ``size`` as `_shrink` would (the 1/255 folded in)."""
-    if _needs_resize(*frames_u8.shape[-2:], size, always):
+    height, width = frames_u8.shape[-2:]
+    if _needs_resize(height, width, size, always):
         return _resize(frames_u8, size, scale=1.0 / 255.0).clamp_(0.0, 1.0)
     return frames_u8.float().div_(255.0)
 
 
 def _shrink(images: Tensor, size: int) -> Tensor:
     """Antialiased bilinear resize of float ``(N, 1, H, W)`` to ``size``, only when shrinking ≥ 2× (`_needs_resize`)."""
-    if not _needs_resize(*images.shape[-2:], size, always=False):
+    height, width = images.shape[-2:]
+    if not _needs_resize(height, width, size, always=False):
         return images
     return _resize(images, size).clamp_(0.0, 1.0)
 
@@ -198,7 +201,8 @@ class BatchAugment(nn.Module):
         up to 10 attempts at area ~ U(scale) and log-ratio ~ U(log ratio), else the centred fallback."""
         cfg, size = self.config, self.size
         area = size * size * _uniform(n * _CROP_ATTEMPTS, *cfg.crop_scale, generator, device).view(n, _CROP_ATTEMPTS)
-        log_ratio = _uniform(n * _CROP_ATTEMPTS, *map(math.log, cfg.crop_ratio), generator, device).view(
+        low, high = cfg.crop_ratio
+        log_ratio = _uniform(n * _CROP_ATTEMPTS, math.log(low), math.log(high), generator, device).view(
             n, _CROP_ATTEMPTS
         )
         ratio = torch.exp(log_ratio)
@@ -309,7 +313,7 @@ class BatchAugment(nn.Module):
 
 def make_views(
     frames_u8: Tensor,
-    mix: Tensor,
+    mix: Tensor | np.ndarray,
     augment_first: bool,
     augment: BatchAugment,
     generator: torch.Generator | None = None,

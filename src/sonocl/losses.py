@@ -106,6 +106,7 @@ class GroupInfoNCE(nn.Module):
         if positive_group is None:
             per_anchor = -log_prob.gather(1, other_view[:, None]).squeeze(1)
         else:
+            assert candidate_group is not None  # given with positive_group (checked above)
             groups = torch.cat([positive_group, positive_group]).to(anchors.device)
             all_groups = torch.cat([candidate_group, candidate_group]).to(anchors.device)
             positive = (groups[:, None] == all_groups[None, :]) & ~is_self

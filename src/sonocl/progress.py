@@ -106,7 +106,7 @@ class LineProgress:
         self.unit = unit
         self.enabled = enabled
         self.initial = initial
-        self.n = initial
+        self.n: float = initial
         self.postfix = ""
         self.file = sys.stderr if file is None else file
         self._started = self._last_line_at = time.monotonic()

@@ -189,7 +189,7 @@ class Frame:
             if name in _PLANAR_YUV or name in _PLANAR_YUV_FULL_RANGE:
                 offsets = [np.abs(_plane_array(plane).astype(np.int16) - 128) for plane in self.video_frame.planes[1:3]]
                 colour = np.clip(2 * np.maximum(*offsets), 0, 255).astype(np.uint8)
-                return np.asarray(Image.fromarray(colour).resize((shape[1], shape[0]), Image.BOX))
+                return np.asarray(Image.fromarray(colour).resize((shape[1], shape[0]), Image.Resampling.BOX))
             rgb = self.video_frame.to_ndarray(format="rgb24")
         elif self.rgb is not None:
             rgb = self.rgb
@@ -202,7 +202,7 @@ class Frame:
 
 def _plane_array(plane: av.video.plane.VideoPlane) -> np.ndarray:
     """An 8-bit plane as an array view (rows padded to ``line_size`` are cut to the plane width)."""
-    return np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
+    return np.frombuffer(memoryview(plane), dtype=np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
 
 
 class MediaSource(abc.ABC):

@@ -253,13 +253,13 @@ class LabelTable:
                     f"write the file's path relative to the source folder (e.g. {str(named[0])!r}) to say which"
                 )
         for relative in dict.fromkeys(relatives):
-            rows = [self._rows[key] for key in self._keys_naming(relative) if key in self._rows]
-            if len(rows) < 2:
+            naming = [self._rows[key] for key in self._keys_naming(relative) if key in self._rows]
+            if len(naming) < 2:
                 continue
-            (line, written, kept), rest = rows[0], rows[1:]
+            (line, written, kept), rest = naming[0], naming[1:]
             for other_line, other_written, other in rest:
-                named = f"{str(relative)!r} (as {written!r} and {other_written!r})"
-                kept = _check_same_row(self.path, named, (line, kept), (other_line, other))
+                both = f"{str(relative)!r} (as {written!r} and {other_written!r})"
+                kept = _check_same_row(self.path, both, (line, kept), (other_line, other))
             self._resolved[relative] = kept
 
     def ids_not_in(self, relatives: Sequence[PurePosixPath]) -> list[str]:
@@ -435,4 +435,4 @@ def _detect_group_column(header: list[str], exclude: Sequence[str | None]) -> st
         return exact
     patient = [column for column in candidates if "patient" in _fold(column)]
     with_id = [column for column in patient if "id" in _fold(column).replace("/", " ").split()]
-    return (with_id or patient or [None])[0]
+    return next(iter(with_id or patient), None)

@@ -156,6 +156,7 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float) -> None:
     with av.open(str(path), mode="w") as container:
         options = {"crf": "18", "preset": "veryfast"} if codec == "libx264" else {"b": "2M"}
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001), options=options)
+        assert isinstance(stream, av.VideoStream)  # a video codec's stream
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for frame in frames:
             rgb = np.repeat(frame[:, :, None], 3, axis=2)

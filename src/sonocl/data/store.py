@@ -121,8 +121,8 @@ class VideoRecord:
             fps=data.get("fps"),
             num_frames=int(data["num_frames"]),
             frame_offset=int(data["frame_offset"]),
-            original_size=tuple(data["original_size"]),  # type: ignore[arg-type]
-            crop_box=tuple(data["crop_box"]),  # type: ignore[arg-type]
+            original_size=tuple(data["original_size"]),
+            crop_box=tuple(data["crop_box"]),
             content_hash=data["content_hash"],
             timestamps=tuple(float(t) for t in data["timestamps"]),
             extra_labels=dict(data.get("extra_labels") or {}),

@@ -42,7 +42,7 @@ def array_digest(*arrays: Any) -> str:
     for array in arrays:
         array = np.ascontiguousarray(array)
         hasher.update(f"{array.dtype.str}{array.shape}".encode())
-        hasher.update(memoryview(array).cast("B"))
+        hasher.update(array.data.cast("B"))
     return hasher.hexdigest()[:16]
 
 

@@ -171,7 +171,8 @@ def save_fold_result(path: Path, result: FoldResult, key: dict[str, str]) -> Non
     from sonocl.files import atomic_write, json_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {
+    # Any: mypy would match savez's **arrays against its allow_pickle: bool as well
+    arrays: dict[str, Any] = {
         "key": cache.encode(key),
         "run": json_text(result.run, nan=True),  # a cache: NaN kept, floats given back exactly
         "test_frames": result.test_frames,

@@ -37,6 +37,12 @@ class GemmConv2d(nn.Conv2d):
     64 px than MKL's GEMM on the same product (docs/evaluate.md, Cost); the unfolded input is small there.
     """
 
+    # Pairs in a 2-d convolution (torch types them for any dimension); the padding numeric, as `sharing` builds it
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
     @classmethod
     def sharing(cls, conv: nn.Conv2d) -> GemmConv2d:
         """A GemmConv2d using ``conv``'s own weight and bias tensors (same Parameters: optimiser and state unchanged)."""
@@ -45,10 +51,10 @@ class GemmConv2d(nn.Conv2d):
         gemm = cls(
             conv.in_channels,
             conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
+            _pair(conv.kernel_size),
+            _pair(conv.stride),
+            _pair(conv.padding),
+            _pair(conv.dilation),
             bias=conv.bias is not None,
             device="meta",
         )
@@ -68,6 +74,12 @@ class GemmConv2d(nn.Conv2d):
         if self.bias is not None:
             out = out + self.bias
         return out.view(n, out_h * out_w, -1).transpose(1, 2).reshape(n, -1, out_h, out_w)
+
+
+def _pair(size: tuple[int, ...]) -> tuple[int, int]:
+    """One of a 2-d convolution's sizes, which torch types as a tuple of any length."""
+    height, width = size
+    return height, width
 
 
 def _use_gemm_convs(module: nn.Module) -> None:

@@ -71,7 +71,7 @@ class EvalData:
 def class_members(classes: tuple[str, ...], present: list[str]) -> list[tuple[str, tuple[str, ...]]]:
     """(class name, the store labels it holds) of each ``--classes`` entry: a label of the store as itself; ``A+B``
     the labels A and B merged into a class named ``A+B``; ``NAME=A+B`` the same class named NAME."""
-    members = []
+    members: list[tuple[str, tuple[str, ...]]] = []
     for entry in classes:
         if entry in present:  # a label that itself holds "+" or "=" (e.g. findings "B-lines+A-lines") is that label
             members.append((entry, (entry,)))

@@ -6,7 +6,7 @@ unfinished fold. What a fold run is, how it is keyed and stored, stays with the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from sonocl.workers import map_unordered
@@ -41,6 +41,7 @@ def run_fold_tasks(
     read_back = len(tasks) - len(todo)
     if announce is not None:
         announce(read_back, len(tasks))
+    results: Iterator[Result]
     if jobs == 1 or len(todo) <= 1:
         results = (run_here(task) for task in todo)
     else:

@@ -214,7 +214,7 @@ class FoldTrainer:
             losses = []
             for batch in self._training_batches(len(train)):
                 frames = train[batch]
-                if cached:
+                if train_features is not None:
                     logits = model.head(train_features[torch.from_numpy(batch)])
                 elif cfg.protocol == "linear":
                     logits = model.head(self.embed(model, frames, augment=True))

@@ -410,8 +410,8 @@ def _squashed(
             mask = read_mask(pair.masks)
             shapes.append(grey.shape)
             truth_bits.append(np.packbits(mask))
-            images[i, 0] = np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
-            resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
+            images[i, 0] = np.asarray(Image.fromarray(grey).resize((size, size), Image.Resampling.BILINEAR))
+            resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.BILINEAR)
             masks[i, 0] = np.asarray(resized) > 127
             progress.update(1)
     return torch.from_numpy(images), torch.from_numpy(masks), shapes, truth_bits
@@ -731,7 +731,7 @@ def run_fold(
                 prediction,
             )
     scored = time.perf_counter()
-    entry = {
+    entry: dict[str, Any] = {
         "fold": task.fold,
         "num_train": int(len(task.train)),
         "num_test": int(len(task.test)),

@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         label = label or f"{fold_report.metadata.get('method', 'pretrained')} (per fold)"
     from sonocl.provenance import budget_note, find, pretrained_on, summarise
 
+    assert report is not None and settings is not None, "every evaluation has at least one fold"
     data = data_by_size[settings["size"]]
     init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
     entry = init_entry(label, report, init_config, data.class_names, results_of_folds)

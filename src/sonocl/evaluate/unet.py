@@ -9,20 +9,26 @@ per pixel (as segmentation_models_pytorch's U-Net, decoder widths 256-128-64-32-
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sonocl.augment import AugmentConfig, BatchAugment
 
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
-def encoder_channels(backbone: nn.Module) -> tuple[int, int, int, int, int]:
+def encoder_channels(backbone: ResNet) -> tuple[int, int, int, int, int]:
     """Channels of the stem, layer1 … layer4 outputs of a torchvision ResNet."""
 
     def out_channels(layer: nn.Sequential) -> int:
-        block = layer[-1]
+        block: BasicBlock | Bottleneck = layer[-1]
         last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
         return int(last_bn.num_features)
 
@@ -52,7 +58,7 @@ class ConvBlock(nn.Sequential):
 class UNet(nn.Module):
     """ResNet encoder + U-Net decoder: (N, C, H, W) → logits (N, 1, H, W) for any H, W ≥ 32."""
 
-    def __init__(self, backbone: nn.Module, decoder_channels: tuple[int, ...] = DECODER_CHANNELS) -> None:
+    def __init__(self, backbone: ResNet, decoder_channels: tuple[int, ...] = DECODER_CHANNELS) -> None:
         super().__init__()
         if len(decoder_channels) != 5:
             raise ValueError(f"decoder_channels needs 5 widths, got {decoder_channels}")

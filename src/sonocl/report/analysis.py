@@ -320,8 +320,9 @@ def gradcam_maps(encoder: Any, head: Any, store: Any, frames: np.ndarray, classe
     images = (resize_to(torch.from_numpy(store.gather(frames)), encoder.size) - encoder.mean) / encoder.std
     if encoder.channels == 3:
         images = images.expand(-1, 3, -1, -1)
-    model = BackboneClassifier(encoder.backbone.to("cpu").eval(), head).eval()
-    cams, _ = GradCAM(model, model[0].layer4)(images, torch.from_numpy(classes))
+    backbone = encoder.backbone.to("cpu").eval()
+    model = BackboneClassifier(backbone, head).eval()
+    cams, _ = GradCAM(model, backbone.layer4)(images, torch.from_numpy(classes))
     return images, cams
 
 

@@ -184,7 +184,8 @@ def write_embeddings(
         raise ValueError(f"{path}: the output must end in .parquet or .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npz":
-        arrays = {**table, "embeddings": embeddings, "metadata": np.array(json.dumps(dict(metadata)))}
+        # Any: mypy would match savez's **arrays against its allow_pickle: bool as well
+        arrays: dict[str, Any] = {**table, "embeddings": embeddings, "metadata": np.array(json.dumps(dict(metadata)))}
         atomic_write(path, lambda handle: np.savez(handle, **arrays))
     else:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
 
@@ -18,7 +18,9 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the Agg backend)
 import numpy as np  # noqa: E402
+from matplotlib.axis import Axis  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 """Okabe & Ito (2008) colour-blind-safe categorical palette (blue first; yellow late: it is pale on white)."""
@@ -55,6 +57,11 @@ def png_bytes(figure: Figure) -> bytes:
 
 def _figure(width: float, height: float) -> Figure:
     return plt.figure(figsize=(width, height), layout="constrained")
+
+
+def _integer_ticks(axis: Axis) -> None:
+    """Ticks at whole numbers only on ``axis``, whose default locator (an AutoLocator) is a MaxNLocator."""
+    cast(MaxNLocator, axis.get_major_locator()).set_params(integer=True)
 
 
 def _grid(count: int, columns: int, panel: tuple[float, float]) -> tuple[Figure, np.ndarray]:
@@ -121,7 +128,7 @@ def training_curves(steps: Mapping[str, np.ndarray], epochs: Mapping[str, np.nda
                 ylabel="std (1 = spread, 0 = collapsed)",
             )
             ax.set_ylim(bottom=0)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        _integer_ticks(ax.xaxis)
     return figure
 
 
@@ -143,7 +150,7 @@ def cmw_weight_summary(epoch: np.ndarray, mean: np.ndarray, std: np.ndarray) -> 
         ylabel="pair weight",
         ylim=(0, 1),
     )
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    _integer_ticks(ax.xaxis)
     return figure
 
 
@@ -151,7 +158,7 @@ def weight_histograms(weights_by_epoch: Mapping[str, np.ndarray]) -> Figure:
     """One histogram of CMW-Net pair weights per key (an epoch, or a checkpoint), on a shared [0, 1] axis."""
     figure = _figure(5.0, 3.2)
     ax = figure.add_subplot()
-    bins = np.linspace(0, 1, 41)
+    bins = np.linspace(0, 1, 41).tolist()
     for i, (name, weights) in enumerate(weights_by_epoch.items()):
         ax.hist(weights, bins=bins, histtype="step", lw=1.6, color=colour(i), label=f"{name} (n = {len(weights)})")
     ax.set(title="CMW-Net pair weights", xlabel="pair weight", ylabel="pairs")
@@ -363,8 +370,8 @@ def accuracy_by_epoch(curves: Mapping[str, Sequence[Sequence[float]]]) -> Figure
     """Test accuracy of each fold run by fine-tuning epoch, one colour per init (thin: runs, thick: their mean)."""
     figure = _figure(5.2, 3.4)
     ax = figure.add_subplot()
-    for i, (init, runs) in enumerate(curves.items()):
-        runs = [np.asarray(r, dtype=float) for r in runs if r]
+    for i, (init, curve_runs) in enumerate(curves.items()):
+        runs = [np.asarray(r, dtype=float) for r in curve_runs if r]
         if not runs:
             continue
         for r in runs:

@@ -354,7 +354,7 @@ def _training_section(path: Path, steps: dict[str, np.ndarray], epochs: dict[str
     )
     last = {k: v[-1] for k, v in epochs.items() if len(v) and math.isfinite(v[-1])}
     if last:
-        cells = [("epoch", int(last.get("epoch", 0)))]
+        cells: list[tuple[str, int | str]] = [("epoch", int(last.get("epoch", 0)))]
         cells += [
             (name, f"{last[key]:.4f}")
             for key, name in (

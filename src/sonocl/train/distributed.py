@@ -48,7 +48,7 @@ def init_distributed(device_name: str) -> tuple[DistributedContext, torch.device
             backend,
             init_method="env://",
             timeout=datetime.timedelta(minutes=30),
-            **({"device_id": device} if device.type == "cuda" else {}),
+            device_id=device if device.type == "cuda" else None,
         )
     return context, device
 
@@ -62,14 +62,14 @@ class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sends every rank's gradient for a slice back to the slice's owner (summed)."""
 
     @staticmethod
-    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, tensor: Tensor) -> Tensor:
         ctx.rank, ctx.size = dist.get_rank(), tensor.shape[0]
         parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
@@ -96,11 +96,13 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter], context: Distrib
     """Average the gradients over ranks with one flat all-reduce (a no-op in a single process)."""
     if not context.enabled:
         return
-    parameters = [p for p in parameters if p.requires_grad]
-    for p in parameters:  # every rank must contribute the same flat layout
-        if p.grad is None:
+    grads = []
+    for p in parameters:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:  # every rank must contribute the same flat layout
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in parameters]
+        grads.append(p.grad)
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])

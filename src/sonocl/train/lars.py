@@ -42,7 +42,7 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]  # torch's signature, untyped there too
+    def step(self, closure=None):  # torch's signature, untyped there too
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             for p in group["params"]:

@@ -6,7 +6,7 @@ import csv
 import io
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sonocl.files import atomic_write_text
 
@@ -36,7 +36,7 @@ class MetricsLog:
             self._rewrite()
         elif path.exists():
             path.unlink()
-        self._handle = None
+        self._handle: IO[str] | None = None
 
     def _rewrite(self) -> None:
         if self.fields is None:

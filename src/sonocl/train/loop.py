@@ -93,7 +93,7 @@ def pretrain(
     context, device = ddp.init_distributed(cfg.device)
     try:
         if context.is_main:
-            outputs.claim(out, outputs.RUN, overwrite=overwrite)
+            outputs.claim(Path(out), outputs.RUN, overwrite=overwrite)
         with reproducible(cfg.seed, cfg.deterministic, cfg.threads), _run_lock(Path(out), context):
             run = setup(cfg, Path(out), resume, context, device, started)
             try:
@@ -111,7 +111,8 @@ def pretrain(
                     )
                 raise
             finally:
-                run.progress.close()
+                if run.progress is not None:
+                    run.progress.close()
                 run.writer.close()
                 if run.log is not None:
                     run.log.close()
@@ -146,13 +147,13 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
     objective = method.objective(cfg, model, data.sampler).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     lr, total = base_lr(cfg), data.total_steps
-    momenta = cfg.schedule.ema_start is not None
+    ema_start = cfg.schedule.ema_start
     run = Run(
         cfg=cfg, out=out, method=method, context=context, device=device, precision=precision,
         memory_format=memory_format, data=data, model=model, objective=objective, params=params,
         optimizer=make_optimizer(cfg, params, lr), scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
         lrs=lr_schedule(lr, total, cfg.schedule),
-        momenta=momentum_schedule(cfg.schedule.ema_start, cfg.schedule.ema_end, total) if momenta else None,
+        momenta=momentum_schedule(ema_start, cfg.schedule.ema_end, total) if ema_start is not None else None,
         augment=build_augment(cfg), generator=torch.Generator(device=device), gather=ddp.make_gather(context),
         started=started,
     )  # fmt: skip
@@ -240,10 +241,12 @@ def train_one_epoch(run: Run, epoch: int) -> None:
     first = run.step_in_epoch if epoch == run.epoch else 0
     last = min(data.steps_per_epoch, data.total_steps - epoch * data.steps_per_epoch)  # the budget may end mid-epoch
     augment_first = type(data.sampler).augment_first
+    batches, progress = run.batches, run.progress
+    assert batches is not None and progress is not None, "setup starts the loader and the progress report"
     set_train_mode(run.model, cfg.model.freeze_bn)
     tick = time.perf_counter()
     for step_in_epoch in range(first, last):
-        host_batch = next(run.batches)
+        host_batch = next(batches)
         global_step = epoch * data.steps_per_epoch + step_in_epoch
         lr = float(run.lrs[global_step])
         for group in run.optimizer.param_groups:
@@ -275,14 +278,14 @@ def train_one_epoch(run: Run, epoch: int) -> None:
         tick = now
         if run.context.is_main:
             _log_step(run, epoch, global_step, lr, momentum, values, images_per_s, step_seconds)
-            run.progress.set_postfix(
+            progress.set_postfix(
                 epoch=epoch + 1,
                 loss=f"{values['loss']:.4f}",
                 lr=f"{lr:.3g}",
                 img_s=f"{images_per_s:.0f}",
                 refresh=False,
             )
-        run.progress.update(1)
+        progress.update(1)
         every = cfg.checkpoint_every_steps
         if run.context.is_main and every and run.step_in_epoch % every == 0 and run.step_in_epoch < last:
             save_checkpoints(run)
@@ -354,6 +357,7 @@ def _log_step(
     step_seconds: float,
 ) -> None:
     parts = {f"part_{n}": v for n, v in values.items() if n != "loss"}
+    assert run.log is not None, "rank 0 logs, and its setup opened metrics.csv"
     run.log.write(
         {
             "kind": "step",
@@ -416,6 +420,7 @@ def _log_epoch(run: Run, done: int) -> None:
     """The monitored epoch's row of ``metrics.csv``, its TensorBoard scalars and its line."""
     data = run.data
     step = min(done * data.steps_per_epoch, data.total_steps)
+    assert run.log is not None and run.progress is not None, "rank 0 logs: setup opened metrics.csv and the report"
     run.log.write({"kind": "epoch", "epoch": done, "step": step, **run.epoch_metrics, "seconds": run.elapsed_seconds})
     for name, value in run.epoch_metrics.items():
         run.writer.add_scalar(f"val/{name}", value, step)

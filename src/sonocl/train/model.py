@@ -29,7 +29,8 @@ def build_run_model(cfg: PretrainConfig, data: RunData, context: ddp.Distributed
                 "--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); use model.freeze_bn on CPU"
             )
         model = cast(ContrastiveModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))  # converted in place
-    model = model.to(device, memory_format=memory_format)
+    # torch's overloads of Module.to take memory_format only alone; Module.to parses it with a device as well
+    model = model.to(device, memory_format=memory_format)  # type: ignore[call-overload]
     if cfg.model.compile:
         model.backbone.compile()
     return model

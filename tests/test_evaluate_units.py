@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from sonocl.cli import main
-from sonocl.data.phantom import make_phantom
-from sonocl.data.store import FrameStore, FrameStoreWriter
+from sonocl.data.phantom import make_phantom, write_phantom_store
+from sonocl.data.store import FrameStore
 from sonocl.errors import ConfigError
 from sonocl.evaluate.config import EvalConfig
 from sonocl.evaluate.data import load_eval_data
@@ -43,27 +43,15 @@ def test_classes_merge_without_reingesting(phantom_store) -> None:
 
 def _patient_store(root: Path, covid_of_patient: dict[str, str], b_lines: Callable[[int], str]) -> FrameStore:
     """Phantom videos (two or more per patient) with a per-patient ``covid`` label and ``b_lines(video index)``."""
-    import hashlib
-
-    with FrameStoreWriter(root, 32) as writer:
-        for index, video in enumerate(make_phantom(16, 8, 32, seed=3)):
-            writer.add_video(
-                video.frames,
-                id=video.name,
-                source=f"{video.name}.mp4",
-                label=video.label,
-                group=video.patient,
-                fps=video.fps,
-                timestamps=np.arange(len(video.frames)) / video.fps,
-                original_size=(32, 32),
-                crop_box=(0, 0, 32, 32),
-                content_hash=hashlib.sha256(video.frames.tobytes()).hexdigest(),
-                extra_labels={
-                    "covid": covid_of_patient.get(video.patient, "negative"),
-                    "b_lines": b_lines(index),
-                },
-            )
-    return FrameStore.open(root)
+    return write_phantom_store(
+        root,
+        make_phantom(16, 8, 32, seed=3),
+        32,
+        extra_labels=lambda index, video: {
+            "covid": covid_of_patient.get(video.patient, "negative"),
+            "b_lines": b_lines(index),
+        },
+    )
 
 
 def test_a_patient_label_is_scored_per_patient_from_its_videos_frames(tmp_path: Path, capsys) -> None:
@@ -131,14 +119,10 @@ def test_the_folds_do_not_depend_on_the_order_ingest_committed_the_videos_in(tmp
 
     videos = make_phantom(12, 4, 32, seed=5)
     folds = []
-    for name, order in (("forward", videos), ("backward", videos[::-1])):
-        with FrameStoreWriter(tmp_path / name, 32) as writer:
-            for video in order:
-                writer.add_video(
-                    video.frames, id=video.name, source=f"{video.name}.mp4", label=video.label,
-                    group=f"{name}-salted-{video.patient}", fps=video.fps, timestamps=np.arange(4) / video.fps,
-                    original_size=(32, 32), crop_box=(0, 0, 32, 32), content_hash=f"hash-{video.name}",
-                )  # fmt: skip
-        data = load_eval_data(FrameStore.open(tmp_path / name), _config(group_by="group"))
+    for name, order in (("forward", videos), ("backward", videos[::-1])):  # groups hashed with another salt each
+        store = write_phantom_store(
+            tmp_path / name, order, 32, group=lambda video, salt=name: f"{salt}-{video.patient}"
+        )
+        data = load_eval_data(store, _config(group_by="group"))
         folds.append([sorted(data.video_ids[v] for v in test) for _, test in fold_splits(data, _config(), seed=0)])
     assert folds[0] == folds[1]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import tiny_pretrain, tiny_sets
 from sonocl.cli import main
-from sonocl.data.phantom import make_phantom
+from sonocl.data.phantom import make_phantom, write_phantom_store
 from sonocl.data.store import FrameStore, FrameStoreWriter, StoreError
 from sonocl.data.union import StoreUnion, open_stores
 from sonocl.pairs import InstanceSampler
@@ -187,14 +187,7 @@ def test_two_ingests_in_other_orders_split_and_draw_the_same_videos(tmp_path: Pa
     videos = make_phantom(12, 4, 32, seed=7)
     hashes_by_store = []
     for name, order in (("forward", videos), ("backward", videos[::-1])):
-        with FrameStoreWriter(tmp_path / name, 32) as writer:
-            for video in order:
-                writer.add_video(
-                    video.frames, id=video.name, source=f"{video.name}.mp4", label=video.label, group=video.patient,
-                    fps=video.fps, timestamps=np.arange(4) / video.fps, original_size=(32, 32),
-                    crop_box=(0, 0, 32, 32), content_hash=f"hash-{video.name}",
-                )  # fmt: skip
-        store = FrameStore.open(tmp_path / name)
+        store = write_phantom_store(tmp_path / name, order, 32)
         kept, held = split_videos(method_config("uscl"), store)
         batches = make_sampler("uscl", store, kept, 4, seed=0).batches(0)
         hash_of = [video.content_hash for video in store.videos]

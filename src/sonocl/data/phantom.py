@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -246,24 +246,33 @@ def build_phantom_store(
     store_dir: str | Path, num_videos: int = 12, frames_per_video: int = 24, size: int = 64, seed: int = 0
 ) -> FrameStore:
     """A frame store of the phantom written directly (no encoding or decoding): the fast fixture for tests."""
+    return write_phantom_store(store_dir, make_phantom(num_videos, frames_per_video, size, seed), size)
+
+
+def write_phantom_store(
+    store_dir: str | Path,
+    videos: Sequence[PhantomVideo],
+    size: int,
+    extra_labels: Callable[[int, PhantomVideo], dict[str, str]] | None = None,
+    group: Callable[[PhantomVideo], str] | None = None,
+) -> FrameStore:
+    """``videos`` written straight into a store, in this order, each with its findings and chest zone as extra labels
+    (and ``extra_labels(index, video)`` over them) and its patient as its group (or ``group(video)``)."""
     with FrameStoreWriter(store_dir, size) as writer:
-        for video in make_phantom(num_videos, frames_per_video, size, seed):
+        for index, video in enumerate(videos):
+            labels = {**video.findings, "anatomy": video.anatomy, "anatomy_coarse": ANATOMY_COARSE[video.anatomy]}
             writer.add_video(
                 video.frames,
                 id=video.name,
                 source=f"{video.name}.mp4",
                 label=video.label,
-                group=video.patient,
+                group=group(video) if group else video.patient,
                 fps=video.fps,
                 timestamps=np.arange(len(video.frames)) / video.fps,
                 original_size=(size, size),
                 crop_box=(0, 0, size, size),
                 content_hash=hashlib.sha256(video.frames.tobytes()).hexdigest(),
-                extra_labels={
-                    **video.findings,
-                    "anatomy": video.anatomy,
-                    "anatomy_coarse": ANATOMY_COARSE[video.anatomy],
-                },
+                extra_labels={**labels, **(extra_labels(index, video) if extra_labels else {})},
             )
     return FrameStore.open(store_dir)
 

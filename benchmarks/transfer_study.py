@@ -10,8 +10,9 @@ pretrained on one corpus at one budget and evaluated, frozen (kNN, linear probe)
 An encoder pretrained on the corpus it is tested on is the same-dataset row (transductive: its test videos seen
 without labels, as every table says); pretrained on the other corpus it has seen none of them. Multi-source: the
 ``--both`` methods are pretrained per fold on both corpora (`sonocl study --also-store`: the evaluated corpus without
-the fold's test videos), for POCUS 3-class and BLUES severity (``BOTH_TASKS``); then, for those two tasks, random
-init and the task's best row at 112 px (`RESOLUTION`; the best row is chosen on the 64 px test folds, as said
+the fold's test videos), for POCUS 3-class and BLUES severity (``BOTH_TASKS``); then, for those two tasks, the
+papers' last-block protocol (3 seeds) for random init and the task's two best rows, and random init and the best row
+at 112 px (`RESOLUTION`; the best row is chosen on the 64 px test folds, as said
 where it is used). Each step resumes
 (a rerun skips what is done and continues an interrupted run at its last checkpoint or fold); the fold runs are
 collected into ``docs/study/transfer.json`` and the tables written into ``docs/results.md`` between the study's
@@ -41,6 +42,10 @@ SIZE = pocus.SIZE
 COMMON = ["--recipe", "meta-uscl", "--size", str(SIZE), "--folds", "5", "--group-by", "group"]
 """Every evaluation: the POCUS study's recipe and size, 5 folds grouped by patient."""
 PROTOCOLS = ("knn", "linear")
+"""The frozen protocols of every row."""
+LAST_BLOCK_SEEDS = 3
+"""The papers' protocol (`pocus_study.PROTOCOLS`) over this many fold splits, for random init and each main task's
+two best rows."""
 METHODS = ("uscl-ssl", "simclr", "ivpp", "meta-uscl", "moco", "byol")
 """The pretraining rows, with the POCUS study's options and budget (``pocus_study.ROWS``), USCL (the seeds' claim)
 first."""
@@ -177,20 +182,21 @@ def evaluate(
     init = "random" if corpus == "none" else str(root / "pretrain" / sized(corpus, size) / method)
     pocus.sonocl(
         "evaluate", "--init", init, "--name", method, "--store", str(stores[task.corpus]), *COMMON, *task.options,
-        "--size", str(size), "--protocol", protocol, "--seeds", "1", "--out", str(out),
+        "--size", str(size), *pocus.PROTOCOLS[protocol], "--seeds", str(LAST_BLOCK_SEEDS if protocol == "last-block" else 1),
+        "--out", str(out),
         log=root / "logs" / f"eval-{slug(task.name)}.log",
     )  # fmt: skip
 
 
-def best_row(root: Path, task: Task) -> tuple[str, str] | None:
-    """The (method, corpus) of the task's best single-corpus row at the study's size, by mean linear-probe accuracy.
-    It is chosen on test folds, so its number at `RESOLUTION` answers "does resolution help the best row", not
-    "which row is best"."""
+def best_rows(root: Path, task: Task, count: int = 1) -> list[tuple[str, str]]:
+    """The (method, corpus) of the task's ``count`` best single-corpus rows at the study's size, by mean linear-probe
+    accuracy. They are chosen on test folds, so their numbers at `RESOLUTION` or with last-block answer "does it help
+    the best rows", not "which row is best"."""
     scores: dict[tuple[str, str], list[float]] = {}
     for r in collect(root):
         if r["task"] == task.name and r["protocol"] == "linear" and r["pretrained_on"] in CORPORA and r["size"] == SIZE:
             scores.setdefault((r["method"], r["pretrained_on"]), []).append(r["accuracy"])
-    return max(scores, key=lambda key: sum(scores[key]) / len(scores[key])) if scores else None
+    return sorted(scores, key=lambda key: -sum(scores[key]) / len(scores[key]))[:count]
 
 
 def evaluate_both(root: Path, stores: dict[str, Path], task: Task, protocol: str, method: str) -> None:
@@ -215,7 +221,7 @@ def collect(root: Path) -> list[dict]:
     """One record per task × protocol × encoder × fold from every results.json under ``root/eval``."""
     records = []
     for task in TASKS:
-        for protocol in PROTOCOLS:
+        for protocol in (*PROTOCOLS, "last-block"):
             for path in sorted((root / "eval" / slug(task.name) / protocol).glob("*/results.json")):
                 runs_name, method = path.parent.name.split("-", 1)
                 corpus, _, size = runs_name.partition("@")
@@ -278,7 +284,7 @@ def tables(records: list[dict]) -> str:
     """One table per task and protocol: each encoder against random init, paired by fold."""
     lines = []
     for task in TASKS:
-        for protocol in PROTOCOLS:
+        for protocol in (*PROTOCOLS, "last-block"):
             chosen = [r for r in records if r["task"] == task.name and r["protocol"] == protocol]
             if not chosen:
                 continue
@@ -374,9 +380,12 @@ def main() -> int:
                 for protocol in PROTOCOLS:
                     evaluate_both(root, stores, task, protocol, method)
                 write_outputs(root)
+        for task in (t for t in TASKS if t.name in BOTH_TASKS):  # the papers' protocol: random init and the two best
+            for method, corpus in [("random", "none"), *best_rows(root, task, 2)]:
+                evaluate(root, stores, task, "last-block", method, corpus)
+            write_outputs(root)
         for task in (t for t in TASKS if t.name in BOTH_TASKS):  # the resolution step: random init and the best row
-            best = best_row(root, task)
-            for method, corpus in [("random", "none"), *([best] if best else [])]:
+            for method, corpus in [("random", "none"), *best_rows(root, task, 1)]:
                 if corpus != "none":
                     pretrain(root, stores, method, corpus, RESOLUTION)
                 for protocol in PROTOCOLS:

@@ -334,9 +334,18 @@ def _order(method: str) -> int:
     return METHODS.index(method) if method in METHODS else -1
 
 
+def merge(measured: list[dict], stored: list[dict]) -> list[dict]:
+    """The study's records: those measured under ``--root``, and those of ``docs/study/transfer.json`` of rows it does
+    not hold (rows run in an earlier session: the runs are not kept, the records are)."""
+    row = ("task", "protocol", "method", "pretrained_on", "size")
+    measured_rows = {tuple(r[key] for key in row) for r in measured}
+    return [r for r in stored if tuple(r.get(key, SIZE) for key in row) not in measured_rows] + measured
+
+
 def write_outputs(root: Path) -> None:
-    records = collect(root)
     study = REPO / "docs" / "study" / "transfer.json"
+    stored = json.loads(study.read_text(encoding="utf-8")).get("records", []) if study.exists() else []
+    records = merge(collect(root), stored)
     meta = pocus.study_meta("transfer_study.py")
     study.parent.mkdir(parents=True, exist_ok=True)
     study.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n", encoding="utf-8")

@@ -65,3 +65,11 @@ def test_rows_say_where_they_were_pretrained_and_pair_with_random_init_at_their_
     assert "+10.0 ± 0.0 (better)" in rows["| uscl-ssl @ 112 px | COVID-BLUES (other dataset): 0 of 10 test videos seen"]
     assert "| patient acc | patient bal. acc |" in text and "The paper's reference points" in text
     assert study.best_rows(tmp_path, study.TASKS[0], 2) == []  # no linear rows of POCUS: nothing to pick
+
+
+def test_records_of_rows_run_in_an_earlier_session_are_kept(study) -> None:
+    old = {"task": "POCUS 3-class", "protocol": "knn", "method": "simclr", "pretrained_on": "blues", "size": 64}
+    again = {**old, "method": "uscl-ssl"}
+    stored = [{**old, "fold": 0, "accuracy": 0.7}, {**again, "fold": 0, "accuracy": 0.1}]
+    measured = [{**again, "fold": 0, "accuracy": 0.8}]
+    assert study.merge(measured, stored) == [stored[0], measured[0]]  # a row measured again replaces its old records

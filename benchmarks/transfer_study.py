@@ -7,13 +7,14 @@ pretrained on one corpus at one budget and evaluated, frozen (kNN, linear probe)
 - COVID-BLUES (``../shared/data/covid_blues``: 362 videos of 63 patients, one scanner): severity 0–3,
   B-lines yes/no, folds grouped by patient.
 
-An encoder pretrained on the corpus it is tested on is the same-dataset row (transductive: its test videos seen
-without labels, as every table says); pretrained on the other corpus it has seen none of them. Multi-source: the
-``--both`` methods are pretrained per fold on both corpora (`sonocl study --also-store`: the evaluated corpus without
-the fold's test videos), for POCUS 3-class and BLUES severity (``BOTH_TASKS``); then, for those two tasks, the
-papers' last-block protocol (3 seeds) for random init and the task's two best rows, and random init and the best row
-at 112 px (`RESOLUTION`; the best row is chosen on the 64 px test folds, as said
-where it is used). Each step resumes
+The order answers the study's question first. For each corpus: every method pretrained on it and scored on the
+other corpus's tasks (it has seen none of their videos), then the papers' last-block protocol (3 seeds) on the other
+corpus's main task (``BOTH_TASKS``: POCUS 3-class, BLUES severity) for random init and the two best of those
+encoders. Then the same-dataset rows (pretrained on the corpus they are tested on: transductive, their test videos
+seen without labels, as every table says). Then multi-source: the ``--both`` methods pretrained per fold on both
+corpora (`sonocl study --also-store`: the evaluated corpus without the fold's test videos) for the main tasks. Last,
+random init and the best row at 112 px (`RESOLUTION`). The best rows are chosen on the 64 px linear-probe test
+folds, as said where they are used. Each step resumes
 (a rerun skips what is done and continues an interrupted run at its last checkpoint or fold); the fold runs are
 collected into ``docs/study/transfer.json`` and the tables written into ``docs/results.md`` between the study's
 markers.
@@ -188,14 +189,15 @@ def evaluate(
     )  # fmt: skip
 
 
-def best_rows(root: Path, task: Task, count: int = 1) -> list[tuple[str, str]]:
-    """The (method, corpus) of the task's ``count`` best single-corpus rows at the study's size, by mean linear-probe
-    accuracy. They are chosen on test folds, so their numbers at `RESOLUTION` or with last-block answer "does it help
-    the best rows", not "which row is best"."""
+def best_rows(root: Path, task: Task, count: int = 1, other_corpus: bool = False) -> list[tuple[str, str]]:
+    """The (method, corpus) of the task's ``count`` best single-corpus rows at the study's size (``other_corpus``:
+    of those pretrained on the other corpus only), by mean linear-probe accuracy. They are chosen on test folds, so
+    their numbers at `RESOLUTION` or with last-block answer "does it help the best rows", not "which row is best"."""
     scores: dict[tuple[str, str], list[float]] = {}
     for r in collect(root):
         if r["task"] == task.name and r["protocol"] == "linear" and r["pretrained_on"] in CORPORA and r["size"] == SIZE:
-            scores.setdefault((r["method"], r["pretrained_on"]), []).append(r["accuracy"])
+            if not (other_corpus and r["pretrained_on"] == task.corpus):
+                scores.setdefault((r["method"], r["pretrained_on"]), []).append(r["accuracy"])
     return sorted(scores, key=lambda key: -sum(scores[key]) / len(scores[key]))[:count]
 
 
@@ -375,24 +377,31 @@ def main() -> int:
             for protocol in PROTOCOLS:
                 evaluate(root, stores, task, protocol, "random", "none")
         write_outputs(root)
-        # The transfer first (every encoder on the other corpus's tasks), then the same-dataset rows beside it.
-        for same_dataset in (False, True):
-            for corpus in args.corpora:
-                for method in args.only or METHODS:
-                    pretrain(root, stores, method, corpus)
-                    for task in (t for t in TASKS if (t.corpus == corpus) == same_dataset):
-                        for protocol in PROTOCOLS:
-                            evaluate(root, stores, task, protocol, method, corpus)
-                    write_outputs(root)
+        # The transfer first: every encoder on the other corpus's tasks, then the papers' last-block protocol for
+        # random init and the two best of those encoders on the other corpus's main task.
+        for corpus in args.corpora:
+            for method in args.only or METHODS:
+                pretrain(root, stores, method, corpus)
+                for task in (t for t in TASKS if t.corpus != corpus):
+                    for protocol in PROTOCOLS:
+                        evaluate(root, stores, task, protocol, method, corpus)
+                write_outputs(root)
+            for task in (t for t in TASKS if t.name in BOTH_TASKS and t.corpus != corpus):
+                for method, pretrained_on in [("random", "none"), *best_rows(root, task, 2, other_corpus=True)]:
+                    evaluate(root, stores, task, "last-block", method, pretrained_on)
+                write_outputs(root)
+        for corpus in args.corpora:  # the same-dataset rows beside them (transductive)
+            for method in args.only or METHODS:
+                pretrain(root, stores, method, corpus)
+                for task in (t for t in TASKS if t.corpus == corpus):
+                    for protocol in PROTOCOLS:
+                        evaluate(root, stores, task, protocol, method, corpus)
+                write_outputs(root)
         for method in args.both:  # multi-source, per fold: 5 pretraining runs per task, so the main tasks only
             for task in (t for t in TASKS if t.name in BOTH_TASKS):
                 for protocol in PROTOCOLS:
                     evaluate_both(root, stores, task, protocol, method)
                 write_outputs(root)
-        for task in (t for t in TASKS if t.name in BOTH_TASKS):  # the papers' protocol: random init and the two best
-            for method, corpus in [("random", "none"), *best_rows(root, task, 2)]:
-                evaluate(root, stores, task, "last-block", method, corpus)
-            write_outputs(root)
         for task in (t for t in TASKS if t.name in BOTH_TASKS):  # the resolution step: random init and the best row
             for method, corpus in [("random", "none"), *best_rows(root, task, 1)]:
                 if corpus != "none":

@@ -20,7 +20,7 @@ LAYERS = (
         "sonocl.workers",
     ),
     ("sonocl.data", "sonocl.outputs"),
-    ("sonocl.pairs", "sonocl.augment", "sonocl.models", "sonocl.losses", "sonocl.provenance"),
+    ("sonocl.pairs", "sonocl.augment", "sonocl.backbones", "sonocl.models", "sonocl.losses", "sonocl.provenance"),
     ("sonocl.methods",),
     ("sonocl.train",),
     ("sonocl.evaluate",),

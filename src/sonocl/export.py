@@ -237,21 +237,29 @@ def _sha256(path: Path) -> str:
 
 def bundle_metadata(run: Path, weights: Path, evaluation: Path | None = None) -> dict[str, Any]:
     """Everything ``sonocl_encoder.json`` says, from the run directory, its weights file and the evaluation."""
-    from sonocl.models import encoder_metadata, feature_dim
+    from sonocl.backbones import Backbone
+    from sonocl.models import encoder_metadata
 
     config = read_run_config(run)
     header = encoder_metadata(weights)
     provenance, provenance_summary = read_provenance(run)
     arch = str(header.get("arch", "resnet18"))
+    spec = Backbone.named(arch)
+    channels = int(header.get("channels", 1))
     return {
         "schema": SCHEMA,
         "sonocl_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source_run": str(run.resolve()),
-        "weights": {"file": weights.name, "sha256": _sha256(weights), "key_names": "torchvision", "stem_channels": 3},
+        "weights": {
+            "file": weights.name,
+            "sha256": _sha256(weights),
+            "key_names": "torchvision" if spec.is_resnet else "timm",
+            "stem_channels": 3 if spec.is_resnet else channels,
+        },
         "arch": arch,
-        "feature_dim": feature_dim(arch),
-        "channels": int(header.get("channels", 1)),
+        "feature_dim": spec.feature_dim,
+        "channels": channels,
         "input": {
             "size": int(header.get("size", config.get("size", 224))),
             "mean": header.get("mean"),

@@ -1,10 +1,11 @@
-"""Backbones, heads and encoder files.
+"""Backbones loaded from weights, heads, and encoder files.
 
-Every encoder is a torchvision ResNet whose ``fc`` is replaced by ``nn.Identity`` (so the model returns the
-pooled feature h). Greyscale ultrasound can use a 1-channel stem (``channels=1``, a third of the stem's
-work); exported encoders always carry the 3-channel stem torchvision expects, with the 1-channel kernel
-copied into each input channel and divided by 3, which gives identical features on a grey image copied to
-three channels. So ``encoder.safetensors`` loads into a plain ``torchvision.models.resnet18()``.
+A backbone is built as its record in `sonocl.backbones` says (a torchvision ResNet or any timm model), returning
+the pooled feature h. Greyscale ultrasound can use a 1-channel stem (``channels=1``, a third of the stem's work).
+Exported ResNet encoders always carry the 3-channel stem torchvision expects, with the 1-channel kernel copied into
+each input channel and divided by 3, which gives identical features on a grey image copied to three channels; so a
+ResNet's ``encoder.safetensors`` loads into a plain ``torchvision.models.resnet18()``. A timm encoder keeps the
+channels it was trained with (its header records them, as timm's ``in_chans``).
 """
 
 from __future__ import annotations
@@ -24,15 +25,12 @@ from safetensors.torch import load_file, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from sonocl.backbones import RESNETS, Backbone, name_problem
 from sonocl.errors import UserError
 from sonocl.files import atomic_write
 from sonocl.options import load_yaml_text
 
-ARCHITECTURES: dict[str, tuple[Any, int, Any]] = {
-    "resnet18": (torchvision.models.resnet18, 512, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
-    "resnet34": (torchvision.models.resnet34, 512, torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
-    "resnet50": (torchvision.models.resnet50, 2048, torchvision.models.ResNet50_Weights.IMAGENET1K_V2),
-}
+ARCHITECTURES = RESNETS  # TEMPORARY while evaluate/segment.py is being moved; removed in this change
 ENCODER_FILE = "encoder.safetensors"
 RECORDED_KEYS = ("arch", "channels", "size", "mean", "std", "method")
 """Metadata keys sonocl writes (JSON-encoded) into an encoder file's header (`save_encoder`)."""
@@ -42,19 +40,18 @@ class WeightsError(UserError, RuntimeError):
     """Weights that cannot be found or do not fit; the message names the file and the fix."""
 
 
-def feature_dim(arch: str) -> int:
-    return _architecture(arch)[1]
-
-
-def _architecture(arch: str) -> tuple[Any, int, Any]:
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown backbone {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch]
+def _imagenet_url(arch: str) -> str:
+    if arch not in RESNETS:
+        raise WeightsError(
+            f"ImageNet weights are offered for the torchvision ResNets ({', '.join(RESNETS)}), not {arch}; start "
+            "a timm backbone from random or from a weights file (--init PATH)"
+        )
+    return str(RESNETS[arch][2].url)
 
 
 def imagenet_weights_path(arch: str) -> Path:
     """Where torchvision's weights API caches the ImageNet weights of ``arch``."""
-    url = _architecture(arch)[2].url
+    url = _imagenet_url(arch)
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
@@ -62,7 +59,7 @@ def load_imagenet_state(arch: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights for ``arch``: from the torch hub cache, downloaded there when online."""
     path = imagenet_weights_path(arch)
     if not path.exists():
-        url = _architecture(arch)[2].url
+        url = _imagenet_url(arch)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch.hub.download_url_to_file(url, str(path), progress=False)
@@ -116,35 +113,40 @@ def safe_torch_load(path: Path, error_type: type[Exception]) -> Any:
         raise error_type(f"{path}: not a readable weights file ({first_line})") from None
 
 
-def _fit_stem(state: Mapping[str, torch.Tensor], channels: int) -> dict[str, torch.Tensor]:
-    """Adapt ``conv1.weight`` to ``channels`` inputs: 3→1 sums the colour kernels, 1→3 spreads the grey one."""
+def _fit_stem(
+    state: Mapping[str, torch.Tensor], channels: int, key: str | None = "conv1.weight"
+) -> dict[str, torch.Tensor]:
+    """Adapt the stem's weight ``key`` to ``channels`` inputs: 3→1 sums the colour kernels, 1→3 spreads the grey one
+    (the same features on a grey image copied to three channels)."""
     state = dict(state)
-    weight = state.get("conv1.weight")
-    if weight is not None and weight.shape[1] != channels:
+    weight = state.get(key) if key else None
+    if key and weight is not None and weight.shape[1] != channels:
         if channels == 1:
-            state["conv1.weight"] = weight.sum(dim=1, keepdim=True)
+            state[key] = weight.sum(dim=1, keepdim=True)
         else:
-            state["conv1.weight"] = weight.repeat(1, channels, 1, 1) / channels
+            state[key] = weight.repeat(1, channels, 1, 1) / channels
     return state
 
 
 def build_backbone(
-    arch: str = "resnet18", channels: int = 1, state: Mapping[str, torch.Tensor] | None = None
-) -> torchvision.models.ResNet:
-    """A torchvision ResNet with ``fc = Identity`` and a ``channels``-input stem, optionally loaded from ``state``.
+    arch: str = "resnet18",
+    channels: int = 1,
+    state: Mapping[str, torch.Tensor] | None = None,
+    size: int | None = None,
+) -> nn.Module:
+    """The backbone ``arch`` (`sonocl.backbones`) with a ``channels``-input stem, made for ``size`` px inputs where
+    that matters (a ViT), optionally loaded from ``state``.
 
-    ``state`` uses torchvision key names (``conv1.weight``, ``layer4.1.bn2.bias``…); ``fc.*`` keys are ignored,
-    and every other backbone key must be present.
+    ``state`` uses the family's own key names (torchvision's ``conv1.weight``, ``layer4.1.bn2.bias``…; timm's);
+    the stem is fitted to ``channels`` (`_fit_stem`), a ResNet's ``fc.*`` keys are ignored, and every other key
+    must be present.
     """
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, not {channels}")
-    constructor = _architecture(arch)[0]
-    model = constructor(weights=None)
-    if channels != 3:
-        model.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    model.fc = nn.Identity()
+    spec = Backbone.named(arch)
+    model = spec.build(channels, size)
     if state is not None:
-        backbone_state = {k: v for k, v in _fit_stem(state, channels).items() if not k.startswith("fc.")}
+        backbone_state = _fit_stem(state, channels, spec.stem_weight)
+        if spec.is_resnet:
+            backbone_state = {k: v for k, v in backbone_state.items() if not k.startswith("fc.")}
         misfit = _misfit(arch, _shapes(model), backbone_state)
         if misfit:
             raise WeightsError(f"{misfit}; {_fit_hint(backbone_state, channels)}")
@@ -181,7 +183,7 @@ def _some(keys: list[str], limit: int = 3) -> str:
 
 def _fit_hint(state: Mapping[str, torch.Tensor], channels: int) -> str:
     """Which backbone ``state`` is, as the fix: ``pass --backbone resnet50``; else a question."""
-    for arch in ARCHITECTURES:
+    for arch in RESNETS:
         with torch.device("meta"):  # shapes only: no memory, no initialisation work
             shapes = _shapes(build_backbone(arch, channels))
         needed = {
@@ -192,12 +194,13 @@ def _fit_hint(state: Mapping[str, torch.Tensor], channels: int) -> str:
     return "is --backbone right?"
 
 
-def init_backbone(init: str, arch: str | None = None, channels: int = 1) -> torchvision.models.ResNet:
-    """``random``, ``imagenet`` or the path of a sonocl run, checkpoint or encoder file; ``arch`` as `init_arch`."""
+def init_backbone(init: str, arch: str | None = None, channels: int = 1, size: int | None = None) -> nn.Module:
+    """``random``, ``imagenet`` or the path of a sonocl run, checkpoint or encoder file; ``arch`` as `init_arch`;
+    ``size`` the input side a random or ImageNet ViT is made for (an encoder's is the one it records)."""
     if init == "random":
-        return build_backbone(arch or "resnet18", channels)
+        return build_backbone(arch or "resnet18", channels, size=size)
     if init == "imagenet":
-        return build_backbone(arch or "resnet18", channels, load_imagenet_state(arch or "resnet18"))
+        return build_backbone(arch or "resnet18", channels, load_imagenet_state(arch or "resnet18"), size)
     return load_encoder(init, channels=channels, arch=arch)
 
 
@@ -214,10 +217,10 @@ def init_arch(init: str, arch: str | None = None) -> str:
 
 def _encoder_arch(path: Path, metadata: Mapping[str, Any], arch: str | None) -> str:
     recorded = metadata.get("arch")
-    if recorded is not None and recorded not in ARCHITECTURES:
+    if recorded is not None and (not isinstance(recorded, str) or name_problem(recorded)):
         raise WeightsError(
-            f"{path}: records the backbone {recorded!r}, which is none of {', '.join(ARCHITECTURES)}; the file is "
-            "damaged or from another program: export it again"
+            f"{path}: records the backbone {recorded!r}, which sonocl does not know; the file is damaged or from "
+            "another program (or another timm version): export it again"
         )
     if arch and recorded and arch != recorded:
         raise WeightsError(
@@ -286,10 +289,11 @@ class ContrastiveModel(nn.Module):
         return h, self.projector(h)
 
 
-def export_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """The backbone's weights with torchvision key names and a 3-channel stem, ready for any torchvision ResNet."""
-    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
-    return _fit_stem(state, 3)
+def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's weights under its family's key names: a ResNet's with a 3-channel stem, ready for any
+    torchvision ResNet; a timm model's as they are (its ``in_chans``)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    return _fit_stem(state, 3) if isinstance(model, torchvision.models.ResNet) else state
 
 
 def save_encoder(backbone: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, Any]) -> None:
@@ -381,13 +385,12 @@ def checkpoint_backbone_state(checkpoint: Mapping[str, Any]) -> dict[str, torch.
     return {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
 
 
-def load_encoder(
-    path: str | os.PathLike[str], channels: int | None = None, arch: str | None = None
-) -> torchvision.models.ResNet:
-    """The torchvision ResNet (``fc = Identity``) of a sonocl run directory, training checkpoint or ``encoder.safetensors``.
+def load_encoder(path: str | os.PathLike[str], channels: int | None = None, arch: str | None = None) -> nn.Module:
+    """The backbone (pooled features h) of a sonocl run directory, training checkpoint or ``encoder.safetensors``.
 
-    ``channels`` defaults to what the encoder was trained with; ``arch`` to what the file records (else resnet18): an
-    ``arch`` that contradicts the record is a `WeightsError` naming the file, its backbone and ``--backbone``.
+    ``channels`` defaults to what the encoder was trained with (a timm encoder keeps them); ``arch`` to what the
+    file records (else resnet18): an ``arch`` that contradicts the record is a `WeightsError` naming the file, its
+    backbone and ``--backbone``. A patch-embedding model is built for the size the encoder records.
     """
     located = locate_encoder(Path(path))
     if located.suffix == ".safetensors":
@@ -402,10 +405,12 @@ def load_encoder(
                 f"{located}: no 'backbone.*' weights; for checkpoints of other code use `sonocl evaluate --init`"
             )
     arch = _encoder_arch(located, metadata, arch)
-    recorded = metadata.get("channels", state["conv1.weight"].shape[1] if "conv1.weight" in state else 1)
+    stem = Backbone.named(arch).stem_weight
+    recorded = metadata.get("channels", state[stem].shape[1] if stem in state else 1)
     if recorded not in (1, 3):
         raise WeightsError(f"{located}: records {recorded!r} input channels (1 or 3 expected); export it again")
+    size = metadata.get("size")
     try:
-        return build_backbone(arch, channels or int(recorded), state)
+        return build_backbone(arch, channels or int(recorded), state, int(size) if isinstance(size, int) else None)
     except WeightsError as error:
         raise WeightsError(f"{located}: {error}") from None

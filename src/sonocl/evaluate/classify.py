@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
+from torch import nn
 
 from sonocl.errors import ConfigError
 from sonocl.evaluate import cache
@@ -109,7 +109,7 @@ def fold_tasks(data: EvalData, config: EvalConfig, num_inits: int) -> list[FoldT
 
 def run_fold(
     data: EvalData,
-    backbone: torchvision.models.ResNet,
+    backbone: nn.Module,
     label: str,
     config: EvalConfig,
     task: FoldTask,
@@ -227,7 +227,7 @@ def init_entry(
     }
 
 
-InitSpec = tuple[str, torchvision.models.ResNet, InitReport]
+InitSpec = tuple[str, nn.Module, InitReport]
 """(label, backbone, load report) of one init."""
 
 
@@ -298,7 +298,7 @@ def _fold_in_worker(task: FoldTask, state: dict[str, Any]) -> FoldResult:
 
 def evaluate_init(
     data: EvalData,
-    backbone: torchvision.models.ResNet,
+    backbone: nn.Module,
     report: InitReport,
     label: str,
     config: EvalConfig,

@@ -63,14 +63,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     """The protocol, recipe, folds and sampling options (shared by ``sonocl evaluate`` and ``sonocl study``)."""
+    from sonocl.backbones import NAMES_HELP
     from sonocl.evaluate.config import GROUP_BY, PROTOCOLS, RECIPES, SELECTIONS, UNITS
-    from sonocl.models import ARCHITECTURES
 
     parser.add_argument(
         "--protocol",
         choices=PROTOCOLS,
         default="last-block",
-        help="linear: frozen encoder + new head; last-block: layer4[-1] + head (the papers'); full; "
+        help="linear: frozen encoder + new head; last-block: the last block + head (the papers'; a ResNet's "
+        "layer4[-1]); full; "
         "knn: k nearest frames on frozen features (default: %(default)s)",
     )
     parser.add_argument(
@@ -150,9 +151,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--channels", type=int, choices=(1, 3), default=1, help="stem input channels (default: %(default)s)"
     )
-    parser.add_argument(
-        "--backbone", choices=tuple(ARCHITECTURES), help="architecture (default: a sonocl encoder's own, else resnet18)"
-    )
+    parser.add_argument("--backbone", help=f"{NAMES_HELP} (default: a sonocl encoder's own, else resnet18)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     parser.add_argument(
         "--jobs",
@@ -186,7 +185,9 @@ def _run(args: argparse.Namespace) -> int:
     torch.manual_seed(config.seed)  # the random init's weights
     inits = []
     for label, spec in zip(labels, args.init):  # resolve every init before any training: a bad path fails in seconds
-        backbone, report = load_init(spec, args.backbone, config.channels)  # a sonocl encoder: its own backbone
+        backbone, report = load_init(
+            spec, args.backbone, config.channels, config.size
+        )  # a sonocl encoder: its own backbone
         print(report, file=sys.stderr)
         inits.append((label, spec, backbone, report, input_settings(config, report, args.input)))
 

@@ -1,7 +1,7 @@
 """Fine-tuning one fold: the model (a frozen part, a trainable part, a new head), its training and its predictions.
 
-`FineTuneModel` splits a backbone by protocol (``linear``/``knn``: all frozen; ``last-block``: ``layer4[-1]``
-trainable; ``full``: everything, at a tenth of the head's LR); `FoldTrainer` trains it with Adam and a cosine
+`FineTuneModel` splits a backbone by protocol (``linear``/``knn``: all frozen; ``last-block``: the family's last
+block trainable, `sonocl.backbones.last_block`; ``full``: everything, at a tenth of the head's LR); `FoldTrainer` trains it with Adam and a cosine
 schedule, selects the reported epoch (`select_epoch`) and predicts the test fold.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ import torchvision
 from torch import nn
 
 from sonocl.augment import AugmentConfig, BatchAugment
+from sonocl.backbones import last_block
 from sonocl.errors import ConfigError
 from sonocl.evaluate.config import EvalConfig
 from sonocl.evaluate.cpu_kernels import (
@@ -53,23 +55,38 @@ def select_epoch(selection: str, test_scores: Sequence[float] | None, val_scores
 
 
 class FineTuneModel(nn.Module):
-    """A backbone split into a frozen part (run without autograd) and a trainable part, plus a new Linear head."""
+    """A backbone split into a frozen part (run without autograd) and a trainable part, plus a new Linear head.
 
-    def __init__(self, backbone: torchvision.models.ResNet, num_classes: int, protocol: str, freeze_bn: bool) -> None:
+    A torchvision ResNet is split stage by stage (`_stages`: the frozen stages never build a graph, and
+    `optimise_for_cpu` can lay each out for its map size). Any other backbone (timm) is split by parameters: for
+    ``last-block`` and ``full`` the whole model is the trainable part with only the protocol's modules learning
+    (`_PartlyTrained`), for ``linear`` and ``knn`` the whole model is frozen."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, protocol: str, freeze_bn: bool) -> None:
         super().__init__()
-        modules, strides = zip(*_stages(backbone))
-        split = {"full": 0, "last-block": len(modules) - 1}.get(protocol, len(modules))  # linear, knn: all frozen
-        pool = [backbone.avgpool, nn.Flatten(1)]
-        self.frozen = nn.Sequential(*modules[:split], *(pool if split == len(modules) else []))
-        self.trainable = nn.Sequential(*modules[split:], *(pool if split < len(modules) else []))
-        self.frozen.requires_grad_(False)
         self.freeze_bn = freeze_bn or protocol in ("linear", "knn")
-        self.head = nn.Linear(_feature_dim(backbone), num_classes)
-        self._strides = strides
+        self.frozen: nn.Module
+        self.trainable: nn.Module
+        if isinstance(backbone, torchvision.models.ResNet):
+            modules, strides = zip(*_stages(backbone))
+            split = {"full": 0, "last-block": len(modules) - 1}.get(protocol, len(modules))  # linear, knn: all frozen
+            pool = [backbone.avgpool, nn.Flatten(1)]
+            self.frozen = nn.Sequential(*modules[:split], *(pool if split == len(modules) else []))
+            self.trainable = nn.Sequential(*modules[split:], *(pool if split < len(modules) else []))
+            self._strides: tuple[int, ...] = strides
+            features = _resnet_feature_dim(backbone)
+        else:
+            trained = {"full": [backbone], "last-block": last_block(backbone)}.get(protocol, [])
+            self.frozen = nn.Identity() if trained else backbone
+            self.trainable = _PartlyTrained(backbone, trained, self.freeze_bn) if trained else nn.Identity()
+            self._strides = ()
+            features = _num_features(backbone)
+        self.frozen.requires_grad_(False)
+        self.head = nn.Linear(features, num_classes)
 
     def optimise_for_cpu(self, size: int) -> FineTuneModel:
         """Channels-last layout for the large early maps, NCHW from the first stage whose output is ≤ `TINY_MAP` px a
-        side, and GEMM convs in the trainable stages on such maps.
+        side, and GEMM convs in the trainable stages on such maps (a split ResNet; any other backbone: channels-last).
 
         Measured on a 2-core Xeon (AVX-512) at 64 px, last-block: channels-last is faster up to ``layer2`` but about
         2× slower on the 4×4 and 2×2 maps of ``layer3``/``layer4``, where `GemmConv2d` also beats oneDNN's backward.
@@ -79,7 +96,7 @@ class FineTuneModel(nn.Module):
         first = next((i for i, stride in enumerate(self._strides) if math.ceil(size / stride) <= TINY_MAP), None)
         if first is None:
             return self
-        frozen, trainable = list(self.frozen), list(self.trainable)
+        frozen, trainable = list(cast(nn.Sequential, self.frozen)), list(cast(nn.Sequential, self.trainable))
         for module in [*frozen, *trainable][first:]:
             module.to(memory_format=torch.contiguous_format)
         if first < len(frozen):
@@ -108,10 +125,43 @@ class FineTuneModel(nn.Module):
         return self.head(self.features(images))
 
 
-def _feature_dim(backbone: torchvision.models.ResNet) -> int:
+def _resnet_feature_dim(backbone: torchvision.models.ResNet) -> int:
     block = backbone.layer4[-1]
     last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
     return int(last_bn.num_features)
+
+
+def _num_features(model: nn.Module) -> int:
+    """The pooled feature size a timm model states (``num_features``)."""
+    value = getattr(model, "num_features", None)
+    if not isinstance(value, int):
+        raise ConfigError(f"{type(model).__name__} does not state its feature size (timm's num_features)")
+    return value
+
+
+class _PartlyTrained(nn.Module):
+    """``model`` of which only the ``trained`` modules learn; with ``freeze_rest`` the others stay in eval mode
+    (running statistics, no dropout), as the frozen stages of a split ResNet."""
+
+    def __init__(self, model: nn.Module, trained: list[nn.Module], freeze_rest: bool) -> None:
+        super().__init__()
+        self.model = model
+        self._trained = tuple(trained)  # a plain tuple: the modules are registered once, inside model
+        self.freeze_rest = freeze_rest
+        model.requires_grad_(False)
+        for module in trained:
+            module.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> _PartlyTrained:
+        super().train(mode)
+        if mode and self.freeze_rest:
+            self.model.eval()
+            for module in self._trained:
+                module.train()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
 
 
 @dataclasses.dataclass

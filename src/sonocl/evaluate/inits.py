@@ -1,7 +1,7 @@
 """Encoder initialisation for downstream evaluation: ``random``, ``imagenet``, sonocl encoders and foreign checkpoints.
 
-`load_init(spec, arch, channels)` returns a torchvision ResNet with ``fc = Identity`` and an `InitReport` that
-says what was loaded and what was not. ``spec`` is one of
+`load_init(spec, arch, channels, size)` returns a backbone (`sonocl.backbones`: pooled features h) and an
+`InitReport` that says what was loaded and what was not. ``spec`` is one of
 
 - ``random``;
 - ``imagenet``: torchvision's ImageNet weights (`sonocl.models.load_imagenet_state`; offline, a `WeightsError`
@@ -10,7 +10,8 @@ says what was loaded and what was not. ``spec`` is one of
 - a foreign checkpoint (``.pth``/``.pt``/``.safetensors``): the released USCL / Meta-USCL files, whose backbone is
   an ``nn.Sequential`` of torchvision ResNet children (``features.0`` = conv1, ``.1`` = bn1, ``.4``–``.7`` =
   layer1–4) next to head modules (``l1``, ``l2``, ``linear``, ``fc``, ``classifier``), optionally wrapped in
-  ``{'state_dict': …}`` and/or prefixed ``module.`` (DataParallel); or any torchvision-keyed ResNet state.
+  ``{'state_dict': …}`` and/or prefixed ``module.`` (DataParallel); or any torchvision-keyed ResNet state; for a
+  ``timm:`` backbone, a state under timm's own key names (its classifier's keys ignored).
 
 Foreign keys are mapped **by name** (``features.7.1.conv2.weight`` → ``layer4.1.conv2.weight``). The Meta-USCL
 evaluation code maps them by position (the i-th kept key to the i-th torchvision key), which silently loads
@@ -23,13 +24,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
+from torch import nn
 
+from sonocl.backbones import Backbone
 from sonocl.models import (
     ENCODER_FILE,
     WeightsError,
@@ -46,6 +48,8 @@ from sonocl.models import (
 SEQUENTIAL_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 """``features.N`` of ``nn.Sequential(*list(resnet.children())[:-1])`` → torchvision name (2 relu, 3 maxpool and
 8 avgpool hold no tensors)."""
+TIMM_HEADS = ("head", "fc", "classifier", "head_dist")
+"""Where timm models keep their classifier (absent from a backbone built with ``num_classes=0``)."""
 HEAD_PREFIXES = ("l1", "l2", "linear", "fc", "classifier", "projector", "projection", "head", "predictor")
 """Top-level modules of pretraining heads: reported as ignored, never loaded."""
 _FEATURES_KEY = re.compile(r"^features\.(\d+)\.(.+)$")
@@ -62,7 +66,7 @@ class InitReport:
     source: str | None = None
     """The weights file actually read (``None`` for random)."""
     layout: str | None = None
-    """``torchvision`` or ``sequential-features`` (USCL / Meta-USCL) for foreign checkpoints."""
+    """``torchvision``, ``timm``, or ``sequential-features`` (USCL / Meta-USCL) for foreign checkpoints."""
     loaded: int = 0
     """Number of backbone tensors (parameters and buffers) taken from the file."""
     ignored: list[str] = dataclasses.field(default_factory=list)
@@ -110,18 +114,21 @@ def default_label(spec: str) -> str:
     return path.stem
 
 
-def load_init(spec: str, arch: str | None = None, channels: int = 1) -> tuple[torchvision.models.ResNet, InitReport]:
+def load_init(
+    spec: str, arch: str | None = None, channels: int = 1, size: int | None = None
+) -> tuple[nn.Module, InitReport]:
     """The backbone described by ``spec`` (see the module docstring) and the report of what it loaded.
 
     ``arch`` is the ``--backbone`` the user gave, None when none: a sonocl encoder is then built as the backbone it
-    records (one that contradicts a given ``arch`` is a `WeightsError` naming both), anything else as a resnet18."""
+    records (one that contradicts a given ``arch`` is a `WeightsError` naming both), anything else as a resnet18.
+    ``size``: the input side a ViT without a recorded one is made for (a sonocl encoder's is the one it records)."""
     if spec == "random":
         arch = arch or "resnet18"
-        return build_backbone(arch, channels), InitReport(spec, "random", arch, channels)
+        return build_backbone(arch, channels, size=size), InitReport(spec, "random", arch, channels)
     if spec == "imagenet":
         arch = arch or "resnet18"
         state = load_imagenet_state(arch)
-        model, report = _load_foreign_state(state, spec, arch, channels)
+        model, report = _load_foreign_state(state, spec, arch, channels, size)
         report.kind, report.source, report.layout = "imagenet", str(imagenet_weights_path(arch)), "torchvision"
         return model, report
     path = Path(spec)
@@ -132,21 +139,19 @@ def load_init(spec: str, arch: str | None = None, channels: int = 1) -> tuple[to
     raw = read_state_dict(path)
     if _is_sonocl_file(path, raw):
         return _load_sonocl(path, spec, arch, channels)
-    model, report = _load_foreign_state(raw, spec, arch, channels)
+    model, report = _load_foreign_state(raw, spec, arch, channels, size)
     report.source = str(path)
     return model, report
 
 
 def _is_sonocl_file(path: Path, raw: Mapping[str, Any]) -> bool:
     if path.suffix == ".safetensors":
-        return bool(encoder_metadata(path)) and "conv1.weight" in raw
+        return {"arch", "channels"} <= encoder_metadata(path).keys()
     model = raw.get("model")
     return isinstance(model, Mapping) and any(str(k).startswith("backbone.") for k in model)
 
 
-def _load_sonocl(
-    path: Path, spec: str, arch: str | None, channels: int
-) -> tuple[torchvision.models.ResNet, InitReport]:
+def _load_sonocl(path: Path, spec: str, arch: str | None, channels: int) -> tuple[nn.Module, InitReport]:
     """A sonocl run directory, checkpoint or encoder file, built as the backbone it records unless ``arch`` is given."""
     model = load_encoder(path, channels=channels, arch=arch)
     located = locate_encoder(path)
@@ -159,7 +164,7 @@ def _load_sonocl(
         arch,
         channels,
         source=str(located),
-        layout="torchvision",
+        layout="torchvision" if Backbone.named(arch).is_resnet else "timm",
         loaded=loaded,
         metadata=_jsonable(metadata),
     )
@@ -194,11 +199,18 @@ def _unwrap(raw: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]
     return tensors, stripped
 
 
-def map_foreign_keys(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], list[str], str]:
-    """Map a checkpoint's keys onto torchvision ResNet names, by name.
+def map_foreign_keys(
+    state: Mapping[str, torch.Tensor], timm_keys: Collection[str] | None = None
+) -> tuple[dict[str, torch.Tensor], list[str], list[str], str]:
+    """Map a checkpoint's keys onto torchvision ResNet names, by name; with ``timm_keys`` (the state keys of a timm
+    backbone) keep them as they are, a classifier's keys ignored.
 
     Returns ``(backbone state, ignored head keys, unrecognised keys, layout)``.
     """
+    if timm_keys is not None:
+        kept = {key: tensor for key, tensor in state.items() if key in timm_keys}
+        heads = [key for key in state if key not in timm_keys and key.split(".", 1)[0] in TIMM_HEADS]
+        return kept, heads, [key for key in state if key not in kept and key not in heads], "timm"
     layout = "sequential-features" if any(_FEATURES_KEY.match(k) for k in state) else "torchvision"
     backbone: dict[str, torch.Tensor] = {}
     ignored: list[str] = []
@@ -223,26 +235,28 @@ def map_foreign_keys(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch
 
 
 def _load_foreign_state(
-    raw: Mapping[str, Any], spec: str, arch: str | None, channels: int
-) -> tuple[torchvision.models.ResNet, InitReport]:
+    raw: Mapping[str, Any], spec: str, arch: str | None, channels: int, size: int | None
+) -> tuple[nn.Module, InitReport]:
     arch = arch or "resnet18"
     try:
         tensors, stripped = _unwrap(raw)
     except WeightsError as error:
         raise WeightsError(f"--init {spec}: {error}") from None
-    backbone_state, ignored, unknown, layout = map_foreign_keys(tensors)
+    expected = build_backbone(arch, channels, size=size).state_dict()
+    is_timm = not Backbone.named(arch).is_resnet
+    backbone_state, ignored, unknown, layout = map_foreign_keys(tensors, expected.keys() if is_timm else None)
     if unknown:
+        wanted = f"the keys of a {arch}" if is_timm else "torchvision names or USCL/Meta-USCL 'features.N.*'"
         raise WeightsError(
-            f"--init {spec}: {len(unknown)} keys are neither ResNet backbone nor a known head "
-            f"({_abbreviate(unknown)}); expected torchvision names or USCL/Meta-USCL 'features.N.*'"
+            f"--init {spec}: {len(unknown)} keys are neither {'timm' if is_timm else 'ResNet'} backbone nor a known "
+            f"head ({_abbreviate(unknown)}); expected {wanted}"
         )
-    expected = build_backbone(arch, channels).state_dict()
     defaulted = [k for k in expected if k not in backbone_state and k.endswith("num_batches_tracked")]
     for key in defaulted:
         backbone_state[key] = expected[key].clone()
     try:  # the first tensor of another shape (e.g. resnet50 weights into a resnet18) with both shapes, else the
         # tensors missing or left over, and the backbone the file holds when it is one
-        model = build_backbone(arch, channels, backbone_state)
+        model = build_backbone(arch, channels, backbone_state, size)
     except WeightsError as error:
         found = f"{len(backbone_state) - len(defaulted)} backbone tensors in {layout} layout"
         raise WeightsError(f"--init {spec}: {error} (found {found})") from None

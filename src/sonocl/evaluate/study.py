@@ -211,7 +211,7 @@ def fold_run(
     check = check_fold(find(str(run_dir)), test_hashes)
     if check.seen:
         raise AssertionError(f"{run_dir}: the per-fold run saw {check.seen} of its test videos")
-    backbone, report = load_init(str(run_dir), args.backbone, config.channels)
+    backbone, report = load_init(str(run_dir), args.backbone, config.channels, config.size)
     settings = input_settings(config, report, "encoder")
     if settings["size"] not in data_by_size:
         data_by_size[settings["size"]] = load_eval_data(store, dataclasses.replace(config, size=settings["size"]))

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from sonocl.augment import AugmentConfig
+from sonocl.backbones import name_problem
 from sonocl.errors import ConfigError
 from sonocl.options import MIN_IMAGE_SIDE, number_rule
 from sonocl.pairs import ITEM_KINDS
@@ -56,7 +57,6 @@ def fraction_problem(name: str, value: float) -> list[str]:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
 LR_SCALINGS = ("none", "linear", "sqrt")
-BACKBONES = ("resnet18", "resnet34", "resnet50")
 IMAGENET_GREY_MEAN, IMAGENET_GREY_STD = 0.449, 0.226
 """ImageNet statistics averaged over the colour channels (AWCL normalises grey-as-RGB with ImageNet's)."""
 
@@ -64,6 +64,7 @@ IMAGENET_GREY_MEAN, IMAGENET_GREY_STD = 0.449, 0.226
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"
+    """A torchvision ResNet or ``timm:<model>`` (`sonocl.backbones`)."""
     channels: int = 1
     """1: a greyscale stem (a third of the stem's work); 3: grey copied to three channels."""
     init: str = "random"
@@ -87,7 +88,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _raise_problems(
             [
-                *_choice("backbone", self.backbone, BACKBONES),
+                *([problem] if (problem := name_problem(self.backbone)) else []),
                 *_choice("channels", self.channels, (1, 3)),
                 *(
                     []

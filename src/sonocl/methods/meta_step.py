@@ -71,6 +71,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 LossFn = Callable[..., Tensor]
@@ -489,7 +490,8 @@ def _cmw_hypergradient(
 ) -> list[Tensor]:
     """∂/∂α [∇_z L_w(α) · ż] with ż = (∂z/∂θ)·t by forward mode; under DDP the sum of every rank's term."""
     primals = {name: p.detach() for name, p in params.items()}
-    with _BatchStatisticsNormJvp():
+    # Attention (a ViT) in its math form: the fused CPU and CUDA kernels have no forward-mode derivative.
+    with _BatchStatisticsNormJvp(), sdpa_kernel(SDPBackend.MATH):
         z_dot = jvp(lambda ps: _network_z(model, ps, views), (primals,), (tangents,))[1]
     alpha_weight = _pair_weight(cmw, pairs.all_features, pairs.all_prior)
     if shards is None:

@@ -17,9 +17,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sonocl.backbones import CamTarget
 
 GALLERY_PAIRS = 6
 GRADCAM_PER_KIND = 4
@@ -93,16 +96,17 @@ def cmw_pair_weights(checkpoint_path: Path, cfg: Any, store: Any, max_pairs: int
     import torch
     import torch.nn.functional as F
 
-    from sonocl.models import CMWNet, build_backbone, checkpoint_backbone_state, feature_dim
+    from sonocl.backbones import Backbone
+    from sonocl.models import CMWNet, build_backbone, checkpoint_backbone_state
     from sonocl.train.replay import RunReplay
 
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     cmw_state = {k[len("cmw.") :]: v for k, v in checkpoint.get("objective", {}).items() if k.startswith("cmw.")}
     if not cmw_state:
         return None
-    cmw = CMWNet(feature_dim(cfg.model.backbone), cfg.options.cmw_hidden)
+    cmw = CMWNet(Backbone.named(cfg.model.backbone).feature_dim, cfg.options.cmw_hidden)
     cmw.load_state_dict(cmw_state)
-    backbone = build_backbone(cfg.model.backbone, cfg.model.channels, checkpoint_backbone_state(checkpoint))
+    backbone = build_backbone(cfg.model.backbone, cfg.model.channels, checkpoint_backbone_state(checkpoint), cfg.size)
     codes, class_names = store.label_codes(cfg.label_column)
     replay = RunReplay(cfg, store)
     epoch = max(int(checkpoint.get("epoch", 1)), 1)
@@ -233,17 +237,10 @@ class GradcamProbe:
     accuracy: float
     train_videos: int
     test_videos: int
+    layer: str
+    """The layer Grad-CAM is taken on (`sonocl.backbones.cam_target`)."""
     grid: tuple[int, int]
-    """Cells of layer4's map at the encoder's input size."""
-
-
-def layer4_grid(size: int) -> tuple[int, int]:
-    """The cells of a ResNet's layer4 map for a ``size`` px input: the stem and layers 2–4 each halve the side,
-    rounding up."""
-    cells = size
-    for _ in range(5):
-        cells = (cells + 1) // 2
-    return cells, cells
+    """Cells of its map at the encoder's input size."""
 
 
 def probe_split(data: FrameFeatures, store: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -268,10 +265,13 @@ def probe_split(data: FrameFeatures, store: Any, seed: int) -> tuple[np.ndarray,
 
 
 def gradcam_probe(encoder: Any, data: FrameFeatures, store: Any, seed: int) -> GradcamProbe:
-    """Fit the head on the training frames of `probe_split`, classify the test frames, and take Grad-CAM on layer4
-    of the predicted class for up to `GRADCAM_PER_KIND` correct and as many wrong frames."""
+    """Fit the head on the training frames of `probe_split`, classify the test frames, and take Grad-CAM (on the
+    backbone's `cam_target`) of the predicted class for up to `GRADCAM_PER_KIND` correct and as many wrong frames."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
+
+    from sonocl.backbones import cam_target
+    from sonocl.errors import ConfigError
 
     train, test = probe_split(data, store, seed)
     scaler = StandardScaler().fit(data.features[train])
@@ -286,7 +286,11 @@ def gradcam_probe(encoder: Any, data: FrameFeatures, store: Any, seed: int) -> G
     test_frames = data.frames[test]
     frames = np.array([test_frames[i] for i, _ in chosen], dtype=np.int64)
     head = linear_head(classifier, scaler, len(data.class_names))
-    images, cams = gradcam_maps(encoder, head, store, frames, predicted[[i for i, _ in chosen]])
+    try:
+        target = cam_target(encoder.backbone.to("cpu"), encoder.channels, encoder.size)
+    except ConfigError as error:
+        raise Skipped(str(error)) from error
+    images, cams = gradcam_maps(encoder, target, head, store, frames, predicted[[i for i, _ in chosen]])
     examples = [
         GradcamExample(
             frame=int(frame),
@@ -306,12 +310,16 @@ def gradcam_probe(encoder: Any, data: FrameFeatures, store: Any, seed: int) -> G
         accuracy=float((predicted == truth).mean()),
         train_videos=len(np.unique(data.videos[train])),
         test_videos=len(np.unique(data.videos[test])),
-        grid=layer4_grid(encoder.size),
+        layer=target.name,
+        grid=target.grid,
     )
 
 
-def gradcam_maps(encoder: Any, head: Any, store: Any, frames: np.ndarray, classes: np.ndarray) -> tuple[Any, Any]:
-    """The encoder's normalised inputs of ``frames`` and Grad-CAM on layer4 of ``classes`` for backbone + ``head``."""
+def gradcam_maps(
+    encoder: Any, target: CamTarget, head: Any, store: Any, frames: np.ndarray, classes: np.ndarray
+) -> tuple[Any, Any]:
+    """The encoder's normalised inputs of ``frames`` and Grad-CAM on ``target`` of ``classes`` for backbone +
+    ``head``."""
     import torch
 
     from sonocl.augment import resize_to
@@ -322,7 +330,7 @@ def gradcam_maps(encoder: Any, head: Any, store: Any, frames: np.ndarray, classe
         images = images.expand(-1, 3, -1, -1)
     backbone = encoder.backbone.to("cpu").eval()
     model = BackboneClassifier(backbone, head).eval()
-    cams, _ = GradCAM(model, backbone.layer4)(images, torch.from_numpy(classes))
+    cams, _ = GradCAM(model, target.layer, target.to_map)(images, torch.from_numpy(classes))
     return images, cams
 
 

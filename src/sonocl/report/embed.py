@@ -87,7 +87,8 @@ def load_encoder_for_features(
     metadata = peek_metadata(spec)
     arch = arch or metadata.get("arch") or "resnet18"
     channels = channels or int(metadata.get("channels") or 1)
-    backbone, report = load_init(spec, arch, channels)
+    size = int(size or metadata.get("size") or DEFAULT_SIZE)
+    backbone, report = load_init(spec, arch, channels, size)
     metadata = {**report.metadata, **metadata}
     default_mean, default_std = (
         (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD) if spec == "imagenet" else (DEFAULT_MEAN, DEFAULT_STD)
@@ -96,7 +97,7 @@ def load_encoder_for_features(
         backbone=backbone.eval(),
         arch=arch,
         channels=channels,
-        size=int(size or metadata.get("size") or DEFAULT_SIZE),
+        size=size,
         mean=_first(mean, _scalar(metadata.get("mean")), default_mean),
         std=_first(std, _scalar(metadata.get("std")), default_std),
         description=str(report),

@@ -1,4 +1,5 @@
-"""Grad-CAM (Selvaraju et al., ICCV 2017) with forward and tensor hooks on one layer (ResNet: ``layer4``).
+"""Grad-CAM (Selvaraju et al., ICCV 2017) with forward and tensor hooks on one layer (`sonocl.backbones.cam_target`:
+a ResNet's ``layer4``, a ViT's last block's first norm, a timm CNN's last feature map).
 
 For a class c with score y_c and the layer's activations A (``(N, K, h, w)``):
 α_k = mean over (h, w) of ∂y_c/∂A_k, CAM = ReLU(Σ_k α_k A_k), upsampled bilinearly to the input size and
@@ -6,6 +7,8 @@ scaled to [0, 1] per image (an all-zero map stays zero).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,15 +19,18 @@ class GradCAM:
     """``GradCAM(model, layer)(images, classes=None) -> (cams (N, H, W) in [0, 1], scores (N, C))``.
 
     ``model`` maps images ``(N, C, H, W)`` to class scores ``(N, classes)``; ``layer`` is one of its modules
-    (for a torchvision ResNet, ``model.layer4`` or the backbone's). ``classes`` None explains the predicted
-    class. The model's mode and parameters are left as they were; hooks are removed after each call.
+    (for a torchvision ResNet, ``model.layer4`` or the backbone's), and ``to_map`` lays its output (and that
+    output's gradient) out as ``(N, K, h, w)`` where it is not a map already (a ViT's tokens). ``classes`` None
+    explains the predicted class. The model's mode and parameters are left as they were; hooks are removed after
+    each call.
     """
 
-    def __init__(self, model: nn.Module, layer: nn.Module) -> None:
+    def __init__(self, model: nn.Module, layer: nn.Module, to_map: Callable[[Tensor], Tensor] | None = None) -> None:
         if not any(module is layer for module in model.modules()):
             raise ValueError("the Grad-CAM layer must be a submodule of the model")
         self.model = model
         self.layer = layer
+        self.to_map = to_map
 
     def __call__(self, images: Tensor, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         captured: dict[str, Tensor] = {}
@@ -51,6 +57,8 @@ class GradCAM:
         if "activations" not in captured or "gradients" not in captured:
             raise RuntimeError("the Grad-CAM layer did not take part in the forward pass")
         activations, gradients = captured["activations"].detach(), captured["gradients"].detach()
+        if self.to_map is not None:
+            activations, gradients = self.to_map(activations), self.to_map(gradients)
         alpha = gradients.mean(dim=(2, 3), keepdim=True)
         cam = F.relu((alpha * activations).sum(dim=1, keepdim=True))
         cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]

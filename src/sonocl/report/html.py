@@ -514,17 +514,17 @@ def _gradcam_section(section: Section, encoder: Any, data: analysis.FrameFeature
     grid = probe.grid
     section.figure(
         figures.png_bytes(figures.gradcam_grid(items)),
-        f"Grad-CAM on layer4 for the predicted class, {min(GRADCAM_PER_KIND, probe.correct)} correctly "
+        f"Grad-CAM on {probe.layer} for the predicted class, {min(GRADCAM_PER_KIND, probe.correct)} correctly "
         f"(✓) and {min(GRADCAM_PER_KIND, probe.wrong)} wrongly (✗) classified frames, the most confident of each "
         f"kind spread over the classes. The evaluation saves no fine-tuned models, so the classifier is a linear head "
         f"(logistic regression) fitted here on frozen features of {probe.train_videos} labelled videos "
         f"and applied to frames of {probe.test_videos} other videos (grouped split, frame accuracy "
         f"{100 * probe.accuracy:.0f} %). Bright = the regions that raise the predicted class's score. At "
-        f"{encoder.size} px layer4 is a {grid[0]}×{grid[1]} grid, which sets how coarse the maps are.",
+        f"{encoder.size} px {probe.layer} is a {grid[0]}×{grid[1]} grid, which sets how coarse the maps are.",
     )
     if min(grid) < 3:
         section.note(
-            f"At this input size ({encoder.size} px) layer4 has only {grid[0]}×{grid[1]} cells: the maps are "
+            f"At this input size ({encoder.size} px) {probe.layer} has only {grid[0]}×{grid[1]} cells: the maps are "
             "nearly uniform and say little about where the encoder looks."
         )
     if not probe.wrong:

@@ -14,8 +14,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from sonocl.backbones import NAMES_HELP
 from sonocl.methods import method_names, registry
-from sonocl.methods.config import BACKBONES, PRECISIONS, PretrainConfig
+from sonocl.methods.config import PRECISIONS, PretrainConfig
 from sonocl.outputs import add_overwrite_argument
 from sonocl.train.config import ConfigError, load_run_config, load_yaml, merge, parse_assignment, preset
 
@@ -108,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="global batch (split over processes)")
     g.add_argument("--size", type=int, help="image side the store's frames are resized to on the device")
     g.add_argument("--lr", type=float, help="learning rate (× batch/256 for presets with linear scaling)")
-    g.add_argument("--backbone", choices=BACKBONES)
+    g.add_argument("--backbone", help=NAMES_HELP)
     g.add_argument("--channels", type=int, choices=(1, 3))
     g.add_argument("--init", help="random | imagenet | PATH (a sonocl run, checkpoint or encoder file)")
     g.add_argument("--precision", choices=PRECISIONS)

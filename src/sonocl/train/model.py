@@ -10,9 +10,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from sonocl.backbones import Backbone
 from sonocl.errors import ConfigError
 from sonocl.methods.config import PretrainConfig
-from sonocl.models import ContrastiveModel, feature_dim, init_backbone
+from sonocl.models import ContrastiveModel, init_backbone
 from sonocl.train import distributed as ddp
 from sonocl.train.checkpoint import load_checkpoint
 from sonocl.train.data import RunData
@@ -58,10 +59,10 @@ def encoder_metadata(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def build_model(cfg: PretrainConfig, num_classes: int) -> ContrastiveModel:
-    backbone = init_backbone(cfg.model.init, cfg.model.backbone, cfg.model.channels)
+    backbone = init_backbone(cfg.model.init, cfg.model.backbone, cfg.model.channels, cfg.size)
     return ContrastiveModel(
         backbone,
-        feature_dim(cfg.model.backbone),
+        Backbone.named(cfg.model.backbone).feature_dim,
         projection_hidden=cfg.model.projection_hidden,
         projection_dim=cfg.model.projection_dim,
         num_classes=num_classes,
@@ -99,7 +100,7 @@ def export_encoder(cfg: PretrainConfig, out: Path) -> None:
 
     source = exported_checkpoint(out, cfg.export) or out / "checkpoints" / "last.pt"
     state = checkpoint_backbone_state(load_checkpoint(source))
-    backbone = build_backbone(cfg.model.backbone, cfg.model.channels, state)
+    backbone = build_backbone(cfg.model.backbone, cfg.model.channels, state, cfg.size)
     save_encoder(backbone, out / ENCODER_FILE, {**encoder_metadata(cfg), "checkpoint": source.name})
 
 

@@ -1,0 +1,243 @@
+"""Backbones as records: how each is built, its feature size, and which of its parts the protocols use.
+
+Two families, named as ``--backbone`` takes them:
+
+- **torchvision ResNets** (``resnet18``, ``resnet34``, ``resnet50``): ``fc`` replaced by ``nn.Identity`` (the model
+  returns the pooled feature h) and a 1- or 3-channel stem. Weight names are torchvision's, so every encoder file
+  sonocl has written loads as it did. Last block: ``layer4[-1]``.
+- **any timm model**, as ``timm:<name>`` (``timm:vit_tiny_patch16_224``, ``timm:convnext_atto``,
+  ``timm:efficientnet_b0``): built with ``num_classes=0`` (the model returns its pooled, pre-logits feature),
+  ``in_chans`` the run's channels and, for a model with a patch embedding (ViTs, Swin), ``img_size`` the run's
+  size: a ViT's position embedding is made for the size it is trained at, and its encoder is evaluated at it. Last
+  block: the last group of timm's own fine layer grouping (``group_matcher``, the grouping its layer-wise LR decay
+  uses) that holds an indexed block (``blocks.11``, ``stages.3.blocks.1``), with every group after it (the final
+  norm, a head norm, a last 1×1 conv): what the papers' last-block protocol trains of a ResNet, in that family.
+
+Nothing here downloads weights: timm models are built untrained; `sonocl.models.load_imagenet_state` is the ResNets'
+ImageNet initialisation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from sonocl.errors import ConfigError
+
+TIMM_PREFIX = "timm:"
+RESNETS: dict[str, tuple[Any, int, Any]] = {
+    "resnet18": (torchvision.models.resnet18, 512, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (torchvision.models.resnet34, 512, torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet50": (torchvision.models.resnet50, 2048, torchvision.models.ResNet50_Weights.IMAGENET1K_V2),
+}
+"""torchvision constructor, feature size and ImageNet weights of each ResNet."""
+NAMES_HELP = f"{', '.join(RESNETS)}, or {TIMM_PREFIX}NAME for any timm model (e.g. {TIMM_PREFIX}vit_tiny_patch16_224)"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One backbone by name (see the module docstring): ``resnet18`` … or ``timm:<model>``."""
+
+    name: str
+
+    @classmethod
+    def named(cls, name: str) -> Backbone:
+        """The backbone called ``name``; an unknown name is a `ConfigError` listing what is accepted."""
+        problem = name_problem(name)
+        if problem:
+            raise ConfigError(problem)
+        return cls(name)
+
+    @property
+    def timm_name(self) -> str | None:
+        """The timm model name of a ``timm:`` backbone, None for a torchvision ResNet."""
+        return self.name[len(TIMM_PREFIX) :] if self.name.startswith(TIMM_PREFIX) else None
+
+    @property
+    def is_resnet(self) -> bool:
+        return self.name in RESNETS
+
+    def build(self, channels: int = 1, size: int | None = None) -> nn.Module:
+        """The untrained backbone: ``(N, channels, H, W)`` images → ``(N, feature_dim)`` pooled features; ``size``
+        is the input side a patch-embedding model is made for (None: timm's default)."""
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, not {channels}")
+        if self.timm_name is None:
+            model: nn.Module = RESNETS[self.name][0](weights=None)
+            if channels != 3:
+                model.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            model.fc = nn.Identity()
+            return model
+        return _timm_model(self.timm_name, channels, size)
+
+    @property
+    def feature_dim(self) -> int:
+        """The size of the pooled feature h."""
+        if self.timm_name is None:
+            return int(RESNETS[self.name][1])
+        return _timm_shape(self.timm_name).feature_dim
+
+    @property
+    def patch_size(self) -> int | None:
+        """The patch side of a patch-embedding model (a ViT), None for any other."""
+        return None if self.timm_name is None else _timm_shape(self.timm_name).patch_size
+
+    @property
+    def stem_weight(self) -> str | None:
+        """The state key of the first convolution's weight (the one whose input channels are the image's):
+        ``conv1.weight`` of a ResNet, timm's ``first_conv`` of its model (None where timm names none)."""
+        return "conv1.weight" if self.timm_name is None else _timm_shape(self.timm_name).stem_weight
+
+
+def name_problem(name: str) -> str:
+    """Why ``name`` is no backbone (one line), "" when it is one."""
+    if name in RESNETS:
+        return ""
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        model = name[len(TIMM_PREFIX) :]
+        if timm.is_model(model):
+            return ""
+        close = difflib.get_close_matches(model, timm.list_models(), n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else " (`timm.list_models()` lists them)"
+        return f"backbone {name!r}: timm has no model {model!r}{hint}"
+    return f"unknown backbone {name!r}; choose {NAMES_HELP}"
+
+
+def _timm_model(name: str, channels: int, size: int | None) -> nn.Module:
+    import timm
+
+    options: dict[str, Any] = {"pretrained": False, "num_classes": 0, "in_chans": channels}
+    if size is not None and _timm_shape(name).patch_size is not None:
+        options["img_size"] = size
+    return timm.create_model(name, **options)
+
+
+@dataclass(frozen=True)
+class _TimmShape:
+    feature_dim: int
+    patch_size: int | None
+    stem_weight: str | None
+
+
+@cache
+def _timm_shape(name: str) -> _TimmShape:
+    """What sonocl needs of a timm model's structure, read from the model built on the meta device (no memory, no
+    initialisation work)."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=1)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    first_conv = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    features = model.num_features
+    assert isinstance(features, int), f"timm's {name} states no feature size"
+    return _TimmShape(
+        features,
+        int(patch[0]) if isinstance(patch, tuple) else patch,
+        f"{first_conv}.weight" if isinstance(first_conv, str) else None,
+    )
+
+
+def last_block(model: nn.Module) -> list[nn.Module]:
+    """The modules the last-block protocol trains (with a new head), the rest of ``model`` frozen: a torchvision
+    ResNet's ``layer4[-1]``; of a timm model, the last indexed block of its fine layer grouping and what follows it
+    (module docstring). A model without either is a `ConfigError` naming the protocols that still apply."""
+    if isinstance(model, torchvision.models.ResNet):
+        return [model.layer4[-1]]
+    matcher = getattr(model, "group_matcher", None)
+    if matcher is None:
+        raise ConfigError(
+            f"{type(model).__name__} has no layer grouping (timm's group_matcher), so its last block is not "
+            "known; use the linear, knn or full protocol"
+        )
+    from timm.models import group_parameters
+
+    groups = list(group_parameters(model, matcher(coarse=False)).values())
+    indexed = [i for i, names in enumerate(groups) if any(_block_path(name) for name in names)]
+    start = indexed[-1] if indexed else len(groups) - 1
+    paths = dict.fromkeys(_block_path(name) or name.rsplit(".", 1)[0] for names in groups[start:] for name in names)
+    outermost = [path for path in paths if not any(path.startswith(other + ".") for other in paths)]
+    return [model.get_submodule(path) for path in outermost]
+
+
+_INDEXED = re.compile(r"^(.*\.\d+)(?:\.|$)")
+
+
+def _block_path(parameter: str) -> str:
+    """The module path of ``parameter`` up to its last numeric component (``blocks.11.attn.qkv.weight`` →
+    ``blocks.11``, ``blocks.6.0.conv_pw.weight`` → ``blocks.6.0``), "" without one (``norm.weight``)."""
+    match = _INDEXED.match(parameter.rsplit(".", 1)[0] + ".")
+    return match.group(1) if match else ""
+
+
+@dataclass(frozen=True)
+class CamTarget:
+    """Where Grad-CAM looks in a backbone: ``layer``'s output as a feature map ``(N, K, h, w)`` of ``grid`` cells."""
+
+    layer: nn.Module
+    name: str
+    """The layer's path in the model (``layer4``, ``blocks.11.norm1``), as the report names it."""
+    grid: tuple[int, int]
+    prefix_tokens: int = 0
+    """Tokens before the patches (a ViT's class token): ``layer``'s output is tokens ``(N, T, K)``, not a map."""
+    tokens: bool = False
+
+    def to_map(self, output: torch.Tensor) -> torch.Tensor:
+        """``layer``'s output (or its gradient) as ``(N, K, h, w)``: a ViT's patch tokens laid out on their grid."""
+        if not self.tokens:
+            return output
+        patches = output[:, self.prefix_tokens :]
+        return patches.transpose(1, 2).reshape(len(output), -1, *self.grid)
+
+
+def cam_target(model: nn.Module, channels: int, size: int) -> CamTarget:
+    """The Grad-CAM layer of ``model`` at ``size`` px: a torchvision ResNet's ``layer4``; a ViT's last block's
+    first norm (its patch tokens reach the pooled class token only through that block's attention; after it, the
+    patch tokens no longer touch the output, so their gradient is zero); any other timm model's last top-level
+    module whose output is a feature map. A model without one is a `ConfigError`."""
+    if isinstance(model, torchvision.models.ResNet):
+        return CamTarget(model.layer4, "layer4", _map_sides(model, {"layer4": model.layer4}, channels, size)["layer4"])
+    blocks, embed = getattr(model, "blocks", None), getattr(model, "patch_embed", None)
+    if isinstance(blocks, nn.Sequential) and embed is not None and hasattr(blocks[-1], "norm1"):
+        rows, columns = (int(side) for side in embed.grid_size)
+        prefix = int(getattr(model, "num_prefix_tokens", 1))
+        name = f"blocks.{len(blocks) - 1}.norm1"
+        return CamTarget(model.get_submodule(name), name, (rows, columns), prefix, tokens=True)
+    maps = _map_sides(model, dict(model.named_children()), channels, size)
+    if not maps:
+        raise ConfigError(f"{type(model).__name__} has no feature-map layer sonocl can take Grad-CAM on")
+    name = list(maps)[-1]
+    return CamTarget(model.get_submodule(name), name, maps[name])
+
+
+def _map_sides(model: nn.Module, layers: dict[str, nn.Module], channels: int, size: int) -> dict[str, tuple[int, int]]:
+    """``(h, w)`` of each of ``layers`` whose output is a feature map ``(N, K, h, w)`` for a ``size`` px input, in
+    the order they run (one forward pass in eval mode, without gradients; the model's mode is left as it was)."""
+    sides: dict[str, tuple[int, int]] = {}
+
+    def record(name: str, output: object) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() == 4:
+            sides[name] = (int(output.shape[-2]), int(output.shape[-1]))
+
+    handles = [
+        layer.register_forward_hook(lambda _module, _inputs, output, name=name: record(name, output))
+        for name, layer in layers.items()
+    ]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, channels, size, size))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return sides

@@ -1,5 +1,6 @@
-"""`sonocl export`: the bundle round-trips (plain torchvision and sonocl give the run's features), its metadata and
-model card say what the run did, its provenance and evaluation are carried, `evaluate`/`segment --init DIR` load it."""
+"""`sonocl export`: the bundle round-trips (plain torchvision, plain timm, onnxruntime and sonocl give the run's
+features), its metadata and model card say what the run did, its provenance and evaluation are carried,
+`evaluate`/`segment --init DIR` load it."""
 
 from __future__ import annotations
 
@@ -69,7 +70,12 @@ def bundle(run_and_eval: tuple[Path, Path]) -> Path:
 
 def test_bundle_gives_the_runs_features_in_plain_torchvision_and_in_sonocl(run_and_eval, bundle: Path) -> None:
     run, _ = run_and_eval
-    assert sorted(p.name for p in bundle.iterdir()) == ["MODEL_CARD.md", "encoder.safetensors", "sonocl_encoder.json"]
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "README.md",
+        "config.json",
+        "encoder.safetensors",
+        "sonocl_encoder.json",
+    ]
     plain = torchvision.models.resnet18()
     plain.fc = torch.nn.Identity()
     plain.load_state_dict(load_file(str(bundle / "encoder.safetensors")))  # strict: every key, torchvision names
@@ -104,9 +110,10 @@ def test_metadata_says_what_the_run_did(run_and_eval, bundle: Path) -> None:
 
 
 def test_model_card_code_runs_and_its_table_is_the_evaluation(run_and_eval, bundle: Path) -> None:
-    card = (bundle / "MODEL_CARD.md").read_text()
+    card = (bundle / "README.md").read_text()
     snippets = re.findall(r"```python\n(.*?)```", card, flags=re.S)
-    assert len(snippets) == 2 and len(snippets[0].strip().splitlines()) == 3
+    assert card.startswith("---\nlibrary_name: timm\npipeline_tag: image-feature-extraction\ntags:\n- sonocl\n")
+    assert len(snippets) == 3 and len(snippets[1].strip().splitlines()) == 3  # timm, torchvision, sonocl
     features = []
     for code in snippets:
         scope: dict = {}
@@ -115,7 +122,7 @@ def test_model_card_code_runs_and_its_table_is_the_evaluation(run_and_eval, bund
         channels = encoder.conv1.in_channels
         with torch.no_grad():
             features.append(encoder(torch.full((1, channels, 32, 32), 0.3)))
-    assert torch.allclose(features[0], features[1], atol=1e-4)
+    assert all(torch.allclose(other, features[-1], atol=1e-4) for other in features[:-1])
     results = json.loads((run_and_eval[1] / "results.json").read_text())
     run_accuracy = next(e for e in results["inits"] if e["label"] == "run")["summary"]["video"]["accuracy"]
     assert f"| **run (this encoder)** | {100 * run_accuracy['mean']:.1f} ± {100 * run_accuracy['std']:.1f} |" in card
@@ -132,7 +139,7 @@ def test_provenance_is_carried_whole_and_counted(run_and_eval, bundle: Path, tmp
     assert summary["trained_on"] == len(provenance["trained_on"]) > 0
     assert summary["held_out"] == len(provenance["held_out"])
     assert summary["labels_used"] == provenance["labels_used"] == [] and "schema" not in summary
-    card = (bundle / "MODEL_CARD.md").read_text()
+    card = (bundle / "README.md").read_text()
     assert f"- trained on: {summary['trained_on']}" in card and "- labels used: none" in card
 
     without = tmp_path / "old-run"  # a run of a sonocl that recorded no provenance
@@ -143,7 +150,7 @@ def test_provenance_is_carried_whole_and_counted(run_and_eval, bundle: Path, tmp
     assert main(["export", str(without), "--out", str(tmp_path / "bundle")]) == 0
     meta = json.loads((tmp_path / "bundle" / "sonocl_encoder.json").read_text())
     assert meta["provenance"] is None and meta["provenance_summary"] == {} and meta["evaluation"] is None
-    card = (tmp_path / "bundle" / "MODEL_CARD.md").read_text()
+    card = (tmp_path / "bundle" / "README.md").read_text()
     assert "recorded no `provenance.json`" in card and "Not evaluated in this bundle" in card
 
 
@@ -205,3 +212,37 @@ def test_export_errors_name_the_file_and_exit_2(
     assert f"{tmp_path / 'encoder.safetensors'}: not found" in capsys.readouterr().err
     assert main(["export", str(run), "--out", str(tmp_path / "b"), "--eval", str(tmp_path)]) == 2
     assert f"{tmp_path / 'results.json'}: not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "timm:vit_tiny_patch16_224"])
+def test_a_bundle_loads_in_plain_timm_and_its_onnx_graph_in_onnxruntime(
+    arch: str, phantom_store, tmp_path: Path
+) -> None:
+    """Plain timm (its local-directory loader, `config.json`), onnxruntime (`--onnx`) and sonocl give one encoder's
+    features, for a torchvision ResNet and a timm ViT."""
+    import onnxruntime
+    import timm
+
+    run, out = tmp_path / "run", tmp_path / "bundle"
+    argv = ["pretrain", "--store", str(phantom_store.root), "--method", "simclr", "--backbone", arch,
+            "--out", str(run), *TINY_RUN, "--steps", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["export", str(run), "--out", str(out), "--onnx"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_classes"] == 0 and config["pretrained_cfg"]["input_size"][1:] == [32, 32]
+    ours = sonocl.load_encoder(str(out)).eval()
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    stem = config["model_args"]["in_chans"]  # 3 for a ResNet (torchvision's stem), 1 for a timm model (as trained)
+    assert stem == (3 if arch == "resnet18" else 1)
+    grey = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = ours(grey)
+        torch.testing.assert_close(plain(grey.expand(-1, stem, -1, -1)), reference, atol=1e-4, rtol=1e-4)
+    session = onnxruntime.InferenceSession(str(out / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    batch = grey[:2].expand(-1, stem, -1, -1).contiguous().numpy()  # another batch size than the export's
+    torch.testing.assert_close(
+        torch.from_numpy(session.run(None, {"images": batch})[0]), reference[:2], atol=1e-4, rtol=1e-4
+    )
+    card = (out / "README.md").read_text()
+    assert 'timm.create_model("local-dir:DIR", pretrained=True)' in card
+    assert ("torchvision.models.resnet18()" in card) == (arch == "resnet18")

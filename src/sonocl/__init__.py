@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 
 
 def load_encoder(path: str, **kwargs: Any) -> torch.nn.Module:
-    """Return the torchvision ResNet of a sonocl run directory, checkpoint or ``encoder.safetensors``."""
+    """Return the backbone (a torchvision ResNet or a timm model, as trained) of a sonocl run directory, checkpoint,
+    ``encoder.safetensors`` or export bundle."""
     from sonocl.models import load_encoder as _load_encoder
 
     return _load_encoder(path, **kwargs)

@@ -1,20 +1,28 @@
-"""`sonocl export RUN --out DIR`: a pretrained encoder as a bundle that travels and describes itself.
+"""`sonocl export RUN --out DIR [--onnx]`: a pretrained encoder as a bundle that travels and describes itself.
 
 The published ultrasound encoders are mostly behind download links that have died, without the code that used
 them downstream; what a user can still load years later is a weights file in a standard format beside plain text
-that says what it is. ``DIR`` gets
+that says what it is, in the layout the field's tools read (timm, the Hugging Face Hub). ``DIR`` gets
 
-- ``encoder.safetensors``: a copy of the run's encoder (the backbone of its selected checkpoint, torchvision key
-  names and a 3-channel stem, as `sonocl.models.save_encoder` writes it), so it loads into
-  ``torchvision.models.resnet18()`` (or 34/50) as it is; its header keeps sonocl's encoder metadata (arch,
-  channels, size, mean, std, method);
+- ``encoder.safetensors``: a copy of the run's encoder (the backbone of its selected checkpoint, as
+  `sonocl.models.save_encoder` writes it: a ResNet's with torchvision key names and a 3-channel stem, so it loads
+  into ``torchvision.models.resnet18()`` (or 34/50) as it is; a timm model's with timm's names and its channels);
+  its header keeps sonocl's encoder metadata (arch, channels, size, mean, std, method);
+- ``config.json``: the model as timm's local-directory and Hub loader read it (architecture, ``num_classes`` 0,
+  ``in_chans``, a ViT's ``img_size``, input size, mean and std), so ``timm.create_model("local-dir:DIR",
+  pretrained=True)`` is the encoder (timm's ResNets have torchvision's key names);
 - ``sonocl_encoder.json`` (schema ``sonocl.encoder/1``): architecture, training channels, normalisation, input
   size, method, the training budget (steps, batch, pairs seen), the run's configuration, the run's data
   provenance (``RUN/provenance.json``, whole, with a count of each list) when the run recorded one, the
   evaluation summary of ``--eval EVAL_DIR`` (``sonocl evaluate``'s ``results.json``), sonocl's version and the
   date; the SHA-256 of the weights file;
-- ``MODEL_CARD.md``: the same facts for a reader (rendered from the JSON alone, so the two cannot disagree),
-  with intended use, limits and how to load the encoder in three lines with torchvision and with sonocl.
+- ``README.md``: the model card, with the YAML front matter the Hugging Face Hub reads (library, pipeline, tags):
+  the same facts for a reader (rendered from the JSON alone, so the two cannot disagree), with intended use,
+  limits and how to load the encoder with timm, torchvision (ResNets) and sonocl. (Bundles before this were
+  written with ``MODEL_CARD.md``; ``--out`` over one of them replaces it.)
+- with ``--onnx``, ``encoder.onnx``: the encoder as an ONNX graph (input ``images`` ``(N, channels, size, size)``,
+  any batch; output ``features``), checked against PyTorch with onnxruntime before it is written (extra
+  ``sonocl[onnx]``).
 
 The bundle is itself an encoder location: ``sonocl.load_encoder(DIR)``, ``sonocl evaluate --init DIR`` and
 ``sonocl segment --init DIR`` read ``DIR/encoder.safetensors``.
@@ -43,7 +51,11 @@ from sonocl.outputs import BUNDLE, add_overwrite_argument, claim
 from sonocl.provenance import BUNDLE_FILE, PROVENANCE_FILE
 
 SCHEMA = "sonocl.encoder/1"
-CARD_FILE = "MODEL_CARD.md"
+CARD_FILE = "README.md"
+TIMM_CONFIG_FILE = "config.json"
+ONNX_FILE = "encoder.onnx"
+ONNX_TOLERANCE = 1e-4
+"""Largest absolute difference between onnxruntime's and PyTorch's features that an exported graph may show."""
 EVALUATION_METRICS = (
     ("accuracy", "accuracy"),
     ("balanced_accuracy", "balanced accuracy"),
@@ -276,6 +288,33 @@ def bundle_metadata(run: Path, weights: Path, evaluation: Path | None = None) ->
     }
 
 
+def timm_config(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``config.json`` in timm's Hub format, from ``sonocl_encoder.json``'s content: what `timm.create_model`
+    needs to rebuild the encoder (``model_args``) and what its data config reads (``pretrained_cfg``)."""
+    from sonocl.backbones import Backbone
+
+    spec = Backbone.named(metadata["arch"])
+    channels, size = metadata["weights"]["stem_channels"], metadata["input"]["size"]
+    model_args: dict[str, Any] = {"in_chans": channels}
+    if spec.patch_size is not None:
+        model_args["img_size"] = size
+    return {
+        "architecture": spec.timm_name or spec.name,  # timm's resnet18/34/50 are torchvision's, names included
+        "num_classes": 0,
+        "num_features": spec.feature_dim,
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [channels, size, size],
+            "fixed_input_size": spec.patch_size is not None,
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+            "mean": [metadata["input"]["mean"]] * channels,
+            "std": [metadata["input"]["std"]] * channels,
+            "num_classes": 0,
+        },
+    }
+
+
 # ------------------------------------------------------------------------------------------ model card
 
 
@@ -367,33 +406,27 @@ def _budget_lines(budget: Mapping[str, Any]) -> list[str]:
 
 
 def model_card(metadata: Mapping[str, Any]) -> str:
-    """``MODEL_CARD.md``, written from ``sonocl_encoder.json``'s content only."""
+    """``README.md``, written from ``sonocl_encoder.json``'s content only, with the Hub's YAML front matter."""
     arch, method, channels = metadata["arch"], metadata["method"], metadata["channels"]
-    size, mean, std = metadata["input"]["size"], metadata["input"]["mean"], metadata["input"]["std"]
+    size = metadata["input"]["size"]
     config = metadata["pretrain_config"]
     optim = config.get("optim") or {}
-    weights = metadata["weights"]["file"]
     lines = [
+        "---",
+        "library_name: timm",
+        "pipeline_tag: image-feature-extraction",
+        "tags:",
+        *(f"- {tag}" for tag in ("sonocl", "ultrasound", "self-supervised", method)),
+        "---",
+        "",
         f"# {method} {arch} ultrasound encoder",
         "",
-        f"A {arch} image encoder pretrained by sonocl {metadata['sonocl_version']} with **{method}** (contrastive "
+        f"A {arch} image encoder pretrained by sonocl {metadata['sonocl_version']} with **{method}** (self-supervised "
         f"pretraining on ultrasound videos). It maps a {size}×{size} greyscale frame to a {metadata['feature_dim']}-d "
         f"feature (the pooled output of the backbone; no classification head). Exported {metadata['created']} from "
         f"`{metadata['source_run']}`.",
         "",
-        "## Load it",
-        "",
-        "Plain PyTorch / torchvision (no sonocl needed):",
-        "",
-        "```python",
-        "import torch, torchvision, safetensors.torch",
-        f"encoder = torchvision.models.{arch}(); encoder.fc = torch.nn.Identity()",
-        f'encoder.load_state_dict(safetensors.torch.load_file("DIR/{weights}"))  # DIR: this folder',
-        "```",
-        "",
-        f"Input: a `(N, 3, {size}, {size})` float tensor, the grey frame (pixel / 255) copied to the 3 channels and "
-        f"normalised as `(x - {mean}) / {std}`. Output: `(N, {metadata['feature_dim']})` features.",
-        "",
+        *_loading_section(metadata),
         f"With sonocl (the stem it was trained with, {channels} channel{'s' if channels != 1 else ''}; same features):",
         "",
         "```python",
@@ -441,12 +474,52 @@ def model_card(metadata: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _loading_section(metadata: Mapping[str, Any]) -> list[str]:
+    """How to load the bundle without sonocl: timm (every backbone), torchvision (a ResNet)."""
+    from sonocl.backbones import Backbone
+
+    arch, size, features = metadata["arch"], metadata["input"]["size"], metadata["feature_dim"]
+    mean, std, stem = metadata["input"]["mean"], metadata["input"]["std"], metadata["weights"]["stem_channels"]
+    grey = "the grey frame (pixel / 255)" + (f" copied to the {stem} channels" if stem > 1 else "")
+    lines = [
+        "## Load it",
+        "",
+        "With timm (no sonocl needed):",
+        "",
+        "```python",
+        "import timm",
+        'encoder = timm.create_model("local-dir:DIR", pretrained=True)  # DIR: this folder',
+        "```",
+        "",
+    ]
+    if Backbone.named(arch).is_resnet:
+        lines += [
+            "Plain PyTorch / torchvision:",
+            "",
+            "```python",
+            "import torch, torchvision, safetensors.torch",
+            f"encoder = torchvision.models.{arch}(); encoder.fc = torch.nn.Identity()",
+            f'encoder.load_state_dict(safetensors.torch.load_file("DIR/{metadata["weights"]["file"]}"))',
+            "```",
+            "",
+        ]
+    return [
+        *lines,
+        f"Input: a `(N, {stem}, {size}, {size})` float tensor, {grey}, normalised as `(x - {mean}) / {std}`. Output: "
+        f"`(N, {features})` features.",
+        "",
+    ]
+
+
 # ------------------------------------------------------------------------------------------ export
 
 
-def export(run: Path, out: Path, evaluation: Path | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Write the bundle of ``run`` into ``out`` (new, empty or a bundle; the three files replaced atomically); its
-    metadata. ``overwrite`` writes into a folder sonocl did not make (`sonocl.outputs`)."""
+def export(
+    run: Path, out: Path, evaluation: Path | None = None, overwrite: bool = False, onnx: bool = False
+) -> dict[str, Any]:
+    """Write the bundle of ``run`` into ``out`` (new, empty or a bundle; each file replaced atomically); its
+    metadata. ``overwrite`` writes into a folder sonocl did not make (`sonocl.outputs`); ``onnx`` adds
+    ``encoder.onnx``."""
     from sonocl.files import atomic_write, atomic_write_text
     from sonocl.models import ENCODER_FILE, WeightsError, load_encoder
 
@@ -466,13 +539,53 @@ def export(run: Path, out: Path, evaluation: Path | None = None, overwrite: bool
     except WeightsError as error:
         raise ExportError(str(error)) from error
     metadata = bundle_metadata(run, source, evaluation)  # every input read before anything is written
+    graph = onnx_graph(source, metadata) if onnx else None
     claim(out, BUNDLE, overwrite=overwrite)
-    # byte for byte (save_encoder already wrote torchvision names and a 3-channel stem), through the one atomic writer:
-    # a full disk is one line naming the file, with the previous bundle's file intact and no temporary left
+    # byte for byte (save_encoder already wrote the family's names and stem), through the one atomic writer: a full
+    # disk is one line naming the file, with the previous bundle's file intact and no temporary left
     atomic_write(out / ENCODER_FILE, lambda handle: _copy_into(source, handle))
+    write_json(out / TIMM_CONFIG_FILE, timm_config(metadata))
     write_json(out / BUNDLE_FILE, metadata)
     atomic_write_text(out / CARD_FILE, model_card(metadata))
+    (out / "MODEL_CARD.md").unlink(missing_ok=True)  # the card's name in bundles written before README.md
+    if graph is not None:
+        atomic_write(out / ONNX_FILE, lambda handle: handle.write(graph))
     return metadata
+
+
+def onnx_graph(weights: Path, metadata: Mapping[str, Any]) -> bytes:
+    """The encoder of ``weights`` as ONNX bytes (torch's exporter; any batch size), with the stem of the weights
+    file (as ``config.json`` says), refused unless onnxruntime gives PyTorch's features on a random batch to
+    `ONNX_TOLERANCE`."""
+    import tempfile
+
+    import torch
+
+    from sonocl.models import load_encoder
+
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExportError("--onnx needs onnx, onnxscript and onnxruntime: pip install 'sonocl[onnx]'") from None
+    stem, size = metadata["weights"]["stem_channels"], metadata["input"]["size"]
+    encoder = load_encoder(weights, channels=stem).eval()
+    images = torch.rand(3, stem, size, size, generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / ONNX_FILE
+        torch.onnx.export(encoder, (images,), str(path), input_names=["images"], output_names=["features"],
+                          dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), dynamo=True, external_data=False,
+                          verbose=False)  # fmt: skip
+        graph = path.read_bytes()
+    session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = encoder(images).numpy()
+    difference = float(abs(session.run(None, {"images": images.numpy()})[0] - expected).max())
+    if difference > ONNX_TOLERANCE:
+        raise ExportError(
+            f"the ONNX graph of {metadata['arch']} gives features {difference:.2g} away from PyTorch's (more than "
+            f"{ONNX_TOLERANCE}); export without --onnx"
+        )
+    return graph
 
 
 def _copy_into(source: Path, handle: Any) -> None:
@@ -485,6 +598,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write (created)")
     add_overwrite_argument(parser)
     parser.add_argument(
+        "--onnx", action="store_true", help="also write encoder.onnx, checked with onnxruntime (extra sonocl[onnx])"
+    )
+    parser.add_argument(
         "--eval",
         dest="evaluation",
         type=Path,
@@ -495,7 +611,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    metadata = export(args.run, args.out, args.evaluation, overwrite=args.overwrite)
+    metadata = export(args.run, args.out, args.evaluation, overwrite=args.overwrite, onnx=args.onnx)
     budget = metadata["budget"]
     out = args.out
     print(
@@ -503,14 +619,14 @@ def run(args: argparse.Namespace) -> int:
         f"{budget['batch_size']} = {budget['pairs_seen']:,} pairs",
         file=sys.stderr,
     )
-    for name in ("encoder.safetensors", BUNDLE_FILE, CARD_FILE):
+    for name in ("encoder.safetensors", TIMM_CONFIG_FILE, BUNDLE_FILE, CARD_FILE, *([ONNX_FILE] if args.onnx else [])):
         size = (out / name).stat().st_size
         print(
             f"  {out / name}  ({size / 1e6:.1f} MB)" if size >= 1e5 else f"  {out / name}  ({size / 1e3:.1f} kB)",
             file=sys.stderr,
         )
     print(
-        f'load: sonocl.load_encoder("{out}") or torchvision (see {out / CARD_FILE}); '
+        f'load: sonocl.load_encoder("{out}"), timm.create_model("local-dir:{out}", pretrained=True) (see {out / CARD_FILE}); '
         f"{time.perf_counter() - started:.1f} s",
         file=sys.stderr,
     )

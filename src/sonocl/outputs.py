@@ -86,7 +86,10 @@ SEGMENTATION = Kind(
 BUNDLE = Kind(
     "encoder bundle",
     "sonocl export",
-    frozenset({"encoder.safetensors", "sonocl_encoder.json", "MODEL_CARD.md"}),
+    # MODEL_CARD.md: the card's name in bundles written before it became README.md (the Hub's)
+    frozenset(
+        {"encoder.safetensors", "config.json", "sonocl_encoder.json", "README.md", "MODEL_CARD.md", "encoder.onnx"}
+    ),
     "sonocl_encoder.json",
     marked=False,
 )

@@ -185,3 +185,27 @@ def test_gradcam_on_every_family_explains_with_a_map_of_its_grid(arch: str, laye
     maps, scores = GradCAM(model, target.layer, target.to_map)(torch.randn(2, 1, 64, 64))
     assert maps.shape == (2, 64, 64) and scores.shape == (2, 3)
     assert torch.isfinite(maps).all() and float(maps.min()) >= 0 and float(maps.max()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("arch", "channels", "strides"),
+    [
+        ("resnet18", [64, 64, 128, 256, 512], [2, 4, 8, 16, 32]),
+        (VIT, [192] * 4, [4, 8, 16, 32]),  # four blocks as a simple pyramid
+        (CONVNEXT, [40, 80, 160, 320], [4, 8, 16, 32]),
+    ],
+)
+def test_every_family_gives_a_unet_its_feature_maps(arch: str, channels: list[int], strides: list[int]) -> None:
+    from sonocl.backbones import feature_channels, feature_maps
+    from sonocl.evaluate.unet import UNet
+
+    torch.manual_seed(0)
+    backbone = build_backbone(arch, 1, size=64).train()
+    assert feature_channels(backbone) == channels and backbone.training
+    maps = feature_maps(backbone, torch.rand(2, 1, 64, 64))
+    assert [64 // grid.shape[-1] for grid in maps] == strides
+    model = UNet(backbone)
+    logits = model(torch.rand(2, 1, 64, 64))
+    assert logits.shape == (2, 1, 64, 64)
+    logits.mean().backward()  # the decoder's gradient reaches the backbone's first layer
+    assert next(backbone.parameters()).grad is not None

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sonocl.backbones import feature_channels
 from sonocl.cli import main
 from sonocl.errors import ConfigError
 from sonocl.evaluate import segmentation_metrics as sm
@@ -25,7 +26,7 @@ from sonocl.evaluate.segment import (
     image_groups,
     read_pixel_sizes,
 )
-from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss, encoder_channels
+from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss
 from sonocl.models import build_backbone, save_encoder
 
 
@@ -38,8 +39,8 @@ def test_unet_output_shape(arch: str, channels: int) -> None:
 
 
 def test_unet_skip_widths_and_odd_sizes() -> None:
-    assert encoder_channels(build_backbone("resnet18", 1)) == (64, 64, 128, 256, 512)
-    assert encoder_channels(build_backbone("resnet50", 1)) == (64, 256, 512, 1024, 2048)
+    assert feature_channels(build_backbone("resnet18", 1)) == [64, 64, 128, 256, 512]
+    assert feature_channels(build_backbone("resnet50", 1)) == [64, 256, 512, 1024, 2048]
     model = UNet(build_backbone("resnet18", 1)).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 1, 40, 56)).shape == (2, 1, 40, 56)

@@ -8,7 +8,9 @@ Two families, named as ``--backbone`` takes them:
 - **any timm model**, as ``timm:<name>`` (``timm:vit_tiny_patch16_224``, ``timm:convnext_atto``,
   ``timm:efficientnet_b0``): built with ``num_classes=0`` (the model returns its pooled, pre-logits feature),
   ``in_chans`` the run's channels and, for a model with a patch embedding (ViTs, Swin), ``img_size`` the run's
-  size: a ViT's position embedding is made for the size it is trained at, and its encoder is evaluated at it. Last
+  size: a ViT's position embedding is made for the size it is trained at, and its encoder is evaluated at it by
+  default; where timm offers it (``dynamic_img_size``: ViT, DeiT, EVA), other sizes work too (the position
+  embedding interpolated), as for a CNN. Last
   block: the last group of timm's own fine layer grouping (``group_matcher``, the grouping its layer-wise LR decay
   uses) that holds an indexed block (``blocks.11``, ``stages.3.blocks.1``), with every group after it (the final
   norm, a head norm, a last 1×1 conv): what the papers' last-block protocol trains of a ResNet, in that family.
@@ -19,13 +21,17 @@ ImageNet initialisation.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import inspect
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -90,6 +96,11 @@ class Backbone:
         return None if self.timm_name is None else _timm_shape(self.timm_name).patch_size
 
     @property
+    def takes_any_size(self) -> bool:
+        """Whether inputs of any size work (a CNN; a ViT built with ``dynamic_img_size``), not only the built one."""
+        return self.timm_name is None or self.patch_size is None or _timm_shape(self.timm_name).dynamic_size
+
+    @property
     def stem_weight(self) -> str | None:
         """The state key of the first convolution's weight (the one whose input channels are the image's):
         ``conv1.weight`` of a ResNet, timm's ``first_conv`` of its model (None where timm names none)."""
@@ -115,9 +126,12 @@ def name_problem(name: str) -> str:
 def _timm_model(name: str, channels: int, size: int | None) -> nn.Module:
     import timm
 
+    shape = _timm_shape(name)
     options: dict[str, Any] = {"pretrained": False, "num_classes": 0, "in_chans": channels}
-    if size is not None and _timm_shape(name).patch_size is not None:
+    if size is not None and shape.patch_size is not None:
         options["img_size"] = size
+    if shape.dynamic_size:
+        options["dynamic_img_size"] = True
     return timm.create_model(name, **options)
 
 
@@ -126,6 +140,8 @@ class _TimmShape:
     feature_dim: int
     patch_size: int | None
     stem_weight: str | None
+    dynamic_size: bool
+    """Whether the model takes ``dynamic_img_size`` (inputs of any size, the position embedding interpolated)."""
 
 
 @cache
@@ -144,6 +160,7 @@ def _timm_shape(name: str) -> _TimmShape:
         features,
         int(patch[0]) if isinstance(patch, tuple) else patch,
         f"{first_conv}.weight" if isinstance(first_conv, str) else None,
+        "dynamic_img_size" in inspect.signature(type(model).__init__).parameters,
     )
 
 
@@ -232,12 +249,63 @@ def _map_sides(model: nn.Module, layers: dict[str, nn.Module], channels: int, si
         layer.register_forward_hook(lambda _module, _inputs, output, name=name: record(name, output))
         for name, layer in layers.items()
     ]
-    was_training = model.training
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, channels, size, size))
+        with _evaluating(model):
+            model(torch.zeros(1, channels, size, size))
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return sides
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode without gradients within the block, its mode restored after it."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            yield
+    finally:
+        model.train(was_training)
+
+
+def feature_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Feature maps ``(N, K_i, h_i, w_i)`` of ``model`` from fine to coarse, for a segmentation decoder: a ResNet's
+    stem and four stages (strides 2, 4, 8, 16, 32); a timm CNN's stages (timm's ``forward_intermediates``); a ViT's
+    four evenly spaced blocks on its patch grid, resampled to 1/4, 1/2, 1 and 2 patches (strides 4, 8, 16, 32 for
+    16 px patches): a simple feature pyramid without parameters (bilinear up, max-pool down), the decoder's
+    convolutions learn on it. A model without intermediates is a `ConfigError`."""
+    if isinstance(model, torchvision.models.ResNet):
+        stem = model.relu(model.bn1(model.conv1(images)))
+        maps = [stem, model.layer1(model.maxpool(stem))]
+        for stage in (model.layer2, model.layer3, model.layer4):
+            maps.append(stage(maps[-1]))
+        return maps
+    intermediates = getattr(model, "forward_intermediates", None)
+    if intermediates is None:
+        raise ConfigError(f"{type(model).__name__} gives no intermediate feature maps (timm's forward_intermediates)")
+    blocks = getattr(model, "blocks", None)
+    if getattr(model, "patch_embed", None) is None or not isinstance(blocks, nn.Sequential):
+        return list(intermediates(images, output_fmt="NCHW", intermediates_only=True))
+    picks = sorted({max(0, len(blocks) * quarter // 4 - 1) for quarter in (1, 2, 3, 4)})
+    grids = intermediates(images, indices=picks, output_fmt="NCHW", intermediates_only=True)
+    return [_rescaled(grid, 2.0 ** (2 - i)) for i, grid in enumerate(grids)]
+
+
+def _rescaled(grid: torch.Tensor, factor: float) -> torch.Tensor:
+    if factor > 1:
+        return F.interpolate(grid, scale_factor=factor, mode="bilinear", align_corners=False)
+    return F.max_pool2d(grid, 2, ceil_mode=True) if factor < 1 else grid
+
+
+def feature_channels(model: nn.Module) -> list[int]:
+    """The channels of `feature_maps`, from one forward pass of a blank image at a size the model takes."""
+    config: dict[str, Any] = getattr(model, "pretrained_cfg", {"first_conv": "conv1"})  # a torchvision ResNet: conv1
+    stem = model.get_submodule(str(config.get("first_conv")))
+    assert isinstance(stem, nn.Conv2d), f"{type(model).__name__}'s first_conv is no convolution"
+    embed = getattr(model, "patch_embed", None)
+    side = tuple(embed.img_size) if embed is not None and getattr(embed, "img_size", None) else (64, 64)
+    with _evaluating(model):
+        maps = feature_maps(model, torch.zeros(1, stem.in_channels, *side))
+    return [int(grid.shape[1]) for grid in maps]

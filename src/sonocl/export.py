@@ -298,6 +298,8 @@ def timm_config(metadata: Mapping[str, Any]) -> dict[str, Any]:
     model_args: dict[str, Any] = {"in_chans": channels}
     if spec.patch_size is not None:
         model_args["img_size"] = size
+        if spec.takes_any_size:
+            model_args["dynamic_img_size"] = True
     return {
         "architecture": spec.timm_name or spec.name,  # timm's resnet18/34/50 are torchvision's, names included
         "num_classes": 0,
@@ -305,7 +307,7 @@ def timm_config(metadata: Mapping[str, Any]) -> dict[str, Any]:
         "model_args": model_args,
         "pretrained_cfg": {
             "input_size": [channels, size, size],
-            "fixed_input_size": spec.patch_size is not None,
+            "fixed_input_size": not spec.takes_any_size,
             "interpolation": "bilinear",
             "crop_pct": 1.0,
             "mean": [metadata["input"]["mean"]] * channels,

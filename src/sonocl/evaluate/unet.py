@@ -1,44 +1,24 @@
-"""A U-Net-style decoder on a torchvision ResNet encoder, its loss, and joint image + mask augmentation.
+"""A U-Net-style decoder on any backbone's feature maps, its loss, and joint image + mask augmentation.
 
-The encoder is the backbone of ``sonocl.models`` (any ResNet, 1- or 3-channel stem) used stage by stage:
-stem (conv1-bn1-relu, stride 2), layer1 (stride 4, after the max-pool), layer2 (8), layer3 (16), layer4 (32).
-Each decoder block upsamples ×2 to the size of the next skip, concatenates it, and applies two
-conv-BN-ReLU; a last block brings the stem's resolution to the input's, and a 1×1 conv gives one logit
-per pixel (as segmentation_models_pytorch's U-Net, decoder widths 256-128-64-32-16).
+The encoder is the backbone of ``sonocl.backbones`` used through its feature maps (`sonocl.backbones.feature_maps`),
+fine to coarse: a ResNet's stem (conv1-bn1-relu, stride 2), layer1 (4, after the max-pool), layer2 (8), layer3
+(16), layer4 (32); a timm CNN's stages; a ViT's four blocks as a simple pyramid (strides 4–32). Each decoder block
+upsamples the coarser map to the size of the next skip, concatenates it, and applies two conv-BN-ReLU; a last block
+brings the finest map's resolution to the input's, and a 1×1 conv gives one logit per pixel (as
+segmentation_models_pytorch's U-Net, decoder widths 256-128-64-32-16: the first ones for the skips, the last for the
+input's resolution). A ResNet's U-Net is the one sonocl has always built (same modules and weight names).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sonocl.augment import AugmentConfig, BatchAugment
-
-if TYPE_CHECKING:
-    from torchvision.models import ResNet
-    from torchvision.models.resnet import BasicBlock, Bottleneck
+from sonocl.backbones import feature_channels, feature_maps
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
-
-
-def encoder_channels(backbone: ResNet) -> tuple[int, int, int, int, int]:
-    """Channels of the stem, layer1 … layer4 outputs of a torchvision ResNet."""
-
-    def out_channels(layer: nn.Sequential) -> int:
-        block: BasicBlock | Bottleneck = layer[-1]
-        last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
-        return int(last_bn.num_features)
-
-    return (
-        int(backbone.bn1.num_features),
-        out_channels(backbone.layer1),
-        out_channels(backbone.layer2),
-        out_channels(backbone.layer3),
-        out_channels(backbone.layer4),
-    )
 
 
 class ConvBlock(nn.Sequential):
@@ -56,37 +36,27 @@ class ConvBlock(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """ResNet encoder + U-Net decoder: (N, C, H, W) → logits (N, 1, H, W) for any H, W ≥ 32."""
+    """Backbone encoder + U-Net decoder: (N, C, H, W) → logits (N, 1, H, W) for any H, W the backbone takes (a ResNet:
+    ≥ 32; a ViT: the size it was made for)."""
 
-    def __init__(self, backbone: ResNet, decoder_channels: tuple[int, ...] = DECODER_CHANNELS) -> None:
+    def __init__(self, backbone: nn.Module, decoder_channels: tuple[int, ...] = DECODER_CHANNELS) -> None:
         super().__init__()
-        if len(decoder_channels) != 5:
-            raise ValueError(f"decoder_channels needs 5 widths, got {decoder_channels}")
         self.encoder = backbone
-        stem, c1, c2, c3, c4 = encoder_channels(backbone)
-        skips = (c3, c2, c1, stem, 0)
+        *skips, deepest = feature_channels(backbone)
+        if len(decoder_channels) < len(skips) + 1:
+            raise ValueError(f"decoder_channels needs {len(skips) + 1} widths, got {decoder_channels}")
+        widths = (*decoder_channels[: len(skips)], decoder_channels[-1])
         blocks = []
-        in_channels = c4
-        for skip, out_channels in zip(skips, decoder_channels):
+        in_channels = deepest
+        for skip, out_channels in zip((*reversed(skips), 0), widths):
             blocks.append(ConvBlock(in_channels + skip, out_channels))
             in_channels = out_channels
         self.decoder = nn.ModuleList(blocks)
         self.head = nn.Conv2d(in_channels, 1, kernel_size=1)
 
-    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps of the stem and the four stages, strides 2, 4, 8, 16, 32."""
-        e = self.encoder
-        stem = e.relu(e.bn1(e.conv1(images)))
-        x1 = e.layer1(e.maxpool(stem))
-        x2 = e.layer2(x1)
-        x3 = e.layer3(x2)
-        x4 = e.layer4(x3)
-        return [stem, x1, x2, x3, x4]
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        stem, x1, x2, x3, x4 = self.encode(images)
-        x = x4
-        for block, skip in zip(self.decoder, (x3, x2, x1, stem, None)):
+        *skips, x = feature_maps(self.encoder, images)
+        for block, skip in zip(self.decoder, (*reversed(skips), None)):
             size = images.shape[-2:] if skip is None else skip.shape[-2:]
             x = F.interpolate(x, size=size, mode="nearest")
             if skip is not None:

@@ -209,3 +209,23 @@ def test_every_family_gives_a_unet_its_feature_maps(arch: str, channels: list[in
     assert logits.shape == (2, 1, 64, 64)
     logits.mean().backward()  # the decoder's gradient reaches the backbone's first layer
     assert next(backbone.parameters()).grad is not None
+
+
+def test_model_arguments_in_the_name_reach_timm_and_travel_with_the_encoder(tmp_path: Path) -> None:
+    from sonocl.models import save_encoder
+
+    arch = "timm:vit_tiny_patch16_224(patch_size=8, drop_path_rate=0.0)"
+    spec = Backbone.named(arch)
+    assert (spec.timm_name, spec.timm_args, spec.patch_size) == (
+        "vit_tiny_patch16_224",
+        {"patch_size": 8, "drop_path_rate": 0.0},
+        8,
+    )
+    model = spec.build(1, 32).eval()
+    assert model.patch_embed.grid_size == (4, 4)
+    save_encoder(model, tmp_path / "e.safetensors", {"arch": arch, "channels": 1, "size": 32, "mean": 0.5, "std": 0.25})
+    images = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_encoder(tmp_path / "e.safetensors").eval()(images), model(images))
+    assert "is not key=value" in name_problem("timm:vit_tiny_patch16_224(patch_size)")
+    assert "unexpected keyword argument 'patch_sise'" in name_problem("timm:vit_tiny_patch16_224(patch_sise=8)")

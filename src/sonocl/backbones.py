@@ -6,7 +6,7 @@ Two families, named as ``--backbone`` takes them:
   returns the pooled feature h) and a 1- or 3-channel stem. Weight names are torchvision's, so every encoder file
   sonocl has written loads as it did. Last block: ``layer4[-1]``.
 - **any timm model**, as ``timm:<name>`` (``timm:vit_tiny_patch16_224``, ``timm:convnext_atto``,
-  ``timm:efficientnet_b0``): built with ``num_classes=0`` (the model returns its pooled, pre-logits feature),
+  ``timm:efficientnet_b0``), with model arguments if wanted (``timm:vit_tiny_patch16_224(patch_size=8)``): built with ``num_classes=0`` (the model returns its pooled, pre-logits feature),
   ``in_chans`` the run's channels and, for a model with a patch embedding (ViTs, Swin), ``img_size`` the run's
   size: a ViT's position embedding is made for the size it is trained at, and its encoder is evaluated at it by
   default; where timm offers it (``dynamic_img_size``: ViT, DeiT, EVA), other sizes work too (the position
@@ -21,6 +21,7 @@ ImageNet initialisation.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import difflib
 import inspect
@@ -63,8 +64,14 @@ class Backbone:
 
     @property
     def timm_name(self) -> str | None:
-        """The timm model name of a ``timm:`` backbone, None for a torchvision ResNet."""
-        return self.name[len(TIMM_PREFIX) :] if self.name.startswith(TIMM_PREFIX) else None
+        """The timm model name of a ``timm:`` backbone (without its arguments), None for a torchvision ResNet."""
+        return _timm_parts(self.name)[0] if self.name.startswith(TIMM_PREFIX) else None
+
+    @property
+    def timm_args(self) -> dict[str, Any]:
+        """The model arguments a ``timm:NAME(key=value, …)`` backbone gives `timm.create_model`, e.g. a ViT's
+        ``patch_size=8``."""
+        return _timm_parts(self.name)[1] if self.name.startswith(TIMM_PREFIX) else {}
 
     @property
     def is_resnet(self) -> bool:
@@ -81,30 +88,30 @@ class Backbone:
                 model.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
             model.fc = nn.Identity()
             return model
-        return _timm_model(self.timm_name, channels, size)
+        return _timm_model(self.name, channels, size)
 
     @property
     def feature_dim(self) -> int:
         """The size of the pooled feature h."""
         if self.timm_name is None:
             return int(RESNETS[self.name][1])
-        return _timm_shape(self.timm_name).feature_dim
+        return _timm_shape(self.name).feature_dim
 
     @property
     def patch_size(self) -> int | None:
         """The patch side of a patch-embedding model (a ViT), None for any other."""
-        return None if self.timm_name is None else _timm_shape(self.timm_name).patch_size
+        return None if self.timm_name is None else _timm_shape(self.name).patch_size
 
     @property
     def takes_any_size(self) -> bool:
         """Whether inputs of any size work (a CNN; a ViT built with ``dynamic_img_size``), not only the built one."""
-        return self.timm_name is None or self.patch_size is None or _timm_shape(self.timm_name).dynamic_size
+        return self.timm_name is None or self.patch_size is None or _timm_shape(self.name).dynamic_size
 
     @property
     def stem_weight(self) -> str | None:
         """The state key of the first convolution's weight (the one whose input channels are the image's):
         ``conv1.weight`` of a ResNet, timm's ``first_conv`` of its model (None where timm names none)."""
-        return "conv1.weight" if self.timm_name is None else _timm_shape(self.timm_name).stem_weight
+        return "conv1.weight" if self.timm_name is None else _timm_shape(self.name).stem_weight
 
 
 def name_problem(name: str) -> str:
@@ -114,25 +121,55 @@ def name_problem(name: str) -> str:
     if name.startswith(TIMM_PREFIX):
         import timm
 
-        model = name[len(TIMM_PREFIX) :]
-        if timm.is_model(model):
-            return ""
-        close = difflib.get_close_matches(model, timm.list_models(), n=3)
-        hint = f" (did you mean {' or '.join(close)}?)" if close else " (`timm.list_models()` lists them)"
-        return f"backbone {name!r}: timm has no model {model!r}{hint}"
+        try:
+            model, arguments = _timm_parts(name)
+        except ValueError as error:
+            return f"backbone {name!r}: {error}"
+        if not timm.is_model(model):
+            close = difflib.get_close_matches(model, timm.list_models(), n=3)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else " (`timm.list_models()` lists them)"
+            return f"backbone {name!r}: timm has no model {model!r}{hint}"
+        try:
+            _timm_shape(name)
+        except (TypeError, ValueError, AssertionError) as error:  # an argument the model does not take or accept
+            return f"backbone {name!r}: timm cannot build {model} with {arguments} ({error})"
+        return ""
     return f"unknown backbone {name!r}; choose {NAMES_HELP}"
+
+
+_TIMM_NAME = re.compile(r"^timm:([\w.\-]+)(?:\((.*)\))?$")
+
+
+def _timm_parts(name: str) -> tuple[str, dict[str, Any]]:
+    """``timm:NAME(key=value, …)`` → (NAME, {key: value}); values read as Python literals (8, 0.1, True), else
+    kept as text. A name that does not read so is a ValueError."""
+    match = _TIMM_NAME.match(name)
+    if match is None:
+        raise ValueError("write it timm:NAME or timm:NAME(key=value, ...)")
+    model, listed = match.group(1), match.group(2)
+    arguments: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in (listed or "").split(","))):
+        key, equals, text = item.partition("=")
+        if not equals or not key.strip().isidentifier():
+            raise ValueError(f"{item!r} is not key=value")
+        try:
+            arguments[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            arguments[key.strip()] = text.strip()
+    return model, arguments
 
 
 def _timm_model(name: str, channels: int, size: int | None) -> nn.Module:
     import timm
 
+    model, arguments = _timm_parts(name)
     shape = _timm_shape(name)
-    options: dict[str, Any] = {"pretrained": False, "num_classes": 0, "in_chans": channels}
+    options: dict[str, Any] = {**arguments, "pretrained": False, "num_classes": 0, "in_chans": channels}
     if size is not None and shape.patch_size is not None:
         options["img_size"] = size
     if shape.dynamic_size:
         options["dynamic_img_size"] = True
-    return timm.create_model(name, **options)
+    return timm.create_model(model, **options)
 
 
 @dataclass(frozen=True)
@@ -150,8 +187,9 @@ def _timm_shape(name: str) -> _TimmShape:
     initialisation work)."""
     import timm
 
+    model_name, arguments = _timm_parts(name)
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=1)
+        model = timm.create_model(model_name, **arguments, pretrained=False, num_classes=0, in_chans=1)
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     first_conv = getattr(model, "pretrained_cfg", {}).get("first_conv")
     features = model.num_features

@@ -295,7 +295,7 @@ def timm_config(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
     spec = Backbone.named(metadata["arch"])
     channels, size = metadata["weights"]["stem_channels"], metadata["input"]["size"]
-    model_args: dict[str, Any] = {"in_chans": channels}
+    model_args: dict[str, Any] = {**spec.timm_args, "in_chans": channels}
     if spec.patch_size is not None:
         model_args["img_size"] = size
         if spec.takes_any_size:

@@ -388,3 +388,4 @@ def test_a_rerun_with_more_seeds_reads_back_the_finished_ones(phantom_store, tmp
         f"seed{seed}_fold{fold}.npz" for seed in (0, 1) for fold in (0, 1)
     ]
     assert len(after["runs"]) == 2 * len(before["runs"]) and after["runs"][: len(before["runs"])] == before["runs"]
+    assert after["pretraining_overlap"]["test_videos"] == 12  # each video once, not once per seed

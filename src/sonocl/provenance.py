@@ -204,7 +204,8 @@ def check_fold(provenance: dict[str, Any] | None, test_hashes: Iterable[str]) ->
 
 
 def summarise(checks: list[FoldCheck]) -> dict[str, Any]:
-    """The stamp of one init over its folds: counts summed over folds (each test video is in one fold per seed)."""
+    """The stamp of one init over the folds of one seed: counts summed over its folds, so each test video counts once
+    (the caller passes one seed's folds: every seed's folds hold the same videos)."""
     total = sum(c.test_videos for c in checks)
     labels_seen, seen = sum(c.labels_seen for c in checks), sum(c.seen for c in checks)
     if labels_seen:

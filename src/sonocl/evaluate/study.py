@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     data = data_by_size[settings["size"]]
     init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
     entry = init_entry(label, report, init_config, data.class_names, results_of_folds)
-    overlap = summarise(checks)
+    overlap = summarise([check for task, check in zip(tasks, checks) if task.seed == config.seed])  # each video once
     overlap.update(
         provenance="recorded per fold",
         budget=budget_note(find(str(fold_run_dir(args, out, tasks[0])))) + " per fold",

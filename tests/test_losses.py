@@ -171,3 +171,20 @@ def test_byol_loss_reference_and_stop_gradient():
     value.backward()
     assert z.grad is None and p.grad is not None
     assert float(byol_loss(p, p * 3).detach()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_semi_supervised_ce_under_ddp_averages_to_the_one_process_term():
+    """Two ranks holding 1 and 3 of 4 labelled items: each rank's term × its gradient weight 1/2 (DDP's average)
+    sums to the one-process mean over the 4 labelled items, value and gradient, in float64."""
+    g = torch.Generator().manual_seed(3)
+    l1, l2 = (torch.randn(8, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    labels = torch.tensor([0, -1, -1, -1, 2, 1, -1, 0])
+    one = semi_supervised_ce(l1, l2, labels)
+    (expected,) = torch.autograd.grad(one, l1)
+    shards = [slice(0, 4), slice(4, 8)]
+    ranks = [semi_supervised_ce(l1[rows], l2[rows], labels[rows], gather=lambda _: labels) for rows in shards]
+    averaged = sum(ranks) / len(ranks)
+    (got,) = torch.autograd.grad(averaged, l1)
+    assert float(averaged) == pytest.approx(float(one), rel=1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+    assert float(ranks[0]) != pytest.approx(float(ranks[1]))  # the ranks' own terms differ; only their mean is fixed

@@ -7,6 +7,8 @@ One `GroupInfoNCE` serves SimCLR, SupCon/AWCL, USCL, Meta-USCL and IVPP (``docs/
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -123,11 +125,17 @@ class GroupInfoNCE(nn.Module):
         return (torch.cat([weight, weight]) * per_anchor).sum() / (2 * denominator) * ranks
 
 
-def semi_supervised_ce(logits1: Tensor, logits2: Tensor, labels: Tensor) -> Tensor:
+def semi_supervised_ce(
+    logits1: Tensor, logits2: Tensor, labels: Tensor, gather: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """USCL's supervised term CE(f(z̃₁)[lab], y) + CE(f(z̃₂)[lab], y), each a mean over the labelled items (§1.6).
 
     ``logits*`` ``(N, C)``; ``labels`` ``(N,)`` with -1 for unlabelled items. A batch without any labelled
     item gives exactly 0 with the graph intact (the reference returns NaN, quirk 8), without a host sync.
+
+    Under DDP (``gather``: the all-gather of every rank's equal shard) the mean is over the labelled items of the
+    global batch: this rank's sum × ranks / the global count, so that the average over ranks that DDP's gradients and
+    the logged loss take is the one-process term whatever the shares of labelled items the ranks hold.
     """
     if logits1.dim() != 2 or logits1.shape != logits2.shape:
         raise ValueError(f"logits must both be (N, C), got {tuple(logits1.shape)} and {tuple(logits2.shape)}")
@@ -135,10 +143,12 @@ def semi_supervised_ce(logits1: Tensor, logits2: Tensor, labels: Tensor) -> Tens
         raise ValueError(
             f"labels must be an (N,) = ({logits1.shape[0]},) integer tensor, got {tuple(labels.shape)} {labels.dtype}"
         )
-    count = (labels >= 0).sum().clamp(min=1)
     total = F.cross_entropy(logits1.float(), labels, ignore_index=-1, reduction="sum")
     total = total + F.cross_entropy(logits2.float(), labels, ignore_index=-1, reduction="sum")
-    return total / count
+    if gather is None:
+        return total / (labels >= 0).sum().clamp(min=1)
+    everyone = gather(labels)
+    return total * (everyone.numel() // labels.numel()) / (everyone >= 0).sum().clamp(min=1)
 
 
 def byol_loss(p: Tensor, z: Tensor) -> Tensor:

@@ -116,7 +116,7 @@ class GroupContrastive(Objective):
         classifier = model.classifier
         if not self.semi_weight or classifier is None:
             return contrastive, {"contrastive": float(contrastive.detach())}
-        semi = semi_supervised_ce(classifier(z1), classifier(z2), batch.label)
+        semi = semi_supervised_ce(classifier(z1), classifier(z2), batch.label, context.gather)
         loss = contrastive + self.semi_weight * semi
         return loss, {"contrastive": float(contrastive.detach()), "semi_supervised": float(semi.detach())}
 

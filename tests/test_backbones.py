@@ -24,6 +24,8 @@ from sonocl.methods import meta_step, method_names
 from sonocl.models import CMWNet, ContrastiveModel, build_backbone, load_encoder, read_encoder_metadata
 
 VIT, CONVNEXT = "timm:vit_tiny_patch16_224", "timm:convnext_atto"
+VIT_ONLY = ("mae",)
+"""Methods that need a ViT (MAE masks its patches): refused on the other backbones."""
 
 
 def _names(model: nn.Module, modules: list[nn.Module]) -> list[str]:
@@ -31,8 +33,10 @@ def _names(model: nn.Module, modules: list[nn.Module]) -> list[str]:
     return [path[id(module)] for module in modules]
 
 
-@pytest.mark.parametrize("arch", ["resnet18", VIT, CONVNEXT])
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize(
+    ("method", "arch"),
+    [(m, a) for m in method_names() for a in ("resnet18", VIT, CONVNEXT) if a == VIT or m not in VIT_ONLY],
+)
 def test_every_method_trains_two_steps_on_every_backbone_and_exports_an_encoder(
     method: str, arch: str, phantom_store, tmp_path: Path
 ) -> None:
@@ -59,6 +63,19 @@ def test_every_method_trains_two_steps_on_every_backbone_and_exports_an_encoder(
         plain.load_state_dict(load_file(str(tmp_path / "encoder.safetensors")))
         with torch.no_grad():
             torch.testing.assert_close(plain.eval()(images), features)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", CONVNEXT])
+@pytest.mark.parametrize("method", VIT_ONLY)
+def test_a_vit_only_method_refuses_another_backbone_in_one_line(
+    method: str, arch: str, phantom_store, tmp_path: Path, capsys
+) -> None:
+    argv = ["pretrain", "--store", str(phantom_store.root), "--method", method, "--backbone", arch,
+            "--out", str(tmp_path), *tiny_pretrain("--threads", "1", *tiny_sets(knn_frames=2)), "--steps", "2"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{arch} is not a ViT" in err[0] and "timm:vit_" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "metrics.csv").exists()
 
 
 def test_a_backbone_record_states_features_patch_and_stem() -> None:

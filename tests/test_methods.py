@@ -51,6 +51,20 @@ REACHES = {
     "vicreg_mu": (4.0, None),
     "vicreg_nu": (0.5, None),
     "barlow_lambda": (0.1, None),
+    "mask_ratio": (0.5, lambda sampler, objective: objective.mask_ratio),
+    "pixel_target": ("plain", lambda sampler, objective: objective.pixel_target),
+    "decoder_dim": (64, lambda sampler, objective: objective.decoder.embed.out_features),
+    "decoder_depth": (3, lambda sampler, objective: len(objective.decoder.blocks)),
+    "decoder_heads": (2, lambda sampler, objective: objective.decoder.blocks[0].attn.num_heads),
+    "views": ("video", lambda sampler, objective: {1: "image", 2: "video"}[sampler.k]),
+    "out_dim": (256, lambda sampler, objective: objective.loss.center.shape[1]),
+    "last_layer_norm": ("learnt", None),  # the head's (the model's): checked in tests/test_dino.py
+    "student_temperature": (0.2, lambda sampler, objective: objective.loss.student_temperature),
+    "teacher_temperature": (0.07, lambda sampler, objective: objective.teacher_temperatures[1]),
+    "warmup_teacher_temperature": (0.02, lambda sampler, objective: objective.teacher_temperatures[0]),
+    "teacher_warmup": (0.3, lambda sampler, objective: objective.teacher_warmup),
+    "center_momentum": (0.8, lambda sampler, objective: objective.loss.center_momentum),
+    "freeze_last_layer": (0.05, lambda sampler, objective: objective.freeze_last_layer),
 }
 
 
@@ -61,7 +75,10 @@ def _config(method: str, *argv: str):
 
 
 def _model(cfg) -> ContrastiveModel:
+    """A small model with the heads the run builds: a method's own head (DINO's) as `Method.head` builds it."""
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU())
+    head = get_method(cfg.method).head
+    small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, projection_hidden=6, projection_dim=4))
     return ContrastiveModel(
         backbone,
         8,
@@ -69,6 +86,7 @@ def _model(cfg) -> ContrastiveModel:
         projection_dim=4,
         num_classes=3 if cfg.model.classifier else 0,
         predictor_hidden=5 if cfg.model.predictor_hidden else 0,
+        projector=head(small, 8) if head is not None else None,
     )
 
 

@@ -7,10 +7,15 @@ transforms are element-wise. The pipeline follows torchvision's (``docs/methods.
 Resize(size) → RandomResizedCrop(size, scale, ratio) → HorizontalFlip → ColorJitter(brightness, contrast)
 → [Gaussian blur] → [solarisation] → [speckle] → Normalize, with saturation and hue left out (no effect on grey
 images). Blur and solarisation may take other probabilities for the second view (BYOL's two pipelines).
+
+Multi-crop (DINO): with ``local_crops`` > 0 a third pipeline cuts that many small crops of each item
+(`make_local_views`), smaller in area and side than the two views, with their own blur and no solarisation (DINO's
+``local_transfo``). With the default ``local_crops`` 0 nothing of it runs and the two views are drawn as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -24,6 +29,8 @@ from sonocl.errors import ConfigError
 
 _CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop.get_params
 VIEW2_FIELDS = ("view2_blur_p", "view2_solarize_p")
+LOCAL_SHARE = 96 / 224
+"""A local crop's side as a share of the views' side when ``local_size`` is not set: DINO's 96 px beside 224."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,16 @@ class AugmentConfig:
     speckle_p: float = 0.0
     speckle_std: float = 0.1
     """Multiplicative speckle: x · (1 + std · n), n ~ N(0, 1) per pixel."""
+    local_crops: int = 0
+    """Multi-crop: small crops of each item besides its two views (DINO's ``local_crops_number``); 0: none. Only an
+    objective that reads them (DINO's) uses them."""
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    """The local crops' area, as a share of the frame (DINO's ``local_crops_scale``)."""
+    local_size: int | None = None
+    """The local crops' side in pixels (None: `LOCAL_SHARE` of the views' side; a run raises it to the smallest side
+    its backbone takes, `sonocl.train.replay.local_crop_side`)."""
+    local_blur_p: float = 0.5
+    """The local crops' blur probability (their flip and jitter are the views'; they are never solarised)."""
     mean: float = 0.5
     std: float = 0.25
 
@@ -58,9 +75,12 @@ class AugmentConfig:
             "crop_scale": 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
             "crop_ratio": 0 < self.crop_ratio[0] <= self.crop_ratio[1],
             "blur_sigma": 0 < self.blur_sigma[0] <= self.blur_sigma[1],
+            "local_crop_scale": 0 < self.local_crop_scale[0] <= self.local_crop_scale[1] <= 1,
+            "local_crops": self.local_crops >= 0,
+            "local_size": self.local_size is None or self.local_size >= 1,
             **{
                 name: 0 <= getattr(self, name) <= 1
-                for name in ("flip_p", "jitter_p", "blur_p", "solarize_p", "speckle_p")
+                for name in ("flip_p", "jitter_p", "blur_p", "solarize_p", "speckle_p", "local_blur_p")
             },
             **{name: getattr(self, name) is None or 0 <= getattr(self, name) <= 1 for name in VIEW2_FIELDS},
             **{name: getattr(self, name) >= 0 for name in ("brightness", "contrast", "speckle_std")},
@@ -69,6 +89,9 @@ class AugmentConfig:
         }
         rules = {
             "crop_scale": "0 < low ≤ high ≤ 1",
+            "local_crop_scale": "0 < low ≤ high ≤ 1",
+            "local_crops": "≥ 0",
+            "local_size": "≥ 1 pixel, or none",
             "crop_ratio": "0 < low ≤ high",
             "blur_sigma": "0 < low ≤ high",
             "gamma": "0 ≤ gamma < 1",
@@ -84,6 +107,24 @@ class AugmentConfig:
         ]
         if failed:
             raise ConfigError("invalid " + ", ".join(failed))
+
+    def local_pipeline(self) -> AugmentConfig:
+        """The local crops' augmentation: these parameters with the local crop scale and blur, no solarisation and one
+        pipeline for every crop (DINO's ``local_transfo``)."""
+        return dataclasses.replace(
+            self,
+            crop_scale=self.local_crop_scale,
+            blur_p=self.local_blur_p,
+            solarize_p=0.0,
+            view2_blur_p=None,
+            view2_solarize_p=None,
+            local_crops=0,
+        )
+
+
+def local_side(size: int, config: AugmentConfig) -> int:
+    """The side of the local crops beside views of side ``size``: ``config.local_size``, else `LOCAL_SHARE` of it."""
+    return config.local_size or max(1, round(size * LOCAL_SHARE))
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -161,7 +202,14 @@ class BatchAugment(nn.Module):
     moved to the images' device; pass a generator on the images' device to keep noise generation there).
     """
 
-    def __init__(self, config: AugmentConfig, size: int, channels: int = 1) -> None:
+    def __init__(
+        self,
+        config: AugmentConfig,
+        size: int,
+        channels: int = 1,
+        local_size: int | None = None,
+        frame_size: int | None = None,
+    ) -> None:
         super().__init__()
         if size < 1 or channels not in (1, 3):
             raise ConfigError(f"BatchAugment needs size ≥ 1 and 1 or 3 channels, not {size} and {channels}")
@@ -169,6 +217,16 @@ class BatchAugment(nn.Module):
         self.size = size
         self.channels = channels
         """3: the normalised grey image is copied to three channels (ImageNet-style stems)."""
+        self.frame_size = frame_size or size
+        """The side a frame at least twice as large is shrunk to before the crop: ``size``; the local crops' pipeline
+        shrinks to the views' side instead, as its small boxes would lose their detail at its own."""
+        self.local = (
+            BatchAugment(config.local_pipeline(), local_size or local_side(size, config), channels, frame_size=size)
+            if config.local_crops
+            else None
+        )
+        """The local crops' pipeline (`make_local_views`) at side ``local_size`` (None: `local_side`); None without
+        local crops."""
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None, second: Tensor | None = None) -> Tensor:
         """Augment ``images`` ``(N, 1, H, W)``, each sample with its own draws. ``second`` ``(N,)`` bool marks the
@@ -179,7 +237,7 @@ class BatchAugment(nn.Module):
                 f"BatchAugment expects (N, 1, H, W) float images, got {tuple(images.shape)} {images.dtype}"
             )
         cfg = self.config
-        images = _shrink(images, self.size)
+        images = _shrink(images, self.frame_size)
         n, device = images.shape[0], images.device
         images = self.crop_flip(images, generator)
         if cfg.jitter_p > 0 and (cfg.brightness > 0 or cfg.contrast > 0):
@@ -311,6 +369,19 @@ class BatchAugment(nn.Module):
         return normalised.expand(-1, 3, -1, -1).contiguous() if self.channels == 3 else normalised
 
 
+def _batch_frames(frames_u8: Tensor, mix: Tensor | np.ndarray, size: int) -> tuple[Tensor, Tensor]:
+    """A gathered batch's frames ``(B, k, S, S)`` uint8 as ``(B·k, 1, H, W)`` floats in [0, 1] (shrunk to ``size``
+    when at least twice it: resizing is linear, so mixing before or after it is the same) and its ``mix``
+    ``(B, 2, k)`` as a float tensor on their device; a wrong shape or type is a ValueError."""
+    if frames_u8.dim() != 4 or frames_u8.dtype != torch.uint8:
+        raise ValueError(f"frames_u8 must be (B, k, S, S) uint8, got {tuple(frames_u8.shape)} {frames_u8.dtype}")
+    b, k, height, width = frames_u8.shape
+    mix = torch.as_tensor(mix, dtype=torch.float32, device=frames_u8.device)
+    if mix.shape != (b, 2, k):
+        raise ValueError(f"mix must be (B, 2, k) = ({b}, 2, {k}) for these frames, got {tuple(mix.shape)}")
+    return _unit_float(frames_u8.reshape(b * k, 1, height, width), size), mix
+
+
 def make_views(
     frames_u8: Tensor,
     mix: Tensor | np.ndarray,
@@ -330,15 +401,9 @@ def make_views(
     gamma (`BatchAugment.extra_gamma`), drawn once per frame before anything else, as AWCL's reference transforms a
     labelled frame before it makes the two views: both views of an item share it.
     """
-    if frames_u8.dim() != 4 or frames_u8.dtype != torch.uint8:
-        raise ValueError(f"frames_u8 must be (B, k, S, S) uint8, got {tuple(frames_u8.shape)} {frames_u8.dtype}")
-    b, k, height, width = frames_u8.shape
-    mix = torch.as_tensor(mix, dtype=torch.float32, device=frames_u8.device)
-    if mix.shape != (b, 2, k):
-        raise ValueError(f"mix must be (B, 2, k) = ({b}, 2, {k}) for these frames, got {tuple(mix.shape)}")
-    size = augment.size
-    frames = _unit_float(frames_u8.reshape(b * k, 1, height, width), size)
-    height, width = frames.shape[-2:]
+    frames, mix = _batch_frames(frames_u8, mix, augment.size)
+    b, _, k = mix.shape
+    size, (height, width) = augment.size, frames.shape[-2:]
     per_frame = None if extra is None else extra.to(frames.device).repeat_interleave(k)
     frames = augment.extra_gamma(frames, generator, per_frame)
     if augment_first:
@@ -349,3 +414,26 @@ def make_views(
         second = torch.tensor([False, True], device=frames.device).repeat(b)  # (b, 2) flattened: view 2 of each item
         views = augment(mixed.reshape(2 * b, 1, height, width), generator, second).view(b, 2, size, size)
     return augment.normalize(views[:, 0:1]), augment.normalize(views[:, 1:2])
+
+
+def make_local_views(
+    frames_u8: Tensor, mix: Tensor | np.ndarray, augment: BatchAugment, generator: torch.Generator | None = None
+) -> Tensor | None:
+    """The normalised local crops of a `PairBatch` whose frames were gathered (multi-crop: L =
+    ``augment.config.local_crops`` > 0), ``(L·B, C, s, s)`` at the local side s, crop-major (rows i·B … (i+1)·B − 1
+    are every item's i-th crop); None without local crops.
+
+    Crop i of an item is cut from the raw image of its view i mod 2 (its frames mixed as ``mix`` says, before any
+    augmentation): DINO's one frame for every crop, video-DINO's two frames half the crops each. Drawn after
+    `make_views` from the same generator, the two views stay the draws they are without local crops.
+    """
+    local = augment.local
+    if local is None:
+        return None
+    frames, mix = _batch_frames(frames_u8, mix, augment.size)
+    b, _, k = mix.shape
+    height, width = frames.shape[-2:]
+    sources = torch.einsum("bvk,bkhw->vbhw", mix, frames.view(b, k, height, width))  # the views' raw images
+    count = augment.config.local_crops
+    crops = sources[torch.arange(count, device=sources.device) % 2].reshape(count * b, 1, height, width)
+    return local.normalize(local(crops, generator))

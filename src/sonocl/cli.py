@@ -21,7 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sonocl.data.info",
         "summarise a frame store (videos, frames, labels, groups, skipped files) or what a run saw",
     ),
-    "pretrain": ("sonocl.train.cli", "contrastive pretraining (simclr, uscl, meta-uscl, awcl, ivpp, moco, byol)"),
+    "pretrain": (
+        "sonocl.train.cli",
+        "self-supervised pretraining (uscl, meta-uscl, awcl, ivpp, simclr, moco, byol, dino, mae)",
+    ),
     "evaluate": ("sonocl.evaluate.cli", "grouped k-fold fine-tuning, linear probe and kNN evaluation"),
     "study": ("sonocl.evaluate.study", "per-fold pretraining and evaluation: no encoder sees its test videos"),
     "segment": ("sonocl.evaluate.segment", "U-Net segmentation on a pretrained encoder, grouped k-fold"),

@@ -243,6 +243,16 @@ class ProjectionHead(nn.Sequential):
         self.out_dim = out_dim
 
 
+class Head(nn.Module):
+    """A method's own head on the pooled feature h, ``(N, in_dim) → (N, out_dim)``, built by the method
+    (`sonocl.methods.base.Method.head`) in place of the `ProjectionHead` (DINO's: `sonocl.methods.dino.DINOHead`)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+
+
 class CMWNet(nn.Module):
     """Meta-USCL's Contrastive Meta-Weight Network: [h_left, h_right] → Linear → ReLU → Linear → sigmoid.
 
@@ -272,10 +282,17 @@ class ContrastiveModel(nn.Module):
         num_classes: int = 0,
         projection_batch_norm: bool = False,
         predictor_hidden: int = 0,
+        projector: Head | None = None,
     ) -> None:
+        """``projector``: the method's own head on h in place of the `ProjectionHead` of ``projection_hidden``,
+        ``projection_dim`` and ``projection_batch_norm`` (DINO's)."""
         super().__init__()
         self.backbone = backbone
-        self.projector = ProjectionHead(feature_dim, projection_hidden, projection_dim, projection_batch_norm)
+        self.projector: ProjectionHead | Head = (
+            projector
+            if projector is not None
+            else ProjectionHead(feature_dim, projection_hidden, projection_dim, projection_batch_norm)
+        )
         self.classifier = nn.Linear(projection_dim, num_classes) if num_classes else None
         self.predictor = (
             ProjectionHead(projection_dim, predictor_hidden, projection_dim, batch_norm=True)

@@ -62,7 +62,19 @@ STORE = Kind(
 RUN = Kind(
     "pretraining run",
     "sonocl pretrain",
-    frozenset({"config.yaml", "provenance.json", "metrics.csv", "tb", "checkpoints", "encoder.safetensors"}),
+    frozenset(
+        {
+            "config.yaml",
+            "provenance.json",
+            "metrics.csv",
+            "tb",
+            "checkpoints",
+            "encoder.safetensors",
+            "trackers.json",
+            "wandb",
+            "mlruns",
+        }
+    ),
     "config.yaml",
 )
 EVALUATION = Kind(

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from sonocl.errors import ConfigError
-from sonocl.files import atomic_write_text, write_json
 from sonocl.outputs import STUDY, add_overwrite_argument, claim
 
 
@@ -81,7 +80,7 @@ def pretrain_config(options: str, stores: list[str], run_dir: Path, exclude: lis
 
 def run(args: argparse.Namespace) -> int:
     from sonocl.data.store import FrameStore
-    from sonocl.evaluate.classify import fold_tasks, init_entry
+    from sonocl.evaluate.classify import init_entry, seed_splits
     from sonocl.evaluate.cli import (
         evaluation_config,
         prediction_header,
@@ -89,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
         render_markdown,
         results_header,
         selection_text,
-        write_predictions,
     )
     from sonocl.evaluate.data import load_eval_data
+    from sonocl.evaluate.engine import fold_tasks, write_results
 
     started = time.perf_counter()
     store = FrameStore.open(args.store)
@@ -100,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("knn has no epochs to select: use --selection last")
     data_by_size: dict[int, Any] = {config.size: load_eval_data(store, config)}
     base = data_by_size[config.size]
-    tasks = fold_tasks(base, config, 1)
+    tasks = fold_tasks(seed_splits(base, config), 1)
     out = claim(args.out, STUDY, overwrite=args.overwrite)
     results_of_folds, checks, report, settings, label = [], [], None, None, args.name
     for task in tasks:
@@ -128,13 +127,9 @@ def run(args: argparse.Namespace) -> int:
     results = results_header("study", store, data, config, grouping)
     results["inits"].append(entry)
     results["timing"] = {"total_seconds": round(time.perf_counter() - started, 2)}
-    write_json(out / "results.json", results)
-    atomic_write_text(out / "results.md", render_markdown(results))
     selection = selection_text(config.selection)
-    write_predictions(
-        out / "predictions.csv",
-        [prediction_header(data.class_names), *prediction_rows(label, data, results_of_folds, selection)],
-    )
+    predictions = [prediction_header(data.class_names), *prediction_rows(label, data, results_of_folds, selection)]
+    write_results(out, results, render_markdown(results), "predictions.csv", predictions)
     print(
         f"sonocl study: {label}: {config.unit} acc {100 * entry['summary'][config.unit]['accuracy']['mean']:.1f} ± "
         f"{100 * entry['summary'][config.unit]['accuracy']['std']:.1f} % over {len(tasks)} fold runs; "
@@ -145,22 +140,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 RUN_ENVIRONMENT = frozenset(
-    {"device", "workers", "threads", "progress", "checkpoint_every_steps", "checkpoint_every_seconds", "model.compile"}
-)
-"""Pretraining settings that change where and how a run is computed, not what it learns."""
+    {"device", "workers", "threads", "progress", "checkpoint_every_steps", "checkpoint_every_seconds", "model.compile",
+     "trackers"}
+)  # fmt: skip
+"""Pretraining settings that change where and how a run is computed or logged, not what it learns (and every key of
+the ``tracking`` section)."""
 
 
 def check_same_pretraining(run_dir: Path, cfg: Any) -> None:
     """A fold run already in ``run_dir`` must have been made with the options asked for now: a study rerun with
     another budget or method into the same --out would otherwise report the old runs under the new options."""
+    from sonocl.methods.config import flat
     from sonocl.train.config import load_yaml
 
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return
-    saved, wanted = _flat(load_yaml(saved_path)), _flat(cfg.to_dict())
+    saved, wanted = flat(load_yaml(saved_path)), flat(cfg.to_dict())
     differ = [
-        key for key in sorted((saved.keys() | wanted.keys()) - RUN_ENVIRONMENT) if saved.get(key) != wanted.get(key)
+        key
+        for key in sorted((saved.keys() | wanted.keys()) - RUN_ENVIRONMENT)
+        if saved.get(key) != wanted.get(key) and not key.startswith("tracking.")
     ]
     if differ:
         shown = ", ".join(f"{key} {saved.get(key)!r} (now {wanted.get(key)!r})" for key in differ[:3])
@@ -169,16 +169,6 @@ def check_same_pretraining(run_dir: Path, cfg: Any) -> None:
             f"{run_dir}: this fold's run was pretrained with {shown}{more}; choose a new --out (or --runs) for "
             "these --pretrain options, or move that run away"
         )
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def fold_run_dir(args: argparse.Namespace, out: Path, task: Any) -> Path:
@@ -190,7 +180,7 @@ def fold_run(
     args: argparse.Namespace, store: Any, config: Any, base: Any, data_by_size: dict[int, Any], task: Any, out: Path
 ) -> tuple[Any, Any, dict[str, Any], Any]:
     """One (seed, fold): pretrain without its test videos (or resume), check the provenance, evaluate; cached."""
-    from sonocl.evaluate.classify import fold_key, load_fold_result, run_fold, save_fold_result
+    from sonocl.evaluate.classify import fold_cache, fold_key, run_fold
     from sonocl.evaluate.cli import input_settings
     from sonocl.evaluate.data import load_eval_data
     from sonocl.evaluate.inits import load_init
@@ -199,7 +189,7 @@ def fold_run(
 
     name = f"seed{task.seed}_fold{task.fold}"
     run_dir, cached = fold_run_dir(args, out, task), out / "folds" / f"{name}.npz"
-    test_hashes = [base.video_hashes[v] for v in task.test_videos]
+    test_hashes = [base.video_hashes[v] for v in task.test]
     cfg, resume = pretrain_config(args.pretrain, [str(store.root), *args.also_store], run_dir, test_hashes)
     check_same_pretraining(run_dir, cfg)
     if not (cached.exists() and (run_dir / "encoder.safetensors").exists()):
@@ -218,8 +208,9 @@ def fold_run(
     data = data_by_size[settings["size"]]
     init_config = dataclasses.replace(config, size=settings["size"], mean=settings["mean"], std=settings["std"])
     key = fold_key(init_config, data, report)
-    result = load_fold_result(cached, task, key)
+    kept = fold_cache(lambda _: cached, lambda _: key)
+    result = kept.load(task)
     if result is None:
         result = run_fold(data, backbone, name, init_config, task)
-        save_fold_result(cached, result, key)
+        kept.save(result)
     return result, report, settings, check

@@ -12,7 +12,7 @@ from sonocl.errors import ConfigError
 from sonocl.methods.base import Method
 from sonocl.methods.config import Options, option
 
-_MODULES = ("simclr", "uscl", "meta_uscl", "awcl", "ivpp", "moco", "byol")
+_MODULES = ("simclr", "uscl", "meta_uscl", "awcl", "ivpp", "moco", "byol", "dino", "mae")
 """The method modules, in the order of ``sonocl pretrain --help`` (the one list to extend)."""
 
 _REGISTRY: dict[str, Method] = {}

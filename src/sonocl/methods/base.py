@@ -12,6 +12,8 @@ method, never ``if method == …``:
   training videos;
 - ``objective(cfg, model, sampler)`` — the `sonocl.methods.objectives.Objective` of one step (``sampler``: the
   training sampler, for what depends on the data, e.g. MoCo's queue size);
+- ``head`` (optional) — ``head(cfg, feature_dim)`` builds the method's own head on the pooled features, which the
+  model carries in place of the `ProjectionHead` of ``cfg.model`` (DINO's);
 - ``meta_sampler`` (optional) — a `MetaBatches` of held-out batches the objective reads each step (Meta-USCL);
 - ``validation_sampler`` (optional) — the held-out pairs of the validation loss (USCL: unmixed, as its reference);
 - ``uses_labels(cfg)`` — whether training reads any class or anatomy label (the evaluation's leak guard);
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 
     from sonocl.data.store import VideoTable
     from sonocl.methods.objectives import Objective
-    from sonocl.models import ContrastiveModel
+    from sonocl.models import ContrastiveModel, Head
     from sonocl.pairs import PairBatch, PairSampler
 
 
@@ -46,6 +48,7 @@ class MetaBatches(Protocol):
 SamplerFactory = Callable[["PretrainConfig", "VideoTable", "np.ndarray", int, int, int], "PairSampler"]
 MetaSamplerFactory = Callable[["PretrainConfig", "VideoTable", "np.ndarray", int, int, int], MetaBatches]
 ObjectiveFactory = Callable[["PretrainConfig", "ContrastiveModel", "PairSampler"], "Objective"]
+HeadFactory = Callable[["PretrainConfig", int], "Head"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class Method:
     preset: Callable[[], PretrainConfig]
     sampler: SamplerFactory
     objective: ObjectiveFactory
+    head: HeadFactory | None = None
+    """The method's own head on features of the given size (None: the `ProjectionHead` of ``cfg.model``)."""
     meta_sampler: MetaSamplerFactory | None = None
     validation_sampler: SamplerFactory | None = None
     """Held-out pairs for the validation loss and model selection (None: the training sampler's pairs)."""

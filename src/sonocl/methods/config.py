@@ -55,6 +55,9 @@ def fraction_problem(name: str, value: float) -> list[str]:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRACKERS = ("wandb", "mlflow")
+"""The experiment trackers a run can log to besides ``metrics.csv`` and TensorBoard (`sonocl.train.trackers`)."""
+WANDB_MODES = ("offline", "online")
 OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
 LR_SCALINGS = ("none", "linear", "sqrt")
 IMAGENET_GREY_MEAN, IMAGENET_GREY_STD = 0.449, 0.226
@@ -174,6 +177,27 @@ class ScheduleConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """The settings of the ``trackers`` (`sonocl.train.trackers`). A setting left unset takes the tracker's own
+    environment variable when it is set, else sonocl's default."""
+
+    wandb_project: str | None = None
+    """W&B project (None: ``WANDB_PROJECT``, else ``sonocl``)."""
+    wandb_entity: str | None = None
+    """W&B entity, a user or team (None: ``WANDB_ENTITY``, else the account's default)."""
+    wandb_mode: str | None = None
+    """``offline`` (files under the run directory, uploaded by ``wandb sync``) or ``online`` (None: ``WANDB_MODE``,
+    else ``offline``: nothing leaves the machine unless asked)."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI (None: ``MLFLOW_TRACKING_URI``, else the file store ``RUN/mlruns``)."""
+    mlflow_experiment: str | None = None
+    """MLflow experiment name (None: ``MLFLOW_EXPERIMENT_NAME``, else ``sonocl``)."""
+
+    def __post_init__(self) -> None:
+        _raise_problems([] if self.wandb_mode is None else _choice("wandb_mode", self.wandb_mode, WANDB_MODES))
+
+
+@dataclass
 class PretrainConfig:
     method: str
     """The registered method (`sonocl.methods.registry`); no default: a configuration names its method."""
@@ -216,6 +240,10 @@ class PretrainConfig:
     knn_k: int = 20
     knn_frames_per_video: int = 8
     progress: bool = True
+    trackers: tuple[str, ...] = ()
+    """Experiment trackers the run logs to besides ``metrics.csv`` and TensorBoard: ``wandb``, ``mlflow`` (rank 0;
+    each needs its package: ``pip install 'sonocl[trackers]'``)."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -231,6 +259,7 @@ class PretrainConfig:
         problems = [
             *_choice("precision", self.precision, PRECISIONS),
             *_choice("export", self.export, ("best", "last")),
+            *[problem for name in self.trackers for problem in _choice("trackers", name, TRACKERS)],
         ]
         if self.batch_size < 2:
             problems.append(
@@ -297,6 +326,17 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping with dotted keys: ``{"optim": {"lr": 1e-3}}`` → ``{"optim.lr": 1e-3}`` (the keys of ``--set``)."""
+    flattened: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flattened.update(flat(value, f"{prefix}{key}."))
+        else:
+            flattened[prefix + key] = value
+    return flattened
 
 
 def replace(cfg: PretrainConfig, **changes: Any) -> PretrainConfig:

@@ -2,10 +2,12 @@
 
 The training loop is the same for every method (``sonocl.train.loop``); an `Objective` turns the two views
 of a batch into the loss of the step, keeps whatever state the method needs between steps (MoCo's queue and
-key encoder, BYOL's target network, Meta-USCL's CMW-Net and its Adam state) in ``state_dict()``, and updates
-momentum networks in `Objective.after_step`. This module holds the parts several methods share: the base class,
-`GroupContrastive` (SimCLR, USCL, AWCL, IVPP) and `MomentumEncoder` (MoCo, BYOL). MoCo's, BYOL's and Meta-USCL's
-own objectives live in their modules under ``sonocl/methods/``; ``docs/methods.md`` has the formulas.
+key encoder, BYOL's target network, Meta-USCL's CMW-Net and its Adam state, MAE's decoder) in ``state_dict()``,
+names the parameters of its own that the run's optimiser trains with the model (`Objective.trained_parameters`:
+MAE's decoder), and updates momentum networks in `Objective.after_step`. This module holds the parts several methods
+share: the base class, `GroupContrastive` (SimCLR, USCL, AWCL, IVPP) and `MomentumEncoder` (MoCo, BYOL). MoCo's,
+BYOL's and Meta-USCL's own objectives live in their modules under ``sonocl/methods/``; ``docs/methods.md`` has the
+formulas.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class StepContext:
     """Next meta batch: two normalised views of held-out frames and their positive groups (Meta-USCL only)."""
     gather: Callable[[Tensor], Tensor] | None = None
     """All-gather with gradient across ranks (rank order); None in a single process."""
+    local_views: Tensor | None = None
+    """The batch's normalised local crops, ``(L·B, C, s, s)`` crop-major (`sonocl.augment.make_local_views`; DINO's
+    multi-crop); None when the augmentation makes none (``augment.local_crops`` 0)."""
 
 
 class Objective(nn.Module):
@@ -64,6 +69,11 @@ class Objective(nn.Module):
     ) -> tuple[Tensor, dict[str, float]]:
         """The loss the loop back-propagates, and its named parts (floats, for logging)."""
         raise NotImplementedError
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """The objective's own parameters that the run's optimiser trains with the model's (MAE's decoder); none by
+        default: momentum encoders follow the model by EMA, and Meta-USCL's CMW-Net has an optimiser of its own."""
+        return []
 
     def after_step(self, model: ContrastiveModel, momentum: float | None = None) -> None:
         """Called after the optimizer step (momentum networks, queues). ``momentum`` overrides the EMA momentum

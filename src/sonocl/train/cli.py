@@ -16,7 +16,7 @@ from typing import Any
 
 from sonocl.backbones import NAMES_HELP
 from sonocl.methods import method_names, registry
-from sonocl.methods.config import PRECISIONS, PretrainConfig
+from sonocl.methods.config import PRECISIONS, TRACKERS, WANDB_MODES, PretrainConfig
 from sonocl.outputs import add_overwrite_argument
 from sonocl.train.config import ConfigError, load_run_config, load_yaml, merge, parse_assignment, preset
 
@@ -45,6 +45,12 @@ OVERRIDES: dict[str, str] = {
     "checkpoint_every_steps": "checkpoint_every_steps",
     "sync_bn": "model.sync_bn",
     "progress": "progress",
+    "trackers": "trackers",
+    "wandb_project": "tracking.wandb_project",
+    "wandb_entity": "tracking.wandb_entity",
+    "wandb_mode": "tracking.wandb_mode",
+    "mlflow_tracking_uri": "tracking.mlflow_tracking_uri",
+    "mlflow_experiment": "tracking.mlflow_experiment",
 }
 _OPTION_PREFIX = "option_"
 
@@ -129,6 +135,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every-steps", type=int, help="also write last.pt every N steps")
     g.add_argument("--sync-bn", action="store_true", default=None, help="synchronise BatchNorm across processes (CUDA)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    t = parser.add_argument_group(
+        "trackers (rank 0 logs to them besides metrics.csv and TensorBoard; pip install 'sonocl[trackers]'; "
+        "a setting not given takes the tracker's environment variable, e.g. WANDB_MODE, MLFLOW_TRACKING_URI)"
+    )
+    t.add_argument(
+        "--tracker",
+        dest="trackers",
+        action="append",
+        choices=TRACKERS,
+        help="also log to Weights & Biases or MLflow (repeatable); a resumed run continues the same tracker runs",
+    )
+    t.add_argument("--wandb-project", metavar="NAME", help="W&B project (default: sonocl)")
+    t.add_argument("--wandb-entity", metavar="NAME", help="W&B entity: a user or team (default: the account's)")
+    t.add_argument(
+        "--wandb-mode",
+        choices=WANDB_MODES,
+        help="offline (default): files under RUN/wandb, uploaded later by `wandb sync`; online: live",
+    )
+    t.add_argument(
+        "--mlflow-tracking-uri", metavar="URI", help="MLflow tracking URI (default: the file store RUN/mlruns)"
+    )
+    t.add_argument("--mlflow-experiment", metavar="NAME", help="MLflow experiment name (default: sonocl)")
     m = parser.add_argument_group("method options (each applies to the methods named in its help)")
     for name, (kind, help_text, owners) in _method_flags().items():
         m.add_argument(

@@ -15,7 +15,8 @@ well). Validation and the monitors use their own fixed-seed generator and never 
 
 Outputs under ``RUN``: ``config.yaml`` (resolved configuration), ``provenance.json`` (which videos it trained on,
 whose labels it used, which it held out: `sonocl.provenance`), ``metrics.csv``, ``tb/`` (TensorBoard),
-``checkpoints/{last,best}.pt`` and ``encoder.safetensors`` (backbone of ``best.pt`` or ``last.pt``, ``cfg.export``).
+``checkpoints/{last,best}.pt`` and ``encoder.safetensors`` (backbone of ``best.pt`` or ``last.pt``, ``cfg.export``);
+with ``--tracker``, ``trackers.json`` and the trackers' own files (``wandb/``, ``mlruns/``: `sonocl.train.trackers`).
 
 ``metrics.csv`` columns: ``kind`` (``step`` or ``epoch``), ``epoch`` (1-based), ``step`` (optimiser steps done,
 over the run), ``lr``, ``momentum`` (target-network momentum, MoCo/BYOL), ``loss`` (the objective's total,
@@ -60,7 +61,7 @@ from sonocl.train.checkpoint import (
 )
 from sonocl.train.config import resolve, save_yaml
 from sonocl.train.data import build_data, run_loader, to_device
-from sonocl.train.logs import MetricsLog, tensorboard
+from sonocl.train.logs import RunLogs
 from sonocl.train.model import (
     base_lr,
     build_run_model,
@@ -72,6 +73,7 @@ from sonocl.train.model import (
 from sonocl.train.replay import build_augment, step_seed, step_views
 from sonocl.train.run import PretrainResult, Run, checkpoint_state, restore
 from sonocl.train.schedules import lr_schedule, momentum_schedule
+from sonocl.train.trackers import require_trackers
 from sonocl.train.validation import monitors, validation_loss
 
 
@@ -90,6 +92,7 @@ def pretrain(
     ``out`` must be new, empty or a run directory (`sonocl.outputs`); ``overwrite`` writes into another folder."""
     started = time.perf_counter()  # the run's wall time includes building it
     cfg.validate()
+    require_trackers(cfg.trackers)
     context, device = ddp.init_distributed(cfg.device)
     try:
         if context.is_main:
@@ -110,14 +113,16 @@ def pretrain(
                         file=sys.stderr,
                     )
                 raise
+            else:
+                if context.is_main:
+                    export_encoder(run.cfg, run.out)
+                if run.log is not None:
+                    run.log.finish(run.global_step, run.elapsed_seconds, run.training_seconds, run.best_val_loss)
             finally:
                 if run.progress is not None:
                     run.progress.close()
-                run.writer.close()
                 if run.log is not None:
                     run.log.close()
-            if context.is_main:
-                export_encoder(run.cfg, run.out)
             ddp.barrier(context)
             return PretrainResult(run.out, run.data.total_steps, run.data.num_epochs, run.best_val_loss,
                                   run.epoch_metrics, run.elapsed_seconds, run.training_seconds)  # fmt: skip
@@ -145,7 +150,7 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
     # ---- model, objective, optimiser, schedules
     model = build_run_model(cfg, data, context, device, memory_format)
     objective = method.objective(cfg, model, data.sampler).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in (*model.parameters(), *objective.trained_parameters()) if p.requires_grad]
     lr, total = base_lr(cfg), data.total_steps
     ema_start = cfg.schedule.ema_start
     run = Run(
@@ -197,13 +202,14 @@ def _check_run_directory(out: Path, resume: bool, context: ddp.DistributedContex
 
 
 def _start_logs(run: Run, global_step: int, resume: bool) -> None:
-    """``config.yaml``, ``provenance.json``, ``metrics.csv`` and TensorBoard (rank 0), and the run's first line."""
+    """``config.yaml``, ``provenance.json``, the logs (rank 0: ``metrics.csv``, TensorBoard, the trackers), and the
+    run's first line."""
     cfg, data, out = run.cfg, run.data, run.out
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
-    provenance.write(out, run_provenance(run, resume))
-    run.log = MetricsLog(out / "metrics.csv", global_step if resume else None, run.epoch if resume else None)
-    run.writer = tensorboard(out / "tb", global_step if resume else None)
+    record = run_provenance(run, resume)
+    provenance.write(out, record)
+    run.log = RunLogs.open(cfg, out, (global_step, run.epoch) if resume else None, record)
     processes = f", {run.context.world_size} processes" if run.context.enabled else ""
     print(f"sonocl pretrain: {cfg.method} on {data.store.num_videos} videos ({len(data.kept)} train, {len(data.held)} "
           f"held out), {data.total_steps} steps ({data.steps_per_epoch}/epoch, {data.num_epochs} epochs) of batch "
@@ -255,7 +261,8 @@ def train_one_epoch(run: Run, epoch: int) -> None:
         torch.manual_seed(step_seed(cfg.seed, run.context.rank, global_step))
 
         batch = to_device(host_batch, run.device)
-        view1, view2 = step_views(cfg, run.augment, run.generator, batch, augment_first, global_step, run.context.rank)
+        view1, view2, local = step_views(cfg, run.augment, run.generator, batch, augment_first, global_step,
+                                         run.context.rank)  # fmt: skip
         targets = BatchTensors(batch["positive_group"], batch["weight"], batch["label"], batch["video"])
         step_context = StepContext(
             step=global_step,
@@ -263,6 +270,7 @@ def train_one_epoch(run: Run, epoch: int) -> None:
             lr=lr,
             gather=run.gather,
             meta_views=_meta_views(run, epoch, step_in_epoch),
+            local_views=None if local is None else local.contiguous(memory_format=run.memory_format),
         )
         view1 = view1.contiguous(memory_format=run.memory_format)
         view2 = view2.contiguous(memory_format=run.memory_format)
@@ -358,7 +366,7 @@ def _log_step(
 ) -> None:
     parts = {f"part_{n}": v for n, v in values.items() if n != "loss"}
     assert run.log is not None, "rank 0 logs, and its setup opened metrics.csv"
-    run.log.write(
+    run.log.step(
         {
             "kind": "step",
             "epoch": epoch + 1,
@@ -372,13 +380,6 @@ def _log_step(
             "seconds": run.elapsed_seconds,
         }
     )
-    for name, value in (
-        ("loss", values["loss"]),
-        ("lr", lr),
-        ("images_per_s", images_per_s),
-        *((n, v) for n, v in values.items() if n != "loss"),
-    ):
-        run.writer.add_scalar(f"train/{name}", value, global_step + 1)
 
 
 # ------------------------------------------------------------------------------------- end of epoch
@@ -417,14 +418,11 @@ def end_of_epoch(run: Run, epoch: int) -> None:
 
 
 def _log_epoch(run: Run, done: int) -> None:
-    """The monitored epoch's row of ``metrics.csv``, its TensorBoard scalars and its line."""
+    """The monitored epoch's row of ``metrics.csv`` and its scalars (`RunLogs.epoch`), and its line."""
     data = run.data
     step = min(done * data.steps_per_epoch, data.total_steps)
     assert run.log is not None and run.progress is not None, "rank 0 logs: setup opened metrics.csv and the report"
-    run.log.write({"kind": "epoch", "epoch": done, "step": step, **run.epoch_metrics, "seconds": run.elapsed_seconds})
-    for name, value in run.epoch_metrics.items():
-        run.writer.add_scalar(f"val/{name}", value, step)
-    run.writer.flush()
+    run.log.epoch({"kind": "epoch", "epoch": done, "step": step, **run.epoch_metrics, "seconds": run.elapsed_seconds})
     run.progress.write(
         f"epoch {done}/{data.num_epochs} (step {step}): "
         + ", ".join(f"{k} {v:.4f}" for k, v in run.epoch_metrics.items()),

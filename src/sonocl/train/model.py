@@ -12,6 +12,7 @@ from torch import nn
 
 from sonocl.backbones import Backbone
 from sonocl.errors import ConfigError
+from sonocl.methods import get_method
 from sonocl.methods.config import PretrainConfig
 from sonocl.models import ContrastiveModel, init_backbone
 from sonocl.train import distributed as ddp
@@ -59,15 +60,20 @@ def encoder_metadata(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def build_model(cfg: PretrainConfig, num_classes: int) -> ContrastiveModel:
+    """The backbone with its heads: the method's own head when it builds one (`Method.head`, DINO's), else the
+    `ProjectionHead` of ``cfg.model``."""
     backbone = init_backbone(cfg.model.init, cfg.model.backbone, cfg.model.channels, cfg.size)
+    feature_dim = Backbone.named(cfg.model.backbone).feature_dim
+    head = get_method(cfg.method).head
     return ContrastiveModel(
         backbone,
-        Backbone.named(cfg.model.backbone).feature_dim,
+        feature_dim,
         projection_hidden=cfg.model.projection_hidden,
         projection_dim=cfg.model.projection_dim,
         num_classes=num_classes,
         projection_batch_norm=cfg.model.projection_batch_norm,
         predictor_hidden=cfg.model.predictor_hidden,
+        projector=head(cfg, feature_dim) if head is not None else None,
     )
 
 

@@ -3,7 +3,8 @@ step and the two views the step augmented from it.
 
 The training loop and the report both call these, so "which videos were held out, which pairs were drawn at
 step s, which views the encoder saw there" has one answer: the loop's loader hands it `batch_tensors` of
-`StepBatches`' batch, and its step turns that into views with `step_views`; `replay_step` does the same on the CPU.
+`StepBatches`' batch, and its step turns that into views (and local crops) with `step_views`; `replay_step` does the
+same on the CPU.
 Everything here is a pure function of the configuration and the store.
 """
 
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sonocl.augment import BatchAugment, make_views
+from sonocl.augment import BatchAugment, local_side, make_local_views, make_views
+from sonocl.backbones import Backbone
 from sonocl.data.splits import grouped_holdout
 from sonocl.data.store import VideoTable
 from sonocl.errors import ConfigError
@@ -60,7 +62,44 @@ def training_sampler(
 
 
 def build_augment(cfg: PretrainConfig) -> BatchAugment:
-    return BatchAugment(cfg.augment, cfg.size, cfg.model.channels)
+    """The run's augmentation: its two views at ``size`` and, with ``augment.local_crops``, its local crops at
+    `local_crop_side`."""
+    local = local_crop_side(cfg) if cfg.augment.local_crops else None
+    return BatchAugment(cfg.augment, cfg.size, cfg.model.channels, local_size=local)
+
+
+def local_crop_side(cfg: PretrainConfig) -> int:
+    """The side of the run's local crops: ``augment.local_size``, else 96/224 of ``size`` (DINO's 96 px beside 224)
+    raised to the smallest side the backbone takes (a ViT's multiple of its patch, a ConvNeXt's 32 px), which a
+    forward of the backbone on the meta device finds (no memory, no compute). A ``local_size`` the backbone does not
+    take is a `ConfigError`."""
+    wanted = local_side(cfg.size, cfg.augment)
+    channels = cfg.model.channels
+    with torch.device("meta"):
+        backbone = Backbone.named(cfg.model.backbone).build(channels, cfg.size).eval()
+
+    def takes(side: int) -> bool:
+        try:
+            with torch.no_grad():
+                backbone(torch.empty(2, channels, side, side, device="meta"))
+        except (RuntimeError, AssertionError, ValueError):  # a patch that does not divide it, a kernel too large
+            return False
+        return True
+
+    if cfg.augment.local_size is not None:
+        if not takes(wanted):
+            raise ConfigError(
+                f"augment.local_size {wanted}: {cfg.model.backbone} does not take {wanted} px images; choose another "
+                "side, or leave it unset for the smallest one it takes above 96/224 of --size"
+            )
+        return wanted
+    side = next((side for side in range(wanted, cfg.size + 1) if takes(side)), None)
+    if side is None:
+        raise ConfigError(
+            f"{cfg.model.backbone} takes no side from {wanted} to {cfg.size} px for the local crops; set "
+            "augment.local_size to one it takes"
+        )
+    return side
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -104,14 +143,15 @@ def step_views(
     augment_first: bool,
     step: int,
     rank: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """The two views of global ``step``'s batch (`batch_tensors`, on the generator's device): ``generator``
-    re-seeded with `step_seed`, then `make_views`, with the extra gamma (``augment.gamma`` > 0, AWCL) on the
-    batch's labelled items."""
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The two views and the local crops (None without, `make_local_views`) of global ``step``'s batch
+    (`batch_tensors`, on the generator's device): ``generator`` re-seeded with `step_seed`, then `make_views`, with
+    the extra gamma (``augment.gamma`` > 0, AWCL) on the batch's labelled items, then the local crops."""
     generator.manual_seed(step_seed(cfg.seed, rank, step))
     extra = batch["label"] >= 0 if cfg.augment.gamma > 0 else None
     with torch.no_grad():
-        return make_views(batch["frames"], batch["mix"], augment_first, augment, generator, extra)
+        view1, view2 = make_views(batch["frames"], batch["mix"], augment_first, augment, generator, extra)
+        return view1, view2, make_local_views(batch["frames"], batch["mix"], augment, generator)
 
 
 @dataclass
@@ -154,7 +194,7 @@ class RunReplay:
         batch = self.batch_of(step)
         tensors = batch_tensors(self.store, batch)
         augment_first = type(self.sampler).augment_first
-        view1, view2 = step_views(self.cfg, self.augment, self.generator, tensors, augment_first, step, self.rank)
+        view1, view2, _ = step_views(self.cfg, self.augment, self.generator, tensors, augment_first, step, self.rank)
         return ReplayedStep(step, self.kept, self.held, batch, view1, view2)
 
 

@@ -22,7 +22,7 @@ from sonocl.progress import Progress
 from sonocl.train import distributed as ddp
 from sonocl.train.checkpoint import STATEFUL, Checkpoint, rng_state, set_rng_state
 from sonocl.train.data import RunData
-from sonocl.train.logs import MetricsLog, NullWriter
+from sonocl.train.logs import RunLogs
 from sonocl.train.model import AUTOCAST_DTYPES, encoder_metadata
 
 
@@ -65,8 +65,8 @@ class Run:
     """The run's one loader over every remaining step (workers persist across epochs)."""
     progress: Progress | None = None
     """One report over the whole run: a bar on a terminal, a line every tenth or 30 s in a log."""
-    log: MetricsLog | None = None
-    writer: Any = field(default_factory=NullWriter)
+    log: RunLogs | None = None
+    """Rank 0's logs: ``metrics.csv``, TensorBoard and the trackers (None on the other ranks)."""
     epoch: int = 0
     """Position: the epoch in progress (0-based) and the steps of it already done."""
     step_in_epoch: int = 0

@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from sonocl.evaluate import segmentation_metrics as sm
 from sonocl.evaluate.masks import read_mask
-from sonocl.evaluate.segment import score_image, scored_mask, to_original_size
+from sonocl.evaluate.segment_folds import score_image, scored_mask, to_original_size
 
 OUT = Path(__file__).resolve().parent / "out" / "segment_scoring.json"
 CROSS = ndimage.generate_binary_structure(2, 1)

@@ -3,6 +3,7 @@ protocol and encoder file."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -246,3 +247,16 @@ def test_model_arguments_in_the_name_reach_timm_and_travel_with_the_encoder(tmp_
         torch.testing.assert_close(load_encoder(tmp_path / "e.safetensors").eval()(images), model(images))
     assert "is not key=value" in name_problem("timm:vit_tiny_patch16_224(patch_size)")
     assert "unexpected keyword argument 'patch_sise'" in name_problem("timm:vit_tiny_patch16_224(patch_sise=8)")
+
+
+@pytest.mark.parametrize("arch", [VIT, CONVNEXT])
+def test_segment_trains_a_unet_on_a_timm_backbone(arch: str, tmp_path: Path) -> None:
+    from test_segment import _synthetic_dataset, tiny_segment
+
+    images, masks, _ = _synthetic_dataset(tmp_path, count=8)
+    out = tmp_path / "segment"
+    argv = tiny_segment(images, masks, "--init", "random", "--backbone", arch, "--overlays", "0", "--out", str(out))
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    [init] = results["inits"]
+    assert init["init_report"]["arch"] == arch and 0.0 <= init["summary"]["dice"]["mean"] <= 1.0

@@ -101,7 +101,8 @@ def eval_dir(phantom_store, run_dir) -> Path:
 @pytest.fixture(scope="module")
 def segment_dir(run_dir) -> Path:
     """A `sonocl segment` output (schema sonocl.segment/1) with two overlays, written in its format."""
-    from sonocl.evaluate.segment import SCHEMA, write_overlay
+    from sonocl.evaluate.segment import SCHEMA
+    from sonocl.evaluate.segment_folds import write_overlay
 
     out = run_dir.parent / "segment"
     image = np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (30, 1))

@@ -16,16 +16,9 @@ from sonocl.backbones import feature_channels
 from sonocl.cli import main
 from sonocl.errors import ConfigError
 from sonocl.evaluate import segmentation_metrics as sm
-from sonocl.evaluate.segment import (
-    THRESHOLDS,
-    SegmentConfig,
-    SegmentData,
-    SegmentDataError,
-    calibrate_threshold,
-    dice_by_threshold,
-    image_groups,
-    read_pixel_sizes,
-)
+from sonocl.evaluate.segment_config import SegmentConfig
+from sonocl.evaluate.segment_data import SegmentData, SegmentDataError, image_groups, read_pixel_sizes
+from sonocl.evaluate.segment_folds import THRESHOLDS, calibrate_threshold, dice_by_threshold
 from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss
 from sonocl.models import build_backbone, save_encoder
 

@@ -30,7 +30,6 @@ from sonocl.errors import UserError
 from sonocl.files import atomic_write
 from sonocl.options import load_yaml_text
 
-ARCHITECTURES = RESNETS  # TEMPORARY while evaluate/segment.py is being moved; removed in this change
 ENCODER_FILE = "encoder.safetensors"
 RECORDED_KEYS = ("arch", "channels", "size", "mean", "std", "method")
 """Metadata keys sonocl writes (JSON-encoded) into an encoder file's header (`save_encoder`)."""

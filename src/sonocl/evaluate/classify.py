@@ -44,7 +44,7 @@ from sonocl.errors import ConfigError
 from sonocl.evaluate import cache
 from sonocl.evaluate.config import OPTIMISTIC, EvalConfig, levels
 from sonocl.evaluate.data import EvalData, fold_splits, inner_validation
-from sonocl.evaluate.engine import run_fold_tasks
+from sonocl.evaluate.engine import FoldCache, FoldTask, fold_tasks, run_fold_tasks
 from sonocl.evaluate.finetune import FineTuneModel, FoldTrainer
 from sonocl.evaluate.inits import InitReport
 from sonocl.evaluate.metrics import (
@@ -70,18 +70,6 @@ def _fold_metrics(data: EvalData, test_frames: np.ndarray, probabilities: np.nda
     return metrics
 
 
-@dataclasses.dataclass(frozen=True)
-class FoldTask:
-    """One fold run: which init, the split seed, the fold and its (training, test) video indices."""
-
-    init: int
-    seed: int
-    fold: int
-    folds: int
-    train_videos: np.ndarray
-    test_videos: np.ndarray
-
-
 @dataclasses.dataclass
 class FoldResult:
     """A finished fold run: its results.json ``runs`` entry, test frames and their probabilities."""
@@ -93,18 +81,9 @@ class FoldResult:
     confusion: dict[str, np.ndarray]
 
 
-def fold_tasks(data: EvalData, config: EvalConfig, num_inits: int) -> list[FoldTask]:
-    """Every (init, seed, fold) run, init-major; every init gets the same folds."""
-    per_seed = []
-    for seed_number in range(config.seeds):
-        split_seed = config.seed + seed_number
-        per_seed.append((split_seed, fold_splits(data, config, split_seed)))
-    return [
-        FoldTask(init, split_seed, fold, len(folds), train, test)
-        for init in range(num_inits)
-        for split_seed, folds in per_seed
-        for fold, (train, test) in enumerate(folds)
-    ]
+def seed_splits(data: EvalData, config: EvalConfig) -> list[tuple[int, list[tuple[np.ndarray, np.ndarray]]]]:
+    """The folds of each split seed (``seed``, ``seed + 1``, …, ``seeds`` of them), for `engine.fold_tasks`."""
+    return [(config.seed + number, fold_splits(data, config, config.seed + number)) for number in range(config.seeds)]
 
 
 def run_fold(
@@ -120,13 +99,13 @@ def run_fold(
     started = time.perf_counter()
     torch.manual_seed(1_000_003 * task.seed + task.fold)
     generator = torch.Generator().manual_seed(2_000_003 * task.seed + task.fold)
-    train_videos, val_videos = task.train_videos, None
+    train_videos, val_videos = task.train, None
     if config.selection == "inner-val":
         train_videos, val_videos = inner_validation(data, train_videos, config, task.seed * 1009 + task.fold)
     model = FineTuneModel(copy.deepcopy(backbone), len(data.class_names), config.protocol, config.freeze_bn).to(device)
     model = model.optimise_for_cpu(config.size) if device.type == "cpu" else model.to(memory_format=torch.channels_last)
     trainer = FoldTrainer(data, config, device, generator)
-    train, test = data.frames_of(train_videos), data.frames_of(task.test_videos)
+    train, test = data.frames_of(train_videos), data.frames_of(task.test)
     val = data.frames_of(val_videos) if val_videos is not None else None
     description = f"{label} seed {task.seed} fold {task.fold + 1}/{task.folds}"
     epochs = 0 if config.protocol == "knn" else config.epochs
@@ -141,11 +120,11 @@ def run_fold(
         "fold": task.fold,
         "train_videos": int(len(train_videos)),
         "val_videos": int(len(val_videos)) if val_videos is not None else 0,
-        "test_videos": int(len(task.test_videos)),
-        "test_patients": int(len(np.unique(data.video_groups[task.test_videos]))),
+        "test_videos": int(len(task.test)),
+        "test_patients": int(len(np.unique(data.video_groups[task.test]))),
         "train_frames": int(len(train)),
         "test_frames": int(len(test)),
-        "test_video_ids": [data.video_ids[v] for v in task.test_videos],
+        "test_video_ids": [data.video_ids[v] for v in task.test],
         "selected_epoch": outcome.selected_epoch,
         "test_accuracy_by_epoch": outcome.test_accuracy,
         "val_balanced_accuracy_by_epoch": outcome.val_balanced_accuracy,
@@ -166,40 +145,32 @@ def fold_key(config: EvalConfig, data: EvalData, report: InitReport) -> dict[str
     return cache.fold_key(settings, data.digest, cache.init_digest(report))
 
 
-def save_fold_result(path: Path, result: FoldResult, key: dict[str, str]) -> None:
-    """One finished fold run, written atomically (a kill leaves the previous state: absent or complete)."""
+def fold_cache(path: Callable[[FoldTask], Path], key: Callable[[FoldTask], dict[str, str]]) -> FoldCache[FoldResult]:
+    """Fold runs kept at ``path(task)`` as ``.npz`` files: the key, the run's results.json entry (NaN kept, floats
+    given back exactly), the test frames and their probabilities."""
+    return FoldCache(path, key, _read_fold_result, _write_fold_result)
+
+
+def _write_fold_result(path: Path, key: str, result: FoldResult) -> None:
     from sonocl.files import atomic_write, json_text
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Any: mypy would match savez's **arrays against its allow_pickle: bool as well
     arrays: dict[str, Any] = {
-        "key": cache.encode(key),
-        "run": json_text(result.run, nan=True),  # a cache: NaN kept, floats given back exactly
+        "key": key,
+        "run": json_text(result.run, nan=True),
         "test_frames": result.test_frames,
         "probabilities": result.probabilities,
     }
     atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
-def load_fold_result(path: Path, task: FoldTask, key: dict[str, str]) -> FoldResult | None:
-    """The cached fold run at ``path`` if it was made with ``key``, else None (and a line saying what changed)."""
+def _read_fold_result(path: Path, task: FoldTask) -> tuple[str, FoldResult]:
     import json
-    import sys
-    import zipfile
 
-    if not path.is_file():
-        return None
-    try:  # a kept run is a cache: a damaged one (cut short, overwritten) is computed again, with a line naming it
-        with np.load(path) as saved:
-            if not cache.matches(str(saved["key"]), key, path):
-                return None
-            run = json.loads(str(saved["run"]))
-            confusion = {level: np.asarray(run[level]["confusion"]) for level in levels("patient") if level in run}
-            return FoldResult(task, run, saved["test_frames"], saved["probabilities"], confusion)
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        print(f"{path}: a damaged kept fold run ({reason}); computing it again", file=sys.stderr)
-        return None
+    with np.load(path) as saved:
+        run = json.loads(str(saved["run"]))
+        confusion = {level: np.asarray(run[level]["confusion"]) for level in levels("patient") if level in run}
+        return str(saved["key"]), FoldResult(task, run, saved["test_frames"], saved["probabilities"], confusion)
 
 
 def init_entry(
@@ -250,22 +221,12 @@ def evaluate_inits(
     """
     if jobs < 1:
         raise ConfigError(f"jobs must be ≥ 1, got {jobs}")
-    all_tasks = fold_tasks(data, config, len(inits))
+    all_tasks = fold_tasks(seed_splits(data, config), len(inits))
     results: list[list[FoldResult]] = [[] for _ in inits]
     entries: list[dict[str, Any]] = []
     keys = [fold_key(config, data, report) for _, _, report in inits]
 
-    def cached(task: FoldTask) -> Path | None:
-        return None if cache is None else cache / inits[task.init][0] / f"seed{task.seed}_fold{task.fold}.npz"
-
-    def load(task: FoldTask) -> FoldResult | None:
-        path = cached(task)
-        return load_fold_result(path, task, keys[task.init]) if path is not None else None
-
-    def save(result: FoldResult) -> None:
-        path = cached(result.task)
-        if path is not None:
-            save_fold_result(path, result, keys[result.task.init])
+    kept = None if cache is None else _kept_runs(cache, [label for label, _, _ in inits], keys)
 
     def keep(result: FoldResult) -> None:
         results[result.task.init].append(result)
@@ -286,9 +247,16 @@ def evaluate_inits(
         return run_fold(data, backbone, label, config, task)
 
     shared = {"data": data, "models": [(label, backbone) for label, backbone, _ in inits], "config": config}
-    run_fold_tasks(all_tasks, load=load, run_here=run_here, worker=_fold_in_worker, shared=shared, jobs=jobs,
-                   save=save, on_result=keep)  # fmt: skip
+    run_fold_tasks(all_tasks, cache=kept, run_here=run_here, worker=_fold_in_worker, shared=shared, jobs=jobs,
+                   on_result=keep)  # fmt: skip
     return entries
+
+
+def _kept_runs(folder: Path, labels: Sequence[str], keys: Sequence[dict[str, str]]) -> FoldCache[FoldResult]:
+    """Each init's fold runs kept in ``folder/<label>/seed<S>_fold<F>.npz``, with its key."""
+    return fold_cache(
+        lambda task: folder / labels[task.init] / f"seed{task.seed}_fold{task.fold}.npz", lambda task: keys[task.init]
+    )
 
 
 def _fold_in_worker(task: FoldTask, state: dict[str, Any]) -> FoldResult:

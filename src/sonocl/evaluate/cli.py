@@ -7,20 +7,21 @@ confusion matrices) and ``OUT/predictions.csv`` (one row per test frame of every
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sonocl._version import __version__
 from sonocl.errors import ConfigError
 from sonocl.evaluate.config import levels
+from sonocl.evaluate.engine import markdown_table, write_results
 from sonocl.evaluate.metrics import metric_columns, percent
-from sonocl.files import atomic_write_text, write_json
+from sonocl.files import write_json
 from sonocl.outputs import EVALUATION, add_overwrite_argument, claim
 from sonocl.provenance import where_pretrained
 
@@ -62,9 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
-    """The protocol, recipe, folds and sampling options (shared by ``sonocl evaluate`` and ``sonocl study``)."""
-    from sonocl.backbones import NAMES_HELP
-    from sonocl.evaluate.config import GROUP_BY, PROTOCOLS, RECIPES, SELECTIONS, UNITS
+    """The protocol, recipe, folds, sampling and training options (shared by ``sonocl evaluate`` and ``sonocl
+    study``)."""
+    _protocol_arguments(parser)
+    _sampling_arguments(parser)
+    _training_arguments(parser)
+
+
+def _protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """The protocol, the recipe, the folds and their seeds."""
+    from sonocl.evaluate.config import GROUP_BY, PROTOCOLS, RECIPES
 
     parser.add_argument(
         "--protocol",
@@ -93,6 +101,12 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto (default): by patient/source group when the store has real groups (DICOM PatientID, "
         "a CSV group column), else by video; video; group",
     )
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The classes and the unit scored, the frames sampled."""
+    from sonocl.evaluate.config import UNITS
+
     parser.add_argument(
         "--classes",
         type=lambda text: tuple(c.strip() for c in text.split(",") if c.strip()),
@@ -115,6 +129,13 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--frames-per-video", type=int, default=30, help="at most this many frames per video; 0 = all (default: 30)"
     )
+
+
+def _training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model selection, the protocols' own options, the recipe's overrides, the model and where runs are computed."""
+    from sonocl.backbones import NAMES_HELP
+    from sonocl.evaluate.config import SELECTIONS
+
     parser.add_argument(
         "--selection",
         choices=SELECTIONS,
@@ -232,8 +253,7 @@ def _run(args: argparse.Namespace) -> int:
         evaluate_inits(
             data, [(label, backbone, report)], init_config, jobs=args.jobs, on_init=write_init, cache=out / "folds"
         )
-    atomic_write_text(out / "results.md", render_markdown(results))
-    write_predictions(out / "predictions.csv", predictions)
+    write_results(out, results, render_markdown(results), "predictions.csv", predictions)
     print(
         f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'predictions.csv'} "
         f"({results['timing']['total_seconds']:.0f} s)",
@@ -373,16 +393,6 @@ def prediction_rows(label: str, data: Any, folds: list[Any], selection: str) -> 
     ]
 
 
-def write_predictions(path: Path, rows: list[list[Any]]) -> None:
-    """``predictions.csv``, written atomically (a killed run leaves the previous file or none) in UTF-8, a byte of a
-    video id that was not UTF-8 escaped (`atomic_write_text`)."""
-    import io
-
-    text = io.StringIO()
-    csv.writer(text).writerows(rows)
-    atomic_write_text(path, text.getvalue())
-
-
 def warn_small_classes(data: Any, by_group: bool) -> None:
     """One line per class with fewer than 2 videos (or groups): it can never be both trained on and tested."""
     for code, name in enumerate(data.class_names):
@@ -425,17 +435,28 @@ def _summary_line(entry: dict[str, Any]) -> str:
 
 def confusion_markdown(label: str, level: str, pooled: dict[str, Any], classes: list[str]) -> list[str]:
     """The pooled confusion matrix of one init at one level, with each class's recall and precision."""
-    lines = [
+    rows = [
+        [name, *(str(v) for v in row), f"{100 * pooled['per_class'][name]['recall']:.1f}"]
+        for name, row in zip(classes, pooled["confusion"])
+    ]
+    precision = " | ".join(f"{100 * pooled['per_class'][n]['precision']:.1f}" for n in classes)
+    return [
         f"**{label}**, {level} level ({pooled['n']} {level}s, accuracy {100 * pooled['accuracy']:.1f} %):",
         "",
-        "| true \\ predicted | " + " | ".join(classes) + " | recall |",
-        "|" + "---|" * (len(classes) + 2),
+        *markdown_table(["true \\ predicted", *classes, "recall"], rows),
+        f"| precision | {precision} | |",
     ]
-    for name, row in zip(classes, pooled["confusion"]):
-        recall = 100 * pooled["per_class"][name]["recall"]
-        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + f" | {recall:.1f} |")
-    precision = " | ".join(f"{100 * pooled['per_class'][n]['precision']:.1f}" for n in classes)
-    return [*lines, f"| precision | {precision} | |"]
+
+
+def _table_row(entry: dict[str, Any], columns: Sequence[tuple[str, str, str]], scored: Sequence[str]) -> list[str]:
+    """An init's row of results.md's table: its label and stamps, each metric's mean ± std, each pooled accuracy."""
+    cells = [percent(entry["summary"][level][key]) for _, level, key in columns]
+    pooled = [f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in scored]
+    overlap = entry.get("pretraining_overlap", {}).get("note", "")
+    label = entry["label"] + (" (optimistic)" if entry["optimistic"] else "") + (f" [{overlap}]" if overlap else "")
+    budget = entry.get("pretraining_overlap", {}).get("budget") or "–"
+    where = where_pretrained(entry.get("pretraining_overlap") or {})
+    return [label, where, budget, *cells, *pooled]
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -480,17 +501,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"Mean ± std over {runs} fold runs, in %. Pooled = accuracy of the confusion matrix summed over folds "
         'and seeds (the papers\' "Total acc").',
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        *markdown_table(header, [_table_row(entry, columns, scored) for entry in results["inits"]]),
     ]
-    for entry in results["inits"]:
-        cells = [percent(entry["summary"][level][key]) for _, level, key in columns]
-        pooled = [f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in scored]
-        overlap = entry.get("pretraining_overlap", {}).get("note", "")
-        label = entry["label"] + (" (optimistic)" if entry["optimistic"] else "") + (f" [{overlap}]" if overlap else "")
-        budget = entry.get("pretraining_overlap", {}).get("budget") or "–"
-        where = where_pretrained(entry.get("pretraining_overlap") or {})
-        lines.append("| " + " | ".join([label, where, budget, *cells, *pooled]) + " |")
     lines += ["", "## Pooled confusion matrices (rows: true class, columns: predicted)", ""]
     for entry in results["inits"]:
         for level in scored:

@@ -469,3 +469,21 @@ def test_the_best_checkpoint_is_chosen_among_every_epoch_not_only_monitored_ones
     expected = checkpoint_backbone_state(best)
     assert not torch.equal(expected["layer4.1.conv2.weight"], checkpoint_backbone_state(last)["layer4.1.conv2.weight"])
     torch.testing.assert_close(encoder["layer4.1.conv2.weight"], expected["layer4.1.conv2.weight"])
+
+
+def test_a_resumed_run_warns_only_about_settings_that_changed(phantom_store, tmp_path: Path, capsys) -> None:
+    """The saved configuration keeps lists where the live one has tuples (the stores): an unchanged resume says
+    nothing; one with another batch size names it."""
+    from sonocl.cli import main
+
+    argv = ["pretrain", "--store", str(phantom_store.root), "--method", "simclr", "--out", str(tmp_path),
+            *tiny_pretrain("--threads", "1", *tiny_sets(knn_frames=1))]  # fmt: skip
+    assert main([*argv, "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--steps", "2", "--resume"]) == 0
+    assert "resuming with store" not in capsys.readouterr().err
+    assert main([*argv, "--steps", "3", "--resume", "--batch-size", "8"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "resuming with" in line]
+    assert [line.split(" (")[0] for line in lines if "steps" not in line] == [
+        "sonocl pretrain: resuming with batch_size 8"
+    ]

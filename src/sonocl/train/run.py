@@ -143,10 +143,11 @@ def restore(run: Run, state: dict[str, Any]) -> None:
 
 def _warn_if_changed(cfg: PretrainConfig, checkpoint: Checkpoint, context: ddp.DistributedContext) -> None:
     """A line for each setting a resumed run changes that makes it differ from an uninterrupted one."""
+    current = cfg.to_dict()  # as the checkpoint keeps it (lists, not tuples: a tuple never equals the saved list)
     for key in ("method", "store", "batch_size", "size", "seed", "epochs", "steps"):
-        if checkpoint.config.get(key) != getattr(cfg, key):
+        if checkpoint.config.get(key) != current.get(key):
             print(
-                f"sonocl pretrain: resuming with {key} {getattr(cfg, key)!r} (the run used "
+                f"sonocl pretrain: resuming with {key} {current.get(key)!r} (the run used "
                 f"{checkpoint.config.get(key)!r}); the result will differ from an uninterrupted run",
                 file=sys.stderr,
             )

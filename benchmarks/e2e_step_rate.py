@@ -68,8 +68,9 @@ def model_only_step_times(size: int, batch_size: int, steps: int, device: str, p
     cfg = _config("", size, batch_size, 1, 0, device, precision)
     target = torch.device(device)
     layout = torch.channels_last if target.type == "cuda" else torch.contiguous_format  # the loop's default
-    model = build_model(cfg, num_classes=3).to(target, memory_format=layout)
-    objective = get_method(cfg.method).objective(cfg, model, None).to(target)  # uscl reads nothing of the sampler
+    method = get_method(cfg.method)
+    model = build_model(cfg, method, num_classes=3).to(target, memory_format=layout)
+    objective = method.objective(cfg, model, None).to(target)  # uscl reads nothing of the sampler
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     view1 = torch.randn(batch_size, 1, size, size, device=target).contiguous(memory_format=layout)
     view2 = torch.randn(batch_size, 1, size, size, device=target).contiguous(memory_format=layout)

@@ -148,7 +148,7 @@ def setup(cfg: PretrainConfig, out: Path, resume: bool, context: ddp.Distributed
     data = build_data(cfg, method, context)
 
     # ---- model, objective, optimiser, schedules
-    model = build_run_model(cfg, data, context, device, memory_format)
+    model = build_run_model(cfg, method, data, context, device, memory_format)
     objective = method.objective(cfg, model, data.sampler).to(device)
     params = [p for p in (*model.parameters(), *objective.trained_parameters()) if p.requires_grad]
     lr, total = base_lr(cfg), data.total_steps

@@ -12,7 +12,7 @@ from torch import nn
 
 from sonocl.backbones import Backbone
 from sonocl.errors import ConfigError
-from sonocl.methods import get_method
+from sonocl.methods.base import Method
 from sonocl.methods.config import PretrainConfig
 from sonocl.models import ContrastiveModel, init_backbone
 from sonocl.train import distributed as ddp
@@ -20,11 +20,11 @@ from sonocl.train.checkpoint import load_checkpoint
 from sonocl.train.data import RunData
 
 
-def build_run_model(cfg: PretrainConfig, data: RunData, context: ddp.DistributedContext, device: torch.device,
-                    memory_format: torch.memory_format) -> ContrastiveModel:  # fmt: skip
+def build_run_model(cfg: PretrainConfig, method: Method, data: RunData, context: ddp.DistributedContext,
+                    device: torch.device, memory_format: torch.memory_format) -> ContrastiveModel:  # fmt: skip
     """The `ContrastiveModel` on the device (a classifier over the sampler's classes when the method has one)."""
     num_classes = len(data.sampler.class_names) if cfg.model.classifier else 0
-    model = build_model(cfg, num_classes)
+    model = build_model(cfg, method, num_classes)
     if cfg.model.sync_bn and context.enabled:
         if device.type != "cuda":
             raise ConfigError(
@@ -59,12 +59,12 @@ def encoder_metadata(cfg: PretrainConfig) -> dict[str, Any]:
     }
 
 
-def build_model(cfg: PretrainConfig, num_classes: int) -> ContrastiveModel:
+def build_model(cfg: PretrainConfig, method: Method, num_classes: int) -> ContrastiveModel:
     """The backbone with its heads: the method's own head when it builds one (`Method.head`, DINO's), else the
     `ProjectionHead` of ``cfg.model``."""
     backbone = init_backbone(cfg.model.init, cfg.model.backbone, cfg.model.channels, cfg.size)
     feature_dim = Backbone.named(cfg.model.backbone).feature_dim
-    head = get_method(cfg.method).head
+    head = method.head
     return ContrastiveModel(
         backbone,
         feature_dim,

@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from sonocl.evaluate import segmentation_metrics as sm
 from sonocl.evaluate.masks import read_mask
-from sonocl.evaluate.segment_folds import score_image, scored_mask, to_original_size
+from sonocl.evaluate.segment_folds import score_image, scored_masks, to_original_size
 
 OUT = Path(__file__).resolve().parent / "out" / "segment_scoring.json"
 CROSS = ndimage.generate_binary_structure(2, 1)
@@ -76,8 +76,8 @@ def reference_score(probability: torch.Tensor, mask_file: Path, spacing: float) 
 def sonocl_score(
     probability: torch.Tensor, truth_bits: np.ndarray, shape: tuple[int, int], spacing: float
 ) -> dict[str, float]:
-    truth = np.unpackbits(truth_bits, count=shape[0] * shape[1]).reshape(shape).view(bool)
-    prediction = scored_mask(to_original_size(probability, shape), 0.5, postprocess=True)
+    truth = np.unpackbits(truth_bits, count=shape[0] * shape[1]).reshape(1, *shape).view(bool)
+    prediction = scored_masks(to_original_size(probability, shape), 0.5, postprocess=True)
     return score_image(prediction, truth, {"pixel_size_mm": spacing})
 
 

@@ -10,16 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from sonocl.backbones import feature_channels
 from sonocl.cli import main
 from sonocl.errors import ConfigError
 from sonocl.evaluate import segmentation_metrics as sm
+from sonocl.evaluate.masks import MaskTask
 from sonocl.evaluate.segment_config import SegmentConfig
 from sonocl.evaluate.segment_data import SegmentData, SegmentDataError, image_groups, read_pixel_sizes
 from sonocl.evaluate.segment_folds import THRESHOLDS, calibrate_threshold, dice_by_threshold
-from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss
+from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss, segmentation_loss
 from sonocl.models import build_backbone, save_encoder
 
 
@@ -48,6 +50,34 @@ def test_dice_bce_loss() -> None:
     assert torch.isfinite(dice_bce_loss(torch.full((1, 1, 8, 8), -20.0), torch.zeros(1, 1, 8, 8)))
 
 
+def test_segmentation_loss_of_k_classes() -> None:
+    """K + 1 logits against class indices: near 0 when every pixel's class wins by far, large when another does;
+    one logit: the binary Dice + BCE, unchanged."""
+    labels = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    labels[:, :, 1:4, 1:4], labels[:, :, 5:8, 4:8] = 1, 2
+    right = F.one_hot(labels[:, 0].long(), 3).permute(0, 3, 1, 2).float() * 40 - 20
+    assert segmentation_loss(right, labels).item() < 1e-3 < segmentation_loss(right.roll(1, dims=1), labels).item()
+    binary = (labels > 0).to(torch.uint8)
+    logits = torch.randn(2, 1, 8, 8)
+    assert torch.equal(segmentation_loss(logits, binary), dice_bce_loss(logits, binary.float()))
+    assert UNet(build_backbone("resnet18", 1), classes=2).eval()(torch.randn(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_joint_augment_moves_k_class_masks_with_the_image() -> None:
+    """A 2-class mask whose image is its class index / 2: after augmentation each pixel's class is still the one the
+    image shows (nearest class), and only the classes 0..2 occur."""
+    labels = torch.zeros(8, 1, 32, 32, dtype=torch.uint8)
+    labels[:, :, 4:14, 6:26], labels[:, :, 18:30, 4:16] = 1, 2
+    images = labels.float() / 2
+    out_images, out_labels = JointAugment(32, brightness=0.0, contrast=0.0)(
+        images, labels, torch.Generator().manual_seed(3), classes=2
+    )
+    assert out_labels.dtype == torch.uint8 and set(out_labels.unique().tolist()) <= {0, 1, 2}
+    assert not torch.equal(out_labels, labels)
+    agree = (out_labels == (out_images * 2).round().to(torch.uint8)).float().mean()
+    assert agree > 0.98  # edges, where bilinear weights tie differently, may differ
+
+
 def test_joint_augment_moves_image_and_mask_together() -> None:
     """The mask is the thresholded image before augmentation; after it, it still is (geometry shared)."""
     torch.manual_seed(0)
@@ -74,6 +104,7 @@ def test_threshold_calibration_finds_the_contour_of_an_outward_biased_prediction
     probability = torch.sigmoid(torch.from_numpy((12.0 - radius) / 1.5).float())[None]
     data = SegmentData(
         pairs=[],
+        task=MaskTask(("foreground",), indexed=False),
         groups=[],
         pixels=[],
         images=torch.empty(0),
@@ -86,7 +117,7 @@ def test_threshold_calibration_finds_the_contour_of_an_outward_biased_prediction
     )
     threshold, dice = calibrate_threshold(torch.stack([probability] * 3), np.arange(3), data)
     assert threshold == 0.8 and dice[THRESHOLDS.index(0.8)] > 0.97 and dice[THRESHOLDS.index(0.5)] < 0.9
-    assert np.array_equal(data.truth(1), truth)
+    assert np.array_equal(data.truth(1), truth[None])
     rng = np.random.default_rng(0)  # the one-pass Dice of every threshold is the Dice of each mask
     noisy = np.clip(probability[0].numpy() + rng.normal(0, 0.2, truth.shape), 0, 1)
     noisy[0, 0] = 0.5  # exactly on a threshold: not foreground there (p > t)
@@ -331,3 +362,78 @@ def test_an_encoder_pretrained_on_the_segmented_images_is_stamped(tmp_path: Path
     stamp = pretraining_overlap(str(run), images)
     assert stamp["seen"] == 1 and stamp["note"] == "transductive: 1 of 3 images seen in pretraining"
     assert pretraining_overlap("random", images)["note"] == ""
+
+
+def _two_class_dataset(root: Path, count: int = 12, size: int = 48) -> tuple[Path, Path]:
+    """``images/NN.png`` with a bright disc (class 1) and a dark-rimmed square (class 2) on speckle, and palette PNG
+    masks ``masks/NN.png`` holding 0, 1 and 2."""
+    rng = np.random.default_rng(1)
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    ys, xs = np.mgrid[:size, :size]
+    for i in range(count):
+        labels = np.zeros((size, size), dtype=np.uint8)
+        cx, cy = rng.integers(10, 20), rng.integers(10, 38)
+        labels[(xs - cx) ** 2 + (ys - cy) ** 2 <= 64] = 1
+        top, left = rng.integers(8, 30), rng.integers(28, 36)
+        labels[top : top + 10, left : left + 10] = 2
+        image = rng.normal(90, 15, (size, size)) + 90 * (labels == 1) - 60 * (labels == 2)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(images / f"{i:02d}.png")
+        mask = Image.fromarray(labels, mode="P")
+        mask.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255])
+        mask.save(masks / f"{i:02d}.png")
+    return images, masks
+
+
+def test_masks_with_two_classes_are_segmented_as_two_classes(tmp_path: Path) -> None:
+    """Palette masks with values {0, 1, 2}: two classes, each with its own Dice and HD95, the image's metrics their
+    means; the trained U-Net finds both well above chance."""
+    images, masks = _two_class_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    code = main(
+        tiny_segment(images, masks, "--init", "random", "--class-names", "disc", "square", "--lr", "3e-3",
+                     "--overlays", "1", "--out", str(out), epochs=6)
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"]["classes"] == ["disc", "square"] and results["data"]["mask_values"] == "class indices"
+    [init] = results["inits"]
+    assert all(fold["threshold"] is None for fold in init["folds"])
+    for name in ("disc", "square"):
+        assert init["pooled"][f"dice_{name}"]["n"] == 12 and init["pooled"][f"dice_{name}"]["mean"] > 0.5
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    for row in rows:
+        means = [float(row["dice_disc"]), float(row["dice_square"])]
+        assert float(row["dice"]) == pytest.approx(sum(means) / 2)
+        assert int(row["true_area_px_disc"]) > 0 and int(row["true_area_px_square"]) == 100
+    table = (out / "results.md").read_text()
+    assert "Dice (mean of classes)" in table and "| Dice disc |" in table and "HD95 (px) square" in table
+    assert "each pixel the class of the highest probability" in table
+
+
+@pytest.mark.parametrize(
+    ("values", "extra", "message"),
+    [
+        ([0, 128, 255], [], "neither binary (0 and one other value) nor class indices 0..K"),
+        ([0, 1, 2], ["--class-names", "nerve"], "the value 2, but the masks are class indices 0..1"),
+        ([0, 1, 2], ["--threshold", "0.5"], "a threshold applies to binary masks only"),
+        ([0, 1, 2], ["--mask-classes", "binary", "--class-names", "a", "b"], "binary has one foreground class"),
+    ],
+)
+def test_masks_that_do_not_fit_the_task_get_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], values: list[int], extra: list[str], message: str
+) -> None:
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16), 100, dtype=np.uint8)).save(images / f"{i}.png")
+        mask = np.zeros((16, 16), dtype=np.uint8)
+        for k, value in enumerate(values):
+            mask[k * 4 : k * 4 + 4] = value
+        Image.fromarray(mask).save(masks / f"{i}.png")
+    assert main(tiny_segment(images, masks, "--init", "random", *extra, "--out", str(tmp_path / "out"))) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sonocl.evaluate.masks import MaskError, binarize, list_images, pair_images, read_mask
+from sonocl.evaluate.masks import (
+    MaskError,
+    MaskPair,
+    binarize,
+    list_images,
+    mask_task,
+    pair_images,
+    read_labels,
+    read_mask,
+)
 
 
 def _write(path: Path, array: np.ndarray) -> Path:
@@ -153,3 +162,48 @@ def test_rgb_mask_file_round_trip(tmp_path: Path) -> None:
     rgb[2:6, 3:7] = 255
     path = _write(tmp_path / "m.png", rgb)
     assert read_mask(path).sum() == 16
+
+
+def _pairs_of(tmp_path: Path, *masks: np.ndarray, mode: str = "L") -> list[MaskPair]:
+    pairs = []
+    for i, array in enumerate(masks):
+        path = tmp_path / f"m{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(array) if mode == "L" or array.ndim == 3 else Image.fromarray(array, mode=mode)
+        if mode == "P":
+            image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255])
+        image.save(path)
+        pairs.append(MaskPair(image=path, masks=(path,), relative=f"m{i}"))
+    return pairs
+
+
+def test_mask_task_reads_what_the_values_mean(tmp_path: Path) -> None:
+    """0 and one value: binary; 0..K: K classes (palette or grey); many values: anti-aliased binary; a few grey
+    levels or class colours: refused, naming a file."""
+    zero = np.zeros((6, 6), dtype=np.uint8)
+    binary = mask_task(_pairs_of(tmp_path / "a", zero, np.where(np.eye(6) > 0, 255, 0).astype(np.uint8)))
+    assert binary.binary and not binary.indexed and binary.classes == ("foreground",)
+    three = np.arange(36, dtype=np.uint8).reshape(6, 6) % 4
+    indexed = mask_task(_pairs_of(tmp_path / "b", three, zero, mode="P"))
+    assert indexed.indexed and indexed.classes == ("class1", "class2", "class3")
+    assert mask_task(_pairs_of(tmp_path / "c", three), names=("a", "b", "c", "d")).classes == ("a", "b", "c", "d")
+    smooth = (np.arange(36).reshape(6, 6) * 7).astype(np.uint8)  # 36 levels: an anti-aliased binary mask
+    assert mask_task(_pairs_of(tmp_path / "d", smooth)).binary
+    with pytest.raises(MaskError, match=r"values \[0, 128, 255\] \(e\.g\. .*m0\.png\)"):
+        mask_task(_pairs_of(tmp_path / "e", np.array([[0, 128], [255, 0]], dtype=np.uint8)))
+    colours = np.zeros((4, 4, 3), dtype=np.uint8)
+    colours[0, :, 0], colours[1, :, 1] = 255, 255
+    with pytest.raises(MaskError, match="m0.png: a colour mask with 3 colours"):
+        mask_task(_pairs_of(tmp_path / "f", colours))
+    assert mask_task(_pairs_of(tmp_path / "g", colours), mode="binary").binary  # asked for: binarised as before
+    with pytest.raises(MaskError, match="the value 3, but the masks are class indices 0..2"):
+        mask_task(_pairs_of(tmp_path / "h", three), mode="indexed", names=("a", "b"))
+
+
+def test_read_labels_merges_files_by_their_maximum(tmp_path: Path) -> None:
+    first, second = np.zeros((4, 4), dtype=np.uint8), np.zeros((4, 4), dtype=np.uint8)
+    first[0], second[1] = 1, 2
+    paths = tuple(_write(tmp_path / f"{i}.png", a) for i, a in enumerate((first, second)))
+    assert read_labels(paths, 2)[:2].tolist() == [[1] * 4, [2] * 4]
+    with pytest.raises(MaskError, match="not a mask of class indices 0..1"):
+        read_labels(paths, 1)

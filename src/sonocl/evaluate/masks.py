@@ -11,8 +11,17 @@ Files that are masks themselves (``*_mask*`` names, or anything under a ``mask``
 the mask root when it lies inside the image root) are never listed as images, so BUSI-style folders
 (``benign/benign (1).png`` beside ``benign/benign (1)_mask.png``) work with ``--masks`` = ``--images``.
 
-Masks are binarised as ``value > max / 2`` over the colour channels (0/1, 0/255, RGB and anti-aliased masks
-all work); an all-zero mask is a valid empty mask.
+What a mask's values mean is decided once for the whole data set (`mask_task`, ``--mask-classes``):
+
+- **binary** (one foreground class): each mask is binarised as ``value > max / 2`` over the colour channels (0/1,
+  0/255, RGB and anti-aliased masks all work); an all-zero mask is a valid empty mask;
+- **indexed** (K classes): each value is a class index, 0 the background and 1..K the classes (indexed or palette
+  PNGs, grey masks with values 0..K); several files of one image are merged by their maximum.
+
+``auto`` (the default) reads every mask's values: 0 and at most one other value is binary; integers 0..K with K ≥ 2
+(K ≤ `MAX_CLASSES`) are indexed; more than `MAX_LEVELS` values are anti-aliased binary masks; anything else (a few
+grey levels such as 0/128/255, colour-coded classes) is refused with a message naming a file and the fix, never
+scored as one foreground class.
 """
 
 from __future__ import annotations
@@ -30,6 +39,12 @@ from sonocl.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 IMAGE_DIR_NAMES = ("image", "images", "img", "imgs")
+
+
+MAX_CLASSES = 32
+"""The most classes an indexed mask may hold (values 0..32)."""
+MAX_LEVELS = 8
+"""A mask set with more distinct values than this (and not 0..K) is anti-aliased: binarised at half its maximum."""
 
 
 class MaskError(UserError, ValueError):
@@ -233,6 +248,110 @@ def read_mask(paths: tuple[Path, ...] | list[Path] | Path) -> np.ndarray:
                 f"{path}: {mask.shape[1]}×{mask.shape[0]}, but {paths[0]} is {merged.shape[1]}×{merged.shape[0]}"
             )
         merged = mask if merged is None else merged | mask
+    if merged is None:
+        raise MaskError("no mask file given")
+    return merged
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskTask:
+    """What the masks of a data set mean: the names of the foreground classes (one: a binary task), and whether the
+    values are class indices (`read_labels`) or binarised (`read_mask`)."""
+
+    classes: tuple[str, ...]
+    indexed: bool
+
+    @property
+    def binary(self) -> bool:
+        return len(self.classes) == 1
+
+
+def mask_values(path: Path) -> np.ndarray:
+    """A mask file's values, 2-D: palette indices, grey levels, or colour (H, W, C) when the channels differ (an
+    alpha channel dropped; equal colour channels read as grey)."""
+    with Image.open(path) as handle:
+        array = np.asarray(handle)
+    if array.ndim == 3:
+        channels = array.shape[2]
+        if channels in (2, 4):
+            array = array[..., : channels - 1]
+        if all(np.array_equal(array[..., 0], array[..., c]) for c in range(1, array.shape[2])):
+            array = array[..., 0]
+    return array
+
+
+def mask_task(pairs: list[MaskPair], mode: str = "auto", names: tuple[str, ...] | None = None) -> MaskTask:
+    """The task the masks of ``pairs`` pose (``mode``: auto | binary | indexed; ``names``: the foreground classes'
+    names, ``--class-names``). Raises `MaskError` naming a file when the values do not fit."""
+    if mode == "binary":
+        if names is not None and len(names) != 1:
+            raise MaskError(f"--mask-classes binary has one foreground class, but --class-names gives {len(names)}")
+        return MaskTask(names or ("foreground",), indexed=False)
+    values: dict[int, Path] = {}  # each value seen, with a file that holds it
+    colours = 0
+    for pair in pairs:
+        for path in pair.masks:
+            array = mask_values(path)
+            if array.ndim == 3:
+                colours = max(colours, len(np.unique(array.reshape(-1, array.shape[2]), axis=0)))
+                if mode == "indexed" or colours <= MAX_LEVELS:
+                    raise MaskError(
+                        f"{path}: a colour mask with {colours} colours; class colours are not read as classes: save "
+                        "the masks as indexed (palette) PNGs with values 0..K, or pass --mask-classes binary to "
+                        "binarise them"
+                    )
+                continue
+            for value in np.unique(array).tolist():
+                values.setdefault(int(value) if float(value).is_integer() else -1, path)
+    found = sorted(values)
+    if mode == "auto" and (len([v for v in found if v != 0]) <= 1 or colours):
+        return _named(MaskTask(("foreground",), indexed=False), names)
+    fits = found and found[0] >= 0 and found[-1] <= MAX_CLASSES
+    if mode == "auto" and not fits:
+        if len(found) > MAX_LEVELS:
+            return _named(MaskTask(("foreground",), indexed=False), names)
+        example = values[found[-1]]
+        raise MaskError(
+            f"the masks hold the values {found} (e.g. {example}): neither binary (0 and one other value) nor class "
+            f"indices 0..K (K ≤ {MAX_CLASSES}); remap the classes to 0, 1, …, K, or pass --mask-classes binary to "
+            "binarise each mask at half its maximum"
+        )
+    top = found[-1] if found else 0
+    classes = len(names) if names is not None else max(top, 1)
+    if not fits or top > classes:
+        bad = next(v for v in reversed(found) if v < 0 or v > classes)
+        shown = "a non-integer value" if bad < 0 else f"the value {bad}"
+        raise MaskError(
+            f"{values[bad]}: {shown}, but the masks are class indices 0..{classes}"
+            + (f" ({classes} --class-names)" if names is not None else f" (at most {MAX_CLASSES})")
+            + "; fix the mask, or name every class with --class-names"
+        )
+    return MaskTask(names or tuple(f"class{k}" for k in range(1, classes + 1)), indexed=True)
+
+
+def _named(task: MaskTask, names: tuple[str, ...] | None) -> MaskTask:
+    if names is None:
+        return task
+    if len(names) != len(task.classes):
+        raise MaskError(
+            f"--class-names gives {len(names)} classes, but the masks are binary (0 and one other value): one class"
+        )
+    return dataclasses.replace(task, classes=names)
+
+
+def read_labels(paths: tuple[Path, ...], classes: int) -> np.ndarray:
+    """The class index of each pixel, uint8 (H, W) in 0..``classes``: indexed masks merged by their maximum."""
+    merged: np.ndarray | None = None
+    for path in paths:
+        array = mask_values(path)
+        if array.ndim != 2 or (array.size and (array.min() < 0 or array.max() > classes)):
+            raise MaskError(f"{path}: not a mask of class indices 0..{classes}")
+        labels = array.astype(np.uint8)
+        if merged is not None and merged.shape != labels.shape:
+            raise MaskError(
+                f"{path}: {labels.shape[1]}×{labels.shape[0]}, but {paths[0]} is {merged.shape[1]}×{merged.shape[0]}"
+            )
+        merged = labels if merged is None else np.maximum(merged, labels)
     if merged is None:
         raise MaskError("no mask file given")
     return merged

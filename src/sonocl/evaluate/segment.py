@@ -35,14 +35,14 @@ from sonocl.evaluate import segmentation_metrics as sm
 from sonocl.evaluate.engine import Splits, fold_tasks, markdown_table, write_results
 from sonocl.evaluate.inits import load_init
 from sonocl.evaluate.masks import MaskPair
-from sonocl.evaluate.segment_config import DEFAULT_MEAN, DEFAULT_STD, SegmentConfig
+from sonocl.evaluate.segment_config import DEFAULT_MEAN, DEFAULT_STD, MASK_CLASSES, SegmentConfig
 from sonocl.evaluate.segment_data import SegmentData, load_data
 from sonocl.evaluate.segment_folds import (
     FOLD_PARTS,
-    METRICS,
     THRESHOLDS,
     FoldResult,
     InitSpec,
+    metric_names,
     run_folds,
     summary_of_images,
 )
@@ -76,6 +76,19 @@ def _data_arguments(data: argparse._ArgumentGroup) -> None:
         type=Path,
         default=None,
         help="folder of masks: a parallel tree, or the image folder itself (default: --images)",
+    )
+    data.add_argument(
+        "--mask-classes",
+        choices=MASK_CLASSES,
+        default=_default("mask_classes"),
+        help="how mask values are read: binary (one class: value > max / 2), indexed (values 0..K: K classes, e.g. "
+        "palette PNGs), or auto: binary for 0 and one other value, indexed for 0..K (default: %(default)s)",
+    )
+    data.add_argument(
+        "--class-names",
+        nargs="+",
+        default=None,
+        help="names of the classes of mask values 1..K, e.g. nerve vessel (default: class1 … classK)",
     )
     data.add_argument(
         "--group-regex",
@@ -306,6 +319,8 @@ def _data_section(data: SegmentData, splits: Splits) -> dict[str, Any]:
     return {
         "num_images": len(data.pairs),
         "num_groups": len(set(data.groups)),
+        "classes": list(data.task.classes),
+        "mask_values": "class indices" if data.task.indexed else "binarised",
         "hd95_unit": data.hd95_unit,
         "hc_available": data.hc_available,
         "skipped": [{"image": image, "error": message} for image, message in data.skipped],
@@ -334,17 +349,17 @@ def _init_entry(
         "mean": init.mean,
         "std": init.std,
         "folds": entries,
-        "summary": _across_folds(entries),
-        "pooled": summary_of_images([row for result in mine for row in result.rows]),
+        "summary": _across_folds(entries, metric_names(data.task.classes)),
+        "pooled": summary_of_images([row for result in mine for row in result.rows], metric_names(data.task.classes)),
         "seconds": round(sum(e[f"{part}_seconds"] for e in entries for part in FOLD_PARTS), 1),
         "pretraining_overlap": pretraining_overlap(init.spec, data.pairs),
     }
 
 
-def _across_folds(folds: list[dict[str, Any]]) -> dict[str, Any]:
+def _across_folds(folds: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, Any]:
     """mean ± std over folds of each fold's mean."""
     summary = {}
-    for metric in METRICS:
+    for metric in metrics:
         means = [fold["metrics"][metric]["mean"] for fold in folds]
         summary[metric] = sm.summarize([np.nan if m is None else m for m in means])
     return summary
@@ -398,9 +413,14 @@ def _metric_table(results: dict[str, Any]) -> list[str]:
     """Each init's mean ± std over folds of Dice, IoU, HD95 (and the HC error), and the medians over images."""
     hd_metric = "hd95_mm" if results["data"]["hd95_unit"] == "mm" else "hd95_px"
     hd_label = "HD95 (mm)" if hd_metric == "hd95_mm" else "HD95 (px)"
-    columns = [("dice", "Dice", 3), ("iou", "IoU", 3), (hd_metric, hd_label, 2)]
+    classes = results["data"].get("classes", ["foreground"])
+    mean = " (mean of classes)" if len(classes) > 1 else ""
+    columns = [("dice", f"Dice{mean}", 3), ("iou", f"IoU{mean}", 3), (hd_metric, f"{hd_label}{mean}", 2)]
     columns += [("hc_abs_error_mm", "HC abs. error (mm)", 2)] if results["data"]["hc_available"] else []
     medians = [(metric, label, digits) for metric, label, digits in columns if metric != "iou"]
+    if len(classes) > 1:
+        columns += [(f"{metric}_{name}", f"{label} {name}", digits) for name in classes
+                    for metric, label, digits in (("dice", "Dice", 3), (hd_metric, hd_label, 2))]  # fmt: skip
     header = ["init", *(label for _, label, _ in columns), *(f"{label} median" for _, label, _ in medians)]
     rows = []
     for init in results["inits"]:
@@ -429,6 +449,7 @@ def _dice_table(results: dict[str, Any]) -> list[str]:
 def _settings_lines(results: dict[str, Any]) -> list[str]:
     """How the numbers were made: model and training, post-processing, threshold, conventions, HC, time, skips."""
     config, timing = results["config"], results["timing"]
+    classes = results["data"].get("classes", ["foreground"])
     lines = [
         f"Backbone {config['backbone'] or 'of each encoder (else resnet18)'} ({config['channels']}-channel stem), input {config['size']}², "
         f"{config['epochs']} epochs, batch {config['batch_size']}, Adam lr {config['lr']} (cosine), "
@@ -441,7 +462,9 @@ def _settings_lines(results: dict[str, Any]) -> list[str]:
         ),
         "Threshold: "
         + (
-            f"{config['threshold']} (fixed)."
+            f"none: {len(classes)} classes ({', '.join(classes)}), each pixel the class of the highest probability."
+            if len(classes) > 1
+            else f"{config['threshold']} (fixed)."
             if config["threshold"] is not None
             else "calibrated per fold on the training images (best mean Dice): "
             + ", ".join(f"{fold['threshold']:.2f}" for fold in results["inits"][0]["folds"])

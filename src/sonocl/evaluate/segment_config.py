@@ -18,6 +18,8 @@ from sonocl.evaluate.inits import default_label
 from sonocl.options import number_rule
 from sonocl.runtime import resolve_device
 
+MASK_CLASSES = ("auto", "binary", "indexed")
+"""How mask values are read (`sonocl.evaluate.masks.mask_task`)."""
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25
 """The normalisation of [0, 1] pixels of an init whose file records none."""
 
@@ -40,6 +42,10 @@ class SegmentConfig:
     out: Path
     masks: Path | None = None
     """The mask root (default: ``images``)."""
+    mask_classes: str = "auto"
+    """auto | binary | indexed: how mask values are read (`sonocl.evaluate.masks.mask_task`)."""
+    class_names: tuple[str, ...] | None = None
+    """The foreground classes' names, in the order of their mask values 1..K (default: class1..classK)."""
     group_regex: str | None = None
     pixel_size: Path | None = None
     skip_bad_masks: bool = False
@@ -75,7 +81,7 @@ class SegmentConfig:
             value = getattr(self, field)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, field, Path(value))
-        for field in ("init", "name"):
+        for field in ("init", "name", "class_names"):
             value = getattr(self, field)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, field, tuple(value))
@@ -110,6 +116,15 @@ class SegmentConfig:
             "images": (self.images.is_dir(), "not a directory"),
             "masks": (self.masks is None or self.masks.is_dir(), "not a directory"),
             "pixel_size": (self.pixel_size is None or self.pixel_size.is_file(), "no such file"),
+            "mask_classes": (self.mask_classes in MASK_CLASSES, f"must be one of {', '.join(MASK_CLASSES)}"),
+            "class_names": (
+                self.class_names is None
+                or (
+                    all(re.fullmatch(r"[A-Za-z0-9_-]+", name) for name in self.class_names)
+                    and len(set(self.class_names)) == len(self.class_names)
+                ),
+                "unique names of letters, digits, _ and - (they name the metrics' columns)",
+            ),
         }
         failed = [(field, rule) for field, (ok, rule) in rules.items() if not ok]
         if self.name is not None and len(self.name) != len(self.init):

@@ -2,7 +2,9 @@
 
 Images are paired with their masks (`sonocl.evaluate.masks`), grouped by ``--group-regex`` (a group stays in one
 fold), given their pixel size and head circumference by ``--pixel-size`` (an HC18-style CSV), and squashed to the
-network size (uint8 in memory); each original mask is kept bit-packed, for scoring at the original size.
+network size (uint8 in memory); each original mask is kept bit-packed, one plane per class, for scoring at the
+original size. What the masks' values mean (one foreground class, or K indexed classes) is decided once for the data
+set (`sonocl.evaluate.masks.mask_task`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ from PIL import Image
 
 from sonocl.errors import UserError
 from sonocl.evaluate import cache
-from sonocl.evaluate.masks import MaskError, MaskPair, pair_images, read_grey, read_mask
+from sonocl.evaluate.masks import (
+    MaskError,
+    MaskPair,
+    MaskTask,
+    mask_task,
+    pair_images,
+    read_grey,
+    read_labels,
+    read_mask,
+)
 from sonocl.evaluate.segment_config import SegmentConfig
 from sonocl.progress import progress_report
 
@@ -77,17 +88,20 @@ class SegmentData:
     """The paired images, their groups and pixel sizes, and the images and masks squashed to the network size."""
 
     pairs: list[MaskPair]
+    task: MaskTask
+    """The foreground classes (one: binary) and how the mask values are read."""
     groups: list[str]
     pixels: list[dict[str, float] | None]
     """Pixel size (and head circumference) of each image, from ``--pixel-size``."""
     images: torch.Tensor
     """(N, 1, S, S) uint8."""
     masks: torch.Tensor
-    """(N, 1, S, S) uint8 in {0, 1}."""
+    """(N, 1, S, S) uint8 class indices: 0 background, 1..K the classes (binary: {0, 1})."""
     shapes: list[tuple[int, int]]
     """Each image's original (H, W): where it is scored."""
     truth_bits: list[np.ndarray]
-    """Each original-size mask, bit-packed (`truth`): read once at loading, not again for every init's scoring."""
+    """Each original-size mask as K bit-packed planes, one per class (`truth`): read once at loading, not again for
+    every init's scoring."""
     skipped: list[tuple[str, str]]
     """(image, message) of the images left out by ``--skip-bad-masks``."""
     hd95_unit: str
@@ -104,31 +118,53 @@ class SegmentData:
         arrays = (self.images.numpy(), self.masks.numpy(), *self.truth_bits)
         return cache.digest([cache.array_digest(*arrays), self.relatives, self.groups, self.pixels, self.shapes])
 
+    @property
+    def classes(self) -> int:
+        """K, the number of foreground classes."""
+        return len(self.task.classes)
+
     def truth(self, index: int) -> np.ndarray:
-        """The ground-truth mask of image ``index`` at its original size, bool (H, W)."""
+        """The ground truth of image ``index`` at its original size, bool (K, H, W): one plane per class."""
         height, width = self.shapes[index]
-        return np.unpackbits(self.truth_bits[index], count=height * width).reshape(height, width).view(bool)
+        count = self.classes * height * width
+        return np.unpackbits(self.truth_bits[index], count=count).reshape(self.classes, height, width).view(bool)
 
 
 def _squashed(
-    pairs: list[MaskPair], size: int
+    pairs: list[MaskPair], size: int, task: MaskTask
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], list[np.ndarray]]:
-    """Images (N, 1, S, S) uint8 and masks (N, 1, S, S) uint8 {0, 1} squashed to S², each original (H, W) and
-    each original mask bit-packed."""
+    """Images (N, 1, S, S) uint8 and masks (N, 1, S, S) uint8 class indices squashed to S², each original (H, W) and
+    each original mask as bit-packed class planes. A mask is squashed class plane by class plane (bilinear), each
+    pixel taking the class with the most weight (background included): for one class, the plane > 1/2."""
     images = np.empty((len(pairs), 1, size, size), dtype=np.uint8)
     masks = np.empty((len(pairs), 1, size, size), dtype=np.uint8)
     shapes, truth_bits = [], []
+    classes = np.arange(1, len(task.classes) + 1, dtype=np.uint8)[:, None, None]
     with progress_report(len(pairs), "loading", "image", leave=False) as progress:  # whole lines in a log
         for i, pair in enumerate(pairs):
             grey = read_grey(pair.image)
-            mask = read_mask(pair.masks)
+            labels = read_labels(pair.masks, len(task.classes)) if task.indexed else read_mask(pair.masks)
+            planes = labels[None] == classes if task.indexed else labels[None]
             shapes.append(grey.shape)
-            truth_bits.append(np.packbits(mask))
+            truth_bits.append(np.packbits(planes))
             images[i, 0] = np.asarray(Image.fromarray(grey).resize((size, size), Image.Resampling.BILINEAR))
-            resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.BILINEAR)
-            masks[i, 0] = np.asarray(resized) > 127
+            masks[i, 0] = _squashed_labels(planes, size)
             progress.update(1)
     return torch.from_numpy(images), torch.from_numpy(masks), shapes, truth_bits
+
+
+def _squashed_labels(planes: np.ndarray, size: int) -> np.ndarray:
+    """Class planes bool (K, H, W) → class indices uint8 (S, S): each plane resized bilinearly, each pixel the class
+    of the largest weight, background (1 − the planes' sum) included; K = 1: the plane > 127 of 255, as always."""
+    resized = [
+        np.asarray(Image.fromarray(plane.astype(np.uint8) * 255).resize((size, size), Image.Resampling.BILINEAR))
+        for plane in planes
+    ]
+    if len(resized) == 1:
+        return (resized[0] > 127).astype(np.uint8)
+    weights = np.stack(resized).astype(np.int16)
+    background = 255 - weights.sum(axis=0, keepdims=True)
+    return np.argmax(np.concatenate([background, weights]), axis=0).astype(np.uint8)
 
 
 def load_data(config: SegmentConfig) -> SegmentData:
@@ -146,6 +182,12 @@ def load_data(config: SegmentConfig) -> SegmentData:
     pairs = pairing.pairs
     if not pairs:
         raise MaskError(f"{config.images}: no image with a mask found")
+    task = mask_task(pairs, config.mask_classes, config.class_names)
+    if config.threshold is not None and not task.binary:
+        raise SegmentDataError(
+            f"--threshold {config.threshold}: the masks hold {len(task.classes)} classes, and each pixel takes the "
+            "class of the highest probability; a threshold applies to binary masks only"
+        )
     groups = image_groups([pair.relative for pair in pairs], config.group_regex)
     if config.folds > len(set(groups)):  # refused before any image is read
         count = len(set(groups))
@@ -170,9 +212,10 @@ def load_data(config: SegmentConfig) -> SegmentData:
                 f"e.g. {missing[:3]}",
                 file=sys.stderr,
             )
-    images, masks, shapes, truth_bits = _squashed(pairs, config.size)
+    images, masks, shapes, truth_bits = _squashed(pairs, config.size, task)
     return SegmentData(
         pairs=pairs,
+        task=task,
         groups=groups,
         pixels=pixels,
         images=images,
@@ -181,5 +224,5 @@ def load_data(config: SegmentConfig) -> SegmentData:
         truth_bits=truth_bits,
         skipped=pairing.errors,
         hd95_unit="mm" if pixel_table is not None and all(p is not None for p in pixels) else "px",
-        hc_available=pixel_table is not None and any(p is not None and "hc_mm" in p for p in pixels),
+        hc_available=task.binary and pixel_table is not None and any(p is not None and "hc_mm" in p for p in pixels),
     )

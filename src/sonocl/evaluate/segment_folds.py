@@ -3,11 +3,12 @@ score them at their original size.
 
 One fold run (`run_fold`): a fresh encoder (`sonocl.evaluate.inits.load_init`) under a U-Net decoder
 (`sonocl.evaluate.unet`) is trained on the fold's training images for ``epochs`` epochs (Adam, cosine schedule,
-Dice + BCE, joint image + mask augmentation) and the model of the **last** epoch predicts the test images; no choice
-is made on them. Predicted probabilities are resized back to each image's original size, thresholded (``threshold``,
-by default the value with the best Dice on the fold's training images: `calibrate_threshold`), optionally
-post-processed (largest component, holes filled) and scored there against the original mask
-(`sonocl.evaluate.segmentation_metrics`). `run_folds` runs every fold run through the evaluation engine
+Dice + BCE, or cross-entropy + Dice for K ≥ 2 classes; joint image + mask augmentation) and the model of the
+**last** epoch predicts the test images; no choice is made on them. Predicted probabilities are resized back to each
+image's original size, thresholded (binary: ``threshold``, by default the value with the best Dice on the fold's
+training images, `calibrate_threshold`; K classes: each pixel the class of the highest probability), optionally
+post-processed (largest component, holes filled, per class) and scored there against the original mask, class by
+class (`sonocl.evaluate.segmentation_metrics`); a K-class image's Dice, IoU and HD95 are the means over its classes. `run_folds` runs every fold run through the evaluation engine
 (`sonocl.evaluate.engine`): kept in ``OUT/folds`` as each finishes, read back by a rerun with the same settings,
 in ``jobs`` worker processes if asked.
 """
@@ -38,13 +39,15 @@ from sonocl.evaluate.inits import load_init
 from sonocl.evaluate.masks import read_grey
 from sonocl.evaluate.segment_config import SegmentConfig
 from sonocl.evaluate.segment_data import SegmentData, SegmentDataError
-from sonocl.evaluate.unet import JointAugment, UNet, dice_bce_loss
+from sonocl.evaluate.unet import JointAugment, UNet, segmentation_loss
 from sonocl.files import atomic_write_text, json_text
 from sonocl.progress import progress_report
 from sonocl.runtime import resolve_device
 
 METRICS = ("dice", "iou", "hd95_px", "hd95_mm", "hc_abs_error_mm")
-"""The metrics of each image summarised per fold and over the images (`summary_of_images`)."""
+"""The metrics of each image summarised per fold and over the images (`summary_of_images`); with K ≥ 2 classes the
+first four are the means over the classes, and each class has its own (`metric_names`)."""
+CLASS_METRICS = ("dice", "iou", "hd95_px", "hd95_mm")
 FOLD_PARTS = ("train", "calibrate", "predict", "score")
 """Where a fold run's time goes (``PART_seconds`` in results.json): calibrate = predicting and scoring the training
 images for the threshold; score = scoring the test images at their original size (and their overlays)."""
@@ -76,6 +79,13 @@ class FoldResult:
 # ------------------------------------------------------------------------------------------- training, scoring
 
 
+def metric_names(classes: tuple[str, ...]) -> tuple[str, ...]:
+    """The metrics of a task with these foreground classes: `METRICS`, and ``dice_NAME`` … of each of K ≥ 2."""
+    if len(classes) == 1:
+        return METRICS
+    return METRICS + tuple(f"{metric}_{name}" for name in classes for metric in CLASS_METRICS)
+
+
 def train_fold(
     model: UNet,
     images: torch.Tensor,
@@ -88,7 +98,8 @@ def train_fold(
     description: str,
     bar_position: int = 0,
 ) -> float:
-    """Train ``model`` on uint8 images/masks (N, 1, S, S) on the CPU; returns the last epoch's mean loss."""
+    """Train ``model`` on uint8 images and class-index masks (N, 1, S, S) on the CPU; returns the last epoch's mean
+    loss."""
     if config.freeze_encoder:
         for parameter in model.encoder.parameters():
             parameter.requires_grad_(False)
@@ -103,6 +114,7 @@ def train_fold(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
     )
     augment = JointAugment(config.size)
+    classes = max(model.head.out_channels - 1, 1)
     epoch_loss = float("nan")
     with progress_report(total_steps, description, "step", leave=False, position=bar_position) as bar:
         for epoch in range(config.epochs):
@@ -114,12 +126,12 @@ def train_fold(
             for step in range(batches_per_epoch):
                 index = order[step * batch_size : (step + 1) * batch_size]
                 x = images[index].to(device).float().div_(255.0)
-                y = masks[index].to(device).float()
-                x, y = augment(x, y, generator)
+                y = masks[index].to(device)
+                x, y = augment(x, y, generator, classes)
                 x = (x - mean) / std
                 if config.channels != 1:
                     x = x.expand(-1, config.channels, -1, -1)
-                loss = dice_bce_loss(model(x), y)
+                loss = segmentation_loss(model(x), y)
                 if not torch.isfinite(loss):
                     raise ConfigError(
                         f"--lr {config.lr}: {description}: non-finite loss at epoch {epoch + 1}, "
@@ -145,24 +157,32 @@ def _normalise(images_u8: torch.Tensor, mean: float, std: float, channels: int) 
 def predict(
     model: UNet, images: torch.Tensor, mean: float, std: float, channels: int, device: torch.device, batch_size: int
 ) -> torch.Tensor:
-    """Foreground probabilities (N, 1, S, S) on the CPU for uint8 images (N, 1, S, S)."""
+    """Probabilities on the CPU for uint8 images (N, 1, S, S): of the foreground (N, 1, S, S) for one class, of the
+    background and each class (N, K + 1, S, S) for K ≥ 2."""
     model.eval()
     outputs = []
     for start in range(0, images.shape[0], batch_size):
         x = _normalise(images[start : start + batch_size].to(device), mean, std, channels)
-        outputs.append(torch.sigmoid(model(x).float()).cpu())
+        logits = model(x).float()
+        outputs.append((torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)).cpu())
     return torch.cat(outputs)
 
 
 def to_original_size(probability: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
-    """(1, S, S) probability → float (H, W): bilinear resize to the original size, where masks are scored."""
-    return F.interpolate(probability[None], size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+    """(C, S, S) probabilities → float (C, H, W): bilinear resize to the original size, where masks are scored."""
+    return F.interpolate(probability[None], size=shape, mode="bilinear", align_corners=False)[0].numpy()
 
 
-def scored_mask(probability: np.ndarray, threshold: float, postprocess: bool) -> np.ndarray:
-    """The mask that is scored: probability (H, W) > threshold, post-processed (`sm.largest_component`) if asked."""
-    mask = probability > threshold
-    return sm.largest_component(mask) if postprocess else mask
+def scored_masks(probability: np.ndarray, threshold: float | None, postprocess: bool) -> np.ndarray:
+    """The masks that are scored, bool (K, H, W), from probabilities (C, H, W): one class, its probability >
+    threshold; K ≥ 2, each pixel the class of the highest probability; post-processed (`sm.largest_component`) class
+    by class if asked."""
+    if probability.shape[0] == 1:
+        planes = probability > threshold
+    else:
+        winner = probability.argmax(axis=0)
+        planes = winner[None] == np.arange(1, probability.shape[0])[:, None, None]
+    return np.stack([sm.largest_component(plane) for plane in planes]) if postprocess else planes
 
 
 def calibrate_threshold(
@@ -177,7 +197,7 @@ def calibrate_threshold(
     """
     totals = np.zeros(len(THRESHOLDS))
     for j, i in enumerate(images):
-        totals += dice_by_threshold(to_original_size(probabilities[j], data.shapes[i]), data.truth(i))
+        totals += dice_by_threshold(to_original_size(probabilities[j], data.shapes[i])[0], data.truth(i)[0])
     means = (totals / max(len(images), 1)).tolist()
     return THRESHOLDS[int(np.argmax(means))], means
 
@@ -198,7 +218,31 @@ def dice_by_threshold(probability: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.where(total > 0, 2.0 * intersection / np.maximum(total, 1), 1.0)
 
 
-def score_image(prediction: np.ndarray, truth: np.ndarray, pixel: dict[str, float] | None) -> dict[str, Any]:
+def score_image(
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    pixel: dict[str, float] | None,
+    classes: tuple[str, ...] = ("foreground",),
+) -> dict[str, Any]:
+    """The metrics of one image from its predicted and true class planes, bool (K, H, W): for one class those of
+    `score_mask`; for K ≥ 2 each class's Dice, IoU, HD95 and areas (``dice_NAME`` …) and their means over the
+    classes as ``dice``, ``iou``, ``hd95_px``, ``hd95_mm`` (a class absent from both counts as found: Dice 1, HD95 0)."""
+    if len(classes) == 1:
+        return score_mask(prediction[0], truth[0], pixel)
+    rows = [score_mask(p, t, pixel, circumference=False) for p, t in zip(prediction, truth)]
+    row: dict[str, Any] = {metric: float(np.mean([r[metric] for r in rows])) for metric in CLASS_METRICS}
+    row.update({key: rows[0][key] for key in ("pixel_size_mm", "hc_true_mm", "hc_pred_mm", "hc_abs_error_mm")})
+    row["hc_fit_on_truth_mm"] = float("nan")
+    for name, mine in zip(classes, rows):
+        row.update({f"{key}_{name}": mine[key] for key in (*CLASS_METRICS, "pred_area_px", "true_area_px")})
+    return row
+
+
+def score_mask(
+    prediction: np.ndarray, truth: np.ndarray, pixel: dict[str, float] | None, circumference: bool = True
+) -> dict[str, Any]:
+    """Dice, IoU, HD95 (px, and mm with a pixel size), areas and (with ``circumference``) the head circumference of
+    one predicted mask against the true one, bool (H, W)."""
     row: dict[str, Any] = {
         "dice": sm.dice(prediction, truth),
         "iou": sm.iou(prediction, truth),
@@ -216,6 +260,8 @@ def score_image(prediction: np.ndarray, truth: np.ndarray, pixel: dict[str, floa
         spacing = pixel["pixel_size_mm"]
         row["pixel_size_mm"] = spacing
         row["hd95_mm"] = row["hd95_px"] * spacing
+        if not circumference:
+            return row
         row["hc_pred_mm"] = sm.head_circumference(prediction, spacing)
         row["hc_fit_on_truth_mm"] = sm.head_circumference(truth, spacing)
         if "hc_mm" in pixel:
@@ -227,11 +273,13 @@ def score_image(prediction: np.ndarray, truth: np.ndarray, pixel: dict[str, floa
 
 
 def write_overlay(path: Path, image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> None:
-    """The grey image with the ground-truth contour in green and the predicted contour in red (2 px wide)."""
+    """The grey image with the ground-truth contours in green and the predicted contours in red (2 px wide), of every
+    class plane of ``truth`` and ``prediction`` (K, H, W)."""
     rgb = np.repeat(image[..., None], 3, axis=2).copy()
-    for mask, colour in ((truth, (0, 255, 0)), (prediction, (255, 0, 0))):
-        contour = ndimage.binary_dilation(sm.boundary(mask), iterations=1)
-        rgb[contour] = colour
+    for masks, colour in ((truth, (0, 255, 0)), (prediction, (255, 0, 0))):
+        for mask in masks:
+            contour = ndimage.binary_dilation(sm.boundary(mask), iterations=1)
+            rgb[contour] = colour
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(path)
 
@@ -240,9 +288,9 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "item"
 
 
-def summary_of_images(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each metric of `METRICS` summarised over the images of ``rows`` (`sm.summarize`)."""
-    return {metric: sm.summarize([row[metric] for row in rows]) for metric in METRICS}
+def summary_of_images(rows: list[dict[str, Any]], metrics: tuple[str, ...] = METRICS) -> dict[str, Any]:
+    """Each of ``metrics`` (`metric_names`) summarised over the images of ``rows`` (`sm.summarize`)."""
+    return {metric: sm.summarize([row[metric] for row in rows]) for metric in metrics}
 
 
 # --------------------------------------------------------------------------------------------------- fold runs
@@ -256,7 +304,7 @@ def run_fold(
     seed = config.seed * 1000 + task.fold
     torch.manual_seed(seed)  # the random init's weights and the decoder's
     backbone, _ = load_init(init.spec, config.backbone, config.channels, config.size)
-    model = UNet(backbone).to(device)
+    model = UNet(backbone, classes=data.classes).to(device)
     description = f"{init.label} fold {task.fold + 1}/{task.folds}"
     started = time.perf_counter()
     final_loss = train_fold(
@@ -273,7 +321,7 @@ def run_fold(
     )
     trained = time.perf_counter()
     threshold, train_dice = config.threshold, None
-    if threshold is None:
+    if threshold is None and data.task.binary:
         train_probabilities = predict(
             model, data.images[task.train], init.mean, init.std, config.channels, device, config.batch_size
         )
@@ -296,7 +344,7 @@ def run_fold(
         "calibrate_seconds": round(calibrated - trained, 2),
         "predict_seconds": round(predicted - calibrated, 2),
         "score_seconds": round(scored - predicted, 2),
-        "metrics": summary_of_images(rows),
+        "metrics": summary_of_images(rows, metric_names(data.task.classes)),
     }
     tqdm.write(
         f"{description}: Dice {entry['metrics']['dice']['mean']:.3f} ({scored - started:.0f} s)", file=sys.stderr
@@ -306,7 +354,7 @@ def run_fold(
 
 def score_test_images(
     probabilities: torch.Tensor,
-    threshold: float,
+    threshold: float | None,
     data: SegmentData,
     init: InitSpec,
     config: SegmentConfig,
@@ -316,7 +364,7 @@ def score_test_images(
     ``config.overlays`` images."""
     rows = []
     for j, i in enumerate(task.test):
-        prediction = scored_mask(
+        prediction = scored_masks(
             to_original_size(probabilities[j], data.shapes[i]), threshold, bool(config.postprocess)
         )
         truth = data.truth(i)
@@ -328,7 +376,7 @@ def score_test_images(
             "height": data.shapes[i][0],
             "width": data.shapes[i][1],
         }
-        row.update(score_image(prediction, truth, data.pixels[i]))
+        row.update(score_image(prediction, truth, data.pixels[i], data.task.classes))
         rows.append(row)
         if i < config.overlays:
             write_overlay(

@@ -7,6 +7,9 @@ upsamples the coarser map to the size of the next skip, concatenates it, and app
 brings the finest map's resolution to the input's, and a 1×1 conv gives one logit per pixel (as
 segmentation_models_pytorch's U-Net, decoder widths 256-128-64-32-16: the first ones for the skips, the last for the
 input's resolution). A ResNet's U-Net is the one sonocl has always built (same modules and weight names).
+
+K classes: one logit per pixel for a binary task (sigmoid; Dice + BCE), K + 1 (background and the classes:
+softmax; cross-entropy + the soft Dice of each class) for K ≥ 2.
 """
 
 from __future__ import annotations
@@ -36,10 +39,12 @@ class ConvBlock(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """Backbone encoder + U-Net decoder: (N, C, H, W) → logits (N, 1, H, W) for any H, W the backbone takes (a ResNet:
-    ≥ 32; a ViT: the size it was made for)."""
+    """Backbone encoder + U-Net decoder: (N, C, H, W) → logits (N, 1, H, W) for one class, (N, K + 1, H, W) for K ≥ 2
+    classes, for any H, W the backbone takes (a ResNet: ≥ 32; a ViT: the size it was made for)."""
 
-    def __init__(self, backbone: nn.Module, decoder_channels: tuple[int, ...] = DECODER_CHANNELS) -> None:
+    def __init__(
+        self, backbone: nn.Module, decoder_channels: tuple[int, ...] = DECODER_CHANNELS, classes: int = 1
+    ) -> None:
         super().__init__()
         self.encoder = backbone
         *skips, deepest = feature_channels(backbone)
@@ -52,7 +57,7 @@ class UNet(nn.Module):
             blocks.append(ConvBlock(in_channels + skip, out_channels))
             in_channels = out_channels
         self.decoder = nn.ModuleList(blocks)
-        self.head = nn.Conv2d(in_channels, 1, kernel_size=1)
+        self.head = nn.Conv2d(in_channels, 1 if classes == 1 else classes + 1, kernel_size=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         *skips, x = feature_maps(self.encoder, images)
@@ -82,12 +87,27 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.
     return bce + (1 - soft_dice).mean()
 
 
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """The U-Net's loss against class indices (N, 1, H, W): `dice_bce_loss` for one logit per pixel; for K + 1
+    logits, cross-entropy + (1 − the soft Dice of each foreground class, per image, with ``smooth``), averaged."""
+    if logits.shape[1] == 1:
+        return dice_bce_loss(logits, labels.float())
+    logits, labels = logits.float(), labels[:, 0].long()
+    cross_entropy = F.cross_entropy(logits, labels)
+    probabilities = torch.softmax(logits, dim=1)[:, 1:].flatten(2)  # (N, K, HW)
+    target = F.one_hot(labels, logits.shape[1])[..., 1:].permute(0, 3, 1, 2).flatten(2).float()
+    intersection = (probabilities * target).sum(dim=2)
+    soft_dice = (2 * intersection + smooth) / (probabilities.sum(dim=2) + target.sum(dim=2) + smooth)
+    return cross_entropy + (1 - soft_dice).mean()
+
+
 class JointAugment:
     """Random resized crop and horizontal flip on image and mask together, brightness/contrast jitter on the image.
 
     The crop + flip is `sonocl.augment.BatchAugment.crop_flip` (torchvision's RandomResizedCrop semantics, the same
     sampler as pretraining), applied once to the image and its mask stacked as channels of one tensor, so both see
-    exactly the same geometry: the image is resampled bilinearly, the mask too and then thresholded at 0.5.
+    exactly the same geometry: the image is resampled bilinearly, the mask too and then thresholded at 0.5; a mask of
+    K ≥ 2 classes is resampled as its K + 1 class planes, each pixel taking the class of the largest weight.
     """
 
     def __init__(
@@ -105,9 +125,10 @@ class JointAugment:
         self.contrast = contrast
 
     def __call__(
-        self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+        self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator, classes: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, C, S, S) float in [0, 1], masks (N, 1, S, S) float {0, 1} → the same shapes, augmented.
+        """images (N, C, S, S) float in [0, 1], masks (N, 1, S, S) class indices (binary: {0, 1}), any dtype → the
+        same shapes, augmented; ``classes`` K (the largest index a mask may hold).
 
         Random numbers come from ``generator`` (a CPU generator gives the same augmentation on every device).
         """
@@ -116,8 +137,13 @@ class JointAugment:
                 f"expected images and masks of {self.size}×{self.size}, got {tuple(images.shape)} and {tuple(masks.shape)}"
             )
         n, channels, device = images.shape[0], images.shape[1], images.device
-        both = self.geometry.crop_flip(torch.cat([images, masks.to(images.dtype)], dim=1), generator)
-        images, masks = both[:, :channels], (both[:, channels:] > 0.5).to(masks.dtype)
+        if classes == 1:
+            planes = masks.to(images.dtype)
+        else:
+            planes = F.one_hot(masks[:, 0].long(), classes + 1).permute(0, 3, 1, 2).to(images.dtype)
+        both = self.geometry.crop_flip(torch.cat([images, planes], dim=1), generator)
+        images, planes = both[:, :channels], both[:, channels:]
+        masks = (planes > 0.5 if classes == 1 else planes.argmax(dim=1, keepdim=True)).to(masks.dtype)
         gain = 1 + (self._uniform(n, generator, device) * 2 - 1) * self.contrast
         offset = (self._uniform(n, generator, device) * 2 - 1) * self.brightness
         images = (images * gain.view(n, 1, 1, 1) + offset.view(n, 1, 1, 1)).clamp(0, 1)

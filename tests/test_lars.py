@@ -60,3 +60,18 @@ def test_the_run_builds_lars_with_two_groups_and_trains(phantom_store, tmp_path:
     assert main(argv) == 0
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert "lars" in (out / "config.yaml").read_text() and state["optimizer"]["state"]  # momentum buffers kept
+
+
+def test_adamw_spares_biases_and_norms() -> None:
+    """AdamW (DINO's and MAE's optimiser) decays weights only, as their get_params_groups / add_weight_decay do: after
+    a step with zero gradients, a weight has shrunk by lr × decay and a bias or norm weight has not moved."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.LayerNorm(4))
+    cfg = method_config("dino", optim={"name": "adamw", "weight_decay": 0.5})
+    optimizer = make_optimizer(cfg, list(model.parameters()), 0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for old, new in zip(before, model.parameters()):
+        expected = old * (1 - 0.1 * 0.5) if old.ndim > 1 else old
+        torch.testing.assert_close(new.detach(), expected)

@@ -107,8 +107,8 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "adam"
-    """``adam``, ``adamw``, ``sgd`` or ``lars`` (`sonocl.train.lars`: for large batches; no decay or trust ratio on
-    biases and normalisation weights)."""
+    """``adam``, ``adamw`` (no decay on biases and normalisation weights, as DINO and MAE), ``sgd`` or ``lars``
+    (`sonocl.train.lars`: for large batches; no decay or trust ratio on biases and normalisation weights)."""
     lr: float = 3e-4
     lr_scaling: str = "none"
     """``none``: ``lr`` is the learning rate; ``linear``: it is ``lr × global batch / 256`` (SimCLR, MoCo, BYOL)."""

@@ -14,9 +14,8 @@ the checkpoint saves; the run's optimiser trains it with the backbone (`Objectiv
 Departures (``docs/methods.md`` §8), each for sonocl's budgets or its one encoder per backbone: a ViT-Tiny/16 preset
 (the paper's ViT-L has 50 times its parameters); a decoder 128 wide, 2 deep with 4 heads (the paper's 512, 8, 16 is
 sized for ViT-L: its 25 M parameters would be four times a ViT-Tiny's); the encoder keeps timm's initialisation and
-learned position embedding (MAE fixes a 2-D sin-cos one), so that every method trains the same backbone; weight decay
-on every parameter (sonocl's AdamW has one group; the reference spares biases and norms); the crop interpolates
-bilinearly (the reference's bicubic), as sonocl's on-device augmentation does for every method.
+learned position embedding (MAE fixes a 2-D sin-cos one), so that every method trains the same backbone; the crop
+interpolates bilinearly (the reference's bicubic), as sonocl's on-device augmentation does for every method.
 """
 
 from __future__ import annotations

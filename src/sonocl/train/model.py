@@ -89,13 +89,17 @@ def make_optimizer(cfg: PretrainConfig, params: list[nn.Parameter], lr: float) -
     o = cfg.optim
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
+    if o.name == "adamw":  # no decay on biases and norms, as DINO's get_params_groups and MAE's add_weight_decay
+        decayed = [p for p in params if p.ndim > 1]
+        spared = [p for p in params if p.ndim <= 1]
+        groups = [{"params": decayed, "weight_decay": o.weight_decay}, {"params": spared, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=o.betas)
     if o.name == "lars":
         from sonocl.train.lars import LARS, param_groups
 
-        groups = param_groups(params, o.weight_decay)
-        return LARS(groups, lr=lr, momentum=o.momentum, trust_coefficient=o.trust_coefficient)
+        return LARS(
+            param_groups(params, o.weight_decay), lr=lr, momentum=o.momentum, trust_coefficient=o.trust_coefficient
+        )
     return torch.optim.Adam(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
 
 

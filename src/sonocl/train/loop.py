@@ -20,9 +20,10 @@ with ``--tracker``, ``trackers.json`` and the trackers' own files (``wandb/``, `
 
 ``metrics.csv`` columns: ``kind`` (``step`` or ``epoch``), ``epoch`` (1-based), ``step`` (optimiser steps done,
 over the run), ``lr``, ``momentum`` (target-network momentum, MoCo/BYOL), ``loss`` (the objective's total,
-averaged over ranks), ``part_<name>`` (each loss part the objective reports), ``images_per_s`` (encoder images,
-2 views × global batch, per second of wall time, data waiting included), ``step_seconds`` (the optimiser step
-alone: forward, backward, update), ``val_loss`` (unweighted InfoNCE on held-out videos, fixed seed), ``knn_acc``
+averaged over ranks), ``part_<name>`` (each loss part the objective reports), ``images_per_s`` (2 views × global
+batch per second of wall time, data waiting included: the pair rate × 2 for every method, so runs compare by the
+pairs they draw, although MAE encodes only the first view and DINO adds its local crops), ``step_seconds`` (the
+optimiser step alone: forward, backward, update), ``val_loss`` (unweighted InfoNCE on held-out videos, fixed seed), ``knn_acc``
 (k-NN accuracy of held-out labelled frames against training ones), ``embedding_std`` (collapse metric of held-out
 z), ``seconds`` (wall time of the run, its resumed parts included). Step rows leave the epoch columns empty and
 the other way round. The sum of ``step_seconds`` over the last ``seconds`` is the run's efficiency: the share of

@@ -44,7 +44,8 @@ print(time.perf_counter() - start, usage.ru_utime + usage.ru_stime, frames, len(
 """
 WORKER_CPU = """
 import pathlib, resource, sys, tempfile
-from sonocl.data.ingest import DecodeTask, Decoded, Source, decode_to_file
+from sonocl.data.ingest_workers import DecodeTask, Decoded, decode_to_file
+from sonocl.data.sources import Source
 files = sorted(p for p in pathlib.Path(sys.argv[1]).rglob("*") if p.is_file() and not p.name.startswith("."))
 before = resource.getrusage(resource.RUSAGE_SELF)
 frames = 0

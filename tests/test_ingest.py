@@ -20,8 +20,10 @@ import pytest
 from PIL import Image
 
 from sonocl.cli import main
-from sonocl.data.ingest import TEMP_DIR, Decoded, DecodeTask, Failed, Source, decode_to_file, run_tasks
+from sonocl.data.ingest import TEMP_DIR
+from sonocl.data.ingest_workers import Decoded, DecodeTask, Failed, decode_to_file, run_tasks
 from sonocl.data.labels import hashed_group
+from sonocl.data.sources import Source
 from sonocl.data.store import REPORT_FILE, FrameStore, FrameStoreWriter
 from test_decode import scan_frames, write_dicom, write_video
 
@@ -442,3 +444,26 @@ def test_pocus_videos_ingest_with_every_frame(pocus_dir: Path, tmp_path: Path) -
         with av.open(str(pocus_dir / "pocus_videos" / "convex" / video.source)) as container:
             assert video.num_frames == sum(1 for _ in container.decode(video=0))
     assert sorted(video.label or "" for video in store.videos) == ["covid", "pneumonia", "regular"]
+
+
+def test_ingest_config_is_checked_when_built_and_names_the_option(tmp_path: Path) -> None:
+    """The typed record of `sonocl ingest` (as pretrain's and segment's): a bad value is one ConfigError line naming
+    the option, before any file is read; from Python as from the command line."""
+    from sonocl.data.ingest_config import IngestConfig
+    from sonocl.errors import ConfigError
+
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "labels.csv").write_text("file,label,a,b\n")
+    good = IngestConfig(
+        sources=[tmp_path / "videos"], out=tmp_path / "store", labels=tmp_path / "labels.csv", extra_columns="a, b,"
+    )
+    assert good.sources == (tmp_path / "videos",) and good.extra_columns == ("a", "b") and good.workers >= 1
+    for changes, message in (
+        ({"stride": 0}, "--stride must be at least 1, not 0"),
+        ({"frame_rate": float("nan")}, "--frame-rate must be positive and finite"),
+        ({"extra_columns": ("a",)}, "--extra-columns needs --labels CSV"),
+        ({"sources": [tmp_path / "nowhere"]}, "no such file or folder"),
+        ({"crop": "square"}, "--crop must be one of auto, none"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            IngestConfig(**{"sources": [tmp_path / "videos"], "out": tmp_path / "store", **changes})

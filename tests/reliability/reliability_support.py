@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from sonocl.cli import main
-from sonocl.data.ingest import shown
+from sonocl.data.sources import shown
 from sonocl.data.store import FrameStore, FrameStoreWriter
 from test_decode import scan_frames, write_video
 

@@ -28,6 +28,7 @@ from reliability_support import (
 )
 
 import sonocl.data.ingest as ingest_module
+import sonocl.data.ingest_workers as ingest_workers
 import sonocl.data.store as store_module
 import sonocl.files as files_module
 from sonocl.data.store import (
@@ -160,7 +161,7 @@ def test_worker_frame_file_write_fails_and_stops_the_ingest(
     videos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A full disk under the workers' frame files stops the run instead of skipping every source as broken."""
-    _fill_on_open(monkeypatch, ingest_module, lambda path: path.parent.name == ingest_module.TEMP_DIR, room=0)
+    _fill_on_open(monkeypatch, ingest_workers, lambda path: path.parent.name == ingest_module.TEMP_DIR, room=0)
     result = ingest(capsys, videos, "--out", tmp_path / "store", "--size", "32")
     assert result.code == 1
     assert "No space left on device" in result.err and ingest_module.TEMP_DIR in result.err

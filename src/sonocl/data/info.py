@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -156,11 +155,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             _print_run(summary)
         return 0
-    try:
-        store = FrameStore.open(args.store)
-    except StoreError as error:
-        print(f"sonocl info: error: {error}", file=sys.stderr)
-        return 2
+    store = FrameStore.open(args.store)  # a StoreError is a UserError: one line, exit 2 (`sonocl.cli`)
     summary = summarise(store)
     if args.json:
         print(json.dumps(summary, indent=2))

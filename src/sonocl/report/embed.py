@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from sonocl.errors import ConfigError, UserError
 from sonocl.options import MIN_IMAGE_SIDE, finite, integer, non_negative, positive
 from sonocl.outputs import add_overwrite_argument, claim_file
 
@@ -182,7 +183,7 @@ def write_embeddings(
 
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
-        raise ValueError(f"{path}: the output must end in .parquet or .npz")
+        raise ConfigError(f"{path}: the output must end in .parquet or .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npz":
         # Any: mypy would match savez's **arrays against its allow_pickle: bool as well
@@ -193,7 +194,7 @@ def write_embeddings(
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError as error:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: writing Parquet needs pyarrow (pip install pyarrow), or use a .npz file"
             ) from error
         dim = embeddings.shape[1] if embeddings.ndim == 2 else 0
@@ -264,20 +265,21 @@ def _device(name: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sonocl.data.store import FrameStore, StoreError
-    from sonocl.models import WeightsError
+    """``sonocl embed``; bad input raises a `UserError` (a store or weights that do not open, a bad option), printed
+    by `sonocl.cli` as one line with exit code 2."""
+    from sonocl.data.store import FrameStore
 
     if args.out.suffix.lower() not in FORMATS:
-        print(f"sonocl embed: {args.out}: the output must end in .parquet or .npz", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{args.out}: the output must end in .parquet or .npz")
     claim_file(args.out, is_embedding_file, overwrite=args.overwrite)
     try:
         store = FrameStore.open(args.store)
         encoder = load_encoder_for_features(args.init, args.backbone, args.channels, args.size, args.mean, args.std)
         frames = select_frames(store, args.fps, args.every, args.max_frames_per_video)
-    except (StoreError, WeightsError, ValueError, OSError) as error:
-        print(f"sonocl embed: error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as error:
+        if isinstance(error, UserError):
+            raise
+        raise ConfigError(str(error)) from error
     print(encoder.description, file=sys.stderr)
     print(
         f"{store.root}: {len(frames)} of {store.num_frames} frames from {store.num_videos} videos at {encoder.size} px, "
@@ -297,11 +299,7 @@ def run(args: argparse.Namespace) -> int:
         "fps": args.fps,
         "every": args.every,
     }
-    try:
-        write_embeddings(args.out, frame_table(store, frames), embeddings, metadata)
-    except (ValueError, OSError) as error:
-        print(f"sonocl embed: error: {error}", file=sys.stderr)
-        return 2
+    write_embeddings(args.out, frame_table(store, frames), embeddings, metadata)  # atomic; a failed write: one line
     print(
         f"wrote {args.out}: {embeddings.shape[0]} frames × {embeddings.shape[1] if embeddings.ndim == 2 else 0} "
         f"features",

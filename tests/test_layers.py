@@ -24,7 +24,7 @@ LAYERS = (
     ("sonocl.methods",),
     ("sonocl.train",),
     ("sonocl.evaluate",),
-    ("sonocl.report", "sonocl.export"),
+    ("sonocl.report", "sonocl.export", "sonocl.model_card"),
     ("sonocl.cli", "sonocl.demo", "sonocl.__main__", "sonocl"),
 )
 """Lowest first; a module may import its own layer's and lower layers' modules. ``sonocl`` itself (the package's

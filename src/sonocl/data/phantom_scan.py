@@ -101,6 +101,35 @@ class _Tissue:
     b_lines: np.ndarray
 
 
+@dataclass(frozen=True)
+class _Canvas:
+    """What every feature is drawn over: the tissue grid's pixel centres, ``depth`` (n, 1) in shares of the
+    imaged depth and ``u`` (1, m) in half-sector widths, and each layer's speckle (n, m)."""
+
+    depth: np.ndarray
+    u: np.ndarray
+    wall_speckle: np.ndarray
+    lung_speckle: np.ndarray
+
+    def smooth_noise(self, rng: np.random.Generator, scale: float) -> np.ndarray:
+        """A (1, m) random profile across the sector, zero mean, unit deviation, varying over ``scale`` in u."""
+        m = self.u.size
+        columns_per_u = m / (2 * _TISSUE_REACH)
+        profile = gaussian_filter1d(rng.standard_normal(m), scale * columns_per_u, mode="wrap")
+        return ((profile - profile.mean()) / profile.std()).astype(np.float32)[None, :]
+
+
+@dataclass(frozen=True)
+class _Pleura:
+    """The pleural line: its set ``depth``, the depth it actually lies at across the sector ``at`` (1, m), its
+    ``width`` and its ``brightness`` (1, m)."""
+
+    depth: float
+    at: np.ndarray
+    width: float
+    brightness: np.ndarray
+
+
 def render_tissue(
     label: str,
     anatomy: str,
@@ -110,93 +139,150 @@ def render_tissue(
     n: int,
     rng: np.random.Generator,
 ) -> _Tissue:
+    """One video's anatomy, drawn feature by feature; the order of the draws from ``rng`` is part of every video."""
     side, zone = anatomy[0], anatomy[1]
     m = 2 * n
-    depth = ((np.arange(n, dtype=np.float32) + 0.5) / n)[:, None]
-    u = ((np.arange(m, dtype=np.float32) + 0.5) / m * 2 * _TISSUE_REACH - _TISSUE_REACH)[None, :]
-    columns_per_u = m / (2 * _TISSUE_REACH)
-
-    def smooth_noise(scale: float) -> np.ndarray:
-        """A (1, m) random profile across the sector, zero mean, unit deviation, varying over ``scale`` in u."""
-        profile = gaussian_filter1d(rng.standard_normal(m), scale * columns_per_u, mode="wrap")
-        return ((profile - profile.mean()) / profile.std()).astype(np.float32)[None, :]
-
-    wall_speckle = _speckle(rng, (n, m))
-    lung_speckle = _speckle(rng, (n, m))
-
-    # Pleural line: smooth and bright when healthy; irregular, thick and broken with COVID-19.
-    pleura_depth = _ZONE_PLEURA_DEPTH[zone] * patient.chest_wall / rng.uniform(0.85, 1.15)  # random depth setting
-    if label == "covid":
-        pleura_at = pleura_depth + rng.uniform(0.008, 0.016) * smooth_noise(0.05)
-        pleura_width = rng.uniform(0.011, 0.017)
-        pleura_brightness = np.clip(0.55 + 0.45 * smooth_noise(0.04), 0.1, 1.0)
-    else:
-        pleura_at = pleura_depth + 0.002 * smooth_noise(0.3)
-        pleura_width = rng.uniform(0.007, 0.01)
-        pleura_brightness = np.clip(0.9 + 0.15 * smooth_noise(0.02), 0.6, 1.1)
-    below_pleura = depth - pleura_at
+    canvas = _Canvas(
+        depth=((np.arange(n, dtype=np.float32) + 0.5) / n)[:, None],
+        u=((np.arange(m, dtype=np.float32) + 0.5) / m * 2 * _TISSUE_REACH - _TISSUE_REACH)[None, :],
+        wall_speckle=_speckle(rng, (n, m)),
+        lung_speckle=_speckle(rng, (n, m)),
+    )
+    pleura = _pleura(label, zone, patient, canvas, rng)
+    below_pleura = canvas.depth - pleura.at
     lung_weight = _ramp(below_pleura, 0.008)
+    above = _chest_wall(pleura.depth, canvas, rng) * (1 - lung_weight)
 
-    # Chest wall: subcutaneous fat, then muscle with bright fascia lines.
+    # Lung: air shows only a dim reverberation haze.
+    lung = 0.09 * np.exp(-np.maximum(below_pleura, 0) / 0.5) * canvas.lung_speckle
+    a_line_weight = canvas.lung_speckle.copy()
+
+    # How far below the pleura a consolidation starts: under the fluid, if any.
+    consolidation_top: np.ndarray | np.float32 = np.float32(0.004)
+    if findings["effusion"]:
+        fluid, consolidation_top = _effusion(canvas, below_pleura, rng)
+        above = above + fluid * 0.005 * canvas.wall_speckle
+        lung_weight = lung_weight * (1 - fluid)
+    if findings["consolidation"]:
+        lung, a_line_share = _consolidate(lung, label, canvas, below_pleura, consolidation_top, rng)
+        a_line_weight *= a_line_share
+
+    a_lines = _a_lines(label, canvas, pleura, rng) if findings["a_lines"] else np.zeros((n, m), dtype=np.float32)
+    b_lines = _b_lines(label, canvas, time, rng) if findings["b_lines"] else np.zeros((time.size, m), dtype=np.float32)
+    b_line_onset = _ramp(below_pleura - 0.01, 0.02) * (0.7 + 0.3 * canvas.wall_speckle)
+
+    shadow, rib_surface = _ribs(side, zone, pleura.depth, canvas, rng)
+    above = above + rib_surface
+
+    return _Tissue(
+        rows=n,
+        columns=m,
+        above=above.ravel(),
+        lung_weight=lung_weight.ravel(),
+        pleura=np.exp(-((below_pleura / pleura.width) ** 2)).ravel(),
+        b_line_onset=b_line_onset.ravel(),
+        shadow=shadow.ravel(),
+        lung=lung.ravel(),
+        a_line_weight=a_line_weight.ravel(),
+        a_lines=a_lines.ravel(),
+        pleura_brightness=pleura.brightness.ravel(),
+        b_lines=b_lines,
+    )
+
+
+def _pleura(label: str, zone: str, patient: Patient, canvas: _Canvas, rng: np.random.Generator) -> _Pleura:
+    """Pleural line: smooth and bright when healthy; irregular, thick and broken with COVID-19."""
+    depth = _ZONE_PLEURA_DEPTH[zone] * patient.chest_wall / rng.uniform(0.85, 1.15)  # random depth setting
+    if label == "covid":
+        at = depth + rng.uniform(0.008, 0.016) * canvas.smooth_noise(rng, 0.05)
+        width = rng.uniform(0.011, 0.017)
+        brightness = np.clip(0.55 + 0.45 * canvas.smooth_noise(rng, 0.04), 0.1, 1.0)
+    else:
+        at = depth + 0.002 * canvas.smooth_noise(rng, 0.3)
+        width = rng.uniform(0.007, 0.01)
+        brightness = np.clip(0.9 + 0.15 * canvas.smooth_noise(rng, 0.02), 0.6, 1.1)
+    return _Pleura(depth, at, width, brightness)
+
+
+def _chest_wall(pleura_depth: float, canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
+    """Chest wall, (n, m): subcutaneous fat, then muscle with bright fascia lines above ``pleura_depth``."""
+    depth = canvas.depth
     wall_profile = np.where(depth < 0.04, 0.08, 0.13).astype(np.float32)
     for _ in range(rng.integers(2, 5)):
         at = rng.uniform(0.03, pleura_depth - 0.04)
         wall_profile += rng.uniform(0.1, 0.25) * np.exp(-(((depth - at) / rng.uniform(0.005, 0.01)) ** 2))
-    above = wall_profile * wall_speckle * (1 - lung_weight)
+    return wall_profile * canvas.wall_speckle
 
-    # Lung: air shows only a dim reverberation haze.
-    lung = 0.09 * np.exp(-np.maximum(below_pleura, 0) / 0.5) * lung_speckle
-    a_line_weight = lung_speckle.copy()
 
-    # Effusion: anechoic fluid between the pleura and the (consolidated) lung.
-    consolidation_top = np.float32(0.004)
-    if findings["effusion"]:
-        thickness = rng.uniform(0.12, 0.25) * (1 + 0.25 * smooth_noise(0.4))
-        start, stop = sorted(rng.uniform(-0.9, 0.9, 2)) if rng.random() < 0.3 else (-_TISSUE_REACH, _TISSUE_REACH)
-        envelope = _ramp(u - start, 0.1) * _ramp(stop - u, 0.1)
-        fluid = envelope * _ramp(below_pleura - 0.006, 0.008) * _ramp(thickness - below_pleura, 0.02)
-        above = above + fluid * 0.005 * wall_speckle
-        lung_weight = lung_weight * (1 - fluid)
-        consolidation_top = thickness * envelope + 0.004
+def _effusion(canvas: _Canvas, below_pleura: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Effusion: anechoic fluid between the pleura and the (consolidated) lung. Where the fluid lies, (n, m), and
+    how far below the pleura the lung's consolidation starts, (1, m)."""
+    u = canvas.u
+    thickness = rng.uniform(0.12, 0.25) * (1 + 0.25 * canvas.smooth_noise(rng, 0.4))
+    start, stop = sorted(rng.uniform(-0.9, 0.9, 2)) if rng.random() < 0.3 else (-_TISSUE_REACH, _TISSUE_REACH)
+    envelope = _ramp(u - start, 0.1) * _ramp(stop - u, 0.1)
+    fluid = envelope * _ramp(below_pleura - 0.006, 0.008) * _ramp(thickness - below_pleura, 0.02)
+    return fluid, thickness * envelope + 0.004
 
-    # Consolidation: hypoechoic tissue-like lung with air bronchograms and a shredded deep border.
-    if findings["consolidation"]:
-        if label == "pneumonia":
-            centre, half_width, extent = rng.uniform(-0.5, 0.5), rng.uniform(0.35, 0.9), rng.uniform(0.2, 0.45)
-        else:  # a small subpleural consolidation
-            centre, half_width, extent = rng.uniform(-0.6, 0.6), rng.uniform(0.06, 0.14), rng.uniform(0.04, 0.09)
-        envelope = _ramp(half_width - np.abs(u - centre), 0.08)
-        lens = np.sqrt(np.clip(1 - ((u - centre) / half_width) ** 2, 0, 1))  # deepest in the middle
-        deep_border = consolidation_top + extent * lens * (1 + 0.25 * smooth_noise(0.06))
-        solid = envelope * _ramp(below_pleura - consolidation_top, 0.015) * _ramp(deep_border - below_pleura, 0.02)
-        dots = gaussian_filter((rng.random((n, m)) > 0.99).astype(np.float32), (1.0, 0.6))
-        bronchograms = np.minimum(dots / dots.max() * 1.8, 1.0)
-        shred_line = 0.3 * envelope * np.exp(-(((below_pleura - deep_border) / 0.012) ** 2)) * lung_speckle
-        lung = lung * (1 - solid) + (0.17 * wall_speckle + 0.7 * bronchograms) * solid + shred_line
-        a_line_weight *= (1 - envelope) * (1 - solid)
 
-    # A-lines: reverberations of the pleura at multiples of its depth from the probe face.
-    a_lines = np.zeros((n, m), dtype=np.float32)
-    if findings["a_lines"]:
-        amplitude = rng.uniform(0.25, 0.45) if label == "regular" else rng.uniform(0.06, 0.14)
-        lateral = np.clip(0.75 + 0.3 * smooth_noise(0.15), 0.3, 1.1)
-        for k in range(2, 6):
-            line_width = pleura_width * (1 + 0.3 * k)
-            a_lines += (amplitude * 0.7 ** (k - 2)) * lateral * np.exp(-(((depth - k * pleura_at) / line_width) ** 2))
+def _consolidate(
+    lung: np.ndarray,
+    label: str,
+    canvas: _Canvas,
+    below_pleura: np.ndarray,
+    top: np.ndarray | np.float32,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Consolidation: hypoechoic tissue-like lung with air bronchograms and a shredded deep border, from ``top``
+    below the pleura. The ``lung`` image with it drawn in, and the share of the A-lines that still shows."""
+    u = canvas.u
+    if label == "pneumonia":
+        centre, half_width, extent = rng.uniform(-0.5, 0.5), rng.uniform(0.35, 0.9), rng.uniform(0.2, 0.45)
+    else:  # a small subpleural consolidation
+        centre, half_width, extent = rng.uniform(-0.6, 0.6), rng.uniform(0.06, 0.14), rng.uniform(0.04, 0.09)
+    envelope = _ramp(half_width - np.abs(u - centre), 0.08)
+    lens = np.sqrt(np.clip(1 - ((u - centre) / half_width) ** 2, 0, 1))  # deepest in the middle
+    deep_border = top + extent * lens * (1 + 0.25 * canvas.smooth_noise(rng, 0.06))
+    solid = envelope * _ramp(below_pleura - top, 0.015) * _ramp(deep_border - below_pleura, 0.02)
+    dots = gaussian_filter((rng.random(lung.shape) > 0.99).astype(np.float32), (1.0, 0.6))
+    bronchograms = np.minimum(dots / dots.max() * 1.8, 1.0)
+    shred_line = 0.3 * envelope * np.exp(-(((below_pleura - deep_border) / 0.012) ** 2)) * canvas.lung_speckle
+    lung = lung * (1 - solid) + (0.17 * canvas.wall_speckle + 0.7 * bronchograms) * solid + shred_line
+    return lung, (1 - envelope) * (1 - solid)
 
-    # B-lines: comet tails along beams from the pleura to the bottom; they move with the lung and flicker.
-    b_lines = np.zeros((time.size, m), dtype=np.float32)
-    if findings["b_lines"]:
-        count, strength = (rng.integers(2, 6), (0.35, 0.7)) if label == "covid" else (1, (0.15, 0.3))
-        for _ in range(count):
-            flicker = 0.65 + 0.35 * np.sin(2 * np.pi * rng.uniform(0.4, 1.5) * time + rng.uniform(0, 2 * np.pi))
-            width = rng.uniform(0.025, 0.06) if rng.random() < 0.8 else rng.uniform(0.1, 0.18)  # sometimes confluent
-            b_lines += (rng.uniform(*strength) * flicker)[:, None] * np.exp(
-                -(((u - rng.uniform(-0.75, 0.75)) / width) ** 2)
-            )
-    b_line_onset = _ramp(below_pleura - 0.01, 0.02) * (0.7 + 0.3 * wall_speckle)
 
-    # Ribs: a bright rounded surface just above the pleura and an acoustic shadow along the beams below it.
+def _a_lines(label: str, canvas: _Canvas, pleura: _Pleura, rng: np.random.Generator) -> np.ndarray:
+    """A-lines, (n, m): reverberations of the pleura at multiples of its depth from the probe face."""
+    a_lines = np.zeros(canvas.wall_speckle.shape, dtype=np.float32)
+    amplitude = rng.uniform(0.25, 0.45) if label == "regular" else rng.uniform(0.06, 0.14)
+    lateral = np.clip(0.75 + 0.3 * canvas.smooth_noise(rng, 0.15), 0.3, 1.1)
+    for k in range(2, 6):
+        line_width = pleura.width * (1 + 0.3 * k)
+        a_lines += (
+            (amplitude * 0.7 ** (k - 2)) * lateral * np.exp(-(((canvas.depth - k * pleura.at) / line_width) ** 2))
+        )
+    return a_lines
+
+
+def _b_lines(label: str, canvas: _Canvas, time: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """B-lines, (T, m): comet tails along beams from the pleura to the bottom; they move with the lung and flicker."""
+    b_lines = np.zeros((time.size, canvas.u.size), dtype=np.float32)
+    count, strength = (rng.integers(2, 6), (0.35, 0.7)) if label == "covid" else (1, (0.15, 0.3))
+    for _ in range(count):
+        flicker = 0.65 + 0.35 * np.sin(2 * np.pi * rng.uniform(0.4, 1.5) * time + rng.uniform(0, 2 * np.pi))
+        width = rng.uniform(0.025, 0.06) if rng.random() < 0.8 else rng.uniform(0.1, 0.18)  # sometimes confluent
+        b_lines += (rng.uniform(*strength) * flicker)[:, None] * np.exp(
+            -(((canvas.u - rng.uniform(-0.75, 0.75)) / width) ** 2)
+        )
+    return b_lines
+
+
+def _ribs(
+    side: str, zone: str, pleura_depth: float, canvas: _Canvas, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ribs: a bright rounded surface just above the pleura and an acoustic shadow along the beams below it.
+    The shadow's attenuation and the surfaces' echo, both (n, m)."""
+    depth, u = canvas.depth, canvas.u
     rib_spacing = _ZONE_RIB_SPACING[zone] * rng.uniform(0.92, 1.08)
     rib_half_width = rng.uniform(0.12, 0.17)
     first_rib = _SIDE_RIB_SHIFT[side] + rng.uniform(-0.1, 0.1) - rib_spacing / 2
@@ -208,23 +294,7 @@ def render_tissue(
         rib_top = np.where(this_rib > 0, pleura_depth - 0.015 - 0.03 * np.sqrt(np.clip(1 - offset**2, 0, 1)), rib_top)
         rib = np.maximum(rib, this_rib)
     shadow = 1 - 0.93 * rib * _ramp(depth - rib_top - 0.012, 0.01)
-    above = above + 0.5 * rib * np.exp(-(((depth - rib_top) / 0.01) ** 2)) * wall_speckle
-
-    pleura = np.exp(-((below_pleura / pleura_width) ** 2))
-    return _Tissue(
-        rows=n,
-        columns=m,
-        above=above.ravel(),
-        lung_weight=lung_weight.ravel(),
-        pleura=pleura.ravel(),
-        b_line_onset=b_line_onset.ravel(),
-        shadow=shadow.ravel(),
-        lung=lung.ravel(),
-        a_line_weight=a_line_weight.ravel(),
-        a_lines=a_lines.ravel(),
-        pleura_brightness=pleura_brightness.ravel(),
-        b_lines=b_lines,
-    )
+    return shadow, 0.5 * rib * np.exp(-(((depth - rib_top) / 0.01) ** 2)) * canvas.wall_speckle
 
 
 @dataclass(frozen=True)

@@ -73,29 +73,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--set key=value override them (e.g. --set optim.weight_decay=1e-5 --set augment.blur_p=0.5). "
         "RUN/config.yaml holds the resolved configuration. Distributed: torchrun --nproc-per-node N -m sonocl pretrain …"
     )
-    parser.add_argument(
+    _data_arguments(parser.add_argument_group("data"))
+    _run_arguments(parser.add_argument_group("run"))
+    _override_arguments(parser.add_argument_group("overrides"))
+    _tracker_arguments(
+        parser.add_argument_group(
+            "trackers (rank 0 logs to them besides metrics.csv and TensorBoard; pip install 'sonocl[trackers]'; "
+            "a setting not given takes the tracker's environment variable, e.g. WANDB_MODE, MLFLOW_TRACKING_URI)"
+        )
+    )
+    _method_option_arguments(
+        parser.add_argument_group("method options (each applies to the methods named in its help)")
+    )
+
+
+def _data_arguments(data: argparse._ArgumentGroup) -> None:
+    """The frame stores pretrained on, and their shares."""
+    data.add_argument(
         "--store",
         action="append",
         help="frame store directory (sonocl ingest); give it again to pretrain on several stores at once, each giving "
         "an equal share of every epoch's pairs unless --store-weights says otherwise",
     )
-    parser.add_argument(
+    data.add_argument(
         "--store-weights",
         type=_weights,
         metavar="W,W,…",
         help="each --store's share of the pairs, in their order (e.g. 2,1; normalised)",
     )
-    parser.add_argument(
+
+
+def _run_arguments(run: argparse._ArgumentGroup) -> None:
+    """The method, the run directory and the configuration over the method's preset."""
+    run.add_argument(
         "--method",
         choices=method_names(),
         help="pretraining method (its preset is the base configuration): "
         + "; ".join(f"{m.name}: {m.summary}" for m in registry().values()),
     )
-    parser.add_argument("--out", required=True, type=Path, help="run directory for checkpoints, logs and the encoder")
-    parser.add_argument("--config", type=Path, help="YAML configuration (full or partial) applied over the preset")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
-    add_overwrite_argument(parser)
-    parser.add_argument(
+    run.add_argument("--out", required=True, type=Path, help="run directory for checkpoints, logs and the encoder")
+    run.add_argument("--config", type=Path, help="YAML configuration (full or partial) applied over the preset")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    add_overwrite_argument(run)
+    run.add_argument(
         "--set",
         dest="assignments",
         action="append",
@@ -103,63 +123,73 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="set any configuration key, dotted (repeatable)",
     )
-    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
-    g = parser.add_argument_group("overrides")
-    g.add_argument("--epochs", type=int, help="passes over the training videos (or frames); --steps replaces it")
-    g.add_argument(
+    run.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+
+
+def _override_arguments(overrides: argparse._ArgumentGroup) -> None:
+    """The settings every method has (`OVERRIDES`), each over the preset and --config."""
+    overrides.add_argument(
+        "--epochs", type=int, help="passes over the training videos (or frames); --steps replaces it"
+    )
+    overrides.add_argument(
         "--steps",
         type=int,
         help="budget in optimiser steps of --batch-size pairs each: equal steps and batch "
         "give methods equal budgets (pairs seen), whatever their epoch length",
     )
-    g.add_argument("--batch-size", type=int, help="global batch (split over processes)")
-    g.add_argument("--size", type=int, help="image side the store's frames are resized to on the device")
-    g.add_argument("--lr", type=float, help="learning rate (× batch/256 for presets with linear scaling)")
-    g.add_argument("--backbone", help=NAMES_HELP)
-    g.add_argument("--channels", type=int, choices=(1, 3))
-    g.add_argument("--init", help="random | imagenet | PATH (a sonocl run, checkpoint or encoder file)")
-    g.add_argument("--precision", choices=PRECISIONS)
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--val-fraction", type=float, help="share of videos (by group) held out for validation")
-    g.add_argument("--workers", type=int, help="DataLoader workers gathering frames from the store")
-    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
-    g.add_argument(
+    overrides.add_argument("--batch-size", type=int, help="global batch (split over processes)")
+    overrides.add_argument("--size", type=int, help="image side the store's frames are resized to on the device")
+    overrides.add_argument("--lr", type=float, help="learning rate (× batch/256 for presets with linear scaling)")
+    overrides.add_argument("--backbone", help=NAMES_HELP)
+    overrides.add_argument("--channels", type=int, choices=(1, 3))
+    overrides.add_argument("--init", help="random | imagenet | PATH (a sonocl run, checkpoint or encoder file)")
+    overrides.add_argument("--precision", choices=PRECISIONS)
+    overrides.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
+    overrides.add_argument("--seed", type=int)
+    overrides.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    overrides.add_argument("--val-fraction", type=float, help="share of videos (by group) held out for validation")
+    overrides.add_argument("--workers", type=int, help="DataLoader workers gathering frames from the store")
+    overrides.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
+    overrides.add_argument(
         "--deterministic",
         action="store_true",
         default=None,
         help="deterministic algorithms and one CPU thread (bit-exact resume on CPU)",
     )
-    g.add_argument("--threads", type=int, help="CPU threads for torch")
-    g.add_argument("--checkpoint-every-steps", type=int, help="also write last.pt every N steps")
-    g.add_argument("--sync-bn", action="store_true", default=None, help="synchronise BatchNorm across processes (CUDA)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    t = parser.add_argument_group(
-        "trackers (rank 0 logs to them besides metrics.csv and TensorBoard; pip install 'sonocl[trackers]'; "
-        "a setting not given takes the tracker's environment variable, e.g. WANDB_MODE, MLFLOW_TRACKING_URI)"
+    overrides.add_argument("--threads", type=int, help="CPU threads for torch")
+    overrides.add_argument("--checkpoint-every-steps", type=int, help="also write last.pt every N steps")
+    overrides.add_argument(
+        "--sync-bn", action="store_true", default=None, help="synchronise BatchNorm across processes (CUDA)"
     )
-    t.add_argument(
+    overrides.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+
+
+def _tracker_arguments(trackers: argparse._ArgumentGroup) -> None:
+    """Which experiment trackers the run also logs to, and their settings."""
+    trackers.add_argument(
         "--tracker",
         dest="trackers",
         action="append",
         choices=TRACKERS,
         help="also log to Weights & Biases or MLflow (repeatable); a resumed run continues the same tracker runs",
     )
-    t.add_argument("--wandb-project", metavar="NAME", help="W&B project (default: sonocl)")
-    t.add_argument("--wandb-entity", metavar="NAME", help="W&B entity: a user or team (default: the account's)")
-    t.add_argument(
+    trackers.add_argument("--wandb-project", metavar="NAME", help="W&B project (default: sonocl)")
+    trackers.add_argument("--wandb-entity", metavar="NAME", help="W&B entity: a user or team (default: the account's)")
+    trackers.add_argument(
         "--wandb-mode",
         choices=WANDB_MODES,
         help="offline (default): files under RUN/wandb, uploaded later by `wandb sync`; online: live",
     )
-    t.add_argument(
+    trackers.add_argument(
         "--mlflow-tracking-uri", metavar="URI", help="MLflow tracking URI (default: the file store RUN/mlruns)"
     )
-    t.add_argument("--mlflow-experiment", metavar="NAME", help="MLflow experiment name (default: sonocl)")
-    m = parser.add_argument_group("method options (each applies to the methods named in its help)")
+    trackers.add_argument("--mlflow-experiment", metavar="NAME", help="MLflow experiment name (default: sonocl)")
+
+
+def _method_option_arguments(options: argparse._ArgumentGroup) -> None:
+    """A flag for every option of the registered methods (`_method_flags`), stored under ``option_<name>``."""
     for name, (kind, help_text, owners) in _method_flags().items():
-        m.add_argument(
+        options.add_argument(
             "--" + name.replace("_", "-"),
             dest=_OPTION_PREFIX + name,
             type=kind,

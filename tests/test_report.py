@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from sonocl.cli import main
-from sonocl.report.html import png_size
+from sonocl.report.page import png_size
 
 TINY_PRETRAIN = [
     "--epochs",
@@ -109,7 +109,7 @@ def segment_dir(run_dir) -> Path:
     truth = np.zeros((30, 40), dtype=bool)
     truth[8:20, 10:30] = True
     for name in ("case_01", "case_02"):
-        write_overlay(out / "overlays" / "random" / f"{name}.png", image, truth, np.roll(truth, 2, axis=1))
+        write_overlay(out / "overlays" / "random" / f"{name}.png", image, truth[None], np.roll(truth, 2, axis=1)[None])
     stats = {"mean": 0.8, "std": 0.05, "median": 0.8, "n": 2}
     fold = {"fold": 0, "num_train": 2, "num_test": 2, "metrics": {"dice": stats, "iou": stats, "hd95_px": stats}}
     results = {

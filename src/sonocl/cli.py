@@ -17,6 +17,7 @@ from sonocl.runtime import keep_freed_memory
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("sonocl.data.ingest", "decode videos, DICOM cine and images into a frame store"),
+    "merge": ("sonocl.data.merge", "join frame stores into one (hard links, no frame copied where it can)"),
     "info": (
         "sonocl.data.info",
         "summarise a frame store (videos, frames, labels, groups, skipped files) or what a run saw",

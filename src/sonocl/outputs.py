@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,7 +57,9 @@ class Kind:
 STORE = Kind(
     "frame store",
     "sonocl ingest",
-    frozenset({"store.json", "frames.u8", "videos.jsonl", "ingest_report.json", ".ingest-tmp"}),
+    frozenset(
+        {"store.json", "frames.u8", "videos.jsonl", "ingest_report.json", ".ingest-tmp", ".manifest.lock", "shards"}
+    ),
     "store.json",
 )
 RUN = Kind(
@@ -139,7 +142,7 @@ def claim(directory: str | Path, kind: Kind, *, overwrite: bool = False) -> Path
         raise OutputError(
             f"{directory}: holds a sonocl {found}, not a {kind.name}; choose another --out for `{kind.command}`"
         )
-    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+    if directory.is_dir() and _entries(directory) and not overwrite:
         adopted = (directory / kind.signature).exists() and kind.holds_only_own(directory)
         if not adopted:
             raise OutputError(
@@ -197,6 +200,13 @@ def add_overwrite_argument(parser: argparse.ArgumentParser | argparse._ArgumentG
         "touched); by default only a new or empty folder, or one this command made, is written"
     )
     parser.add_argument("--overwrite", action="store_true", help=what)
+
+
+def _entries(directory: Path) -> list[Path]:
+    """The directory's entries but the marker another process is writing at this moment (its atomic write's
+    temporary file): two commands claiming one new folder at once (two ingests into two shards of a new store)."""
+    claiming = re.compile(rf"\.{re.escape(MARKER)}\.\d+\.tmp")
+    return [entry for entry in directory.iterdir() if not claiming.fullmatch(entry.name)]
 
 
 def _some_entries(directory: Path, shown: int = 3) -> str:

@@ -352,7 +352,7 @@ def _corrupt_record(store: Path) -> None:
     ("damage", "named", "message"),
     [
         (_damage_header, META_FILE, "unreadable store header"),
-        (_future_format, META_FILE, "store format 99, this sonocl reads format 1"),
+        (_future_format, META_FILE, "store format 99, this sonocl reads formats 1 and 2"),
         (_cut_frames, FRAMES_FILE, "the store is damaged"),
         (_corrupt_record, VIDEOS_FILE, "corrupt record at byte"),
     ],

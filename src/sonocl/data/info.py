@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sonocl.data.store import META_FILE, FrameStore, StoreError
+from sonocl.data.store import META_FILE, FrameStore, StoreError, read_meta
 from sonocl.files import read_json
 
 UNLABELLED = "(unlabelled)"
@@ -68,7 +68,21 @@ def summarise(store: FrameStore) -> dict[str, Any]:
         },
         "last_ingest": {key: report[key] for key in ("finished", "sources", "options", "counts") if key in report},
         "skipped": report.get("skipped", []),
+        "parts": _parts(store),
+        "duplicates_left_out": store.duplicates,
     }
+
+
+def _parts(store: FrameStore) -> list[dict[str, Any]]:
+    """Each part of the store (the root part, then each shard): its name, whether sealed, its videos and frames."""
+    sealed = {shard["name"]: bool(shard.get("sealed")) for shard in read_meta(store.root).get("shards", [])}
+    found = []
+    for index, directory in enumerate(store.part_dirs):
+        mine = [video.num_frames for video, part in zip(store.videos, store.video_part) if part == index]
+        name = "" if directory == store.root else directory.name
+        found.append({"name": name or "(root)", "sealed": sealed.get(name, False), "videos": len(mine),
+                      "frames": int(sum(mine))})  # fmt: skip
+    return found
 
 
 def _print_counts(title: str, counts: dict[str, dict[str, int]]) -> None:
@@ -92,6 +106,14 @@ def _print_text(summary: dict[str, Any]) -> None:
     print(
         f"groups: {groups['count']} (videos per group: min {spread['min']}, median {spread['median']:g}, max {spread['max']})"
     )
+    if len(summary["parts"]) > 1:
+        shown = ", ".join(
+            f"{part['name']}{' (sealed)' if part['sealed'] else ''} {part['videos']} videos"
+            for part in summary["parts"]
+        )
+        print(f"parts: {shown}")
+    if summary["duplicates_left_out"]:
+        print(f"{summary['duplicates_left_out']} videos left out: an earlier part holds their content or id")
     last = summary["last_ingest"]
     if last:
         counts = last.get("counts", {})

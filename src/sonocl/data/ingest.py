@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", required=True, type=Path, metavar="STORE", help="frame store directory (created, or appended to)"
     )
     add_overwrite_argument(parser)
+    parser.add_argument(
+        "--shard",
+        metavar="NAME",
+        help="write into shard NAME of the store (created if new, continued if not), so that several processes or "
+        "hosts ingest one corpus into one store at once, each into its own shard (docs/ingest.md, Shards)",
+    )
     frames = parser.add_argument_group("frames")
     frames.add_argument(
         "--size",
@@ -199,8 +205,8 @@ class Ingest:
         self.labeller = labeller
         self.progress = progress
         self.summary = RunSummary()
-        self.temp_dir = writer.root / TEMP_DIR
-        self._sources_by_id = {video.id: video.source for video in writer.videos}
+        self.temp_dir = writer.directory / TEMP_DIR
+        self._sources_by_id = {video.id: video.source for video in (*writer.other_videos, *writer.videos)}
 
     def skip(self, path: Path, reason: str) -> None:
         self.summary.skipped.append({"file": str(path), "reason": reason})
@@ -270,7 +276,7 @@ class Ingest:
             if isinstance(outcome, Failed):
                 if outcome.fatal:
                     raise WriteFailedError(
-                        f"{shown(task.source.path)}: {outcome.reason}; the {len(self.writer.videos)} videos committed before "
+                        f"{shown(task.source.path)}: {outcome.reason}; the {self.writer.store_videos} videos committed before "
                         "are intact. Free disk space and run again to add the rest"
                     )
                 self.skip(task.source.path, outcome.reason)
@@ -331,7 +337,7 @@ def _write_report(
                 {"link": str(link), "target": str(target)} for link, target in found.links_not_followed
             ],
         },
-        "store": {"videos": len(writer.videos), "frames": writer.num_frames},
+        "store": {"videos": writer.store_videos, "frames": writer.store_frames},
         "skipped": skipped,
     }
     write_json(previous_path, report)
@@ -371,11 +377,11 @@ def ingest(config: IngestConfig) -> int:
     table = _load_table(config, sources)
     size = config.size if config.size is not None or (store_root / META_FILE).exists() else DEFAULT_SIZE
     claim(store_root, STORE, overwrite=config.overwrite)
-    writer = FrameStoreWriter(store_root, size)
+    writer = FrameStoreWriter(store_root, size, config.shard)
     if table is not None:
         _note_ids_not_found(table, sources)
     with writer:
-        temp_dir = store_root / TEMP_DIR
+        temp_dir = writer.directory / TEMP_DIR
         shutil.rmtree(temp_dir, ignore_errors=True)
         try:
             temp_dir.mkdir()
@@ -411,9 +417,9 @@ def ingest(config: IngestConfig) -> int:
         masks = f", {found.masks_left_out} mask files left out" if found.masks_left_out else ""
         print(
             f"{store_root}: {summary.added} added, {summary.already_present} already in store, {len(summary.skipped)} skipped"
-            f"{masks}; the store holds {len(writer.videos)} videos, {writer.num_frames} frames"
+            f"{masks}; the store holds {writer.store_videos} videos, {writer.store_frames} frames"
         )
-        if not writer.videos:
+        if not writer.store_videos:
             print(
                 f"sonocl ingest: no file under {_joined(config.sources)} could be read; the store is empty",
                 file=sys.stderr,

@@ -38,6 +38,8 @@ class IngestConfig:
     """The frame store (created, or appended to)."""
     overwrite: bool = False
     """Write into an --out that sonocl did not make (`sonocl.outputs`)."""
+    shard: str | None = None
+    """Write into this shard of the store (`sonocl.data.store`), not its root part."""
     size: int | None = None
     """Stored frames are size × size (None: an existing store's own, else `DEFAULT_SIZE`)."""
     stride: int = 1

@@ -1,20 +1,29 @@
-"""The frame store: uint8 greyscale frames of many videos in one memory-mapped file, plus a video table.
+"""The frame store: uint8 greyscale frames of many videos in memory-mapped files, plus a video table.
 
 Layout of a store directory::
 
-    store.json      format version, frame size, the salt for group-id hashing (written once, atomically)
-    frames.u8       every frame, S×S uint8, back to back, append-only
-    videos.jsonl    one JSON line per committed video (its frame offset and count, labels, …)
+    store.json      format version, frame size, the salt for group-id hashing, the shards (written atomically)
+    frames.u8       the root part's frames, S×S uint8, back to back, append-only
+    videos.jsonl    one JSON line per committed video of the root part (its frame offset and count, labels, …)
+    shards/NAME/    a shard: frames.u8, videos.jsonl and .lock of its own, as the root part's
     ingest_report.json   what the last ingest did and which files it skipped (written by ingest)
-    .lock           held (flock) by the one writer allowed at a time
+    .lock           held (flock) by the one writer of the root part allowed at a time
+    .manifest.lock  held for the moment store.json is created or a shard is added to it
 
-A video is *committed* when its line in ``videos.jsonl`` is written and fsynced, which happens only
-after its frames are fsynced in ``frames.u8``. A writer killed at any moment therefore leaves a
-store whose committed videos are all readable: bytes past the last committed frame and a torn last
-line are ignored by readers and cut off by the next writer.
+A store is its parts: the root part (every store has it; a store without shards, format 1, is only it) and the
+shards that ``store.json`` lists (format 2). Each part has its one writer at a time (`FrameStoreWriter`, ``shard=``),
+so several processes or hosts ingest one corpus at once, each into its own shard; ``sonocl merge`` adds other stores'
+parts as sealed shards (read-only: their frame files may be hard links shared with the store they came from).
 
-Readers (`FrameStore.open`) never decode anything: a frame is a slice of the memory map. The map is
-opened lazily in each process, so a `FrameStore` can be handed to DataLoader workers and DDP ranks.
+A video is *committed* when its line in its part's ``videos.jsonl`` is written and fsynced, which happens only
+after its frames are fsynced in that part's ``frames.u8``. A writer killed at any moment therefore leaves a
+part whose committed videos are all readable: bytes past the last committed frame and a torn last
+line are ignored by readers and cut off by the next writer of that part.
+
+Readers (`FrameStore.open`) never decode anything: a frame is a slice of its part's memory map. The maps are
+opened lazily in each process, so a `FrameStore` can be handed to DataLoader workers and DDP ranks. A video whose
+content (or id) a part read earlier already holds is read once: the first part holding it, root first, then the
+shards in the order ``store.json`` lists them (two writers may ingest the same file at once).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,11 +45,16 @@ from sonocl.errors import UserError
 from sonocl.files import WriteFailedError, write_json
 
 FORMAT_VERSION = 1
+"""A store of one part (the root); `SHARDED_FORMAT` once store.json lists shards (older sonocl refuses to read it)."""
+SHARDED_FORMAT = 2
 META_FILE = "store.json"
 FRAMES_FILE = "frames.u8"
 VIDEOS_FILE = "videos.jsonl"
 REPORT_FILE = "ingest_report.json"
 LOCK_FILE = ".lock"
+MANIFEST_LOCK = ".manifest.lock"
+SHARDS_DIR = "shards"
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class StoreError(UserError, RuntimeError):
@@ -129,7 +144,7 @@ class VideoRecord:
         )
 
 
-def _read_meta(root: Path) -> dict[str, Any]:
+def read_meta(root: Path) -> dict[str, Any]:
     meta_path = root / META_FILE
     if not meta_path.is_file():
         raise StoreError(
@@ -139,12 +154,86 @@ def _read_meta(root: Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise StoreError(f"{meta_path}: unreadable store header ({error})") from error
-    if meta.get("format") != FORMAT_VERSION:
-        raise StoreError(f"{meta_path}: store format {meta.get('format')!r}, this sonocl reads format {FORMAT_VERSION}")
+    if meta.get("format") not in (FORMAT_VERSION, SHARDED_FORMAT):
+        raise StoreError(
+            f"{meta_path}: store format {meta.get('format')!r}, this sonocl reads formats {FORMAT_VERSION} and "
+            f"{SHARDED_FORMAT}"
+        )
     return meta
 
 
-def _read_records(path: Path) -> tuple[list[VideoRecord], int]:
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One part of a store: the root part (``name`` "") or a shard, and whether it is sealed (read-only: a merged
+    store's part, whose frame file may be shared with the store it came from)."""
+
+    name: str
+    sealed: bool = False
+
+    def directory(self, root: Path) -> Path:
+        return root / SHARDS_DIR / self.name if self.name else root
+
+
+def parts(meta: dict[str, Any]) -> list[Part]:
+    """The parts of a store in reading order: the root part, then the shards in the order store.json lists them."""
+    return [Part(""), *(Part(str(shard["name"]), bool(shard.get("sealed"))) for shard in meta.get("shards", []))]
+
+
+@contextlib.contextmanager
+def manifest_lock(root: Path) -> Iterator[None]:
+    """Hold ``ROOT/.manifest.lock`` (``flock``, exclusive, waiting for it) while store.json is created or changed:
+    the moments a writer of one part and a writer of another meet."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / MANIFEST_LOCK, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_or_create_meta(root: Path, size: int | None) -> dict[str, Any]:
+    """The store's header, created with ``size`` and a fresh salt if there is none (under the manifest lock, so that
+    two writers starting a store at once agree on one header)."""
+    with manifest_lock(root):
+        if (root / META_FILE).exists():
+            meta = read_meta(root)
+            if size is not None and int(meta["size"]) != size:
+                raise StoreError(
+                    f"{root}: this store holds {meta['size']}px frames, not {size}px; use --size {meta['size']} or a "
+                    "new --out"
+                )
+            return meta
+        if size is None:
+            raise StoreError(f"{root}: a new store needs a frame size")
+        meta = {"format": FORMAT_VERSION, "size": int(size), "salt": secrets.token_hex(16)}
+        write_json(root / META_FILE, meta)
+        return meta
+
+
+def add_shard(root: Path, name: str, sealed: bool = False) -> dict[str, Any]:
+    """List shard ``name`` in store.json (format 2 from then on) unless it is listed; returns the header. A sealed
+    shard is refused to a writer, and a name is refused unless it is `SHARD_NAME`'s."""
+    if not SHARD_NAME.fullmatch(name):
+        raise StoreError(
+            f"{root}: shard name {name!r}: use letters, digits, '.', '_' and '-' (at most 100, not starting with '.')"
+        )
+    with manifest_lock(root):
+        meta = read_meta(root)
+        listed = {shard["name"]: shard for shard in meta.get("shards", [])}
+        if name in listed:
+            if listed[name].get("sealed") and not sealed:
+                raise StoreError(
+                    f"{root}: shard {name!r} is sealed (merged from another store, read-only); write to a new shard"
+                )
+            return meta
+        meta = {**meta, "format": SHARDED_FORMAT, "shards": [*listed.values(), {"name": name, "sealed": sealed}]}
+        (root / SHARDS_DIR / name).mkdir(parents=True, exist_ok=True)
+        write_json(root / META_FILE, meta)
+        return meta
+
+
+def read_records(path: Path) -> tuple[list[VideoRecord], int]:
     """Committed records of ``videos.jsonl`` and the byte length of its committed part (torn tail excluded)."""
     records: list[VideoRecord] = []
     committed = 0
@@ -247,131 +336,194 @@ class VideoTable:
 class FrameStore(VideoTable):
     """Read-only random access to the frames and video table of a store.
 
-    ``store.frames`` is an ``(num_frames, size, size)`` uint8 memory map; ``store.videos`` the committed
-    `VideoRecord` list in commit order (video index = position in that list).
+    ``store.videos`` is the committed `VideoRecord` list, part after part, each part's in commit order (video index
+    = position in that list); a video's ``frame_offset`` is its first frame in its part's frame file.
     """
 
-    def __init__(self, root: Path, meta: dict[str, Any], videos: list[VideoRecord]) -> None:
+    def __init__(self, root: Path, meta: dict[str, Any], videos: list[VideoRecord], video_part: np.ndarray,
+                 part_dirs: list[Path], duplicates: int = 0) -> None:  # fmt: skip
         super().__init__(videos)
         self.root = root
         self.size = int(meta["size"])
         self.salt: str = meta["salt"]
-        self._frames: np.memmap | None = None
-        self._frames_pid: int | None = None
-        self._check_offsets()
+        self.part_dirs = part_dirs
+        """The directory of each part the store reads (`Part.directory`), root part first."""
+        self.video_part = video_part
+        """The part of each video (an index into ``part_dirs``)."""
+        self.duplicates = duplicates
+        """Videos left out because an earlier part holds their content or id (`FrameStore.open`)."""
+        self._video_local = np.array([v.frame_offset for v in videos], dtype=np.int64)
+        self._contiguous = len(part_dirs) == 1 and bool(np.array_equal(self._video_local, self.video_offsets[:-1]))
+        self._maps: dict[int, np.memmap] = {}
+        self._maps_pid: int | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> FrameStore:
         root = Path(path)
-        meta = _read_meta(root)
-        videos, _ = _read_records(root / VIDEOS_FILE)
-        store = cls(root, meta, videos)
-        needed = store.num_frames * store.size * store.size
-        frames_path = root / FRAMES_FILE
-        have = frames_path.stat().st_size if frames_path.exists() else 0
-        if have < needed:
-            raise StoreError(
-                f"{frames_path}: holds {have} bytes but the video table needs {needed}; the store is damaged"
-            )
-        return store
+        meta = read_meta(root)
+        size = int(meta["size"])
+        videos: list[VideoRecord] = []
+        video_part: list[int] = []
+        part_dirs: list[Path] = []
+        hashes: set[str] = set()
+        ids: set[str] = set()
+        duplicates = 0
+        for part in parts(meta):
+            directory = part.directory(root)
+            records, _ = read_records(directory / VIDEOS_FILE)
+            _check_part(directory, records, size, part.sealed)
+            index = len(part_dirs)
+            part_dirs.append(directory)
+            for record in records:
+                if record.content_hash in hashes or record.id in ids:
+                    duplicates += 1
+                    continue
+                hashes.add(record.content_hash)
+                ids.add(record.id)
+                videos.append(record)
+                video_part.append(index)
+        return cls(root, meta, videos, np.array(video_part, dtype=np.int64), part_dirs, duplicates)
 
-    def _check_offsets(self) -> None:
-        for index, video in enumerate(self.videos):
-            if video.frame_offset != self.video_offsets[index] or len(video.timestamps) != video.num_frames:
-                raise StoreError(
-                    f"{self.root / VIDEOS_FILE}: record {index} ({video.id}) has inconsistent frame offsets"
-                )
+    def _part_frames(self, part: int) -> np.memmap | np.ndarray:
+        """Part ``part``'s frames as a read-only ``(n, S, S)`` uint8 memory map, opened once per process."""
+        if self._maps_pid != os.getpid():
+            self._maps, self._maps_pid = {}, os.getpid()
+        if part not in self._maps:
+            path = self.part_dirs[part] / FRAMES_FILE
+            count = (path.stat().st_size if path.exists() else 0) // (self.size * self.size)
+            if count == 0:
+                return np.zeros((0, self.size, self.size), dtype=np.uint8)
+            self._maps[part] = np.memmap(path, dtype=np.uint8, mode="r", shape=(count, self.size, self.size))
+        return self._maps[part]
 
     @property
     def frames(self) -> np.ndarray:
-        """All frames as a read-only ``(N, S, S)`` uint8 memory map, opened once per process."""
-        if self._frames is None or self._frames_pid != os.getpid():
-            if self.num_frames == 0:
-                return np.zeros((0, self.size, self.size), dtype=np.uint8)
-            self._frames = np.memmap(
-                self.root / FRAMES_FILE, dtype=np.uint8, mode="r", shape=(self.num_frames, self.size, self.size)
-            )
-            self._frames_pid = os.getpid()
-        return self._frames
+        """All frames as one ``(N, S, S)`` uint8 array: the memory map itself for a store of one part laid out video
+        after video; otherwise the frames are read (`gather`: for a large sharded store, read what you need)."""
+        if self.num_frames == 0:
+            return np.zeros((0, self.size, self.size), dtype=np.uint8)
+        if self._contiguous:
+            return self._part_frames(0)[: self.num_frames]
+        return self.gather(np.arange(self.num_frames))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_frames"] = None
-        state["_frames_pid"] = None
+        state["_maps"] = {}
+        state["_maps_pid"] = None
         return state
 
     def frame(self, index: int) -> np.ndarray:
-        return np.asarray(self.frames[index])
+        return self.gather(np.array([index]))[0]
 
     def gather(self, indices: np.ndarray) -> np.ndarray:
-        """Frames at any array of global frame indices, shape ``indices.shape + (S, S)``."""
+        """Frames at any array of global frame indices, shape ``indices.shape + (S, S)``: read part by part, each
+        part's frames in file order (sorted offsets read the file forwards, not one page fault here and there)."""
         indices = np.asarray(indices, dtype=np.int64)
-        return np.asarray(self.frames[indices.reshape(-1)]).reshape(*indices.shape, self.size, self.size)
+        flat = indices.reshape(-1)
+        if self._contiguous:
+            return np.asarray(self._part_frames(0)[flat]).reshape(*indices.shape, self.size, self.size)
+        videos = self.frame_video[flat]
+        part_of = self.video_part[videos]
+        local = self._video_local[videos] + self.frame_in_video[flat]
+        out = np.empty((len(flat), self.size, self.size), dtype=np.uint8)
+        for part in np.unique(part_of):
+            where = np.flatnonzero(part_of == part)
+            order = where[np.argsort(local[where], kind="stable")]
+            out[order] = self._part_frames(int(part))[local[order]]
+        return out.reshape(*indices.shape, self.size, self.size)
 
     def video_frames(self, video: int) -> np.ndarray:
-        start, stop = self.video_offsets[video], self.video_offsets[video + 1]
-        return np.asarray(self.frames[start:stop])
+        start = self._video_local[video]
+        return np.asarray(self._part_frames(int(self.video_part[video]))[start : start + self.videos[video].num_frames])
 
     def read_report(self) -> dict[str, Any] | None:
         path = self.root / REPORT_FILE
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-class FrameStoreWriter:
-    """The one writer of a store: creates it, repairs a killed writer's tail, appends and commits videos.
+def _check_part(directory: Path, records: list[VideoRecord], size: int, sealed: bool) -> None:
+    """Every committed video of a part lies in its frame file, with a timestamp per frame; in a part a writer appends
+    to, video after video (a sealed part may leave out videos its store of origin held: see `merge_stores`)."""
+    expected, needed = 0, 0
+    for index, video in enumerate(records):
+        misplaced = video.frame_offset < 0 if sealed else video.frame_offset != expected
+        if misplaced or len(video.timestamps) != video.num_frames:
+            raise StoreError(f"{directory / VIDEOS_FILE}: record {index} ({video.id}) has inconsistent frame offsets")
+        expected = video.frame_offset + video.num_frames
+        needed = max(needed, expected * size * size)
+    frames_path = directory / FRAMES_FILE
+    have = frames_path.stat().st_size if frames_path.exists() else 0
+    if have < needed:
+        raise StoreError(f"{frames_path}: holds {have} bytes but the video table needs {needed}; the store is damaged")
 
-    Use as a context manager; a second writer on the same store raises `StoreLockedError`. A failed
-    write (disk full) cuts the files back to the last commit and raises `WriteFailedError`; the writer
-    then accepts no more videos.
+
+class FrameStoreWriter:
+    """The one writer of a part of a store (the root part, or shard ``shard``): creates the store or the shard,
+    repairs a killed writer's tail, appends and commits videos.
+
+    Use as a context manager; a second writer of the same part raises `StoreLockedError` (writers of different parts
+    run side by side). A video whose content or id any part of the store holds is refused (`has_hash`, ids). A failed
+    write (disk full) cuts the part's files back to the last commit and raises `WriteFailedError`; the writer then
+    accepts no more videos.
     """
 
     _frames_handle: IO[bytes] | None
     _videos_handle: IO[bytes] | None
 
-    def __init__(self, path: str | os.PathLike[str], size: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], size: int | None = None, shard: str | None = None) -> None:
         self.root = Path(path)
         self._lock = contextlib.ExitStack()
         try:
-            self._lock.enter_context(directory_lock(self.root, "store"))
-        except DirectoryLockedError as error:
-            raise StoreLockedError(str(error)) from error
-        try:
-            self.meta = self._open_or_create_meta(size)
+            self.meta = open_or_create_meta(self.root, size)
+            if shard is not None:
+                self.meta = add_shard(self.root, shard)
+            self.directory = Part(shard or "").directory(self.root)
+            """The part this writer appends to: the store's root, or ``shards/SHARD``."""
+            try:
+                self._lock.enter_context(directory_lock(self.directory, "store" if shard is None else "shard"))
+            except DirectoryLockedError as error:
+                raise StoreLockedError(str(error)) from error
             self.size = int(self.meta["size"])
             self._frame_bytes = self.size * self.size
-            self.videos, committed_bytes = _read_records(self.root / VIDEOS_FILE)
+            self.videos, committed_bytes = read_records(self.directory / VIDEOS_FILE)
+            """This part's committed videos."""
             self.num_frames = sum(v.num_frames for v in self.videos)
+            """This part's committed frames."""
             self._repair(committed_bytes)
             self._videos_bytes = committed_bytes
-            self._hashes = {v.content_hash for v in self.videos}
-            self._ids = {v.id for v in self.videos}
-            self._frames_handle = open(self.root / FRAMES_FILE, "ab")
-            self._videos_handle = open(self.root / VIDEOS_FILE, "ab")
+            self.other_videos = self._other_parts_videos()
+            """The committed videos of the store's other parts, when this writer opened."""
+            self._hashes = {v.content_hash for v in (*self.other_videos, *self.videos)}
+            self._ids = {v.id for v in (*self.other_videos, *self.videos)}
+            self._frames_handle = open(self.directory / FRAMES_FILE, "ab")
+            self._videos_handle = open(self.directory / VIDEOS_FILE, "ab")
         except BaseException:
             self.close()
             raise
 
-    def _open_or_create_meta(self, size: int | None) -> dict[str, Any]:
-        if (self.root / META_FILE).exists():
-            meta = _read_meta(self.root)
-            if size is not None and int(meta["size"]) != size:
-                raise StoreError(
-                    f"{self.root}: this store holds {meta['size']}px frames, not {size}px; "
-                    f"use --size {meta['size']} or a new --out"
-                )
-            return meta
-        if size is None:
-            raise StoreError(f"{self.root}: a new store needs a frame size")
-        meta = {"format": FORMAT_VERSION, "size": int(size), "salt": secrets.token_hex(16)}
-        write_json(self.root / META_FILE, meta)
-        return meta
+    def _other_parts_videos(self) -> list[VideoRecord]:
+        found: list[VideoRecord] = []
+        for part in parts(read_meta(self.root)):
+            if part.directory(self.root) != self.directory:
+                found += read_records(part.directory(self.root) / VIDEOS_FILE)[0]
+        return found
+
+    @property
+    def store_videos(self) -> int:
+        """Videos of the whole store (every part, as this writer knows them)."""
+        return len(self.other_videos) + len(self.videos)
+
+    @property
+    def store_frames(self) -> int:
+        """Frames of the whole store (every part, as this writer knows them)."""
+        return sum(v.num_frames for v in self.other_videos) + self.num_frames
 
     def _repair(self, committed_bytes: int) -> None:
         """Cut off what a killed writer left past the last commit."""
-        videos_path = self.root / VIDEOS_FILE
+        videos_path = self.directory / VIDEOS_FILE
         if videos_path.exists() and videos_path.stat().st_size != committed_bytes:
             os.truncate(videos_path, committed_bytes)
-        frames_path = self.root / FRAMES_FILE
+        frames_path = self.directory / FRAMES_FILE
         needed = self.num_frames * self._frame_bytes
         have = frames_path.stat().st_size if frames_path.exists() else 0
         if have < needed:
@@ -420,7 +572,7 @@ class FrameStoreWriter:
         handle = getattr(self, name)
         if handle is None:
             raise StoreError(
-                f"{self.root}: this writer is closed (or stopped after a failed write); open the store again"
+                f"{self.directory}: this writer is closed (or stopped after a failed write); open the store again"
             )
         return handle
 
@@ -430,7 +582,7 @@ class FrameStoreWriter:
         cut and the writer goes on; after a failed write (disk full) both files are cut and the writer stops,
         since its buffers may still hold bytes that the next flush would write."""
         self._handle("_frames_handle")
-        self._failing_file = self.root / FRAMES_FILE
+        self._failing_file = self.directory / FRAMES_FILE
         try:
             yield
         except OSError as error:
@@ -441,7 +593,7 @@ class FrameStoreWriter:
             ) from error
         except BaseException:
             self._handle("_frames_handle").flush()
-            os.truncate(self.root / FRAMES_FILE, self.num_frames * self._frame_bytes)
+            os.truncate(self.directory / FRAMES_FILE, self.num_frames * self._frame_bytes)
             raise
 
     def _abandon(self) -> None:
@@ -452,8 +604,8 @@ class FrameStoreWriter:
             with contextlib.suppress(OSError):
                 handle.close()  # its flush may fail again; the descriptor is closed regardless
         with contextlib.suppress(OSError):
-            os.truncate(self.root / FRAMES_FILE, self.num_frames * self._frame_bytes)
-            os.truncate(self.root / VIDEOS_FILE, self._videos_bytes)
+            os.truncate(self.directory / FRAMES_FILE, self.num_frames * self._frame_bytes)
+            os.truncate(self.directory / VIDEOS_FILE, self._videos_bytes)
 
     def _write_frames(self, frames: Iterable[np.ndarray]) -> int:
         count = 0
@@ -478,7 +630,7 @@ class FrameStoreWriter:
         frames_handle, videos_handle = self._handle("_frames_handle"), self._handle("_videos_handle")
         frames_handle.flush()
         os.fsync(frames_handle.fileno())
-        self._failing_file = self.root / VIDEOS_FILE
+        self._failing_file = self.directory / VIDEOS_FILE
         line = record.to_json().encode("utf-8") + b"\n"
         videos_handle.write(line)
         videos_handle.flush()

@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from sonocl.cli import main
-from sonocl.data.store import FrameStoreWriter
+from sonocl.data.store_writer import FrameStoreWriter
 from sonocl.evaluate.classify import evaluate_init
 from sonocl.evaluate.config import OPTIMISTIC, EvalConfig
 from sonocl.evaluate.cpu_kernels import GemmConv2d

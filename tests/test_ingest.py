@@ -24,7 +24,8 @@ from sonocl.data.ingest import TEMP_DIR
 from sonocl.data.ingest_workers import Decoded, DecodeTask, Failed, decode_to_file, run_tasks
 from sonocl.data.labels import hashed_group
 from sonocl.data.sources import Source
-from sonocl.data.store import REPORT_FILE, FrameStore, FrameStoreWriter
+from sonocl.data.store import REPORT_FILE, FrameStore
+from sonocl.data.store_writer import FrameStoreWriter
 from test_decode import scan_frames, write_dicom, write_video
 
 RULES = "cov=covid,pneu=pneumonia,reg=regular,vir=viral"

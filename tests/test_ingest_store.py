@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sonocl.data.store import FrameStore, FrameStoreWriter, StoreError
+from sonocl.data.store import FrameStore, StoreError
+from sonocl.data.store_writer import FrameStoreWriter
 
 
 def _fields(video_id: str, count: int) -> dict[str, object]:

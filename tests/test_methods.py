@@ -92,7 +92,8 @@ def _model(cfg) -> ContrastiveModel:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from sonocl.data.store import FrameStore, FrameStoreWriter
+    from sonocl.data.store import FrameStore
+    from sonocl.data.store_writer import FrameStoreWriter
 
     path = tmp_path_factory.mktemp("methods") / "store"
     with FrameStoreWriter(path, size=8) as writer:

@@ -14,7 +14,8 @@ from PIL import Image
 from conftest import tiny_pretrain, tiny_sets
 from sonocl.cli import main
 from sonocl.data.phantom import make_phantom, write_phantom_store
-from sonocl.data.store import FrameStore, FrameStoreWriter, StoreError
+from sonocl.data.store import FrameStore, StoreError
+from sonocl.data.store_writer import FrameStoreWriter
 from sonocl.data.union import StoreUnion, open_stores
 from sonocl.pairs import InstanceSampler
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import make_sampler
-from sonocl.data.store import FrameStore, FrameStoreWriter
+from sonocl.data.store import FrameStore
+from sonocl.data.store_writer import FrameStoreWriter
 from sonocl.methods.awcl import AWCLSampler
 from sonocl.methods.meta_uscl import MetaSetSampler
 from sonocl.pairs import PairBatch

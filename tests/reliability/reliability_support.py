@@ -23,7 +23,8 @@ import pytest
 
 from sonocl.cli import main
 from sonocl.data.sources import shown
-from sonocl.data.store import FrameStore, FrameStoreWriter
+from sonocl.data.store import FrameStore
+from sonocl.data.store_writer import FrameStoreWriter
 from test_decode import scan_frames, write_video
 
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 from reliability_support import good_video, ingest, stored_ids
 
-from sonocl.data.store import DirectoryLockedError, FrameStore, FrameStoreWriter, StoreLockedError, directory_lock
+from sonocl.data.store import DirectoryLockedError, FrameStore, StoreLockedError, directory_lock
+from sonocl.data.store_writer import FrameStoreWriter
 
 
 def test_directory_lock_refuses_a_second_holder_and_is_released(tmp_path: Path) -> None:
@@ -40,7 +41,7 @@ def _hold_lock_in_child(store: Path) -> subprocess.Popen[bytes]:
     """A process that opens a store writer, says so on stdout, and waits to be killed."""
     code = (
         "import sys, time\n"
-        "from sonocl.data.store import FrameStoreWriter\n"
+        "from sonocl.data.store_writer import FrameStoreWriter\n"
         "writer = FrameStoreWriter(sys.argv[1], 32)\n"
         "print('locked', flush=True)\n"
         "time.sleep(600)\n"

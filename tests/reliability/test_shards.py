@@ -20,19 +20,10 @@ import numpy as np
 import pytest
 from reliability_support import FillingFile, good_video, ingest, line_naming, run_cli, stored_ids
 
-import sonocl.data.store as store_module
+import sonocl.data.store_writer as store_module
 from sonocl.data.ingest import TEMP_DIR
-from sonocl.data.store import (
-    FRAMES_FILE,
-    META_FILE,
-    SHARDS_DIR,
-    VIDEOS_FILE,
-    FrameStore,
-    FrameStoreWriter,
-    StoreError,
-    add_shard,
-    read_meta,
-)
+from sonocl.data.store import FRAMES_FILE, META_FILE, SHARDS_DIR, VIDEOS_FILE, FrameStore, StoreError, read_meta
+from sonocl.data.store_writer import FrameStoreWriter, add_shard
 
 SIZE = 32
 

@@ -29,15 +29,9 @@ from reliability_support import (
 
 import sonocl.data.ingest as ingest_module
 import sonocl.data.ingest_workers as ingest_workers
-import sonocl.data.store as store_module
+import sonocl.data.store_writer as store_module
 import sonocl.files as files_module
-from sonocl.data.store import (
-    FRAMES_FILE,
-    META_FILE,
-    REPORT_FILE,
-    VIDEOS_FILE,
-    FrameStore,
-)
+from sonocl.data.store import FRAMES_FILE, META_FILE, REPORT_FILE, VIDEOS_FILE, FrameStore
 from sonocl.files import WriteFailedError, atomic_write_text
 
 

@@ -38,7 +38,8 @@ from sonocl.data.labels import (
     parse_name_rules,
 )
 from sonocl.data.sources import Discovery, Source, content_hash, discover, shown
-from sonocl.data.store import META_FILE, REPORT_FILE, FrameStoreWriter, StoreError
+from sonocl.data.store import META_FILE, REPORT_FILE, StoreError
+from sonocl.data.store_writer import FrameStoreWriter
 from sonocl.errors import ConfigError
 from sonocl.files import WriteFailedError, write_json
 from sonocl.options import positive
@@ -69,7 +70,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write into shard NAME of the store (created if new, continued if not), so that several processes or "
         "hosts ingest one corpus into one store at once, each into its own shard (docs/ingest.md, Shards)",
     )
-    frames = parser.add_argument_group("frames")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default("workers"),
+        metavar="N",
+        help="decoding processes (default: all cores)",
+    )
+    _frame_arguments(parser.add_argument_group("frames"))
+    _label_arguments(parser.add_argument_group("labels and groups (see docs/ingest.md)"))
+
+
+def _frame_arguments(frames: argparse._ArgumentGroup) -> None:
+    """Which frames of a source are stored, and how."""
     frames.add_argument(
         "--size",
         type=int,
@@ -121,7 +134,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="treat every image as a one-frame video, never a folder of numbered images as one clip",
     )
-    labels = parser.add_argument_group("labels and groups (see docs/ingest.md)")
+
+
+def _label_arguments(labels: argparse._ArgumentGroup) -> None:
+    """Where labels and groups come from."""
     labels.add_argument(
         "--labels", type=Path, metavar="CSV", help="CSV with a column naming each file and a label column"
     )
@@ -142,13 +158,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     labels.add_argument(
         "--label-from-folder", action="store_true", help="label = first sub-folder under the source folder (class/…)"
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=default("workers"),
-        metavar="N",
-        help="decoding processes (default: all cores)",
     )
 
 

@@ -31,13 +31,12 @@ from sonocl.data.store import (
     VIDEOS_FILE,
     FrameStore,
     StoreError,
-    add_shard,
     directory_lock,
-    open_or_create_meta,
     parts,
     read_meta,
     read_records,
 )
+from sonocl.data.store_writer import add_shard, open_or_create_meta
 from sonocl.files import atomic_write, atomic_write_text
 from sonocl.outputs import STORE, add_overwrite_argument, claim
 

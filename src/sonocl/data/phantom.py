@@ -44,7 +44,8 @@ from sonocl.data.phantom_scan import (
     sample_patient,
     scan,
 )
-from sonocl.data.store import FrameStore, FrameStoreWriter
+from sonocl.data.store import FrameStore
+from sonocl.data.store_writer import FrameStoreWriter
 
 CLASSES: tuple[str, ...] = ("covid", "pneumonia", "regular")
 CLASS_PREFIX: dict[str, str] = {"covid": "cov", "pneumonia": "pneu", "regular": "reg"}

@@ -51,6 +51,7 @@ def summarise(store: FrameStore) -> dict[str, Any]:
         "videos": store.num_videos,
         "frames": store.num_frames,
         "size": store.size,
+        "codec": store.codec,
         "frames_per_video": {
             "min": int(min(frames, default=0)),
             "median": float(np.median(frames)) if frames else 0.0,
@@ -96,6 +97,7 @@ def _print_text(summary: dict[str, Any]) -> None:
     per_video = summary["frames_per_video"]
     print(
         f"{summary['store']}: {summary['videos']} videos, {summary['frames']} frames of {summary['size']}×{summary['size']}"
+        + (f", {summary['codec']}-compressed" if summary["codec"] != "raw" else "")
     )
     print(f"frames per video: min {per_video['min']}, median {per_video['median']:g}, max {per_video['max']}")
     _print_counts("labels:", summary["labels"])

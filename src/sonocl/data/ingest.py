@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sonocl.data.codecs import CODECS
 from sonocl.data.decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES, natural_key
 from sonocl.data.ingest_config import CROPS, DEFAULT_MAX_FRAMES, DEFAULT_SIZE, IngestConfig, default
 from sonocl.data.ingest_workers import Decoded, DecodeTask, Failed, run_tasks
@@ -69,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="write into shard NAME of the store (created if new, continued if not), so that several processes or "
         "hosts ingest one corpus into one store at once, each into its own shard (docs/ingest.md, Shards)",
+    )
+    parser.add_argument(
+        "--codec",
+        choices=CODECS,
+        help="how a new store keeps its frames: raw (the default), or each frame compressed losslessly, png (2.3× "
+        "smaller on ultrasound) or zlib (1.7×, decoded 2.5× faster); an existing store keeps its own",
     )
     parser.add_argument(
         "--workers",
@@ -338,7 +345,7 @@ def _write_report(
     report = {
         "finished": now,
         "sources": [str(path.resolve()) for path in config.sources],
-        "options": config.report_options(writer.size),
+        "options": config.report_options(writer.size, writer.codec),
         "counts": {"added": summary.added, "already_present": summary.already_present, "skipped": len(summary.skipped)},
         "left_out": {
             "masks": found.masks_left_out,
@@ -386,7 +393,7 @@ def ingest(config: IngestConfig) -> int:
     table = _load_table(config, sources)
     size = config.size if config.size is not None or (store_root / META_FILE).exists() else DEFAULT_SIZE
     claim(store_root, STORE, overwrite=config.overwrite)
-    writer = FrameStoreWriter(store_root, size, config.shard)
+    writer = FrameStoreWriter(store_root, size, config.shard, config.codec)
     if table is not None:
         _note_ids_not_found(table, sources)
     with writer:

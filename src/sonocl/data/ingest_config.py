@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sonocl.data.codecs import CODECS
 from sonocl.data.decode import DEFAULT_MAX_PIXELS
 from sonocl.data.preprocess import MIN_SOURCE_SIDE
 from sonocl.errors import ConfigError
@@ -40,6 +41,8 @@ class IngestConfig:
     """Write into an --out that sonocl did not make (`sonocl.outputs`)."""
     shard: str | None = None
     """Write into this shard of the store (`sonocl.data.store`), not its root part."""
+    codec: str | None = None
+    """How a new store keeps its frames (`sonocl.data.codecs`: raw, png, zlib); None: raw, or an existing store's."""
     size: int | None = None
     """Stored frames are size × size (None: an existing store's own, else `DEFAULT_SIZE`)."""
     stride: int = 1
@@ -92,6 +95,8 @@ class IngestConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 return f"{_option(name)} must be positive and finite, not {value}"
+        if self.codec is not None and self.codec not in CODECS:
+            return f"--codec must be one of {', '.join(CODECS)}, not {self.codec!r}"
         if self.crop not in CROPS:
             return f"--crop must be one of {', '.join(CROPS)}, not {self.crop!r}"
         if not self.sources:
@@ -114,10 +119,11 @@ class IngestConfig:
     def from_args(cls, args: argparse.Namespace) -> IngestConfig:
         return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
 
-    def report_options(self, size: int) -> dict[str, Any]:
-        """The frame options as ``ingest_report.json`` records them (``size``: the store's)."""
+    def report_options(self, size: int, codec: str) -> dict[str, Any]:
+        """The frame options as ``ingest_report.json`` records them (``size`` and ``codec``: the store's)."""
         return {
             "size": size,
+            "codec": codec,
             "stride": self.stride,
             "fps": self.fps,
             "max_frames": self.max_frames,

@@ -25,13 +25,16 @@ from pathlib import Path
 from typing import IO
 
 from sonocl.data.store import (
+    BLOBS_FILE,
     FRAMES_FILE,
+    INDEX_FILE,
     META_FILE,
     SHARDS_DIR,
     VIDEOS_FILE,
     FrameStore,
     StoreError,
     directory_lock,
+    frame_ends,
     parts,
     read_meta,
     read_records,
@@ -63,17 +66,23 @@ def merge_stores(sources: list[Path], out: Path, overwrite: bool = False) -> int
     """Add every part of every store of ``sources`` to store ``out`` as a sealed shard; returns the videos added."""
     opened = [FrameStore.open(source) for source in sources]  # each checked whole before anything is written
     out = out.resolve()
-    size, sized_by = (FrameStore.open(out).size, out) if (out / META_FILE).exists() else (opened[0].size, sources[0])
+    target = FrameStore.open(out) if (out / META_FILE).exists() else opened[0]
+    size, codec, sized_by = target.size, target.codec, out if target is not opened[0] else sources[0]
     for source, store in zip(sources, opened):
         if store.root.resolve() == out:
             raise StoreError(f"{source}: is the --out store itself")
+        if store.codec != codec:
+            raise StoreError(
+                f"{source}: keeps its frames {store.codec}, {sized_by} {codec}; a store keeps one codec (ingest the "
+                "videos again with --codec, or read the stores together with `sonocl pretrain --store A --store B`)"
+            )
         if store.size != size:
             raise StoreError(
                 f"{source}: holds {store.size}px frames, {sized_by} {size}px; a store holds one size (read stores of "
                 "several sizes together with `sonocl pretrain --store A --store B`)"
             )
     claim(out, STORE, overwrite=overwrite)
-    open_or_create_meta(out, size)
+    open_or_create_meta(out, size, codec)
     held = FrameStore.open(out)
     hashes = {video.content_hash for video in held.videos}
     ids = {video.id for video in held.videos}
@@ -90,8 +99,14 @@ def merge_stores(sources: list[Path], out: Path, overwrite: bool = False) -> int
                 name = _shard_name(f"{store.root.name}-{part.name or 'root'}", taken)
                 add_shard(out, name, sealed=True)
                 shard = out / SHARDS_DIR / name
-                end = max(v.frame_offset + v.num_frames for v in kept) * store.size * store.size
-                _link_or_copy(directory / FRAMES_FILE, shard / FRAMES_FILE, end)
+                frames = max(v.frame_offset + v.num_frames for v in kept)
+                if codec == "raw":
+                    _link_or_copy(directory / FRAMES_FILE, shard / FRAMES_FILE, frames * size * size)
+                else:
+                    _link_or_copy(directory / INDEX_FILE, shard / INDEX_FILE, frames * 8)
+                    _link_or_copy(
+                        directory / BLOBS_FILE, shard / BLOBS_FILE, frame_ends(directory / INDEX_FILE, frames)
+                    )
                 text = "".join(v.to_json() + "\n" for v in kept)
                 atomic_write_text(shard / VIDEOS_FILE, text)
             taken.add(name)

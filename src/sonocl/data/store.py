@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from sonocl.data.codecs import decode
 from sonocl.errors import UserError
 
 FORMAT_VERSION = 1
@@ -47,6 +48,10 @@ FORMAT_VERSION = 1
 SHARDED_FORMAT = 2
 META_FILE = "store.json"
 FRAMES_FILE = "frames.u8"
+BLOBS_FILE = "frames.bin"
+"""A compressed part's frames, each compressed on its own, back to back (`sonocl.data.codecs`)."""
+INDEX_FILE = "frames.idx"
+"""A compressed part's index: where each frame ends in ``frames.bin``, little-endian uint64."""
 VIDEOS_FILE = "videos.jsonl"
 REPORT_FILE = "ingest_report.json"
 LOCK_FILE = ".lock"
@@ -290,6 +295,8 @@ class FrameStore(VideoTable):
         self.root = root
         self.size = int(meta["size"])
         self.salt: str = meta["salt"]
+        self.codec: str = meta.get("codec", "raw")
+        """How the frames are kept (`sonocl.data.codecs`): raw, or each frame compressed (decoded when read)."""
         self.part_dirs = part_dirs
         """The directory of each part the store reads (`Part.directory`), root part first."""
         self.video_part = video_part
@@ -297,7 +304,11 @@ class FrameStore(VideoTable):
         self.duplicates = duplicates
         """Videos left out because an earlier part holds their content or id (`FrameStore.open`)."""
         self._video_local = np.array([v.frame_offset for v in videos], dtype=np.int64)
-        self._contiguous = len(part_dirs) == 1 and bool(np.array_equal(self._video_local, self.video_offsets[:-1]))
+        self._contiguous = (
+            self.codec == "raw"
+            and len(part_dirs) == 1
+            and bool(np.array_equal(self._video_local, self.video_offsets[:-1]))
+        )
         self._maps: dict[int, np.memmap] = {}
         self._maps_pid: int | None = None
 
@@ -315,7 +326,7 @@ class FrameStore(VideoTable):
         for part in parts(meta):
             directory = part.directory(root)
             records, _ = read_records(directory / VIDEOS_FILE)
-            _check_part(directory, records, size, part.sealed)
+            _check_part(directory, records, size, part.sealed, meta.get("codec", "raw"))
             index = len(part_dirs)
             part_dirs.append(directory)
             for record in records:
@@ -328,10 +339,15 @@ class FrameStore(VideoTable):
                 video_part.append(index)
         return cls(root, meta, videos, np.array(video_part, dtype=np.int64), part_dirs, duplicates)
 
-    def _part_frames(self, part: int) -> np.memmap | np.ndarray:
-        """Part ``part``'s frames as a read-only ``(n, S, S)`` uint8 memory map, opened once per process."""
+    def _part_frames(self, part: int) -> np.memmap | np.ndarray | EncodedFrames:
+        """Part ``part``'s frames as a read-only ``(n, S, S)`` uint8 memory map (a compressed part: `EncodedFrames`,
+        indexed alike), opened once per process."""
         if self._maps_pid != os.getpid():
             self._maps, self._maps_pid = {}, os.getpid()
+        if self.codec != "raw":
+            if part not in self._maps:
+                self._maps[part] = EncodedFrames(self.part_dirs[part], self.codec, self.size)  # type: ignore[assignment]
+            return self._maps[part]
         if part not in self._maps:
             path = self.part_dirs[part] / FRAMES_FILE
             count = (path.stat().st_size if path.exists() else 0) // (self.size * self.size)
@@ -387,17 +403,56 @@ class FrameStore(VideoTable):
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def _check_part(directory: Path, records: list[VideoRecord], size: int, sealed: bool) -> None:
+def _check_part(directory: Path, records: list[VideoRecord], size: int, sealed: bool, codec: str) -> None:
     """Every committed video of a part lies in its frame file, with a timestamp per frame; in a part a writer appends
     to, video after video (a sealed part may leave out videos its store of origin held: see `merge_stores`)."""
-    expected, needed = 0, 0
+    expected, frames = 0, 0
     for index, video in enumerate(records):
         misplaced = video.frame_offset < 0 if sealed else video.frame_offset != expected
         if misplaced or len(video.timestamps) != video.num_frames:
             raise StoreError(f"{directory / VIDEOS_FILE}: record {index} ({video.id}) has inconsistent frame offsets")
         expected = video.frame_offset + video.num_frames
-        needed = max(needed, expected * size * size)
-    frames_path = directory / FRAMES_FILE
-    have = frames_path.stat().st_size if frames_path.exists() else 0
-    if have < needed:
-        raise StoreError(f"{frames_path}: holds {have} bytes but the video table needs {needed}; the store is damaged")
+        frames = max(frames, expected)
+    checks = [(directory / FRAMES_FILE, frames * size * size)]
+    if codec != "raw":
+        checks = [(directory / INDEX_FILE, frames * 8)]
+        if (directory / INDEX_FILE).exists() and frames:
+            checks.append((directory / BLOBS_FILE, frame_ends(directory / INDEX_FILE, frames)))
+    for path, needed in checks:
+        have = path.stat().st_size if path.exists() else 0
+        if have < needed:
+            raise StoreError(f"{path}: holds {have} bytes but the video table needs {needed}; the store is damaged")
+
+
+def frame_ends(index: Path, frames: int) -> int:
+    """Where frame ``frames - 1`` of a compressed part ends in its ``frames.bin`` (0 for none), from ``index``."""
+    if frames == 0:
+        return 0
+    with open(index, "rb") as handle:
+        handle.seek((frames - 1) * 8)
+        return int(np.frombuffer(handle.read(8), dtype="<u8")[0])
+
+
+class EncodedFrames:
+    """A compressed part's frames, indexed as its memory map would be (an array of frame numbers, or a slice), each
+    frame decoded when read (`sonocl.data.codecs`). Both files are memory-mapped."""
+
+    def __init__(self, directory: Path, codec: str, size: int) -> None:
+        self.codec, self.size = codec, size
+        index = directory / INDEX_FILE
+        count = index.stat().st_size // 8 if index.exists() else 0
+        self.ends = np.memmap(index, dtype="<u8", mode="r", shape=(count,)) if count else np.zeros(0, dtype="<u8")
+        blobs = directory / BLOBS_FILE
+        length = blobs.stat().st_size if blobs.exists() else 0
+        self.blobs = np.memmap(blobs, dtype=np.uint8, mode="r", shape=(length,)) if length else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, key: np.ndarray | slice) -> np.ndarray:
+        numbers = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
+        out = np.empty((len(numbers), self.size, self.size), dtype=np.uint8)
+        for row, number in enumerate(numbers):
+            start = int(self.ends[number - 1]) if number else 0
+            out[row] = decode(self.codec, self.blobs[start : int(self.ends[number])].tobytes(), self.size)
+        return out

@@ -14,9 +14,12 @@ from typing import IO, Any
 
 import numpy as np
 
+from sonocl.data.codecs import CODECS, encode
 from sonocl.data.store import (
+    BLOBS_FILE,
     FORMAT_VERSION,
     FRAMES_FILE,
+    INDEX_FILE,
     MANIFEST_LOCK,
     META_FILE,
     SHARD_NAME,
@@ -29,6 +32,7 @@ from sonocl.data.store import (
     StoreLockedError,
     VideoRecord,
     directory_lock,
+    frame_ends,
     parts,
     read_meta,
     read_records,
@@ -49,9 +53,11 @@ def manifest_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def open_or_create_meta(root: Path, size: int | None) -> dict[str, Any]:
-    """The store's header, created with ``size`` and a fresh salt if there is none (under the manifest lock, so that
-    two writers starting a store at once agree on one header)."""
+def open_or_create_meta(root: Path, size: int | None, codec: str | None = None) -> dict[str, Any]:
+    """The store's header, created with ``size``, ``codec`` (`sonocl.data.codecs`; default raw) and a fresh salt if
+    there is none (under the manifest lock, so that two writers starting a store at once agree on one header)."""
+    if codec is not None and codec not in CODECS:
+        raise StoreError(f"{root}: codec {codec!r}: choose one of {', '.join(CODECS)}")
     with manifest_lock(root):
         if (root / META_FILE).exists():
             meta = read_meta(root)
@@ -60,10 +66,17 @@ def open_or_create_meta(root: Path, size: int | None) -> dict[str, Any]:
                     f"{root}: this store holds {meta['size']}px frames, not {size}px; use --size {meta['size']} or a "
                     "new --out"
                 )
+            kept = meta.get("codec", "raw")
+            if codec is not None and codec != kept:
+                raise StoreError(
+                    f"{root}: this store keeps its frames {kept}, not {codec}; use --codec {kept} or a new --out"
+                )
             return meta
         if size is None:
             raise StoreError(f"{root}: a new store needs a frame size")
         meta = {"format": FORMAT_VERSION, "size": int(size), "salt": secrets.token_hex(16)}
+        if codec not in (None, "raw"):
+            meta = {**meta, "format": SHARDED_FORMAT, "codec": codec}  # an older sonocl refuses it
         write_json(root / META_FILE, meta)
         return meta
 
@@ -101,13 +114,17 @@ class FrameStoreWriter:
     """
 
     _frames_handle: IO[bytes] | None
+    _index_handle: IO[bytes] | None
     _videos_handle: IO[bytes] | None
 
-    def __init__(self, path: str | os.PathLike[str], size: int | None = None, shard: str | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], size: int | None = None, shard: str | None = None, codec: str | None = None
+    ) -> None:
         self.root = Path(path)
         self._lock = contextlib.ExitStack()
+        self._index_handle = None
         try:
-            self.meta = open_or_create_meta(self.root, size)
+            self.meta = open_or_create_meta(self.root, size, codec)
             if shard is not None:
                 self.meta = add_shard(self.root, shard)
             self.directory = Part(shard or "").directory(self.root)
@@ -118,6 +135,10 @@ class FrameStoreWriter:
                 raise StoreLockedError(str(error)) from error
             self.size = int(self.meta["size"])
             self._frame_bytes = self.size * self.size
+            self.codec: str = self.meta.get("codec", "raw")
+            """How this store keeps its frames (`sonocl.data.codecs`): raw, or each frame compressed."""
+            self._frames_path = self.directory / (FRAMES_FILE if self.codec == "raw" else BLOBS_FILE)
+            self._pending_ends: list[int] = []
             self.videos, committed_bytes = read_records(self.directory / VIDEOS_FILE)
             """This part's committed videos."""
             self.num_frames = sum(v.num_frames for v in self.videos)
@@ -128,7 +149,9 @@ class FrameStoreWriter:
             """The committed videos of the store's other parts, when this writer opened."""
             self._hashes = {v.content_hash for v in (*self.other_videos, *self.videos)}
             self._ids = {v.id for v in (*self.other_videos, *self.videos)}
-            self._frames_handle = open(self.directory / FRAMES_FILE, "ab")
+            self._frames_handle = open(self._frames_path, "ab")
+            if self.codec != "raw":
+                self._index_handle = open(self.directory / INDEX_FILE, "ab")
             self._videos_handle = open(self.directory / VIDEOS_FILE, "ab")
         except BaseException:
             self.close()
@@ -156,15 +179,16 @@ class FrameStoreWriter:
         videos_path = self.directory / VIDEOS_FILE
         if videos_path.exists() and videos_path.stat().st_size != committed_bytes:
             os.truncate(videos_path, committed_bytes)
-        frames_path = self.directory / FRAMES_FILE
-        needed = self.num_frames * self._frame_bytes
-        have = frames_path.stat().st_size if frames_path.exists() else 0
-        if have < needed:
-            raise StoreError(
-                f"{frames_path}: holds {have} bytes but the video table needs {needed}; the store is damaged"
-            )
-        if have > needed:
-            os.truncate(frames_path, needed)
+        if self.codec != "raw":
+            index_path = self.directory / INDEX_FILE
+            _cut_to(index_path, self.num_frames * 8)
+            self._committed_end = frame_ends(index_path, self.num_frames)
+            self._blob_bytes = self._committed_end
+        _cut_to(self._frames_path, self._frames_end())
+
+    def _frames_end(self) -> int:
+        """The committed length of the frame file: S² bytes a frame (raw), or where the last committed frame ends."""
+        return self.num_frames * self._frame_bytes if self.codec == "raw" else self._committed_end
 
     def __enter__(self) -> FrameStoreWriter:
         return self
@@ -173,7 +197,7 @@ class FrameStoreWriter:
         self.close()
 
     def close(self) -> None:
-        for name in ("_frames_handle", "_videos_handle"):
+        for name in ("_frames_handle", "_index_handle", "_videos_handle"):
             handle = getattr(self, name, None)
             if handle is not None:
                 handle.close()
@@ -197,6 +221,10 @@ class FrameStoreWriter:
         if size % self._frame_bytes:
             raise StoreError(f"{frames_path}: {size} bytes is not a whole number of {self.size}px frames")
         with open(frames_path, "rb") as source, self._appending(fields.get("source")):
+            if self.codec != "raw":
+                chunks = iter(lambda: source.read(self._frame_bytes), b"")
+                frames = (np.frombuffer(chunk, dtype=np.uint8).reshape(self.size, self.size) for chunk in chunks)
+                return self._commit(self._write_frames(frames), **fields)
             while chunk := source.read(1 << 24):
                 self._handle("_frames_handle").write(chunk)
             return self._commit(size // self._frame_bytes, **fields)
@@ -215,7 +243,7 @@ class FrameStoreWriter:
         cut and the writer goes on; after a failed write (disk full) both files are cut and the writer stops,
         since its buffers may still hold bytes that the next flush would write."""
         self._handle("_frames_handle")
-        self._failing_file = self.directory / FRAMES_FILE
+        self._failing_file = self._frames_path
         try:
             yield
         except OSError as error:
@@ -225,19 +253,30 @@ class FrameStoreWriter:
                 f"{len(self.videos)} videos committed before are intact. Free disk space and run again to add the rest"
             ) from error
         except BaseException:
-            self._handle("_frames_handle").flush()
-            os.truncate(self.directory / FRAMES_FILE, self.num_frames * self._frame_bytes)
+            for name in ("_frames_handle", "_index_handle"):
+                handle = getattr(self, name)
+                if handle is not None:
+                    handle.flush()
+            self._cut_to_commit()
             raise
+
+    def _cut_to_commit(self) -> None:
+        """Cut the frame file (and a compressed part's index) back to the last commit."""
+        os.truncate(self._frames_path, self._frames_end())
+        if self.codec != "raw":
+            os.truncate(self.directory / INDEX_FILE, self.num_frames * 8)
+            self._blob_bytes, self._pending_ends = self._committed_end, []
 
     def _abandon(self) -> None:
         """Close both files without trusting their buffers and cut them back to the last commit."""
-        for name in ("_frames_handle", "_videos_handle"):
+        for name in ("_frames_handle", "_index_handle", "_videos_handle"):
             handle = getattr(self, name)
             setattr(self, name, None)
-            with contextlib.suppress(OSError):
-                handle.close()  # its flush may fail again; the descriptor is closed regardless
+            if handle is not None:
+                with contextlib.suppress(OSError):
+                    handle.close()  # its flush may fail again; the descriptor is closed regardless
         with contextlib.suppress(OSError):
-            os.truncate(self.directory / FRAMES_FILE, self.num_frames * self._frame_bytes)
+            self._cut_to_commit()
             os.truncate(self.directory / VIDEOS_FILE, self._videos_bytes)
 
     def _write_frames(self, frames: Iterable[np.ndarray]) -> int:
@@ -247,7 +286,13 @@ class FrameStoreWriter:
                 raise StoreError(
                     f"frame of shape {frame.shape} {frame.dtype}, the store needs ({self.size}, {self.size}) uint8"
                 )
-            self._handle("_frames_handle").write(np.ascontiguousarray(frame).tobytes())
+            if self.codec == "raw":
+                self._handle("_frames_handle").write(np.ascontiguousarray(frame).tobytes())
+            else:
+                blob = encode(self.codec, frame)
+                self._handle("_frames_handle").write(blob)
+                self._blob_bytes += len(blob)
+                self._pending_ends.append(self._blob_bytes)
             count += 1
         return count
 
@@ -263,6 +308,12 @@ class FrameStoreWriter:
         frames_handle, videos_handle = self._handle("_frames_handle"), self._handle("_videos_handle")
         frames_handle.flush()
         os.fsync(frames_handle.fileno())
+        if self.codec != "raw":  # the index after the frames it points into, the record after both
+            self._failing_file = self.directory / INDEX_FILE
+            index_handle = self._handle("_index_handle")
+            index_handle.write(np.asarray(self._pending_ends, dtype="<u8").tobytes())
+            index_handle.flush()
+            os.fsync(index_handle.fileno())
         self._failing_file = self.directory / VIDEOS_FILE
         line = record.to_json().encode("utf-8") + b"\n"
         videos_handle.write(line)
@@ -271,6 +322,17 @@ class FrameStoreWriter:
         self._videos_bytes += len(line)
         self.videos.append(record)
         self.num_frames += num_frames
+        if self.codec != "raw":
+            self._committed_end, self._pending_ends = self._blob_bytes, []
         self._hashes.add(record.content_hash)
         self._ids.add(record.id)
         return record
+
+
+def _cut_to(path: Path, length: int) -> None:
+    """Cut ``path`` to ``length`` bytes (what a killed writer left past the last commit); shorter is damage."""
+    have = path.stat().st_size if path.exists() else 0
+    if have < length:
+        raise StoreError(f"{path}: holds {have} bytes but the video table needs {length}; the store is damaged")
+    if have > length:
+        os.truncate(path, length)

@@ -5,6 +5,8 @@ For each store given (e.g. the POCUS and covid_blues stores of the studies, 128 
 - **Codecs**, on frames sampled evenly from every video (seeded): the compression ratio (raw bytes over encoded bytes)
   and the time to encode and decode one frame on one core, of zlib on the raw bytes (levels 1 and 6), PNG (Pillow,
   levels 1 and 6), lossless WebP and JPEG at quality 95 (lossy: its PSNR and largest pixel error are given).
+- **Stores**: the store written again with each codec of `sonocl.data.codecs` (png, zlib): its size against the raw
+  frames, and `FrameStore.gather`'s frames/s, read and decoded, on batches of random frames (warm page cache).
 - **Reads** of training-like batches (``--batch`` frames at random over the store) from the store's memory map, with
   the page cache emptied for the frame file before every round (``posix_fadvise(DONTNEED)``: cold, as a first epoch
   on a large store) and kept (warm), each either in the order asked (one page fault per frame, where the old reader
@@ -18,12 +20,15 @@ Writes ``benchmarks/out/store_codecs.json`` and prints a Markdown table per stor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -36,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from sonocl.data.store import FRAMES_FILE, FrameStore  # noqa: E402
+from sonocl.data.store_writer import FrameStoreWriter  # noqa: E402
 
 Codec = tuple[Callable[[np.ndarray], bytes], Callable[[bytes, int], np.ndarray], bool]
 
@@ -142,6 +148,41 @@ def measure_reads(store: FrameStore, batch: int, rounds: int, seed: int) -> dict
     return {key: rounds * batches * batch / seconds for key, seconds in totals.items()}
 
 
+def compressed_copy(store: FrameStore, codec: str, out: Path) -> FrameStore:
+    """``store`` written again with ``codec`` (every video, its records' fields kept)."""
+    shutil.rmtree(out, ignore_errors=True)
+    with FrameStoreWriter(out, store.size, codec=codec) as writer:
+        for index, video in enumerate(store.videos):
+            fields = {k: v for k, v in dataclasses.asdict(video).items() if k not in ("num_frames", "frame_offset")}
+            writer.add_video(iter(store.video_frames(index)), **fields)
+    return FrameStore.open(out)
+
+
+def measure_stores(store: FrameStore, batch: int, rounds: int, seed: int, scratch: Path) -> dict[str, dict[str, float]]:
+    """Each codec's copy of ``store``: its size against the raw frames, and `FrameStore.gather`'s frames/s (read and
+    decoded, one process, warm page cache) on batches of ``batch`` random frames, interleaved rounds."""
+    copies = {"raw": store} | {codec: compressed_copy(store, codec, scratch / codec) for codec in ("png", "zlib")}
+    raw_bytes = store.num_frames * store.size * store.size
+    seconds = dict.fromkeys(copies, 0.0)
+    rng = np.random.default_rng(seed)
+    for _ in range(rounds):
+        wanted = [rng.integers(0, store.num_frames, batch) for _ in range(8)]
+        for codec, copy in copies.items():
+            for indices in wanted:
+                copy.gather(np.sort(indices))  # warm
+            started = time.perf_counter()
+            for indices in wanted:
+                copy.gather(indices)
+            seconds[codec] += time.perf_counter() - started
+    measured = {}
+    for codec, copy in copies.items():
+        files = [p for d in copy.part_dirs for p in d.iterdir() if p.name.startswith("frames.")]
+        measured[codec] = {"ratio": raw_bytes / sum(p.stat().st_size for p in files),
+                           "gather_frames_per_s": rounds * 8 * batch / seconds[codec]}  # fmt: skip
+    shutil.rmtree(scratch, ignore_errors=True)
+    return measured
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stores", nargs="+", type=Path)
@@ -161,9 +202,10 @@ def main() -> int:
         frames = sample(store, args.frames, args.seed)
         measured = {name: measure_codec(frames, codec) for name, codec in codecs().items()}
         reads = measure_reads(store, args.batch, args.rounds, args.seed)
+        stores = measure_stores(store, args.batch, args.rounds, args.seed, Path(tempfile.mkdtemp()))
         results["stores"][str(path)] = {  # type: ignore[index]
             "videos": store.num_videos, "frames": store.num_frames, "size": store.size,
-            "sampled_frames": len(frames), "codecs": measured, "reads_frames_per_s": reads,
+            "sampled_frames": len(frames), "codecs": measured, "reads_frames_per_s": reads, "stores": stores,
         }  # fmt: skip
         print(
             f"\n{path}: {store.num_videos} videos, {store.num_frames} frames of {store.size} px; {len(frames)} sampled"
@@ -175,6 +217,8 @@ def main() -> int:
             print(f"| {name} | {m['ratio']:.2f} | {m['encode_us_per_frame']:.0f} | {m['decode_us_per_frame']:.0f} "
                   f"| {m['decode_frames_per_s_per_core']:,.0f} | {psnr} |")  # fmt: skip
         print("reads (frames/s): " + ", ".join(f"{key} {value:,.0f}" for key, value in reads.items()))
+        print("stores: " + ", ".join(f"{codec} {m['ratio']:.2f}× smaller, gather {m['gather_frames_per_s']:,.0f} "
+                                     "frames/s" for codec, m in stores.items()))  # fmt: skip
     out = REPO / "benchmarks" / "out" / "store_codecs.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=float) + "\n")

@@ -377,7 +377,7 @@ class FrameStore(VideoTable):
 
     def gather(self, indices: np.ndarray) -> np.ndarray:
         """Frames at any array of global frame indices, shape ``indices.shape + (S, S)``: read part by part, each
-        part's frames in file order (sorted offsets read 1.1–1.5× faster than the order asked, cold or warm:
+        part's frames in file order (sorted offsets read 1.1–1.4× faster than the order asked from a cold cache:
         docs/benchmarks.md, `benchmarks/store_codecs.py`)."""
         indices = np.asarray(indices, dtype=np.int64)
         flat = indices.reshape(-1)

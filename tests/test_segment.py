@@ -437,3 +437,27 @@ def test_masks_that_do_not_fit_the_task_get_one_line(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_one_mask_folder_per_class(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same two classes as binary masks in one folder each (0/255): the same task as the palette masks, named by
+    the folders' names; an image without a mask in one class's folder is named with that class."""
+    images, masks = _two_class_dataset(tmp_path / "data")
+    for name, value in (("disc", 1), ("square", 2)):
+        (tmp_path / name).mkdir()
+        for path in sorted(masks.glob("*.png")):
+            labels = np.asarray(Image.open(path))
+            Image.fromarray(((labels == value) * 255).astype(np.uint8)).save(tmp_path / name / path.name)
+    out = tmp_path / "out"
+    folders = ["--class-masks", f"disc={tmp_path / 'disc'}", f"square={tmp_path / 'square'}"]
+    args = tiny_segment(images, masks, "--init", "random", *folders, "--out", str(out), epochs=1)
+    args.remove("--masks"), args.remove(str(masks))
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"]["classes"] == ["disc", "square"]
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    assert all(int(row["true_area_px_square"]) == 100 and int(row["true_area_px_disc"]) > 0 for row in rows)
+    (tmp_path / "square" / "03.png").unlink()
+    assert main([*args[:-1], str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert "03.png: class square: no mask found" in err and "--skip-bad-masks" in err

@@ -59,6 +59,8 @@ class MaskPair:
     masks: tuple[Path, ...]
     relative: str
     """The image's path relative to the image root, without extension, POSIX separators (``benign/benign (1)``)."""
+    classes: tuple[tuple[Path, ...], ...] | None = None
+    """With one mask folder per class (`pair_class_folders`): each class's mask file(s), in class order."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +198,43 @@ def pair_images(
         relative = image.relative_to(images_root).with_suffix("").as_posix()
         pairs.append(MaskPair(image=image, masks=masks, relative=relative))
     return PairingResult(pairs=pairs, errors=errors)
+
+
+def pair_class_folders(images_root: Path, folders: list[tuple[str, Path]]) -> PairingResult:
+    """Every image under ``images_root`` with its mask in each class's folder (``(name, folder)``, paired by the rules
+    of `pair_images`); an image without a usable mask in some class's folder goes to ``errors``, naming the class."""
+    results = [pair_images(images_root, folder) for _, folder in folders]
+    found = [{pair.image: pair for pair in result.pairs} for result in results]
+    problems = [dict(result.errors) for result in results]
+    images = set.intersection(*(set(list_images(images_root, folder)) for _, folder in folders))
+    pairs: list[MaskPair] = []
+    errors: list[tuple[str, str]] = []
+    for image in sorted(images):
+        missing = [(name, problem.get(str(image), "")) for (name, _), mine, problem in zip(folders, found, problems)
+                   if image not in mine]  # fmt: skip
+        if missing:
+            errors.append((str(image), "; ".join(f"class {name}: {why or 'no mask'}" for name, why in missing)))
+            continue
+        classes = tuple(mine[image].masks for mine in found)
+        relative = found[0][image].relative
+        pairs.append(MaskPair(image, tuple(path for files in classes for path in files), relative, classes))
+    return PairingResult(pairs=pairs, errors=errors)
+
+
+def read_class_folders(classes: tuple[tuple[Path, ...], ...]) -> np.ndarray:
+    """Class indices uint8 (H, W) from one binary mask (or several, merged) per class: class k where its mask is on,
+    a later class winning where two overlap."""
+    labels: np.ndarray | None = None
+    for index, files in enumerate(classes, start=1):
+        mask = read_mask(files)
+        labels = np.zeros(mask.shape, dtype=np.uint8) if labels is None else labels
+        if labels.shape != mask.shape:
+            raise MaskError(f"{files[0]}: {mask.shape[1]}×{mask.shape[0]}, but the other classes' masks are "
+                            f"{labels.shape[1]}×{labels.shape[0]}")  # fmt: skip
+        labels[mask] = index
+    if labels is None:
+        raise MaskError("no mask file given")
+    return labels
 
 
 def _size_problem(image: Path, masks: tuple[Path, ...]) -> str | None:

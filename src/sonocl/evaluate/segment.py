@@ -91,6 +91,14 @@ def _data_arguments(data: argparse._ArgumentGroup) -> None:
         help="names of the classes of mask values 1..K, e.g. nerve vessel (default: class1 … classK)",
     )
     data.add_argument(
+        "--class-masks",
+        nargs="+",
+        default=None,
+        metavar="NAME=FOLDER",
+        help="one folder of binary masks per class instead of --masks, e.g. nerve=masks/nerve vessel=masks/vessel "
+        "(each paired with the images as --masks is; a later class wins where two masks overlap)",
+    )
+    data.add_argument(
         "--group-regex",
         default=None,
         help="regex on each image's relative path without extension; its first group (else the whole "

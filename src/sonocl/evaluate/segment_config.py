@@ -46,6 +46,9 @@ class SegmentConfig:
     """auto | binary | indexed: how mask values are read (`sonocl.evaluate.masks.mask_task`)."""
     class_names: tuple[str, ...] | None = None
     """The foreground classes' names, in the order of their mask values 1..K (default: class1..classK)."""
+    class_masks: tuple[str, ...] | None = None
+    """One mask folder per class, ``NAME=FOLDER`` each (`sonocl.evaluate.masks.pair_class_folders`), instead of
+    ``masks``: class k is the k-th, named NAME, a later class winning where two masks overlap."""
     group_regex: str | None = None
     pixel_size: Path | None = None
     skip_bad_masks: bool = False
@@ -81,7 +84,7 @@ class SegmentConfig:
             value = getattr(self, field)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, field, Path(value))
-        for field in ("init", "name", "class_names"):
+        for field in ("init", "name", "class_names", "class_masks"):
             value = getattr(self, field)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, field, tuple(value))
@@ -131,12 +134,31 @@ class SegmentConfig:
             failed.append(("name", f"{len(self.name)} names for {len(self.init)} --init; give one per init or none"))
         elif len(set(self.labels)) != len(self.labels):
             failed.append(("name", f"init labels {list(self.labels)} must be unique; give --name"))
+        if self.class_masks is not None:
+            failed += [("class_masks", rule) for rule in self._class_mask_problems()]
         if self.group_regex is not None:
             try:
                 re.compile(self.group_regex)
             except re.error as error:
                 failed.append(("group_regex", f"not a regular expression ({error})"))
         return failed
+
+    def _class_mask_problems(self) -> list[str]:
+        assert self.class_masks is not None
+        entries = [entry.partition("=") for entry in self.class_masks]
+        names = [name for name, _, _ in entries]
+        problems = [f"{entry!r} is not NAME=FOLDER" for entry, (_, sep, _) in zip(self.class_masks, entries) if not sep]
+        problems += [f"{folder}: not a directory" for _, sep, folder in entries if sep and not Path(folder).is_dir()]
+        if len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z0-9_-]+", name) for name in names):
+            problems.append("class names must be unique, of letters, digits, _ and -")
+        if self.masks is not None or self.class_names is not None or self.mask_classes == "indexed":
+            problems.append("one folder per class replaces --masks, --class-names and --mask-classes indexed")
+        return problems
+
+    @property
+    def class_folders(self) -> list[tuple[str, Path]]:
+        """``class_masks`` as (name, folder) pairs."""
+        return [(name, Path(folder)) for name, _, folder in (e.partition("=") for e in self.class_masks or ())]
 
     @property
     def labels(self) -> tuple[str, ...]:

@@ -27,7 +27,9 @@ from sonocl.evaluate.masks import (
     MaskPair,
     MaskTask,
     mask_task,
+    pair_class_folders,
     pair_images,
+    read_class_folders,
     read_grey,
     read_labels,
     read_mask,
@@ -143,7 +145,10 @@ def _squashed(
     with progress_report(len(pairs), "loading", "image", leave=False) as progress:  # whole lines in a log
         for i, pair in enumerate(pairs):
             grey = read_grey(pair.image)
-            labels = read_labels(pair.masks, len(task.classes)) if task.indexed else read_mask(pair.masks)
+            if pair.classes is not None:
+                labels = read_class_folders(pair.classes)
+            else:
+                labels = read_labels(pair.masks, len(task.classes)) if task.indexed else read_mask(pair.masks)
             planes = labels[None] == classes if task.indexed else labels[None]
             shapes.append(grey.shape)
             truth_bits.append(np.packbits(planes))
@@ -171,7 +176,8 @@ def load_data(config: SegmentConfig) -> SegmentData:
     """Pair the images with their masks (stopping on a bad mask unless ``skip_bad_masks``), group them, look up
     their pixel sizes and load them at the network size."""
     pixel_table = read_pixel_sizes(config.pixel_size) if config.pixel_size else None
-    pairing = pair_images(config.images, config.masks)
+    folders = config.class_folders
+    pairing = pair_class_folders(config.images, folders) if folders else pair_images(config.images, config.masks)
     for image, message in pairing.errors:
         print(f"sonocl segment: {image}: {message}", file=sys.stderr)
     if pairing.errors and not config.skip_bad_masks:
@@ -182,7 +188,10 @@ def load_data(config: SegmentConfig) -> SegmentData:
     pairs = pairing.pairs
     if not pairs:
         raise MaskError(f"{config.images}: no image with a mask found")
-    task = mask_task(pairs, config.mask_classes, config.class_names)
+    if folders:
+        task = MaskTask(tuple(name for name, _ in folders), indexed=True)
+    else:
+        task = mask_task(pairs, config.mask_classes, config.class_names)
     if config.threshold is not None and not task.binary:
         raise SegmentDataError(
             f"--threshold {config.threshold}: the masks hold {len(task.classes)} classes, and each pixel takes the "

@@ -87,6 +87,14 @@ ISSUE_22 = "issue 22"
 reference configuration, AWCL's gamma per sample."""
 
 
+RESNET = "resnet18"
+VIT = "timm:vit_tiny_patch16_224(patch_size=8)"
+CONVNEXT = "timm:convnext_atto"
+BACKBONES = {RESNET: "ResNet-18", VIT: "ViT-Tiny/8", CONVNEXT: "ConvNeXt-Atto"}
+"""The study's backbones and their short names in row names and tables (issue 25: a ViT-Tiny with patch 8, which
+gives an 8 × 8 token grid at 64 px, and the smallest ConvNeXt; 5.5 M and 3.4 M parameters against ResNet-18's 11 M)."""
+
+
 def budget(steps: int = STEPS) -> list[str]:
     return ["--steps", str(steps), "--batch-size", str(BATCH), "--size", str(SIZE)]
 
@@ -106,9 +114,17 @@ class Row:
     """Extra `sonocl evaluate` options of this row."""
     steps: int = STEPS
     """Pretraining steps (``pretrain`` holds them too); rows off ``STEPS`` go to the budget-curve table only."""
+    backbone: str = "resnet18"
+    """The encoder's backbone (`--backbone` of pretrain, and of evaluate for random init); rows off ResNet-18 go to
+    the backbones table, paired against random init of their own backbone (``baseline``)."""
     preset: str = ""
     """Which version of the method's preset the row trains ("" for the first): records of an earlier version are
     kept as a retired row (``retired_name``), shown beside the new ones in the before/after table."""
+
+    @property
+    def baseline(self) -> str:
+        """The random-init row this row's differences are paired against: the one of its backbone."""
+        return "random" if self.backbone == RESNET else f"random ({BACKBONES[self.backbone]})"
 
     @property
     def slug(self) -> str:
@@ -184,6 +200,39 @@ ROWS += [
         )
         for steps in CURVE_STEPS
     ),
+]
+ROWS.append(Row("dino (ResNet-18)", ["--method", "dino", *BUDGET], note="DINO's preset on the ResNet-18"))
+VIT_CURVE_STEPS = (2000,)
+"""The ViT's budget curve: USCL self-supervised on the ViT-Tiny/8 at these step counts besides ``STEPS``."""
+for backbone in (VIT, CONVNEXT):
+    short = BACKBONES[backbone]
+    ROWS.append(
+        Row(f"random ({short})", None, backbone=backbone, note="no pretraining", evaluate=["--backbone", backbone])
+    )
+    methods = (
+        [("dino", []), ("video-dino", ["--views", "video"]), ("mae", []), ("uscl-ssl", ["--label-rate", "0"])]
+        if backbone == VIT
+        else [("uscl-ssl", ["--label-rate", "0"])]
+    )
+    for name, options in methods:
+        method = "dino" if name == "video-dino" else name.removesuffix("-ssl")
+        ROWS.append(
+            Row(
+                f"{name} ({short})",
+                ["--method", method, *options, "--backbone", backbone, *BUDGET],
+                backbone=backbone,
+                note=f"{short}, the method's preset",
+            )
+        )
+ROWS += [
+    Row(
+        f"uscl-ssl (ViT-Tiny/8) @ {steps:,} steps",
+        ["--method", "uscl", "--label-rate", "0", "--backbone", VIT, *budget(steps)],
+        backbone=VIT,
+        steps=steps,
+        note="the ViT's budget curve",
+    )
+    for steps in VIT_CURVE_STEPS
 ]
 for row in ROWS:
     if row.name in LAST_BLOCK:
@@ -314,6 +363,7 @@ def collect(root: Path) -> list[dict]:
                         {
                             "row": row.name,
                             "preset": row.preset,
+                            "backbone": row.backbone,
                             "init": "random" if row.pretrain is None else "pretrained",
                             "method": None if row.pretrain is None else row.pretrain[1],
                             "protocol": protocol,
@@ -375,7 +425,13 @@ def tables(records: list[dict]) -> str:
     """The markdown of the study: one table per protocol, paired differences against random init."""
     lines = []
     for protocol in PROTOCOLS:
-        chosen = [r for r in records if r["protocol"] == protocol and r["budget_pairs"] in (None, STEPS * BATCH)]
+        chosen = [
+            r
+            for r in records
+            if r["protocol"] == protocol
+            and r["budget_pairs"] in (None, STEPS * BATCH)
+            and r.get("backbone", RESNET) == RESNET
+        ]
         if not chosen:
             continue
         retired = {r["retired_from"]: r["row"] for r in chosen if r.get("retired_from")}
@@ -412,7 +468,14 @@ def tables(records: list[dict]) -> str:
                 cell.append(_pooled_max_test(mine))
             lines.append("| " + " | ".join(cell) + " |")
         lines.append("")
-    text = "\n".join(lines + _before_after_table(records) + _orderings_table(records) + _curve_table(records))
+    text = "\n".join(
+        lines
+        + _backbones_table(records)
+        + _before_after_table(records)
+        + _orderings_table(records)
+        + _curve_table(records)
+        + _curve_table(records, VIT)
+    )
     if UNPAIRED in text:
         text += (
             f"\n{UNPAIRED} Not known to be paired: the two rows' fold runs are not shown to have tested the same videos "
@@ -420,6 +483,57 @@ def tables(records: list[dict]) -> str:
             "folds until the folds were ordered by content). Read such a difference as two unpaired means.\n"
         )
     return text
+
+
+def _method_key(name: str) -> str:
+    """A row's name without its backbone: ``dino (ViT-Tiny/8)`` → ``dino``, the key that pairs it with the
+    ResNet-18 row of the same method (``dino (ResNet-18)``, ``uscl-ssl``)."""
+    for short in BACKBONES.values():
+        if name.endswith(f" ({short})"):
+            return name.removesuffix(f" ({short})")
+    return name
+
+
+def _backbones_table(records: list[dict]) -> list[str]:
+    """The rows of every backbone at the main budget: kNN and linear probe, each paired against random init of its
+    own backbone, and the linear probe against the ResNet-18 row of the same method (the cost of the backbone)."""
+    rows = [row for row in ROWS if row.steps == STEPS and not row.per_fold and "--allow-label-leak" not in row.evaluate]
+    by_key: dict[str, dict[str, Row]] = {}
+    for row in rows:
+        by_key.setdefault(_method_key(row.name), {})[row.backbone] = row
+    keys = [key for key, found in by_key.items() if any(row.backbone != RESNET for row in found.values())]
+    if not any(r.get("backbone", RESNET) != RESNET for r in records):
+        return []
+    lines = [
+        "### backbones (transductive, the main budget; each Δ paired by fold)",
+        "",
+        "| backbone | row | kNN video acc | Δ kNN vs random of its backbone | linear video acc "
+        "| Δ linear vs random of its backbone | Δ linear vs the ResNet-18 row of the same method | pretrain wall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for backbone, short in BACKBONES.items():
+        for key in keys:
+            row = by_key[key].get(backbone)
+            if row is None or not any(r["row"] == row.name for r in records):
+                continue
+            cells = [short, row.name]
+            for protocol in ("knn", "linear"):
+                chosen = [r for r in records if r["protocol"] == protocol]
+                mine = [r for r in chosen if r["row"] == row.name]
+                if not mine:
+                    cells += ["–", "–"]
+                    continue
+                mean, std = _mean_std([r["video_accuracy"] for r in mine])
+                own = "–" if row.pretrain is None else _paired_delta(mine, _by_fold(chosen, row.baseline))
+                cells += [f"{100 * mean:.1f} ± {100 * std:.1f}", own]
+            resnet = by_key[key].get(RESNET)
+            linear = [r for r in records if r["protocol"] == "linear"]
+            mine = [r for r in linear if r["row"] == row.name]
+            cells.append(
+                _paired_delta(mine, _by_fold(linear, resnet.name)) if resnet and resnet is not row and mine else "–"
+            )
+            lines.append("| " + " | ".join([*cells, _wall([r for r in records if r["row"] == row.name])]) + " |")
+    return [*lines, ""]
 
 
 def _pooled_max_test(records: list[dict]) -> str:
@@ -528,15 +642,17 @@ def test_digest(run: dict) -> str:
     return hashlib.sha256("\n".join(sorted(run["test_video_ids"])).encode()).hexdigest()[:12]
 
 
-def _curve_table(records: list[dict]) -> list[str]:
-    """USCL self-supervised over its budgets (kNN and linear probe), random init as step 0."""
-    curve = [row for row in ROWS if row.name == "random" or row.name.startswith("uscl-ssl @") or row.name == "uscl-ssl"]
+def _curve_table(records: list[dict], backbone: str = RESNET) -> list[str]:
+    """USCL self-supervised on ``backbone`` over its budgets (kNN and linear probe), random init as step 0."""
+    main = "uscl-ssl" if backbone == RESNET else f"uscl-ssl ({BACKBONES[backbone]})"
+    random = "random" if backbone == RESNET else f"random ({BACKBONES[backbone]})"
+    curve = [row for row in ROWS if row.name in (random, main) or row.name.startswith(f"{main} @")]
     curve.sort(key=lambda row: 0 if row.pretrain is None else row.steps)
     measured = [row for row in curve if any(r["row"] == row.name for r in records)]
     if len(measured) < 3:
         return []
     lines = [
-        "### budget curve (USCL self-supervised, transductive)",
+        f"### budget curve (USCL self-supervised on the {BACKBONES[backbone]}, transductive)",
         "",
         "| steps | pairs | kNN video acc | Δ kNN vs random (paired, ± SE) | linear video acc "
         "| Δ linear vs random (paired, ± SE) | pretrain wall |",
@@ -546,7 +662,7 @@ def _curve_table(records: list[dict]) -> list[str]:
         cells = [str(0 if row.pretrain is None else row.steps), f"{0 if row.pretrain is None else row.steps * BATCH:,}"]
         for protocol in ("knn", "linear"):
             chosen = [r for r in records if r["protocol"] == protocol]
-            baseline = _by_fold(chosen, "random")
+            baseline = _by_fold(chosen, random)
             mine = [r for r in chosen if r["row"] == row.name]
             if not mine:
                 cells += ["–", "–"]

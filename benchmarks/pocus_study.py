@@ -12,7 +12,9 @@ Rows: random init; SimCLR, MoCo v2, BYOL, IVPP, USCL self-supervised and Meta-US
 pretrained per fold (`sonocl study`). Every pretraining row of the main tables has the same budget in pairs
 (``STEPS`` × ``BATCH``). Two ablations of the budget: USCL self-supervised at other step counts (the budget curve,
 its own table), and USCL self-supervised with Meta-USCL's optimiser (SGD 0.1, exponential warm-up), which separates
-what Meta-USCL's preset does from what its pair weighting does.
+what Meta-USCL's preset does from what its pair weighting does. Other backbones (the "backbones" table): random init,
+DINO, video-DINO, MAE and USCL on a ViT-Tiny/8, random init and USCL on a ConvNeXt-Atto, DINO on the ResNet-18, each
+paired against random init of its own backbone, and USCL on the ViT at 2,000 steps (its budget curve).
 Protocols: kNN and linear probe for every row; last-block fine-tuning (the papers') over 3 seeds
 (``--last-block-seeds``) for the rows in ``LAST_BLOCK``. Data: the convex videos of ``../shared/data/pocus``,
 3 classes, folds grouped by patient.

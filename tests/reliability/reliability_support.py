@@ -11,7 +11,11 @@ import dataclasses
 import errno
 import hashlib
 import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -173,3 +177,24 @@ class FillingFile:
 
     def __exit__(self, *exc: object) -> None:
         self._handle.close()
+
+
+def start_ingest(*args: str | Path) -> subprocess.Popen[bytes]:
+    """``sonocl ingest ARGS --workers 1`` in a process group of its own (so that a kill takes its decoders too)."""
+    command = [sys.executable, "-m", "sonocl", "ingest", *map(str, args), "--workers", "1"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, start_new_session=True
+    )
+
+
+def kill_after_commits(process: subprocess.Popen[bytes], videos_file: Path, commits: int) -> None:
+    """SIGKILL ``process`` (and its group) once ``videos_file`` holds ``commits`` committed lines; it must still run."""
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if videos_file.exists() and videos_file.read_bytes().count(b"\n") >= commits:
+            break
+        time.sleep(0.001)
+    assert process.poll() is None, "the ingest finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

@@ -8,16 +8,11 @@ trace in the frame file or its index; a store keeps one codec, merged stores too
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_support import FillingFile, good_video, ingest, line_naming, run_cli
+from reliability_support import FillingFile, good_video, ingest, kill_after_commits, line_naming, run_cli, start_ingest
 
 import sonocl.data.store_writer as writer_module
 from conftest import tiny_pretrain, tiny_sets
@@ -79,18 +74,8 @@ def test_an_ingest_killed_while_compressing_resumes(
 ) -> None:
     videos, reference = corpus
     store = tmp_path / "store"
-    command = [sys.executable, "-m", "sonocl", "ingest", str(videos), "--out", str(store), "--size", str(SIZE),
-               "--codec", "png", "--workers", "1"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline:
-        if (store / VIDEOS_FILE).exists() and (store / VIDEOS_FILE).read_bytes().count(b"\n") >= 3:
-            break
-        time.sleep(0.001)
-    assert process.poll() is None, "the ingest finished before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    process = start_ingest(videos, "--out", store, "--size", str(SIZE), "--codec", "png")
+    kill_after_commits(process, store / VIDEOS_FILE, 3)
     partial = FrameStore.open(store)
     for index, video in enumerate(partial.videos):
         assert partial.video_frames(index).tobytes() == reference[video.id], video.id

@@ -9,16 +9,20 @@ stores by hard links, seals what it links and never reads a source's later appen
 from __future__ import annotations
 
 import multiprocessing
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_support import FillingFile, good_video, ingest, line_naming, run_cli, stored_ids
+from reliability_support import (
+    FillingFile,
+    good_video,
+    ingest,
+    kill_after_commits,
+    line_naming,
+    run_cli,
+    start_ingest,
+    stored_ids,
+)
 
 import sonocl.data.store_writer as store_module
 from sonocl.data.ingest import TEMP_DIR
@@ -57,20 +61,13 @@ def _same_videos(store: FrameStore, reference: dict[str, bytes]) -> None:
     assert np.array_equal(store.gather(shuffled), everything[shuffled])  # any order and shape
 
 
-def _start(*args: str | Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "sonocl", "ingest", *map(str, args), "--size", str(SIZE), "--workers", "1"]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, start_new_session=True
-    )
-
-
 def test_two_ingests_at_once_into_two_shards_give_the_plain_store(
     corpus: tuple[Path, Path, dict[str, bytes]], tmp_path: Path
 ) -> None:
     first, second, reference = corpus
     store = tmp_path / "store"
-    processes = [_start(first, "--out", store, "--shard", "a"), _start(second, "--out", store, "--shard", "b")]
+    processes = [start_ingest(first, "--out", store, "--shard", "a", "--size", str(SIZE)),
+                 start_ingest(second, "--out", store, "--shard", "b", "--size", str(SIZE))]  # fmt: skip
     for process in processes:
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err.decode()
@@ -91,15 +88,8 @@ def test_an_ingest_killed_in_its_shard_resumes_there(
     store = tmp_path / "store"
     assert ingest(capsys, first, "--out", store, "--size", str(SIZE)).code == 0
     shard = store / SHARDS_DIR / "late"
-    process = _start(second, "--out", store, "--shard", "late")
-    deadline = time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline:
-        if (shard / VIDEOS_FILE).exists() and (shard / VIDEOS_FILE).read_bytes().count(b"\n") >= 3:
-            break
-        time.sleep(0.001)
-    assert process.poll() is None, "the ingest finished before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    process = start_ingest(second, "--out", store, "--shard", "late", "--size", str(SIZE))
+    kill_after_commits(process, shard / VIDEOS_FILE, 3)
     partial = FrameStore.open(store)
     for index, video in enumerate(partial.videos):
         assert partial.video_frames(index).tobytes() == reference[video.id], video.id

@@ -15,6 +15,7 @@ needs one. Every YAML sonocl reads from a user goes through it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,13 @@ MIN_IMAGE_SIDE = 8
 
 
 # ------------------------------------------------------------------------------------------- numbers
+
+
+def field_default(record: type, name: str) -> Any:
+    """The default of field ``name`` of the dataclass ``record`` (its factory's value where it has one): the default
+    of the command-line option of that name, written once in the record."""
+    found = next(field for field in dataclasses.fields(record) if field.name == name)
+    return found.default_factory() if found.default_factory is not dataclasses.MISSING else found.default
 
 
 def number_rule(

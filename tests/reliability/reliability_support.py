@@ -7,6 +7,7 @@ what is wrong. `run_cli` and `line_naming` do that; the writers make the inputs.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import errno
 import hashlib
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +199,18 @@ def kill_after_commits(process: subprocess.Popen[bytes], videos_file: Path, comm
     assert process.poll() is None, "the ingest finished before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def fill_on_open(monkeypatch: pytest.MonkeyPatch, module: Any, wanted: Callable[[Path], bool], room: int) -> list[Path]:
+    """Files opened for writing by ``module`` whose path is ``wanted`` fill up after ``room`` bytes; returns them."""
+    filled: list[Path] = []
+
+    def fake_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        handle = builtins.open(file, mode, *args, **kwargs)
+        if any(flag in mode for flag in "wa") and wanted(Path(file)):
+            filled.append(Path(file))
+            return FillingFile(handle, room)
+        return handle
+
+    monkeypatch.setattr(module, "open", fake_open, raising=False)
+    return filled

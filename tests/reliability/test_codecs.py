@@ -12,7 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_support import FillingFile, good_video, ingest, kill_after_commits, line_naming, run_cli, start_ingest
+from reliability_support import (
+    fill_on_open,
+    good_video,
+    ingest,
+    kill_after_commits,
+    line_naming,
+    run_cli,
+    start_ingest,
+)
 
 import sonocl.data.store_writer as writer_module
 from conftest import tiny_pretrain, tiny_sets
@@ -98,11 +106,7 @@ def test_a_full_disk_under_the_compressed_frames_keeps_the_committed_ones(
     store = tmp_path / "store"
     room = 12_000 if name == BLOBS_FILE else 40 * 8
 
-    def fake_open(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
-        handle = open(file, mode, *args, **kwargs)  # type: ignore[call-overload]
-        return FillingFile(handle, room) if "a" in mode and Path(str(file)).name == name else handle
-
-    monkeypatch.setattr(writer_module, "open", fake_open, raising=False)
+    fill_on_open(monkeypatch, writer_module, lambda path: path.name == name, room=room)
     result = ingest(capsys, videos, "--out", store, "--size", str(SIZE), "--codec", "zlib")
     assert result.code == 1
     assert "committed before are intact" in line_naming(result.err, store / name)

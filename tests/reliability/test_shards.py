@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from reliability_support import (
-    FillingFile,
+    fill_on_open,
     good_video,
     ingest,
     kill_after_commits,
@@ -113,13 +113,7 @@ def test_a_full_disk_under_a_shard_keeps_its_committed_videos(
     store = tmp_path / "store"
     shard = store / SHARDS_DIR / "s"
 
-    def fake_open(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
-        handle = open(file, mode, *args, **kwargs)  # type: ignore[call-overload]
-        if "a" in mode and Path(str(file)) == shard / FRAMES_FILE:
-            return FillingFile(handle, 20 * SIZE * SIZE)
-        return handle
-
-    monkeypatch.setattr(store_module, "open", fake_open, raising=False)
+    fill_on_open(monkeypatch, store_module, lambda path: path == shard / FRAMES_FILE, room=20 * SIZE * SIZE)
     result = ingest(capsys, first, "--out", store, "--size", str(SIZE), "--shard", "s")
     assert result.code == 1
     assert "committed before are intact" in line_naming(result.err, shard / FRAMES_FILE)

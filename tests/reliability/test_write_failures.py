@@ -10,7 +10,6 @@ from __future__ import annotations
 import builtins
 import hashlib
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 from reliability_support import (
     DISK_FULL,
     FillingFile,
+    fill_on_open,
     good_video,
     ingest,
     line_naming,
@@ -47,23 +47,6 @@ def _fail_replace_onto(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setattr(os, "replace", replace)
 
 
-def _fill_on_open(
-    monkeypatch: pytest.MonkeyPatch, module: Any, wanted: Callable[[Path], bool], room: int
-) -> list[Path]:
-    """Files opened for writing by ``module`` whose path is ``wanted`` fill up after ``room`` bytes; returns them."""
-    filled: list[Path] = []
-
-    def fake_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        handle = builtins.open(file, mode, *args, **kwargs)
-        if any(flag in mode for flag in "wa") and wanted(Path(file)):
-            filled.append(Path(file))
-            return FillingFile(handle, room)
-        return handle
-
-    monkeypatch.setattr(module, "open", fake_open, raising=False)
-    return filled
-
-
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -88,7 +71,7 @@ def test_atomic_write_keeps_the_previous_file(step: str, tmp_path: Path, monkeyp
     if step == "rename":
         _fail_replace_onto(monkeypatch, target.name)
     else:
-        _fill_on_open(monkeypatch, files_module, lambda path: path.name.endswith(".tmp"), room=4)
+        fill_on_open(monkeypatch, files_module, lambda path: path.name.endswith(".tmp"), room=4)
     with pytest.raises(
         WriteFailedError, match=f"{target}: writing failed \\(No space left on device\\); the file is unchanged"
     ):
@@ -136,7 +119,7 @@ def test_store_append_fails_then_the_rerun_completes(
     assert ingest(capsys, videos, "--out", tmp_path / "clean", "--size", "32").code == 0
     clean = FrameStore.open(tmp_path / "clean")
     store = tmp_path / "store"
-    filled = _fill_on_open(monkeypatch, store_module, lambda path: path.name == name, room=room)
+    filled = fill_on_open(monkeypatch, store_module, lambda path: path.name == name, room=room)
     result = ingest(capsys, videos, "--out", store, "--size", "32")
     assert filled and result.code == 1
     line = line_naming(result.err, store / name)
@@ -155,7 +138,7 @@ def test_worker_frame_file_write_fails_and_stops_the_ingest(
     videos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A full disk under the workers' frame files stops the run instead of skipping every source as broken."""
-    _fill_on_open(monkeypatch, ingest_workers, lambda path: path.parent.name == ingest_module.TEMP_DIR, room=0)
+    fill_on_open(monkeypatch, ingest_workers, lambda path: path.parent.name == ingest_module.TEMP_DIR, room=0)
     result = ingest(capsys, videos, "--out", tmp_path / "store", "--size", "32")
     assert result.code == 1
     assert "No space left on device" in result.err and ingest_module.TEMP_DIR in result.err

@@ -18,6 +18,7 @@ from sonocl.data.codecs import CODECS
 from sonocl.data.decode import DEFAULT_MAX_PIXELS
 from sonocl.data.preprocess import MIN_SOURCE_SIDE
 from sonocl.errors import ConfigError
+from sonocl.options import field_default
 
 DEFAULT_SIZE = 256
 DEFAULT_MAX_FRAMES = 20_000
@@ -140,5 +141,4 @@ def _option(field: str) -> str:
 
 def default(field: str) -> Any:
     """The default of an `IngestConfig` field: the option's."""
-    found = next(f for f in dataclasses.fields(IngestConfig) if f.name == field)
-    return found.default_factory() if found.default_factory is not dataclasses.MISSING else found.default
+    return field_default(IngestConfig, field)

@@ -66,8 +66,9 @@ def merge_stores(sources: list[Path], out: Path, overwrite: bool = False) -> int
     """Add every part of every store of ``sources`` to store ``out`` as a sealed shard; returns the videos added."""
     opened = [FrameStore.open(source) for source in sources]  # each checked whole before anything is written
     out = out.resolve()
-    target = FrameStore.open(out) if (out / META_FILE).exists() else opened[0]
-    size, codec, sized_by = target.size, target.codec, out if target is not opened[0] else sources[0]
+    existing = FrameStore.open(out) if (out / META_FILE).exists() else None
+    first = existing if existing is not None else opened[0]
+    size, codec, sized_by = first.size, first.codec, out if existing is not None else sources[0]
     for source, store in zip(sources, opened):
         if store.root.resolve() == out:
             raise StoreError(f"{source}: is the --out store itself")
@@ -83,9 +84,9 @@ def merge_stores(sources: list[Path], out: Path, overwrite: bool = False) -> int
             )
     claim(out, STORE, overwrite=overwrite)
     open_or_create_meta(out, size, codec)
-    held = FrameStore.open(out)
-    hashes = {video.content_hash for video in held.videos}
-    ids = {video.id for video in held.videos}
+    held = existing.videos if existing is not None else []
+    hashes = {video.content_hash for video in held}
+    ids = {video.id for video in held}
     taken = {part.name for part in parts(read_meta(out))}
     added = 0
     for store in opened:

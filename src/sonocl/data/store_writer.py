@@ -159,7 +159,7 @@ class FrameStoreWriter:
 
     def _other_parts_videos(self) -> list[VideoRecord]:
         found: list[VideoRecord] = []
-        for part in parts(read_meta(self.root)):
+        for part in parts(self.meta):
             if part.directory(self.root) != self.directory:
                 found += read_records(part.directory(self.root) / VIDEOS_FILE)[0]
         return found

@@ -46,6 +46,7 @@ from sonocl.evaluate.segment_folds import (
     run_folds,
     summary_of_images,
 )
+from sonocl.options import field_default
 from sonocl.outputs import SEGMENTATION, add_overwrite_argument, claim
 from sonocl.runtime import resolve_device
 
@@ -57,7 +58,7 @@ EXIT_OK, EXIT_SKIPPED = 0, 3
 
 def _default(field: str) -> Any:
     """The default of a `SegmentConfig` field: the option's."""
-    return next(f.default for f in dataclasses.fields(SegmentConfig) if f.name == field)
+    return field_default(SegmentConfig, field)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

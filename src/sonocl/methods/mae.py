@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from timm.layers import LayerNorm, build_sincos2d_pos_embed
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from sonocl.augment import AugmentConfig
@@ -48,6 +47,11 @@ from sonocl.methods.config import (
 from sonocl.methods.objectives import BatchTensors, Objective, StepContext
 from sonocl.models import ContrastiveModel
 from sonocl.pairs import InstanceSampler, PairSampler
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+# timm is imported where it is used: the registry imports every method, and timm takes 0.7 s to import, which
+# every `sonocl pretrain` of another method would otherwise wait for.
 
 PIXEL_TARGETS = ("normalised", "plain")
 VALIDATION_MASKS = 0x3A5E
@@ -154,6 +158,9 @@ class MAEDecoder(nn.Module):
 
     def __init__(self, encoder_dim: int, grid: tuple[int, int], patch: tuple[int, int], channels: int, dim: int,
                  depth: int, heads: int) -> None:  # fmt: skip
+        from timm.layers import LayerNorm, build_sincos2d_pos_embed
+        from timm.models.vision_transformer import Block
+
         super().__init__()
         self.patch = patch
         self.num_patches = grid[0] * grid[1]
@@ -198,6 +205,8 @@ class MAE(Objective):
     def predict(self, model: ContrastiveModel, images: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         """The decoder's pixels of every patch ``(N, L, ph·pw·C)`` and the mask ``(N, L)`` (1: hidden) that
         ``noise`` ``(N, L)`` draws (`random_masking`)."""
+        from timm.models.vision_transformer import VisionTransformer
+
         vit = model.backbone
         assert isinstance(vit, VisionTransformer), "mae's objective is built for a timm VisionTransformer only"
         kept, mask = random_masking(noise, self.visible)
@@ -227,6 +236,8 @@ class MAE(Objective):
 def vit_structure(backbone: str, channels: int, size: int) -> VisionTransformer:
     """The backbone ``backbone`` built on the meta device (its structure, no weights) when it is a timm
     ``VisionTransformer``; any other backbone is a `ConfigError` of one line naming it."""
+    from timm.models.vision_transformer import VisionTransformer
+
     with torch.device("meta"):
         model = Backbone.named(backbone).build(channels, size)
     if not isinstance(model, VisionTransformer):

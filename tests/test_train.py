@@ -471,6 +471,65 @@ def test_the_best_checkpoint_is_chosen_among_every_epoch_not_only_monitored_ones
     torch.testing.assert_close(encoder["layer4.1.conv2.weight"], expected["layer4.1.conv2.weight"])
 
 
+@pytest.mark.parametrize(("every_seconds", "writes"), [(1e9, 1), (0.0, 3)])
+def test_checkpoints_are_written_when_due_not_at_every_monitor(
+    phantom_store, tmp_path, monkeypatch, every_seconds: float, writes: int
+) -> None:
+    """Monitors every epoch do not write ``last.pt`` every epoch: it is written every ``checkpoint_every_seconds``
+    and after the last epoch (a monitored epoch's better loss waits in memory for the next write, as any epoch's)."""
+    from sonocl.train import loop
+
+    written: list[int] = []
+    save = loop.save_checkpoints
+    monkeypatch.setattr(loop, "save_checkpoints", lambda run: (written.append(run.epoch), save(run)))
+    out = tmp_path / "run"
+    argv = ["--store", str(phantom_store.root), "--out", str(out), *_tiny("uscl"), "--epochs", "3",
+            "--set", "monitor_every=1", "--set", f"checkpoint_every_seconds={every_seconds}"]  # fmt: skip
+    loop.pretrain(_config(argv), out)
+    assert written == [3] if writes == 1 else written == [1, 2, 3]
+    epochs = [row for row in csv.DictReader(open(out / "metrics.csv")) if row["kind"] == "epoch"]
+    assert [row["epoch"] for row in epochs] == ["1", "2", "3"]  # monitored every epoch all the same
+
+
+def test_the_monitors_embed_each_distinct_frame_once(phantom_store, tmp_path, monkeypatch) -> None:
+    """The collapse frames are the held-out labelled frames, which the kNN monitor also embeds: one forward pass each,
+    and the same metrics as embedding the three sets apart."""
+    from sonocl.train import loop, validation
+    from sonocl.train.monitor import embedding_std, knn_accuracy
+
+    runs, embedded = [], []
+    features = validation.backbone_features
+    monkeypatch.setattr(
+        validation,
+        "backbone_features",
+        lambda b, s, frames, **k: (embedded.append(len(frames)), features(b, s, frames, **k))[1],
+    )
+    real_monitors = validation.monitors
+    monkeypatch.setattr(loop, "monitors", lambda run: (runs.append(run), real_monitors(run))[1])
+    out = tmp_path / "run"
+    loop.pretrain(
+        _config(["--store", str(phantom_store.root), "--out", str(out), *_tiny("uscl"), "--epochs", "1"]), out
+    )
+    run = runs[0]
+    data = run.data
+    bank, query, collapse = data.bank[0], data.query[0], data.collapse_frames
+    assert set(collapse) <= set(query) and len(bank) and len(query)
+    assert embedded == [len(np.unique(np.concatenate([bank, query, collapse])))]
+
+    def apart(frames):
+        return features(run.model.backbone, data.store, frames, size=run.cfg.size, mean=run.cfg.augment.mean,
+                        std=run.cfg.augment.std, channels=run.cfg.model.channels, device=run.device)  # fmt: skip
+
+    metrics = run.epoch_metrics
+    run.model.eval()
+    with torch.no_grad():
+        expected_std = embedding_std(run.model.projector(apart(collapse)).float())
+    expected_knn = knn_accuracy(apart(bank), torch.from_numpy(data.bank[1]), apart(query),
+                                torch.from_numpy(data.query[1]), k=run.cfg.knn_k)  # fmt: skip
+    assert abs(metrics["knn_acc"] - expected_knn) <= 1 / len(query)  # a near tie may vote otherwise in another batch
+    assert metrics["embedding_std"] == pytest.approx(expected_std, rel=1e-5)
+
+
 def test_a_resumed_run_warns_only_about_settings_that_changed(phantom_store, tmp_path: Path, capsys) -> None:
     """The saved configuration keeps lists where the live one has tuples (the stores): an unchanged resume says
     nothing; one with another batch size names it."""

@@ -231,10 +231,13 @@ class PretrainConfig:
     checkpoint_every_steps: int = 0
     """Also write ``last.pt`` every N steps (0: only at epoch ends, see ``checkpoint_every_seconds``)."""
     checkpoint_every_seconds: float = 60.0
-    """Write ``last.pt`` at the end of an epoch once this long has passed since the last one (and after monitors)."""
+    """Write ``last.pt`` at the end of an epoch once this long has passed since the last one, and after the last
+    epoch."""
     monitor_every: int = 0
     """Run the validation loss, kNN and collapse monitors every N epochs and after the last (0: automatic, so that
-    they cost about a tenth of the training compute: N = ⌈3 · monitor images / training images per epoch⌉)."""
+    they cost about a twentieth of the training compute: N = ⌈monitor images / (0.15 · training images per epoch)⌉,
+    `sonocl.train.data.MONITOR_SHARE`). A run that exports its best checkpoint computes the validation loss every
+    epoch."""
     label_column: str = "label"
     """The store's class column: the kNN monitor's labels and USCL's semi-supervised classes."""
     knn_k: int = 20

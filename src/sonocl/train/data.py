@@ -24,6 +24,10 @@ from sonocl.train.monitor import monitor_frames
 from sonocl.train.replay import StepBatches, batch_tensors, split_videos, training_sampler
 
 MONITOR_MAX_FRAMES = 4096
+MONITOR_SHARE = 0.05
+"""The automatic ``monitor_every`` keeps the monitors at about this share of the training compute. A monitored
+frame is one forward pass in eval mode, about a third of a trained image's forward and backward; the validation
+loss counts with them unless the run selects its best checkpoint, which computes it every epoch anyway."""
 VALIDATION_SEED = 0x5EED
 """The seed of the validation pairs and of their views: every epoch's validation loss is of the same draw."""
 
@@ -90,7 +94,9 @@ def build_data(cfg: PretrainConfig, method: Method, context: ddp.DistributedCont
         a[:MONITOR_MAX_FRAMES] for a in (bank, bank_labels, query, query_labels, collapse)
     )
     val_batches = validation_batches(cfg, method, store, held) if context.is_main else []
-    monitored = len(bank) + len(query) + len(collapse) + 2 * sum(len(b) for b in val_batches)
+    monitored = len(np.unique(np.concatenate([bank, query, collapse])))  # `validation.monitors`: each frame once
+    if cfg.export != "best":
+        monitored += 2 * sum(len(b) for b in val_batches)
     trained = 2 * batch_size * context.world_size * len(sampler)
     return RunData(
         store=store,
@@ -98,7 +104,7 @@ def build_data(cfg: PretrainConfig, method: Method, context: ddp.DistributedCont
         held=held,
         sampler=sampler,
         total_steps=cfg.steps or cfg.epochs * len(sampler),
-        monitor_every=cfg.monitor_every or max(1, math.ceil(3 * monitored / trained)),
+        monitor_every=cfg.monitor_every or max(1, math.ceil(monitored / (3 * MONITOR_SHARE * trained))),
         val_batches=val_batches,
         meta_sampler=meta_sampler,
         bank=(bank, bank_labels),

@@ -389,12 +389,13 @@ def _log_step(
 def end_of_epoch(run: Run, epoch: int) -> None:
     """Rank 0: the held-out loss every epoch when the run exports its best checkpoint (the model selection of USCL's
     and Meta-USCL's reference code), else with the monitors; the monitors every ``monitor_every`` epochs and after the
-    last, with ``last.pt`` (and ``best.pt``); between them ``last.pt`` every ``checkpoint_every_seconds``. A better
-    epoch between checkpoint writes is kept in memory (`Run.best_snapshot`) and written with the next ``last.pt``."""
+    last; ``last.pt`` (and ``best.pt``) every ``checkpoint_every_seconds`` and after the last epoch. A better epoch
+    between checkpoint writes is kept in memory (`Run.best_snapshot`) and written with the next ``last.pt``."""
     data, done = run.data, epoch + 1
     monitored = done % data.monitor_every == 0 or done == data.num_epochs
     selecting = run.cfg.export == "best" and bool(data.val_batches)
     run.epoch, run.step_in_epoch = done, 0
+    improved = False
     if run.context.is_main and (monitored or selecting):
         val_loss = validation_loss(run)
         # Without held-out pairs there is no model selection: best is the latest monitored epoch.
@@ -403,18 +404,16 @@ def end_of_epoch(run: Run, epoch: int) -> None:
             run.best_val_loss = val_loss
         if monitored:
             run.epoch_metrics = {**({"val_loss": val_loss} if val_loss is not None else {}), **monitors(run)}
-            if improved:
-                run.best_snapshot = None  # superseded: best.pt becomes this epoch's last.pt
-            save_checkpoints(run)
-            if improved:
-                link_checkpoint(run.last_path, run.best_path)
             _log_epoch(run, done)
-            ddp.barrier(run.context)
-            return
+    due = done == data.num_epochs or time.perf_counter() - run.saved_at >= run.cfg.checkpoint_every_seconds
+    if run.context.is_main and due:
         if improved:
-            run.best_snapshot = copy.deepcopy(checkpoint_state(run))
-    if run.context.is_main and time.perf_counter() - run.saved_at >= run.cfg.checkpoint_every_seconds:
+            run.best_snapshot = None  # superseded: best.pt becomes this epoch's last.pt
         save_checkpoints(run)
+        if improved:
+            link_checkpoint(run.last_path, run.best_path)
+    elif run.context.is_main and improved:
+        run.best_snapshot = copy.deepcopy(checkpoint_state(run))
     ddp.barrier(run.context)
 
 

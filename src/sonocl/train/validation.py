@@ -57,12 +57,17 @@ def monitors(run: Run) -> dict[str, float]:
                                  std=cfg.augment.std, channels=cfg.model.channels, device=device,
                                  memory_format=run.memory_format, autocast_dtype=dtype)  # fmt: skip
 
-    if len(data.collapse_frames) >= 2:
-        h = features(data.collapse_frames)
-        metrics["embedding_std"] = embedding_std(model.projector(h.to(device)).float())
-    (bank_frames, bank_labels), (query_frames, query_labels) = data.bank, data.query
+    # Each distinct frame once: the collapse frames are usually the held-out labelled frames, the kNN queries.
+    (bank_frames, bank_labels), (query_frames, query_labels), collapse = data.bank, data.query, data.collapse_frames
+    wanted = np.concatenate([collapse, bank_frames, query_frames])
+    if not len(wanted):
+        return metrics
+    distinct, where = np.unique(wanted, return_inverse=True)
+    h = features(distinct)[torch.from_numpy(where)]
+    collapse_h, bank_h, query_h = torch.split(h, [len(collapse), len(bank_frames), len(query_frames)])
+    if len(collapse) >= 2:
+        metrics["embedding_std"] = embedding_std(model.projector(collapse_h.to(device)).float())
     if len(bank_frames) and len(query_frames):
-        bank_h, query_h = features(bank_frames), features(query_frames)
         metrics["knn_acc"] = knn_accuracy(
             bank_h, torch.from_numpy(bank_labels), query_h, torch.from_numpy(query_labels), k=cfg.knn_k
         )

@@ -7,13 +7,13 @@ pretrained on one corpus at one budget and evaluated, frozen (kNN, linear probe)
 - COVID-BLUES (``../shared/data/covid_blues``: 362 videos of 63 patients, one scanner): severity 0–3,
   B-lines yes/no, folds grouped by patient.
 
-The order answers the study's question first. For each corpus: every method pretrained on it and scored on the
-other corpus's tasks (it has seen none of their videos), then the papers' last-block protocol (3 seeds) on the other
-corpus's main task (``BOTH_TASKS``: POCUS 3-class, BLUES severity) for random init and the two best of those
-encoders. Then the same-dataset rows (pretrained on the corpus they are tested on: transductive, their test videos
-seen without labels, as every table says). Then multi-source: the ``--both`` methods pretrained per fold on both
-corpora (`sonocl study --also-store`: the evaluated corpus without the fold's test videos) for the main tasks. Last,
-random init and the best row at 112 px (`RESOLUTION`). The best rows are chosen on the 64 px linear-probe test
+The order answers the study's question first: for each corpus, every method pretrained on it and scored on the
+other corpus's tasks (it has seen none of their videos). Then the cheap rows: the same-dataset rows (pretrained on
+the corpus they are tested on: transductive, their test videos seen without labels, as every table says), and
+random init and the best row at 112 px (`RESOLUTION`). Then the long ones: the papers' last-block protocol (3 seeds)
+on the other corpus's main task (``BOTH_TASKS``: POCUS 3-class, BLUES severity) for random init and the two best
+transferred encoders, and multi-source: the ``--both`` methods pretrained per fold on both corpora (`sonocl study
+--also-store`: the evaluated corpus without the fold's test videos) for the main tasks. The best rows are chosen on the 64 px linear-probe test
 folds, as said where they are used. Each step resumes
 (a rerun skips what is done and continues an interrupted run at its last checkpoint or fold); the fold runs are
 collected into ``docs/study/transfer.json`` and the tables written into ``docs/results.md`` between the study's
@@ -377,8 +377,10 @@ def main() -> int:
             for protocol in PROTOCOLS:
                 evaluate(root, stores, task, protocol, "random", "none")
         write_outputs(root)
-        # The transfer first: every encoder on the other corpus's tasks, then the papers' last-block protocol for
-        # random init and the two best of those encoders on the other corpus's main task.
+        # The transfer first: every encoder on the other corpus's tasks; then the cheap rows (the same-dataset rows
+        # beside them, transductive, and the resolution step); the long ones last (the papers' last-block protocol
+        # for random init and the two best encoders on the other corpus's main task, and the per-fold multi-source
+        # pretraining), so that a session's end leaves the most rows done.
         for corpus in args.corpora:
             for method in args.only or METHODS:
                 pretrain(root, stores, method, corpus)
@@ -386,21 +388,12 @@ def main() -> int:
                     for protocol in PROTOCOLS:
                         evaluate(root, stores, task, protocol, method, corpus)
                 write_outputs(root)
-            for task in (t for t in TASKS if t.name in BOTH_TASKS and t.corpus != corpus):
-                for method, pretrained_on in [("random", "none"), *best_rows(root, task, 2, other_corpus=True)]:
-                    evaluate(root, stores, task, "last-block", method, pretrained_on)
-                write_outputs(root)
-        for corpus in args.corpora:  # the same-dataset rows beside them (transductive)
+        for corpus in args.corpora:
             for method in args.only or METHODS:
                 pretrain(root, stores, method, corpus)
                 for task in (t for t in TASKS if t.corpus == corpus):
                     for protocol in PROTOCOLS:
                         evaluate(root, stores, task, protocol, method, corpus)
-                write_outputs(root)
-        for method in args.both:  # multi-source, per fold: 5 pretraining runs per task, so the main tasks only
-            for task in (t for t in TASKS if t.name in BOTH_TASKS):
-                for protocol in PROTOCOLS:
-                    evaluate_both(root, stores, task, protocol, method)
                 write_outputs(root)
         for task in (t for t in TASKS if t.name in BOTH_TASKS):  # the resolution step: random init and the best row
             for method, corpus in [("random", "none"), *best_rows(root, task, 1)]:
@@ -409,6 +402,16 @@ def main() -> int:
                 for protocol in PROTOCOLS:
                     evaluate(root, stores, task, protocol, method, corpus, RESOLUTION)
             write_outputs(root)
+        for corpus in args.corpora:
+            for task in (t for t in TASKS if t.name in BOTH_TASKS and t.corpus != corpus):
+                for method, pretrained_on in [("random", "none"), *best_rows(root, task, 2, other_corpus=True)]:
+                    evaluate(root, stores, task, "last-block", method, pretrained_on)
+                write_outputs(root)
+        for method in args.both:  # multi-source, per fold: 5 pretraining runs per task, so the main tasks only
+            for task in (t for t in TASKS if t.name in BOTH_TASKS):
+                for protocol in PROTOCOLS:
+                    evaluate_both(root, stores, task, protocol, method)
+                write_outputs(root)
     write_outputs(root)
     return 0
 

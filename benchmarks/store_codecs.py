@@ -6,7 +6,8 @@ For each store given (e.g. the POCUS and covid_blues stores of the studies, 128 
   and the time to encode and decode one frame on one core, of zlib on the raw bytes (levels 1 and 6), PNG (Pillow,
   levels 1 and 6), lossless WebP and JPEG at quality 95 (lossy: its PSNR and largest pixel error are given).
 - **Stores**: the store written again with each codec of `sonocl.data.codecs` (png, zlib): its size against the raw
-  frames, and `FrameStore.gather`'s frames/s, read and decoded, on batches of random frames (warm page cache).
+  frames, and `FrameStore.gather`'s frames/s, read and decoded, on batches of random frames, cold and warm, with
+  1 and 4 reading threads (``--threads``, `SONOCL_READ_THREADS`).
 - **Reads** of training-like batches (``--batch`` frames at random over the store) from the store's memory map, with
   the page cache emptied for the frame file before every round (``posix_fadvise(DONTNEED)``: cold, as a first epoch
   on a large store) and kept (warm), each either in the order asked (one page fault per frame, where the old reader
@@ -33,6 +34,7 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, features
@@ -40,7 +42,7 @@ from PIL import Image, features
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from sonocl.data.store import FRAMES_FILE, FrameStore  # noqa: E402
+from sonocl.data.store import FRAMES_FILE, READ_CHUNK, READ_THREADS_VARIABLE, FrameStore  # noqa: E402
 from sonocl.data.store_writer import FrameStoreWriter  # noqa: E402
 
 Codec = tuple[Callable[[np.ndarray], bytes], Callable[[bytes, int], np.ndarray], bool]
@@ -158,29 +160,50 @@ def compressed_copy(store: FrameStore, codec: str, out: Path) -> FrameStore:
     return FrameStore.open(out)
 
 
-def measure_stores(store: FrameStore, batch: int, rounds: int, seed: int, scratch: Path) -> dict[str, dict[str, float]]:
+def measure_stores(store: FrameStore, batch: int, rounds: int, seed: int, scratch: Path,
+                   threads: list[int]) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Each codec's copy of ``store``: its size against the raw frames, and `FrameStore.gather`'s frames/s (read and
-    decoded, one process, warm page cache) on batches of ``batch`` random frames, interleaved rounds."""
-    copies = {"raw": store} | {codec: compressed_copy(store, codec, scratch / codec) for codec in ("png", "zlib")}
-    raw_bytes = store.num_frames * store.size * store.size
-    seconds = dict.fromkeys(copies, 0.0)
+    decoded, one process) on batches of ``batch`` random frames, with each count of reading threads
+    (`READ_THREADS_VARIABLE`), from a cold page cache (the copy's frame files dropped) and a warm one; interleaved
+    rounds."""
+    roots = {"raw": store.root} | {c: compressed_copy(store, c, scratch / c).root for c in ("png", "zlib")}
+    readers = {}
+    for codec, root in roots.items():
+        for count in threads:
+            os.environ[READ_THREADS_VARIABLE] = str(count)
+            opened = FrameStore.open(root)
+            opened.gather(np.arange(min(opened.num_frames, 4 * READ_CHUNK)))  # its threads are made now, with count
+            readers[codec, count] = opened
+    os.environ.pop(READ_THREADS_VARIABLE)
+    seconds = {(codec, count, cache): 0.0 for codec, count in readers for cache in ("cold", "warm")}
     rng = np.random.default_rng(seed)
     for _ in range(rounds):
         wanted = [rng.integers(0, store.num_frames, batch) for _ in range(8)]
-        for codec, copy in copies.items():
-            for indices in wanted:
-                copy.gather(np.sort(indices))  # warm
-            started = time.perf_counter()
-            for indices in wanted:
-                copy.gather(indices)
-            seconds[codec] += time.perf_counter() - started
-    measured = {}
-    for codec, copy in copies.items():
-        files = [p for d in copy.part_dirs for p in d.iterdir() if p.name.startswith("frames.")]
-        measured[codec] = {"ratio": raw_bytes / sum(p.stat().st_size for p in files),
-                           "gather_frames_per_s": rounds * 8 * batch / seconds[codec]}  # fmt: skip
+        for (codec, count), opened in readers.items():
+            for cache in ("cold", "warm"):
+                if cache == "cold":
+                    for path in _frame_files(opened):
+                        _drop_cache(path)
+                else:
+                    for indices in wanted:
+                        opened.gather(np.sort(indices))
+                started = time.perf_counter()
+                for indices in wanted:
+                    opened.gather(indices)
+                seconds[codec, count, cache] += time.perf_counter() - started
+    measured: dict[str, dict[str, Any]] = {}
+    raw_bytes = store.num_frames * store.size * store.size
+    for codec in roots:
+        size = sum(p.stat().st_size for p in _frame_files(readers[codec, threads[0]]))
+        per_s = {f"{cache}, {count} threads": rounds * 8 * batch / seconds[codec, count, cache]
+                 for (c, count, cache) in seconds if c == codec}  # fmt: skip
+        measured[codec] = {"ratio": raw_bytes / size, "gather_frames_per_s": per_s}
     shutil.rmtree(scratch, ignore_errors=True)
     return measured
+
+
+def _frame_files(store: FrameStore) -> list[Path]:
+    return [p for d in store.part_dirs for p in d.iterdir() if p.name.startswith("frames.")]
 
 
 def main() -> int:
@@ -190,6 +213,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 4], help="reading threads to compare")
     args = parser.parse_args()
     results: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -202,7 +226,7 @@ def main() -> int:
         frames = sample(store, args.frames, args.seed)
         measured = {name: measure_codec(frames, codec) for name, codec in codecs().items()}
         reads = measure_reads(store, args.batch, args.rounds, args.seed)
-        stores = measure_stores(store, args.batch, args.rounds, args.seed, Path(tempfile.mkdtemp()))
+        stores = measure_stores(store, args.batch, args.rounds, args.seed, Path(tempfile.mkdtemp()), args.threads)
         results["stores"][str(path)] = {  # type: ignore[index]
             "videos": store.num_videos, "frames": store.num_frames, "size": store.size,
             "sampled_frames": len(frames), "codecs": measured, "reads_frames_per_s": reads, "stores": stores,
@@ -217,8 +241,9 @@ def main() -> int:
             print(f"| {name} | {m['ratio']:.2f} | {m['encode_us_per_frame']:.0f} | {m['decode_us_per_frame']:.0f} "
                   f"| {m['decode_frames_per_s_per_core']:,.0f} | {psnr} |")  # fmt: skip
         print("reads (frames/s): " + ", ".join(f"{key} {value:,.0f}" for key, value in reads.items()))
-        print("stores: " + ", ".join(f"{codec} {m['ratio']:.2f}× smaller, gather {m['gather_frames_per_s']:,.0f} "
-                                     "frames/s" for codec, m in stores.items()))  # fmt: skip
+        for codec, m in stores.items():
+            rates = ", ".join(f"{key} {value:,.0f}" for key, value in m["gather_frames_per_s"].items())
+            print(f"store {codec}: {m['ratio']:.2f}× smaller; gather frames/s: {rates}")
     out = REPO / "benchmarks" / "out" / "store_codecs.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=float) + "\n")

@@ -158,3 +158,51 @@ def test_merge_keeps_one_codec_and_pretraining_reads_a_compressed_store(
     result = run_cli(capsys, *argv)
     assert result.code == 0, result.err
     assert (run / "encoder.safetensors").exists()
+
+
+def _gather_digest(store: FrameStore, picks: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(store.gather(picks).tobytes()).hexdigest()
+
+
+_INHERITED: dict[str, FrameStore] = {}
+"""The store a forked process inherits (as a DataLoader worker inherits its dataset: not pickled)."""
+
+
+def _inherited_digest(picks: np.ndarray) -> str:
+    return _gather_digest(_INHERITED["store"], picks)
+
+
+@pytest.mark.parametrize("codec", ["raw", "png"])
+def test_threaded_reads_give_the_frames_one_thread_gives_in_any_process(
+    codec: str, corpus: tuple[Path, dict[str, bytes]], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A gather of many frames is read in chunks by a pool of threads (`SONOCL_READ_THREADS`); the frames are those
+    of one thread, in the parent and in a forked loader worker (which makes its own threads), and a bad value is one
+    line naming the variable."""
+    import multiprocessing
+
+    from sonocl.data.store import READ_CHUNK, READ_THREADS_VARIABLE
+    from sonocl.errors import UserError
+
+    videos, _ = corpus
+    assert ingest(capsys, videos, "--out", tmp_path / "s", "--size", str(SIZE), "--codec", codec).code == 0
+    picks = np.random.default_rng(1).permutation(FrameStore.open(tmp_path / "s").num_frames)
+    assert len(picks) > 2 * READ_CHUNK
+    monkeypatch.setenv(READ_THREADS_VARIABLE, "1")
+    alone = FrameStore.open(tmp_path / "s")
+    expected = _gather_digest(alone, picks)
+    assert alone._readers is None
+    monkeypatch.setenv(READ_THREADS_VARIABLE, "3")
+    threaded = FrameStore.open(tmp_path / "s")
+    assert _gather_digest(threaded, picks) == expected
+    assert threaded._readers is not None and threaded._readers._max_workers == 3
+    _INHERITED["store"] = threaded  # with its maps and threads, which the forked child must not use
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_inherited_digest, (picks,)) == expected
+    _INHERITED.clear()
+    monkeypatch.setenv(READ_THREADS_VARIABLE, "many")
+    with pytest.raises(UserError, match=f"{READ_THREADS_VARIABLE}='many'"):
+        FrameStore.open(tmp_path / "s").gather(picks)

@@ -46,9 +46,11 @@ from sonocl.errors import UserError
 
 READ_THREADS_VARIABLE = "SONOCL_READ_THREADS"
 """The environment variable that sets how many threads each process reads and decodes frames with (default
-`READ_THREADS`; 1: none). Memory-map copies, zlib and PNG decoding release the GIL, so a gather's chunks overlap
-their page faults (a network filesystem's latency) and spread their decoding over cores."""
-READ_THREADS = 4
+`READ_THREADS`; 1: none). Memory-map copies and zlib decoding release the GIL, so a gather's chunks overlap their
+page faults (a cold cache, a network filesystem's latency) and spread their decoding over cores."""
+READ_THREADS = min(4, os.cpu_count() or 1)
+"""Four threads, or one per core where there are fewer (on 2 cores, 4 threads read no faster than 2:
+docs/benchmarks.md, `benchmarks/store_codecs.py --threads`)."""
 READ_CHUNK = 32
 """Frames per read task: a gather of 128 frames is 4 tasks."""
 

@@ -45,7 +45,7 @@ from sonocl.methods.config import (
     options_of,
 )
 from sonocl.methods.objectives import BatchTensors, Objective, StepContext
-from sonocl.models import ContrastiveModel
+from sonocl.models import ContrastiveModel, Head
 from sonocl.pairs import InstanceSampler, PairSampler
 
 if TYPE_CHECKING:
@@ -233,6 +233,17 @@ class MAE(Objective):
         return self.reconstruction(model, view1, noise)
 
 
+class NoProjection(Head):
+    """MAE's model has no projector: its loss reads only the encoder and the decoder, and the collapse monitor reads the
+    pooled features themselves (a random projector would hold untrained weights in every checkpoint)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, dim)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h
+
+
 def vit_structure(backbone: str, channels: int, size: int) -> VisionTransformer:
     """The backbone ``backbone`` built on the meta device (its structure, no weights) when it is a timm
     ``VisionTransformer``; any other backbone is a `ConfigError` of one line naming it."""
@@ -309,4 +320,5 @@ METHOD = Method(
     preset=preset,
     sampler=sampler,
     objective=objective,
+    head=lambda cfg, feature_dim: NoProjection(feature_dim),
 )

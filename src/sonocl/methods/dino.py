@@ -18,7 +18,8 @@ Departures (``docs/methods.md`` §9): 4,096 outputs instead of 65,536 (solo-lear
 last layer holds 16.8 M weights, 1.5 times a ResNet-18, kept by student, teacher and AdamW's two moments, and with
 the ten views' softmaxes it more than doubles the head's time on a 2-core CPU at batch 32); a constant weight decay
 (the reference raises it from 0.04 to 0.4 on a cosine; biases and norms are spared in both); no stochastic depth (the backbone is built by its record, whatever its family); the
-exported encoder is the student's backbone, as for every sonocl method (the reference evaluates the teacher's).
+exported encoder is the student's backbone, as for every sonocl method (the reference evaluates the teacher's;
+the two differ by no more than the noise here: docs/methods.md §9).
 
 ``--views video`` is video-DINO: the two global views come from two different frames of one video, as USCL's and
 IVPP's positives do, and the local crops half from each.

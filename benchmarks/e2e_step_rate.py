@@ -36,7 +36,7 @@ def _config(store: str, size: int, batch_size: int, epochs: int, workers: int, d
     from sonocl.train.config import preset
 
     cfg = preset("uscl")
-    cfg.store, cfg.size, cfg.batch_size, cfg.epochs, cfg.workers = store, size, batch_size, epochs, workers
+    cfg.store, cfg.size, cfg.batch_size, cfg.epochs, cfg.workers = (store,), size, batch_size, epochs, workers
     cfg.precision, cfg.progress, cfg.device = precision, False, device
     cfg.options.items = "frames"  # many steps per epoch from a small store
     cfg.knn_frames_per_video = 1

@@ -11,6 +11,9 @@
 #   3. the Meta-USCL step cost against a USCL step, every step and with --meta-every 5 (benchmarks/meta_step_cost.py);
 #   4. `sonocl pretrain --compile` on and off: the same short USCL run, steady step rate and the first step's time
 #      (which holds the compilation), from each run's metrics.csv.
+#   5. (issue 26) reads against what a step consumes: the same run from a PNG-compressed copy of the store (frames
+#      decoded in the loader workers) against the raw store, and `FrameStore.gather`'s frames/s for raw, PNG and zlib
+#      with 1 and 4 reading threads on this machine's CPUs (benchmarks/store_codecs.py --threads 1 4).
 # It writes ONE JSON, $OUT/gpu.json (environment, each step's figures, exit status and seconds), and $OUT/gpu.log.
 #
 # The machine may be fresh and offline: sonocl is installed from this checkout without dependencies and without
@@ -110,6 +113,14 @@ step meta_step_cost 100 "$PY" benchmarks/meta_step_cost.py --device "$DEVICE" --
 step phantom_store 60 "$PY" -c "import sys; from sonocl.data.phantom import build_phantom_store as b; \
 b(sys.argv[1], num_videos=int(sys.argv[2]), frames_per_video=int(sys.argv[3]), size=256)" \
     "$SCRATCH/store" "$STORE_VIDEOS" "$STORE_FRAMES"
+step png_store 60 "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from store_codecs import compressed_copy; \
+from sonocl.data.store import FrameStore; from pathlib import Path; \
+compressed_copy(FrameStore.open(sys.argv[1]), 'png', Path(sys.argv[2]))" "$SCRATCH/store" "$SCRATCH/store_png"
+step pretrain_png 100 "$PY" -m sonocl pretrain --store "$SCRATCH/store_png" --method uscl --items frames \
+    --steps "$COMPILE_STEPS" --batch-size 32 --size "$SIZE" --precision "$PRECISION" --device "$DEVICE" \
+    --workers "$WORKERS" --no-progress --out "$SCRATCH/png"
+step store_reads 90 "$PY" benchmarks/store_codecs.py "$SCRATCH/store" --frames 200 --rounds 2 --threads 1 4
+cp benchmarks/out/store_codecs.json "$OUT/store_codecs.json" 2>/dev/null
 for compiled in off on; do
     step "pretrain_compile_$compiled" $([[ $compiled == on ]] && echo "$COMPILE_CAP" || echo 100) \
         "$PY" -m sonocl pretrain --store "$SCRATCH/store" --method uscl --items frames --steps "$COMPILE_STEPS" \
@@ -143,6 +154,10 @@ def pretrain_run(folder, warmup=5):
 
 steps = list(csv.DictReader((out / "steps.tsv").open(), delimiter="\t"))
 off, on = pretrain_run(scratch / "compile_off"), pretrain_run(scratch / "compile_on")
+png = pretrain_run(scratch / "png")
+png_ratio = (png["steady_images_per_s"] / off["steady_images_per_s"]
+             if png and off and png["steady_images_per_s"] and off["steady_images_per_s"] else None)
+reads = read("store_codecs.json")
 compile_ratio = (on["steady_images_per_s"] / off["steady_images_per_s"]
                  if on and off and on["steady_images_per_s"] and off["steady_images_per_s"] else None)
 pair, e2e, meta = read("pair_throughput.json"), read("e2e_step_rate.json"), read("meta_step_cost.json")
@@ -160,9 +175,11 @@ report = {
         "meta_over_uscl": meta_result.get("ratio_meta_every_1"),
         "meta_every_5_over_uscl": meta_result.get("ratio_meta_every_5"),
         "compile_on_over_off_steady": compile_ratio,
+        "png_store_over_raw_steady": png_ratio,
+        "gather_frames_per_s": next(iter(reads["stores"].values()))["stores"] if reads else None,
     },
     "pair_throughput": pair, "e2e_step_rate": e2e, "meta_step_cost": meta,
-    "compile": {"off": off, "on": on},
+    "compile": {"off": off, "on": on}, "png_store": png, "store_reads": reads,
 }
 (out / "gpu.json").write_text(json.dumps(report, indent=1) + "\n")
 print(json.dumps(report["summary"], indent=1))

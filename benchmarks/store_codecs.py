@@ -226,7 +226,8 @@ def main() -> int:
         frames = sample(store, args.frames, args.seed)
         measured = {name: measure_codec(frames, codec) for name, codec in codecs().items()}
         reads = measure_reads(store, args.batch, args.rounds, args.seed)
-        stores = measure_stores(store, args.batch, args.rounds, args.seed, Path(tempfile.mkdtemp()), args.threads)
+        with tempfile.TemporaryDirectory(prefix="sonocl_store_codecs_") as scratch:
+            stores = measure_stores(store, args.batch, args.rounds, args.seed, Path(scratch), args.threads)
         results["stores"][str(path)] = {  # type: ignore[index]
             "videos": store.num_videos, "frames": store.num_frames, "size": store.size,
             "sampled_frames": len(frames), "codecs": measured, "reads_frames_per_s": reads, "stores": stores,

@@ -70,33 +70,14 @@ class GroupInfoNCE(nn.Module):
         With ``gathered`` the value is this rank's share scaled so that the mean over ranks (what DDP's
         gradient averaging optimises) equals the single-process loss of the global batch.
         """
-        if z1.dim() != 2 or z1.shape != z2.shape:
-            raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
-        n = z1.shape[0]
-        if positive_group is not None and (positive_group.shape != (n,) or positive_group.is_floating_point()):
-            raise ValueError(
-                f"positive_group must be an (N,) = ({n},) integer tensor, got {tuple(positive_group.shape)} {positive_group.dtype}"
-            )
-        if weight is not None and weight.shape != (n,):
-            raise ValueError(f"weight must be (N,) = ({n},), got {tuple(weight.shape)}")
+        n = _check_views(z1, z2, positive_group, weight)
         anchors = F.normalize(_at_least_float32(torch.cat([z1, z2])), dim=1)
         if gathered is None:
-            candidates, total, offset = anchors, n, 0
-            candidate_group = positive_group
+            candidates, candidate_group, total, offset = anchors, positive_group, n, 0
         else:
-            z1_all, z2_all, candidate_group = gathered
-            total = z1_all.shape[0]
-            if z1_all.shape != (total, z1.shape[1]) or z2_all.shape != z1_all.shape:
-                raise ValueError(
-                    f"gathered z1/z2 must be (M, {z1.shape[1]}), got {tuple(z1_all.shape)} and {tuple(z2_all.shape)}"
-                )
-            if offset is None or not 0 <= offset <= total - n:
-                raise ValueError(f"offset must place the {n} local rows inside the {total} gathered ones, got {offset}")
-            if (candidate_group is None) != (positive_group is None):
-                raise ValueError("give the gathered groups exactly when positive_group is given")
-            if candidate_group is not None and candidate_group.shape != (total,):
-                raise ValueError(f"gathered groups must be (M,) = ({total},), got {tuple(candidate_group.shape)}")
-            candidates = F.normalize(_at_least_float32(torch.cat([z1_all, z2_all])), dim=1)
+            candidates, candidate_group, total, offset = _gathered_candidates(
+                gathered, z1.shape, offset, positive_group
+            )
 
         local = torch.arange(n, device=anchors.device) + offset
         own = torch.cat([local, local + total])
@@ -123,6 +104,38 @@ class GroupInfoNCE(nn.Module):
         else:
             denominator, ranks = torch.as_tensor(weight_sum, dtype=anchors.dtype, device=anchors.device), total / n
         return (torch.cat([weight, weight]) * per_anchor).sum() / (2 * denominator) * ranks
+
+
+def _check_views(z1: Tensor, z2: Tensor, positive_group: Tensor | None, weight: Tensor | None) -> int:
+    """N, after checking that the two views are ``(N, D)`` and the groups and weights ``(N,)``."""
+    if z1.dim() != 2 or z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    n = z1.shape[0]
+    if positive_group is not None and (positive_group.shape != (n,) or positive_group.is_floating_point()):
+        raise ValueError(
+            f"positive_group must be an (N,) = ({n},) integer tensor, got {tuple(positive_group.shape)} {positive_group.dtype}"
+        )
+    if weight is not None and weight.shape != (n,):
+        raise ValueError(f"weight must be (N,) = ({n},), got {tuple(weight.shape)}")
+    return n
+
+
+def _gathered_candidates(
+    gathered: tuple[Tensor, Tensor, Tensor | None], local: torch.Size, offset: int | None, positive_group: Tensor | None
+) -> tuple[Tensor, Tensor | None, int, int]:
+    """DDP: the normalised candidates ``(2M, D)`` of every rank's views, their groups, M and the offset of the
+    ``local`` ``(N, D)`` rows (`GroupInfoNCE.forward`'s ``gathered`` and ``offset``, checked)."""
+    (n, dim), (z1_all, z2_all, candidate_group) = local, gathered
+    total = z1_all.shape[0]
+    if z1_all.shape != (total, dim) or z2_all.shape != z1_all.shape:
+        raise ValueError(f"gathered z1/z2 must be (M, {dim}), got {tuple(z1_all.shape)} and {tuple(z2_all.shape)}")
+    if offset is None or not 0 <= offset <= total - n:
+        raise ValueError(f"offset must place the {n} local rows inside the {total} gathered ones, got {offset}")
+    if (candidate_group is None) != (positive_group is None):
+        raise ValueError("give the gathered groups exactly when positive_group is given")
+    if candidate_group is not None and candidate_group.shape != (total,):
+        raise ValueError(f"gathered groups must be (M,) = ({total},), got {tuple(candidate_group.shape)}")
+    return F.normalize(_at_least_float32(torch.cat([z1_all, z2_all])), dim=1), candidate_group, total, offset
 
 
 def semi_supervised_ce(

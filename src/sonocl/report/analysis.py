@@ -1,4 +1,4 @@
-"""What `sonocl report` computes from a run, its store, its checkpoints and its encoder; `sonocl.report.sections` lays
+"""What `sonocl report` computes from a run, its store, its checkpoints and its encoder; `sonocl.report.run_sections` lays
 the results out as figures, tables and notes.
 
 - `gallery_pairs`: the first pairs of training step 1 and their two views, as the loop drew them

@@ -15,7 +15,7 @@ needs the frame store (pair gallery, embedding map, Grad-CAM, CMW weights) is re
 when the store cannot be opened.
 
 This module is the command (`build_report`, `is_report`, `add_arguments`, `run`); `sonocl.report.inputs` reads the
-PATHs, `sonocl.report.sections` builds each one's part of the page and `sonocl.report.page` writes its HTML.
+PATHs, `sonocl.report.run_sections` and `sonocl.report.score_sections` build each one's part of the page and `sonocl.report.page` writes its HTML.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from sonocl.outputs import add_overwrite_argument, claim_file
 from sonocl.report.analysis import MAX_MAP_POINTS
 from sonocl.report.inputs import classify_path
 from sonocl.report.page import GENERATOR, render_page
-from sonocl.report.sections import Context, evaluation_section, run_section, segmentation_section
+from sonocl.report.run_sections import Context, run_section
+from sonocl.report.score_sections import evaluation_section, segmentation_section
 
 
 def is_report(path: Path) -> bool:
@@ -56,8 +57,8 @@ def build_report(
 
     ctx = ctx or Context()
     kinds = [(Path(p), classify_path(Path(p))) for p in paths]
-    builders = {"run": run_section, "evaluation": evaluation_section, "segmentation": segmentation_section}
-    sections = [builders[kind](path, ctx) for path, kind in kinds]
+    builders = {"evaluation": evaluation_section, "segmentation": segmentation_section}
+    sections = [run_section(path, ctx) if kind == "run" else builders[kind](path) for path, kind in kinds]
     created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     intro = [
         f"sonocl {__version__}, {created}. Inputs: " + "; ".join(f"{kind} {path.resolve()}" for path, kind in kinds)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import html
 import struct
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -98,3 +100,10 @@ def render_page(title: str, intro: list[str], sections: list[Section]) -> str:
         f"{GENERATOR}\n<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n{paragraphs}\n<nav><ul>{toc}</ul></nav>\n{body}\n</body>\n</html>\n"
     )
+
+
+def anchor(kind: str, path: Path) -> str:
+    """The page anchor of the ``kind`` section of ``path``: its name, and a hash of its full path that keeps two
+    folders of one name apart."""
+    safe = "".join(c if c.isalnum() else "-" for c in path.name)
+    return f"{kind}-{safe}-{zlib.crc32(str(path.resolve()).encode()) % 10_000:04d}"

@@ -1,22 +1,15 @@
-"""The parts of the `sonocl report` page, one `page.Section` per PATH, of what `analysis` computes and `figures`
-draws:
+"""The run's part of the `sonocl report` page, a `page.Section` of what `analysis` computes and `figures` draws:
+settings, training curves, the pair gallery, CMW-Net weights (Meta-USCL), the embedding map, Grad-CAM.
 
-- run: settings, training curves, the pair gallery, CMW-Net weights (Meta-USCL), the embedding map, Grad-CAM;
-- evaluation: the comparison table, confusion matrices, per-fold scores, accuracy by epoch, ROC curves;
-- segmentation: the table, per-fold Dice, overlays.
-
-`Context` holds the options the builders share and the time each part took.
+`Context` holds the options these builders share and the time each part took.
 """
 
 from __future__ import annotations
 
 import csv
-import html
 import math
 import sys
 import time
-import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,17 +17,11 @@ from typing import Any
 import numpy as np
 
 from sonocl.errors import UserError
-from sonocl.evaluate.config import levels
-from sonocl.evaluate.metrics import metric_columns, percent
-from sonocl.files import read_json
 from sonocl.methods import get_method
-from sonocl.provenance import where_pretrained
 from sonocl.report import analysis
 from sonocl.report.analysis import GALLERY_PAIRS, GRADCAM_PER_KIND, MAX_MAP_POINTS
 from sonocl.report.inputs import ReportError, open_store, read_metrics
-from sonocl.report.page import Section, figure_html
-
-SEGMENTATION_OVERLAYS = 6
+from sonocl.report.page import Section, anchor
 
 
 @dataclass
@@ -47,9 +34,6 @@ class Context:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-# ------------------------------------------------------------------------------------------------- run
-
-
 def _left_out(section: Section, problem: str, without: str) -> None:
     """A damaged run file: the report goes on without it, says so in ``section`` and in one line on stderr."""
     section.note(f"{problem}; {without}.")
@@ -59,7 +43,7 @@ def _left_out(section: Section, problem: str, without: str) -> None:
 def run_section(path: Path, ctx: Context) -> Section:
     from sonocl.train.config import ConfigError, load_run_config
 
-    section = Section(_anchor("run", path), f"Pretraining run: {path.name}")
+    section = Section(anchor("run", path), f"Pretraining run: {path.name}")
     cfg = None
     if (path / "config.yaml").is_file():
         try:
@@ -92,7 +76,7 @@ def run_section(path: Path, ctx: Context) -> Section:
     else:
         store_problem = "no config.yaml, so the store is unknown"
 
-    gallery = Section(_anchor("pairs", path), "Positive pairs as the sampler and the augmentation make them")
+    gallery = Section(anchor("pairs", path), "Positive pairs as the sampler and the augmentation make them")
     section.children.append(gallery)
     if store is None:
         gallery.note(f"Skipped: {store_problem}.")
@@ -100,12 +84,12 @@ def run_section(path: Path, ctx: Context) -> Section:
         _timed(ctx, "pairs", lambda: _pair_gallery(gallery, cfg, store))
 
     if cfg is not None and get_method(cfg.method).learns_pair_weights:
-        cmw = Section(_anchor("cmw", path), "Meta-USCL: CMW-Net pair weights")
+        cmw = Section(anchor("cmw", path), "Meta-USCL: CMW-Net pair weights")
         section.children.append(cmw)
         _timed(ctx, "cmw", lambda: _cmw_section(cmw, path, cfg, store, store_problem, steps))
 
-    embedding = Section(_anchor("embedding", path), "Embedding map")
-    gradcam = Section(_anchor("gradcam", path), "Grad-CAM: what the encoder looks at")
+    embedding = Section(anchor("embedding", path), "Embedding map")
+    gradcam = Section(anchor("gradcam", path), "Grad-CAM: what the encoder looks at")
     section.children += [embedding, gradcam]
     if store is None:
         for part in (embedding, gradcam):
@@ -163,15 +147,10 @@ def _timed(ctx: Context, name: str, work: Any) -> Any:
         ctx.timings[name] = ctx.timings.get(name, 0.0) + time.perf_counter() - started
 
 
-def _anchor(kind: str, path: Path) -> str:
-    safe = "".join(c if c.isalnum() else "-" for c in path.name)
-    return f"{kind}-{safe}-{zlib.crc32(str(path.resolve()).encode()) % 10_000:04d}"
-
-
 def _training_section(path: Path, steps: dict[str, np.ndarray], epochs: dict[str, np.ndarray]) -> Section:
     from sonocl.report import figures
 
-    section = Section(_anchor("curves", path), "Training curves")
+    section = Section(anchor("curves", path), "Training curves")
     if not len(steps.get("step", [])) and not len(epochs.get("epoch", [])):
         section.note("metrics.csv has no rows yet.")
         return section
@@ -359,217 +338,3 @@ def _gradcam_section(section: Section, encoder: Any, data: analysis.FrameFeature
         )
     if not probe.wrong:
         section.note("Every held-out frame was classified correctly: no wrong examples to show.")
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-
-
-def evaluation_section(path: Path, ctx: Context) -> Section:
-    results = read_json(path / "results.json", ReportError)
-    config = results.get("config", {})
-    inits = results.get("inits", [])
-    classes = list(results.get("classes", []))
-    section = Section(_anchor("eval", path), f"Evaluation: {path.name}")
-    section.text(
-        f"Store {results.get('store')}: {results.get('num_videos')} videos, {results.get('num_frames')} frames, classes "
-        f"{', '.join(classes)}. Protocol {config.get('protocol')}, recipe {config.get('recipe')} ({config.get('epochs')} "
-        f"epochs, {config.get('size')} px), {config.get('folds')} folds × {config.get('seeds')} seed(s) grouped by "
-        f"{config.get('group_by')}, epoch selection {config.get('selection')}."
-    )
-    if results.get("optimistic"):
-        section.note("Optimistic numbers: each fold reports its best epoch by test accuracy (the papers' selection).")
-    table = _comparison_table(path, inits, config.get("folds", 0) * config.get("seeds", 0))
-    section.children.append(table)
-    if not inits:
-        table.note("results.json lists no inits yet.")
-        return section
-    section.children += [
-        _confusion_section(path, inits, classes),
-        _per_fold_section(path, inits),
-        _roc_section(path, classes),
-    ]
-    return section
-
-
-def _comparison_table(path: Path, inits: list[dict[str, Any]], runs: int) -> Section:
-    unit = inits[0].get("unit", "video") if inits else "video"
-    columns, scored = metric_columns(unit), levels(unit)
-    rows = []
-    for entry in inits:
-        cells = [percent(entry.get("summary", {}).get(level, {}).get(key, {})) for _, level, key in columns]
-        pooled = [
-            f"{100 * entry['pooled'][level]['accuracy']:.1f}" for level in scored if level in entry.get("pooled", {})
-        ]
-        label = entry["label"] + (" (optimistic)" if entry.get("optimistic") else "")
-        rows.append([label, where_pretrained(entry.get("pretraining_overlap") or {}), *cells, *pooled])
-    table = Section(_anchor("table", path), "Comparison table")
-    table.table(
-        ["init", "pretrained on", *[name for name, _, _ in columns], *[f"pooled {level} acc" for level in scored]],
-        rows,
-        caption=f"Mean ± std over {runs} fold runs, in %. Pooled = accuracy of the confusion matrix summed over "
-        "folds and seeds.",
-    )
-    return table
-
-
-def _confusion_section(path: Path, inits: list[dict[str, Any]], classes: list[str]) -> Section:
-    from sonocl.report import figures
-
-    confusion = Section(_anchor("confusion", path), "Confusion matrices")
-    matrices = [
-        (f"{entry['label']}, {level} level", np.asarray(entry["pooled"][level]["confusion"]))
-        for entry in inits
-        for level in ("frame", "video")
-        if level in entry.get("pooled", {})
-    ]
-    confusion.figure(
-        figures.png_bytes(figures.confusion_matrices(matrices, classes)),
-        "Pooled over folds (and seeds): rows are the true class, columns the predicted one; each cell "
-        "shows the count and the share of its row (the class's recall on the diagonal).",
-    )
-    return confusion
-
-
-def _per_fold_section(path: Path, inits: list[dict[str, Any]]) -> Section:
-    from sonocl.report import figures
-
-    folds = Section(_anchor("folds", path), "Per-fold scores")
-    scores = {
-        entry["label"]: {
-            f"{level} accuracy": [
-                100 * run[level]["accuracy"]
-                for run in entry.get("runs", [])
-                if run.get(level, {}).get("accuracy") is not None
-            ]
-            for level in ("video", "frame")
-        }
-        for entry in inits
-    }
-    folds.figure(
-        figures.png_bytes(figures.per_fold_scores(scores)),
-        "Accuracy of every fold run (folds × seeds) at the video level (mean of the frame probabilities) and "
-        "the frame level; the bar is their mean. A wide spread says the table's mean rests on few videos.",
-    )
-    curves = {
-        entry["label"]: [run.get("test_accuracy_by_epoch") or [] for run in entry.get("runs", [])] for entry in inits
-    }
-    if any(any(r) for r in curves.values()):
-        folds.figure(
-            figures.png_bytes(figures.accuracy_by_epoch(curves)),
-            "Test-fold frame accuracy after each fine-tuning epoch (thin: each fold run; thick: their mean). "
-            "Shown for diagnosis only: choosing an epoch from it would select on the test folds.",
-        )
-    return folds
-
-
-def _roc_section(path: Path, classes: list[str]) -> Section:
-    from sonocl.report import figures
-
-    roc = Section(_anchor("roc", path), "ROC curves")
-    predictions = path / "predictions.csv"
-    if not predictions.is_file():
-        roc.note(f"{predictions} is missing: no ROC curves.")
-        return roc
-    per_init = roc_from_predictions(predictions, classes)
-    if per_init:
-        roc.figure(
-            figures.png_bytes(figures.roc_curves(per_init)),
-            "Frame-level one-vs-rest ROC from predictions.csv, pooled over folds (and seeds): each test "
-            "frame's predicted probability of the class against whether it belongs to it.",
-        )
-    else:
-        roc.note("predictions.csv has no rows with two classes present.")
-    return roc
-
-
-def roc_from_predictions(
-    path: Path, classes: Sequence[str]
-) -> dict[str, list[tuple[str, np.ndarray, np.ndarray, float]]]:
-    """Per init, per class present among the labels: (class, fpr, tpr, AUC) from ``predictions.csv``."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    out: dict[str, list[tuple[str, np.ndarray, np.ndarray, float]]] = {}
-    for init in dict.fromkeys(row["init"] for row in rows):
-        chosen = [row for row in rows if row["init"] == init]
-        labels = np.array([row["label"] for row in chosen])
-        curves = []
-        for name in classes:
-            positive = labels == name
-            if positive.all() or not positive.any() or f"p_{name}" not in chosen[0]:
-                continue
-            scores = np.array([float(row[f"p_{name}"]) for row in chosen])
-            fpr, tpr, _ = roc_curve(positive, scores)
-            curves.append((name, fpr, tpr, float(roc_auc_score(positive, scores))))
-        if curves:
-            out[init] = curves
-    return out
-
-
-# ---------------------------------------------------------------------------------------- segmentation
-
-
-def segmentation_section(path: Path, ctx: Context) -> Section:
-    from sonocl.report import figures
-
-    results = read_json(path / "results.json", ReportError)
-    data = results.get("data", {})
-    config = results.get("config", {})
-    inits = results.get("inits", [])
-    section = Section(_anchor("seg", path), f"Segmentation: {path.name}")
-    section.text(
-        f"{data.get('num_images')} images in {data.get('num_groups')} groups, {config.get('folds')}-fold grouped "
-        f"CV, input {config.get('size')} px, {config.get('epochs')} epochs; last-epoch model on each test fold."
-    )
-    hd = "hd95_mm" if data.get("hd95_unit") == "mm" else "hd95_px"
-    header = ["init", "Dice", "IoU", "HD95 (mm)" if hd == "hd95_mm" else "HD95 (px)"]
-    has_hc = bool(data.get("hc_available"))
-    if has_hc:
-        header.append("HC abs. error (mm)")
-    rows = []
-    for entry in inits:
-        summary = entry.get("summary", {})
-        cells = [
-            entry.get("name"),
-            _mean_std(summary.get("dice"), 3),
-            _mean_std(summary.get("iou"), 3),
-            _mean_std(summary.get(hd), 2),
-        ]
-        if has_hc:
-            cells.append(_mean_std(summary.get("hc_abs_error_mm"), 2))
-        rows.append(cells)
-    section.table(header, rows, caption="Mean ± std over folds of each fold's mean.")
-    if data.get("skipped"):
-        section.note(f"{len(data['skipped'])} image(s) were skipped (no usable mask); see results.json.")
-    per_fold = {
-        entry.get("name"): [
-            fold["metrics"]["dice"]["mean"]
-            for fold in entry.get("folds", [])
-            if fold.get("metrics", {}).get("dice", {}).get("mean") is not None
-        ]
-        for entry in inits
-    }
-    if any(per_fold.values()):
-        section.figure(
-            figures.png_bytes(figures.segmentation_scores(per_fold)),
-            "Mean Dice of each test fold (points) and their mean (bar).",
-        )
-    overlays = Section(_anchor("overlays", path), "Segmentation overlays")
-    section.children.append(overlays)
-    folders = sorted(p for p in (path / "overlays").glob("*") if p.is_dir()) if (path / "overlays").is_dir() else []
-    if not folders:
-        overlays.note("No overlays/ folder.")
-    for folder in folders:
-        pngs = sorted(folder.glob("*.png"))[:SEGMENTATION_OVERLAYS]
-        parts = [figure_html(png.read_bytes(), png.stem, f"{folder.name}: {png.stem}") for png in pngs]
-        overlays.body.append(f'<h4>{html.escape(folder.name)}</h4><div class="gallery">{"".join(parts)}</div>')
-    if folders:
-        overlays.text("Ground-truth contour in green, predicted contour in red, at each image's original size.")
-    return section
-
-
-def _mean_std(stats: dict[str, Any] | None, digits: int) -> str:
-    if not stats or stats.get("mean") is None:
-        return "–"
-    return f"{stats['mean']:.{digits}f} ± {(stats.get('std') or 0):.{digits}f}"

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pocus_study import _mean_std, test_digest  # noqa: E402
+from pocus_study import _mean_std, _paired_delta, test_digest  # noqa: E402
 
 
 def fold_runs(path: Path) -> tuple[str, dict[tuple[int, int], dict]]:
@@ -45,12 +44,12 @@ def main() -> int:
     for label, values in ((label_a, a), (label_b, b)):
         mean, std = _mean_std(values)
         print(f"{label}: {args.unit} accuracy {100 * mean:.1f} ± {100 * std:.1f} over {len(values)} folds")
-    mean, std = _mean_std([y - x for x, y in zip(a, b, strict=True)])
-    se = std / math.sqrt(len(folds))
-    verdict = "inside the noise" if abs(mean) <= 2 * se else ("better" if mean > 0 else "worse")
+    first = {fold: (x, test_digest(runs_a[fold])) for fold, x in zip(folds, a, strict=True)}
+    second = [{"seed": seed, "fold": fold, "video_accuracy": y, "test_digest": test_digest(runs_b[(seed, fold)])}
+              for (seed, fold), y in zip(folds, b, strict=True)]  # fmt: skip
     lower = sum(y < x for x, y in zip(a, b, strict=True))
     print(
-        f"{label_b} − {label_a}: {100 * mean:+.1f} ± {100 * se:.1f} ({verdict}); lower on {lower} of {len(folds)} folds;"
+        f"{label_b} − {label_a}: {_paired_delta(second, first)}; lower on {lower} of {len(folds)} folds;"
         " every fold's test videos identical"
     )
     return 0

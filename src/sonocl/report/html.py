@@ -15,7 +15,8 @@ needs the frame store (pair gallery, embedding map, Grad-CAM, CMW weights) is re
 when the store cannot be opened.
 
 This module is the command (`build_report`, `is_report`, `add_arguments`, `run`); `sonocl.report.inputs` reads the
-PATHs, `sonocl.report.run_sections` and `sonocl.report.score_sections` build each one's part of the page and `sonocl.report.page` writes its HTML.
+PATHs, `sonocl.report.run_sections` and `sonocl.report.score_sections` build each one's part of the page and
+`sonocl.report.page` writes its HTML.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ the corpus they are tested on: transductive, their test videos seen without labe
 random init and the best row at 112 px (`RESOLUTION`). Then the long ones: the papers' last-block protocol (3 seeds)
 on the other corpus's main task (``BOTH_TASKS``: POCUS 3-class, BLUES severity) for random init and the two best
 transferred encoders, and multi-source: the ``--both`` methods pretrained per fold on both corpora (`sonocl study
---also-store`: the evaluated corpus without the fold's test videos) for the main tasks. The best rows are chosen on the 64 px linear-probe test
-folds, as said where they are used. Each step resumes
+--also-store`: the evaluated corpus without the fold's test videos) for the main tasks, and beside them per fold on
+the evaluated corpus alone, the single source it is compared with. The best rows are chosen on the 64 px
+linear-probe test folds, as said where they are used. Each step resumes
 (a rerun skips what is done and continues an interrupted run at its last checkpoint or fold); the fold runs are
 collected into ``docs/study/transfer.json`` and the tables written into ``docs/results.md`` between the study's
 markers.
@@ -54,6 +55,10 @@ BOTH = ("uscl-ssl",)
 """The methods pretrained on both corpora (per fold, so that the evaluated corpus's test videos are never seen)."""
 CORPORA = ("blues", "pocus")
 """Where an encoder is pretrained: BLUES first (its encoders answer the study's first question, BLUES → POCUS)."""
+NAMES = {"blues": "COVID-BLUES", "pocus": "POCUS"}
+PER_FOLD = ("fold", "both")
+"""The rows pretrained per fold (`sonocl study`) without the evaluated corpus's test videos: on that corpus alone
+(``fold``, the single source beside the transductive row), and on both corpora (``both``, multi-source)."""
 
 
 @dataclass(frozen=True)
@@ -201,18 +206,20 @@ def best_rows(root: Path, task: Task, count: int = 1, other_corpus: bool = False
     return sorted(scores, key=lambda key: -sum(scores[key]) / len(scores[key]))[:count]
 
 
-def evaluate_both(root: Path, stores: dict[str, Path], task: Task, protocol: str, method: str) -> None:
-    """``method`` pretrained per fold on both corpora (`sonocl study --also-store`): the evaluated corpus without the
-    fold's test videos, and the other corpus whole; the fold runs are shared by the protocols of one task."""
-    out = root / "eval" / slug(task.name) / protocol / f"both-{method}"
+def evaluate_per_fold(root: Path, stores: dict[str, Path], task: Task, protocol: str, method: str, source: str) -> None:
+    """``method`` pretrained per fold (`sonocl study`): on the evaluated corpus without the fold's test videos, and
+    with ``source`` ``both`` on the other corpus whole as well (``--also-store``); ``fold``: the evaluated corpus
+    alone, the single-source row that multi-source is compared with. The fold runs are shared by a task's protocols."""
+    out = root / "eval" / slug(task.name) / protocol / f"{source}-{method}"
     if (out / "results.md").exists():
         return
     other = next(corpus for corpus in CORPORA if corpus != task.corpus)
+    also = ["--also-store", str(stores[other])] if source == "both" else []
     pocus.sonocl(
-        "study", "--store", str(stores[task.corpus]), "--also-store", str(stores[other]),
-        "--pretrain", " ".join(pretrain_args(method)), "--runs", str(root / "pretrain" / f"both-{slug(task.name)}" / method),
+        "study", "--store", str(stores[task.corpus]), *also,
+        "--pretrain", " ".join(pretrain_args(method)), "--runs", str(root / "pretrain" / f"{source}-{slug(task.name)}" / method),
         "--name", method, *COMMON, *task.options, "--protocol", protocol, "--seeds", "1", "--out", str(out),
-        log=root / "logs" / f"both-{slug(task.name)}-{method}.log",
+        log=root / "logs" / f"{source}-{slug(task.name)}-{method}.log",
     )  # fmt: skip
 
 
@@ -230,7 +237,8 @@ def collect(root: Path) -> list[dict]:
                 results = json.loads(path.read_text(encoding="utf-8"))
                 entry = results["inits"][0]
                 overlap = entry.get("pretraining_overlap") or {}
-                runs = root / "pretrain" / (f"both-{slug(task.name)}" if corpus == "both" else runs_name) / method
+                per_fold = corpus in PER_FOLD
+                runs = root / "pretrain" / (f"{corpus}-{slug(task.name)}" if per_fold else runs_name) / method
                 seconds = _pretrain_seconds(runs)
                 for run in entry["runs"]:
                     video = run[task.unit]
@@ -259,7 +267,7 @@ def collect(root: Path) -> list[dict]:
 
 
 def _pretrain_seconds(run: Path) -> float | None:
-    """The run's pretraining wall time; summed over the fold runs of a per-fold (``both``) row."""
+    """The run's pretraining wall time; summed over the fold runs of a per-fold (`PER_FOLD`) row."""
     metrics = sorted(run.glob("metrics.csv")) or sorted(run.glob("seed*_fold*/metrics.csv"))
     return sum(pocus._last_seconds(path) for path in metrics) if metrics else None
 
@@ -275,11 +283,14 @@ def _cell(values: list[float]) -> str:
 def _pretraining(record: dict, corpus: str) -> str:
     if record["pretrained_on"] == "none":
         return "none"
+    seen = f"{record['seen']} of {record['test_videos']} test videos seen"
     if record["pretrained_on"] == "both":
-        return f"both corpora, per fold: {record['seen']} of {record['test_videos']} test videos seen"
-    where = {"blues": "COVID-BLUES", "pocus": "POCUS"}[record["pretrained_on"]]
+        return f"both corpora, per fold: {seen}"
+    if record["pretrained_on"] == "fold":
+        return f"{NAMES[corpus]} (same dataset), per fold: {seen}"
+    where = NAMES[record["pretrained_on"]]
     kind = "same dataset" if record["pretrained_on"] == corpus else "other dataset"
-    return f"{where} ({kind}): {record['seen']} of {record['test_videos']} test videos seen"
+    return f"{where} ({kind}): {seen}"
 
 
 def tables(records: list[dict]) -> str:
@@ -305,7 +316,7 @@ def tables(records: list[dict]) -> str:
             ]
             encoders = sorted(
                 {(r["method"], r["pretrained_on"], r["size"]) for r in chosen},
-                key=lambda e: (e[2], ("none", *CORPORA, "both").index(e[1]), _order(e[0])),
+                key=lambda e: (e[2], ("none", *CORPORA, *PER_FOLD).index(e[1]), _order(e[0])),
             )
             for method, corpus, size in encoders:
                 mine = [r for r in chosen if (r["method"], r["pretrained_on"], r["size"]) == (method, corpus, size)]
@@ -320,10 +331,31 @@ def tables(records: list[dict]) -> str:
                     "–" if seconds is None else f"{seconds / 60:.1f} min",
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
-            lines.append("")
+            lines += [*_multi_source(chosen, task), ""]
         if task.name in REFERENCE_POINTS and any(r["task"] == task.name for r in records):
             lines += [REFERENCE_POINTS[task.name], ""]
     return "\n".join(lines)
+
+
+def _multi_source(chosen: list[dict], task: Task) -> list[str]:
+    """Each multi-source row against the same method's single sources at the study's size, paired by fold: the
+    other corpus (pretrained once) and the evaluated corpus per fold (the issue's target: ≥ the better of them)."""
+    other = next(corpus for corpus in CORPORA if corpus != task.corpus)
+    lines = []
+    for method in sorted({r["method"] for r in chosen if r["pretrained_on"] == "both" and r["size"] == SIZE}):
+        both = [r for r in chosen if (r["method"], r["pretrained_on"], r["size"]) == (method, "both", SIZE)]
+        comparisons = []
+        for source, label in ((other, f"pretrained on {NAMES[other]}"), ("fold", f"on {NAMES[task.corpus]} per fold")):
+            single = {
+                (r["seed"], r["fold"]): (r["accuracy"], r["test_digest"])
+                for r in chosen
+                if (r["method"], r["pretrained_on"], r["size"]) == (method, source, SIZE)
+            }
+            if single:
+                comparisons.append(f"{label} {_paired_delta(both, single)}")
+        if comparisons:
+            lines.append(f"Multi-source {method} against one source, paired by fold: {'; '.join(comparisons)}.")
+    return lines
 
 
 def _paired_delta(mine: list[dict], random: dict[tuple[int, int], tuple[float, str]]) -> str:
@@ -366,7 +398,8 @@ def main() -> int:
         nargs="*",
         choices=METHODS,
         default=list(BOTH),
-        help="methods also pretrained per fold on both corpora, for the tasks in BOTH_TASKS (default: %(default)s)",
+        help="methods also pretrained per fold, on both corpora and on the evaluated one, for the tasks in BOTH_TASKS "
+        "(default: %(default)s)",
     )
     parser.add_argument("--tables-only", action="store_true", help="only collect the results and write the tables")
     args = parser.parse_args()
@@ -407,11 +440,12 @@ def main() -> int:
                 for method, pretrained_on in [("random", "none"), *best_rows(root, task, 2, other_corpus=True)]:
                     evaluate(root, stores, task, "last-block", method, pretrained_on)
                 write_outputs(root)
-        for method in args.both:  # multi-source, per fold: 5 pretraining runs per task, so the main tasks only
-            for task in (t for t in TASKS if t.name in BOTH_TASKS):
-                for protocol in PROTOCOLS:
-                    evaluate_both(root, stores, task, protocol, method)
-                write_outputs(root)
+        for method in args.both:  # per fold: 5 pretraining runs per task and source, so the main tasks only
+            for source in reversed(PER_FOLD):
+                for task in (t for t in TASKS if t.name in BOTH_TASKS):
+                    for protocol in PROTOCOLS:
+                        evaluate_per_fold(root, stores, task, protocol, method, source)
+                    write_outputs(root)
     write_outputs(root)
     return 0
 

@@ -67,6 +67,26 @@ def test_rows_say_where_they_were_pretrained_and_pair_with_random_init_at_their_
     assert study.best_rows(tmp_path, study.TASKS[0], 2) == []  # no linear rows of POCUS: nothing to pick
 
 
+def test_multi_source_rows_are_compared_with_each_single_source_by_fold(study, tmp_path: Path) -> None:
+    pocus = study.slug("POCUS 3-class")
+    _results(tmp_path, pocus, "linear", "none-random", [0.70, 0.70, 0.70], "video", 0)
+    _results(tmp_path, pocus, "linear", "blues-uscl-ssl", [0.80, 0.70, 0.75], "video", 0)
+    _results(tmp_path, pocus, "linear", "fold-uscl-ssl", [0.90, 0.85, 0.80], "video", 0)
+    _results(tmp_path, pocus, "linear", "both-uscl-ssl", [0.85, 0.80, 0.75], "video", 0)
+    text = study.tables(study.collect(tmp_path))
+    rows = [line.split(" | ")[1] for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == [
+        "none",
+        "COVID-BLUES (other dataset): 0 of 10 test videos seen",
+        "POCUS (same dataset), per fold: 0 of 10 test videos seen",
+        "both corpora, per fold: 0 of 10 test videos seen",
+    ]
+    # both − BLUES: +0.05, +0.10, +0.00; both − POCUS per fold: −0.05 on every fold
+    line = next(line for line in text.splitlines() if line.startswith("Multi-source"))
+    assert "pretrained on COVID-BLUES +5.0 ± 2.9 (inside the noise)" in line
+    assert "on POCUS per fold -5.0 ± 0.0 (worse)" in line
+
+
 def test_records_of_rows_run_in_an_earlier_session_are_kept(study) -> None:
     old = {"task": "POCUS 3-class", "protocol": "knn", "method": "simclr", "pretrained_on": "blues", "size": 64}
     again = {**old, "method": "uscl-ssl"}

@@ -185,6 +185,6 @@ def test_semi_supervised_ce_under_ddp_averages_to_the_one_process_term():
     ranks = [semi_supervised_ce(l1[rows], l2[rows], labels[rows], gather=lambda _: labels) for rows in shards]
     averaged = sum(ranks) / len(ranks)
     (got,) = torch.autograd.grad(averaged, l1)
-    assert float(averaged) == pytest.approx(float(one), rel=1e-12)
+    assert averaged.item() == pytest.approx(one.item(), rel=1e-12)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
-    assert float(ranks[0]) != pytest.approx(float(ranks[1]))  # the ranks' own terms differ; only their mean is fixed
+    assert ranks[0].item() != pytest.approx(ranks[1].item())  # the ranks' own terms differ; only their mean is fixed

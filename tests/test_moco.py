@@ -141,7 +141,7 @@ def test_symmetric_option_is_both_directions_and_enqueues_both_views_keys() -> N
     with torch.no_grad():
         k1, k2 = key(v1), key(v2)
     expected = 0.5 * (_paper_loss(q1, k2, queue, TAU) + _paper_loss(q2, k1, queue, TAU))
-    assert float(loss) == pytest.approx(float(expected), rel=1e-12)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     objective.after_step(model)
     assert int(objective.queue_ptr) == 2 * n
     torch.testing.assert_close(objective.queue[: 2 * n], F.normalize(torch.cat([k1, k2]), dim=1))

@@ -73,6 +73,10 @@ class Task:
     def unit(self) -> str:
         return "patient" if "patient" in self.options else "video"
 
+    @property
+    def other_corpus(self) -> str:
+        return next(corpus for corpus in CORPORA if corpus != self.corpus)
+
 
 TASKS = (
     Task("POCUS 3-class", "pocus", ("--classes", pocus.CLASSES)),
@@ -213,8 +217,7 @@ def evaluate_per_fold(root: Path, stores: dict[str, Path], task: Task, protocol:
     out = root / "eval" / slug(task.name) / protocol / f"{source}-{method}"
     if (out / "results.md").exists():
         return
-    other = next(corpus for corpus in CORPORA if corpus != task.corpus)
-    also = ["--also-store", str(stores[other])] if source == "both" else []
+    also = ["--also-store", str(stores[task.other_corpus])] if source == "both" else []
     pocus.sonocl(
         "study", "--store", str(stores[task.corpus]), *also,
         "--pretrain", " ".join(pretrain_args(method)), "--runs", str(root / "pretrain" / f"{source}-{slug(task.name)}" / method),
@@ -237,8 +240,7 @@ def collect(root: Path) -> list[dict]:
                 results = json.loads(path.read_text(encoding="utf-8"))
                 entry = results["inits"][0]
                 overlap = entry.get("pretraining_overlap") or {}
-                per_fold = corpus in PER_FOLD
-                runs = root / "pretrain" / (f"{corpus}-{slug(task.name)}" if per_fold else runs_name) / method
+                runs = root / "pretrain" / (f"{corpus}-{slug(task.name)}" if corpus in PER_FOLD else runs_name) / method
                 seconds = _pretrain_seconds(runs)
                 for run in entry["runs"]:
                     video = run[task.unit]
@@ -301,11 +303,6 @@ def tables(records: list[dict]) -> str:
             chosen = [r for r in records if r["task"] == task.name and r["protocol"] == protocol]
             if not chosen:
                 continue
-            random = {
-                (r["size"], r["seed"], r["fold"]): (r["accuracy"], r["test_digest"])
-                for r in chosen
-                if r["pretrained_on"] == "none"
-            }
             unit = task.unit
             lines += [
                 f"### {task.name}, {protocol}",
@@ -320,7 +317,7 @@ def tables(records: list[dict]) -> str:
             )
             for method, corpus, size in encoders:
                 mine = [r for r in chosen if (r["method"], r["pretrained_on"], r["size"]) == (method, corpus, size)]
-                baseline = {(seed, fold): value for (at, seed, fold), value in random.items() if at == size}
+                baseline = _by_fold(chosen, "random", "none", size)
                 seconds = mine[0]["pretrain_seconds"]
                 cells = [
                     method if size == SIZE else f"{method} @ {size} px",
@@ -340,22 +337,29 @@ def tables(records: list[dict]) -> str:
 def _multi_source(chosen: list[dict], task: Task) -> list[str]:
     """Each multi-source row against the same method's single sources at the study's size, paired by fold: the
     other corpus (pretrained once) and the evaluated corpus per fold (the issue's target: ≥ the better of them)."""
-    other = next(corpus for corpus in CORPORA if corpus != task.corpus)
+    other = task.other_corpus
     lines = []
     for method in sorted({r["method"] for r in chosen if r["pretrained_on"] == "both" and r["size"] == SIZE}):
         both = [r for r in chosen if (r["method"], r["pretrained_on"], r["size"]) == (method, "both", SIZE)]
         comparisons = []
         for source, label in ((other, f"pretrained on {NAMES[other]}"), ("fold", f"on {NAMES[task.corpus]} per fold")):
-            single = {
-                (r["seed"], r["fold"]): (r["accuracy"], r["test_digest"])
-                for r in chosen
-                if (r["method"], r["pretrained_on"], r["size"]) == (method, source, SIZE)
-            }
+            single = _by_fold(chosen, method, source, SIZE)
             if single:
                 comparisons.append(f"{label} {_paired_delta(both, single)}")
         if comparisons:
             lines.append(f"Multi-source {method} against one source, paired by fold: {'; '.join(comparisons)}.")
     return lines
+
+
+def _by_fold(
+    chosen: list[dict], method: str, pretrained_on: str, size: int
+) -> dict[tuple[int, int], tuple[float, str]]:
+    """One row's (accuracy, test digest) by (seed, fold): what `_paired_delta` pairs against."""
+    return {
+        (r["seed"], r["fold"]): (r["accuracy"], r["test_digest"])
+        for r in chosen
+        if (r["method"], r["pretrained_on"], r["size"]) == (method, pretrained_on, size)
+    }
 
 
 def _paired_delta(mine: list[dict], random: dict[tuple[int, int], tuple[float, str]]) -> str:

@@ -353,7 +353,7 @@ def _multi_source(chosen: list[dict], task: Task) -> list[str]:
 
 def _by_fold(
     chosen: list[dict], method: str, pretrained_on: str, size: int
-) -> dict[tuple[int, int], tuple[float, str]]:
+) -> dict[tuple[int, int], tuple[float, str | None]]:
     """One row's (accuracy, test digest) by (seed, fold): what `_paired_delta` pairs against."""
     return {
         (r["seed"], r["fold"]): (r["accuracy"], r["test_digest"])
@@ -362,7 +362,7 @@ def _by_fold(
     }
 
 
-def _paired_delta(mine: list[dict], random: dict[tuple[int, int], tuple[float, str]]) -> str:
+def _paired_delta(mine: list[dict], random: dict[tuple[int, int], tuple[float, str | None]]) -> str:
     """`pocus_study._paired_delta` of this study's records (their accuracy is the task's unit's) against random init
     at the same size."""
     return pocus._paired_delta([{**r, "video_accuracy": r["accuracy"]} for r in mine], random)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sonocl.train.checkpoint import STATEFUL, Checkpoint, CheckpointError, save_checkpoint
+from sonocl.train.checkpoint import STATEFUL, Checkpoint, CheckpointError, save_checkpoint, snapshot
 
 
 def _record() -> Checkpoint:
@@ -52,3 +52,22 @@ def test_another_format_or_other_keys_are_named_with_the_file(tmp_path: Path) ->
     state["extra"] = 1
     with pytest.raises(CheckpointError, match=r"last\.pt: .*missing: \['scaler'\]; unexpected: \['extra'\]"):
         Checkpoint.from_state(state, path)
+
+
+def test_a_snapshot_keeps_the_state_of_its_epoch_and_reuses_the_buffers_it_supersedes() -> None:
+    """A better epoch is kept in memory until the next write: training on must not change it, and the next better
+    epoch is copied into its tensors instead of beside them (nothing else of it is shared with the live state)."""
+    weight = torch.arange(4.0)
+    live = {"model": {"w": weight, "steps": torch.tensor(3)}, "rng": [1, (torch.ones(2), "a")], "best": 2.5}
+    first = snapshot(live)
+    weight.add_(10)  # training goes on in place
+    live["rng"][1][0].add_(1)
+    assert torch.equal(first["model"]["w"], torch.arange(4.0)) and torch.equal(first["rng"][1][0], torch.ones(2))
+    buffer = first["model"]["w"]
+    second = snapshot(live, into=first)
+    assert second["model"]["w"] is buffer and torch.equal(buffer, torch.arange(4.0) + 10)
+    assert second["model"]["w"] is not weight and second["rng"][1][0] is not live["rng"][1][0]
+    assert second["rng"][0] == 1 and second["rng"][1][1] == "a" and torch.equal(second["rng"][1][0], torch.full((2,), 2.0))
+    live["model"]["w"] = torch.zeros(2)  # another shape: a new tensor, not a copy into the old buffer
+    third = snapshot(live, into=second)
+    assert third["model"]["w"] is not buffer and torch.equal(third["model"]["w"], torch.zeros(2))

@@ -530,6 +530,34 @@ def test_the_monitors_embed_each_distinct_frame_once(phantom_store, tmp_path, mo
     assert metrics["embedding_std"] == pytest.approx(expected_std, rel=1e-5)
 
 
+def test_the_held_out_views_are_made_once_and_give_the_loss_made_afresh(phantom_store, tmp_path, monkeypatch) -> None:
+    """Every epoch's validation loss is of the same fixed-seed views: kept after the first epoch, they give exactly
+    the loss of views made again; over `HELD_OUT_VIEWS_BYTES` they are made again at every call and not kept."""
+    from sonocl.train import loop, validation
+
+    runs, losses = [], []
+    real_loss = validation.validation_loss
+
+    def recorded(run):
+        runs.append(run)
+        losses.append(real_loss(run))
+        return losses[-1]
+
+    monkeypatch.setattr(loop, "validation_loss", recorded)
+    out = tmp_path / "run"
+    loop.pretrain(_config(["--store", str(phantom_store.root), "--out", str(out), *_tiny("uscl"), "--epochs", "2",
+                           "--set", "val_fraction=0.5"]), out)  # fmt: skip
+    run = runs[-1]
+    kept = run.held_out_views
+    assert len(runs) == 2 and kept is not None and len(kept) == len(run.data.val_batches) > 0
+    assert real_loss(run) == losses[-1] and run.held_out_views is kept
+
+    run.held_out_views = None
+    monkeypatch.setattr(validation, "HELD_OUT_VIEWS_BYTES", 0)
+    assert real_loss(run) == losses[-1] and run.held_out_views is None
+    assert real_loss(run) == losses[-1] and run.held_out_views is None
+
+
 def test_a_resumed_run_warns_only_about_settings_that_changed(phantom_store, tmp_path: Path, capsys) -> None:
     """The saved configuration keeps lists where the live one has tuples (the stores): an unchanged resume says
     nothing; one with another batch size names it."""

@@ -8,6 +8,7 @@ So a checkpoint holds only tensors, dicts, lists, numbers, strings and None: RNG
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import random
@@ -96,6 +97,22 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def snapshot(state: Any, into: Any = None) -> Any:
+    """A copy of the checkpoint ``state`` that training does not change, its tensors copied into those of ``into`` (an
+    earlier snapshot) where shape, dtype and device match: a better epoch kept in memory overwrites the one it
+    supersedes instead of allocating a second copy of every weight and optimiser moment beside it."""
+    if isinstance(state, torch.Tensor):
+        fits = isinstance(into, torch.Tensor) and into.shape == state.shape and into.dtype == state.dtype
+        return into.copy_(state) if fits and into.device == state.device else state.detach().clone()
+    if isinstance(state, dict):
+        kept = into if isinstance(into, dict) else {}
+        return {key: snapshot(value, kept.get(key)) for key, value in state.items()}
+    if isinstance(state, list):
+        earlier = into if isinstance(into, list) and len(into) == len(state) else [None] * len(state)
+        return [snapshot(value, old) for value, old in zip(state, earlier)]
+    return copy.deepcopy(state)
 
 
 def remove_stale_temporaries(directory: Path) -> None:

@@ -33,7 +33,6 @@ its wall time spent training rather than waiting for data, monitoring or checkpo
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import sys
@@ -59,6 +58,7 @@ from sonocl.train.checkpoint import (
     remove_stale_temporaries,
     reproducible,
     save_checkpoint,
+    snapshot,
 )
 from sonocl.train.config import resolve, save_yaml
 from sonocl.train.data import build_data, run_loader, to_device
@@ -408,12 +408,13 @@ def end_of_epoch(run: Run, epoch: int) -> None:
     due = done == data.num_epochs or time.perf_counter() - run.saved_at >= run.cfg.checkpoint_every_seconds
     if run.context.is_main and due:
         if improved:
-            run.best_snapshot = None  # superseded: best.pt becomes this epoch's last.pt
+            run.best_unsaved = False  # superseded: best.pt becomes this epoch's last.pt
         save_checkpoints(run)
         if improved:
             link_checkpoint(run.last_path, run.best_path)
     elif run.context.is_main and improved:
-        run.best_snapshot = copy.deepcopy(checkpoint_state(run))
+        run.best_snapshot = snapshot(checkpoint_state(run), into=run.best_snapshot)
+        run.best_unsaved = True
     ddp.barrier(run.context)
 
 
@@ -433,9 +434,9 @@ def _log_epoch(run: Run, done: int) -> None:
 def save_checkpoints(run: Run) -> None:
     """``best.pt`` when a better epoch is held in memory, then ``last.pt`` (in that order: a kill between the two
     leaves a ``best.pt`` at least as good as ``last.pt`` records)."""
-    if run.best_snapshot is not None:
+    if run.best_unsaved and run.best_snapshot is not None:
         save_checkpoint(run.best_snapshot, run.best_path)
-        run.best_snapshot = None
+        run.best_unsaved = False
     save_checkpoint(checkpoint_state(run), run.last_path)
     run.saved_at = time.perf_counter()
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from sonocl.augment import BatchAugment
 from sonocl.methods import Method
 from sonocl.methods.config import PretrainConfig
-from sonocl.methods.objectives import Objective
+from sonocl.methods.objectives import BatchTensors, Objective
 from sonocl.models import ContrastiveModel
 from sonocl.progress import Progress
 from sonocl.train import distributed as ddp
@@ -24,6 +24,9 @@ from sonocl.train.checkpoint import STATEFUL, Checkpoint, rng_state, set_rng_sta
 from sonocl.train.data import RunData
 from sonocl.train.logs import RunLogs
 from sonocl.train.model import AUTOCAST_DTYPES, encoder_metadata
+
+HeldOutViews = tuple[Tensor, Tensor, BatchTensors]
+"""One held-out batch as the validation loss takes it: its two views and its targets."""
 
 
 @dataclass
@@ -79,7 +82,12 @@ class Run:
     going at its last checkpoint (``elapsed_seconds``)."""
     saved_at: float = field(default_factory=time.perf_counter)
     best_snapshot: dict[str, Any] | None = None
-    """The checkpoint of a better epoch than ``best.pt`` holds, kept in memory until the next checkpoint write."""
+    """The checkpoint of the latest better epoch kept in memory (`sonocl.train.checkpoint.snapshot`); its buffers are
+    reused by the next better epoch."""
+    best_unsaved: bool = False
+    """Whether ``best_snapshot`` is better than ``best.pt``: written with the next ``last.pt``."""
+    held_out_views: list[HeldOutViews] | None = None
+    """The validation loss's views, the same at every epoch, once made (`sonocl.train.validation`)."""
 
     @property
     def global_step(self) -> int:

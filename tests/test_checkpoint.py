@@ -67,7 +67,9 @@ def test_a_snapshot_keeps_the_state_of_its_epoch_and_reuses_the_buffers_it_super
     second = snapshot(live, into=first)
     assert second["model"]["w"] is buffer and torch.equal(buffer, torch.arange(4.0) + 10)
     assert second["model"]["w"] is not weight and second["rng"][1][0] is not live["rng"][1][0]
-    assert second["rng"][0] == 1 and second["rng"][1][1] == "a" and torch.equal(second["rng"][1][0], torch.full((2,), 2.0))
+    assert (
+        second["rng"][0] == 1 and second["rng"][1][1] == "a" and torch.equal(second["rng"][1][0], torch.full((2,), 2.0))
+    )
     live["model"]["w"] = torch.zeros(2)  # another shape: a new tensor, not a copy into the old buffer
     third = snapshot(live, into=second)
     assert third["model"]["w"] is not buffer and torch.equal(third["model"]["w"], torch.zeros(2))

@@ -13,7 +13,7 @@ import sys
 
 from sonocl._version import __version__
 from sonocl.errors import UserError
-from sonocl.runtime import keep_freed_memory
+from sonocl.runtime import import_frozen, keep_freed_memory
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("sonocl.data.ingest", "decode videos, DICOM cine and images into a frame store"),
@@ -56,6 +56,9 @@ def _escape_unencodable_output() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` names and return its exit status. Without ``argv`` this is the process's own command
+    line (``sonocl``, ``python -m sonocl``): the command's modules are then imported by `runtime.import_frozen`."""
+    own_process = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     module_name, summary = COMMANDS[name]
     _escape_unencodable_output()
     keep_freed_memory()
-    module = importlib.import_module(module_name)
+    module = import_frozen(module_name) if own_process else importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"sonocl {name}", description=summary)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])

@@ -164,8 +164,8 @@ def test_v2_never_uses_a_key_of_the_query_s_own_video_as_a_negative() -> None:
     negatives = (q @ objective.queue.T).masked_fill(videos[:, None] == objective.queue_video[None, :], -math.inf)
     logits = torch.cat([(q * k2).sum(1, keepdim=True), negatives], dim=1) / TAU
     expected = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-12)
-    assert float(_paper_loss(q1, k2, objective.queue, TAU)) > float(loss)  # the near-duplicates were left out
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert _paper_loss(q1, k2, objective.queue, TAU).item() > loss.item()  # the near-duplicates were left out
 
 
 # ---------------------------------------------------------------------------------------------- Shuffle-BN
@@ -315,7 +315,7 @@ def test_two_process_shuffle_bn_encodes_each_rank_s_shard_of_the_shuffled_global
     for rank, result in enumerate(results):
         rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
         _, q = model(v1[rows])
-        assert result["loss"] == pytest.approx(float(_paper_loss(q, expected_keys[rows], queue, TAU)), rel=1e-12)
+        assert result["loss"] == pytest.approx(_paper_loss(q, expected_keys[rows], queue, TAU).item(), rel=1e-12)
         # Every rank enqueues every rank's keys, in the global batch's order: all queues stay equal.
         torch.testing.assert_close(result["queue"][: WORLD * LOCAL], expected_keys, rtol=1e-12, atol=1e-12)
 

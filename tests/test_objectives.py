@@ -90,7 +90,7 @@ def test_uscl_adds_the_semi_supervised_term_with_one_forward_per_view() -> None:
     contrastive = GroupInfoNCE(0.5)(z1, z2, positive_group=batch.positive_group, weight=batch.weight)
     semi = semi_supervised_ce(reference.classifier(z1), reference.classifier(z2), batch.label)
     torch.testing.assert_close(loss, contrastive + 0.2 * semi)
-    assert parts["semi_supervised"] == pytest.approx(float(semi)) and float(semi) > 0
+    assert parts["semi_supervised"] == pytest.approx(semi.item()) and semi.item() > 0
     unlabelled = BatchTensors(batch.positive_group, batch.weight, torch.full((B,), -1))
     loss, parts = objective(model, v1, v2, unlabelled, _context(torch.optim.SGD(model.parameters(), lr=0.1)))
     assert torch.isfinite(loss) and parts["semi_supervised"] == 0.0

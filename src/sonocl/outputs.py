@@ -145,6 +145,8 @@ def claim(directory: str | Path, kind: Kind, *, overwrite: bool = False) -> Path
     if directory.is_dir() and _entries(directory) and not overwrite:
         adopted = (directory / kind.signature).exists() and kind.holds_only_own(directory)
         if not adopted:
+            if marker_kind(directory) == kind.name:  # claimed since the check above by a concurrent run of `kind`
+                return directory
             raise OutputError(
                 f"{directory}: not empty ({_some_entries(directory)}) and not made by `{kind.command}`; choose a new "
                 "or empty --out, or pass --overwrite to write into it (files of the same names are replaced, nothing "

@@ -90,6 +90,33 @@ def test_a_backbone_record_states_features_patch_and_stem() -> None:
     assert model.pos_embed.shape == (1, 10, 192) and model(torch.rand(2, 1, 48, 48)).shape == (2, 192)
 
 
+def test_a_resnet_stem_pools_in_channels_last_only_without_a_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation pools the stem in channels-last memory (faster on the CPU), training in torch's NCHW: the same
+    values and the same gradients as torchvision's max-pool, with ties (the flat regions of a scan) included."""
+    model = Backbone.named("resnet18").build(1)
+    stem = torch.rand(4, 64, 32, 32).round(decimals=1)  # many equal values in each window
+    torchvision_pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    layouts: list[bool] = []
+    pool = F.max_pool2d
+
+    def recording(images: torch.Tensor, *args, **kwargs):
+        layouts.append(images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous())
+        return pool(images, *args, **kwargs)
+
+    monkeypatch.setattr(F, "max_pool2d", recording)
+    with torch.no_grad():
+        pooled = model.maxpool(stem)
+    assert layouts == [True] and pooled.is_contiguous()
+    assert torch.equal(pooled, pool(stem, 3, 2, 1))
+    trained, reference = stem.clone().requires_grad_(), stem.clone().requires_grad_()
+    weights = torch.randn(4, 64, 16, 16)
+    (model.maxpool(trained) * weights).sum().backward()
+    assert layouts == [True, False]
+    monkeypatch.undo()
+    (torchvision_pool(reference) * weights).sum().backward()
+    assert torch.equal(trained.grad, reference.grad)
+
+
 @pytest.mark.parametrize(
     ("arch", "expected"),
     [

@@ -119,7 +119,7 @@ def test_moco_queue_infonce_key_encoder_and_queue_update() -> None:
     with torch.no_grad():
         k1, k2 = key(v1), key(v2)
     expected = 0.5 * (_plain_moco_loss(q1, k2, queue, 0.2) + _plain_moco_loss(q2, k1, queue, 0.2))
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     optimizer.step()
     objective.after_step(model)
@@ -154,7 +154,7 @@ def test_byol_symmetric_regression_and_ema_target() -> None:
     expected = 0.0
     for p, t in ((p1, t2), (p2, t1)):
         expected += sum(2 - 2 * _dot(_normalise(a), _normalise(b)) for a, b in zip(p.tolist(), t.tolist())) / B
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert all(p.grad is None for p in objective.target.parameters())
     optimizer.step()
@@ -204,7 +204,7 @@ def _step(model, objective, optimizer, step: int) -> float:
     loss.backward()
     optimizer.step()
     objective.after_step(model)
-    return float(loss)
+    return loss.item()
 
 
 def _roundtrip(obj):
@@ -269,4 +269,4 @@ def test_moco_never_uses_a_key_of_the_query_s_own_video_as_a_negative() -> None:
     )
     torch.testing.assert_close(loss, expected)
     unmasked = 0.5 * (queue_info_nce(q1, k2, objective.queue, 0.2) + queue_info_nce(q2, k1, objective.queue, 0.2))
-    assert float(unmasked) > float(loss)  # the near-duplicate keys of a query's own video were in its denominator
+    assert unmasked.item() > loss.item()  # the near-duplicate keys of a query's own video were in its denominator

@@ -124,11 +124,15 @@ class StemMaxPool(nn.MaxPool2d):
     CUDA, channels-last inputs, and traced, compiled or exported graphs."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        graph = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
         gradient = torch.is_grad_enabled() and images.requires_grad
-        if graph or gradient or images.device.type != "cpu" or not images.is_contiguous():
+        if gradient or images.device.type != "cpu" or not images.is_contiguous() or _in_graph():
             return super().forward(images)
         return super().forward(images.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+def _in_graph() -> bool:
+    """Whether torch is tracing, compiling or exporting the module rather than running it."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def name_problem(name: str) -> str:
